@@ -1,0 +1,1 @@
+"""AgentMesh composition root: settings, the `agentmesh` CLI, wiring, the local stack."""

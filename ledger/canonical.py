@@ -1,0 +1,71 @@
+"""Canonical bytes: the single place they are produced.
+
+Every byte string that is signed, hashed, exported or verified comes from
+this module. The encoding is RFC 8785 (JSON Canonicalization Scheme): object
+keys sorted by UTF-16 code units, no insignificant whitespace, minimal string
+escaping, and numbers in ECMAScript form. Signed content holds no floats
+(scores and amounts are integers or strings), so any JCS library in any
+language reproduces these bytes exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import rfc8785
+
+from ledger.errors import EventValidationError
+
+# I-JSON (RFC 7493) integer range: beyond it other languages lose precision.
+_MAX_SAFE_INT = 2**53 - 1
+
+
+def _check(value: Any, path: str) -> None:
+    """Reject values that would not round-trip identically in every language."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return
+    if isinstance(value, int):
+        if abs(value) > _MAX_SAFE_INT:
+            raise EventValidationError(f"{path}: integer {value} exceeds the I-JSON range")
+        return
+    if isinstance(value, float):
+        raise EventValidationError(f"{path}: floats are not allowed in signed content")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise EventValidationError(f"{path}: object keys must be strings")
+            _check(item, f"{path}.{key}")
+        return
+    if isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _check(item, f"{path}[{index}]")
+        return
+    raise EventValidationError(f"{path}: {type(value).__name__} is not a JSON value")
+
+
+def canonical_bytes(value: Any) -> bytes:
+    """Return the RFC 8785 canonical JSON bytes of a JSON-compatible value."""
+    _check(value, "$")
+    try:
+        return bytes(rfc8785.dumps(value))
+    except (rfc8785.CanonicalizationError, ValueError, TypeError) as exc:
+        raise EventValidationError(f"cannot canonicalize: {exc}") from exc
+
+
+def canonical_envelope(fields: Mapping[str, str | int], body: bytes) -> bytes:
+    """Canonical bytes of ``{"body": <body>, **fields}``.
+
+    ``body`` is already canonical, so it is spliced in as-is rather than
+    parsed and re-encoded: JCS of a nested object is the JCS of that object in
+    place. ``fields`` hold only ASCII-keyed strings and integers.
+    """
+    members = dict(fields)
+    if "body" in members:
+        raise ValueError("'body' is reserved in an envelope")
+    keys = sorted([*members, "body"])
+    parts = []
+    for key in keys:
+        encoded = body if key == "body" else canonical_bytes(members[key])
+        parts.append(canonical_bytes(key) + b":" + encoded)
+    return b"{" + b",".join(parts) + b"}"

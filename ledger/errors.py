@@ -1,0 +1,60 @@
+"""Exceptions of the ledger package.
+
+Tree::
+
+    LedgerError
+    ├── EventValidationError     malformed body, unknown type, bad payload
+    ├── SignatureError           bad signature, unknown signer, wrong key
+    ├── ConcurrencyError         expected stream version did not match
+    ├── IdempotencyConflictError key reused with different content
+    ├── AppendRejectedError      the event contradicts ledger state (e.g. duplicate DID)
+    ├── VerificationError        chain, signature or checkpoint check failed (has ``position``)
+    └── StoreUnavailableError    the database could not be reached or failed
+"""
+
+from __future__ import annotations
+
+
+class LedgerError(Exception):
+    """Root of every error the ledger raises."""
+
+
+class EventValidationError(LedgerError):
+    """An event body or payload is malformed or of an unknown type."""
+
+
+class SignatureError(LedgerError):
+    """A signature is missing, malformed, by an unknown signer or does not verify."""
+
+
+class ConcurrencyError(LedgerError):
+    """Optimistic concurrency: the stream is not at the expected version."""
+
+    def __init__(self, stream_id: str, expected: int, actual: int) -> None:
+        super().__init__(
+            f"stream {stream_id!r} is at version {actual}, append expected version {expected}"
+        )
+        self.stream_id = stream_id
+        self.expected = expected
+        self.actual = actual
+
+
+class IdempotencyConflictError(LedgerError):
+    """An idempotency key was reused for different events."""
+
+
+class AppendRejectedError(LedgerError):
+    """The events are well-formed and signed but contradict the ledger's state."""
+
+
+class VerificationError(LedgerError):
+    """Verification failed at ``position`` for ``reason``."""
+
+    def __init__(self, position: int, reason: str) -> None:
+        super().__init__(f"position {position}: {reason}")
+        self.position = position
+        self.reason = reason
+
+
+class StoreUnavailableError(LedgerError):
+    """The database failed; the append was not acknowledged and may be retried."""

@@ -1,0 +1,247 @@
+"""Event types: frozen, tagged msgspec structs, and the signed body.
+
+An event *body* is the flat JSON object its origin signs::
+
+    {"type": "policy.violation", "actor": "did:mesh:…", "occurred_at": "…Z",
+     "agent": "did:mesh:…", "severity": "high", "rule": "…", "detail": "…"}
+
+``type`` selects the struct; ``actor`` is the signer's DID (an agent, or the
+ledger itself for events the server originates); the remaining members are
+the type's payload. The signature covers ``canonical_bytes(body)`` exactly as
+received, so a client in any language signs the RFC 8785 form of the object
+it sends. Schema evolution is additive: new fields get defaults, no field is
+ever retyped or reordered, and type names are contract strings, never module
+paths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from ledger.canonical import canonical_bytes
+from ledger.errors import EventValidationError
+from ledger.identity import DID_PATTERN
+from ledger.timefmt import format_time, is_rfc3339
+
+Did = Annotated[str, msgspec.Meta(pattern=DID_PATTERN.pattern)]
+Timestamp = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$"
+    ),
+]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+Text = Annotated[str, msgspec.Meta(max_length=4000)]
+Capability = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.\-]+(:[A-Za-z0-9_.\-*]+)*$")]
+Severity = Literal["low", "medium", "high", "critical"]
+GrantId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_\-]{8,64}$")]
+Sha256Hex = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+
+
+class Event(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="type"
+):
+    """Base of every event body: who signed it and when it happened."""
+
+    actor: Did
+    occurred_at: Timestamp
+
+
+class AgentRegistered(Event, tag="agent.registered"):
+    did: Did
+    public_key: Annotated[str, msgspec.Meta(max_length=1000)]
+    sponsor: Did | None = None
+    capabilities: tuple[Capability, ...] = ()
+    metadata: dict[Name, Text] = msgspec.field(default_factory=dict)
+
+
+class AgentKeyRotated(Event, tag="agent.key_rotated"):
+    did: Did
+    public_key: Annotated[str, msgspec.Meta(max_length=1000)]
+
+
+class AgentSuspended(Event, tag="agent.suspended"):
+    did: Did
+    reason: Text = ""
+
+
+class AgentReinstated(Event, tag="agent.reinstated"):
+    did: Did
+    reason: Text = ""
+
+
+class HandshakeCompleted(Event, tag="handshake.completed"):
+    handshake_id: Name
+    initiator: Did
+    responder: Did
+    score: int | None = None
+    shadow: bool = False
+
+
+class HandshakeFailed(Event, tag="handshake.failed"):
+    handshake_id: Name
+    initiator: Did
+    responder: Did
+    reason: Text
+    shadow: bool = False
+
+
+class PolicyViolation(Event, tag="policy.violation"):
+    agent: Did
+    severity: Severity
+    rule: Name
+    detail: Text = ""
+
+
+class TrustSignal(Event, tag="trust.signal"):
+    agent: Did
+    signal: Name
+    detail: Text = ""
+
+
+class DelegationGranted(Event, tag="delegation.granted"):
+    grant_id: GrantId
+    delegator: Did
+    delegatee: Did
+    capabilities: tuple[Capability, ...]
+    expires_at: Timestamp | None = None
+    parent: GrantId | None = None
+
+
+class DelegationRevoked(Event, tag="delegation.revoked"):
+    grant_id: GrantId
+    reason: Text = ""
+
+
+class RetentionApplied(Event, tag="ledger.retention_applied"):
+    cut_position: int
+    cut_time: Timestamp
+    anchor_hash: Sha256Hex
+    snapshot_digest: Sha256Hex
+
+
+AnyEvent = (
+    AgentRegistered
+    | AgentKeyRotated
+    | AgentSuspended
+    | AgentReinstated
+    | HandshakeCompleted
+    | HandshakeFailed
+    | PolicyViolation
+    | TrustSignal
+    | DelegationGranted
+    | DelegationRevoked
+    | RetentionApplied
+)
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.__struct_config__.tag: cls  # type: ignore[misc]
+    for cls in (
+        AgentRegistered,
+        AgentKeyRotated,
+        AgentSuspended,
+        AgentReinstated,
+        HandshakeCompleted,
+        HandshakeFailed,
+        PolicyViolation,
+        TrustSignal,
+        DelegationGranted,
+        DelegationRevoked,
+        RetentionApplied,
+    )
+}
+
+_decoder = msgspec.json.Decoder(AnyEvent)
+
+
+def event_type(event: Event) -> str:
+    tag = type(event).__struct_config__.tag
+    assert isinstance(tag, str)
+    return tag
+
+
+def parse_event(body: Mapping[str, Any]) -> AnyEvent:
+    """Validate a body (already-parsed JSON) into its event struct."""
+    if not isinstance(body, Mapping):
+        raise EventValidationError("an event body must be a JSON object")
+    kind = body.get("type")
+    if kind not in EVENT_TYPES:
+        known = ", ".join(sorted(EVENT_TYPES))
+        raise EventValidationError(f"unknown event type {kind!r}; known types: {known}")
+    try:
+        event: AnyEvent = msgspec.convert(dict(body), AnyEvent)
+    except msgspec.ValidationError as exc:
+        raise EventValidationError(f"invalid {kind} event: {exc}") from exc
+    if not is_rfc3339(event.occurred_at):
+        raise EventValidationError(f"invalid {kind} event: occurred_at is not RFC 3339")
+    return event
+
+
+def decode_body(data: bytes) -> AnyEvent:
+    """Decode canonical body bytes (as stored) into the event struct."""
+    try:
+        return _decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise EventValidationError(f"invalid event body: {exc}") from exc
+
+
+def body_of(event: Event) -> dict[str, Any]:
+    """The JSON object for an event this process creates (defaults omitted)."""
+    raw = msgspec.to_builtins(event)
+    assert isinstance(raw, dict)
+    defaults = _defaults(type(event))
+    return {k: v for k, v in raw.items() if k not in defaults or defaults[k] != v}
+
+
+def encode_event(event: Event) -> bytes:
+    """Canonical body bytes for an event this process creates and signs."""
+    return canonical_bytes(body_of(event))
+
+
+def _defaults(cls: type[Event]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for field in msgspec.structs.fields(cls):
+        if field.default is not msgspec.NODEFAULT:
+            result[field.encode_name] = msgspec.to_builtins(field.default)
+        elif field.default_factory is not msgspec.NODEFAULT:
+            result[field.encode_name] = msgspec.to_builtins(field.default_factory())
+    return result
+
+
+def stream_of(event: AnyEvent) -> str:
+    """The stream an event belongs to: the entity it is about."""
+    match event:
+        case AgentRegistered() | AgentKeyRotated() | AgentSuspended() | AgentReinstated():
+            return f"agent:{event.did}"
+        case PolicyViolation() | TrustSignal():
+            return f"agent:{event.agent}"
+        case HandshakeCompleted() | HandshakeFailed():
+            return f"handshake:{event.handshake_id}"
+        case DelegationGranted() | DelegationRevoked():
+            return f"delegation:{event.grant_id}"
+        case RetentionApplied():
+            return "ledger"
+    raise EventValidationError(f"no stream for {type(event).__name__}")
+
+
+def subject_agents(event: AnyEvent) -> tuple[str, ...]:
+    """The agents whose projected state an event can change."""
+    match event:
+        case AgentRegistered() | AgentKeyRotated() | AgentSuspended() | AgentReinstated():
+            return (event.did,)
+        case PolicyViolation() | TrustSignal():
+            return (event.agent,)
+        case HandshakeCompleted() | HandshakeFailed():
+            return (event.initiator, event.responder)
+        case DelegationGranted():
+            return (event.delegator, event.delegatee)
+    return ()
+
+
+def stamp(moment: datetime) -> str:
+    """``occurred_at`` text for a datetime."""
+    return format_time(moment)

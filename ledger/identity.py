@@ -1,0 +1,150 @@
+"""Ed25519 identities.
+
+Private keys travel as PEM PKCS#8, public keys as PEM SubjectPublicKeyInfo.
+A DID is ``did:mesh:`` + the first 32 hex characters of SHA-256 over the raw
+32-byte public key, so anyone holding a key can check which DID it belongs to.
+
+Private key material never leaves this module as text except through
+``private_key_pem`` (used only by ``agentmesh identity generate``); ``repr`` of
+a ``SigningKey`` never shows it, so a key cannot leak into a log line.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from dataclasses import dataclass, field
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from ledger.errors import SignatureError
+
+DID_PREFIX = "did:mesh:"
+DID_PATTERN = re.compile(r"^did:mesh:[0-9a-f]{32}$")
+
+
+def did_for_raw_public_key(raw: bytes) -> str:
+    """The DID of a raw 32-byte Ed25519 public key."""
+    return DID_PREFIX + hashlib.sha256(raw).hexdigest()[:32]
+
+
+def is_did(value: str) -> bool:
+    return bool(DID_PATTERN.match(value))
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyKey:
+    """An Ed25519 public key with its DID."""
+
+    raw: bytes
+    _key: Ed25519PublicKey = field(repr=False, compare=False)
+
+    @classmethod
+    def from_raw(cls, raw: bytes) -> VerifyKey:
+        try:
+            key = Ed25519PublicKey.from_public_bytes(raw)
+        except ValueError as exc:
+            raise SignatureError("public key must be 32 raw Ed25519 bytes") from exc
+        return cls(raw=raw, _key=key)
+
+    @classmethod
+    def from_pem(cls, pem: str | bytes) -> VerifyKey:
+        data = pem.encode() if isinstance(pem, str) else pem
+        try:
+            key = serialization.load_pem_public_key(data)
+        except (ValueError, TypeError) as exc:
+            raise SignatureError("public key is not a PEM SubjectPublicKeyInfo") from exc
+        if not isinstance(key, Ed25519PublicKey):
+            raise SignatureError("public key is not an Ed25519 key")
+        raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return cls(raw=raw, _key=key)
+
+    @property
+    def did(self) -> str:
+        return did_for_raw_public_key(self.raw)
+
+    def pem(self) -> str:
+        return self._key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode()
+
+    def verify(self, signature: bytes, message: bytes) -> None:
+        """Return None if ``signature`` is valid for ``message``; raise SignatureError."""
+        try:
+            self._key.verify(signature, message)
+        except InvalidSignature as exc:
+            raise SignatureError(f"signature does not verify for {self.did}") from exc
+
+    def is_valid(self, signature: bytes, message: bytes) -> bool:
+        try:
+            self._key.verify(signature, message)
+        except InvalidSignature:
+            return False
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKey:
+    """An Ed25519 private key. Its repr never shows key material."""
+
+    _key: Ed25519PrivateKey = field(repr=False)
+    public: VerifyKey = field(repr=False)
+
+    @classmethod
+    def generate(cls) -> SigningKey:
+        return cls._wrap(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_pem(cls, pem: str | bytes) -> SigningKey:
+        data = pem.encode() if isinstance(pem, str) else pem
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError) as exc:
+            # The message never includes the input: it may be a private key.
+            raise SignatureError("private key is not an unencrypted PEM PKCS#8 key") from exc
+        if not isinstance(key, Ed25519PrivateKey):
+            raise SignatureError("private key is not an Ed25519 key")
+        return cls._wrap(key)
+
+    @classmethod
+    def _wrap(cls, key: Ed25519PrivateKey) -> SigningKey:
+        raw = key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        return cls(_key=key, public=VerifyKey.from_raw(raw))
+
+    @property
+    def did(self) -> str:
+        return self.public.did
+
+    def sign(self, message: bytes) -> bytes:
+        return self._key.sign(message)
+
+    def private_key_pem(self) -> str:
+        """PEM PKCS#8 text of the private key: for `identity generate` only."""
+        return self._key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ).decode()
+
+    def __repr__(self) -> str:
+        return f"SigningKey(did={self.did!r})"
+
+
+def b64encode(data: bytes) -> str:
+    """Standard base64 with padding (RFC 4648 §4), the form used on the wire."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def b64decode(text: str, what: str = "value") -> bytes:
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError) as exc:
+        raise SignatureError(f"{what} is not valid base64") from exc

@@ -1,0 +1,93 @@
+"""Table metadata of the ledger (the Alembic migrations create exactly this).
+
+``events`` is partitioned by ``recorded_at`` into one partition per UTC day,
+so retention drops whole partitions. A primary key on a partitioned table
+must include the partition key, so global uniqueness of ``position`` and of
+``(stream_id, stream_version)`` is kept by the writer, which serializes every
+append on the single ``ledger_head`` row; the small side tables (``streams``,
+``idempotency_keys``, ``agent_keys``) hold the write-side constraints and are
+updated in the same transaction.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Table,
+    Text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
+
+metadata = MetaData()
+
+events = Table(
+    "events",
+    metadata,
+    Column("position", BigInteger, primary_key=True),
+    Column("recorded_at", DateTime(timezone=True), primary_key=True),
+    Column("stream_id", Text, nullable=False),
+    Column("stream_version", Integer, nullable=False),
+    Column("event_type", Text, nullable=False),
+    Column("actor", Text, nullable=False),
+    Column("subjects", ARRAY(Text), nullable=False),
+    Column("body", LargeBinary, nullable=False),
+    Column("signature", LargeBinary, nullable=False),
+    Column("prev_hash", LargeBinary, nullable=False),
+    Column("entry_hash", LargeBinary, nullable=False),
+    Index("events_subjects_idx", "subjects", postgresql_using="gin"),
+    Index("events_stream_idx", "stream_id", "stream_version"),
+    postgresql_partition_by="RANGE (recorded_at)",
+)
+
+ledger_head = Table(
+    "ledger_head",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("position", BigInteger, nullable=False),
+    Column("entry_hash", LargeBinary, nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+)
+
+streams = Table(
+    "streams",
+    metadata,
+    Column("stream_id", Text, primary_key=True),
+    Column("version", Integer, nullable=False),
+    Column("last_position", BigInteger, nullable=False),
+)
+
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("key", Text, primary_key=True),
+    Column("first_position", BigInteger, nullable=False),
+    Column("count", Integer, nullable=False),
+    Column("stream_id", Text, nullable=False),
+    Column("stream_version", Integer, nullable=False),
+    Column("digest", LargeBinary, nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+)
+
+agent_keys = Table(
+    "agent_keys",
+    metadata,
+    Column("did", Text, primary_key=True),
+    Column("public_key", LargeBinary, nullable=False),
+    Column("position", BigInteger, nullable=False),
+)
+
+checkpoints = Table(
+    "checkpoints",
+    metadata,
+    Column("position", BigInteger, primary_key=True),
+    Column("head_hash", LargeBinary, nullable=False),
+    Column("time", DateTime(timezone=True), nullable=False),
+    Column("signer", Text, nullable=False),
+    Column("signature", LargeBinary, nullable=False),
+)

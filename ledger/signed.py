@@ -1,0 +1,61 @@
+"""Signed events: a canonical body plus its origin's Ed25519 signature."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from ledger.canonical import canonical_bytes
+from ledger.errors import SignatureError
+from ledger.events import AnyEvent, Event, body_of, event_type, parse_event
+from ledger.identity import SigningKey, VerifyKey, b64decode
+
+
+@dataclass(frozen=True, slots=True)
+class SignedEvent:
+    """An event ready to append.
+
+    ``body`` is the RFC 8785 form of the object the origin signed; ``event`` is
+    the same content parsed into its struct. The signature is over ``body``.
+    """
+
+    body: bytes
+    signature: bytes
+    event: AnyEvent
+
+    @property
+    def type(self) -> str:
+        return event_type(self.event)
+
+    @property
+    def actor(self) -> str:
+        return self.event.actor
+
+    @classmethod
+    def from_wire(cls, body: Mapping[str, Any], signature: str) -> SignedEvent:
+        """An event as a client sent it: a JSON object and a base64 signature."""
+        event = parse_event(body)
+        raw_signature = b64decode(signature, "signature")
+        if len(raw_signature) != 64:
+            raise SignatureError("an Ed25519 signature is 64 bytes")
+        return cls(body=canonical_bytes(dict(body)), signature=raw_signature, event=event)
+
+    @classmethod
+    def create(cls, event: Event, key: SigningKey) -> SignedEvent:
+        """Sign an event this process originates with ``key``."""
+        if event.actor != key.did:
+            raise SignatureError(f"event actor {event.actor} is not the signer {key.did}")
+        body = canonical_bytes(body_of(event))
+        parsed = parse_event(msgspec.json.decode(body))
+        return cls(body=body, signature=key.sign(body), event=parsed)
+
+    def verify_with(self, key: VerifyKey) -> None:
+        """Return None if signed by ``key``; raise SignatureError otherwise.
+
+        The key is the actor's *current* key, which after a rotation no longer
+        hashes to the actor's DID; the caller chooses it from the ledger.
+        """
+        key.verify(self.signature, self.body)

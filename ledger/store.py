@@ -1,0 +1,839 @@
+"""``PostgresEventStore``: the append-only, hash-chained ledger.
+
+Ordering. Every append transaction first locks the single ``ledger_head``
+row (``SELECT … FOR UPDATE``) and reads the head under that lock. Positions
+are therefore assigned in lock order, the lock is held through COMMIT, and a
+transaction cannot take the lock until its predecessor's commit is visible:
+commit order equals position order and positions are gap-free. A reader that
+has seen position N has seen every position before N. (A bare sequence would
+hand out values that commit out of order and leave gaps on rollback.)
+
+Throughput. Serializing appends holds the lock through each WAL flush, so
+appends are group-committed: concurrent ``append`` calls in one process queue
+up and a single flusher writes everything queued in one transaction (COPY for
+the rows), so many small appends cost one durable commit.
+
+Signatures. Each event's signature is checked against its actor's key before
+the transaction (on worker threads: Ed25519 verification releases the GIL),
+and the key used is compared with the actor's *current* key inside the
+transaction, under the lock, so a rotation racing the append cannot let a
+retired key through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+from ledger.chain import (
+    Checkpoint,
+    Entry,
+    entry_hash,
+    envelope_bytes,
+    sign_checkpoint,
+)
+from ledger.dsn import asyncpg_dsn
+from ledger.errors import (
+    AppendRejectedError,
+    ConcurrencyError,
+    EventValidationError,
+    IdempotencyConflictError,
+    LedgerError,
+    SignatureError,
+    StoreUnavailableError,
+)
+from ledger.events import (
+    AgentKeyRotated,
+    AgentRegistered,
+    AgentReinstated,
+    AgentSuspended,
+    DelegationGranted,
+    Event,
+    HandshakeCompleted,
+    HandshakeFailed,
+    RetentionApplied,
+    stream_of,
+    subject_agents,
+)
+from ledger.identity import SigningKey, VerifyKey
+from ledger.signed import SignedEvent
+from ledger.timefmt import format_time, parse_time, utc_now
+
+log = logging.getLogger("agentmesh.ledger")
+
+NOTIFY_CHANNEL = "agentmesh_ledger"
+_LEDGER_ONLY = (
+    AgentSuspended,
+    AgentReinstated,
+    HandshakeCompleted,
+    HandshakeFailed,
+    RetentionApplied,
+)
+_DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+
+Clock = Callable[[], datetime]
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """Where an append landed. ``duplicate`` is True for an idempotent retry."""
+
+    positions: tuple[int, ...]
+    stream_id: str
+    stream_version: int
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    position: int
+    entry_hash: bytes
+    recorded_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedEvent(Entry):
+    """A stored entry with its indexed columns."""
+
+    event_type: str
+    actor: str
+    subjects: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class _Request:
+    events: tuple[SignedEvent, ...]
+    stream_id: str
+    expected_version: int | None
+    idempotency_key: str | None
+    digest: bytes
+    keys_used: dict[str, bytes]
+    future: asyncio.Future[AppendResult]
+
+
+@dataclass(slots=True)
+class _BatchState:
+    """What the transaction learned and changed so far, request by request."""
+
+    head: Head
+    now: datetime
+    keys: dict[str, bytes | None]
+    versions: dict[str, int]
+    done_keys: dict[str, tuple[bytes, AppendResult]]
+    rows: list[tuple[object, ...]] = field(default_factory=list)
+    stream_rows: dict[str, tuple[int, int]] = field(default_factory=dict)
+    key_rows: dict[str, tuple[bytes, int]] = field(default_factory=dict)
+    idem_rows: list[tuple[object, ...]] = field(default_factory=list)
+    results: list[tuple[_Request, AppendResult | LedgerError]] = field(default_factory=list)
+
+
+_ENTRY_COLUMNS = (
+    "position, recorded_at, stream_id, stream_version, event_type, actor, subjects, "
+    "body, signature, prev_hash, entry_hash"
+)
+
+
+def _record(row: asyncpg.Record) -> RecordedEvent:
+    return RecordedEvent(
+        position=row["position"],
+        recorded_at=row["recorded_at"],
+        stream_id=row["stream_id"],
+        stream_version=row["stream_version"],
+        body=bytes(row["body"]),
+        signature=bytes(row["signature"]),
+        prev_hash=bytes(row["prev_hash"]),
+        entry_hash=bytes(row["entry_hash"]),
+        event_type=row["event_type"],
+        actor=row["actor"],
+        subjects=tuple(row["subjects"]),
+    )
+
+
+def partition_name(day: datetime) -> str:
+    return f"events_p{day:%Y%m%d}"
+
+
+class PostgresEventStore:
+    """The ledger on PostgreSQL. Create with ``await PostgresEventStore.open(...)``."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        ledger_key: SigningKey,
+        *,
+        clock: Clock = utc_now,
+        checkpoint_every: int = 1000,
+        checkpoint_interval: float = 60.0,
+        max_batch: int = 2000,
+    ) -> None:
+        self._pool = pool
+        self._ledger_key = ledger_key
+        self._clock = clock
+        self._checkpoint_every = checkpoint_every
+        self._checkpoint_interval = timedelta(seconds=checkpoint_interval)
+        self._max_batch = max_batch
+        self._queue: asyncio.Queue[_Request] = asyncio.Queue()
+        self._keys: dict[str, bytes] = {}
+        self._partitions: set[str] = set()
+        self._last_checkpoint: tuple[int, datetime] = (0, clock())
+        self._verify_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ed25519")
+        self._flusher: asyncio.Task[None] | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        ledger_key: SigningKey,
+        *,
+        clock: Clock = utc_now,
+        checkpoint_every: int = 1000,
+        checkpoint_interval: float = 60.0,
+        pool_size: int = 8,
+    ) -> PostgresEventStore:
+        try:
+            pool = await asyncpg.create_pool(asyncpg_dsn(url), min_size=1, max_size=pool_size)
+        except _DRIVER_ERRORS as exc:
+            raise StoreUnavailableError(f"cannot connect to PostgreSQL: {exc}") from exc
+        store = cls(
+            pool,
+            ledger_key,
+            clock=clock,
+            checkpoint_every=checkpoint_every,
+            checkpoint_interval=checkpoint_interval,
+        )
+        await store._start()
+        return store
+
+    async def _start(self) -> None:
+        latest = await self.latest_checkpoint()
+        if latest is not None:
+            self._last_checkpoint = (latest.position, parse_time(latest.time))
+        self._flusher = asyncio.create_task(self._flush_loop(), name="ledger-flusher")
+        self._ticker = asyncio.create_task(self._checkpoint_ticker(), name="ledger-checkpoints")
+
+    async def close(self) -> None:
+        """Finish every queued append, then release connections."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._queue.join()
+        for task in (self._flusher, self._ticker):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self._pool.close()
+        self._verify_pool.shutdown(wait=False)
+
+    @property
+    def ledger_key(self) -> VerifyKey:
+        return self._ledger_key.public
+
+    @property
+    def ledger_did(self) -> str:
+        return self._ledger_key.did
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self._pool
+
+    # -- appending ---------------------------------------------------------
+
+    async def append(
+        self,
+        events: Sequence[SignedEvent],
+        *,
+        expected_version: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> AppendResult:
+        """Append events of one stream atomically; return their positions.
+
+        ``expected_version`` is the stream's version before the append (0 for a
+        new stream); a mismatch raises ConcurrencyError. A retry with the same
+        ``idempotency_key`` and the same events returns the original result
+        with ``duplicate=True`` and appends nothing.
+        """
+        if self._closed:
+            raise StoreUnavailableError("the event store is closed")
+        request = await self._prepare(events, expected_version, idempotency_key)
+        self._queue.put_nowait(request)
+        return await request.future
+
+    async def append_own(
+        self,
+        event: Event,
+        *,
+        expected_version: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> AppendResult:
+        """Sign an event with the ledger's key (server-originated) and append it."""
+        signed = SignedEvent.create(event, self._ledger_key)
+        return await self.append(
+            [signed], expected_version=expected_version, idempotency_key=idempotency_key
+        )
+
+    def sign_own(self, event: Event) -> SignedEvent:
+        return SignedEvent.create(event, self._ledger_key)
+
+    async def _prepare(
+        self,
+        events: Sequence[SignedEvent],
+        expected_version: int | None,
+        idempotency_key: str | None,
+    ) -> _Request:
+        if not events:
+            raise EventValidationError("an append needs at least one event")
+        streams = {stream_of(e.event) for e in events}
+        if len(streams) != 1:
+            raise EventValidationError(f"one append writes one stream, got {sorted(streams)}")
+        if idempotency_key is not None and not 1 <= len(idempotency_key) <= 200:
+            raise EventValidationError("an idempotency key is 1 to 200 characters")
+        keys_used = await self._verify(events)
+        digest = hashlib.sha256(b"\n".join(e.body for e in events)).digest()
+        return _Request(
+            events=tuple(events),
+            stream_id=streams.pop(),
+            expected_version=expected_version,
+            idempotency_key=idempotency_key,
+            digest=digest,
+            keys_used=keys_used,
+            future=asyncio.get_running_loop().create_future(),
+        )
+
+    async def _verify(self, events: Sequence[SignedEvent]) -> dict[str, bytes]:
+        """Check every signature against the key we believe is current."""
+        keys: list[VerifyKey] = [await self._believed_key(e) for e in events]
+        loop = asyncio.get_running_loop()
+        ok = await loop.run_in_executor(self._verify_pool, _verify_all, events, keys)
+        for event, valid in zip(events, ok, strict=True):
+            if not valid:
+                raise SignatureError(f"{event.type}: signature by {event.actor} does not verify")
+        return {e.actor: k.raw for e, k in zip(events, keys, strict=True)}
+
+    async def _believed_key(self, signed: SignedEvent) -> VerifyKey:
+        event = signed.event
+        if signed.actor == self._ledger_key.did:
+            return self._ledger_key.public
+        if isinstance(event, AgentRegistered) and event.actor == event.did:
+            # Self-registration proves possession of the key being registered.
+            return VerifyKey.from_pem(event.public_key)
+        raw = self._keys.get(signed.actor)
+        if raw is None:
+            raw = await self._fetch_key(signed.actor)
+        if raw is None:
+            raise SignatureError(f"{signed.type}: unknown signer {signed.actor}")
+        return VerifyKey.from_raw(raw)
+
+    async def _fetch_key(self, did: str) -> bytes | None:
+        try:
+            value = await self._pool.fetchval(
+                "SELECT public_key FROM agent_keys WHERE did = $1", did
+            )
+        except _DRIVER_ERRORS as exc:
+            raise StoreUnavailableError(f"cannot read agent keys: {exc}") from exc
+        if value is not None:
+            self._keys[did] = bytes(value)
+            return bytes(value)
+        return None
+
+    # -- the flusher: one transaction per batch ------------------------------
+
+    async def _flush_loop(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self._max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._flush(batch)
+            except _DRIVER_ERRORS as exc:
+                log.warning("ledger_append_failed", extra={"error": str(exc)})
+                self._fail(batch, StoreUnavailableError(f"append not committed: {exc}"))
+            except Exception as exc:  # never let the flusher die with callers waiting
+                log.exception("ledger_flusher_error")
+                self._fail(batch, StoreUnavailableError(f"append not committed: {exc}"))
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    @staticmethod
+    def _fail(batch: list[_Request], error: LedgerError) -> None:
+        for request in batch:
+            if not request.future.done():
+                request.future.set_exception(error)
+
+    async def _flush(self, batch: list[_Request]) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            state = await self._load_state(conn, batch)
+            for request in batch:
+                self._apply(request, state)
+            if state.rows:
+                await self._write(conn, state)
+        # Only now, after COMMIT, is anything acknowledged.
+        for request, outcome in state.results:
+            if request.future.done():
+                continue
+            if isinstance(outcome, LedgerError):
+                request.future.set_exception(outcome)
+            else:
+                request.future.set_result(outcome)
+        for did, (raw, _) in state.key_rows.items():
+            self._keys[did] = raw
+
+    async def _load_state(self, conn: asyncpg.Connection, batch: list[_Request]) -> _BatchState:
+        # The head row is the ledger's lock: see the module docstring.
+        head_row = await conn.fetchrow(
+            "SELECT position, entry_hash, recorded_at FROM ledger_head WHERE id = 1 FOR UPDATE"
+        )
+        head = Head(head_row["position"], bytes(head_row["entry_hash"]), head_row["recorded_at"])
+        dids: set[str] = set()
+        for request in batch:
+            for signed in request.events:
+                dids.update(_referenced_agents(signed))
+        key_rows = await conn.fetch(
+            "SELECT did, public_key FROM agent_keys WHERE did = ANY($1::text[])", list(dids)
+        )
+        stream_rows = await conn.fetch(
+            "SELECT stream_id, version FROM streams WHERE stream_id = ANY($1::text[])",
+            list({r.stream_id for r in batch}),
+        )
+        idem = [r.idempotency_key for r in batch if r.idempotency_key is not None]
+        idem_rows = await conn.fetch(
+            "SELECT key, first_position, count, stream_id, stream_version, digest "
+            "FROM idempotency_keys WHERE key = ANY($1::text[])",
+            idem,
+        )
+        keys: dict[str, bytes | None] = dict.fromkeys(dids)
+        keys.update({r["did"]: bytes(r["public_key"]) for r in key_rows})
+        done = {
+            r["key"]: (
+                bytes(r["digest"]),
+                AppendResult(
+                    positions=tuple(range(r["first_position"], r["first_position"] + r["count"])),
+                    stream_id=r["stream_id"],
+                    stream_version=r["stream_version"],
+                    duplicate=True,
+                ),
+            )
+            for r in idem_rows
+        }
+        # Time never runs backwards in the ledger, whatever the injected clock says.
+        now = max(self._clock(), head.recorded_at)
+        versions = {r["stream_id"]: r["version"] for r in stream_rows}
+        return _BatchState(head=head, now=now, keys=keys, versions=versions, done_keys=done)
+
+    def _apply(self, request: _Request, state: _BatchState) -> None:
+        """Check one request against the state so far; stage its rows or its error."""
+        key = request.idempotency_key
+        if key is not None and key in state.done_keys:
+            digest, original = state.done_keys[key]
+            if digest != request.digest:
+                state.results.append(
+                    (
+                        request,
+                        IdempotencyConflictError(
+                            f"idempotency key {key!r} was used for different events"
+                        ),
+                    )
+                )
+            else:
+                state.results.append((request, original))
+            return
+        try:
+            self._check_request(request, state)
+        except LedgerError as exc:
+            state.results.append((request, exc))
+            return
+        state.results.append((request, self._stage(request, state)))
+
+    def _check_request(self, request: _Request, state: _BatchState) -> None:
+        version = state.versions.get(request.stream_id, 0)
+        if request.expected_version is not None and request.expected_version != version:
+            raise ConcurrencyError(request.stream_id, request.expected_version, version)
+        # Copy only when this request changes keys, so a rejected request leaves no trace.
+        changes = any(_new_key(e) is not None for e in request.events)
+        overlay = dict(state.keys) if changes else state.keys
+        for signed in request.events:
+            self._check_event(signed, request.keys_used, overlay)
+            _apply_key_change(signed, overlay)
+
+    def _check_event(
+        self, signed: SignedEvent, keys_used: dict[str, bytes], keys: dict[str, bytes | None]
+    ) -> None:
+        event, actor = signed.event, signed.actor
+        is_ledger = actor == self._ledger_key.did
+        if isinstance(event, _LEDGER_ONLY) and not is_ledger:
+            raise SignatureError(f"{signed.type} can only be signed by the ledger")
+        if isinstance(event, AgentRegistered):
+            _check_registration(event, is_ledger, keys)
+            return
+        if not is_ledger:
+            current = keys.get(actor)
+            if current is None:
+                raise SignatureError(f"{signed.type}: unknown signer {actor}")
+            if current != keys_used.get(actor) and not VerifyKey.from_raw(current).is_valid(
+                signed.signature, signed.body
+            ):
+                raise SignatureError(f"{signed.type}: not signed by {actor}'s current key")
+        if isinstance(event, AgentKeyRotated) and actor != event.did:
+            raise SignatureError("a key rotation is signed by the agent's current key")
+        if isinstance(event, DelegationGranted) and actor != event.delegator:
+            raise SignatureError("a delegation is signed by its delegator")
+        for did in subject_agents(event):
+            if keys.get(did) is None:
+                raise AppendRejectedError(f"{signed.type}: agent {did} is not registered")
+
+    def _stage(self, request: _Request, state: _BatchState) -> AppendResult:
+        version = state.versions.get(request.stream_id, 0)
+        positions: list[int] = []
+        prev = state.head.entry_hash
+        position = state.head.position
+        for signed in request.events:
+            position += 1
+            version += 1
+            envelope = envelope_bytes(
+                position=position,
+                recorded_at=state.now,
+                stream_id=request.stream_id,
+                stream_version=version,
+                body=signed.body,
+                signature=signed.signature,
+            )
+            digest = entry_hash(prev, envelope)
+            subjects = {*subject_agents(signed.event)}
+            if signed.actor != self._ledger_key.did:
+                subjects.add(signed.actor)
+            state.rows.append(
+                (
+                    position,
+                    state.now,
+                    request.stream_id,
+                    version,
+                    signed.type,
+                    signed.actor,
+                    sorted(subjects),
+                    signed.body,
+                    signed.signature,
+                    prev,
+                    digest,
+                )
+            )
+            raw = _new_key(signed)
+            if raw is not None:
+                state.key_rows[signed.event.did] = (raw, position)  # type: ignore[union-attr]
+                state.keys[signed.event.did] = raw  # type: ignore[union-attr]
+            positions.append(position)
+            prev = digest
+        state.head = Head(position, prev, state.now)
+        state.versions[request.stream_id] = version
+        state.stream_rows[request.stream_id] = (version, position)
+        result = AppendResult(tuple(positions), request.stream_id, version)
+        if request.idempotency_key is not None:
+            state.idem_rows.append(
+                (
+                    request.idempotency_key,
+                    positions[0],
+                    len(positions),
+                    request.stream_id,
+                    version,
+                    request.digest,
+                    state.now,
+                )
+            )
+            state.done_keys[request.idempotency_key] = (
+                request.digest,
+                AppendResult(result.positions, result.stream_id, version, duplicate=True),
+            )
+        return result
+
+    async def _write(self, conn: asyncpg.Connection, state: _BatchState) -> None:
+        await self._ensure_partitions(conn, {row[1] for row in state.rows})  # type: ignore[misc]
+        await conn.copy_records_to_table(
+            "events", records=state.rows, columns=_ENTRY_COLUMNS.split(", ")
+        )
+        streams = list(state.stream_rows.items())
+        await conn.execute(
+            "INSERT INTO streams (stream_id, version, last_position) "
+            "SELECT * FROM unnest($1::text[], $2::int[], $3::bigint[]) "
+            "ON CONFLICT (stream_id) DO UPDATE "
+            "SET version = excluded.version, last_position = excluded.last_position",
+            [s for s, _ in streams],
+            [v for _, (v, _) in streams],
+            [p for _, (_, p) in streams],
+        )
+        if state.idem_rows:
+            await conn.copy_records_to_table(
+                "idempotency_keys",
+                records=state.idem_rows,
+                columns=[
+                    "key",
+                    "first_position",
+                    "count",
+                    "stream_id",
+                    "stream_version",
+                    "digest",
+                    "recorded_at",
+                ],
+            )
+        if state.key_rows:
+            items = list(state.key_rows.items())
+            await conn.execute(
+                "INSERT INTO agent_keys (did, public_key, position) "
+                "SELECT * FROM unnest($1::text[], $2::bytea[], $3::bigint[]) "
+                "ON CONFLICT (did) DO UPDATE "
+                "SET public_key = excluded.public_key, position = excluded.position",
+                [d for d, _ in items],
+                [k for _, (k, _) in items],
+                [p for _, (_, p) in items],
+            )
+        head = state.head
+        await conn.execute(
+            "UPDATE ledger_head SET position = $1, entry_hash = $2, recorded_at = $3 WHERE id = 1",
+            head.position,
+            head.entry_hash,
+            head.recorded_at,
+        )
+        if self._checkpoint_due(head):
+            await self._insert_checkpoint(conn, head)
+        await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(head.position))
+
+    async def _ensure_partitions(self, conn: asyncpg.Connection, moments: set[datetime]) -> None:
+        for moment in moments:
+            utc = moment.astimezone(UTC)
+            day = datetime(utc.year, utc.month, utc.day, tzinfo=UTC)
+            name = partition_name(day)
+            if name in self._partitions:
+                continue
+            # Runs under the head lock, so concurrent writers cannot race to create it.
+            low, high = format_time(day), format_time(day + timedelta(days=1))
+            await conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF events "
+                f"FOR VALUES FROM ('{low}') TO ('{high}')"
+            )
+            self._partitions.add(name)
+
+    # -- checkpoints -------------------------------------------------------
+
+    def _checkpoint_due(self, head: Head) -> bool:
+        last_position, last_time = self._last_checkpoint
+        if head.position <= last_position:
+            return False
+        return (
+            head.position - last_position >= self._checkpoint_every
+            or head.recorded_at - last_time >= self._checkpoint_interval
+        )
+
+    async def _insert_checkpoint(self, conn: asyncpg.Connection, head: Head) -> Checkpoint:
+        now = max(self._clock(), head.recorded_at)
+        checkpoint = sign_checkpoint(self._ledger_key, head.position, head.entry_hash, now)
+        await conn.execute(
+            "INSERT INTO checkpoints (position, head_hash, time, signer, signature) "
+            "VALUES ($1, $2, $3, $4, decode($5, 'base64')) ON CONFLICT (position) DO NOTHING",
+            checkpoint.position,
+            head.entry_hash,
+            now,
+            checkpoint.signer,
+            checkpoint.signature,
+        )
+        self._last_checkpoint = (head.position, now)
+        return checkpoint
+
+    async def checkpoint(self) -> Checkpoint:
+        """Sign the current head now (idempotent per position) and return the checkpoint."""
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                row = await conn.fetchrow(
+                    "SELECT position, entry_hash, recorded_at FROM ledger_head WHERE id = 1"
+                )
+                head = Head(row["position"], bytes(row["entry_hash"]), row["recorded_at"])
+                existing = await self._checkpoint_at(conn, head.position)
+                if existing is not None:
+                    return existing
+                return await self._insert_checkpoint(conn, head)
+        except _DRIVER_ERRORS as exc:
+            raise StoreUnavailableError(f"cannot write a checkpoint: {exc}") from exc
+
+    async def _checkpoint_ticker(self) -> None:
+        """Sign the head every ``checkpoint_interval`` when it moved and nobody did."""
+        seconds = max(self._checkpoint_interval.total_seconds(), 0.05)
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                head = await self.head()
+                if head.position > self._last_checkpoint[0] and self._checkpoint_due(
+                    Head(head.position, head.entry_hash, max(self._clock(), head.recorded_at))
+                ):
+                    await self.checkpoint()
+            except LedgerError as exc:
+                log.warning("checkpoint_failed", extra={"error": str(exc)})
+
+    async def _checkpoint_at(self, conn: asyncpg.Connection, position: int) -> Checkpoint | None:
+        row = await conn.fetchrow(
+            "SELECT position, head_hash, time, signer, encode(signature, 'base64') AS sig "
+            "FROM checkpoints WHERE position = $1",
+            position,
+        )
+        return None if row is None else _checkpoint(row)
+
+    async def latest_checkpoint(self) -> Checkpoint | None:
+        row = await self._fetchrow(
+            "SELECT position, head_hash, time, signer, encode(signature, 'base64') AS sig "
+            "FROM checkpoints ORDER BY position DESC LIMIT 1"
+        )
+        return None if row is None else _checkpoint(row)
+
+    async def checkpoints(self, after: int = 0, limit: int = 10_000) -> list[Checkpoint]:
+        rows = await self._fetch(
+            "SELECT position, head_hash, time, signer, encode(signature, 'base64') AS sig "
+            "FROM checkpoints WHERE position > $1 ORDER BY position LIMIT $2",
+            after,
+            limit,
+        )
+        return [_checkpoint(r) for r in rows]
+
+    # -- reading -----------------------------------------------------------
+
+    async def head(self) -> Head:
+        row = await self._fetchrow(
+            "SELECT position, entry_hash, recorded_at FROM ledger_head WHERE id = 1"
+        )
+        assert row is not None  # the migration inserts the row
+        return Head(row["position"], bytes(row["entry_hash"]), row["recorded_at"])
+
+    async def read(self, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        """Entries with position > ``after`` in position order, at most ``limit``."""
+        rows = await self._fetch(
+            f"SELECT {_ENTRY_COLUMNS} FROM events WHERE position > $1 "  # noqa: S608 -- constant
+            "ORDER BY position LIMIT $2",
+            after,
+            limit,
+        )
+        return [_record(r) for r in rows]
+
+    async def read_agent(self, did: str, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        """Entries an agent signed or is the subject of, in position order."""
+        rows = await self._fetch(
+            f"SELECT {_ENTRY_COLUMNS} FROM events "  # noqa: S608 -- constant
+            "WHERE subjects @> ARRAY[$1]::text[] AND position > $2 ORDER BY position LIMIT $3",
+            did,
+            after,
+            limit,
+        )
+        return [_record(r) for r in rows]
+
+    async def iter_entries(self, after: int = 0, batch: int = 2000) -> AsyncIterator[RecordedEvent]:
+        """Every entry after ``after``, streamed in batches (never loaded whole)."""
+        while True:
+            rows = await self.read(after, batch)
+            for row in rows:
+                yield row
+            if len(rows) < batch:
+                return
+            after = rows[-1].position
+
+    async def current_key(self, did: str) -> VerifyKey | None:
+        raw = await self._fetch_key(did)
+        return None if raw is None else VerifyKey.from_raw(raw)
+
+    async def follow(
+        self, after: int = 0, batch: int = 1000, poll_interval: float = 1.0
+    ) -> AsyncIterator[list[RecordedEvent]]:
+        """Yield batches of new entries forever, woken by NOTIFY.
+
+        NOTIFY is only a hint: a periodic poll is the source of truth, so a
+        lost notification (or PgBouncer in the way) costs latency, not events.
+        """
+        wake = asyncio.Event()
+
+        def on_notify(*_: object) -> None:
+            wake.set()
+
+        conn = await self._pool.acquire()
+        try:
+            await conn.add_listener(NOTIFY_CHANNEL, on_notify)
+            while True:
+                wake.clear()
+                rows = await self.read(after, batch)
+                if rows:
+                    after = rows[-1].position
+                    yield rows
+                    if len(rows) == batch:
+                        continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), poll_interval)
+        finally:
+            with contextlib.suppress(*_DRIVER_ERRORS):
+                await conn.remove_listener(NOTIFY_CHANNEL, on_notify)
+            await self._pool.release(conn)
+
+    async def _fetch(self, query: str, *args: object) -> list[asyncpg.Record]:
+        try:
+            return list(await self._pool.fetch(query, *args))
+        except _DRIVER_ERRORS as exc:
+            raise StoreUnavailableError(f"cannot read the ledger: {exc}") from exc
+
+    async def _fetchrow(self, query: str, *args: object) -> asyncpg.Record | None:
+        try:
+            return await self._pool.fetchrow(query, *args)
+        except _DRIVER_ERRORS as exc:
+            raise StoreUnavailableError(f"cannot read the ledger: {exc}") from exc
+
+
+def _verify_all(events: Sequence[SignedEvent], keys: Sequence[VerifyKey]) -> list[bool]:
+    return [k.is_valid(e.signature, e.body) for e, k in zip(events, keys, strict=True)]
+
+
+def _check_registration(
+    event: AgentRegistered, is_ledger: bool, keys: dict[str, bytes | None]
+) -> None:
+    if not is_ledger and event.actor != event.did:
+        raise SignatureError("an agent is registered by the ledger or by itself")
+    key = VerifyKey.from_pem(event.public_key)
+    if key.did != event.did:
+        raise AppendRejectedError(f"public key belongs to {key.did}, not {event.did}")
+    if keys.get(event.did) is not None:
+        raise AppendRejectedError(f"agent {event.did} is already registered")
+    if event.sponsor is not None and keys.get(event.sponsor) is None:
+        raise AppendRejectedError(f"sponsor {event.sponsor} is not registered")
+
+
+def _referenced_agents(signed: SignedEvent) -> set[str]:
+    dids = {signed.actor, *subject_agents(signed.event)}
+    if isinstance(signed.event, AgentRegistered) and signed.event.sponsor is not None:
+        dids.add(signed.event.sponsor)
+    return dids
+
+
+def _new_key(signed: SignedEvent) -> bytes | None:
+    event = signed.event
+    if isinstance(event, AgentRegistered | AgentKeyRotated):
+        return VerifyKey.from_pem(event.public_key).raw
+    return None
+
+
+def _apply_key_change(signed: SignedEvent, keys: dict[str, bytes | None]) -> None:
+    raw = _new_key(signed)
+    if raw is not None:
+        keys[signed.event.did] = raw  # type: ignore[union-attr]
+
+
+def _checkpoint(row: asyncpg.Record) -> Checkpoint:
+    return Checkpoint(
+        origin="agentmesh-ledger",
+        position=row["position"],
+        head_hash=bytes(row["head_hash"]).hex(),
+        time=format_time(row["time"]),
+        signer=row["signer"],
+        signature=row["sig"].replace("\n", ""),
+    )

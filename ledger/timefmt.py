@@ -1,0 +1,42 @@
+"""RFC 3339 timestamps in one fixed form: ``2026-11-26T12:00:00.000000Z``.
+
+Ledger timestamps are UTC with microsecond precision, the same precision as
+PostgreSQL ``timestamptz``, so a stored time round-trips byte for byte.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+
+_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
+
+
+def format_time(moment: datetime) -> str:
+    """The ledger's canonical text for an aware datetime."""
+    if moment.tzinfo is None:
+        raise ValueError("ledger times must be timezone-aware")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(text: str) -> datetime:
+    """Parse an RFC 3339 timestamp (any offset, up to nanoseconds) to aware UTC."""
+    if not _RFC3339.match(text):
+        raise ValueError(f"{text!r} is not an RFC 3339 timestamp like 2026-11-26T12:00:00Z")
+    normalized = text.replace("z", "Z").replace("t", "T")
+    if "." in normalized:
+        head, rest = normalized.split(".", 1)
+        digits = re.match(r"\d+", rest)
+        assert digits is not None  # guaranteed by _RFC3339
+        frac = digits.group(0)
+        normalized = f"{head}.{(frac + '000000')[:6]}{rest[len(frac) :]}"
+    return datetime.fromisoformat(normalized.replace("Z", "+00:00")).astimezone(UTC)
+
+
+def is_rfc3339(text: str) -> bool:
+    return bool(_RFC3339.match(text))
+
+
+def utc_now() -> datetime:
+    """The wall clock; the composition root injects it, the pure core never calls it."""
+    return datetime.now(UTC)

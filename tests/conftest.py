@@ -1,0 +1,83 @@
+"""Fixtures: a real PostgreSQL and a real Redis, started once per test session.
+
+Each test that needs the ledger gets a fresh database (``CREATE DATABASE``
+from a migrated template), so tests never see each other's events.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from agentmesh.embedded import EmbeddedPostgres, EmbeddedRedis
+from agentmesh.migrate import upgrade
+from ledger.identity import SigningKey
+from ledger.store import PostgresEventStore
+
+
+@pytest.fixture(scope="session")
+def tmp_root() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="agentmesh-test-") as path:
+        yield Path(path)
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_root: Path) -> Iterator[EmbeddedPostgres]:
+    server = EmbeddedPostgres(tmp_root / "pg").start()
+    try:
+        _create_template(server)
+        yield server
+    finally:
+        server.stop()
+
+
+def _create_template(server: EmbeddedPostgres) -> None:
+    import asyncio
+
+    async def create() -> None:
+        conn = await asyncpg.connect(server.url)
+        await conn.execute("CREATE DATABASE ledger_template")
+        await conn.close()
+
+    asyncio.run(create())
+    upgrade(server.url.rsplit("/", 1)[0] + "/ledger_template")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_root: Path) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(tmp_root / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def database_url(postgres: EmbeddedPostgres) -> str:
+    """A fresh, migrated database for one test."""
+    name = "t_" + uuid.uuid4().hex[:12]
+    conn = await asyncpg.connect(postgres.url)
+    try:
+        await conn.execute(f"CREATE DATABASE {name} TEMPLATE ledger_template")
+    finally:
+        await conn.close()
+    return postgres.url.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture(scope="session")
+def ledger_key() -> SigningKey:
+    return SigningKey.generate()
+
+
+@pytest.fixture
+async def store(database_url: str, ledger_key: SigningKey) -> AsyncIterator[PostgresEventStore]:
+    event_store = await PostgresEventStore.open(database_url, ledger_key)
+    try:
+        yield event_store
+    finally:
+        await event_store.close()
