@@ -97,14 +97,19 @@ class EmbeddedPostgres:
             _open_path_for(user, self.data_dir)
             for path in self.data_dir.rglob("*"):
                 os.lchown(path, user.pw_uid, user.pw_gid)
-        run_user = user.pw_uid if user is not None else None
+        # Drop root's groups too: a process still in group root would be judged by
+        # the group bits (often ---) of root-owned parent directories.
+        as_user: dict[str, object] = (
+            {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+            if user is not None else {}
+        )
         if not (pgdata / "PG_VERSION").exists():
             result = subprocess.run(
                 [str(bindir / "initdb"), "-D", str(pgdata), "-U", "postgres", "--auth=trust",
                  "--encoding=UTF8", "--no-instructions"],
                 capture_output=True,
-                user=run_user,
                 check=False,
+                **as_user,  # type: ignore[arg-type]
             )
             if result.returncode != 0:
                 raise EmbeddedError(f"initdb failed: {result.stderr.decode(errors='replace')}")
@@ -115,8 +120,8 @@ class EmbeddedPostgres:
              "-c", "fsync=on", "-c", "max_connections=200", "-c", "shared_buffers=256MB"],
             stdout=log,
             stderr=log,
-            user=run_user,
             start_new_session=True,
+            **as_user,  # type: ignore[arg-type]
         )
         log.close()
         self._wait_ready(timeout)

@@ -45,9 +45,8 @@ class SignedEvent:
 
     @classmethod
     def create(cls, event: Event, key: SigningKey) -> SignedEvent:
-        """Sign an event this process originates with ``key``."""
-        if event.actor != key.did:
-            raise SignatureError(f"event actor {event.actor} is not the signer {key.did}")
+        """Sign an event with ``key`` (the actor's current key, which after a
+        rotation no longer hashes to the actor's DID)."""
         body = canonical_bytes(body_of(event))
         parsed = parse_event(msgspec.json.decode(body))
         return cls(body=body, signature=key.sign(body), event=parsed)

@@ -60,6 +60,7 @@ from ledger.events import (
     HandshakeCompleted,
     HandshakeFailed,
     RetentionApplied,
+    decode_body,
     stream_of,
     subject_agents,
 )
@@ -161,7 +162,162 @@ def partition_name(day: datetime) -> str:
     return f"events_p{day:%Y%m%d}"
 
 
-class PostgresEventStore:
+class PostgresLedgerReader:
+    """Read access to the ledger: entries, head and checkpoints. Needs no key."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def connect(cls, url: str, pool_size: int = 4) -> PostgresLedgerReader:
+        return cls(await _create_pool(url, pool_size))
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self._pool
+
+    async def _checkpoint_at(self, conn: asyncpg.Connection, position: int) -> Checkpoint | None:
+        row = await conn.fetchrow(
+            "SELECT position, head_hash, time, signer, encode(signature, 'base64') AS sig "
+            "FROM checkpoints WHERE position = $1",
+            position,
+        )
+        return None if row is None else _checkpoint(row)
+
+    async def latest_checkpoint(self) -> Checkpoint | None:
+        row = await self._fetchrow(
+            "SELECT position, head_hash, time, signer, encode(signature, 'base64') AS sig "
+            "FROM checkpoints ORDER BY position DESC LIMIT 1"
+        )
+        return None if row is None else _checkpoint(row)
+
+    async def checkpoints(self, after: int = 0, limit: int = 10_000) -> list[Checkpoint]:
+        rows = await self._fetch(
+            "SELECT position, head_hash, time, signer, encode(signature, 'base64') AS sig "
+            "FROM checkpoints WHERE position > $1 ORDER BY position LIMIT $2",
+            after,
+            limit,
+        )
+        return [_checkpoint(r) for r in rows]
+
+    # -- reading -----------------------------------------------------------
+
+    async def head(self) -> Head:
+        row = await self._fetchrow(
+            "SELECT position, entry_hash, recorded_at FROM ledger_head WHERE id = 1"
+        )
+        assert row is not None  # the migration inserts the row
+        return Head(row["position"], bytes(row["entry_hash"]), row["recorded_at"])
+
+    async def read(self, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        """Entries with position > ``after`` in position order, at most ``limit``."""
+        rows = await self._fetch(
+            f"SELECT {_ENTRY_COLUMNS} FROM events WHERE position > $1 "  # noqa: S608 -- constant
+            "ORDER BY position LIMIT $2",
+            after,
+            limit,
+        )
+        return [_record(r) for r in rows]
+
+    async def read_agent(self, did: str, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        """Entries an agent signed or is the subject of, in position order."""
+        rows = await self._fetch(
+            f"SELECT {_ENTRY_COLUMNS} FROM events "  # noqa: S608 -- constant
+            "WHERE subjects @> ARRAY[$1]::text[] AND position > $2 ORDER BY position LIMIT $3",
+            did,
+            after,
+            limit,
+        )
+        return [_record(r) for r in rows]
+
+    async def iter_entries(self, after: int = 0, batch: int = 2000) -> AsyncIterator[RecordedEvent]:
+        """Every entry after ``after``, streamed in batches (never loaded whole)."""
+        while True:
+            rows = await self.read(after, batch)
+            for row in rows:
+                yield row
+            if len(rows) < batch:
+                return
+            after = rows[-1].position
+
+    async def current_key(self, did: str) -> VerifyKey | None:
+        """The agent's current key, or None if it is not registered."""
+        row = await self._fetchrow("SELECT public_key FROM agent_keys WHERE did = $1", did)
+        return None if row is None else VerifyKey.from_raw(bytes(row["public_key"]))
+
+    async def follow(
+        self, after: int = 0, batch: int = 1000, poll_interval: float = 1.0
+    ) -> AsyncIterator[list[RecordedEvent]]:
+        """Yield batches of new entries forever, woken by NOTIFY.
+
+        NOTIFY is only a hint: a periodic poll is the source of truth, so a
+        lost notification (or PgBouncer in the way) costs latency, not events.
+        """
+        wake = asyncio.Event()
+
+        def on_notify(*_: object) -> None:
+            wake.set()
+
+        conn = await self._pool.acquire()
+        try:
+            await conn.add_listener(NOTIFY_CHANNEL, on_notify)
+            while True:
+                wake.clear()
+                rows = await self.read(after, batch)
+                if rows:
+                    after = rows[-1].position
+                    yield rows
+                    if len(rows) == batch:
+                        continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), poll_interval)
+        finally:
+            with contextlib.suppress(*_DRIVER_ERRORS):
+                await conn.remove_listener(NOTIFY_CHANNEL, on_notify)
+            await self._pool.release(conn)
+
+    async def _fetch(self, query: str, *args: object) -> list[asyncpg.Record]:
+        try:
+            return list(await self._pool.fetch(query, *args))
+        except _DRIVER_ERRORS as exc:
+            raise StoreUnavailableError(f"cannot read the ledger: {exc}") from exc
+
+    async def _fetchrow(self, query: str, *args: object) -> asyncpg.Record | None:
+        try:
+            return await self._pool.fetchrow(query, *args)
+        except _DRIVER_ERRORS as exc:
+            raise StoreUnavailableError(f"cannot read the ledger: {exc}") from exc
+
+    async def entry_at(self, position: int) -> RecordedEvent | None:
+        rows = await self.read(position - 1, 1)
+        return rows[0] if rows and rows[0].position == position else None
+
+    async def keys_before(self, position: int) -> dict[str, bytes]:
+        """Every agent's key as of just before ``position`` (folded from the entries)."""
+        rows = await self._fetch(
+            "SELECT body FROM events WHERE position < $1 "
+            "AND event_type IN ('agent.registered', 'agent.key_rotated') ORDER BY position",
+            position,
+        )
+        keys: dict[str, bytes] = {}
+        for row in rows:
+            event = decode_body(bytes(row["body"]))
+            if isinstance(event, AgentRegistered | AgentKeyRotated):
+                keys[event.did] = VerifyKey.from_pem(event.public_key).raw
+        return keys
+
+
+async def _create_pool(url: str, size: int) -> asyncpg.Pool:
+    try:
+        return await asyncpg.create_pool(asyncpg_dsn(url), min_size=1, max_size=size)
+    except _DRIVER_ERRORS as exc:
+        raise StoreUnavailableError(f"cannot connect to PostgreSQL: {exc}") from exc
+
+
+class PostgresEventStore(PostgresLedgerReader):
     """The ledger on PostgreSQL. Create with ``await PostgresEventStore.open(...)``."""
 
     def __init__(
@@ -174,7 +330,7 @@ class PostgresEventStore:
         checkpoint_interval: float = 60.0,
         max_batch: int = 2000,
     ) -> None:
-        self._pool = pool
+        super().__init__(pool)
         self._ledger_key = ledger_key
         self._clock = clock
         self._checkpoint_every = checkpoint_every
@@ -202,10 +358,7 @@ class PostgresEventStore:
         checkpoint_interval: float = 60.0,
         pool_size: int = 8,
     ) -> PostgresEventStore:
-        try:
-            pool = await asyncpg.create_pool(asyncpg_dsn(url), min_size=1, max_size=pool_size)
-        except _DRIVER_ERRORS as exc:
-            raise StoreUnavailableError(f"cannot connect to PostgreSQL: {exc}") from exc
+        pool = await _create_pool(url, pool_size)
         store = cls(
             pool,
             ledger_key,
@@ -244,10 +397,6 @@ class PostgresEventStore:
     @property
     def ledger_did(self) -> str:
         return self._ledger_key.did
-
-    @property
-    def pool(self) -> asyncpg.Pool:
-        return self._pool
 
     # -- appending ---------------------------------------------------------
 
@@ -317,9 +466,14 @@ class PostgresEventStore:
         keys: list[VerifyKey] = [await self._believed_key(e) for e in events]
         loop = asyncio.get_running_loop()
         ok = await loop.run_in_executor(self._verify_pool, _verify_all, events, keys)
-        for event, valid in zip(events, ok, strict=True):
-            if not valid:
+        for index, (event, valid) in enumerate(zip(events, ok, strict=True)):
+            if valid:
+                continue
+            # Our cached key may be stale (rotated by another process): ask once more.
+            fresh = await self._fetch_key(event.actor)
+            if fresh is None or not VerifyKey.from_raw(fresh).is_valid(event.signature, event.body):
                 raise SignatureError(f"{event.type}: signature by {event.actor} does not verify")
+            keys[index] = VerifyKey.from_raw(fresh)
         return {e.actor: k.raw for e, k in zip(events, keys, strict=True)}
 
     async def _believed_key(self, signed: SignedEvent) -> VerifyKey:
@@ -677,117 +831,6 @@ class PostgresEventStore:
                     await self.checkpoint()
             except LedgerError as exc:
                 log.warning("checkpoint_failed", extra={"error": str(exc)})
-
-    async def _checkpoint_at(self, conn: asyncpg.Connection, position: int) -> Checkpoint | None:
-        row = await conn.fetchrow(
-            "SELECT position, head_hash, time, signer, encode(signature, 'base64') AS sig "
-            "FROM checkpoints WHERE position = $1",
-            position,
-        )
-        return None if row is None else _checkpoint(row)
-
-    async def latest_checkpoint(self) -> Checkpoint | None:
-        row = await self._fetchrow(
-            "SELECT position, head_hash, time, signer, encode(signature, 'base64') AS sig "
-            "FROM checkpoints ORDER BY position DESC LIMIT 1"
-        )
-        return None if row is None else _checkpoint(row)
-
-    async def checkpoints(self, after: int = 0, limit: int = 10_000) -> list[Checkpoint]:
-        rows = await self._fetch(
-            "SELECT position, head_hash, time, signer, encode(signature, 'base64') AS sig "
-            "FROM checkpoints WHERE position > $1 ORDER BY position LIMIT $2",
-            after,
-            limit,
-        )
-        return [_checkpoint(r) for r in rows]
-
-    # -- reading -----------------------------------------------------------
-
-    async def head(self) -> Head:
-        row = await self._fetchrow(
-            "SELECT position, entry_hash, recorded_at FROM ledger_head WHERE id = 1"
-        )
-        assert row is not None  # the migration inserts the row
-        return Head(row["position"], bytes(row["entry_hash"]), row["recorded_at"])
-
-    async def read(self, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
-        """Entries with position > ``after`` in position order, at most ``limit``."""
-        rows = await self._fetch(
-            f"SELECT {_ENTRY_COLUMNS} FROM events WHERE position > $1 "  # noqa: S608 -- constant
-            "ORDER BY position LIMIT $2",
-            after,
-            limit,
-        )
-        return [_record(r) for r in rows]
-
-    async def read_agent(self, did: str, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
-        """Entries an agent signed or is the subject of, in position order."""
-        rows = await self._fetch(
-            f"SELECT {_ENTRY_COLUMNS} FROM events "  # noqa: S608 -- constant
-            "WHERE subjects @> ARRAY[$1]::text[] AND position > $2 ORDER BY position LIMIT $3",
-            did,
-            after,
-            limit,
-        )
-        return [_record(r) for r in rows]
-
-    async def iter_entries(self, after: int = 0, batch: int = 2000) -> AsyncIterator[RecordedEvent]:
-        """Every entry after ``after``, streamed in batches (never loaded whole)."""
-        while True:
-            rows = await self.read(after, batch)
-            for row in rows:
-                yield row
-            if len(rows) < batch:
-                return
-            after = rows[-1].position
-
-    async def current_key(self, did: str) -> VerifyKey | None:
-        raw = await self._fetch_key(did)
-        return None if raw is None else VerifyKey.from_raw(raw)
-
-    async def follow(
-        self, after: int = 0, batch: int = 1000, poll_interval: float = 1.0
-    ) -> AsyncIterator[list[RecordedEvent]]:
-        """Yield batches of new entries forever, woken by NOTIFY.
-
-        NOTIFY is only a hint: a periodic poll is the source of truth, so a
-        lost notification (or PgBouncer in the way) costs latency, not events.
-        """
-        wake = asyncio.Event()
-
-        def on_notify(*_: object) -> None:
-            wake.set()
-
-        conn = await self._pool.acquire()
-        try:
-            await conn.add_listener(NOTIFY_CHANNEL, on_notify)
-            while True:
-                wake.clear()
-                rows = await self.read(after, batch)
-                if rows:
-                    after = rows[-1].position
-                    yield rows
-                    if len(rows) == batch:
-                        continue
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), poll_interval)
-        finally:
-            with contextlib.suppress(*_DRIVER_ERRORS):
-                await conn.remove_listener(NOTIFY_CHANNEL, on_notify)
-            await self._pool.release(conn)
-
-    async def _fetch(self, query: str, *args: object) -> list[asyncpg.Record]:
-        try:
-            return list(await self._pool.fetch(query, *args))
-        except _DRIVER_ERRORS as exc:
-            raise StoreUnavailableError(f"cannot read the ledger: {exc}") from exc
-
-    async def _fetchrow(self, query: str, *args: object) -> asyncpg.Record | None:
-        try:
-            return await self._pool.fetchrow(query, *args)
-        except _DRIVER_ERRORS as exc:
-            raise StoreUnavailableError(f"cannot read the ledger: {exc}") from exc
 
 
 def _verify_all(events: Sequence[SignedEvent], keys: Sequence[VerifyKey]) -> list[bool]:

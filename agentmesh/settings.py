@@ -1,0 +1,270 @@
+"""Typed settings, read once from ``AGENTMESH_*`` environment variables.
+
+Every key of the deployment guide's ConfigMap is here, plus the database URL
+and the secrets that come from Kubernetes Secrets. A malformed value stops
+start-up with one line naming the key and the form it expects::
+
+    AGENTMESH_TRUST_DECAY_RATE: expected a non-negative number like 2.0, got 'fast'
+
+The signing key is never part of ``repr`` and never logged.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, TypeVar, cast
+
+from ledger.errors import SignatureError
+from ledger.identity import SigningKey
+
+T = TypeVar("T")
+
+StorageBackend = Literal["memory", "redis", "postgres"]
+PolicyMode = Literal["strict", "standard", "permissive"]
+LogFormat = Literal["json", "text"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message is one line naming the key."""
+
+
+# -- parsers: each returns the value or raises ValueError("expected …") -------
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _int(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError(f"expected an integer from {low} to {high}") from None
+        if not low <= value <= high:
+            raise ValueError(f"expected an integer from {low} to {high}")
+        return value
+
+    return parse
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError("expected a non-negative number like 2.0") from None
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("expected a non-negative number like 2.0")
+    return value
+
+
+def _choice(*options: str, upper: bool = False) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().upper() if upper else text.strip().lower()
+        if value not in options:
+            raise ValueError("expected one of " + ", ".join(options))
+        return value
+
+    return parse
+
+
+def _url(*schemes: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip()
+        scheme, sep, rest = value.partition("://")
+        if not sep or scheme not in schemes or not rest:
+            raise ValueError(f"expected a URL like {schemes[0]}://host:port")
+        return value
+
+    return parse
+
+
+def _text(text: str) -> str:
+    value = text.strip()
+    if not value:
+        raise ValueError("expected a non-empty value")
+    return value
+
+
+def _path(text: str) -> Path:
+    return Path(_text(text))
+
+
+# -- the settings -----------------------------------------------------------
+
+
+def _env(key: str, parse: Callable[[str], Any], default: Any, doc: str) -> Any:
+    return field(default=default, metadata={"env": key, "parse": parse, "doc": doc})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """All configuration. Build with ``Settings.from_env()``; never a global."""
+
+    storage_backend: StorageBackend = _env(
+        "AGENTMESH_STORAGE_BACKEND", _choice("memory", "redis", "postgres"), "redis",
+        "Where projections live: memory, redis or postgres.")
+    cache_enabled: bool = _env(
+        "AGENTMESH_CACHE_ENABLED", _bool, True,
+        "In-process cache of projection reads, invalidated by change notifications.")
+    cache_ttl: int = _env(
+        "AGENTMESH_CACHE_TTL", _int(0, 86_400), 300,
+        "Upper bound in seconds on how long a cached projection read is kept.")
+    redis_host: str | None = _env(
+        "AGENTMESH_REDIS_HOST", _text, None, "Redis host (redis backend).")
+    redis_port: int = _env("AGENTMESH_REDIS_PORT", _int(1, 65_535), 6379, "Redis port.")
+    redis_password: str | None = _env(
+        "AGENTMESH_REDIS_PASSWORD", _text, None, "Redis password, from a Secret when set.")
+    trust_initial_score: int = _env(
+        "AGENTMESH_TRUST_INITIAL_SCORE", _int(0, 1000), 800, "Score of a new agent (0-1000).")
+    trust_decay_rate: float = _env(
+        "AGENTMESH_TRUST_DECAY_RATE", _number, 2.0,
+        "Points per hour a score falls without positive events.")
+    trust_decay_floor: int = _env(
+        "AGENTMESH_TRUST_DECAY_FLOOR", _int(0, 1000), 100,
+        "Decay alone never takes a score below this.")
+    trust_min_threshold: int = _env(
+        "AGENTMESH_TRUST_MIN_THRESHOLD", _int(0, 1000), 300,
+        "Below this an agent is untrusted: handshakes fail, the sidecar blocks.")
+    delegation_max_depth: int = _env(
+        "AGENTMESH_DELEGATION_MAX_DEPTH", _int(1, 100), 5, "Longest delegation chain.")
+    governance_default_policy: PolicyMode = _env(
+        "AGENTMESH_GOVERNANCE_DEFAULT_POLICY", _choice("strict", "standard", "permissive"),
+        "standard", "Policy mode used where AGENTMESH_POLICY is not set.")
+    governance_shadow_mode: bool = _env(
+        "AGENTMESH_GOVERNANCE_SHADOW_MODE", _bool, False,
+        "Decide and record, but never block.")
+    governance_audit_retention_days: int = _env(
+        "AGENTMESH_GOVERNANCE_AUDIT_RETENTION_DAYS", _int(1, 36_500), 90,
+        "Days of ledger kept by retention.")
+    log_level: LogLevel = _env(
+        "AGENTMESH_LOG_LEVEL", _choice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL",
+                                       upper=True),
+        "INFO", "Log level.")
+    log_format: LogFormat = _env(
+        "AGENTMESH_LOG_FORMAT", _choice("json", "text"), "json", "Log format: json or text.")
+    otel_enabled: bool = _env(
+        "AGENTMESH_OTEL_ENABLED", _bool, False, "Export traces over OTLP.")
+    otel_endpoint: str = _env(
+        "AGENTMESH_OTEL_ENDPOINT", _url("http", "https"), "http://localhost:4317",
+        "OTLP collector endpoint.")
+    policy: PolicyMode | None = _env(
+        "AGENTMESH_POLICY", _choice("strict", "standard", "permissive"), None,
+        "Sidecar policy mode: strict, standard or permissive.")
+    database_url: str | None = _env(
+        "AGENTMESH_DATABASE_URL", _url("postgresql", "postgres", "postgresql+asyncpg"), None,
+        "PostgreSQL URL of the ledger, e.g. postgresql://user:pass@host:5432/agentmesh.")
+    agent_private_key_pem: str | None = field(
+        default=None,
+        repr=False,
+        metadata={"env": "AGENTMESH_AGENT_PRIVATE_KEY", "parse": _text,
+                  "doc": "PEM PKCS#8 Ed25519 private key (from a Secret).", "secret": True},
+    )
+    agent_private_key_file: Path | None = _env(
+        "AGENTMESH_AGENT_PRIVATE_KEY_FILE", _path, None,
+        "Path of a PEM private key file, instead of AGENTMESH_AGENT_PRIVATE_KEY.")
+    admin_token: str | None = field(
+        default=None,
+        repr=False,
+        metadata={"env": "AGENTMESH_ADMIN_TOKEN", "parse": _text,
+                  "doc": "Bearer token for admin calls (from a Secret).", "secret": True},
+    )
+    checkpoint_every: int = _env(
+        "AGENTMESH_LEDGER_CHECKPOINT_EVERY", _int(1, 10_000_000), 1000,
+        "Sign a checkpoint after this many events.")
+    checkpoint_interval: int = _env(
+        "AGENTMESH_LEDGER_CHECKPOINT_INTERVAL", _int(1, 86_400), 60,
+        "…or after this many seconds when the head moved.")
+    data_dir: Path = _env(
+        "AGENTMESH_DATA_DIR", _path, Path(".agentmesh"),
+        "Local stack data directory (`agentmesh up`).")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Parse every key; raise ConfigError naming the first malformed one."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for item in fields(cls):
+            key = item.metadata["env"]
+            raw = env.get(key)
+            if raw is None or (raw == "" and not item.metadata.get("secret")):
+                continue
+            try:
+                values[item.name] = item.metadata["parse"](raw)
+            except ValueError as exc:
+                shown = "(hidden)" if item.metadata.get("secret") else repr(raw)
+                raise ConfigError(f"{key}: {exc}, got {shown}") from None
+        settings = cls(**values)
+        settings._check_consistency()
+        return settings
+
+    def _check_consistency(self) -> None:
+        if self.trust_decay_floor > self.trust_initial_score:
+            raise ConfigError(
+                "AGENTMESH_TRUST_DECAY_FLOOR: expected at most AGENTMESH_TRUST_INITIAL_SCORE "
+                f"({self.trust_initial_score}), got {self.trust_decay_floor}"
+            )
+
+    # -- required values, checked where they are needed -----------------------
+
+    def require_database_url(self) -> str:
+        if self.database_url is None:
+            raise ConfigError(
+                "AGENTMESH_DATABASE_URL: required, expected a URL like "
+                "postgresql://user:pass@host:5432/agentmesh"
+            )
+        return self.database_url
+
+    def require_redis_host(self) -> str:
+        if self.redis_host is None:
+            raise ConfigError(
+                "AGENTMESH_REDIS_HOST: required when AGENTMESH_STORAGE_BACKEND=redis, "
+                "expected a host name like agentmesh-redis-master"
+            )
+        return self.redis_host
+
+    def signing_key(self) -> SigningKey:
+        """The process's Ed25519 key, from the env var or the key file."""
+        pem = self.agent_private_key_pem
+        key_name = "AGENTMESH_AGENT_PRIVATE_KEY"
+        if pem is None and self.agent_private_key_file is not None:
+            key_name = "AGENTMESH_AGENT_PRIVATE_KEY_FILE"
+            try:
+                pem = self.agent_private_key_file.read_text()
+            except OSError as exc:
+                raise ConfigError(f"{key_name}: cannot read {self.agent_private_key_file}: "
+                                  f"{exc.strerror}") from None
+        if pem is None:
+            raise ConfigError(
+                "AGENTMESH_AGENT_PRIVATE_KEY: required, expected a PEM Ed25519 private key "
+                "(agentmesh identity generate --output-key)"
+            )
+        try:
+            return SigningKey.from_pem(pem)
+        except SignatureError as exc:
+            raise ConfigError(f"{key_name}: {exc}") from None
+
+    @property
+    def policy_mode(self) -> PolicyMode:
+        return self.policy or self.governance_default_policy
+
+
+def setting_keys() -> dict[str, str]:
+    """Every environment key the code reads, with its description."""
+    return {f.metadata["env"]: f.metadata["doc"] for f in fields(Settings)}
+
+
+def default_of(key: str) -> object:
+    for item in fields(Settings):
+        if item.metadata["env"] == key:
+            return cast(object, item.default)
+    raise KeyError(key)

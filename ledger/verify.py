@@ -1,0 +1,315 @@
+"""Verification of the ledger: chain, every signature, every checkpoint.
+
+The chain is checked in order in this process (SHA-256 is cheap); Ed25519
+signature checks, which dominate, are sent in chunks to a process pool so they
+use every core. Whatever is found, the error names the *first* bad position.
+
+Which key verifies an entry is itself a function of the ledger: the ledger's
+key for ledger-signed events, the key inside a self-signed registration, and
+otherwise the actor's key as of that position (registrations and rotations
+are folded in order, so a rotation is checked against the key it replaces).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterable, Callable, Iterable
+from concurrent.futures import Executor, ProcessPoolExecutor
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from ledger.chain import GENESIS_HASH, Checkpoint, Entry, check_link, verify_checkpoint
+from ledger.errors import EventValidationError, SignatureError, VerificationError
+from ledger.events import AgentKeyRotated, AgentRegistered, AnyEvent, decode_body, event_type
+from ledger.identity import VerifyKey
+from ledger.store import PostgresLedgerReader
+
+CHUNK = 2000
+Progress = Callable[[int], None]
+
+# (position, raw public key, signature, body)
+SignatureJob = tuple[int, bytes, bytes, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    first_position: int
+    last_position: int
+    entries: int
+    signatures: int
+    checkpoints: int
+    head_hash: bytes
+
+    def summary(self) -> str:
+        if self.entries == 0:
+            return "ledger OK: no entries to verify"
+        return (
+            f"ledger OK: positions {self.first_position}..{self.last_position} "
+            f"({self.entries} entries, {self.signatures} signatures, "
+            f"{self.checkpoints} checkpoints), head {self.head_hash.hex()}"
+        )
+
+
+def verify_signature_chunk(jobs: list[SignatureJob]) -> list[int]:
+    """Positions whose signature does not verify (runs in a worker process)."""
+    bad: list[int] = []
+    for position, raw_key, signature, body in jobs:
+        try:
+            Ed25519PublicKey.from_public_bytes(raw_key).verify(signature, body)
+        except (InvalidSignature, ValueError):
+            bad.append(position)
+    return bad
+
+
+class KeyRing:
+    """The signing key of every agent as of the position being verified."""
+
+    def __init__(self, ledger_key: VerifyKey, keys: dict[str, bytes] | None = None) -> None:
+        self.ledger_key = ledger_key
+        self.keys: dict[str, bytes] = dict(keys or {})
+
+    def key_for(self, position: int, event: AnyEvent) -> bytes:
+        if event.actor == self.ledger_key.did:
+            return self.ledger_key.raw
+        if isinstance(event, AgentRegistered) and event.actor == event.did:
+            return _raw_key(position, event.public_key)
+        raw = self.keys.get(event.actor)
+        if raw is None:
+            raise VerificationError(position, f"signed by {event.actor}, which is not registered")
+        return raw
+
+    def advance(self, position: int, event: AnyEvent) -> None:
+        if isinstance(event, AgentRegistered | AgentKeyRotated):
+            self.keys[event.did] = _raw_key(position, event.public_key)
+
+
+def _raw_key(position: int, pem: str) -> bytes:
+    try:
+        return VerifyKey.from_pem(pem).raw
+    except SignatureError as exc:
+        raise VerificationError(position, f"invalid public key in event: {exc}") from exc
+
+
+@dataclass
+class _Pending:
+    first: int
+    last: int
+    future: asyncio.Future[list[int]]
+
+
+class LedgerVerifier:
+    """Checks entries fed in position order; call ``finish()`` for the report."""
+
+    def __init__(
+        self,
+        ring: KeyRing,
+        *,
+        start_position: int,
+        start_hash: bytes,
+        checkpoints: Iterable[Checkpoint],
+        executor: Executor | None = None,
+        column_check: bool = True,
+    ) -> None:
+        self.ring = ring
+        self.expected = start_position
+        self.prev = start_hash
+        self.first = start_position
+        self.checkpoints = {c.position: c for c in checkpoints}
+        self.checkpoints_seen = 0
+        self.executor = executor
+        self.column_check = column_check
+        self.jobs: list[SignatureJob] = []
+        self.pending: list[_Pending] = []
+        self.signatures = 0
+
+    async def feed(
+        self, entry: Entry, event_type_col: str | None = None, actor_col: str | None = None
+    ) -> None:
+        try:
+            check_link(entry, self.expected, self.prev)
+            event = self._decode(entry)
+            if self.column_check:
+                _check_columns(entry.position, event, event_type_col, actor_col)
+            self.jobs.append(
+                (
+                    entry.position,
+                    self.ring.key_for(entry.position, event),
+                    entry.signature,
+                    entry.body,
+                )
+            )
+            self.ring.advance(entry.position, event)
+            self._check_checkpoint(entry)
+        except VerificationError as exc:
+            await self._fail_at(exc)
+        self.expected = entry.position + 1
+        self.prev = entry.entry_hash
+        if len(self.jobs) >= CHUNK:
+            await self._submit()
+
+    @staticmethod
+    def _decode(entry: Entry) -> AnyEvent:
+        try:
+            return decode_body(entry.body)
+        except EventValidationError as exc:
+            raise VerificationError(entry.position, f"body is not a valid event: {exc}") from exc
+
+    def _check_checkpoint(self, entry: Entry) -> None:
+        checkpoint = self.checkpoints.get(entry.position)
+        if checkpoint is None:
+            return
+        verify_checkpoint(checkpoint, self.ring.ledger_key)
+        if checkpoint.head_hash != entry.entry_hash.hex():
+            raise VerificationError(
+                entry.position, "entry_hash differs from the signed checkpoint at this position"
+            )
+        self.checkpoints_seen += 1
+
+    async def _submit(self) -> None:
+        jobs, self.jobs = self.jobs, []
+        if not jobs:
+            return
+        self.signatures += len(jobs)
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self.executor, verify_signature_chunk, jobs)
+        self.pending.append(_Pending(jobs[0][0], jobs[-1][0], future))
+        # Bound memory: never more than a few chunks in flight per worker.
+        while len(self.pending) > 2 * (os.cpu_count() or 1):
+            await self._collect(self.pending.pop(0))
+
+    async def _collect(self, pending: _Pending) -> None:
+        bad = await pending.future
+        if bad:
+            raise VerificationError(min(bad), "signature does not verify")
+
+    async def _fail_at(self, error: VerificationError) -> None:
+        """Report the earliest problem: a pending signature failure may precede it."""
+        self.jobs = [j for j in self.jobs if j[0] < error.position]
+        await self._submit()
+        earliest: VerificationError = error
+        for pending in self.pending:
+            bad = await pending.future
+            if bad and min(bad) < earliest.position:
+                earliest = VerificationError(min(bad), "signature does not verify")
+        self.pending.clear()
+        raise earliest
+
+    async def finish(
+        self, head_position: int | None = None, head_hash: bytes | None = None
+    ) -> VerifyReport:
+        await self._submit()
+        for pending in self.pending:
+            await self._collect(pending)
+        self.pending.clear()
+        last = self.expected - 1
+        beyond = [p for p in self.checkpoints if p > last]
+        if beyond:
+            raise VerificationError(
+                min(beyond),
+                f"a signed checkpoint covers position {min(beyond)}, "
+                f"but the ledger ends at {last} (entries were removed from the tail)",
+            )
+        if head_position is not None and head_position != last:
+            raise VerificationError(
+                min(head_position, last) + 1,
+                f"the head says position {head_position}, the entries end at {last}",
+            )
+        if head_hash is not None and head_hash != self.prev:
+            raise VerificationError(last, "the head hash differs from the last entry's hash")
+        return VerifyReport(
+            first_position=self.first,
+            last_position=last,
+            entries=last - self.first + 1,
+            signatures=self.signatures,
+            checkpoints=self.checkpoints_seen,
+            head_hash=self.prev,
+        )
+
+
+def _check_columns(
+    position: int, event: AnyEvent, type_col: str | None, actor_col: str | None
+) -> None:
+    """The indexed columns are derived from the body; a mismatch means tampering."""
+    if type_col is not None and type_col != event_type(event):
+        raise VerificationError(position, f"event_type column {type_col!r} differs from the body")
+    if actor_col is not None and actor_col != event.actor:
+        raise VerificationError(position, f"actor column {actor_col!r} differs from the body")
+
+
+def make_executor(workers: int | None = None) -> ProcessPoolExecutor:
+    """A process pool for signature checks, one worker per core by default."""
+    return ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1)
+
+
+async def verify_entries(
+    entries: AsyncIterable[Entry],
+    ring: KeyRing,
+    *,
+    start_position: int,
+    start_hash: bytes,
+    checkpoints: Iterable[Checkpoint],
+    executor: Executor | None = None,
+    progress: Progress | None = None,
+) -> VerifyReport:
+    """Verify ``entries`` (in position order) from ``start_position``."""
+    verifier = LedgerVerifier(
+        ring,
+        start_position=start_position,
+        start_hash=start_hash,
+        checkpoints=checkpoints,
+        executor=executor,
+        column_check=False,
+    )
+    async for entry in entries:
+        await verifier.feed(entry)
+        if progress is not None and entry.position % CHUNK == 0:
+            progress(entry.position)
+    return await verifier.finish()
+
+
+async def verify_ledger(
+    reader: PostgresLedgerReader,
+    ledger_key: VerifyKey,
+    *,
+    from_position: int = 1,
+    executor: Executor | None = None,
+    progress: Progress | None = None,
+) -> VerifyReport:
+    """Verify the stored ledger from ``from_position`` to the head.
+
+    From position 1 the chain starts at the genesis hash. From a later
+    position it starts at the stored hash of the entry before it, which a
+    signed checkpoint at that position confirms when there is one; agent keys
+    are folded from the registrations and rotations before it.
+    """
+    if from_position < 1:
+        raise VerificationError(from_position, "positions start at 1")
+    head = await reader.head()
+    start_hash = GENESIS_HASH
+    checkpoints = await reader.checkpoints(after=max(from_position - 2, 0))
+    if from_position > 1:
+        before = await reader.entry_at(from_position - 1)
+        if before is None:
+            raise VerificationError(from_position - 1, "no entry to start verifying from")
+        start_hash = before.entry_hash
+        anchor = next((c for c in checkpoints if c.position == from_position - 1), None)
+        if anchor is not None:
+            verify_checkpoint(anchor, ledger_key)
+            if anchor.head_hash != start_hash.hex():
+                raise VerificationError(anchor.position, "entry_hash differs from its checkpoint")
+    ring = KeyRing(ledger_key, await reader.keys_before(from_position))
+    verifier = LedgerVerifier(
+        ring,
+        start_position=from_position,
+        start_hash=start_hash,
+        checkpoints=[c for c in checkpoints if c.position >= from_position],
+        executor=executor,
+    )
+    async for record in reader.iter_entries(after=from_position - 1, batch=CHUNK):
+        await verifier.feed(record, record.event_type, record.actor)
+        if progress is not None and record.position % CHUNK == 0:
+            progress(record.position)
+    return await verifier.finish(head.position, head.entry_hash)

@@ -1,0 +1,30 @@
+"""Exceptions of the projections package.
+
+Tree::
+
+    ProjectionError
+    ├── DelegationError   a grant or revocation breaks a delegation rule (has ``reason``)
+    └── SnapshotError     a snapshot is malformed or was folded under another config
+"""
+
+from __future__ import annotations
+
+
+class ProjectionError(Exception):
+    """Root of every error the projections raise."""
+
+
+class DelegationError(ProjectionError):
+    """A delegation rule rejects a grant or a revocation.
+
+    ``reason`` is a stable code (e.g. ``"widening"``) the API can map to a
+    problem type; the message says what happened in words.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class SnapshotError(ProjectionError):
+    """A snapshot cannot be loaded: malformed, unknown format or another config."""
