@@ -66,6 +66,21 @@ def canonical_envelope(fields: Mapping[str, str | int], body: bytes) -> bytes:
     keys = sorted([*members, "body"])
     parts = []
     for key in keys:
-        encoded = body if key == "body" else canonical_bytes(members[key])
-        parts.append(canonical_bytes(key) + b":" + encoded)
+        encoded = body if key == "body" else _scalar(members[key])
+        parts.append(_scalar(key) + b":" + encoded)
     return b"{" + b",".join(parts) + b"}"
+
+
+def _scalar(value: str | int) -> bytes:
+    """JCS of a string or integer, with a fast path for plain printable ASCII.
+
+    For such strings (no quote, no backslash) RFC 8785 output is the text in
+    quotes; anything else goes through the full encoder.
+    """
+    if isinstance(value, str):
+        if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
+            return b'"' + value.encode() + b'"'
+        return canonical_bytes(value)
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) <= _MAX_SAFE_INT:
+        return str(value).encode()
+    return canonical_bytes(value)

@@ -16,6 +16,7 @@ paths.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -202,6 +203,7 @@ def encode_event(event: Event) -> bytes:
     return canonical_bytes(body_of(event))
 
 
+@functools.cache
 def _defaults(cls: type[Event]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for field in msgspec.structs.fields(cls):

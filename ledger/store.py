@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -81,6 +82,8 @@ _LEDGER_ONLY = (
 _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 
 Clock = Callable[[], datetime]
+# Ed25519 verification releases the GIL: one thread per core.
+_VERIFY_THREADS = max(os.cpu_count() or 1, 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +138,40 @@ class _BatchState:
     idem_rows: list[tuple[object, ...]] = field(default_factory=list)
     results: list[tuple[_Request, AppendResult | LedgerError]] = field(default_factory=list)
 
+
+_LOOKUP_SQL = """
+SELECT 'k' AS kind, did AS id, public_key AS raw,
+       NULL::bigint AS a, NULL::int AS b, NULL::text AS c, NULL::int AS d
+  FROM agent_keys WHERE did = ANY($1::text[])
+UNION ALL
+SELECT 's', stream_id, NULL, NULL, version, NULL, NULL
+  FROM streams WHERE stream_id = ANY($2::text[])
+UNION ALL
+SELECT 'i', key, digest, first_position, count, stream_id, stream_version
+  FROM idempotency_keys WHERE key = ANY($3::text[])
+"""
+
+# Everything after the COPY in one statement; data-modifying CTEs always run.
+_WRITE_SQL = """
+WITH s AS (
+  INSERT INTO streams (stream_id, version, last_position)
+  SELECT * FROM unnest($1::text[], $2::int[], $3::bigint[])
+  ON CONFLICT (stream_id) DO UPDATE
+  SET version = excluded.version, last_position = excluded.last_position
+), k AS (
+  INSERT INTO agent_keys (did, public_key, position)
+  SELECT * FROM unnest($4::text[], $5::bytea[], $6::bigint[])
+  ON CONFLICT (did) DO UPDATE SET public_key = excluded.public_key, position = excluded.position
+), i AS (
+  INSERT INTO idempotency_keys
+    (key, first_position, count, stream_id, stream_version, digest, recorded_at)
+  SELECT *, $15::timestamptz
+  FROM unnest($7::text[], $8::bigint[], $9::int[], $10::text[], $11::int[], $12::bytea[])
+), h AS (
+  UPDATE ledger_head SET position = $13, entry_hash = $14, recorded_at = $15 WHERE id = 1
+)
+SELECT pg_notify($16, $17)
+"""
 
 _ENTRY_COLUMNS = (
     "position, recorded_at, stream_id, stream_version, event_type, actor, subjects, "
@@ -337,10 +374,14 @@ class PostgresEventStore(PostgresLedgerReader):
         self._checkpoint_interval = timedelta(seconds=checkpoint_interval)
         self._max_batch = max_batch
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
+        self._incoming: asyncio.Queue[_Request] = asyncio.Queue()
         self._keys: dict[str, bytes] = {}
         self._partitions: set[str] = set()
         self._last_checkpoint: tuple[int, datetime] = (0, clock())
-        self._verify_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ed25519")
+        self._verify_pool = ThreadPoolExecutor(
+            max_workers=_VERIFY_THREADS, thread_name_prefix="ed25519"
+        )
+        self._verifier: asyncio.Task[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._closed = False
@@ -373,6 +414,7 @@ class PostgresEventStore(PostgresLedgerReader):
         latest = await self.latest_checkpoint()
         if latest is not None:
             self._last_checkpoint = (latest.position, parse_time(latest.time))
+        self._verifier = asyncio.create_task(self._verify_loop(), name="ledger-verifier")
         self._flusher = asyncio.create_task(self._flush_loop(), name="ledger-flusher")
         self._ticker = asyncio.create_task(self._checkpoint_ticker(), name="ledger-checkpoints")
 
@@ -381,8 +423,9 @@ class PostgresEventStore(PostgresLedgerReader):
         if self._closed:
             return
         self._closed = True
+        await self._incoming.join()
         await self._queue.join()
-        for task in (self._flusher, self._ticker):
+        for task in (self._verifier, self._flusher, self._ticker):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -416,8 +459,8 @@ class PostgresEventStore(PostgresLedgerReader):
         """
         if self._closed:
             raise StoreUnavailableError("the event store is closed")
-        request = await self._prepare(events, expected_version, idempotency_key)
-        self._queue.put_nowait(request)
+        request = self._request(events, expected_version, idempotency_key)
+        self._incoming.put_nowait(request)
         return await request.future
 
     async def append_own(
@@ -436,7 +479,7 @@ class PostgresEventStore(PostgresLedgerReader):
     def sign_own(self, event: Event) -> SignedEvent:
         return SignedEvent.create(event, self._ledger_key)
 
-    async def _prepare(
+    def _request(
         self,
         events: Sequence[SignedEvent],
         expected_version: int | None,
@@ -449,34 +492,89 @@ class PostgresEventStore(PostgresLedgerReader):
             raise EventValidationError(f"one append writes one stream, got {sorted(streams)}")
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= 200:
             raise EventValidationError("an idempotency key is 1 to 200 characters")
-        keys_used = await self._verify(events)
-        digest = hashlib.sha256(b"\n".join(e.body for e in events)).digest()
         return _Request(
             events=tuple(events),
             stream_id=streams.pop(),
             expected_version=expected_version,
             idempotency_key=idempotency_key,
-            digest=digest,
-            keys_used=keys_used,
+            digest=hashlib.sha256(b"\n".join(e.body for e in events)).digest(),
+            keys_used={},
             future=asyncio.get_running_loop().create_future(),
         )
 
-    async def _verify(self, events: Sequence[SignedEvent]) -> dict[str, bytes]:
-        """Check every signature against the key we believe is current."""
-        keys: list[VerifyKey] = [await self._believed_key(e) for e in events]
-        loop = asyncio.get_running_loop()
-        ok = await loop.run_in_executor(self._verify_pool, _verify_all, events, keys)
-        for index, (event, valid) in enumerate(zip(events, ok, strict=True)):
-            if valid:
-                continue
-            # Our cached key may be stale (rotated by another process): ask once more.
-            fresh = await self._fetch_key(event.actor)
-            if fresh is None or not VerifyKey.from_raw(fresh).is_valid(event.signature, event.body):
-                raise SignatureError(f"{event.type}: signature by {event.actor} does not verify")
-            keys[index] = VerifyKey.from_raw(fresh)
-        return {e.actor: k.raw for e, k in zip(events, keys, strict=True)}
+    # -- the verifier: signatures of everything queued, on worker threads ------
 
-    async def _believed_key(self, signed: SignedEvent) -> VerifyKey:
+    async def _verify_loop(self) -> None:
+        """Verify queued appends in bulk, then hand them to the flusher.
+
+        One thread hand-off per batch rather than per append: per-call
+        hand-offs convoy on the GIL and starve group commit of large batches.
+        """
+        while True:
+            batch = [await self._incoming.get()]
+            while not self._incoming.empty():
+                batch.append(self._incoming.get_nowait())
+            try:
+                await self._verify_batch(batch)
+            except LedgerError as exc:
+                self._fail(batch, exc)
+            except Exception as exc:  # never let the verifier die with callers waiting
+                log.exception("ledger_verifier_error")
+                self._fail(batch, StoreUnavailableError(f"append not verified: {exc}"))
+            for request in batch:
+                if not request.future.done():
+                    self._queue.put_nowait(request)
+                self._incoming.task_done()
+
+    async def _verify_batch(self, batch: list[_Request]) -> None:
+        await self._load_keys({e.actor for r in batch for e in r.events})
+        jobs: list[tuple[_Request, SignedEvent, VerifyKey]] = []
+        for request in batch:
+            try:
+                jobs.extend((request, e, self._believed_key(e)) for e in request.events)
+            except LedgerError as exc:
+                request.future.set_exception(exc)
+        jobs = [j for j in jobs if not j[0].future.done()]
+        loop = asyncio.get_running_loop()
+        chunks = [jobs[i::_VERIFY_THREADS] for i in range(_VERIFY_THREADS)]
+        results = await asyncio.gather(*(
+            loop.run_in_executor(self._verify_pool, _verify_all, chunk) for chunk in chunks
+        ))
+        for chunk, valid in zip(chunks, results, strict=True):
+            for (request, signed, key), ok in zip(chunk, valid, strict=True):
+                if request.future.done():
+                    continue
+                if not ok:
+                    key = await self._recheck(signed)
+                    if key is None:
+                        request.future.set_exception(SignatureError(
+                            f"{signed.type}: signature by {signed.actor} does not verify"))
+                        continue
+                request.keys_used[signed.actor] = key.raw
+
+    async def _recheck(self, signed: SignedEvent) -> VerifyKey | None:
+        """Our cached key may be stale (rotated by another process): ask once more."""
+        if signed.actor == self._ledger_key.did or isinstance(signed.event, AgentRegistered):
+            return None
+        fresh = await self._fetch_key(signed.actor)
+        if fresh is None or not VerifyKey.from_raw(fresh).is_valid(signed.signature, signed.body):
+            return None
+        return VerifyKey.from_raw(fresh)
+
+    async def _load_keys(self, dids: set[str]) -> None:
+        missing = [d for d in dids if d not in self._keys and d != self._ledger_key.did]
+        if not missing:
+            return
+        try:
+            rows = await self._pool.fetch(
+                "SELECT did, public_key FROM agent_keys WHERE did = ANY($1::text[])", missing
+            )
+        except _DRIVER_ERRORS as exc:
+            raise StoreUnavailableError(f"cannot read agent keys: {exc}") from exc
+        for row in rows:
+            self._keys[row["did"]] = bytes(row["public_key"])
+
+    def _believed_key(self, signed: SignedEvent) -> VerifyKey:
         event = signed.event
         if signed.actor == self._ledger_key.did:
             return self._ledger_key.public
@@ -484,8 +582,6 @@ class PostgresEventStore(PostgresLedgerReader):
             # Self-registration proves possession of the key being registered.
             return VerifyKey.from_pem(event.public_key)
         raw = self._keys.get(signed.actor)
-        if raw is None:
-            raw = await self._fetch_key(signed.actor)
         if raw is None:
             raise SignatureError(f"{signed.type}: unknown signer {signed.actor}")
         return VerifyKey.from_raw(raw)
@@ -506,9 +602,7 @@ class PostgresEventStore(PostgresLedgerReader):
 
     async def _flush_loop(self) -> None:
         while True:
-            batch = [await self._queue.get()]
-            while len(batch) < self._max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            batch = await self._next_batch()
             try:
                 await self._flush(batch)
             except _DRIVER_ERRORS as exc:
@@ -520,6 +614,12 @@ class PostgresEventStore(PostgresLedgerReader):
             finally:
                 for _ in batch:
                     self._queue.task_done()
+
+    async def _next_batch(self) -> list[_Request]:
+        batch = [await self._queue.get()]
+        while len(batch) < self._max_batch and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+        return batch
 
     @staticmethod
     def _fail(batch: list[_Request], error: LedgerError) -> None:
@@ -555,36 +655,30 @@ class PostgresEventStore(PostgresLedgerReader):
         for request in batch:
             for signed in request.events:
                 dids.update(_referenced_agents(signed))
-        key_rows = await conn.fetch(
-            "SELECT did, public_key FROM agent_keys WHERE did = ANY($1::text[])", list(dids)
-        )
-        stream_rows = await conn.fetch(
-            "SELECT stream_id, version FROM streams WHERE stream_id = ANY($1::text[])",
-            list({r.stream_id for r in batch}),
-        )
         idem = [r.idempotency_key for r in batch if r.idempotency_key is not None]
-        idem_rows = await conn.fetch(
-            "SELECT key, first_position, count, stream_id, stream_version, digest "
-            "FROM idempotency_keys WHERE key = ANY($1::text[])",
-            idem,
+        # One round trip for all three lookups; it runs after the lock, so it sees
+        # everything committed by the previous holder.
+        rows = await conn.fetch(
+            _LOOKUP_SQL, list(dids), list({r.stream_id for r in batch}), idem
         )
         keys: dict[str, bytes | None] = dict.fromkeys(dids)
-        keys.update({r["did"]: bytes(r["public_key"]) for r in key_rows})
-        done = {
-            r["key"]: (
-                bytes(r["digest"]),
-                AppendResult(
-                    positions=tuple(range(r["first_position"], r["first_position"] + r["count"])),
-                    stream_id=r["stream_id"],
-                    stream_version=r["stream_version"],
-                    duplicate=True,
-                ),
-            )
-            for r in idem_rows
-        }
+        versions: dict[str, int] = {}
+        done: dict[str, tuple[bytes, AppendResult]] = {}
+        for row in rows:
+            kind, ident = row["kind"], row["id"]
+            if kind == "k":
+                keys[ident] = bytes(row["raw"])
+            elif kind == "s":
+                versions[ident] = row["b"]
+            else:
+                first = row["a"]
+                done[ident] = (
+                    bytes(row["raw"]),
+                    AppendResult(tuple(range(first, first + row["b"])), row["c"], row["d"],
+                                 duplicate=True),
+                )
         # Time never runs backwards in the ledger, whatever the injected clock says.
         now = max(self._clock(), head.recorded_at)
-        versions = {r["stream_id"]: r["version"] for r in stream_rows}
         return _BatchState(head=head, now=now, keys=keys, versions=versions, done_keys=done)
 
     def _apply(self, request: _Request, state: _BatchState) -> None:
@@ -717,50 +811,19 @@ class PostgresEventStore(PostgresLedgerReader):
             "events", records=state.rows, columns=_ENTRY_COLUMNS.split(", ")
         )
         streams = list(state.stream_rows.items())
-        await conn.execute(
-            "INSERT INTO streams (stream_id, version, last_position) "
-            "SELECT * FROM unnest($1::text[], $2::int[], $3::bigint[]) "
-            "ON CONFLICT (stream_id) DO UPDATE "
-            "SET version = excluded.version, last_position = excluded.last_position",
-            [s for s, _ in streams],
-            [v for _, (v, _) in streams],
-            [p for _, (_, p) in streams],
-        )
-        if state.idem_rows:
-            await conn.copy_records_to_table(
-                "idempotency_keys",
-                records=state.idem_rows,
-                columns=[
-                    "key",
-                    "first_position",
-                    "count",
-                    "stream_id",
-                    "stream_version",
-                    "digest",
-                    "recorded_at",
-                ],
-            )
-        if state.key_rows:
-            items = list(state.key_rows.items())
-            await conn.execute(
-                "INSERT INTO agent_keys (did, public_key, position) "
-                "SELECT * FROM unnest($1::text[], $2::bytea[], $3::bigint[]) "
-                "ON CONFLICT (did) DO UPDATE "
-                "SET public_key = excluded.public_key, position = excluded.position",
-                [d for d, _ in items],
-                [k for _, (k, _) in items],
-                [p for _, (_, p) in items],
-            )
+        keys = list(state.key_rows.items())
+        idem = state.idem_rows
         head = state.head
         await conn.execute(
-            "UPDATE ledger_head SET position = $1, entry_hash = $2, recorded_at = $3 WHERE id = 1",
-            head.position,
-            head.entry_hash,
-            head.recorded_at,
+            _WRITE_SQL,
+            [s for s, _ in streams], [v for _, (v, _) in streams], [p for _, (_, p) in streams],
+            [d for d, _ in keys], [k for _, (k, _) in keys], [p for _, (_, p) in keys],
+            [r[0] for r in idem], [r[1] for r in idem], [r[2] for r in idem],
+            [r[3] for r in idem], [r[4] for r in idem], [r[5] for r in idem],
+            head.position, head.entry_hash, head.recorded_at, NOTIFY_CHANNEL, str(head.position),
         )
         if self._checkpoint_due(head):
             await self._insert_checkpoint(conn, head)
-        await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(head.position))
 
     async def _ensure_partitions(self, conn: asyncpg.Connection, moments: set[datetime]) -> None:
         for moment in moments:
@@ -833,8 +896,8 @@ class PostgresEventStore(PostgresLedgerReader):
                 log.warning("checkpoint_failed", extra={"error": str(exc)})
 
 
-def _verify_all(events: Sequence[SignedEvent], keys: Sequence[VerifyKey]) -> list[bool]:
-    return [k.is_valid(e.signature, e.body) for e, k in zip(events, keys, strict=True)]
+def _verify_all(jobs: Sequence[tuple[object, SignedEvent, VerifyKey]]) -> list[bool]:
+    return [key.is_valid(signed.signature, signed.body) for _, signed, key in jobs]
 
 
 def _check_registration(

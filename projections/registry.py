@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
@@ -30,8 +30,6 @@ class AgentRecord:
     status: AgentStatus = "active"
     status_reason: str = ""
     position: int = 0
-    key_rotations: int = 0
-    extra: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def active(self) -> bool:
@@ -42,7 +40,6 @@ class AgentRecord:
         return {
             "capabilities": list(self.capabilities),
             "did": self.did,
-            "key_rotations": self.key_rotations,
             "metadata": dict(sorted(self.metadata.items())),
             "position": self.position,
             "public_key": self.public_key,
@@ -65,7 +62,6 @@ class AgentRecord:
             status=data["status"],
             status_reason=data["status_reason"],
             position=data["position"],
-            key_rotations=data["key_rotations"],
         )
 
 

@@ -215,4 +215,3 @@ def trust_at(
     )
     tier = tier_for(score, config, suspended=suspended)
     return TrustView(state.did, score, milli, tier, components, decay, state.position)
-
