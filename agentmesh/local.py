@@ -60,11 +60,12 @@ def run_local_stack(settings: Settings) -> int:
     try:
         upgrade(url)
         print(f"agentmesh: ledger database ready at {url}", flush=True)
-        print(f"agentmesh: ledger DID {key.did} (key in {data_dir / 'ledger-key.pem'})",
-              flush=True)
+        print(f"agentmesh: ledger DID {key.did} (key in {data_dir / 'ledger-key.pem'})", flush=True)
         if created:
-            print(f"agentmesh: admin token (shown once, kept in {data_dir / 'admin-token'}): "
-                  f"{token}", flush=True)
+            print(
+                f"agentmesh: admin token (shown once, kept in {data_dir / 'admin-token'}): {token}",
+                flush=True,
+            )
         print("agentmesh: press Ctrl-C to stop", flush=True)
         stop.wait()
     finally:

@@ -111,82 +111,141 @@ class Settings:
     """All configuration. Build with ``Settings.from_env()``; never a global."""
 
     storage_backend: StorageBackend = _env(
-        "AGENTMESH_STORAGE_BACKEND", _choice("memory", "redis", "postgres"), "redis",
-        "Where projections live: memory, redis or postgres.")
+        "AGENTMESH_STORAGE_BACKEND",
+        _choice("memory", "redis", "postgres"),
+        "redis",
+        "Where projections live: memory, redis or postgres.",
+    )
     cache_enabled: bool = _env(
-        "AGENTMESH_CACHE_ENABLED", _bool, True,
-        "In-process cache of projection reads, invalidated by change notifications.")
+        "AGENTMESH_CACHE_ENABLED",
+        _bool,
+        True,
+        "In-process cache of projection reads, invalidated by change notifications.",
+    )
     cache_ttl: int = _env(
-        "AGENTMESH_CACHE_TTL", _int(0, 86_400), 300,
-        "Upper bound in seconds on how long a cached projection read is kept.")
+        "AGENTMESH_CACHE_TTL",
+        _int(0, 86_400),
+        300,
+        "Upper bound in seconds on how long a cached projection read is kept.",
+    )
     redis_host: str | None = _env(
-        "AGENTMESH_REDIS_HOST", _text, None, "Redis host (redis backend).")
+        "AGENTMESH_REDIS_HOST", _text, None, "Redis host (redis backend)."
+    )
     redis_port: int = _env("AGENTMESH_REDIS_PORT", _int(1, 65_535), 6379, "Redis port.")
     redis_password: str | None = _env(
-        "AGENTMESH_REDIS_PASSWORD", _text, None, "Redis password, from a Secret when set.")
+        "AGENTMESH_REDIS_PASSWORD", _text, None, "Redis password, from a Secret when set."
+    )
     trust_initial_score: int = _env(
-        "AGENTMESH_TRUST_INITIAL_SCORE", _int(0, 1000), 800, "Score of a new agent (0-1000).")
+        "AGENTMESH_TRUST_INITIAL_SCORE", _int(0, 1000), 800, "Score of a new agent (0-1000)."
+    )
     trust_decay_rate: float = _env(
-        "AGENTMESH_TRUST_DECAY_RATE", _number, 2.0,
-        "Points per hour a score falls without positive events.")
+        "AGENTMESH_TRUST_DECAY_RATE",
+        _number,
+        2.0,
+        "Points per hour a score falls without positive events.",
+    )
     trust_decay_floor: int = _env(
-        "AGENTMESH_TRUST_DECAY_FLOOR", _int(0, 1000), 100,
-        "Decay alone never takes a score below this.")
+        "AGENTMESH_TRUST_DECAY_FLOOR",
+        _int(0, 1000),
+        100,
+        "Decay alone never takes a score below this.",
+    )
     trust_min_threshold: int = _env(
-        "AGENTMESH_TRUST_MIN_THRESHOLD", _int(0, 1000), 300,
-        "Below this an agent is untrusted: handshakes fail, the sidecar blocks.")
+        "AGENTMESH_TRUST_MIN_THRESHOLD",
+        _int(0, 1000),
+        300,
+        "Below this an agent is untrusted: handshakes fail, the sidecar blocks.",
+    )
     delegation_max_depth: int = _env(
-        "AGENTMESH_DELEGATION_MAX_DEPTH", _int(1, 100), 5, "Longest delegation chain.")
+        "AGENTMESH_DELEGATION_MAX_DEPTH", _int(1, 100), 5, "Longest delegation chain."
+    )
     governance_default_policy: PolicyMode = _env(
-        "AGENTMESH_GOVERNANCE_DEFAULT_POLICY", _choice("strict", "standard", "permissive"),
-        "standard", "Policy mode used where AGENTMESH_POLICY is not set.")
+        "AGENTMESH_GOVERNANCE_DEFAULT_POLICY",
+        _choice("strict", "standard", "permissive"),
+        "standard",
+        "Policy mode used where AGENTMESH_POLICY is not set.",
+    )
     governance_shadow_mode: bool = _env(
-        "AGENTMESH_GOVERNANCE_SHADOW_MODE", _bool, False,
-        "Decide and record, but never block.")
+        "AGENTMESH_GOVERNANCE_SHADOW_MODE", _bool, False, "Decide and record, but never block."
+    )
     governance_audit_retention_days: int = _env(
-        "AGENTMESH_GOVERNANCE_AUDIT_RETENTION_DAYS", _int(1, 36_500), 90,
-        "Days of ledger kept by retention.")
+        "AGENTMESH_GOVERNANCE_AUDIT_RETENTION_DAYS",
+        _int(1, 36_500),
+        90,
+        "Days of ledger kept by retention.",
+    )
     log_level: LogLevel = _env(
-        "AGENTMESH_LOG_LEVEL", _choice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL",
-                                       upper=True),
-        "INFO", "Log level.")
+        "AGENTMESH_LOG_LEVEL",
+        _choice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", upper=True),
+        "INFO",
+        "Log level.",
+    )
     log_format: LogFormat = _env(
-        "AGENTMESH_LOG_FORMAT", _choice("json", "text"), "json", "Log format: json or text.")
-    otel_enabled: bool = _env(
-        "AGENTMESH_OTEL_ENABLED", _bool, False, "Export traces over OTLP.")
+        "AGENTMESH_LOG_FORMAT", _choice("json", "text"), "json", "Log format: json or text."
+    )
+    otel_enabled: bool = _env("AGENTMESH_OTEL_ENABLED", _bool, False, "Export traces over OTLP.")
     otel_endpoint: str = _env(
-        "AGENTMESH_OTEL_ENDPOINT", _url("http", "https"), "http://localhost:4317",
-        "OTLP collector endpoint.")
+        "AGENTMESH_OTEL_ENDPOINT",
+        _url("http", "https"),
+        "http://localhost:4317",
+        "OTLP collector endpoint.",
+    )
     policy: PolicyMode | None = _env(
-        "AGENTMESH_POLICY", _choice("strict", "standard", "permissive"), None,
-        "Sidecar policy mode: strict, standard or permissive.")
+        "AGENTMESH_POLICY",
+        _choice("strict", "standard", "permissive"),
+        None,
+        "Sidecar policy mode: strict, standard or permissive.",
+    )
     database_url: str | None = _env(
-        "AGENTMESH_DATABASE_URL", _url("postgresql", "postgres", "postgresql+asyncpg"), None,
-        "PostgreSQL URL of the ledger, e.g. postgresql://user:pass@host:5432/agentmesh.")
+        "AGENTMESH_DATABASE_URL",
+        _url("postgresql", "postgres", "postgresql+asyncpg"),
+        None,
+        "PostgreSQL URL of the ledger, e.g. postgresql://user:pass@host:5432/agentmesh.",
+    )
     agent_private_key_pem: str | None = field(
         default=None,
         repr=False,
-        metadata={"env": "AGENTMESH_AGENT_PRIVATE_KEY", "parse": _text,
-                  "doc": "PEM PKCS#8 Ed25519 private key (from a Secret).", "secret": True},
+        metadata={
+            "env": "AGENTMESH_AGENT_PRIVATE_KEY",
+            "parse": _text,
+            "doc": "PEM PKCS#8 Ed25519 private key (from a Secret).",
+            "secret": True,
+        },
     )
     agent_private_key_file: Path | None = _env(
-        "AGENTMESH_AGENT_PRIVATE_KEY_FILE", _path, None,
-        "Path of a PEM private key file, instead of AGENTMESH_AGENT_PRIVATE_KEY.")
+        "AGENTMESH_AGENT_PRIVATE_KEY_FILE",
+        _path,
+        None,
+        "Path of a PEM private key file, instead of AGENTMESH_AGENT_PRIVATE_KEY.",
+    )
     admin_token: str | None = field(
         default=None,
         repr=False,
-        metadata={"env": "AGENTMESH_ADMIN_TOKEN", "parse": _text,
-                  "doc": "Bearer token for admin calls (from a Secret).", "secret": True},
+        metadata={
+            "env": "AGENTMESH_ADMIN_TOKEN",
+            "parse": _text,
+            "doc": "Bearer token for admin calls (from a Secret).",
+            "secret": True,
+        },
     )
     checkpoint_every: int = _env(
-        "AGENTMESH_LEDGER_CHECKPOINT_EVERY", _int(1, 10_000_000), 1000,
-        "Sign a checkpoint after this many events.")
+        "AGENTMESH_LEDGER_CHECKPOINT_EVERY",
+        _int(1, 10_000_000),
+        1000,
+        "Sign a checkpoint after this many events.",
+    )
     checkpoint_interval: int = _env(
-        "AGENTMESH_LEDGER_CHECKPOINT_INTERVAL", _int(1, 86_400), 60,
-        "…or after this many seconds when the head moved.")
+        "AGENTMESH_LEDGER_CHECKPOINT_INTERVAL",
+        _int(1, 86_400),
+        60,
+        "…or after this many seconds when the head moved.",
+    )
     data_dir: Path = _env(
-        "AGENTMESH_DATA_DIR", _path, Path(".agentmesh"),
-        "Local stack data directory (`agentmesh up`).")
+        "AGENTMESH_DATA_DIR",
+        _path,
+        Path(".agentmesh"),
+        "Local stack data directory (`agentmesh up`).",
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -241,8 +300,9 @@ class Settings:
             try:
                 pem = self.agent_private_key_file.read_text()
             except OSError as exc:
-                raise ConfigError(f"{key_name}: cannot read {self.agent_private_key_file}: "
-                                  f"{exc.strerror}") from None
+                raise ConfigError(
+                    f"{key_name}: cannot read {self.agent_private_key_file}: {exc.strerror}"
+                ) from None
         if pem is None:
             raise ConfigError(
                 "AGENTMESH_AGENT_PRIVATE_KEY: required, expected a PEM Ed25519 private key "

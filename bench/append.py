@@ -29,13 +29,13 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agentmesh.embedded import EmbeddedPostgres  # noqa: E402
-from agentmesh.migrate import upgrade  # noqa: E402
-from ledger.events import AgentRegistered, PolicyViolation  # noqa: E402
-from ledger.identity import SigningKey  # noqa: E402
-from ledger.signed import SignedEvent  # noqa: E402
-from ledger.store import PostgresEventStore  # noqa: E402
-from ledger.timefmt import format_time  # noqa: E402
+from agentmesh.embedded import EmbeddedPostgres
+from agentmesh.migrate import upgrade
+from ledger.events import AgentRegistered, PolicyViolation
+from ledger.identity import SigningKey
+from ledger.signed import SignedEvent
+from ledger.store import PostgresEventStore
+from ledger.timefmt import format_time
 
 
 async def fresh_database(server_url: str) -> str:
@@ -55,8 +55,14 @@ def signed_events(agents: list[SigningKey], count: int) -> list[SignedEvent]:
     events = []
     for index in range(count):
         key = agents[index % len(agents)]
-        event = PolicyViolation(actor=key.did, occurred_at=now, agent=key.did, severity="low",
-                                rule="bench-rule", detail=f"blocked call {index}")
+        event = PolicyViolation(
+            actor=key.did,
+            occurred_at=now,
+            agent=key.did,
+            severity="low",
+            rule="bench-rule",
+            detail=f"blocked call {index}",
+        )
         events.append(SignedEvent.create(event, key))
     return events
 
@@ -69,8 +75,19 @@ async def raw_copy(url: str, events: list[SignedEvent]) -> float:
         await conn.execute("TRUNCATE raw_events")
         now = datetime.now(UTC)
         rows = [
-            (i + 1, now, "agent:x", i + 1, e.type, e.actor, [e.actor], e.body, e.signature,
-             bytes(32), bytes(32))
+            (
+                i + 1,
+                now,
+                "agent:x",
+                i + 1,
+                e.type,
+                e.actor,
+                [e.actor],
+                e.body,
+                e.signature,
+                bytes(32),
+                bytes(32),
+            )
             for i, e in enumerate(events)
         ]
         start = time.perf_counter()
@@ -87,9 +104,14 @@ async def ledger_appends(url: str, concurrency: int, count: int) -> float:
     try:
         agents = [SigningKey.generate() for _ in range(max(concurrency, 8))]
         for agent in agents:
-            await store.append_own(AgentRegistered(
-                actor=ledger_key.did, occurred_at=format_time(datetime.now(UTC)),
-                did=agent.did, public_key=agent.public.pem()))
+            await store.append_own(
+                AgentRegistered(
+                    actor=ledger_key.did,
+                    occurred_at=format_time(datetime.now(UTC)),
+                    did=agent.did,
+                    public_key=agent.public.pem(),
+                )
+            )
         events = signed_events(agents, count)  # signing is the client's work: not timed
         queue = iter(events)
 

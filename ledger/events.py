@@ -52,7 +52,7 @@ class Event(
     occurred_at: Timestamp
 
 
-class AgentRegistered(Event, tag="agent.registered"):
+class AgentRegistered(Event, tag="agent.registered", frozen=True):
     did: Did
     public_key: Annotated[str, msgspec.Meta(max_length=1000)]
     sponsor: Did | None = None
@@ -60,22 +60,22 @@ class AgentRegistered(Event, tag="agent.registered"):
     metadata: dict[Name, Text] = msgspec.field(default_factory=dict)
 
 
-class AgentKeyRotated(Event, tag="agent.key_rotated"):
+class AgentKeyRotated(Event, tag="agent.key_rotated", frozen=True):
     did: Did
     public_key: Annotated[str, msgspec.Meta(max_length=1000)]
 
 
-class AgentSuspended(Event, tag="agent.suspended"):
+class AgentSuspended(Event, tag="agent.suspended", frozen=True):
     did: Did
     reason: Text = ""
 
 
-class AgentReinstated(Event, tag="agent.reinstated"):
+class AgentReinstated(Event, tag="agent.reinstated", frozen=True):
     did: Did
     reason: Text = ""
 
 
-class HandshakeCompleted(Event, tag="handshake.completed"):
+class HandshakeCompleted(Event, tag="handshake.completed", frozen=True):
     handshake_id: Name
     initiator: Did
     responder: Did
@@ -83,7 +83,7 @@ class HandshakeCompleted(Event, tag="handshake.completed"):
     shadow: bool = False
 
 
-class HandshakeFailed(Event, tag="handshake.failed"):
+class HandshakeFailed(Event, tag="handshake.failed", frozen=True):
     handshake_id: Name
     initiator: Did
     responder: Did
@@ -91,20 +91,20 @@ class HandshakeFailed(Event, tag="handshake.failed"):
     shadow: bool = False
 
 
-class PolicyViolation(Event, tag="policy.violation"):
+class PolicyViolation(Event, tag="policy.violation", frozen=True):
     agent: Did
     severity: Severity
     rule: Name
     detail: Text = ""
 
 
-class TrustSignal(Event, tag="trust.signal"):
+class TrustSignal(Event, tag="trust.signal", frozen=True):
     agent: Did
     signal: Name
     detail: Text = ""
 
 
-class DelegationGranted(Event, tag="delegation.granted"):
+class DelegationGranted(Event, tag="delegation.granted", frozen=True):
     grant_id: GrantId
     delegator: Did
     delegatee: Did
@@ -113,12 +113,12 @@ class DelegationGranted(Event, tag="delegation.granted"):
     parent: GrantId | None = None
 
 
-class DelegationRevoked(Event, tag="delegation.revoked"):
+class DelegationRevoked(Event, tag="delegation.revoked", frozen=True):
     grant_id: GrantId
     reason: Text = ""
 
 
-class RetentionApplied(Event, tag="ledger.retention_applied"):
+class RetentionApplied(Event, tag="ledger.retention_applied", frozen=True):
     cut_position: int
     cut_time: Timestamp
     anchor_hash: Sha256Hex
@@ -185,9 +185,10 @@ def parse_event(body: Mapping[str, Any]) -> AnyEvent:
 def decode_body(data: bytes) -> AnyEvent:
     """Decode canonical body bytes (as stored) into the event struct."""
     try:
-        return _decoder.decode(data)
+        event: AnyEvent = _decoder.decode(data)
     except msgspec.DecodeError as exc:
         raise EventValidationError(f"invalid event body: {exc}") from exc
+    return event
 
 
 def body_of(event: Event) -> dict[str, Any]:

@@ -537,19 +537,23 @@ class PostgresEventStore(PostgresLedgerReader):
         jobs = [j for j in jobs if not j[0].future.done()]
         loop = asyncio.get_running_loop()
         chunks = [jobs[i::_VERIFY_THREADS] for i in range(_VERIFY_THREADS)]
-        results = await asyncio.gather(*(
-            loop.run_in_executor(self._verify_pool, _verify_all, chunk) for chunk in chunks
-        ))
+        results = await asyncio.gather(
+            *(loop.run_in_executor(self._verify_pool, _verify_all, chunk) for chunk in chunks)
+        )
         for chunk, valid in zip(chunks, results, strict=True):
             for (request, signed, key), ok in zip(chunk, valid, strict=True):
                 if request.future.done():
                     continue
                 if not ok:
-                    key = await self._recheck(signed)
-                    if key is None:
-                        request.future.set_exception(SignatureError(
-                            f"{signed.type}: signature by {signed.actor} does not verify"))
+                    fresh = await self._recheck(signed)
+                    if fresh is None:
+                        request.future.set_exception(
+                            SignatureError(
+                                f"{signed.type}: signature by {signed.actor} does not verify"
+                            )
+                        )
                         continue
+                    key = fresh
                 request.keys_used[signed.actor] = key.raw
 
     async def _recheck(self, signed: SignedEvent) -> VerifyKey | None:
@@ -658,9 +662,7 @@ class PostgresEventStore(PostgresLedgerReader):
         idem = [r.idempotency_key for r in batch if r.idempotency_key is not None]
         # One round trip for all three lookups; it runs after the lock, so it sees
         # everything committed by the previous holder.
-        rows = await conn.fetch(
-            _LOOKUP_SQL, list(dids), list({r.stream_id for r in batch}), idem
-        )
+        rows = await conn.fetch(_LOOKUP_SQL, list(dids), list({r.stream_id for r in batch}), idem)
         keys: dict[str, bytes | None] = dict.fromkeys(dids)
         versions: dict[str, int] = {}
         done: dict[str, tuple[bytes, AppendResult]] = {}
@@ -674,8 +676,9 @@ class PostgresEventStore(PostgresLedgerReader):
                 first = row["a"]
                 done[ident] = (
                     bytes(row["raw"]),
-                    AppendResult(tuple(range(first, first + row["b"])), row["c"], row["d"],
-                                 duplicate=True),
+                    AppendResult(
+                        tuple(range(first, first + row["b"])), row["c"], row["d"], duplicate=True
+                    ),
                 )
         # Time never runs backwards in the ledger, whatever the injected clock says.
         now = max(self._clock(), head.recorded_at)
@@ -816,11 +819,23 @@ class PostgresEventStore(PostgresLedgerReader):
         head = state.head
         await conn.execute(
             _WRITE_SQL,
-            [s for s, _ in streams], [v for _, (v, _) in streams], [p for _, (_, p) in streams],
-            [d for d, _ in keys], [k for _, (k, _) in keys], [p for _, (_, p) in keys],
-            [r[0] for r in idem], [r[1] for r in idem], [r[2] for r in idem],
-            [r[3] for r in idem], [r[4] for r in idem], [r[5] for r in idem],
-            head.position, head.entry_hash, head.recorded_at, NOTIFY_CHANNEL, str(head.position),
+            [s for s, _ in streams],
+            [v for _, (v, _) in streams],
+            [p for _, (_, p) in streams],
+            [d for d, _ in keys],
+            [k for _, (k, _) in keys],
+            [p for _, (_, p) in keys],
+            [r[0] for r in idem],
+            [r[1] for r in idem],
+            [r[2] for r in idem],
+            [r[3] for r in idem],
+            [r[4] for r in idem],
+            [r[5] for r in idem],
+            head.position,
+            head.entry_hash,
+            head.recorded_at,
+            NOTIFY_CHANNEL,
+            str(head.position),
         )
         if self._checkpoint_due(head):
             await self._insert_checkpoint(conn, head)

@@ -253,8 +253,13 @@ async def verify_entries(
     checkpoints: Iterable[Checkpoint],
     executor: Executor | None = None,
     progress: Progress | None = None,
+    head: tuple[int, bytes] | None = None,
 ) -> VerifyReport:
-    """Verify ``entries`` (in position order) from ``start_position``."""
+    """Verify ``entries`` (in position order) from ``start_position``.
+
+    ``head`` (position, hash), when known from a trusted source, also catches
+    entries dropped from the tail, which no chain can reveal by itself.
+    """
     verifier = LedgerVerifier(
         ring,
         start_position=start_position,
@@ -267,7 +272,9 @@ async def verify_entries(
         await verifier.feed(entry)
         if progress is not None and entry.position % CHUNK == 0:
             progress(entry.position)
-    return await verifier.finish()
+    if head is None:
+        return await verifier.finish()
+    return await verifier.finish(head[0], head[1])
 
 
 async def verify_ledger(

@@ -36,24 +36,41 @@ class Agent:
     def did(self) -> str:
         return self.key.did
 
-    def violation(self, subject: str | None = None, severity: str = "medium",
-                  rule: str = "tool-deny", detail: str = "") -> SignedEvent:
-        event = PolicyViolation(actor=self.did, occurred_at=format_time(T0),
-                                agent=subject or self.did, severity=severity,  # type: ignore[arg-type]
-                                rule=rule, detail=detail)
+    def violation(
+        self,
+        subject: str | None = None,
+        severity: str = "medium",
+        rule: str = "tool-deny",
+        detail: str = "",
+    ) -> SignedEvent:
+        event = PolicyViolation(
+            actor=self.did,
+            occurred_at=format_time(T0),
+            agent=subject or self.did,
+            severity=severity,  # type: ignore[arg-type]
+            rule=rule,
+            detail=detail,
+        )
         return SignedEvent.create(event, self.key)
 
     def signal(self, subject: str | None = None, signal: str = "good") -> SignedEvent:
-        event = TrustSignal(actor=self.did, occurred_at=format_time(T0),
-                            agent=subject or self.did, signal=signal)
+        event = TrustSignal(
+            actor=self.did, occurred_at=format_time(T0), agent=subject or self.did, signal=signal
+        )
         return SignedEvent.create(event, self.key)
 
 
-async def register(store: PostgresEventStore, agent: Agent | None = None,
-                   capabilities: tuple[str, ...] = ()) -> Agent:
+async def register(
+    store: PostgresEventStore, agent: Agent | None = None, capabilities: tuple[str, ...] = ()
+) -> Agent:
     agent = agent or Agent()
     await store.append_own(
-        AgentRegistered(actor=store.ledger_did, occurred_at=format_time(T0), did=agent.did,
-                        public_key=agent.key.public.pem(), capabilities=capabilities)
+        AgentRegistered(
+            actor=store.ledger_did,
+            occurred_at=format_time(T0),
+            did=agent.did,
+            public_key=agent.key.public.pem(),
+            capabilities=capabilities,
+        )
     )
     return agent

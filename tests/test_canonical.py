@@ -17,8 +17,9 @@ from ledger.identity import SigningKey, VerifyKey, did_for_raw_public_key, is_di
 json_scalars = st.none() | st.booleans() | st.integers(-(2**53) + 1, 2**53 - 1) | st.text()
 json_values = st.recursive(
     json_scalars,
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children,
-                                                                        max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4)
+    ),
     max_leaves=20,
 )
 
@@ -47,7 +48,7 @@ def test_key_order_does_not_matter(value: dict[str, Any]) -> None:
 @settings(max_examples=200, deadline=None)
 @given(json_values, st.integers(0, 2**40), st.text(alphabet="abc:-_0123456789", max_size=20))
 def test_envelope_equals_canonical_of_the_whole(body: Any, position: int, stream: str) -> None:
-    fields = {"position": position, "stream_id": stream, "signature": "c2ln"}
+    fields: dict[str, str | int] = {"position": position, "stream_id": stream, "signature": "c2ln"}
     spliced = canonical_envelope(fields, canonical_bytes(body))
     assert spliced == canonical_bytes({"body": body, **fields})
 

@@ -43,7 +43,8 @@ async def test_concurrent_appenders_get_gap_free_positions_in_commit_order(
     try:
         agents = [await register(stores[0]) for _ in range(16)]
         base = (await stores[0].head()).position
-        per_task, seen, done = 1000, [], asyncio.Event()
+        per_task, done = 1000, asyncio.Event()
+        seen: list[int] = []
 
         async def tail() -> None:
             async for batch in stores[1].follow(after=base, batch=500, poll_interval=0.2):
@@ -86,7 +87,8 @@ async def test_idempotent_retry_returns_original_positions(store: PostgresEventS
     first = await store.append(events, idempotency_key="report-1")
     again = await store.append(events, idempotency_key="report-1")
     assert first.positions == again.positions == (2, 3)
-    assert again.duplicate and not first.duplicate
+    assert again.duplicate
+    assert not first.duplicate
     assert (await store.head()).position == 3
     with pytest.raises(IdempotencyConflictError):
         await store.append([agent.violation(severity="low")], idempotency_key="report-1")
@@ -125,8 +127,14 @@ async def test_forged_wrong_key_and_unknown_signatures_are_rejected(
 
 def test_missing_and_malformed_signatures_are_rejected_on_the_wire() -> None:
     agent = Agent()
-    body = {"type": "policy.violation", "actor": agent.did, "occurred_at": format_time(T0),
-            "agent": agent.did, "severity": "low", "rule": "r"}
+    body = {
+        "type": "policy.violation",
+        "actor": agent.did,
+        "occurred_at": format_time(T0),
+        "agent": agent.did,
+        "severity": "low",
+        "rule": "r",
+    }
     with pytest.raises(SignatureError):
         SignedEvent.from_wire(body, "")
     with pytest.raises(SignatureError):
@@ -138,14 +146,38 @@ def test_missing_and_malformed_signatures_are_rejected_on_the_wire() -> None:
     [
         ({"type": "agent.exploded", "actor": "did:mesh:" + "a" * 32}, "unknown event type"),
         ({"type": "policy.violation", "actor": "did:mesh:" + "a" * 32}, "invalid"),
-        ({"type": "policy.violation", "actor": "did:mesh:" + "a" * 32,
-          "occurred_at": "2026-01-01T00:00:00Z", "agent": "did:mesh:" + "a" * 32,
-          "severity": "apocalyptic", "rule": "r"}, "severity"),
-        ({"type": "trust.signal", "actor": "nobody", "occurred_at": "2026-01-01T00:00:00Z",
-          "agent": "did:mesh:" + "a" * 32, "signal": "s"}, "actor"),
-        ({"type": "trust.signal", "actor": "did:mesh:" + "a" * 32,
-          "occurred_at": "2026-01-01T00:00:00Z", "agent": "did:mesh:" + "a" * 32,
-          "signal": "s", "extra": 1}, "extra"),
+        (
+            {
+                "type": "policy.violation",
+                "actor": "did:mesh:" + "a" * 32,
+                "occurred_at": "2026-01-01T00:00:00Z",
+                "agent": "did:mesh:" + "a" * 32,
+                "severity": "apocalyptic",
+                "rule": "r",
+            },
+            "severity",
+        ),
+        (
+            {
+                "type": "trust.signal",
+                "actor": "nobody",
+                "occurred_at": "2026-01-01T00:00:00Z",
+                "agent": "did:mesh:" + "a" * 32,
+                "signal": "s",
+            },
+            "actor",
+        ),
+        (
+            {
+                "type": "trust.signal",
+                "actor": "did:mesh:" + "a" * 32,
+                "occurred_at": "2026-01-01T00:00:00Z",
+                "agent": "did:mesh:" + "a" * 32,
+                "signal": "s",
+                "extra": 1,
+            },
+            "extra",
+        ),
     ],
 )
 def test_unknown_types_and_malformed_payloads(body: dict[str, object], message: str) -> None:
@@ -165,14 +197,22 @@ async def test_registration_rules(store: PostgresEventStore) -> None:
     with pytest.raises(AppendRejectedError, match="already registered"):
         await register(store, agent)
     other = Agent()
-    mismatched = AgentRegistered(actor=store.ledger_did, occurred_at=format_time(T0),
-                                 did=other.did, public_key=agent.key.public.pem())
+    mismatched = AgentRegistered(
+        actor=store.ledger_did,
+        occurred_at=format_time(T0),
+        did=other.did,
+        public_key=agent.key.public.pem(),
+    )
     with pytest.raises(AppendRejectedError, match="belongs to"):
         await store.append_own(mismatched)
     # Self-registration: the agent proves possession of the key it registers.
     newcomer = Agent()
-    own = AgentRegistered(actor=newcomer.did, occurred_at=format_time(T0), did=newcomer.did,
-                          public_key=newcomer.key.public.pem())
+    own = AgentRegistered(
+        actor=newcomer.did,
+        occurred_at=format_time(T0),
+        did=newcomer.did,
+        public_key=newcomer.key.public.pem(),
+    )
     await store.append([SignedEvent.create(own, newcomer.key)])
     assert await store.current_key(newcomer.did) == newcomer.key.public
 
@@ -180,13 +220,15 @@ async def test_registration_rules(store: PostgresEventStore) -> None:
 async def test_key_rotation_retires_the_old_key(store: PostgresEventStore) -> None:
     agent = await register(store)
     new_key = SigningKey.generate()
-    rotation = AgentKeyRotated(actor=agent.did, occurred_at=format_time(T0), did=agent.did,
-                               public_key=new_key.public.pem())
+    rotation = AgentKeyRotated(
+        actor=agent.did, occurred_at=format_time(T0), did=agent.did, public_key=new_key.public.pem()
+    )
     await store.append([SignedEvent.create(rotation, agent.key)])
     with pytest.raises(SignatureError):
         await store.append([agent.violation()])  # signed with the retired key
-    event = PolicyViolation(actor=agent.did, occurred_at=format_time(T0), agent=agent.did,
-                            severity="low", rule="r")
+    event = PolicyViolation(
+        actor=agent.did, occurred_at=format_time(T0), agent=agent.did, severity="low", rule="r"
+    )
     await store.append([SignedEvent.create(event, new_key)])
     assert (await store.current_key(agent.did)) == new_key.public
 
@@ -200,14 +242,19 @@ async def test_key_rotation_seen_by_another_process(
         agent = await register(first)
         await second.append([agent.violation()])  # `second` caches the old key now
         new_key = SigningKey.generate()
-        rotation = AgentKeyRotated(actor=agent.did, occurred_at=format_time(T0),
-                                   did=agent.did, public_key=new_key.public.pem())
+        rotation = AgentKeyRotated(
+            actor=agent.did,
+            occurred_at=format_time(T0),
+            did=agent.did,
+            public_key=new_key.public.pem(),
+        )
         await first.append([SignedEvent.create(rotation, agent.key)])
         # The stale cache must not let the retired key through: checked under the lock.
         with pytest.raises(SignatureError, match="current key"):
             await second.append([agent.violation()])
-        event = PolicyViolation(actor=agent.did, occurred_at=format_time(T0), agent=agent.did,
-                                severity="low", rule="r")
+        event = PolicyViolation(
+            actor=agent.did, occurred_at=format_time(T0), agent=agent.did, severity="low", rule="r"
+        )
         await second.append([SignedEvent.create(event, new_key)])
     finally:
         await first.close()
@@ -255,7 +302,8 @@ async def test_checkpoints_every_n_events_and_on_demand(
         for _ in range(11):
             await store.append([agent.violation()])
         auto = await store.checkpoints()
-        assert auto and all(c.signer == ledger_key.did for c in auto)
+        assert auto
+        assert all(c.signer == ledger_key.did for c in auto)
         assert auto[-1].position >= 10
         manual = await store.checkpoint()
         assert manual.position == 12
@@ -293,6 +341,8 @@ async def test_read_agent_returns_events_it_signed_or_is_about(
     await store.append([bob.signal()])
     about_bob = await store.read_agent(bob.did)
     assert [e.event_type for e in about_bob] == [
-        "agent.registered", "policy.violation", "trust.signal"
+        "agent.registered",
+        "policy.violation",
+        "trust.signal",
     ]
     assert [e.position for e in await store.read_agent(alice.did)] == [1, 3]

@@ -1,0 +1,5 @@
+"""``python -m agentmesh`` runs the CLI."""
+
+from agentmesh.cli import main
+
+main()
