@@ -363,7 +363,7 @@ class _Registry(msgspec.Struct, forbid_unknown_fields=True):
     capabilities: list[str]
     metadata: dict[str, str]
     registered_at: str
-    status: str
+    status: AgentStatus
     status_reason: str
     position: int
 
@@ -405,12 +405,22 @@ def _load(data: Mapping[str, Any], config: TrustConfig | None) -> MeshState:
     state.recorded_at = None if data["recorded_at"] is None else parse_time(data["recorded_at"])
     for did, entry in data["agents"].items():
         _load_agent(state, did, entry)
+    grants = (Grant.from_dict(g) for g in data["grants"].values())
     # Parents before children, so the graph's indexes come out as the fold built them.
-    for grant in sorted(
-        (Grant.from_dict(g) for g in data["grants"].values()), key=lambda g: g.granted_position
-    ):
-        state.delegations.add(grant)
+    for grant in sorted(grants, key=lambda g: g.granted_position):
+        _load_grant(state, grant)
     return state
+
+
+def _load_grant(state: MeshState, grant: Grant) -> None:
+    graph = state.delegations
+    # A parent must already be loaded: this also rules out cycles that would make
+    # chain walks loop forever.
+    if grant.parent is not None and grant.parent not in graph.grants:
+        raise SnapshotError(f"grant {grant.grant_id!r} comes before its parent {grant.parent!r}")
+    if grant.grant_id in graph.grants or not {grant.delegator, grant.delegatee} <= {*state.agents}:
+        raise SnapshotError(f"grant {grant.grant_id!r} is duplicated or names unknown agents")
+    graph.add(grant)
 
 
 def _load_agent(state: MeshState, did: str, entry: Mapping[str, Any]) -> None:
@@ -418,8 +428,6 @@ def _load_agent(state: MeshState, did: str, entry: Mapping[str, Any]) -> None:
     trust = TrustState.from_dict(entry["trust"])
     if not record.did == trust.did == did:
         raise SnapshotError(f"agent entry {did!r} holds another agent's data")
-    if record.status not in ("active", "suspended"):
-        raise SnapshotError(f"agent {did!r} has unknown status {record.status!r}")
     state.agents[did] = record
     state.trust[did] = trust
 
