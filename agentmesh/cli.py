@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     _identity_commands(commands)
     _db_commands(commands)
     _ledger_commands(commands)
+    _projection_commands(commands)
     up = commands.add_parser("up", help="run the local stack (embedded PostgreSQL)")
     up.set_defaults(handler=_cmd_up)
     return parser
@@ -116,6 +117,29 @@ def _ledger_commands(commands: Any) -> None:
     checkpoint.set_defaults(handler=_cmd_ledger_checkpoint)
     head = sub.add_parser("head", help="print the head position and hash")
     head.set_defaults(handler=_cmd_ledger_head)
+
+
+def _projection_commands(commands: Any) -> None:
+    serve = commands.add_parser("serve", help="run a long-lived process")
+    sub = serve.add_subparsers(required=True, metavar="PROCESS")
+    projector = sub.add_parser("projector", help="tail the ledger into the read store")
+    projector.set_defaults(handler=_cmd_serve_projector)
+    projections = commands.add_parser("projections", help="the read-side projections")
+    sub = projections.add_subparsers(required=True, metavar="ACTION")
+    rebuild = sub.add_parser("rebuild", help="rebuild from the ledger, swapped in when complete")
+    rebuild.add_argument(
+        "--backend",
+        choices=["redis", "postgres"],
+        help="read store to rebuild (default AGENTMESH_STORAGE_BACKEND)",
+    )
+    rebuild.set_defaults(handler=_cmd_projections_rebuild)
+    status = sub.add_parser("status", help="print position, head and lag")
+    status.add_argument(
+        "--backend",
+        choices=["redis", "postgres"],
+        help="read store to inspect (default AGENTMESH_STORAGE_BACKEND)",
+    )
+    status.set_defaults(handler=_cmd_projections_status)
 
 
 def _positive_int(text: str) -> int:
@@ -289,6 +313,85 @@ def _cmd_ledger_head(_: argparse.Namespace, settings: Settings) -> int:
                 "position": head.position,
                 "entry_hash": head.entry_hash.hex(),
                 "recorded_at": format_time(head.recorded_at),
+            }
+        )
+        return 0
+
+    return _run(run())
+
+
+# -- projections --------------------------------------------------------------
+
+
+def _shared_backend(settings: Settings, backend: str | None) -> str:
+    chosen = backend or settings.storage_backend
+    if chosen == "memory":
+        raise CliError(
+            "the memory read store lives inside one process (the API's); use --backend "
+            "redis or postgres"
+        )
+    return chosen
+
+
+def _cmd_serve_projector(_: argparse.Namespace, settings: Settings) -> int:
+    from agentmesh.services import run_projector
+
+    _shared_backend(settings, None)
+    return _run(run_projector(settings))
+
+
+def _cmd_projections_rebuild(args: argparse.Namespace, settings: Settings) -> int:
+    from agentmesh.wiring import open_projection_store, trust_config
+    from ledger.store import PostgresLedgerReader
+    from projections.projector import Projector
+
+    backend = _shared_backend(settings, args.backend)
+
+    async def run() -> int:
+        reader = await PostgresLedgerReader.connect(settings.require_database_url())
+        store = await open_projection_store(settings, backend)  # type: ignore[arg-type]
+        try:
+            head = await reader.head()
+            bar = ProgressBar("rebuild", head.position)
+            projector = Projector(reader, store, trust_config(settings))
+            progress = await projector.rebuild(progress=bar.update)
+            bar.done()
+        finally:
+            await store.close()
+            await reader.close()
+        print(
+            f"rebuilt {backend} read store: position {progress.state.position}, "
+            f"{len(progress.state.agents)} agents, "
+            f"{len(progress.state.delegations.grants)} grants"
+        )
+        return 0
+
+    return _run(run())
+
+
+def _cmd_projections_status(args: argparse.Namespace, settings: Settings) -> int:
+    from agentmesh.wiring import open_projection_store, trust_config
+    from ledger.store import PostgresLedgerReader
+    from projections.readstore import ProjectionReader
+
+    backend = _shared_backend(settings, args.backend)
+
+    async def run() -> int:
+        reader = await PostgresLedgerReader.connect(settings.require_database_url())
+        store = await open_projection_store(settings, backend)  # type: ignore[arg-type]
+        try:
+            head = await reader.head()
+            status = await ProjectionReader(store, trust_config(settings)).status(head.position)
+        finally:
+            await store.close()
+            await reader.close()
+        _print_json(
+            {
+                "backend": status.backend,
+                "position": status.position,
+                "head": status.head,
+                "lag": status.lag,
+                "updated_at": status.updated_at,
             }
         )
         return 0

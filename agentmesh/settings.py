@@ -156,6 +156,33 @@ class Settings:
         300,
         "Below this an agent is untrusted: handshakes fail, the sidecar blocks.",
     )
+    trust_penalty_low: int = _env(
+        "AGENTMESH_TRUST_PENALTY_LOW", _int(0, 1000), 10, "Points a low-severity violation costs."
+    )
+    trust_penalty_medium: int = _env(
+        "AGENTMESH_TRUST_PENALTY_MEDIUM", _int(0, 1000), 50, "Points a medium violation costs."
+    )
+    trust_penalty_high: int = _env(
+        "AGENTMESH_TRUST_PENALTY_HIGH", _int(0, 1000), 100, "Points a high violation costs."
+    )
+    trust_penalty_critical: int = _env(
+        "AGENTMESH_TRUST_PENALTY_CRITICAL", _int(0, 1000), 300, "Points a critical violation costs."
+    )
+    trust_reward_handshake: int = _env(
+        "AGENTMESH_TRUST_REWARD_HANDSHAKE",
+        _int(0, 1000),
+        2,
+        "Points a completed handshake adds to both agents.",
+    )
+    trust_reward_signal: int = _env(
+        "AGENTMESH_TRUST_REWARD_SIGNAL", _int(0, 1000), 5, "Points a trust.signal adds."
+    )
+    trust_handshake_failed_penalty: int = _env(
+        "AGENTMESH_TRUST_HANDSHAKE_FAILED_PENALTY",
+        _int(0, 1000),
+        10,
+        "Points a handshake failed by the responder's fault costs it.",
+    )
     delegation_max_depth: int = _env(
         "AGENTMESH_DELEGATION_MAX_DEPTH", _int(1, 100), 5, "Longest delegation chain."
     )
@@ -227,6 +254,15 @@ class Settings:
             "doc": "Bearer token for admin calls (from a Secret).",
             "secret": True,
         },
+    )
+    redis_prefix: str = _env(
+        "AGENTMESH_REDIS_PREFIX", _text, "agentmesh:", "Key prefix of the projections in Redis."
+    )
+    projector_metrics_port: int = _env(
+        "AGENTMESH_PROJECTOR_METRICS_PORT",
+        _int(0, 65_535),
+        9092,
+        "Metrics port of `agentmesh serve projector` (0: none).",
     )
     checkpoint_every: int = _env(
         "AGENTMESH_LEDGER_CHECKPOINT_EVERY",

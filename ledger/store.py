@@ -285,6 +285,26 @@ class PostgresLedgerReader:
         row = await self._fetchrow("SELECT public_key FROM agent_keys WHERE did = $1", did)
         return None if row is None else VerifyKey.from_raw(bytes(row["public_key"]))
 
+    @contextlib.asynccontextmanager
+    async def listener(self) -> AsyncIterator[asyncio.Event]:
+        """An event set whenever an append commits (LISTEN on a held connection)."""
+        wake = asyncio.Event()
+
+        def on_notify(*_: object) -> None:
+            wake.set()
+
+        try:
+            conn = await self._pool.acquire()
+            await conn.add_listener(NOTIFY_CHANNEL, on_notify)
+        except _DRIVER_ERRORS as exc:
+            raise StoreUnavailableError(f"cannot listen for appends: {exc}") from exc
+        try:
+            yield wake
+        finally:
+            with contextlib.suppress(*_DRIVER_ERRORS):
+                await conn.remove_listener(NOTIFY_CHANNEL, on_notify)
+            await self._pool.release(conn)
+
     async def follow(
         self, after: int = 0, batch: int = 1000, poll_interval: float = 1.0
     ) -> AsyncIterator[list[RecordedEvent]]:
@@ -293,14 +313,7 @@ class PostgresLedgerReader:
         NOTIFY is only a hint: a periodic poll is the source of truth, so a
         lost notification (or PgBouncer in the way) costs latency, not events.
         """
-        wake = asyncio.Event()
-
-        def on_notify(*_: object) -> None:
-            wake.set()
-
-        conn = await self._pool.acquire()
-        try:
-            await conn.add_listener(NOTIFY_CHANNEL, on_notify)
+        async with self.listener() as wake:
             while True:
                 wake.clear()
                 rows = await self.read(after, batch)
@@ -311,10 +324,6 @@ class PostgresLedgerReader:
                         continue
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), poll_interval)
-        finally:
-            with contextlib.suppress(*_DRIVER_ERRORS):
-                await conn.remove_listener(NOTIFY_CHANNEL, on_notify)
-            await self._pool.release(conn)
 
     async def _fetch(self, query: str, *args: object) -> list[asyncpg.Record]:
         try:

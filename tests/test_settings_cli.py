@@ -179,7 +179,7 @@ async def test_db_upgrade_is_idempotent(postgres: object) -> None:
     for _ in range(2):
         result = cli("db", "upgrade", env={"AGENTMESH_DATABASE_URL": url})
         assert result.returncode == 0, result.stderr
-        assert result.stdout.strip() == "database at revision 0001_ledger"
+        assert result.stdout.strip() == "database at revision 0002_projections"
     conn = await asyncpg.connect(url)
     try:
         tables = {

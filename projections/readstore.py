@@ -1,0 +1,203 @@
+"""The read interface the API and the sidecar import, over any read store.
+
+``ProjectionStore`` is the port: a few document reads, one atomic write with a
+compare-and-set on (generation, position), a whole-generation swap for
+rebuilds, and change notifications. ``RedisProjectionStore``,
+``PostgresProjectionStore`` and ``MemoryProjectionStore`` implement it and
+pass one contract suite. ``ProjectionReader`` answers every query on top of
+any of them with the projections' pure functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from projections.config import TrustConfig
+from projections.delegation import Grant, effective_capabilities
+from projections.documents import (
+    Batch,
+    Change,
+    Meta,
+    PartialContext,
+    agent_record,
+    decode,
+    trust_state,
+)
+from projections.errors import ProjectionError
+from projections.registry import AgentRecord
+from projections.trust import TIERS, TrustView, trust_at
+
+
+class ReadStoreError(ProjectionError):
+    """The read store failed or could not be reached."""
+
+
+class StaleWriteError(ProjectionError):
+    """A write expected (generation, position) the store no longer has: another
+    writer (a rebuild, a second projector) moved it, or the store was emptied."""
+
+
+class ProjectionStore(Protocol):
+    """Storage of projection documents (one adapter per backend)."""
+
+    name: str
+
+    async def meta(self) -> Meta | None: ...
+
+    async def agent_docs(self, dids: Sequence[str]) -> list[bytes | None]: ...
+
+    async def grant_docs(self, grant_ids: Sequence[str]) -> list[bytes | None]: ...
+
+    async def agent_page(self, after: str | None, limit: int) -> list[tuple[str, bytes]]: ...
+
+    def all_agent_docs(self) -> AsyncIterator[bytes]: ...
+
+    def all_grant_docs(self) -> AsyncIterator[bytes]: ...
+
+    async def commit(self, batch: Batch, expected: tuple[str, int]) -> None: ...
+
+    async def replace_all(self, batch: Batch) -> None: ...
+
+    async def publish(self, change: Change) -> None: ...
+
+    def changes(self) -> AsyncIterator[Change]: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSummary:
+    """One row of the registry listing."""
+
+    record: AgentRecord
+    trust: TrustView
+
+
+@dataclass(frozen=True, slots=True)
+class AgentPage:
+    agents: list[AgentSummary]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectionStatus:
+    backend: str
+    position: int
+    head: int
+    lag: int
+    updated_at: str | None
+
+
+class ProjectionReader:
+    """Trust, registry and delegation queries; ``now`` is always the caller's."""
+
+    def __init__(self, store: ProjectionStore, config: TrustConfig) -> None:
+        self.store = store
+        self.config = config
+
+    async def _agent_doc(self, did: str) -> dict[str, Any] | None:
+        (raw,) = await self.store.agent_docs([did])
+        return None if raw is None else decode(raw)
+
+    async def agent(self, did: str) -> AgentRecord | None:
+        doc = await self._agent_doc(did)
+        return None if doc is None else agent_record(doc)
+
+    async def trust(self, did: str, now: datetime) -> TrustView | None:
+        """The agent's trust at ``now`` (decay applied), or None if unknown."""
+        doc = await self._agent_doc(did)
+        return None if doc is None else self._view(doc, now)
+
+    def _view(self, doc: dict[str, Any], now: datetime) -> TrustView:
+        suspended = doc["registry"]["status"] == "suspended"
+        return trust_at(trust_state(doc), self.config, now, suspended=suspended)
+
+    async def agents(
+        self,
+        now: datetime,
+        *,
+        after: str | None = None,
+        limit: int = 50,
+        tier: str | None = None,
+    ) -> AgentPage:
+        """Agents in DID order after ``after``; with ``tier``, only those in it at ``now``."""
+        if tier is not None and tier not in TIERS:
+            raise ValueError(f"unknown tier {tier!r}; tiers: {', '.join(TIERS)}")
+        found: list[AgentSummary] = []
+        cursor, page_size = after, max(limit, 100)
+        while True:
+            page = await self.store.agent_page(cursor, page_size)
+            for index, (did, raw) in enumerate(page):
+                cursor = did
+                doc = decode(raw)
+                view = self._view(doc, now)
+                if tier is None or view.tier == tier:
+                    found.append(AgentSummary(agent_record(doc), view))
+                if len(found) == limit:
+                    # More may follow unless this was the store's last row.
+                    last = index == len(page) - 1 and len(page) < page_size
+                    return AgentPage(found, None if last else cursor)
+            if len(page) < page_size:
+                return AgentPage(found, None)
+
+    async def registry_size(self) -> int:
+        meta = await self.store.meta()
+        return 0 if meta is None else meta.registry_size
+
+    async def tier_counts(self, now: datetime) -> dict[str, int]:
+        counts = dict.fromkeys(TIERS, 0)
+        async for raw in self.store.all_agent_docs():
+            counts[self._view(decode(raw), now).tier] += 1
+        return counts
+
+    async def capabilities(self, did: str, now: datetime) -> tuple[str, ...] | None:
+        """Registered plus delegated capabilities at ``now``; None for an unknown agent."""
+        doc = await self._agent_doc(did)
+        if doc is None:
+            return None
+        context = PartialContext(self.config)
+        context.add_agent(doc)
+        grant_docs = await self._grants(doc["grants_in"])
+        ancestors = {gid for g in grant_docs for gid in g["chain"]} - set(doc["grants_in"])
+        grant_docs += await self._grants(sorted(ancestors))
+        for grant in grant_docs:
+            context.add_grant(grant)
+        delegators = sorted({g["delegator"] for g in grant_docs} - {did})
+        for raw in await self.store.agent_docs(delegators):
+            if raw is not None:
+                context.add_agent(decode(raw))
+        return effective_capabilities(context, did, now)
+
+    async def _grants(self, grant_ids: Sequence[str]) -> list[dict[str, Any]]:
+        if not grant_ids:
+            return []
+        return [
+            decode(raw) for raw in await self.store.grant_docs(list(grant_ids)) if raw is not None
+        ]
+
+    async def delegation_chain(self, grant_id: str) -> list[Grant] | None:
+        """The grant and its ancestors up to the root; None for an unknown grant."""
+        (raw,) = await self.store.grant_docs([grant_id])
+        if raw is None:
+            return None
+        chain = decode(raw)["chain"]
+        docs = {d["grant_id"]: d for d in await self._grants(chain)}
+        return [
+            Grant.from_dict({k: v for k, v in docs[g].items() if k != "chain"})
+            for g in chain
+            if g in docs
+        ]
+
+    async def status(self, head: int) -> ProjectionStatus:
+        meta = await self.store.meta()
+        position = 0 if meta is None else meta.position
+        return ProjectionStatus(
+            backend=self.store.name,
+            position=position,
+            head=head,
+            lag=max(head - position, 0),
+            updated_at=None if meta is None else meta.updated_at,
+        )

@@ -1,0 +1,210 @@
+"""``PostgresProjectionStore``: projections in tables beside the ledger.
+
+``projection_current`` names the live generation (one row per store name, so
+tests and several deployments can share a database); ``projection_docs``
+holds agent ('a') and grant ('g') documents per generation;
+``projection_meta`` the position. A write is one transaction that first
+moves the position with ``UPDATE … WHERE position = expected`` (the
+compare-and-set that makes the projector exactly-once) and then upserts the
+documents. Change notifications go out with ``NOTIFY`` after the commit, so a
+subscriber that re-reads on a notification sees what it announces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import asyncpg
+
+from ledger.dsn import asyncpg_dsn
+from projections.documents import Batch, Change, Meta, decode, encode
+from projections.readstore import ReadStoreError, StaleWriteError
+
+_DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+CHANNEL = "agentmesh_projection"
+# NOTIFY payloads are limited to 8000 bytes: beyond this, say "everything changed".
+_MAX_NOTIFY_AGENTS = 150
+
+
+class PostgresProjectionStore:
+    name = "postgres"
+
+    def __init__(self, pool: asyncpg.Pool, store_name: str = "default") -> None:
+        self._pool = pool
+        self._name = store_name
+
+    @classmethod
+    async def connect(cls, url: str, store_name: str = "default") -> PostgresProjectionStore:
+        try:
+            pool = await asyncpg.create_pool(asyncpg_dsn(url), min_size=1, max_size=4)
+        except _DRIVER_ERRORS as exc:
+            raise ReadStoreError(f"cannot connect to PostgreSQL: {exc}") from exc
+        return cls(pool, store_name)
+
+    async def _fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        try:
+            return list(await self._pool.fetch(query, self._name, *args))
+        except _DRIVER_ERRORS as exc:
+            raise ReadStoreError(f"postgres read store: {exc}") from exc
+
+    async def meta(self) -> Meta | None:
+        rows = await self._fetch(
+            "SELECT meta FROM projection_meta WHERE generation = projection_generation($1)"
+        )
+        return None if not rows else Meta.from_dict(decode(bytes(rows[0]["meta"])))
+
+    async def _docs(self, kind: str, ids: Sequence[str]) -> list[bytes | None]:
+        if not ids:
+            return []
+        rows = await self._fetch(
+            "SELECT id, doc FROM projection_docs WHERE generation = projection_generation($1) "
+            "AND kind = $2 AND id = ANY($3::text[])",
+            kind,
+            list(ids),
+        )
+        found = {r["id"]: bytes(r["doc"]) for r in rows}
+        return [found.get(i) for i in ids]
+
+    async def agent_docs(self, dids: Sequence[str]) -> list[bytes | None]:
+        return await self._docs("a", dids)
+
+    async def grant_docs(self, grant_ids: Sequence[str]) -> list[bytes | None]:
+        return await self._docs("g", grant_ids)
+
+    async def agent_page(self, after: str | None, limit: int) -> list[tuple[str, bytes]]:
+        rows = await self._fetch(
+            "SELECT id, doc FROM projection_docs WHERE generation = projection_generation($1) "
+            "AND kind = 'a' AND id > $2 ORDER BY id LIMIT $3",
+            after or "",
+            limit,
+        )
+        return [(r["id"], bytes(r["doc"])) for r in rows]
+
+    async def _scan(self, kind: str) -> AsyncIterator[bytes]:
+        after = ""
+        while True:
+            rows = await self._fetch(
+                "SELECT id, doc FROM projection_docs WHERE generation = projection_generation($1) "
+                "AND kind = $2 AND id > $3 ORDER BY id LIMIT 1000",
+                kind,
+                after,
+            )
+            for row in rows:
+                yield bytes(row["doc"])
+            if len(rows) < 1000:
+                return
+            after = rows[-1]["id"]
+
+    def all_agent_docs(self) -> AsyncIterator[bytes]:
+        return self._scan("a")
+
+    def all_grant_docs(self) -> AsyncIterator[bytes]:
+        return self._scan("g")
+
+    async def commit(self, batch: Batch, expected: tuple[str, int]) -> None:
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                moved = await conn.fetchval(
+                    "UPDATE projection_meta SET position = $3, meta = $4 "
+                    "WHERE generation = $2 AND generation = projection_generation($1) "
+                    "AND position = $5 RETURNING 1",
+                    self._name,
+                    expected[0],
+                    batch.meta.position,
+                    encode(batch.meta.to_dict()),
+                    expected[1],
+                )
+                if moved is None:
+                    raise StaleWriteError(f"postgres read store is not at {expected}")
+                await self._upsert(conn, expected[0], batch)
+        except _DRIVER_ERRORS as exc:
+            raise ReadStoreError(f"postgres read store: {exc}") from exc
+
+    @staticmethod
+    async def _upsert(conn: asyncpg.Connection, generation: str, batch: Batch) -> None:
+        kinds = ["a"] * len(batch.agents) + ["g"] * len(batch.grants)
+        ids = [*batch.agents, *batch.grants]
+        docs = [*batch.agents.values(), *batch.grants.values()]
+        await conn.execute(
+            "INSERT INTO projection_docs (generation, kind, id, doc) "
+            "SELECT $1, * FROM unnest($2::text[], $3::text[], $4::bytea[]) "
+            "ON CONFLICT (generation, kind, id) DO UPDATE SET doc = excluded.doc",
+            generation,
+            kinds,
+            ids,
+            docs,
+        )
+
+    async def replace_all(self, batch: Batch) -> None:
+        generation = batch.meta.generation or uuid.uuid4().hex
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                # Readers keep seeing the old generation until this commits.
+                await conn.execute(
+                    "INSERT INTO projection_meta (generation, position, meta) VALUES ($1, $2, $3)",
+                    generation,
+                    batch.meta.position,
+                    encode(batch.meta.to_dict()),
+                )
+                records = [("a", k, v) for k, v in batch.agents.items()]
+                records += [("g", k, v) for k, v in batch.grants.items()]
+                await conn.copy_records_to_table(
+                    "projection_docs",
+                    records=[(generation, *r) for r in records],
+                    columns=["generation", "kind", "id", "doc"],
+                )
+                old = await conn.fetchval(
+                    "SELECT generation FROM projection_current WHERE name = $1 FOR UPDATE",
+                    self._name,
+                )
+                await conn.execute(
+                    "INSERT INTO projection_current (name, generation) VALUES ($1, $2) "
+                    "ON CONFLICT (name) DO UPDATE SET generation = excluded.generation",
+                    self._name,
+                    generation,
+                )
+                if old is not None and old != generation:
+                    await conn.execute("DELETE FROM projection_docs WHERE generation = $1", old)
+                    await conn.execute("DELETE FROM projection_meta WHERE generation = $1", old)
+        except _DRIVER_ERRORS as exc:
+            raise ReadStoreError(f"postgres read store: {exc}") from exc
+
+    async def publish(self, change: Change) -> None:
+        if change.agents is not None and len(change.agents) > _MAX_NOTIFY_AGENTS:
+            change = Change(change.position, None)
+        try:
+            await self._pool.execute(
+                "SELECT pg_notify($1, $2)", f"{CHANNEL}_{self._name}", change.encode().decode()
+            )
+        except _DRIVER_ERRORS as exc:
+            raise ReadStoreError(f"postgres read store: {exc}") from exc
+
+    async def changes(self) -> AsyncIterator[Change]:
+        queue: asyncio.Queue[Change] = asyncio.Queue()
+
+        def on_notify(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+            queue.put_nowait(Change.decode(payload))
+
+        channel = f"{CHANNEL}_{self._name}"
+        try:
+            conn = await self._pool.acquire()
+        except _DRIVER_ERRORS as exc:
+            raise ReadStoreError(f"postgres read store: {exc}") from exc
+        try:
+            await conn.add_listener(channel, on_notify)
+            while True:
+                yield await queue.get()
+        finally:
+            with contextlib.suppress(*_DRIVER_ERRORS):
+                await conn.remove_listener(channel, on_notify)
+            await self._pool.release(conn)
+
+    async def clear_for_tests(self) -> None:
+        await self._pool.execute("DELETE FROM projection_current WHERE name = $1", self._name)
+
+    async def close(self) -> None:
+        await self._pool.close()

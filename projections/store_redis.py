@@ -1,0 +1,250 @@
+"""``RedisProjectionStore``: projections in Redis, shared by API replicas and sidecars.
+
+Layout under a prefix (default ``agentmesh:``)::
+
+    current                 -> generation id
+    g:<gen>:meta            hash: position, json (the Meta)
+    g:<gen>:agents          hash: did -> agent document
+    g:<gen>:grants          hash: grant id -> grant document
+    g:<gen>:index           sorted set of DIDs (all scores 0: lexicographic paging)
+    changes                 pub/sub channel of change notifications
+
+Every read and write is one Lua script, so it sees one generation and is
+atomic. A write compares (generation, position) before applying: the
+projector's position is stored in the same atomic step as the state derived
+from it (exactly-once), and a second writer or a swapped-in rebuild turns a
+stale write into ``StaleWriteError`` instead of a silent overwrite. A rebuild
+fills a fresh generation (its keys expire unless swapped in, so a crashed
+rebuild leaves nothing behind) and swaps ``current`` in one step.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from projections.documents import Batch, Change, Meta, decode, encode
+from projections.readstore import ReadStoreError, StaleWriteError
+
+_PENDING_TTL = 24 * 3600
+_CHUNK = 1000
+
+_META = """
+local gen = redis.call('GET', KEYS[1])
+if not gen then return false end
+return redis.call('HGET', ARGV[1] .. 'g:' .. gen .. ':meta', 'json')
+"""
+
+_HMGET = """
+local gen = redis.call('GET', KEYS[1])
+if not gen then return {} end
+return redis.call('HMGET', ARGV[1] .. 'g:' .. gen .. ':' .. ARGV[2], unpack(ARGV, 3))
+"""
+
+_PAGE = """
+local gen = redis.call('GET', KEYS[1])
+if not gen then return {} end
+local base = ARGV[1] .. 'g:' .. gen .. ':'
+local dids = redis.call('ZRANGEBYLEX', base .. 'index', ARGV[2], '+', 'LIMIT', 0, ARGV[3])
+if #dids == 0 then return {} end
+local docs = redis.call('HMGET', base .. 'agents', unpack(dids))
+local out = {}
+for i = 1, #dids do out[#out + 1] = dids[i]; out[#out + 1] = docs[i] end
+return out
+"""
+
+_COMMIT = """
+local gen = redis.call('GET', KEYS[1])
+if gen ~= ARGV[2] then return redis.error_reply('STALE generation') end
+local base = ARGV[1] .. 'g:' .. gen .. ':'
+if redis.call('HGET', base .. 'meta', 'position') ~= ARGV[3] then
+  return redis.error_reply('STALE position')
+end
+local i = 7
+for _ = 1, tonumber(ARGV[6]) do
+  redis.call('HSET', base .. 'agents', ARGV[i], ARGV[i + 1])
+  redis.call('ZADD', base .. 'index', 0, ARGV[i])
+  i = i + 2
+end
+local grants = tonumber(ARGV[i]); i = i + 1
+for _ = 1, grants do
+  redis.call('HSET', base .. 'grants', ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+redis.call('HSET', base .. 'meta', 'position', ARGV[4], 'json', ARGV[5])
+return 1
+"""
+
+_SWAP = """
+local old = redis.call('GET', KEYS[1])
+local base = ARGV[1] .. 'g:' .. ARGV[2] .. ':'
+for _, suffix in ipairs({'meta', 'agents', 'grants', 'index'}) do
+  redis.call('PERSIST', base .. suffix)
+end
+redis.call('SET', KEYS[1], ARGV[2])
+if old and old ~= ARGV[2] then
+  local oldbase = ARGV[1] .. 'g:' .. old .. ':'
+  redis.call('UNLINK', oldbase .. 'meta', oldbase .. 'agents', oldbase .. 'grants',
+             oldbase .. 'index')
+end
+return old
+"""
+
+
+class RedisProjectionStore:
+    name = "redis"
+
+    def __init__(self, client: aioredis.Redis, prefix: str = "agentmesh:") -> None:
+        self._redis = client
+        self._prefix = prefix
+        self._current_key = prefix + "current"
+        self._meta_script = client.register_script(_META)
+        self._hmget_script = client.register_script(_HMGET)
+        self._page_script = client.register_script(_PAGE)
+        self._commit_script = client.register_script(_COMMIT)
+        self._swap_script = client.register_script(_SWAP)
+
+    @classmethod
+    def connect(
+        cls, host: str, port: int, password: str | None = None, prefix: str = "agentmesh:"
+    ) -> RedisProjectionStore:
+        client = aioredis.Redis(
+            host=host,
+            port=port,
+            password=password,
+            socket_connect_timeout=5,
+            health_check_interval=30,
+        )
+        return cls(client, prefix)
+
+    async def _call(self, script: Any, args: list[Any]) -> Any:
+        try:
+            return await script(keys=[self._current_key], args=[self._prefix, *args])
+        except ResponseError as exc:
+            if "STALE" in str(exc):
+                raise StaleWriteError(str(exc)) from exc
+            raise ReadStoreError(f"redis: {exc}") from exc
+        except (RedisError, OSError) as exc:
+            raise ReadStoreError(f"redis unavailable: {exc}") from exc
+
+    async def meta(self) -> Meta | None:
+        raw = await self._call(self._meta_script, [])
+        return None if not raw else Meta.from_dict(decode(raw))
+
+    async def agent_docs(self, dids: Sequence[str]) -> list[bytes | None]:
+        return await self._hmget("agents", dids)
+
+    async def grant_docs(self, grant_ids: Sequence[str]) -> list[bytes | None]:
+        return await self._hmget("grants", grant_ids)
+
+    async def _hmget(self, kind: str, ids: Sequence[str]) -> list[bytes | None]:
+        if not ids:
+            return []
+        values = await self._call(self._hmget_script, [kind, *ids])
+        return list(values) if values else [None] * len(ids)
+
+    async def agent_page(self, after: str | None, limit: int) -> list[tuple[str, bytes]]:
+        start = "-" if after is None else "(" + after
+        flat = await self._call(self._page_script, [start, limit])
+        return [(bytes(flat[i]).decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
+
+    async def _generation(self) -> str | None:
+        try:
+            value = await self._redis.get(self._current_key)
+        except (RedisError, OSError) as exc:
+            raise ReadStoreError(f"redis unavailable: {exc}") from exc
+        if value is None:
+            return None
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    async def _scan(self, kind: str) -> AsyncIterator[bytes]:
+        generation = await self._generation()
+        if generation is None:
+            return
+        key = f"{self._prefix}g:{generation}:{kind}"
+        try:
+            async for _, value in self._redis.hscan_iter(key, count=_CHUNK):
+                yield value
+        except (RedisError, OSError) as exc:
+            raise ReadStoreError(f"redis unavailable: {exc}") from exc
+
+    def all_agent_docs(self) -> AsyncIterator[bytes]:
+        return self._scan("agents")
+
+    def all_grant_docs(self) -> AsyncIterator[bytes]:
+        return self._scan("grants")
+
+    async def commit(self, batch: Batch, expected: tuple[str, int]) -> None:
+        args: list[Any] = [
+            expected[0],
+            str(expected[1]),
+            str(batch.meta.position),
+            encode(batch.meta.to_dict()),
+            len(batch.agents),
+        ]
+        for did, doc in batch.agents.items():
+            args += [did, doc]
+        args.append(len(batch.grants))
+        for gid, doc in batch.grants.items():
+            args += [gid, doc]
+        await self._call(self._commit_script, args)
+
+    async def replace_all(self, batch: Batch) -> None:
+        """Write a whole new generation, then swap it in atomically."""
+        generation = batch.meta.generation or uuid.uuid4().hex
+        base = f"{self._prefix}g:{generation}:"
+        try:
+            await self._fill(base, batch)
+        except (RedisError, OSError) as exc:
+            raise ReadStoreError(f"redis unavailable: {exc}") from exc
+        await self._call(self._swap_script, [generation])
+
+    async def _fill(self, base: str, batch: Batch) -> None:
+        agents, grants = list(batch.agents.items()), list(batch.grants.items())
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for start in range(0, len(agents), _CHUNK):
+                chunk = dict(agents[start : start + _CHUNK])
+                pipe.hset(base + "agents", mapping=chunk)  # type: ignore[arg-type]
+                pipe.zadd(base + "index", dict.fromkeys(chunk, 0))
+            for start in range(0, len(grants), _CHUNK):
+                pipe.hset(base + "grants", mapping=dict(grants[start : start + _CHUNK]))
+            pipe.hset(
+                base + "meta",
+                mapping={
+                    "position": str(batch.meta.position),
+                    "json": encode(batch.meta.to_dict()),
+                },
+            )
+            for suffix in ("meta", "agents", "grants", "index"):
+                pipe.expire(base + suffix, _PENDING_TTL)
+            await pipe.execute()
+
+    async def publish(self, change: Change) -> None:
+        try:
+            await self._redis.publish(self._prefix + "changes", change.encode())
+        except (RedisError, OSError) as exc:
+            raise ReadStoreError(f"redis unavailable: {exc}") from exc
+
+    async def changes(self) -> AsyncIterator[Change]:
+        pubsub = self._redis.pubsub()
+        try:
+            await pubsub.subscribe(self._prefix + "changes")
+            async for message in pubsub.listen():
+                if message.get("type") == "message":
+                    yield Change.decode(message["data"])
+        except (RedisError, OSError) as exc:
+            raise ReadStoreError(f"redis unavailable: {exc}") from exc
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def flush_for_tests(self) -> None:
+        """Delete every key under the prefix (what losing Redis's memory does)."""
+        async for key in self._redis.scan_iter(match=self._prefix + "*"):
+            await self._redis.delete(key)
+
+    async def close(self) -> None:
+        await self._redis.aclose()

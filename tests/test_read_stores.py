@@ -1,0 +1,316 @@
+"""One contract suite for the three read stores, against real Redis and PostgreSQL.
+
+Every backend must answer every query exactly as the in-memory fold of the
+whole ledger does, at any query time; rebuilds must equal live state byte for
+byte; writes are exactly-once (compare-and-set); changes are published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import msgspec
+import pytest
+
+from agentmesh.embedded import EmbeddedRedis
+from ledger.identity import SigningKey
+from ledger.store import PostgresEventStore
+from projections.config import TrustConfig
+from projections.delegation import delegation_chain, effective_capabilities
+from projections.documents import Batch, Meta
+from projections.errors import DelegationError
+from projections.projector import Projector
+from projections.readstore import ProjectionReader, ProjectionStore, StaleWriteError
+from projections.state import MeshState, fold_recorded
+from projections.store_memory import MemoryProjectionStore
+from projections.store_postgres import PostgresProjectionStore
+from projections.store_redis import RedisProjectionStore
+from tests.support import ManualClock, random_history
+
+CONFIG = TrustConfig()
+BACKENDS = ["memory", "redis", "postgres"]
+
+
+@pytest.fixture(params=BACKENDS)
+async def read_store(
+    request: pytest.FixtureRequest, redis_server: EmbeddedRedis, database_url: str
+) -> AsyncIterator[ProjectionStore]:
+    store: ProjectionStore
+    if request.param == "memory":
+        store = MemoryProjectionStore()
+    elif request.param == "redis":
+        store = RedisProjectionStore.connect(
+            redis_server.host, redis_server.port, prefix=f"t{uuid.uuid4().hex[:8]}:"
+        )
+    else:
+        store = await PostgresProjectionStore.connect(database_url, uuid.uuid4().hex[:8])
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+async def ledger(
+    database_url: str, ledger_key: SigningKey, clock: ManualClock
+) -> AsyncIterator[PostgresEventStore]:
+    store = await PostgresEventStore.open(database_url, ledger_key, clock=clock)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def full_replay(ledger: PostgresEventStore) -> MeshState:
+    return fold_recorded([r async for r in ledger.iter_entries()], CONFIG)
+
+
+def expected_answers(
+    state: MeshState, now_offsets: list[float], clock: ManualClock
+) -> dict[str, Any]:
+    """What every read store must answer, computed from the in-memory fold."""
+    answers: dict[str, Any] = {"registry_size": state.registry_size()}
+    for hours in now_offsets:
+        now = clock.now + timedelta(hours=hours)
+        answers[f"trust@{hours}"] = {
+            did: state.trust_view(did, now) for did in sorted(state.agents)
+        }
+        answers[f"tiers@{hours}"] = state.tier_counts(now)
+        answers[f"caps@{hours}"] = {
+            did: effective_capabilities(state, did, now) for did in sorted(state.agents)
+        }
+    answers["chains"] = {
+        gid: delegation_chain(state, gid) for gid in sorted(state.delegations.grants)
+    }
+    answers["agents"] = sorted(state.agents)
+    return answers
+
+
+async def store_answers(
+    reader: ProjectionReader,
+    dids: list[str],
+    grant_ids: list[str],
+    now_offsets: list[float],
+    clock: ManualClock,
+) -> dict[str, Any]:
+    answers: dict[str, Any] = {"registry_size": await reader.registry_size()}
+    for hours in now_offsets:
+        now = clock.now + timedelta(hours=hours)
+        answers[f"trust@{hours}"] = {did: await reader.trust(did, now) for did in dids}
+        answers[f"tiers@{hours}"] = await reader.tier_counts(now)
+        answers[f"caps@{hours}"] = {did: await reader.capabilities(did, now) for did in dids}
+    answers["chains"] = {gid: await reader.delegation_chain(gid) for gid in grant_ids}
+    listed: list[str] = []
+    cursor = None
+    while True:
+        page = await reader.agents(clock.now, after=cursor, limit=3)
+        listed += [a.record.did for a in page.agents]
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    answers["agents"] = listed
+    return answers
+
+
+def as_bytes(value: Any) -> bytes:
+    return msgspec.json.encode(value, order="sorted")
+
+
+OFFSETS = [0.0, 5.0, 400.0]
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_store_answers_equal_the_full_replay(
+    ledger: PostgresEventStore, read_store: ProjectionStore, clock: ManualClock, seed: int
+) -> None:
+    await random_history(ledger, clock, seed)
+    projector = Projector(ledger, read_store, CONFIG, batch_size=7)  # many small batches
+    progress = await projector.load()
+    await projector.catch_up(progress)
+    state = await full_replay(ledger)
+    assert len(state.delegations.grants) > 3
+    reader = ProjectionReader(read_store, CONFIG)
+    got = await store_answers(
+        reader, sorted(state.agents), sorted(state.delegations.grants), OFFSETS, clock
+    )
+    assert as_bytes(got) == as_bytes(expected_answers(state, OFFSETS, clock))
+    status = await reader.status((await ledger.head()).position)
+    assert (status.position, status.lag) == (state.position, 0)
+
+
+async def test_rebuild_equals_live_state_byte_for_byte(
+    ledger: PostgresEventStore, read_store: ProjectionStore, clock: ManualClock
+) -> None:
+    await random_history(ledger, clock, seed=3)
+    projector = Projector(ledger, read_store, CONFIG, batch_size=5)
+    await projector.catch_up(await projector.load())
+    state = await full_replay(ledger)
+    dids, grants = sorted(state.agents), sorted(state.delegations.grants)
+    reader = ProjectionReader(read_store, CONFIG)
+    live = as_bytes(await store_answers(reader, dids, grants, OFFSETS, clock))
+    await projector.rebuild()
+    rebuilt = as_bytes(await store_answers(reader, dids, grants, OFFSETS, clock))
+    assert live == rebuilt
+
+
+async def test_tier_filter_and_pagination(
+    ledger: PostgresEventStore, read_store: ProjectionStore, clock: ManualClock
+) -> None:
+    agents = await random_history(ledger, clock, seed=4, steps=40)
+    projector = Projector(ledger, read_store, CONFIG)
+    await projector.catch_up(await projector.load())
+    state = await full_replay(ledger)
+    reader = ProjectionReader(read_store, CONFIG)
+    for tier in ("trusted", "standard", "untrusted", "suspended"):
+        expected = [
+            d
+            for d in sorted(state.agents)
+            if (v := state.trust_view(d, clock.now)) is not None and v.tier == tier
+        ]
+        got: list[str] = []
+        cursor = None
+        while True:
+            page = await reader.agents(clock.now, after=cursor, limit=2, tier=tier)
+            got += [a.record.did for a in page.agents]
+            assert all(a.trust.tier == tier for a in page.agents)
+            if page.next_cursor is None:
+                break
+            cursor = page.next_cursor
+        assert got == expected
+    assert len(agents) >= 4
+    with pytest.raises(ValueError, match="unknown tier"):
+        await reader.agents(clock.now, tier="legendary")
+
+
+async def test_unknown_ids_answer_none(read_store: ProjectionStore) -> None:
+    reader = ProjectionReader(read_store, CONFIG)
+    did = "did:mesh:" + "0" * 32
+    assert await reader.trust(did, ManualClock().now) is None
+    assert await reader.capabilities(did, ManualClock().now) is None
+    assert await reader.delegation_chain("nope-nope") is None
+    assert await reader.registry_size() == 0
+
+
+async def test_stale_writes_are_refused(read_store: ProjectionStore) -> None:
+    meta = Meta(
+        generation="gen1",
+        position=5,
+        recorded_at=None,
+        registry_size=0,
+        updated_at="2026-01-01T00:00:00.000000Z",
+        config=CONFIG.as_dict(),
+    )
+    await read_store.replace_all(Batch({}, {}, meta))
+    later = Meta(**{**meta.to_dict(), "position": 6})
+    await read_store.commit(Batch({}, {}, later), expected=("gen1", 5))
+    # A replayed (duplicate) apply and a writer on an old generation are both refused.
+    with pytest.raises(StaleWriteError):
+        await read_store.commit(Batch({}, {}, later), expected=("gen1", 5))
+    with pytest.raises(StaleWriteError):
+        await read_store.commit(Batch({}, {}, later), expected=("gen0", 6))
+    assert (await read_store.meta()) == later
+
+
+async def test_changes_are_published_after_each_batch(
+    ledger: PostgresEventStore, read_store: ProjectionStore, clock: ManualClock
+) -> None:
+    agents = await random_history(ledger, clock, seed=5, steps=5)
+    projector = Projector(ledger, read_store, CONFIG)
+    progress = await projector.load()
+    received: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def listen() -> None:
+        async for change in read_store.changes():
+            await received.put(change)
+
+    task = asyncio.create_task(listen())
+    try:
+        await asyncio.sleep(0.2)  # subscribed
+        await ledger.append([agents[0].violation(subject=agents[1].did)])
+        await projector.catch_up(progress)
+        change = await asyncio.wait_for(received.get(), 5)
+        assert change.agents is not None
+        assert agents[1].did in change.agents
+        assert change.position == (await ledger.head()).position
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_emptied_store_is_rebuilt_without_being_asked(
+    ledger: PostgresEventStore, read_store: ProjectionStore, clock: ManualClock
+) -> None:
+    agents = await random_history(ledger, clock, seed=6, steps=20)
+    projector = Projector(ledger, read_store, CONFIG, poll_interval=0.1)
+    stop = asyncio.Event()
+
+    async def leader() -> bool:
+        return True
+
+    task = asyncio.create_task(projector.project(stop, leader))
+    reader = ProjectionReader(read_store, CONFIG)
+    try:
+        head = (await ledger.head()).position
+        await wait_until(lambda: reader_position(reader), head)
+        await empty(read_store)
+        assert await reader.trust(agents[0].did, clock.now) is None
+        await ledger.append([agents[0].signal()])
+        await wait_until(lambda: reader_position(reader), head + 1)
+        state = await full_replay(ledger)
+        assert await reader.trust(agents[0].did, clock.now) == state.trust_view(
+            agents[0].did, clock.now
+        )
+    finally:
+        stop.set()
+        await task
+
+
+async def empty(store: ProjectionStore) -> None:
+    if isinstance(store, MemoryProjectionStore):
+        store.clear()
+    elif isinstance(store, RedisProjectionStore):
+        await store.flush_for_tests()
+    elif isinstance(store, PostgresProjectionStore):
+        await store.clear_for_tests()
+
+
+async def reader_position(reader: ProjectionReader) -> int:
+    meta = await reader.store.meta()
+    return 0 if meta is None else meta.position
+
+
+async def wait_until(probe: Any, target: int, seconds: float = 20) -> None:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while await probe() < target:
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"position never reached {target}")
+        await asyncio.sleep(0.05)
+
+
+async def test_foreign_config_forces_a_rebuild(
+    ledger: PostgresEventStore, read_store: ProjectionStore, clock: ManualClock
+) -> None:
+    agents = await random_history(ledger, clock, seed=7, steps=10)
+    await Projector(ledger, read_store, CONFIG).rebuild()
+    harsher = TrustConfig(penalties={"low": 20, "medium": 80, "high": 200, "critical": 500})
+    projector = Projector(ledger, read_store, harsher)
+    await projector.load()  # folded under CONFIG: must rebuild under `harsher`
+    reader = ProjectionReader(read_store, harsher)
+    state = fold_recorded([r async for r in ledger.iter_entries()], harsher)
+    assert await reader.trust(agents[1].did, clock.now) == state.trust_view(
+        agents[1].did, clock.now
+    )
+
+
+def test_delegation_errors_have_reasons() -> None:
+    error = DelegationError("widening", "tools:* is wider than tools:search")
+    assert error.reason == "widening"
