@@ -8,6 +8,7 @@ import signal
 
 from prometheus_client import start_http_server
 
+from agentmesh.logs import configure_logging
 from agentmesh.settings import Settings
 from agentmesh.wiring import open_projection_store, trust_config
 from ledger.store import PostgresLedgerReader
@@ -27,6 +28,7 @@ def stop_on_signals() -> asyncio.Event:
 
 async def run_projector(settings: Settings) -> int:
     """Compete for the projector lock and project while holding it, until SIGTERM."""
+    configure_logging(settings)
     stop = stop_on_signals()
     url = settings.require_database_url()
     metrics = ProjectorMetrics()
