@@ -124,6 +124,14 @@ def _projection_commands(commands: Any) -> None:
     sub = serve.add_subparsers(required=True, metavar="PROCESS")
     projector = sub.add_parser("projector", help="tail the ledger into the read store")
     projector.set_defaults(handler=_cmd_serve_projector)
+    api = sub.add_parser("api", help="the trust API on :8080, metrics on :9090")
+    api.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=None,
+        help="worker processes (default AGENTMESH_API_WORKERS)",
+    )
+    api.set_defaults(handler=_cmd_serve_api)
     projections = commands.add_parser("projections", help="the read-side projections")
     sub = projections.add_subparsers(required=True, metavar="ACTION")
     rebuild = sub.add_parser("rebuild", help="rebuild from the ledger, swapped in when complete")
@@ -338,6 +346,18 @@ def _cmd_serve_projector(_: argparse.Namespace, settings: Settings) -> int:
 
     _shared_backend(settings, None)
     return _run(run_projector(settings))
+
+
+def _cmd_serve_api(args: argparse.Namespace, settings: Settings) -> int:
+    import dataclasses
+
+    from agentmesh.services import serve_api
+
+    if args.workers is not None:
+        settings = dataclasses.replace(settings, api_workers=args.workers)
+    settings.require_database_url()
+    settings.signing_key()
+    return serve_api(settings)
 
 
 def _cmd_projections_rebuild(args: argparse.Namespace, settings: Settings) -> int:

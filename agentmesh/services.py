@@ -4,15 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import tempfile
+from collections.abc import Callable
+from datetime import datetime
 
+from litestar import Litestar
 from prometheus_client import start_http_server
 
 from agentmesh.logs import configure_logging
+from agentmesh.migrate import head_revision
 from agentmesh.settings import Settings
 from agentmesh.wiring import open_projection_store, trust_config
-from ledger.store import PostgresLedgerReader
+from api.app import create_app
+from api.context import ApiContext
+from api.handshakes import HandshakeStore
+from api.metrics import MetricsServer
+from api.telemetry import setup_tracing
+from ledger.store import PostgresEventStore, PostgresLedgerReader
+from ledger.timefmt import utc_now
+from projections.cache import CachedStore
+from projections.config import TrustConfig
 from projections.projector import Projector, ProjectorMetrics
+from projections.readstore import ProjectionReader, ProjectionStore
 
 log = logging.getLogger("agentmesh")
 
@@ -42,4 +57,131 @@ async def run_projector(settings: Settings) -> int:
     finally:
         await store.close()
         await reader.close()
+    return 0
+
+
+# -- the API --------------------------------------------------------------------------
+
+
+async def open_api_context(
+    settings: Settings, clock: Callable[[], datetime] = utc_now
+) -> ApiContext:
+    """Connect everything the API needs (called in the app's lifespan)."""
+    url = settings.require_database_url()
+    ledger = await PostgresEventStore.open(
+        url,
+        settings.signing_key(),
+        clock=clock,
+        checkpoint_every=settings.checkpoint_every,
+        checkpoint_interval=settings.checkpoint_interval,
+    )
+    store = await open_projection_store(settings)
+    cache = CachedStore(store, settings.cache_ttl) if settings.cache_enabled else None
+    config = trust_config(settings)
+    ctx = ApiContext(
+        ledger=ledger,
+        reader=ProjectionReader(cache or store, config),
+        cache=cache,
+        handshakes=HandshakeStore(ledger.pool),
+        config=config,
+        admin_token=settings.admin_token,
+        shadow_mode=settings.governance_shadow_mode,
+        clock=clock,
+        expected_revision=head_revision(),
+    )
+    embedded = settings.api_projector == "true" or (
+        settings.api_projector == "auto" and settings.storage_backend == "memory"
+    )
+    if embedded:
+        ctx.background.append(asyncio.create_task(_embedded_projector(ledger, store, config)))
+    return ctx
+
+
+async def _embedded_projector(
+    ledger: PostgresEventStore, store: ProjectionStore, config: TrustConfig
+) -> None:
+    async def always() -> bool:
+        return True
+
+    projector = Projector(ledger, store, config, poll_interval=0.5)
+    await projector.project(asyncio.Event(), always)
+
+
+async def close_api_context(ctx: ApiContext) -> None:
+    await ctx.ledger.close()
+    await ctx.reader.store.close()
+
+
+def api_app(
+    settings: Settings,
+    clock: Callable[[], datetime] = utc_now,
+    on_open: Callable[[ApiContext], None] | None = None,
+) -> Litestar:
+    if settings.otel_enabled:
+        setup_tracing(settings.otel_endpoint, "agentmesh-api")
+
+    async def open_context() -> ApiContext:
+        ctx = await open_api_context(settings, clock)
+        if on_open is not None:
+            on_open(ctx)
+        return ctx
+
+    return create_app(open_context, close_api_context)
+
+
+def metrics_server(settings: Settings, clock: Callable[[], datetime] = utc_now) -> MetricsServer:
+    """The metrics server; it reads the shared read store on its own thread.
+
+    With the memory backend there is nothing shared to read: the API attaches
+    its in-process reader when it starts (one process only)."""
+    config = trust_config(settings)
+
+    async def make_reader() -> ProjectionReader | None:
+        if settings.storage_backend == "memory":
+            return None
+        return ProjectionReader(await open_projection_store(settings), config)
+
+    return MetricsServer(settings.metrics_port, make_reader, clock)
+
+
+def serve_api(settings: Settings) -> int:
+    """Run the API under uvicorn: metrics on their own port, graceful SIGTERM."""
+    import uvicorn
+
+    configure_logging(settings)
+    if settings.api_workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="agentmesh-prom-")
+    server = metrics_server(settings) if settings.metrics_port else None
+    if server is not None:
+        server.start()
+    workers = settings.api_workers
+    if settings.storage_backend == "memory" and workers > 1:
+        log.warning("the memory read store lives in one process: running 1 worker, not %d", workers)
+        workers = 1
+    try:
+        if workers == 1:
+            # In-process, so the metrics server can see a memory read store.
+            app = api_app(settings, on_open=server.attach if server is not None else None)
+            uvicorn.run(
+                app,
+                host=settings.api_host,
+                port=settings.api_port,
+                log_config=None,
+                timeout_graceful_shutdown=30,
+                access_log=False,
+            )
+        else:
+            uvicorn.run(
+                "agentmesh.asgi:create",
+                factory=True,
+                host=settings.api_host,
+                port=settings.api_port,
+                workers=workers,
+                log_config=None,
+                timeout_graceful_shutdown=30,
+                access_log=False,
+            )
+    finally:
+        if server is not None:
+            server.stop()
     return 0

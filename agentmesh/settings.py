@@ -255,6 +255,18 @@ class Settings:
             "secret": True,
         },
     )
+    api_host: str = _env("AGENTMESH_API_HOST", _text, "0.0.0.0", "Address the API binds.")  # noqa: S104
+    api_port: int = _env("AGENTMESH_API_PORT", _int(1, 65_535), 8080, "API port.")
+    metrics_port: int = _env(
+        "AGENTMESH_METRICS_PORT", _int(0, 65_535), 9090, "API metrics port (0: none)."
+    )
+    api_workers: int = _env("AGENTMESH_API_WORKERS", _int(1, 64), 1, "API worker processes.")
+    api_projector: Literal["auto", "true", "false"] = _env(
+        "AGENTMESH_API_PROJECTOR",
+        _choice("auto", "true", "false"),
+        "auto",
+        "Run a projector inside the API process (auto: only with the memory backend).",
+    )
     redis_prefix: str = _env(
         "AGENTMESH_REDIS_PREFIX", _text, "agentmesh:", "Key prefix of the projections in Redis."
     )

@@ -29,6 +29,8 @@ from projections.state import SNAPSHOT_FORMAT, MeshState
 from projections.trust import TrustState
 
 _encoder = msgspec.json.Encoder(order="sorted")
+# Fields of a grant document that are derived from the graph, not part of the Grant.
+_DERIVED = ("chain", "children")
 _decoder = msgspec.json.Decoder(dict[str, Any])
 
 
@@ -118,13 +120,17 @@ def grant_document(state: MeshState, grant_id: str) -> bytes:
     graph = state.delegations
     doc = graph.grants[grant_id].to_dict()
     doc["chain"] = [g.grant_id for g in graph.chain(grant_id)]
+    doc["children"] = list(graph.children.get(grant_id, ()))
     return encode(doc)
 
 
 def grants_touched(event: AnyEvent) -> tuple[str, ...]:
-    """Grant documents an event can change (a revocation marks only its own grant;
-    descendants fall through their chain)."""
-    if isinstance(event, DelegationGranted | DelegationRevoked):
+    """Grant documents an event can change: the grant itself, and a new grant's
+    parent (its list of children). A revocation marks only its own grant;
+    descendants fall through their chain."""
+    if isinstance(event, DelegationGranted):
+        return (event.grant_id,) if event.parent is None else (event.grant_id, event.parent)
+    if isinstance(event, DelegationRevoked):
         return (event.grant_id,)
     return ()
 
@@ -157,7 +163,9 @@ def state_from_documents(
         },
         "config": meta.config,
         "format": SNAPSHOT_FORMAT,
-        "grants": {g["grant_id"]: {k: v for k, v in g.items() if k != "chain"} for g in grant_docs},
+        "grants": {
+            g["grant_id"]: {k: v for k, v in g.items() if k not in _DERIVED} for g in grant_docs
+        },
         "position": meta.position,
         "recorded_at": meta.recorded_at,
     }
@@ -177,7 +185,7 @@ class PartialContext:
         self.agents[record.did] = record
 
     def add_grant(self, doc: Mapping[str, Any]) -> None:
-        data = {k: v for k, v in doc.items() if k != "chain"}
+        data = {k: v for k, v in doc.items() if k not in _DERIVED}
         grant = Grant.from_dict(data)
         if grant.grant_id not in self.delegations.grants:
             self.delegations.add(grant)

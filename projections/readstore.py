@@ -171,6 +171,23 @@ class ProjectionReader:
                 context.add_agent(decode(raw))
         return effective_capabilities(context, did, now)
 
+    async def context(self, dids: Sequence[str], grant_ids: Sequence[str]) -> PartialContext:
+        """The agents and grants (with their whole chains and delegators) a delegation
+        rule needs, as a ``DelegationContext`` for the pure validators."""
+        context = PartialContext(self.config)
+        grants = await self._grants(list(grant_ids))
+        ancestors = {gid for g in grants for gid in g["chain"]} - set(grant_ids)
+        grants += await self._grants(sorted(ancestors))
+        for grant in grants:
+            context.add_grant(grant)
+        wanted = sorted(
+            {*dids, *(g["delegator"] for g in grants), *(g["delegatee"] for g in grants)}
+        )
+        for raw in await self.store.agent_docs(wanted):
+            if raw is not None:
+                context.add_agent(decode(raw))
+        return context
+
     async def _grants(self, grant_ids: Sequence[str]) -> list[dict[str, Any]]:
         if not grant_ids:
             return []
@@ -186,10 +203,20 @@ class ProjectionReader:
         chain = decode(raw)["chain"]
         docs = {d["grant_id"]: d for d in await self._grants(chain)}
         return [
-            Grant.from_dict({k: v for k, v in docs[g].items() if k != "chain"})
+            Grant.from_dict({k: v for k, v in docs[g].items() if k not in ("chain", "children")})
             for g in chain
             if g in docs
         ]
+
+    async def subtree(self, grant_id: str) -> list[str]:
+        """The grant and all its descendants (what revoking it revokes)."""
+        found: list[str] = []
+        frontier = [grant_id]
+        while frontier:
+            docs = await self._grants(frontier)
+            found += [d["grant_id"] for d in docs]
+            frontier = [child for d in docs for child in d.get("children", ())]
+        return found
 
     async def status(self, head: int) -> ProjectionStatus:
         meta = await self.store.meta()

@@ -1,0 +1,57 @@
+"""What every request handler gets: the clients, built once in the app's lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from api.errors import ProblemError
+from api.handshakes import HandshakeStore
+from ledger.store import PostgresEventStore
+from projections.cache import CachedStore
+from projections.config import TrustConfig
+from projections.readstore import ProjectionReader
+
+MAX_BODY_BYTES = 2 * 1024 * 1024  # a batch of 1,000 signed reports fits with room to spare
+
+
+@dataclass
+class ApiContext:
+    """The API's dependencies (the composition root builds it)."""
+
+    ledger: PostgresEventStore
+    reader: ProjectionReader
+    cache: CachedStore | None
+    handshakes: HandshakeStore
+    config: TrustConfig
+    admin_token: str | None
+    shadow_mode: bool
+    clock: Callable[[], datetime]
+    expected_revision: str
+    background: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def now(self) -> datetime:
+        return self.clock()
+
+    def is_admin(self, authorization: str | None) -> bool:
+        """Constant-time check of ``Authorization: Bearer <token>``."""
+        if self.admin_token is None or authorization is None:
+            return False
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(token.strip().encode(), self.admin_token.encode())
+
+    def require_admin(self, authorization: str | None) -> None:
+        if authorization is None:
+            raise ProblemError(
+                401,
+                "unauthorized",
+                "Unauthorized",
+                "this call needs Authorization: Bearer <admin token>",
+            )
+        if not self.is_admin(authorization):
+            raise ProblemError(403, "forbidden", "Forbidden", "the admin token is not valid")

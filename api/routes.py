@@ -1,0 +1,636 @@
+"""Route handlers. Each is thin: parse, authorize, call the ledger or the reader, shape."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Request, Response, delete, get, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody, QueryParameter
+
+from api import schemas as s
+from api.context import ApiContext
+from api.errors import ProblemError, bad_request, not_found
+from api.handshakes import decode_signature
+from api.metrics import HANDSHAKES
+from ledger.canonical import canonical_bytes
+from ledger.errors import LedgerError, SignatureError
+from ledger.events import (
+    AgentKeyRotated,
+    AgentRegistered,
+    AgentReinstated,
+    AgentSuspended,
+    DelegationGranted,
+    DelegationRevoked,
+    HandshakeCompleted,
+    HandshakeFailed,
+    PolicyViolation,
+    TrustSignal,
+)
+from ledger.identity import VerifyKey, b64encode, is_did
+from ledger.signed import SignedEvent
+from ledger.store import AppendResult
+from ledger.timefmt import format_time, parse_time
+from projections.delegation import is_active, validate_grant, validate_revocation
+from projections.state import MeshState
+
+Ctx = NamedDependency[ApiContext]
+Auth = Annotated[str | None, HeaderParameter(name="Authorization", required=False)]
+BOOTSTRAP_KEY = "agentmesh:bootstrap-first-agent"
+PROOF_TYPE = "agentmesh.registration"
+
+
+def appended(result: AppendResult) -> s.Appended:
+    return s.Appended(
+        position=result.positions[-1],
+        stream_id=result.stream_id,
+        stream_version=result.stream_version,
+        duplicate=result.duplicate,
+    )
+
+
+def _did(did: str) -> str:
+    if not is_did(did):
+        raise bad_request(f"{did!r} is not a DID like did:mesh:<32 hex>")
+    return did
+
+
+def _time(value: str | None, ctx: ApiContext) -> Any:
+    if value is None:
+        return ctx.now()
+    try:
+        return parse_time(value)
+    except ValueError as exc:
+        raise bad_request(str(exc)) from None
+
+
+def _signed(data: s.SignedEventIn, *types: type) -> SignedEvent:
+    signed = SignedEvent.from_wire(data.body, data.signature)
+    if not isinstance(signed.event, types):
+        names = ", ".join(str(t.__struct_config__.tag) for t in types)  # type: ignore[attr-defined]
+        raise bad_request(f"expected an event of type {names}, got {signed.type}")
+    return signed
+
+
+# -- health -----------------------------------------------------------------------------
+
+
+@get("/health", sync_to_thread=False, tags=["health"])
+def health() -> s.Status:
+    """Liveness: the process answers. No dependency is checked."""
+    return s.Status("healthy")
+
+
+@get("/ready", tags=["health"])
+async def ready(ctx: Ctx) -> Response[Any]:
+    """Readiness: PostgreSQL and the read store answer, migrations are at head."""
+    try:
+        revision = await ctx.ledger.pool.fetchval("SELECT version_num FROM alembic_version")
+    except Exception as exc:  # any driver failure means "not ready"
+        return _not_ready(f"PostgreSQL: {type(exc).__name__}: {exc}")
+    if revision != ctx.expected_revision:
+        return _not_ready(
+            f"migrations at {revision}, expected {ctx.expected_revision}: run agentmesh db upgrade"
+        )
+    try:
+        await ctx.reader.store.meta()
+    except Exception as exc:
+        return _not_ready(f"read store ({ctx.reader.store.name}): {exc}")
+    return Response(s.Status("ready"))
+
+
+def _not_ready(reason: str) -> Response[Any]:
+    body = {
+        "type": "https://agentmesh.dev/problems/not-ready",
+        "title": "Not ready",
+        "status": 503,
+        "detail": reason,
+        "instance": "/ready",
+    }
+    return Response(body, status_code=503, media_type="application/problem+json")
+
+
+# -- agents -----------------------------------------------------------------------------
+
+
+@post("/v1/agents", tags=["agents"], status_code=201)
+async def register_agent(
+    ctx: Ctx,
+    data: JSONBody[s.RegisterAgent],
+    authorization: Auth = None,
+    proof: Annotated[
+        str | None, HeaderParameter(name="X-Registration-Proof", required=False)
+    ] = None,
+) -> s.Registered:
+    """Register a public key (admin). On a fresh install, the first agent may
+    register itself with ``X-Registration-Proof``: its base64 signature over
+    ``{"public_key": <PEM>, "type": "agentmesh.registration"}`` (RFC 8785)."""
+    try:
+        key = VerifyKey.from_pem(data.public_key)
+    except SignatureError as exc:
+        raise bad_request(str(exc)) from None
+    idempotency = None
+    if not ctx.is_admin(authorization):
+        if proof is None or await ctx.reader.registry_size() > 0:
+            ctx.require_admin(authorization)
+        assert proof is not None  # require_admin raised otherwise
+        _check_proof(key, data.public_key, proof)
+        idempotency = BOOTSTRAP_KEY  # a second bootstrap races into a conflict, not a 2nd admin
+    event = AgentRegistered(
+        actor=ctx.ledger.ledger_did,
+        occurred_at=format_time(ctx.now()),
+        did=key.did,
+        public_key=key.pem(),
+        sponsor=data.sponsor,
+        capabilities=tuple(data.capabilities),
+        metadata=dict(data.metadata),
+    )
+    result = await ctx.ledger.append([ctx.ledger.sign_own(event)], idempotency_key=idempotency)
+    return s.Registered(did=key.did, position=result.positions[0])
+
+
+def _check_proof(key: VerifyKey, pem: str, proof: str) -> None:
+    signature = decode_signature(proof)
+    message = canonical_bytes({"type": PROOF_TYPE, "public_key": pem})
+    if signature is None or not key.is_valid(signature, message):
+        raise ProblemError(403, "forbidden", "Forbidden", "registration proof does not verify")
+
+
+@get("/v1/agents", tags=["agents"])
+async def list_agents(
+    ctx: Ctx,
+    cursor: FromQuery[str | None] = None,
+    tier: FromQuery[str | None] = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=500)] = 50,
+) -> s.AgentPageOut:
+    """Registered agents in DID order, with their trust now (``?tier=`` filters)."""
+    now = ctx.now()
+    try:
+        page = await ctx.reader.agents(now, after=cursor, limit=limit, tier=tier)
+    except ValueError as exc:
+        raise bad_request(str(exc)) from None
+    at = format_time(now)
+    return s.AgentPageOut(
+        items=[s.summary_out(a, at) for a in page.agents], next_cursor=page.next_cursor
+    )
+
+
+@get("/v1/agents/{did:str}", tags=["agents"])
+async def get_agent(ctx: Ctx, did: FromPath[str]) -> s.AgentWithTrust:
+    now = ctx.now()
+    record = await ctx.reader.agent(_did(did))
+    view = await ctx.reader.trust(did, now)
+    if record is None or view is None:
+        raise not_found(f"agent {did} is not registered")
+    return s.AgentWithTrust(agent=s.agent_out(record), trust=s.trust_out(view, format_time(now)))
+
+
+@get("/v1/agents/{did:str}/trust", tags=["agents"])
+async def get_trust(ctx: Ctx, did: FromPath[str], at: FromQuery[str | None] = None) -> s.TrustOut:
+    """Trust now, or ``?at=<RFC 3339>``: the agent's ledger events up to that
+    moment folded with the projections' pure fold (what a replay gives)."""
+    _did(did)
+    if at is None:
+        now = ctx.now()
+        view = await ctx.reader.trust(did, now)
+        if view is None:
+            raise not_found(f"agent {did} is not registered")
+        return s.trust_out(view, format_time(now))
+    moment = _time(at, ctx)
+    state = MeshState(ctx.config)
+    after = 0
+    while True:
+        batch = await ctx.ledger.read_agent(did, after, 1000)
+        for record in batch:
+            if record.recorded_at > moment:
+                break
+            state.apply_recorded(record)
+        if len(batch) < 1000 or batch[-1].recorded_at > moment:
+            break
+        after = batch[-1].position
+    view = state.trust_view(did, moment)
+    if view is None:
+        raise not_found(f"agent {did} was not registered at {at}")
+    return s.trust_out(view, format_time(moment))
+
+
+@get("/v1/agents/{did:str}/events", tags=["agents"])
+async def agent_events(
+    ctx: Ctx,
+    did: FromPath[str],
+    after: Annotated[int, QueryParameter(ge=0)] = 0,
+    limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
+) -> s.EventPage:
+    """Ledger entries the agent signed or is the subject of, by position."""
+    records = await ctx.ledger.read_agent(_did(did), after, limit)
+    return s.EventPage(
+        items=[_event_out(r) for r in records],
+        next_after=records[-1].position if len(records) == limit else None,
+    )
+
+
+def _event_out(record: Any) -> s.EventOut:
+    return s.EventOut(
+        position=record.position,
+        recorded_at=format_time(record.recorded_at),
+        stream_id=record.stream_id,
+        stream_version=record.stream_version,
+        type=record.event_type,
+        actor=record.actor,
+        body=msgspec.json.decode(record.body),
+        signature=b64encode(record.signature),
+        prev_hash=record.prev_hash.hex(),
+        entry_hash=record.entry_hash.hex(),
+    )
+
+
+@post("/v1/agents/{did:str}/suspend", tags=["agents"], status_code=200)
+async def suspend(
+    ctx: Ctx, did: FromPath[str], data: JSONBody[s.AdminReason], authorization: Auth = None
+) -> s.Appended:
+    ctx.require_admin(authorization)
+    await _require_agent(ctx, did)
+    event = AgentSuspended(
+        actor=ctx.ledger.ledger_did, occurred_at=format_time(ctx.now()), did=did, reason=data.reason
+    )
+    return appended(await ctx.ledger.append_own(event))
+
+
+@post("/v1/agents/{did:str}/reinstate", tags=["agents"], status_code=200)
+async def reinstate(
+    ctx: Ctx, did: FromPath[str], data: JSONBody[s.AdminReason], authorization: Auth = None
+) -> s.Appended:
+    ctx.require_admin(authorization)
+    await _require_agent(ctx, did)
+    event = AgentReinstated(
+        actor=ctx.ledger.ledger_did, occurred_at=format_time(ctx.now()), did=did, reason=data.reason
+    )
+    return appended(await ctx.ledger.append_own(event))
+
+
+async def _require_agent(ctx: ApiContext, did: str) -> None:
+    if await ctx.ledger.current_key(_did(did)) is None:
+        raise not_found(f"agent {did} is not registered")
+
+
+@post("/v1/agents/{did:str}/keys", tags=["agents"], status_code=200)
+async def rotate_key(ctx: Ctx, did: FromPath[str], data: JSONBody[s.SignedEventIn]) -> s.Appended:
+    """Key rotation: an ``agent.key_rotated`` body signed with the *current* key."""
+    signed = _signed(data, AgentKeyRotated)
+    if signed.event.did != _did(did):  # type: ignore[union-attr]
+        raise bad_request("the event's did differs from the path")
+    return appended(await ctx.ledger.append([signed], idempotency_key=data.idempotency_key))
+
+
+@get("/v1/agents/{did:str}/capabilities", tags=["delegations"])
+async def capabilities(
+    ctx: Ctx, did: FromPath[str], at: FromQuery[str | None] = None
+) -> s.CapabilitiesOut:
+    """Registered plus delegated capabilities (active, unexpired chains) now or ``?at=``."""
+    moment = _time(at, ctx)
+    found = await ctx.reader.capabilities(_did(did), moment)
+    if found is None:
+        raise not_found(f"agent {did} is not registered")
+    return s.CapabilitiesOut(did=did, at=format_time(moment), capabilities=list(found))
+
+
+# -- reports ----------------------------------------------------------------------------
+
+
+@post("/v1/violations", tags=["reports"], status_code=201)
+async def report_violation(
+    ctx: Ctx, data: JSONBody[dict[str, Any]], authorization: Auth = None
+) -> s.Appended:
+    """One ``policy.violation``: signed by the reporting agent (``{body, signature,
+    idempotency_key?}``), or an admin call (``{agent, severity, rule, detail?}``)."""
+    return await _report(ctx, data, authorization, PolicyViolation)
+
+
+@post("/v1/signals", tags=["reports"], status_code=201)
+async def report_signal(
+    ctx: Ctx, data: JSONBody[dict[str, Any]], authorization: Auth = None
+) -> s.Appended:
+    """One ``trust.signal`` (positive behaviour), signed by an agent or by an admin call."""
+    return await _report(ctx, data, authorization, TrustSignal)
+
+
+async def _report(
+    ctx: Ctx,
+    data: dict[str, Any],
+    authorization: str | None,
+    kind: type[PolicyViolation] | type[TrustSignal],
+) -> s.Appended:
+    if "signature" in data or "body" in data:
+        report = _convert(data, s.SignedEventIn)
+        signed = _signed(report, kind)
+        return appended(await ctx.ledger.append([signed], idempotency_key=report.idempotency_key))
+    ctx.require_admin(authorization)
+    now = format_time(ctx.now())
+    event: PolicyViolation | TrustSignal
+    if kind is PolicyViolation:
+        admin = _convert(data, s.AdminViolation)
+        event = PolicyViolation(
+            actor=ctx.ledger.ledger_did,
+            occurred_at=now,
+            agent=admin.agent,
+            severity=admin.severity,
+            rule=admin.rule,
+            detail=admin.detail,
+        )
+        key = admin.idempotency_key
+    else:
+        signal = _convert(data, s.AdminSignal)
+        event = TrustSignal(
+            actor=ctx.ledger.ledger_did,
+            occurred_at=now,
+            agent=signal.agent,
+            signal=signal.signal,
+            detail=signal.detail,
+        )
+        key = signal.idempotency_key
+    return appended(await ctx.ledger.append_own(event, idempotency_key=key))
+
+
+def _convert(data: dict[str, Any], kind: type[Any]) -> Any:
+    try:
+        return msgspec.convert(data, kind)
+    except msgspec.ValidationError as exc:
+        raise bad_request(str(exc)) from None
+
+
+@post("/v1/reports:batch", tags=["reports"], status_code=200)
+async def report_batch(ctx: Ctx, data: JSONBody[s.ReportBatch]) -> s.BatchResult:
+    """Up to 1,000 signed reports (violations, signals), each with an idempotency
+    key; answered per report. All are appended concurrently, so they share
+    group commits. A retried batch appends nothing twice."""
+    results = await asyncio.gather(
+        *(_one_report(ctx, index, report) for index, report in enumerate(data.reports))
+    )
+    counts = {k: sum(r.status == k for r in results) for k in ("appended", "duplicate", "rejected")}
+    return s.BatchResult(
+        appended=counts["appended"],
+        duplicates=counts["duplicate"],
+        rejected=counts["rejected"],
+        results=list(results),
+    )
+
+
+async def _one_report(ctx: ApiContext, index: int, report: s.SignedEventIn) -> s.ReportResult:
+    if report.idempotency_key is None:
+        return s.ReportResult(
+            index=index, status="rejected", error="every report in a batch needs an idempotency_key"
+        )
+    try:
+        signed = _signed(report, PolicyViolation, TrustSignal)
+        result = await ctx.ledger.append([signed], idempotency_key=report.idempotency_key)
+    except (LedgerError, ProblemError) as exc:
+        return s.ReportResult(index=index, status="rejected", error=str(exc))
+    return s.ReportResult(
+        index=index,
+        status="duplicate" if result.duplicate else "appended",
+        position=result.positions[0],
+    )
+
+
+# -- handshakes ---------------------------------------------------------------------------
+
+
+@post("/v1/handshakes", tags=["handshakes"], status_code=201)
+async def start_handshake(ctx: Ctx, data: JSONBody[s.StartHandshake]) -> s.Challenge:
+    """Issue a challenge (30 s) for ``responder`` to sign."""
+    if data.initiator == data.responder:
+        raise bad_request("an agent cannot handshake with itself")
+    for did in (data.initiator, data.responder):
+        await _require_agent(ctx, did)
+    challenge = await ctx.handshakes.create(
+        data.initiator, data.responder, data.min_score, ctx.now()
+    )
+    return s.Challenge(
+        handshake_id=challenge.handshake_id,
+        nonce=challenge.nonce,
+        expires_at=format_time(challenge.expires_at),
+        to_sign=challenge.to_sign,
+    )
+
+
+@post("/v1/handshakes/{handshake_id:str}/response", tags=["handshakes"], status_code=200)
+async def answer_handshake(
+    ctx: Ctx, handshake_id: FromPath[str], data: JSONBody[s.HandshakeAnswer]
+) -> s.HandshakeResult:
+    """Verify the responder's signature; record and answer the outcome."""
+    challenge = await ctx.handshakes.get(handshake_id)
+    if challenge is None:
+        raise not_found(f"handshake {handshake_id} does not exist")
+    now = ctx.now()
+    reason = await _handshake_failure(ctx, challenge, data.signature, now)
+    view = await ctx.reader.trust(challenge.responder, now)
+    responder = s.ResponderOut(
+        did=challenge.responder,
+        score=view.score if view else None,
+        tier=view.tier if view else None,
+    )
+    stamp = format_time(now)
+    if reason is None:
+        await ctx.ledger.append_own(
+            HandshakeCompleted(
+                actor=ctx.ledger.ledger_did,
+                occurred_at=stamp,
+                handshake_id=handshake_id,
+                initiator=challenge.initiator,
+                responder=challenge.responder,
+                score=view.score if view else None,
+            )
+        )
+        HANDSHAKES.labels("verified", "ok", "false").inc()
+        return s.HandshakeResult(verified=True, responder=responder)
+    shadow = ctx.shadow_mode
+    await ctx.ledger.append_own(
+        HandshakeFailed(
+            actor=ctx.ledger.ledger_did,
+            occurred_at=stamp,
+            handshake_id=handshake_id,
+            initiator=challenge.initiator,
+            responder=challenge.responder,
+            reason=reason,
+            shadow=shadow,
+        )
+    )
+    HANDSHAKES.labels("failed", reason, str(shadow).lower()).inc()
+    if shadow:  # decided and recorded as a failure, but not enforced
+        return s.HandshakeResult(verified=True, responder=responder, reason=reason, shadow=True)
+    return s.HandshakeResult(verified=False, responder=responder, reason=reason)
+
+
+async def _handshake_failure(ctx: Ctx, challenge: Any, signature: str, now: Any) -> str | None:
+    """The first reason the handshake fails, or None when it is verified."""
+    # 1. The nonce works once: consume it first, whatever else is wrong.
+    if not await ctx.handshakes.consume(challenge.handshake_id, now):
+        return "nonce_reused"
+    if now > challenge.expires_at:
+        return "expired"
+    # 2. The signature must be the responder's current key over the exact bytes.
+    key = await ctx.ledger.current_key(challenge.responder)
+    raw = decode_signature(signature)
+    if key is None or raw is None or not key.is_valid(raw, challenge.signed_bytes()):
+        return "bad_signature"
+    # 3. Both agents active; the responder trusted enough.
+    for role, did in (("initiator", challenge.initiator), ("responder", challenge.responder)):
+        record = await ctx.reader.agent(did)
+        if record is None or record.status != "active":
+            return f"{role}_suspended"
+    view = await ctx.reader.trust(challenge.responder, now)
+    needed = max(challenge.min_score or 0, ctx.config.min_threshold)
+    if view is None or view.score < needed:
+        return "score_too_low"
+    return None
+
+
+# -- delegations --------------------------------------------------------------------------
+
+
+@post("/v1/delegations", tags=["delegations"], status_code=201)
+async def grant_delegation(ctx: Ctx, data: JSONBody[s.SignedEventIn]) -> s.DelegationCreated:
+    """A ``delegation.granted`` body signed by its delegator, checked by the
+    projections' delegation rules before it reaches the ledger."""
+    signed = _signed(data, DelegationGranted)
+    event: DelegationGranted = signed.event  # type: ignore[assignment]
+    parents = [event.parent] if event.parent else []
+    context = await ctx.reader.context(
+        [event.delegator, event.delegatee], [event.grant_id, *parents]
+    )
+    validate_grant(context, event, ctx.now())
+    result = await ctx.ledger.append([signed], idempotency_key=data.idempotency_key)
+    depth = 1 if not parents else context.delegations.grants[parents[0]].depth + 1
+    return s.DelegationCreated(grant_id=event.grant_id, depth=depth, position=result.positions[0])
+
+
+@get("/v1/delegations/{grant_id:str}", tags=["delegations"])
+async def get_delegation(ctx: Ctx, grant_id: FromPath[str]) -> s.ChainOut:
+    """The grant and its chain to the root, each link's signature verified."""
+    chain = await ctx.reader.delegation_chain(grant_id)
+    if chain is None:
+        raise not_found(f"grant {grant_id} does not exist")
+    context = await ctx.reader.context([], [grant_id])
+    now = ctx.now()
+    links = []
+    for grant in chain:
+        verified = await _link_verified(ctx, grant)
+        links.append(s.grant_out(grant, is_active(context, grant, now), verified))
+    return s.ChainOut(
+        grant_id=grant_id, chain=links, valid=all(link.signature_verified for link in links)
+    )
+
+
+async def _link_verified(ctx: ApiContext, grant: Any) -> bool:
+    """Re-check the ledger entry that granted this link against its delegator's key."""
+    record = await ctx.ledger.entry_at(grant.granted_position)
+    if record is None or record.event_type != "delegation.granted":
+        return False
+    keys = await ctx.ledger.keys_before(grant.granted_position)
+    raw = keys.get(grant.delegator)
+    return raw is not None and VerifyKey.from_raw(raw).is_valid(record.signature, record.body)
+
+
+@delete("/v1/delegations/{grant_id:str}", tags=["delegations"], status_code=200)
+async def revoke_delegation(
+    ctx: Ctx, request: Request[Any, Any, Any], grant_id: FromPath[str], authorization: Auth = None
+) -> s.Revoked:
+    """Revoke a grant and its whole subtree: a ``delegation.revoked`` body signed by
+    the delegator, or (no body) an admin call."""
+    raw = await request.body()
+    context = await ctx.reader.context([], [grant_id])
+    if raw.strip():
+        data = _convert(msgspec.json.decode(raw), s.SignedEventIn)
+        signed = _signed(data, DelegationRevoked)
+        if signed.event.grant_id != grant_id:  # type: ignore[union-attr]
+            raise bad_request("the event's grant_id differs from the path")
+        validate_revocation(context, grant_id, signed.actor, ctx.ledger.ledger_did)
+    else:
+        ctx.require_admin(authorization)
+        validate_revocation(context, grant_id, ctx.ledger.ledger_did, ctx.ledger.ledger_did)
+        signed = ctx.ledger.sign_own(
+            DelegationRevoked(
+                actor=ctx.ledger.ledger_did,
+                occurred_at=format_time(ctx.now()),
+                grant_id=grant_id,
+                reason="revoked by an administrator",
+            )
+        )
+    result = await ctx.ledger.append([signed])
+    subtree = await ctx.reader.subtree(grant_id)
+    return s.Revoked(grant_id=grant_id, revoked=subtree, position=result.positions[0])
+
+
+# -- ledger ---------------------------------------------------------------------------------
+
+
+@get("/v1/ledger/head", tags=["ledger"])
+async def ledger_head(ctx: Ctx) -> s.HeadOut:
+    head = await ctx.ledger.head()
+    return s.HeadOut(
+        position=head.position,
+        entry_hash=head.entry_hash.hex(),
+        recorded_at=format_time(head.recorded_at),
+    )
+
+
+@get("/v1/ledger/checkpoints/latest", tags=["ledger"])
+async def latest_checkpoint(ctx: Ctx) -> s.CheckpointOut:
+    """The latest signed checkpoint, with the bytes signed and the ledger's public key."""
+    checkpoint = await ctx.ledger.latest_checkpoint()
+    if checkpoint is None:
+        checkpoint = await ctx.ledger.checkpoint()
+    return s.CheckpointOut(
+        origin=checkpoint.origin,
+        position=checkpoint.position,
+        head_hash=checkpoint.head_hash,
+        time=checkpoint.time,
+        signer=checkpoint.signer,
+        signature=checkpoint.signature,
+        signed_bytes=b64encode(checkpoint.signed_bytes()),
+        ledger_public_key=ctx.ledger.ledger_key.pem(),
+    )
+
+
+@get("/v1/ledger/events", tags=["ledger"])
+async def ledger_events(
+    ctx: Ctx,
+    after: Annotated[int, QueryParameter(ge=0)] = 0,
+    limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
+    authorization: Auth = None,
+) -> s.EventPage:
+    """Entries after a position (admin)."""
+    ctx.require_admin(authorization)
+    records = await ctx.ledger.read(after, limit)
+    return s.EventPage(
+        items=[_event_out(r) for r in records],
+        next_after=records[-1].position if len(records) == limit else None,
+    )
+
+
+ROUTES = [
+    health,
+    ready,
+    register_agent,
+    list_agents,
+    get_agent,
+    get_trust,
+    agent_events,
+    suspend,
+    reinstate,
+    rotate_key,
+    capabilities,
+    report_violation,
+    report_signal,
+    report_batch,
+    start_handshake,
+    answer_handshake,
+    grant_delegation,
+    get_delegation,
+    revoke_delegation,
+    ledger_head,
+    latest_checkpoint,
+    ledger_events,
+]
