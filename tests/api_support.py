@@ -32,12 +32,20 @@ class Api:
     clock: ManualClock
     settings: Settings
 
-    async def register(self, capabilities: tuple[str, ...] = (),
-                       sponsor: str | None = None) -> Agent:
+    async def register(
+        self, capabilities: tuple[str, ...] = (), sponsor: str | None = None
+    ) -> Agent:
         agent = Agent(capabilities=capabilities)
-        response = await self.client.post("/v1/agents", headers=ADMIN, json={
-            "public_key": agent.key.public.pem(), "capabilities": list(capabilities),
-            "sponsor": sponsor, "metadata": {"team": "test"}})
+        response = await self.client.post(
+            "/v1/agents",
+            headers=ADMIN,
+            json={
+                "public_key": agent.key.public.pem(),
+                "capabilities": list(capabilities),
+                "sponsor": sponsor,
+                "metadata": {"team": "test"},
+            },
+        )
         assert response.status_code == 201, response.text
         assert response.json()["did"] == agent.did
         await self.projected(agent.did)
@@ -63,36 +71,44 @@ class Api:
 def signed(event: Event, key: SigningKey, idempotency_key: str | None = None) -> dict[str, Any]:
     """What a client sends: the body it signed and the base64 signature."""
     body = body_of(event)
-    payload: dict[str, Any] = {"body": body, "signature": b64encode(key.sign(canonical_bytes(body)))}
+    payload: dict[str, Any] = {
+        "body": body,
+        "signature": b64encode(key.sign(canonical_bytes(body))),
+    }
     if idempotency_key is not None:
         payload["idempotency_key"] = idempotency_key
     return payload
 
 
-def api_settings(database_url: str, redis: EmbeddedRedis, ledger_key: SigningKey,
-                 **extra: str) -> Settings:
-    return Settings.from_env({
-        "AGENTMESH_DATABASE_URL": database_url,
-        "AGENTMESH_STORAGE_BACKEND": "redis",
-        "AGENTMESH_REDIS_HOST": redis.host,
-        "AGENTMESH_REDIS_PORT": str(redis.port),
-        "AGENTMESH_REDIS_PREFIX": f"api{uuid.uuid4().hex[:8]}:",
-        "AGENTMESH_AGENT_PRIVATE_KEY": ledger_key.private_key_pem(),
-        "AGENTMESH_ADMIN_TOKEN": ADMIN_TOKEN,
-        "AGENTMESH_API_PROJECTOR": "true",
-        "AGENTMESH_LOG_LEVEL": "WARNING",
-        **extra,
-    })
+def api_settings(
+    database_url: str, redis: EmbeddedRedis, ledger_key: SigningKey, **extra: str
+) -> Settings:
+    return Settings.from_env(
+        {
+            "AGENTMESH_DATABASE_URL": database_url,
+            "AGENTMESH_STORAGE_BACKEND": "redis",
+            "AGENTMESH_REDIS_HOST": redis.host,
+            "AGENTMESH_REDIS_PORT": str(redis.port),
+            "AGENTMESH_REDIS_PREFIX": f"api{uuid.uuid4().hex[:8]}:",
+            "AGENTMESH_AGENT_PRIVATE_KEY": ledger_key.private_key_pem(),
+            "AGENTMESH_ADMIN_TOKEN": ADMIN_TOKEN,
+            "AGENTMESH_API_PROJECTOR": "true",
+            "AGENTMESH_LOG_LEVEL": "WARNING",
+            **extra,
+        }
+    )
 
 
 @asynccontextmanager
-async def running_api(settings: Settings, clock: ManualClock | None = None
-                      ) -> AsyncIterator[Api]:
+async def running_api(settings: Settings, clock: ManualClock | None = None) -> AsyncIterator[Api]:
     clock = clock or ManualClock(now=datetime.now(UTC))
     app = api_app(settings, clock=clock)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
-                                           lifespan="on", access_log=False))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_config=None, lifespan="on", access_log=False
+        )
+    )
     task = asyncio.create_task(server.serve())
     try:
         for _ in range(500):

@@ -19,10 +19,12 @@ from tests.support import Agent
 
 
 @pytest.fixture
-async def api(database_url: str, redis_server: EmbeddedRedis,
-              ledger_key: SigningKey) -> AsyncIterator[Api]:
-    settings = api_settings(database_url, redis_server, ledger_key,
-                            AGENTMESH_DELEGATION_MAX_DEPTH="3")
+async def api(
+    database_url: str, redis_server: EmbeddedRedis, ledger_key: SigningKey
+) -> AsyncIterator[Api]:
+    settings = api_settings(
+        database_url, redis_server, ledger_key, AGENTMESH_DELEGATION_MAX_DEPTH="3"
+    )
     async with running_api(settings) as running:
         yield running
 
@@ -36,8 +38,13 @@ def is_problem(response: Any, status: int) -> dict[str, Any]:
     return body
 
 
-async def handshake(api: Api, initiator: Agent, responder: Agent, key: SigningKey | None = None,
-                    min_score: int | None = None) -> tuple[str, dict[str, Any]]:
+async def handshake(
+    api: Api,
+    initiator: Agent,
+    responder: Agent,
+    key: SigningKey | None = None,
+    min_score: int | None = None,
+) -> tuple[str, dict[str, Any]]:
     request: dict[str, Any] = {"initiator": initiator.did, "responder": responder.did}
     if min_score is not None:
         request["min_score"] = min_score
@@ -46,8 +53,9 @@ async def handshake(api: Api, initiator: Agent, responder: Agent, key: SigningKe
     challenge = started.json()
     message = base64.b64decode(challenge["to_sign"])
     signature = b64encode((key or responder.key).sign(message))
-    answer = await api.client.post(f"/v1/handshakes/{challenge['handshake_id']}/response",
-                                   json={"signature": signature})
+    answer = await api.client.post(
+        f"/v1/handshakes/{challenge['handshake_id']}/response", json={"signature": signature}
+    )
     assert answer.status_code == 200, answer.text
     return challenge["handshake_id"], answer.json()
 
@@ -75,8 +83,10 @@ async def test_admin_calls_need_the_token_and_append_nothing_without_it(api: Api
     await api.register()  # the registry is no longer empty: no bootstrap
     head = await api.head()
     is_problem(await api.client.post("/v1/agents", json=body), 401)
-    is_problem(await api.client.post("/v1/agents", json=body,
-                                     headers={"Authorization": "Bearer wrong"}), 403)
+    is_problem(
+        await api.client.post("/v1/agents", json=body, headers={"Authorization": "Bearer wrong"}),
+        403,
+    )
     is_problem(await api.client.get("/v1/ledger/events"), 401)
     assert await api.head() == head
 
@@ -85,25 +95,42 @@ async def test_first_agent_bootstraps_with_proof_of_possession(api: Api) -> None
     agent = Agent()
     pem = agent.key.public.pem()
     bad = b64encode(SigningKey.generate().sign(b"x"))
-    is_problem(await api.client.post("/v1/agents", json={"public_key": pem},
-                                     headers={"X-Registration-Proof": bad}), 403)
-    proof = b64encode(agent.key.sign(canonical_bytes(
-        {"type": "agentmesh.registration", "public_key": pem})))
-    first = await api.client.post("/v1/agents", json={"public_key": pem},
-                                  headers={"X-Registration-Proof": proof})
+    is_problem(
+        await api.client.post(
+            "/v1/agents", json={"public_key": pem}, headers={"X-Registration-Proof": bad}
+        ),
+        403,
+    )
+    proof = b64encode(
+        agent.key.sign(canonical_bytes({"type": "agentmesh.registration", "public_key": pem}))
+    )
+    first = await api.client.post(
+        "/v1/agents", json={"public_key": pem}, headers={"X-Registration-Proof": proof}
+    )
     assert first.status_code == 201, first.text
     await api.projected(agent.did)
     second = Agent()
     pem2 = second.key.public.pem()
-    proof2 = b64encode(second.key.sign(canonical_bytes(
-        {"type": "agentmesh.registration", "public_key": pem2})))
-    is_problem(await api.client.post("/v1/agents", json={"public_key": pem2},
-                                     headers={"X-Registration-Proof": proof2}), 401)
+    proof2 = b64encode(
+        second.key.sign(canonical_bytes({"type": "agentmesh.registration", "public_key": pem2}))
+    )
+    is_problem(
+        await api.client.post(
+            "/v1/agents", json={"public_key": pem2}, headers={"X-Registration-Proof": proof2}
+        ),
+        401,
+    )
 
 
 async def test_body_limit_is_413(api: Api) -> None:
-    is_problem(await api.client.post("/v1/reports:batch", content=b"x" * (3 * 1024 * 1024),
-                                     headers={"content-type": "application/json"}), 413)
+    is_problem(
+        await api.client.post(
+            "/v1/reports:batch",
+            content=b"x" * (3 * 1024 * 1024),
+            headers={"content-type": "application/json"},
+        ),
+        413,
+    )
 
 
 # -- agents and trust ---------------------------------------------------------------------
@@ -112,7 +139,8 @@ async def test_body_limit_is_413(api: Api) -> None:
 async def test_registry_listing_trust_and_events(api: Api) -> None:
     alice, bob = await api.register(("tools:*",)), await api.register()
     listing = (await api.client.get("/v1/agents", params={"limit": 1})).json()
-    assert len(listing["items"]) == 1 and listing["next_cursor"]
+    assert len(listing["items"]) == 1
+    assert listing["next_cursor"]
     rest = (await api.client.get("/v1/agents", params={"cursor": listing["next_cursor"]})).json()
     dids = {listing["items"][0]["agent"]["did"], *(i["agent"]["did"] for i in rest["items"])}
     assert dids == {alice.did, bob.did}
@@ -131,10 +159,16 @@ async def test_registry_listing_trust_and_events(api: Api) -> None:
 async def test_violations_lower_a_score_across_a_tier(api: Api) -> None:
     reporter, subject = await api.register(), await api.register()
     for index in range(2):
-        event = PolicyViolation(actor=reporter.did, occurred_at=format_time(api.clock.now),
-                                agent=subject.did, severity="high", rule="exfiltration")
-        response = await api.client.post("/v1/violations",
-                                         json=signed(event, reporter.key, f"v-{index}"))
+        event = PolicyViolation(
+            actor=reporter.did,
+            occurred_at=format_time(api.clock.now),
+            agent=subject.did,
+            severity="high",
+            rule="exfiltration",
+        )
+        response = await api.client.post(
+            "/v1/violations", json=signed(event, reporter.key, f"v-{index}")
+        )
         assert response.status_code == 201, response.text
     position = response.json()["position"]
     trust = await api.projected(subject.did, position)
@@ -143,13 +177,23 @@ async def test_violations_lower_a_score_across_a_tier(api: Api) -> None:
     listed = (await api.client.get("/v1/agents", params={"tier": "standard"})).json()
     assert [i["agent"]["did"] for i in listed["items"]] == [subject.did]
     # Admin report (ledger-signed) and a forged one (rejected, nothing appended).
-    admin = await api.client.post("/v1/violations", headers=ADMIN, json={
-        "agent": subject.did, "severity": "low", "rule": "noise"})
+    admin = await api.client.post(
+        "/v1/violations",
+        headers=ADMIN,
+        json={"agent": subject.did, "severity": "low", "rule": "noise"},
+    )
     assert admin.status_code == 201
     head = await api.head()
-    forged = signed(PolicyViolation(actor=reporter.did, occurred_at=format_time(api.clock.now),
-                                    agent=subject.did, severity="critical", rule="x"),
-                    SigningKey.generate())
+    forged = signed(
+        PolicyViolation(
+            actor=reporter.did,
+            occurred_at=format_time(api.clock.now),
+            agent=subject.did,
+            severity="critical",
+            rule="x",
+        ),
+        SigningKey.generate(),
+    )
     is_problem(await api.client.post("/v1/violations", json=forged), 422)
     is_problem(await api.client.post("/v1/violations", json={"agent": subject.did}), 401)
     assert await api.head() == head
@@ -159,34 +203,55 @@ async def test_time_travel_answers_for_past_moments(api: Api) -> None:
     reporter, subject = await api.register(), await api.register()
     before = api.clock.now
     api.clock.advance(hours=10)
-    event = PolicyViolation(actor=reporter.did, occurred_at=format_time(api.clock.now),
-                            agent=subject.did, severity="medium", rule="r")
-    position = (await api.client.post("/v1/violations", json=signed(event, reporter.key))
-                ).json()["position"]
+    event = PolicyViolation(
+        actor=reporter.did,
+        occurred_at=format_time(api.clock.now),
+        agent=subject.did,
+        severity="medium",
+        rule="r",
+    )
+    position = (await api.client.post("/v1/violations", json=signed(event, reporter.key))).json()[
+        "position"
+    ]
     await api.projected(subject.did, position)
-    past = (await api.client.get(f"/v1/agents/{subject.did}/trust",
-                                 params={"at": format_time(before + timedelta(hours=5))})).json()
-    assert past["score"] == 790  # 800 - 5 h × 2/h, before the violation
+    past = (
+        await api.client.get(
+            f"/v1/agents/{subject.did}/trust",
+            params={"at": format_time(before + timedelta(hours=5))},
+        )
+    ).json()
+    assert past["score"] == 790  # 800 - 5 h x 2/h, before the violation
     now = (await api.client.get(f"/v1/agents/{subject.did}/trust")).json()
     assert now["score"] == 800 - 20 - 50
-    is_problem(await api.client.get(f"/v1/agents/{subject.did}/trust",
-                                    params={"at": format_time(before - timedelta(days=1))}), 404)
-    is_problem(await api.client.get(f"/v1/agents/{subject.did}/trust",
-                                    params={"at": "yesterday"}), 400)
+    is_problem(
+        await api.client.get(
+            f"/v1/agents/{subject.did}/trust",
+            params={"at": format_time(before - timedelta(days=1))},
+        ),
+        404,
+    )
+    is_problem(
+        await api.client.get(f"/v1/agents/{subject.did}/trust", params={"at": "yesterday"}), 400
+    )
 
 
 async def test_suspend_reinstate_and_key_rotation(api: Api) -> None:
     agent = await api.register()
-    suspended = await api.client.post(f"/v1/agents/{agent.did}/suspend", headers=ADMIN,
-                                      json={"reason": "incident 42"})
+    suspended = await api.client.post(
+        f"/v1/agents/{agent.did}/suspend", headers=ADMIN, json={"reason": "incident 42"}
+    )
     assert suspended.status_code == 200
     trust = await api.projected(agent.did, suspended.json()["position"])
     assert trust["tier"] == "suspended"
     back = await api.client.post(f"/v1/agents/{agent.did}/reinstate", headers=ADMIN, json={})
     assert (await api.projected(agent.did, back.json()["position"]))["tier"] == "trusted"
     new_key = SigningKey.generate()
-    rotation = AgentKeyRotated(actor=agent.did, occurred_at=format_time(api.clock.now),
-                               did=agent.did, public_key=new_key.public.pem())
+    rotation = AgentKeyRotated(
+        actor=agent.did,
+        occurred_at=format_time(api.clock.now),
+        did=agent.did,
+        public_key=new_key.public.pem(),
+    )
     forged = signed(rotation, new_key)  # not signed by the current key
     is_problem(await api.client.post(f"/v1/agents/{agent.did}/keys", json=forged), 422)
     ok = await api.client.post(f"/v1/agents/{agent.did}/keys", json=signed(rotation, agent.key))
@@ -206,19 +271,23 @@ async def test_handshakes_both_ways_and_every_failure(api: Api) -> None:
     _, bad = await handshake(api, alice, bob, key=SigningKey.generate())
     assert (bad["verified"], bad["reason"]) == (False, "bad_signature")
     # A nonce works once.
-    started = (await api.client.post("/v1/handshakes", json={
-        "initiator": alice.did, "responder": bob.did})).json()
+    started = (
+        await api.client.post("/v1/handshakes", json={"initiator": alice.did, "responder": bob.did})
+    ).json()
     signature = b64encode(bob.key.sign(base64.b64decode(started["to_sign"])))
     path = f"/v1/handshakes/{started['handshake_id']}/response"
     assert (await api.client.post(path, json={"signature": signature})).json()["verified"]
     replay = (await api.client.post(path, json={"signature": signature})).json()
     assert (replay["verified"], replay["reason"]) == (False, "nonce_reused")
     # Expired challenge.
-    started = (await api.client.post("/v1/handshakes", json={
-        "initiator": alice.did, "responder": bob.did})).json()
+    started = (
+        await api.client.post("/v1/handshakes", json={"initiator": alice.did, "responder": bob.did})
+    ).json()
     api.clock.advance(seconds=31)
-    late = await api.client.post(f"/v1/handshakes/{started['handshake_id']}/response", json={
-        "signature": b64encode(bob.key.sign(base64.b64decode(started["to_sign"])))})
+    late = await api.client.post(
+        f"/v1/handshakes/{started['handshake_id']}/response",
+        json={"signature": b64encode(bob.key.sign(base64.b64decode(started["to_sign"])))},
+    )
     assert late.json()["reason"] == "expired"
     # Score threshold and min_score.
     _, picky = await handshake(api, alice, bob, min_score=950)
@@ -228,28 +297,41 @@ async def test_handshakes_both_ways_and_every_failure(api: Api) -> None:
     await api.projected(bob.did, response.json()["position"])
     _, suspended = await handshake(api, alice, bob)
     assert suspended["reason"] == "responder_suspended"
-    events = (await api.client.get("/v1/ledger/events", headers=ADMIN,
-                                   params={"limit": 1000})).json()["items"]
-    outcomes = [(e["type"], e["body"].get("reason")) for e in events
-                if e["type"].startswith("handshake.")]
-    assert outcomes == [
-        ("handshake.completed", None), ("handshake.completed", None),
-        ("handshake.failed", "bad_signature"), ("handshake.completed", None),
-        ("handshake.failed", "nonce_reused"), ("handshake.failed", "expired"),
-        ("handshake.failed", "score_too_low"), ("handshake.failed", "responder_suspended"),
+    events = (
+        await api.client.get("/v1/ledger/events", headers=ADMIN, params={"limit": 1000})
+    ).json()["items"]
+    outcomes = [
+        (e["type"], e["body"].get("reason")) for e in events if e["type"].startswith("handshake.")
     ]
-    is_problem(await api.client.post("/v1/handshakes/hs_nope/response",
-                                     json={"signature": "AA=="}), 404)
+    assert outcomes == [
+        ("handshake.completed", None),
+        ("handshake.completed", None),
+        ("handshake.failed", "bad_signature"),
+        ("handshake.completed", None),
+        ("handshake.failed", "nonce_reused"),
+        ("handshake.failed", "expired"),
+        ("handshake.failed", "score_too_low"),
+        ("handshake.failed", "responder_suspended"),
+    ]
+    is_problem(
+        await api.client.post("/v1/handshakes/hs_nope/response", json={"signature": "AA=="}), 404
+    )
 
 
 async def test_low_score_fails_handshakes(api: Api) -> None:
     reporter, subject = await api.register(), await api.register()
     for index in range(2):
-        event = PolicyViolation(actor=reporter.did, occurred_at=format_time(api.clock.now),
-                                agent=subject.did, severity="critical", rule="r",
-                                detail=str(index))
-        position = (await api.client.post("/v1/violations", json=signed(event, reporter.key))
-                    ).json()["position"]
+        event = PolicyViolation(
+            actor=reporter.did,
+            occurred_at=format_time(api.clock.now),
+            agent=subject.did,
+            severity="critical",
+            rule="r",
+            detail=str(index),
+        )
+        position = (
+            await api.client.post("/v1/violations", json=signed(event, reporter.key))
+        ).json()["position"]
     assert (await api.projected(subject.did, position))["score"] == 200
     _, result = await handshake(api, reporter, subject)
     assert (result["verified"], result["reason"]) == (False, "score_too_low")
@@ -258,13 +340,17 @@ async def test_low_score_fails_handshakes(api: Api) -> None:
 async def test_shadow_mode_answers_verified_but_records_the_failure(
     database_url: str, redis_server: EmbeddedRedis, ledger_key: SigningKey
 ) -> None:
-    settings = api_settings(database_url, redis_server, ledger_key,
-                            AGENTMESH_GOVERNANCE_SHADOW_MODE="true")
+    settings = api_settings(
+        database_url, redis_server, ledger_key, AGENTMESH_GOVERNANCE_SHADOW_MODE="true"
+    )
     async with running_api(settings) as api:
         alice, bob = await api.register(), await api.register()
         _, result = await handshake(api, alice, bob, key=SigningKey.generate())
         assert (result["verified"], result["shadow"], result["reason"]) == (
-            True, True, "bad_signature")
+            True,
+            True,
+            "bad_signature",
+        )
         events = (await api.client.get("/v1/ledger/events", headers=ADMIN)).json()["items"]
         assert events[-1]["type"] == "handshake.failed"
         assert events[-1]["body"]["shadow"] is True
@@ -277,8 +363,14 @@ async def test_report_batch_is_idempotent_per_report(api: Api) -> None:
     reporter, subject = await api.register(), await api.register()
 
     def report(index: int, key: SigningKey | None = None) -> dict[str, Any]:
-        event = PolicyViolation(actor=reporter.did, occurred_at=format_time(api.clock.now),
-                                agent=subject.did, severity="low", rule="r", detail=str(index))
+        event = PolicyViolation(
+            actor=reporter.did,
+            occurred_at=format_time(api.clock.now),
+            agent=subject.did,
+            severity="low",
+            rule="r",
+            detail=str(index),
+        )
         return signed(event, key or reporter.key, f"batch-{index}")
 
     reports = [report(i) for i in range(5)] + [report(99, SigningKey.generate())]
@@ -288,8 +380,9 @@ async def test_report_batch_is_idempotent_per_report(api: Api) -> None:
     head = await api.head()
     again = (await api.client.post("/v1/reports:batch", json={"reports": reports[:5]})).json()
     assert (again["appended"], again["duplicates"]) == (0, 5)
-    assert [r["position"] for r in again["results"]] == [r["position"]
-                                                         for r in first["results"][:5]]
+    assert [r["position"] for r in again["results"]] == [
+        r["position"] for r in first["results"][:5]
+    ]
     assert await api.head() == head
     no_key = dict(reports[0])
     del no_key["idempotency_key"]
@@ -305,50 +398,75 @@ async def test_delegation_chains_and_their_rejections(api: Api) -> None:
     root = await api.register(("tools:*", "http:get"))
     mid, leaf, extra = await api.register(), await api.register(), await api.register()
 
-    def grant(gid: str, by: Agent, to: Agent, caps: tuple[str, ...],
-              parent: str | None = None) -> dict[str, Any]:
-        event = DelegationGranted(actor=by.did, occurred_at=format_time(api.clock.now),
-                                  grant_id=gid, delegator=by.did, delegatee=to.did,
-                                  capabilities=caps, parent=parent)
+    def grant(
+        gid: str, by: Agent, to: Agent, caps: tuple[str, ...], parent: str | None = None
+    ) -> dict[str, Any]:
+        event = DelegationGranted(
+            actor=by.did,
+            occurred_at=format_time(api.clock.now),
+            grant_id=gid,
+            delegator=by.did,
+            delegatee=to.did,
+            capabilities=caps,
+            parent=parent,
+        )
         return signed(event, by.key)
 
-    one = await api.client.post("/v1/delegations", json=grant("grant-0001", root, mid,
-                                                               ("tools:*",)))
+    one = await api.client.post(
+        "/v1/delegations", json=grant("grant-0001", root, mid, ("tools:*",))
+    )
     assert one.status_code == 201, one.text
     assert one.json()["depth"] == 1
     await api.projected(mid.did, one.json()["position"])
-    widening = await api.client.post("/v1/delegations", json=grant(
-        "grant-0002", mid, leaf, ("tools:*", "http:get"), parent="grant-0001"))
+    widening = await api.client.post(
+        "/v1/delegations",
+        json=grant("grant-0002", mid, leaf, ("tools:*", "http:get"), parent="grant-0001"),
+    )
     assert is_problem(widening, 422)["reason"] == "widening"
-    two = await api.client.post("/v1/delegations", json=grant(
-        "grant-0003", mid, leaf, ("tools:search",), parent="grant-0001"))
+    two = await api.client.post(
+        "/v1/delegations",
+        json=grant("grant-0003", mid, leaf, ("tools:search",), parent="grant-0001"),
+    )
     assert two.json()["depth"] == 2
     await api.projected(leaf.did, two.json()["position"])
-    three = await api.client.post("/v1/delegations", json=grant(
-        "grant-0004", leaf, extra, ("tools:search",), parent="grant-0003"))
+    three = await api.client.post(
+        "/v1/delegations",
+        json=grant("grant-0004", leaf, extra, ("tools:search",), parent="grant-0003"),
+    )
     assert three.json()["depth"] == 3
     await api.projected(extra.did, three.json()["position"])
-    too_deep = await api.client.post("/v1/delegations", json=grant(
-        "grant-0005", extra, mid, ("tools:search",), parent="grant-0004"))
+    too_deep = await api.client.post(
+        "/v1/delegations",
+        json=grant("grant-0005", extra, mid, ("tools:search",), parent="grant-0004"),
+    )
     assert is_problem(too_deep, 422)["reason"] == "too_deep"
     caps = (await api.client.get(f"/v1/agents/{extra.did}/capabilities")).json()
     assert caps["capabilities"] == ["tools:search"]
     chain = (await api.client.get("/v1/delegations/grant-0004")).json()
-    assert [link["grant_id"] for link in chain["chain"]] == ["grant-0004", "grant-0003",
-                                                              "grant-0001"]
-    assert chain["valid"] and all(link["active"] for link in chain["chain"])
+    assert [link["grant_id"] for link in chain["chain"]] == [
+        "grant-0004",
+        "grant-0003",
+        "grant-0001",
+    ]
+    assert chain["valid"]
+    assert all(link["active"] for link in chain["chain"])
     # Revoking the middle link revokes everything below it.
-    revocation = DelegationRevoked(actor=mid.did, occurred_at=format_time(api.clock.now),
-                                   grant_id="grant-0003", reason="done")
-    revoked = await api.client.request("DELETE", "/v1/delegations/grant-0003",
-                                       json=signed(revocation, mid.key))
+    revocation = DelegationRevoked(
+        actor=mid.did, occurred_at=format_time(api.clock.now), grant_id="grant-0003", reason="done"
+    )
+    revoked = await api.client.request(
+        "DELETE", "/v1/delegations/grant-0003", json=signed(revocation, mid.key)
+    )
     assert revoked.status_code == 200, revoked.text
     assert sorted(revoked.json()["revoked"]) == ["grant-0003", "grant-0004"]
     await api.projected(extra.did, revoked.json()["position"])
     assert (await api.client.get(f"/v1/agents/{extra.did}/capabilities")).json()[
-        "capabilities"] == []
-    under_revoked = await api.client.post("/v1/delegations", json=grant(
-        "grant-0006", leaf, extra, ("tools:search",), parent="grant-0003"))
+        "capabilities"
+    ] == []
+    under_revoked = await api.client.post(
+        "/v1/delegations",
+        json=grant("grant-0006", leaf, extra, ("tools:search",), parent="grant-0003"),
+    )
     assert is_problem(under_revoked, 422)["reason"] == "revoked_parent"
     admin = await api.client.delete("/v1/delegations/grant-0001", headers=ADMIN)
     assert admin.status_code == 200
@@ -366,8 +484,11 @@ async def test_ledger_head_checkpoint_and_events(api: Api) -> None:
     assert checkpoint["position"] <= head["position"]
     key = SigningKey.from_pem(api.settings.agent_private_key_pem or "")
     assert checkpoint["ledger_public_key"] == key.public.pem()
-    assert key.public.is_valid(base64.b64decode(checkpoint["signature"]),
-                               base64.b64decode(checkpoint["signed_bytes"]))
-    events = (await api.client.get("/v1/ledger/events", headers=ADMIN,
-                                   params={"after": 0, "limit": 1})).json()
-    assert events["items"][0]["position"] == 1 and events["next_after"] == 1
+    assert key.public.is_valid(
+        base64.b64decode(checkpoint["signature"]), base64.b64decode(checkpoint["signed_bytes"])
+    )
+    events = (
+        await api.client.get("/v1/ledger/events", headers=ADMIN, params={"after": 0, "limit": 1})
+    ).json()
+    assert events["items"][0]["position"] == 1
+    assert events["next_after"] == 1

@@ -1,0 +1,633 @@
+"""Offline checks of the Kubernetes manifests in deploy/k8s.
+
+Every resource validates against the Kubernetes OpenAPI schemas bundled with
+``kubernetes-validate`` (no cluster needed); the Prometheus Operator's CRDs are
+checked by explicit assertions. The manifests are also held to the seed
+deployment guide (the user's contract): each of its YAML blocks must be
+contained in our file, except for the deviations listed in ``DEVIATIONS``.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any, cast
+
+import kubernetes_validate  # type: ignore[import-untyped]  # ships no type information
+import pytest
+import yaml
+
+from agentmesh.settings import Settings, setting_keys
+
+Doc = dict[str, Any]
+
+REPO = Path(__file__).resolve().parents[1]
+K8S = REPO / "deploy" / "k8s"
+# The guide lives in shared/ beside the clone: /work/shared here, <clone>/../shared in CI.
+GUIDE = Path(__file__).resolve().parents[2] / "shared" / "seed" / "kubernetes-deployment-guide.md"
+
+# Schema versions: the oldest bundled (closest to the guide's "v1.24 or later"),
+# one where native sidecars are GA, and the newest bundled.
+OLDEST = "1.25"
+NATIVE_SIDECAR_MIN = "1.29"
+CURRENT = "1.33"
+
+EXAMPLES = {"agent-with-sidecar.yaml", "agent-with-native-sidecar.yaml"}
+NOT_IN_KUSTOMIZATION = EXAMPLES | {"secret.yaml", "kustomization.yaml"}
+CRD_GROUP = "monitoring.coreos.com/v1"
+AGENTMESH_IMAGES = {"agentmesh/server:1.0.0-alpha1", "agentmesh/sidecar:1.0.0-alpha1"}
+SECRET_LIKE = re.compile(r"PRIVATE_KEY|TOKEN|PASSWORD|DATABASE_URL")
+PLACEHOLDER = base64.b64encode(b"REPLACE_ME").decode()
+
+# Where our manifests differ from the guide's YAML on purpose, and why.
+DEVIATIONS = {
+    "secret.yaml: Secret/agentmesh-agent-keys.data.private-key": (
+        "a base64 REPLACE_ME placeholder instead of the guide's <base64-encoded-private-key>"
+    ),
+    "prometheusrule.yaml: PrometheusRule/agentmesh-alerts.spec.groups[agentmesh]"
+    ".rules[AgentMeshHighPolicyViolations].expr": (
+        "sum() over all series: the threshold is fleet-wide, not per pod"
+    ),
+    "prometheusrule.yaml: PrometheusRule/agentmesh-alerts.spec.groups[agentmesh]"
+    ".rules[AgentMeshPodNotReady].expr": (
+        "only server and projector pods: finished Job pods are never Ready"
+    ),
+}
+
+# What an AgentMesh process may write: /tmp (and below it), the sidecar's health file.
+WRITABLE = ("/tmp", "/var/run/agentmesh")
+
+
+# -- loading -------------------------------------------------------------------
+
+
+def manifest_files() -> list[str]:
+    return sorted(path.name for path in K8S.glob("*.yaml"))
+
+
+@cache
+def _load(name: str) -> tuple[Doc, ...]:
+    docs = yaml.safe_load_all((K8S / name).read_text())
+    return tuple(cast(Doc, doc) for doc in docs if doc is not None)
+
+
+def load(name: str) -> list[Doc]:
+    return list(_load(name))
+
+
+def resources() -> Iterator[tuple[str, Doc]]:
+    for name in manifest_files():
+        if name != "kustomization.yaml":
+            for doc in load(name):
+                yield name, doc
+
+
+def find(name: str, kind: str, resource_name: str | None = None) -> Doc:
+    matches = [
+        doc
+        for doc in load(name)
+        if doc["kind"] == kind
+        and (resource_name is None or doc["metadata"]["name"] == resource_name)
+    ]
+    assert len(matches) == 1, f"{name}: expected one {kind} {resource_name or ''}"
+    return matches[0]
+
+
+@cache
+def guide_blocks() -> dict[str, tuple[Doc, ...]]:
+    """The guide's YAML blocks that name their file (``# deployment.yaml``)."""
+    assert GUIDE.is_file(), f"the deployment guide is missing: {GUIDE}"
+    blocks: dict[str, tuple[Doc, ...]] = {}
+    for body in re.findall(r"```yaml\n(.*?)```", GUIDE.read_text(), flags=re.DOTALL):
+        first = body.splitlines()[0]
+        named = re.fullmatch(r"#\s*(\S+\.yaml)\s*", first)
+        if named:
+            docs = yaml.safe_load_all(body)
+            blocks[named.group(1)] = tuple(cast(Doc, d) for d in docs if d is not None)
+    return blocks
+
+
+def guide_configmap_data() -> dict[str, str]:
+    (configmap,) = guide_blocks()["configmap.yaml"]
+    return cast(dict[str, str], configmap["data"])
+
+
+# -- pod helpers -------------------------------------------------------------------
+
+
+def pod_template(doc: Doc) -> Doc | None:
+    kind = doc["kind"]
+    if kind in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+        return cast(Doc, doc["spec"]["template"])
+    if kind == "CronJob":
+        return cast(Doc, doc["spec"]["jobTemplate"]["spec"]["template"])
+    return None
+
+
+def pod_spec(doc: Doc) -> Doc | None:
+    template = pod_template(doc)
+    return None if template is None else cast(Doc, template["spec"])
+
+
+def pods() -> Iterator[tuple[str, Doc, Doc]]:
+    for name, doc in resources():
+        spec = pod_spec(doc)
+        if spec is not None:
+            yield name, doc, spec
+
+
+def containers_of(spec: Doc) -> list[Doc]:
+    return list(spec.get("initContainers", [])) + list(spec["containers"])
+
+
+def agentmesh_containers() -> Iterator[tuple[str, Doc, Doc]]:
+    """(file, pod spec, container) for every container running an AgentMesh image."""
+    for name, _, spec in pods():
+        for container in containers_of(spec):
+            if container["image"] in AGENTMESH_IMAGES:
+                yield name, spec, container
+
+
+def container(name: str, kind: str, container_name: str) -> Doc:
+    spec = pod_spec(find(name, kind))
+    assert spec is not None
+    (found,) = [c for c in containers_of(spec) if c["name"] == container_name]
+    return found
+
+
+def ports(container_doc: Doc) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for p in container_doc.get("ports", [])}
+
+
+def probe_port(container_doc: Doc, probe: Doc) -> int:
+    port = probe["httpGet"]["port"]
+    return ports(container_doc)[port] if isinstance(port, str) else cast(int, port)
+
+
+def literal_env(container_doc: Doc) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container_doc.get("env", []) if "value" in e}
+
+
+def secret_refs(container_doc: Doc) -> dict[str, tuple[str, str]]:
+    refs: dict[str, tuple[str, str]] = {}
+    for entry in container_doc.get("env", []):
+        ref = entry.get("valueFrom", {}).get("secretKeyRef")
+        if ref is not None:
+            refs[entry["name"]] = (ref["name"], ref["key"])
+    return refs
+
+
+# -- schemas -------------------------------------------------------------------------
+
+
+def schema_error(doc: Doc, version: str) -> str | None:
+    try:
+        kubernetes_validate.validate(doc, version, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        where = ".".join(str(part) for part in exc.path)
+        return f"{doc['kind']} against {version}: {where}: {exc.message}"
+    return None
+
+
+@pytest.mark.parametrize("name", [n for n in manifest_files() if n != "kustomization.yaml"])
+def test_every_resource_validates_against_the_kubernetes_schemas(name: str) -> None:
+    oldest = NATIVE_SIDECAR_MIN if name == "agent-with-native-sidecar.yaml" else OLDEST
+    versions = {oldest, CURRENT, kubernetes_validate.latest_version()}
+    docs = load(name)
+    assert docs, f"{name} holds no resource"
+    errors: list[str | None] = []
+    for doc in docs:
+        if doc["apiVersion"] == CRD_GROUP:
+            # Not in the Kubernetes schemas: checked below by explicit assertions.
+            assert doc["kind"] in ("ServiceMonitor", "PrometheusRule")
+            continue
+        errors += [schema_error(doc, version) for version in sorted(versions)]
+    assert [e for e in errors if e is not None] == []
+
+
+def test_the_native_sidecar_is_rejected_where_kubernetes_has_none() -> None:
+    # Shows the validation is strict: 1.25 has no initContainers[].restartPolicy.
+    deployment = find("agent-with-native-sidecar.yaml", "Deployment")
+    error = schema_error(deployment, OLDEST)
+    assert error is not None
+    assert "restartPolicy" in error
+
+
+def test_kustomization_lists_every_standalone_resource() -> None:
+    (kustomization,) = load("kustomization.yaml")
+    assert kustomization["apiVersion"] == "kustomize.config.k8s.io/v1beta1"
+    assert kustomization["kind"] == "Kustomization"
+    listed = kustomization["resources"]
+    assert len(listed) == len(set(listed))
+    assert set(listed) == set(manifest_files()) - NOT_IN_KUSTOMIZATION
+    for name in listed:
+        assert all(
+            doc["metadata"].get("namespace") == "agentmesh" or doc["kind"] == "Namespace"
+            for doc in load(name)
+        ), name
+
+
+# -- the guide's contract ------------------------------------------------------------
+
+
+def _identity(item: Any, index: int) -> str:
+    if isinstance(item, dict):
+        for key in ("name", "alert"):
+            if key in item and isinstance(item[key], str):
+                return str(item[key])
+    return str(index)
+
+
+def differences(guide: Any, ours: Any, path: str) -> list[str]:
+    """Paths where ``ours`` does not contain ``guide`` (dicts and named lists may grow)."""
+    if isinstance(guide, dict):
+        if not isinstance(ours, dict):
+            return [path]
+        found: list[str] = []
+        for key, value in guide.items():
+            sub = f"{path}.{key}"
+            found += differences(value, ours[key], sub) if key in ours else [sub]
+        return found
+    if isinstance(guide, list) and guide and all(isinstance(i, dict) for i in guide):
+        if not isinstance(ours, list):
+            return [path]
+        mine = {_identity(item, i): item for i, item in enumerate(ours)}
+        found = []
+        for i, item in enumerate(guide):
+            ident = _identity(item, i)
+            sub = f"{path}[{ident}]"
+            found += differences(item, mine[ident], sub) if ident in mine else [sub]
+        return found
+    return [] if guide == ours else [path]
+
+
+def test_manifests_contain_the_guides_yaml() -> None:
+    found: list[str] = []
+    for name, blocks in guide_blocks().items():
+        for block in blocks:
+            ours = find(name, block["kind"], block["metadata"]["name"])
+            prefix = f"{name}: {block['kind']}/{block['metadata']['name']}"
+            found += differences(block, ours, prefix)
+    assert sorted(found) == sorted(DEVIATIONS)
+
+
+def test_the_guide_names_the_files_we_ship() -> None:
+    assert set(guide_blocks()) <= set(manifest_files())
+    assert {"deployment.yaml", "configmap.yaml", "prometheusrule.yaml"} <= set(guide_blocks())
+
+
+def test_configmap_has_every_guide_key_with_the_guides_value() -> None:
+    data = find("configmap.yaml", "ConfigMap", "agentmesh-config")["data"]
+    for key, value in guide_configmap_data().items():
+        assert data.get(key) == value, key
+
+
+def test_every_configmap_key_is_a_setting_the_code_reads() -> None:
+    known = setting_keys()
+    configmaps = [(n, d) for n, d in resources() if d["kind"] == "ConfigMap"]
+    assert len(configmaps) == 3  # the server's and one per agent example
+    for name, configmap in configmaps:
+        for key, value in configmap["data"].items():
+            assert key in known, f"{name}: {key} is read by no code"
+            assert isinstance(value, str), f"{name}: {key} must be a string"
+        Settings.from_env(configmap["data"])
+
+
+def test_each_process_parses_its_whole_environment() -> None:
+    configmaps = {
+        (d["metadata"]["namespace"], d["metadata"]["name"]): d["data"]
+        for _, d in resources()
+        if d["kind"] == "ConfigMap"
+    }
+    for name, doc, spec in pods():
+        namespace = doc["metadata"]["namespace"]
+        for item in containers_of(spec):
+            if item["image"] not in AGENTMESH_IMAGES:
+                continue
+            environ: dict[str, str] = {}
+            for source in item.get("envFrom", []):
+                environ |= configmaps[(namespace, source["configMapRef"]["name"])]
+            environ |= literal_env(item)
+            unknown = {k for k in environ if k.startswith("AGENTMESH_")} - set(setting_keys())
+            assert not unknown, f"{name}: {unknown}"
+            Settings.from_env(environ)
+
+
+def test_the_sidecar_trusts_with_the_servers_parameters() -> None:
+    server = find("configmap.yaml", "ConfigMap")["data"]
+    for name in EXAMPLES:
+        sidecar = find(name, "ConfigMap", "agentmesh-config")
+        assert sidecar["metadata"]["namespace"] == "my-app"
+        differing = {
+            k
+            for k in server.keys() | sidecar["data"].keys()
+            if server.get(k) != sidecar["data"].get(k)
+        }
+        # Only the Redis host, which is qualified with the server's namespace.
+        assert differing == {"AGENTMESH_REDIS_HOST"}, name
+        assert sidecar["data"]["AGENTMESH_REDIS_HOST"].startswith(
+            server["AGENTMESH_REDIS_HOST"] + ".agentmesh."
+        )
+
+
+# -- secrets -------------------------------------------------------------------------
+
+
+def test_no_secret_in_any_configmap_or_plain_env() -> None:
+    for name, doc in resources():
+        if doc["kind"] == "ConfigMap":
+            leaked = [k for k in doc["data"] if SECRET_LIKE.search(k)]
+            assert not leaked, f"{name}: secret-like keys in a ConfigMap: {leaked}"
+    for name, _, spec in pods():
+        for item in containers_of(spec):
+            leaked = [k for k in literal_env(item) if SECRET_LIKE.search(k)]
+            assert not leaked, f"{name}: secret-like env given as a literal: {leaked}"
+
+
+def test_the_secret_template_holds_only_placeholders() -> None:
+    secrets = {doc["metadata"]["name"]: doc for doc in load("secret.yaml")}
+    assert set(secrets) == {"agentmesh-agent-keys", "agentmesh-secrets"}
+    assert set(secrets["agentmesh-agent-keys"]["data"]) == {"private-key"}
+    assert set(secrets["agentmesh-secrets"]["data"]) == {
+        "database-url",
+        "admin-token",
+        "redis-password",
+    }
+    for secret in secrets.values():
+        assert secret["type"] == "Opaque"
+        assert set(secret["data"].values()) == {PLACEHOLDER}
+
+
+def test_every_secret_reference_in_the_server_namespace_exists() -> None:
+    available = {
+        (doc["metadata"]["name"], key) for doc in load("secret.yaml") for key in doc["data"]
+    }
+    used: set[tuple[str, str]] = set()
+    for name, doc, spec in pods():
+        if doc["metadata"]["namespace"] == "agentmesh":
+            for item in containers_of(spec):
+                refs = set(secret_refs(item).values())
+                assert refs <= available, name
+                used |= refs
+    assert used == available
+
+
+def test_the_api_gets_its_secrets_from_secret_key_refs() -> None:
+    api = container("deployment.yaml", "Deployment", "agentmesh")
+    assert secret_refs(api) == {
+        "AGENTMESH_AGENT_PRIVATE_KEY": ("agentmesh-agent-keys", "private-key"),
+        "AGENTMESH_DATABASE_URL": ("agentmesh-secrets", "database-url"),
+        "AGENTMESH_ADMIN_TOKEN": ("agentmesh-secrets", "admin-token"),
+        "AGENTMESH_REDIS_PASSWORD": ("agentmesh-secrets", "redis-password"),
+    }
+    assert api["envFrom"] == [{"configMapRef": {"name": "agentmesh-config"}}]
+
+
+# -- security ------------------------------------------------------------------------
+
+
+def test_every_pod_and_container_is_locked_down() -> None:
+    checked = 0
+    for name, _, spec in pods():
+        pod = spec["securityContext"]
+        assert pod["runAsUser"] == 1000, name
+        assert pod["fsGroup"] == 1000, name
+        assert pod["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for item in containers_of(spec):
+            where = f"{name}: {item['name']}"
+            own = item["securityContext"]
+            assert own.get("runAsNonRoot", pod.get("runAsNonRoot")) is True, where
+            assert own["readOnlyRootFilesystem"] is True, where
+            assert own["allowPrivilegeEscalation"] is False, where
+            assert own["capabilities"]["drop"] == ["ALL"], where
+            assert "privileged" not in own, where
+            mounts = {m["mountPath"]: m["name"] for m in item["volumeMounts"]}
+            assert "/tmp" in mounts, f"{where} does not mount /tmp"
+            for path, volume in mounts.items():
+                assert path.startswith(WRITABLE), f"{where} writes {path}"
+                assert set(volumes[volume]) == {"name", "emptyDir"}, f"{where}: {volume}"
+            checked += 1
+    assert checked >= 8
+
+
+def test_every_agentmesh_process_runs_the_cli_with_read_only_friendly_python() -> None:
+    expected = {
+        ("deployment.yaml", "agentmesh"): ["serve", "api"],
+        ("projector-deployment.yaml", "projector"): ["serve", "projector"],
+        ("migration-job.yaml", "migrate"): ["db", "upgrade"],
+        ("retention-cronjob.yaml", "retention"): ["retention", "run"],
+        ("agent-with-sidecar.yaml", "agentmesh-sidecar"): ["serve", "sidecar"],
+        ("agent-with-native-sidecar.yaml", "agentmesh-sidecar"): ["serve", "sidecar"],
+    }
+    seen = {}
+    for name, _, item in agentmesh_containers():
+        assert item["command"] == ["agentmesh"], name
+        assert literal_env(item)["PYTHONDONTWRITEBYTECODE"] == "1", name
+        seen[(name, item["name"])] = item["args"]
+    assert seen == expected
+
+
+def test_the_api_keeps_its_multiprocess_metrics_under_tmp() -> None:
+    api = container("deployment.yaml", "Deployment", "agentmesh")
+    directory = literal_env(api)["PROMETHEUS_MULTIPROC_DIR"]
+    assert directory == "/tmp/prometheus"
+    assert directory in {m["mountPath"] for m in api["volumeMounts"]}
+
+
+# -- ports and probes ----------------------------------------------------------------
+
+
+def test_ports_match_the_guide() -> None:
+    api = container("deployment.yaml", "Deployment", "agentmesh")
+    assert ports(api) == {"api": 8080, "metrics": 9090}
+    service = find("service.yaml", "Service")
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {
+        "api": 8080,
+        "metrics": 9090,
+    }
+    for name in EXAMPLES:
+        sidecar = container(name, "Deployment", "agentmesh-sidecar")
+        assert ports(sidecar) == {"proxy": 8081, "metrics": 9091}, name
+        agent = container(name, "Deployment", "agent")
+        assert literal_env(agent)["AGENTMESH_PROXY_URL"] == "http://localhost:8081"
+    projector = container("projector-deployment.yaml", "Deployment", "projector")
+    assert ports(projector) == {"metrics": 9092}
+    assert literal_env(projector)["AGENTMESH_PROJECTOR_METRICS_PORT"] == "9092"
+
+
+def test_scrape_annotations_point_at_the_metrics_port() -> None:
+    for name, doc, spec in pods():
+        template = pod_template(doc)
+        assert template is not None
+        annotations = template["metadata"].get("annotations", {})
+        if annotations.get("prometheus.io/scrape") == "true":
+            metrics = {ports(c).get("metrics") for c in containers_of(spec)} - {None}
+            assert metrics == {int(annotations["prometheus.io/port"])}, name
+            assert annotations["prometheus.io/path"] == "/metrics", name
+
+
+def test_api_probes_liveness_health_and_readiness_ready() -> None:
+    api = container("deployment.yaml", "Deployment", "agentmesh")
+    assert api["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert probe_port(api, api["livenessProbe"]) == 8080
+    assert api["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert probe_port(api, api["readinessProbe"]) == 8080
+
+
+def test_the_projector_has_no_probe_that_could_ping_the_database() -> None:
+    projector = container("projector-deployment.yaml", "Deployment", "projector")
+    assert not {"livenessProbe", "readinessProbe", "startupProbe"} & projector.keys()
+    assert find("projector-deployment.yaml", "Deployment")["spec"]["replicas"] == 2
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_sidecar_probes(name: str) -> None:
+    sidecar = container(name, "Deployment", "agentmesh-sidecar")
+    assert sidecar["livenessProbe"]["exec"]["command"] == ["cat", "/var/run/agentmesh/healthy"]
+    assert sidecar["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert probe_port(sidecar, sidecar["readinessProbe"]) == 8081
+    assert "/var/run/agentmesh" in {m["mountPath"] for m in sidecar["volumeMounts"]}
+
+
+def test_the_native_sidecar_starts_before_the_agent() -> None:
+    spec = pod_spec(find("agent-with-native-sidecar.yaml", "Deployment"))
+    assert spec is not None
+    (sidecar,) = spec["initContainers"]
+    assert sidecar["name"] == "agentmesh-sidecar"
+    assert sidecar["restartPolicy"] == "Always"
+    assert sidecar["startupProbe"]["httpGet"]["path"] == "/health"
+    assert probe_port(sidecar, sidecar["startupProbe"]) == 8081
+    assert [c["name"] for c in spec["containers"]] == ["agent"]
+    # Apart from what makes it native, it is the regular sidecar, unchanged.
+    regular = container("agent-with-sidecar.yaml", "Deployment", "agentmesh-sidecar")
+    native = {k: v for k, v in sidecar.items() if k not in ("restartPolicy", "startupProbe")}
+    assert native == regular
+
+
+# -- jobs ----------------------------------------------------------------------------
+
+
+def test_retention_runs_daily_and_never_twice_at_once() -> None:
+    cronjob = find("retention-cronjob.yaml", "CronJob")
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+    minute, hour, day, month, weekday = cronjob["spec"]["schedule"].split()
+    assert minute.isdigit()
+    assert hour.isdigit()
+    assert (day, month, weekday) == ("*", "*", "*")
+    retention = container("retention-cronjob.yaml", "CronJob", "retention")
+    assert "AGENTMESH_AGENT_PRIVATE_KEY" in secret_refs(retention)  # it signs the cut
+
+
+def test_migrations_get_the_database_url_and_nothing_more_secret() -> None:
+    migrate = container("migration-job.yaml", "Job", "migrate")
+    assert secret_refs(migrate) == {"AGENTMESH_DATABASE_URL": ("agentmesh-secrets", "database-url")}
+
+
+# -- Prometheus Operator resources (CRDs: structure checked explicitly) ---------------
+
+
+def _selected(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def test_servicemonitor_scrapes_the_metrics_port_of_every_agentmesh_service() -> None:
+    monitor = find("servicemonitor.yaml", "ServiceMonitor")
+    assert monitor["apiVersion"] == CRD_GROUP
+    assert monitor["metadata"]["namespace"] == "agentmesh"
+    spec = monitor["spec"]
+    assert spec["namespaceSelector"]["matchNames"] == ["agentmesh"]
+    assert spec["endpoints"]
+    for endpoint in spec["endpoints"]:
+        assert endpoint["port"] == "metrics"
+        assert endpoint["path"] == "/metrics"
+    selector = spec["selector"]["matchLabels"]
+    services = [d for _, d in resources() if d["kind"] == "Service"]
+    selected = [s for s in services if _selected(selector, s["metadata"]["labels"])]
+    assert {s["metadata"]["name"] for s in selected} == {"agentmesh", "agentmesh-projector"}
+    for service in selected:
+        assert "metrics" in {p["name"] for p in service["spec"]["ports"]}
+
+
+def test_services_select_the_pods_that_serve_their_ports() -> None:
+    deployments = [d for _, d in resources() if d["kind"] == "Deployment"]
+    for _, service in ((n, d) for n, d in resources() if d["kind"] == "Service"):
+        targets = [
+            d
+            for d in deployments
+            if _selected(service["spec"]["selector"], d["spec"]["template"]["metadata"]["labels"])
+        ]
+        assert len(targets) == 1, service["metadata"]["name"]
+        spec = pod_spec(targets[0])
+        assert spec is not None
+        named = {p for c in containers_of(spec) for p in ports(c)}
+        assert {p["targetPort"] for p in service["spec"]["ports"]} <= named
+
+
+PROMQL_WORDS = {
+    "sum", "avg", "min", "max", "count", "rate", "irate", "increase", "by", "without",
+    "on", "ignoring", "unless", "and", "or", "bool", "group_left", "group_right",
+}  # fmt: skip
+ALLOWED_METRICS = {
+    "agentmesh_policy_violation_count",
+    "agentmesh_trust_score_gauge",
+    "kube_pod_status_ready",
+}
+
+
+def metric_names(expr: str) -> set[str]:
+    """Series names in a PromQL expression: identifiers outside {...}, [...], by (...), strings."""
+    bare = re.sub(r"\{[^}]*\}|\[[^\]]*\]|\"[^\"]*\"", " ", expr)
+    bare = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", bare)
+    words = set(re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*", bare))
+    return words - PROMQL_WORDS
+
+
+def alerts() -> dict[str, Doc]:
+    rule = find("prometheusrule.yaml", "PrometheusRule")
+    assert rule["apiVersion"] == CRD_GROUP
+    return {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+
+
+def test_prometheusrule_has_the_guides_alerts_on_series_the_product_exposes() -> None:
+    rules = alerts()
+    assert set(rules) == {
+        "AgentMeshHighPolicyViolations",
+        "AgentMeshLowTrustScore",
+        "AgentMeshPodNotReady",
+    }
+    used = {alert: metric_names(rule["expr"]) for alert, rule in rules.items()}
+    assert used == {
+        "AgentMeshHighPolicyViolations": {"agentmesh_policy_violation_count"},
+        "AgentMeshLowTrustScore": {"agentmesh_trust_score_gauge"},
+        "AgentMeshPodNotReady": {"kube_pod_status_ready"},
+    }
+    assert set().union(*used.values()) <= ALLOWED_METRICS
+    for rule in rules.values():
+        assert rule["labels"]["severity"] in ("warning", "critical")
+        assert rule["annotations"]["summary"]
+        assert re.fullmatch(r"\d+m", rule["for"])
+
+
+def test_metric_names_sees_through_promql() -> None:
+    assert metric_names('sum(rate(a_b[5m])) by (x) > 10 unless on (y) c{d="e_f"}') == {"a_b", "c"}
+
+
+def test_pod_not_ready_pages_for_long_running_pods_only() -> None:
+    expr = alerts()["AgentMeshPodNotReady"]["expr"]
+    matcher = re.search(r'pod=~"([^"]+)"', expr)
+    assert matcher is not None
+    # PromQL regex matchers are anchored at both ends.
+    pattern = re.compile(matcher.group(1))
+    long_running = [d for _, d in resources() if d["kind"] == "Deployment"]
+    for deployment in long_running:
+        if deployment["metadata"]["namespace"] == "agentmesh":
+            pod = deployment["metadata"]["name"] + "-5d4f8b7c9-abc12"
+            assert pattern.fullmatch(pod), pod
+    for kind in ("Job", "CronJob"):
+        for _, doc in resources():
+            if doc["kind"] == kind:
+                assert not pattern.fullmatch(doc["metadata"]["name"] + "-29132130-x7k2p")
