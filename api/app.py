@@ -58,4 +58,5 @@ def create_app(open_context: ContextFactory, close_context: ContextCloser) -> Li
             render_plugins=[SwaggerRenderPlugin()],
         ),
         debug=False,
+        logging_config=None,  # one logging style: agentmesh.logs configures the root logger
     )

@@ -15,7 +15,7 @@ Two kinds:
 
 ``agentmesh_policy_violation_count`` is exposed under exactly that name, as
 the deployment guide's alert selects it (a plain prometheus-client Counter
-would append ``_total``).
+would append ``_total``); its values only grow, so ``rate()`` applies.
 """
 
 from __future__ import annotations
@@ -112,8 +112,10 @@ class MeshStatsCollector(Collector):
         yield tiers
         violations = Metric(
             "agentmesh_policy_violation_count",
-            "Policy violations recorded in the ledger",
-            "counter",
+            "Policy violations recorded in the ledger (a counter)",
+            # Exposed untyped: prometheus-client's text format would rename a counter's
+            # metadata to ``..._total``; the guide's alert needs this exact series name.
+            "unknown",
         )
         for severity, count in stats.violations.items():
             violations.add_sample(
