@@ -220,7 +220,7 @@ async def get_trust(ctx: Ctx, did: FromPath[str], at: FromQuery[str | None] = No
 async def agent_events(
     ctx: Ctx,
     did: FromPath[str],
-    after: Annotated[int, QueryParameter(ge=0)] = 0,
+    after: Annotated[int, QueryParameter(ge=0, le=2**63 - 1)] = 0,
     limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
 ) -> s.EventPage:
     """Ledger entries the agent signed or is the subject of, by position."""
@@ -597,7 +597,7 @@ async def latest_checkpoint(ctx: Ctx) -> s.CheckpointOut:
 @get("/v1/ledger/events", tags=["ledger"])
 async def ledger_events(
     ctx: Ctx,
-    after: Annotated[int, QueryParameter(ge=0)] = 0,
+    after: Annotated[int, QueryParameter(ge=0, le=2**63 - 1)] = 0,
     limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
     authorization: Auth = None,
 ) -> s.EventPage:

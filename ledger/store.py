@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+from opentelemetry import trace
 
 from ledger.chain import (
     Checkpoint,
@@ -70,6 +71,8 @@ from ledger.signed import SignedEvent
 from ledger.timefmt import format_time, parse_time, utc_now
 
 log = logging.getLogger("agentmesh.ledger")
+# A no-op unless the process configured an OpenTelemetry tracer provider.
+_tracer = trace.get_tracer("agentmesh.ledger")
 
 NOTIFY_CHANNEL = "agentmesh_ledger"
 _LEDGER_ONLY = (
@@ -469,8 +472,13 @@ class PostgresEventStore(PostgresLedgerReader):
         if self._closed:
             raise StoreUnavailableError("the event store is closed")
         request = self._request(events, expected_version, idempotency_key)
-        self._incoming.put_nowait(request)
-        return await request.future
+        with _tracer.start_as_current_span("ledger.append") as span:
+            span.set_attribute("ledger.events", len(request.events))
+            span.set_attribute("ledger.stream_id", request.stream_id)
+            self._incoming.put_nowait(request)
+            result = await request.future
+            span.set_attribute("ledger.position", result.positions[-1])
+            return result
 
     async def append_own(
         self,

@@ -16,11 +16,11 @@ from functools import cache
 from pathlib import Path
 from typing import Any, cast
 
-import kubernetes_validate  # type: ignore[import-untyped]  # ships no type information
+import kubernetes_validate  # ships no type information
 import pytest
 import yaml
 
-from agentmesh.settings import Settings, setting_keys
+from agentmesh.settings import Settings, default_of, setting_keys
 
 Doc = dict[str, Any]
 
@@ -49,7 +49,7 @@ DEVIATIONS = {
     ),
     "prometheusrule.yaml: PrometheusRule/agentmesh-alerts.spec.groups[agentmesh]"
     ".rules[AgentMeshHighPolicyViolations].expr": (
-        "sum() over all series: the threshold is fleet-wide, not per pod"
+        "fleet-wide: summed over severities, once (every API pod exposes the same ledger count)"
     ),
     "prometheusrule.yaml: PrometheusRule/agentmesh-alerts.spec.groups[agentmesh]"
     ".rules[AgentMeshPodNotReady].expr": (
@@ -311,7 +311,8 @@ def test_each_process_parses_its_whole_environment() -> None:
             for source in item.get("envFrom", []):
                 environ |= configmaps[(namespace, source["configMapRef"]["name"])]
             environ |= literal_env(item)
-            unknown = {k for k in environ if k.startswith("AGENTMESH_")} - set(setting_keys())
+            names = set(environ) | set(secret_refs(item))
+            unknown = {k for k in names if k.startswith("AGENTMESH_")} - set(setting_keys())
             assert not unknown, f"{name}: {unknown}"
             Settings.from_env(environ)
 
@@ -457,6 +458,18 @@ def test_ports_match_the_guide() -> None:
     projector = container("projector-deployment.yaml", "Deployment", "projector")
     assert ports(projector) == {"metrics": 9092}
     assert literal_env(projector)["AGENTMESH_PROJECTOR_METRICS_PORT"] == "9092"
+
+
+def test_the_processes_listen_on_the_ports_the_manifests_declare() -> None:
+    def effective(item: Doc, key: str) -> object:
+        value = literal_env(item).get(key)
+        return default_of(key) if value is None else int(value)
+
+    api = container("deployment.yaml", "Deployment", "agentmesh")
+    assert effective(api, "AGENTMESH_API_PORT") == ports(api)["api"]
+    assert effective(api, "AGENTMESH_METRICS_PORT") == ports(api)["metrics"]
+    projector = container("projector-deployment.yaml", "Deployment", "projector")
+    assert effective(projector, "AGENTMESH_PROJECTOR_METRICS_PORT") == ports(projector)["metrics"]
 
 
 def test_scrape_annotations_point_at_the_metrics_port() -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from agentmesh.migrate import head_revision
 from agentmesh.settings import ConfigError, Settings, setting_keys
 from ledger.identity import SigningKey, VerifyKey, did_for_raw_public_key
 
@@ -179,7 +180,7 @@ async def test_db_upgrade_is_idempotent(postgres: object) -> None:
     for _ in range(2):
         result = cli("db", "upgrade", env={"AGENTMESH_DATABASE_URL": url})
         assert result.returncode == 0, result.stderr
-        assert result.stdout.strip() == "database at revision 0002_projections"
+        assert result.stdout.strip() == f"database at revision {head_revision()}"
     conn = await asyncpg.connect(url)
     try:
         tables = {
