@@ -50,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     _db_commands(commands)
     _ledger_commands(commands)
     _projection_commands(commands)
+    _retention_commands(commands)
     up = commands.add_parser("up", help="run the local stack (embedded PostgreSQL)")
     up.set_defaults(handler=_cmd_up)
     return parser
@@ -148,6 +149,27 @@ def _projection_commands(commands: Any) -> None:
         help="read store to inspect (default AGENTMESH_STORAGE_BACKEND)",
     )
     status.set_defaults(handler=_cmd_projections_status)
+
+
+def _retention_commands(commands: Any) -> None:
+    retention = commands.add_parser("retention", help="the audit window")
+    sub = retention.add_subparsers(required=True, metavar="ACTION")
+    run = sub.add_parser(
+        "run", help="remove events older than AGENTMESH_GOVERNANCE_AUDIT_RETENTION_DAYS"
+    )
+    run.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    run.set_defaults(handler=_cmd_retention_run)
+
+
+def _cmd_retention_run(args: argparse.Namespace, settings: Settings) -> int:
+    from agentmesh.retention_job import run_retention
+
+    print(_run_text(run_retention(settings, dry_run=args.dry_run)))
+    return 0
+
+
+def _run_text(coroutine: Coroutine[Any, Any, str]) -> str:
+    return asyncio.run(coroutine)
 
 
 def _positive_int(text: str) -> int:

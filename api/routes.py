@@ -30,6 +30,7 @@ from ledger.events import (
     TrustSignal,
 )
 from ledger.identity import VerifyKey, b64encode, is_did
+from ledger.retention import retention_window
 from ledger.signed import SignedEvent
 from ledger.store import AppendResult
 from ledger.timefmt import format_time, parse_time
@@ -199,8 +200,7 @@ async def get_trust(ctx: Ctx, did: FromPath[str], at: FromQuery[str | None] = No
             raise not_found(f"agent {did} is not registered")
         return s.trust_out(view, format_time(now))
     moment = _time(at, ctx)
-    state = MeshState(ctx.config)
-    after = 0
+    state, after = await _state_before(ctx, did, moment)
     while True:
         batch = await ctx.ledger.read_agent(did, after, 1000)
         for record in batch:
@@ -214,6 +214,29 @@ async def get_trust(ctx: Ctx, did: FromPath[str], at: FromQuery[str | None] = No
     if view is None:
         raise not_found(f"agent {did} was not registered at {at}")
     return s.trust_out(view, format_time(moment))
+
+
+async def _state_before(ctx: ApiContext, did: str, moment: Any) -> tuple[MeshState, int]:
+    """The agent's state where the stored ledger starts: empty, or after a
+    retention cut, the snapshot at the cut (only that agent)."""
+    window = await retention_window(ctx.ledger)
+    if window is None:
+        return MeshState(ctx.config), 0
+    if moment < window.cut_time:
+        raise ProblemError(
+            410,
+            "before-retention-window",
+            "Before the retention window",
+            f"{format_time(moment)} is before the retention window: events recorded before "
+            f"{format_time(window.cut_time)} were removed; the ledger keeps their snapshot only",
+        )
+    agents = window.snapshot["agents"]
+    partial = {
+        **window.snapshot,
+        "agents": {did: agents[did]} if did in agents else {},
+        "grants": {},
+    }
+    return MeshState.from_snapshot(partial, ctx.config), window.position
 
 
 @get("/v1/agents/{did:str}/events", tags=["agents"])

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import msgspec
 from opentelemetry import trace
 
 from ledger.chain import (
@@ -66,7 +67,7 @@ from ledger.events import (
     stream_of,
     subject_agents,
 )
-from ledger.identity import SigningKey, VerifyKey
+from ledger.identity import SigningKey, VerifyKey, b64decode
 from ledger.signed import SignedEvent
 from ledger.timefmt import format_time, parse_time, utc_now
 
@@ -345,18 +346,36 @@ class PostgresLedgerReader:
         return rows[0] if rows and rows[0].position == position else None
 
     async def keys_before(self, position: int) -> dict[str, bytes]:
-        """Every agent's key as of just before ``position`` (folded from the entries)."""
-        rows = await self._fetch(
-            "SELECT body FROM events WHERE position < $1 "
-            "AND event_type IN ('agent.registered', 'agent.key_rotated') ORDER BY position",
+        """Every agent's key as of just before ``position``: the keys of the latest
+        retention anchor below it (whose history is gone), then the registrations
+        and rotations after that anchor."""
+        anchor = await self._fetchrow(
+            "SELECT position, keys FROM retention_anchors WHERE position < $1 "
+            "ORDER BY position DESC LIMIT 1",
             position,
         )
         keys: dict[str, bytes] = {}
+        start = 0
+        if anchor is not None:
+            start = anchor["position"]
+            stored = msgspec.json.decode(bytes(anchor["keys"]))
+            keys = {did: b64decode(raw, "key") for did, raw in stored.items()}
+        rows = await self._fetch(
+            "SELECT body FROM events WHERE position < $1 AND position > $2 "
+            "AND event_type IN ('agent.registered', 'agent.key_rotated') ORDER BY position",
+            position,
+            start,
+        )
         for row in rows:
             event = decode_body(bytes(row["body"]))
             if isinstance(event, AgentRegistered | AgentKeyRotated):
                 keys[event.did] = VerifyKey.from_pem(event.public_key).raw
         return keys
+
+    async def first_position(self) -> int | None:
+        """The oldest position still stored (retention removes the ones before it)."""
+        row = await self._fetchrow("SELECT min(position) AS first FROM events")
+        return None if row is None else row["first"]
 
 
 async def _create_pool(url: str, size: int) -> asyncpg.Pool:

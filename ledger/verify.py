@@ -17,6 +17,7 @@ import os
 from collections.abc import AsyncIterable, Callable, Iterable
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -277,6 +278,12 @@ async def verify_entries(
     return await verifier.finish(head[0], head[1])
 
 
+async def _retention_anchor(reader: PostgresLedgerReader, ledger_key: VerifyKey) -> Any:
+    from ledger.retention import latest_anchor  # retention imports the store, like us
+
+    return await latest_anchor(reader, ledger_key)
+
+
 async def verify_ledger(
     reader: PostgresLedgerReader,
     ledger_key: VerifyKey,
@@ -297,16 +304,30 @@ async def verify_ledger(
     head = await reader.head()
     start_hash = GENESIS_HASH
     checkpoints = await reader.checkpoints(after=max(from_position - 2, 0))
+    anchor = await _retention_anchor(reader, ledger_key)
+    if anchor is not None and from_position <= anchor.position:
+        if from_position > 1:
+            raise VerificationError(
+                from_position,
+                f"before the retention window: the ledger starts after position {anchor.position}",
+            )
+        from_position = anchor.position + 1  # verify from the anchor
+        checkpoints = await reader.checkpoints(after=anchor.position - 1)
     if from_position > 1:
         before = await reader.entry_at(from_position - 1)
-        if before is None:
+        if before is not None:
+            start_hash = before.entry_hash
+        elif anchor is not None and anchor.position == from_position - 1:
+            start_hash = anchor.entry_hash
+        else:
             raise VerificationError(from_position - 1, "no entry to start verifying from")
-        start_hash = before.entry_hash
-        anchor = next((c for c in checkpoints if c.position == from_position - 1), None)
-        if anchor is not None:
-            verify_checkpoint(anchor, ledger_key)
-            if anchor.head_hash != start_hash.hex():
-                raise VerificationError(anchor.position, "entry_hash differs from its checkpoint")
+        start = next((c for c in checkpoints if c.position == from_position - 1), None)
+        if start is not None:
+            verify_checkpoint(start, ledger_key)
+            if start.head_hash != start_hash.hex():
+                raise VerificationError(start.position, "entry_hash differs from its checkpoint")
+        elif anchor is not None and anchor.position == from_position - 1:
+            raise VerificationError(anchor.position, "the retention anchor has no checkpoint")
     ring = KeyRing(ledger_key, await reader.keys_before(from_position))
     verifier = LedgerVerifier(
         ring,

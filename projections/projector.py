@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ledger.dsn import asyncpg_dsn
 from ledger.events import decode_body
+from ledger.retention import retention_window
 from ledger.store import PostgresLedgerReader, RecordedEvent
 from ledger.timefmt import format_time, utc_now
 from projections.config import TrustConfig
@@ -138,9 +139,9 @@ class Projector:
 
     async def rebuild(self, progress: Progress | None = None) -> _Progress:
         """Fold the whole ledger into a fresh generation, then swap it in at once."""
-        state = MeshState(self.config)
+        state = await self._base_state()
         count = 0
-        async for record in self.ledger.iter_entries(after=0, batch=10_000):
+        async for record in self.ledger.iter_entries(after=state.position, batch=10_000):
             state.apply(decode_body(record.body), record.position, record.recorded_at)
             count += 1
             if progress is not None and count % 10_000 == 0:
@@ -152,6 +153,20 @@ class Projector:
             self.metrics.rebuilds.inc()
         log.info("rebuilt read store %s at position %d", self.store.name, state.position)
         return _Progress(state, meta.generation)
+
+    async def _base_state(self) -> MeshState:
+        """Empty, or the retention snapshot when the ledger's start was cut away."""
+        window = await retention_window(self.ledger)
+        if window is None:
+            return MeshState(self.config)
+        try:
+            return MeshState.from_snapshot(window.snapshot, self.config)
+        except SnapshotError as exc:
+            raise ProjectionError(
+                f"the retention snapshot at position {window.position} cannot be used: {exc}; "
+                "events before it are gone, so the trust configuration it was folded under "
+                "must be kept"
+            ) from exc
 
     def _meta(self, state: MeshState, generation: str) -> Meta:
         return Meta(

@@ -1,0 +1,349 @@
+"""Retention: remove events older than the audit window without breaking verification.
+
+A run follows these steps (``apply_retention``), each idempotent, so a run
+that dies at any point is finished by the next one:
+
+1. The cut: ``cut_time = now - days``; the cut position P is the last event
+   recorded before it. Nothing to do if P is already anchored and recorded.
+2. Anchor (one transaction, before anything is removed): the snapshot of every
+   projection's state at P (built by the caller's ``snapshot_at``), the agent
+   keys as of P, and the chain's hash at P, signed together by the ledger key;
+   plus a signed checkpoint at P. If this cannot be written, nothing is removed.
+3. Prune: whole daily partitions entirely before the cut are detached
+   (CONCURRENTLY, so appends go on) and dropped; the rest of a partition that
+   straddles the cut is deleted row by row; idempotency keys and checkpoints
+   of removed positions go too.
+4. Record: ``ledger.retention_applied`` is appended, naming the cut, the
+   anchor hash and the snapshot digest.
+
+Afterwards verification starts from the latest anchor: its signature, its
+checkpoint, and the keys it carries replace the removed history.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from ledger.canonical import canonical_bytes
+from ledger.chain import sign_checkpoint
+from ledger.errors import LedgerError, StoreUnavailableError, VerificationError
+from ledger.events import RetentionApplied
+from ledger.identity import SigningKey, VerifyKey, b64decode, b64encode
+from ledger.store import PostgresEventStore, PostgresLedgerReader
+from ledger.timefmt import format_time
+
+log = logging.getLogger("agentmesh.retention")
+
+ANCHOR_TYPE = "agentmesh.retention.anchor"
+SnapshotAt = Callable[[int], Awaitable[Mapping[str, Any]]]
+_DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+_PARTITION = re.compile(r"^events_p\d{8}$")
+
+
+class RetentionError(LedgerError):
+    """Retention refused to run (nothing was removed) or could not finish."""
+
+
+@dataclass(frozen=True, slots=True)
+class Anchor:
+    """A verified retention anchor: where the chain restarts after a cut."""
+
+    position: int
+    entry_hash: bytes
+    cut_time: datetime
+    keys: dict[str, bytes]
+    snapshot: dict[str, Any]
+    snapshot_digest: bytes
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionPlan:
+    cut_time: datetime
+    cut_position: int
+    anchored: int
+    drop: list[str]
+    straddling: list[str]
+    rows: int
+
+    @property
+    def nothing_to_do(self) -> bool:
+        return self.cut_position <= self.anchored
+
+    def summary(self) -> str:
+        if self.nothing_to_do:
+            return (
+                f"retention: nothing before {format_time(self.cut_time)} left to remove "
+                f"(anchored at position {self.anchored})"
+            )
+        return (
+            f"retention: cut at {format_time(self.cut_time)} = position "
+            f"{self.cut_position}; {self.rows} events; drop {len(self.drop)} partitions "
+            f"({', '.join(self.drop) or '-'}); trim {', '.join(self.straddling) or '-'}"
+        )
+
+
+def anchor_signed_bytes(
+    position: int, entry_hash: bytes, cut_time: datetime, keys: bytes, snapshot_digest: bytes
+) -> bytes:
+    return canonical_bytes(
+        {
+            "type": ANCHOR_TYPE,
+            "position": position,
+            "entry_hash": entry_hash.hex(),
+            "cut_time": format_time(cut_time),
+            "keys_digest": hashlib.sha256(keys).hexdigest(),
+            "snapshot_digest": snapshot_digest.hex(),
+        }
+    )
+
+
+# -- reading anchors -----------------------------------------------------------------
+
+
+async def latest_anchor(reader: PostgresLedgerReader, ledger_key: VerifyKey) -> Anchor | None:
+    """The newest anchor, its signature and digests verified; None if retention never ran."""
+    try:
+        row = await reader.pool.fetchrow(
+            "SELECT * FROM retention_anchors ORDER BY position DESC LIMIT 1"
+        )
+    except _DRIVER_ERRORS as exc:
+        raise StoreUnavailableError(f"cannot read retention anchors: {exc}") from exc
+    return None if row is None else verify_anchor_row(row, ledger_key)
+
+
+def verify_anchor_row(row: Mapping[str, Any], ledger_key: VerifyKey) -> Anchor:
+    position = row["position"]
+    keys_raw, snapshot_raw = bytes(row["keys"]), bytes(row["snapshot"])
+    digest = bytes(row["snapshot_digest"])
+    if hashlib.sha256(snapshot_raw).digest() != digest:
+        raise VerificationError(position, "retention snapshot does not match its digest")
+    if row["signer"] != ledger_key.did:
+        raise VerificationError(position, f"retention anchor signed by {row['signer']}")
+    message = anchor_signed_bytes(
+        position, bytes(row["entry_hash"]), row["cut_time"], keys_raw, digest
+    )
+    if not ledger_key.is_valid(bytes(row["signature"]), message):
+        raise VerificationError(position, "retention anchor signature is invalid")
+    keys = {did: b64decode(raw, "key") for did, raw in msgspec.json.decode(keys_raw).items()}
+    return Anchor(
+        position,
+        bytes(row["entry_hash"]),
+        row["cut_time"],
+        keys,
+        msgspec.json.decode(snapshot_raw),
+        digest,
+        row["status"],
+    )
+
+
+# -- planning ------------------------------------------------------------------------------
+
+
+async def plan_retention(
+    reader: PostgresLedgerReader, ledger_key: VerifyKey, now: datetime, days: int
+) -> RetentionPlan:
+    cut_time = now - timedelta(days=days)
+    pool = reader.pool
+    cut = await pool.fetchval(
+        "SELECT coalesce(max(position), 0) FROM events WHERE recorded_at < $1", cut_time
+    )
+    anchor = await latest_anchor(reader, ledger_key)
+    anchored = 0 if anchor is None or anchor.status != "recorded" else anchor.position
+    drop, straddling = await _partitions(pool, cut_time)
+    rows = await pool.fetchval(
+        "SELECT count(*) FROM events WHERE position <= $1 AND position > $2", cut, anchored
+    )
+    return RetentionPlan(cut_time, max(cut, anchored), anchored, drop, straddling, rows)
+
+
+async def _partitions(pool: asyncpg.Pool, cut_time: datetime) -> tuple[list[str], list[str]]:
+    """Daily partitions wholly before the cut, and the one that straddles it."""
+    names = await pool.fetch(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "WHERE i.inhparent = 'events'::regclass ORDER BY 1"
+    )
+    drop, straddling = [], []
+    for (name,) in names:
+        day = datetime.strptime(name.removeprefix("events_p"), "%Y%m%d").replace(tzinfo=UTC)
+        if day + timedelta(days=1) <= cut_time:
+            drop.append(name)
+        elif day < cut_time:
+            straddling.append(name)
+    return drop, straddling
+
+
+# -- applying ------------------------------------------------------------------------------
+
+
+async def apply_retention(
+    store: PostgresEventStore,
+    key: SigningKey,
+    plan: RetentionPlan,
+    snapshot_at: SnapshotAt,
+    now: datetime,
+) -> str:
+    """Carry out ``plan`` (see the module docstring for the numbered steps)."""
+    # 1. Resume an interrupted run first, whatever the new cut.
+    pending = await _pending_anchor(store, key)
+    if pending is None and plan.nothing_to_do:
+        return plan.summary()
+    if pending is None:
+        pending = await _anchor(store, key, plan, snapshot_at, now)
+    if pending.status == "anchored":
+        await _prune(store.pool, pending, plan)
+        pending = await _set_status(store.pool, pending, "pruned")
+    if pending.status == "pruned":
+        await store.append_own(
+            RetentionApplied(
+                actor=key.did,
+                occurred_at=format_time(now),
+                cut_position=pending.position,
+                cut_time=format_time(pending.cut_time),
+                anchor_hash=pending.entry_hash.hex(),
+                snapshot_digest=pending.snapshot_digest.hex(),
+            ),
+            idempotency_key=f"retention:{pending.position}",
+        )
+        await _set_status(store.pool, pending, "recorded")
+    return (
+        f"retention applied: events up to position {pending.position} "
+        f"(recorded before {format_time(pending.cut_time)}) removed; "
+        f"anchor {pending.entry_hash.hex()}, snapshot {pending.snapshot_digest.hex()}"
+    )
+
+
+async def _pending_anchor(store: PostgresEventStore, key: SigningKey) -> Anchor | None:
+    anchor = await latest_anchor(store, key.public)
+    return None if anchor is None or anchor.status == "recorded" else anchor
+
+
+async def _anchor(
+    store: PostgresEventStore,
+    key: SigningKey,
+    plan: RetentionPlan,
+    snapshot_at: SnapshotAt,
+    now: datetime,
+) -> Anchor:
+    """2. Snapshot, keys and checkpoint at the cut, signed, in one transaction."""
+    position = plan.cut_position
+    entry = await store.entry_at(position)
+    if entry is None:
+        raise RetentionError(f"position {position} is not in the ledger; refusing to run")
+    try:
+        snapshot = canonical_bytes(dict(await snapshot_at(position)))
+    except Exception as exc:  # any failure to build the snapshot means: remove nothing
+        raise RetentionError(f"cannot build the snapshot at {position}: {exc}") from exc
+    keys = canonical_bytes(
+        {did: b64encode(raw) for did, raw in (await store.keys_before(position + 1)).items()}
+    )
+    digest = hashlib.sha256(snapshot).digest()
+    signature = key.sign(
+        anchor_signed_bytes(position, entry.entry_hash, plan.cut_time, keys, digest)
+    )
+    checkpoint = sign_checkpoint(key, position, entry.entry_hash, now)
+    try:
+        async with store.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO retention_anchors (position, entry_hash, cut_time, created_at, keys, "
+                "snapshot, snapshot_digest, signer, signature, status) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'anchored')",
+                position,
+                entry.entry_hash,
+                plan.cut_time,
+                now,
+                keys,
+                snapshot,
+                digest,
+                key.did,
+                signature,
+            )
+            await conn.execute(
+                "INSERT INTO checkpoints (position, head_hash, time, signer, signature) "
+                "VALUES ($1, $2, $3, $4, decode($5, 'base64')) ON CONFLICT (position) DO NOTHING",
+                position,
+                entry.entry_hash,
+                now,
+                key.did,
+                checkpoint.signature,
+            )
+    except _DRIVER_ERRORS as exc:
+        raise RetentionError(
+            f"cannot write the snapshot and anchor; nothing removed: {exc}"
+        ) from exc
+    anchor = await latest_anchor(store, key.public)
+    if anchor is None or anchor.position != position:
+        raise RetentionError(f"the anchor at {position} was not found after writing it")
+    return anchor
+
+
+async def _prune(pool: asyncpg.Pool, anchor: Anchor, plan: RetentionPlan) -> None:
+    """3. Drop whole partitions before the cut; trim the straddling one."""
+    drop, _ = await _partitions(pool, anchor.cut_time)
+    for name in drop:
+        if not _PARTITION.match(name):
+            raise RetentionError(f"unexpected partition name {name!r}")
+        # DETACH … CONCURRENTLY cannot run in a transaction block, and lets appends go on.
+        await pool.execute(f"ALTER TABLE events DETACH PARTITION {name} CONCURRENTLY")
+        await pool.execute(f"DROP TABLE {name}")
+        log.info("partition_dropped", extra={"partition": name})
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("DELETE FROM events WHERE position <= $1", anchor.position)
+        await conn.execute(
+            "DELETE FROM idempotency_keys WHERE first_position <= $1", anchor.position
+        )
+        await conn.execute("DELETE FROM checkpoints WHERE position < $1", anchor.position)
+    del plan  # the anchor, not the new plan, says what to remove when resuming
+
+
+async def _set_status(pool: asyncpg.Pool, anchor: Anchor, status: str) -> Anchor:
+    await pool.execute(
+        "UPDATE retention_anchors SET status = $2 WHERE position = $1", anchor.position, status
+    )
+    return Anchor(
+        anchor.position,
+        anchor.entry_hash,
+        anchor.cut_time,
+        anchor.keys,
+        anchor.snapshot,
+        anchor.snapshot_digest,
+        status,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """Where the stored ledger starts after retention (for readers that trust the DB)."""
+
+    position: int
+    cut_time: datetime
+    snapshot: dict[str, Any]
+
+
+async def retention_window(reader: PostgresLedgerReader) -> Window | None:
+    """The latest recorded anchor's snapshot, digest-checked; None if nothing was cut.
+
+    For projections and time travel, which trust the database as they trust its
+    events; ``ledger verify`` checks the anchor's signature (``latest_anchor``)."""
+    try:
+        row = await reader.pool.fetchrow(
+            "SELECT position, cut_time, snapshot, snapshot_digest FROM retention_anchors "
+            "WHERE status <> 'anchored' ORDER BY position DESC LIMIT 1"
+        )
+    except _DRIVER_ERRORS as exc:
+        raise StoreUnavailableError(f"cannot read retention anchors: {exc}") from exc
+    if row is None:
+        return None
+    snapshot = bytes(row["snapshot"])
+    if hashlib.sha256(snapshot).digest() != bytes(row["snapshot_digest"]):
+        raise VerificationError(row["position"], "retention snapshot does not match its digest")
+    return Window(row["position"], row["cut_time"], msgspec.json.decode(snapshot))

@@ -1,0 +1,219 @@
+"""Retention over a ledger spanning more than 90 days (injected clock), on real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import asyncpg
+import pytest
+
+from agentmesh.embedded import EmbeddedRedis
+from agentmesh.retention_job import run_retention
+from agentmesh.settings import Settings
+from ledger.identity import SigningKey
+from ledger.retention import RetentionError, apply_retention, plan_retention
+from ledger.store import PostgresEventStore
+from ledger.verify import verify_ledger
+from projections.config import TrustConfig
+from projections.projector import Projector
+from projections.readstore import ProjectionReader
+from projections.state import fold_recorded
+from projections.store_memory import MemoryProjectionStore
+from tests.api_support import api_settings, running_api
+from tests.support import Agent, ManualClock, random_history
+from tests.test_read_stores import as_bytes, store_answers
+
+CONFIG = TrustConfig()
+DAYS = 90
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+async def ledger(database_url: str, ledger_key: SigningKey,
+                 clock: ManualClock) -> AsyncIterator[PostgresEventStore]:
+    store = await PostgresEventStore.open(database_url, ledger_key, clock=clock)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def long_history(ledger: PostgresEventStore, clock: ManualClock) -> list[Agent]:
+    """About 125 days of activity: a burst of everything, then daily reports."""
+    agents = await random_history(ledger, clock, seed=11, steps=60)
+    for day in range(110):
+        clock.advance(days=1)
+        a, b = agents[day % len(agents)], agents[(day + 1) % len(agents)]
+        await ledger.append([a.violation(subject=b.did, severity="low")])
+        await ledger.append([b.signal(subject=a.did)])
+    await random_history(ledger, clock, seed=12, steps=20, agents=agents)
+    return agents
+
+
+def settings_for(url: str, key: SigningKey) -> Settings:
+    return Settings.from_env({"AGENTMESH_DATABASE_URL": url,
+                              "AGENTMESH_AGENT_PRIVATE_KEY": key.private_key_pem(),
+                              "AGENTMESH_STORAGE_BACKEND": "memory"})
+
+
+async def count_before(url: str, clock: ManualClock) -> tuple[int, int]:
+    conn = await asyncpg.connect(url)
+    try:
+        cut = clock.now - timedelta(days=DAYS)
+        before = await conn.fetchval("SELECT count(*) FROM events WHERE recorded_at < $1", cut)
+        total = await conn.fetchval("SELECT count(*) FROM events")
+    finally:
+        await conn.close()
+    return before, total
+
+
+async def test_retention_cuts_at_the_window_and_verification_and_rebuild_hold(
+    ledger: PostgresEventStore, database_url: str, ledger_key: SigningKey, clock: ManualClock
+) -> None:
+    await long_history(ledger, clock)
+    live_store = MemoryProjectionStore()
+    live = Projector(ledger, live_store, CONFIG)
+    progress = await live.load()
+    await live.catch_up(progress)
+    full = fold_recorded([r async for r in ledger.iter_entries()], CONFIG)
+    before, total = await count_before(database_url, clock)
+    assert 0 < before < total
+
+    dry = await run_retention(settings_for(database_url, ledger_key), dry_run=True, clock=clock)
+    assert dry.startswith("dry run: retention: cut at")
+    assert await count_before(database_url, clock) == (before, total)
+
+    message = await run_retention(settings_for(database_url, ledger_key), dry_run=False,
+                                  clock=clock)
+    assert message.startswith("retention applied")
+    remaining_before, remaining = await count_before(database_url, clock)
+    assert remaining_before == 0  # exactly the events recorded before the cut are gone
+    assert remaining == total - before + 1  # plus ledger.retention_applied
+    first = await ledger.first_position()
+    assert first == before + 1
+    last = await ledger.entry_at((await ledger.head()).position)
+    assert last is not None
+    assert last.event_type == "ledger.retention_applied"
+
+    # 1. The chain still verifies, from the anchor.
+    report = await verify_ledger(ledger, ledger_key.public)
+    assert report.first_position == before + 1
+    # 2. The live projection continues; a rebuild from snapshot + remaining equals it.
+    await live.catch_up(progress)
+    reader = ProjectionReader(live_store, CONFIG)
+    dids = sorted(full.agents)
+    live_answers = as_bytes(await store_answers(reader, dids, [], [0.0, 30.0], clock))
+    await live.rebuild()
+    rebuilt = as_bytes(await store_answers(reader, dids, [], [0.0, 30.0], clock))
+    assert rebuilt == live_answers
+    # 3. Running it again changes nothing.
+    again = await run_retention(settings_for(database_url, ledger_key), dry_run=False,
+                                clock=clock)
+    assert "nothing" in again
+    assert await count_before(database_url, clock) == (0, remaining)
+
+
+async def test_appends_during_retention_are_kept(
+    ledger: PostgresEventStore, database_url: str, ledger_key: SigningKey, clock: ManualClock
+) -> None:
+    agents = await long_history(ledger, clock)
+    appended: list[int] = []
+
+    async def keep_appending() -> None:
+        for index in range(40):
+            result = await ledger.append([agents[0].signal(subject=agents[1].did,
+                                                           signal=f"during-{index}")])
+            appended.append(result.positions[0])
+
+    await asyncio.gather(
+        run_retention(settings_for(database_url, ledger_key), dry_run=False, clock=clock),
+        keep_appending(),
+    )
+    stored = {r.position for r in await ledger.read(appended[0] - 1, 1000)}
+    assert set(appended) <= stored
+    await verify_ledger(ledger, ledger_key.public)
+
+
+async def test_refuses_when_the_snapshot_cannot_be_written(
+    ledger: PostgresEventStore, database_url: str, ledger_key: SigningKey, clock: ManualClock
+) -> None:
+    await long_history(ledger, clock)
+    before = await count_before(database_url, clock)
+    plan = await plan_retention(ledger, ledger_key.public, clock.now, DAYS)
+
+    async def broken(_: int) -> dict[str, object]:
+        raise OSError("disk full")
+
+    with pytest.raises(RetentionError, match="snapshot"):
+        await apply_retention(ledger, ledger_key, plan, broken, clock.now)
+    assert await count_before(database_url, clock) == before
+
+
+async def test_an_interrupted_run_is_finished_by_the_next(
+    ledger: PostgresEventStore, database_url: str, ledger_key: SigningKey, clock: ManualClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await long_history(ledger, clock)
+    import ledger.retention as retention
+
+    async def crash(*_: object) -> None:
+        raise ConnectionError("killed mid-prune")
+
+    real = retention._prune
+    monkeypatch.setattr(retention, "_prune", crash)
+    with pytest.raises(ConnectionError):
+        await run_retention(settings_for(database_url, ledger_key), dry_run=False, clock=clock)
+    assert (await count_before(database_url, clock))[0] > 0  # anchored, nothing removed yet
+    monkeypatch.setattr(retention, "_prune", real)
+    await run_retention(settings_for(database_url, ledger_key), dry_run=False, clock=clock)
+    assert (await count_before(database_url, clock))[0] == 0
+    await verify_ledger(ledger, ledger_key.public)
+
+
+async def test_time_travel_before_the_window_is_refused(
+    database_url: str, redis_server: EmbeddedRedis, ledger_key: SigningKey
+) -> None:
+    clock = ManualClock()
+    store = await PostgresEventStore.open(database_url, ledger_key, clock=clock)
+    try:
+        agents = await long_history(store, clock)
+        history = [r async for r in store.iter_entries()]
+        await run_retention(settings_for(database_url, ledger_key), dry_run=False, clock=clock)
+    finally:
+        await store.close()
+    async with running_api(api_settings(database_url, redis_server, ledger_key),
+                           clock=clock) as api:
+        did = agents[1].did
+        old = await api.client.get(f"/v1/agents/{did}/trust",
+                                   params={"at": "2026-01-05T00:00:00Z"})
+        assert old.status_code == 410
+        assert "before the retention window" in old.json()["detail"]
+        moment = clock.now - timedelta(days=10)
+        recent = await api.client.get(f"/v1/agents/{did}/trust",
+                                      params={"at": moment.isoformat()})
+        assert recent.status_code == 200, recent.text
+        # The same answer as a replay of the whole, pre-retention history.
+        before_moment = [r for r in history if r.recorded_at <= moment]
+        view = fold_recorded(before_moment, CONFIG).trust_view(did, moment)
+        assert view is not None
+        assert recent.json()["score"] == view.score
+
+
+def test_cli_retention_dry_run(database_url: str, ledger_key: SigningKey) -> None:
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AGENTMESH_")},
+           "AGENTMESH_DATABASE_URL": database_url,
+           "AGENTMESH_AGENT_PRIVATE_KEY": ledger_key.private_key_pem(),
+           "AGENTMESH_STORAGE_BACKEND": "memory"}
+    result = subprocess.run([sys.executable, "-m", "agentmesh", "retention", "run", "--dry-run"],
+                            env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("dry run: retention: nothing before")
