@@ -103,7 +103,7 @@ def api_settings(
 async def running_api(settings: Settings, clock: ManualClock | None = None) -> AsyncIterator[Api]:
     clock = clock or ManualClock(now=datetime.now(UTC))
     app = api_app(settings, clock=clock)
-    port = free_port()
+    port = port or free_port()
     server = uvicorn.Server(
         uvicorn.Config(
             app, host="127.0.0.1", port=port, log_config=None, lifespan="on", access_log=False
