@@ -100,7 +100,9 @@ def api_settings(
 
 
 @asynccontextmanager
-async def running_api(settings: Settings, clock: ManualClock | None = None) -> AsyncIterator[Api]:
+async def running_api(
+    settings: Settings, clock: ManualClock | None = None, port: int | None = None
+) -> AsyncIterator[Api]:
     clock = clock or ManualClock(now=datetime.now(UTC))
     app = api_app(settings, clock=clock)
     port = port or free_port()
