@@ -11,9 +11,10 @@ be put back after its invalidation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 
 from projections.documents import Batch, Change, Meta
 from projections.readstore import ProjectionStore, ReadStoreError
@@ -60,10 +61,12 @@ class CachedStore:
         everything (we may have missed changes) and resubscribe."""
         while True:
             try:
-                async for change in self.inner.changes():
-                    self.invalidate(change)
-                    if on_change is not None:
-                        on_change(change)
+                # aclosing: a cancelled watch closes its subscription (and socket) at once.
+                async with contextlib.aclosing(self.inner.changes()) as changes:
+                    async for change in changes:
+                        self.invalidate(change)
+                        if on_change is not None:
+                            on_change(change)
             except ReadStoreError as exc:
                 log.warning("change subscription lost: %s", exc)
             self.clear()
@@ -124,7 +127,7 @@ class CachedStore:
     async def publish(self, change: Change) -> None:
         await self.inner.publish(change)
 
-    def changes(self) -> AsyncIterator[Change]:
+    def changes(self) -> AsyncGenerator[Change, None]:
         return self.inner.changes()
 
     async def close(self) -> None:

@@ -29,6 +29,7 @@ import asyncpg
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ledger.dsn import asyncpg_dsn
+from ledger.errors import LedgerError
 from ledger.events import decode_body
 from ledger.retention import retention_window
 from ledger.store import PostgresLedgerReader, RecordedEvent
@@ -244,7 +245,9 @@ class Projector:
                 except StaleWriteError as exc:
                     log.warning("read store moved under us (%s): reloading", exc)
                     progress = None
-                except (ReadStoreError, ProjectionError, OSError) as exc:
+                except (ReadStoreError, ProjectionError, LedgerError, OSError) as exc:
+                    # A failed query (failover, idle kill) is retried from the store's
+                    # state: nothing half-applied survives, thanks to the compare-and-set.
                     log.warning("projection failed (%s): retrying", exc)
                     progress = None
                     await _wait_any(stop, asyncio.Event(), self.poll_interval)
@@ -261,7 +264,12 @@ class Projector:
                 await _wait_any(stop, asyncio.Event(), retry_interval)
                 continue
             try:
-                if await conn.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK):
+                try:
+                    leader = await conn.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK)
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                    log.warning("cannot take the projector lock (%s): retrying", exc)
+                    leader = False
+                if leader:
                     log.info("projector is leader")
                     self._set_leader(True)
                     await self.project(stop, functools.partial(_alive, conn))

@@ -10,7 +10,7 @@ any of them with the projections' pure functions.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -63,7 +63,7 @@ class ProjectionStore(Protocol):
 
     async def publish(self, change: Change) -> None: ...
 
-    def changes(self) -> AsyncIterator[Change]: ...
+    def changes(self) -> AsyncGenerator[Change, None]: ...
 
     async def close(self) -> None: ...
 

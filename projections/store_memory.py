@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from projections.documents import Batch, Change, Meta
@@ -71,7 +71,7 @@ class MemoryProjectionStore:
         for queue in self._subscribers:
             queue.put_nowait(change)
 
-    async def changes(self) -> AsyncIterator[Change]:
+    async def changes(self) -> AsyncGenerator[Change, None]:
         queue: asyncio.Queue[Change] = asyncio.Queue()
         self._subscribers.append(queue)
         try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 import asyncpg
@@ -183,7 +183,7 @@ class PostgresProjectionStore:
         except _DRIVER_ERRORS as exc:
             raise ReadStoreError(f"postgres read store: {exc}") from exc
 
-    async def changes(self) -> AsyncIterator[Change]:
+    async def changes(self) -> AsyncGenerator[Change, None]:
         queue: asyncio.Queue[Change] = asyncio.Queue()
 
         def on_notify(_conn: object, _pid: int, _channel: str, payload: str) -> None:

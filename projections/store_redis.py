@@ -21,7 +21,7 @@ rebuild leaves nothing behind) and swaps ``current`` in one step.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -229,7 +229,7 @@ class RedisProjectionStore:
         except (RedisError, OSError) as exc:
             raise ReadStoreError(f"redis unavailable: {exc}") from exc
 
-    async def changes(self) -> AsyncIterator[Change]:
+    async def changes(self) -> AsyncGenerator[Change, None]:
         pubsub = self._redis.pubsub()
         try:
             await pubsub.subscribe(self._prefix + "changes")
