@@ -9,16 +9,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from agentmesh.settings import ConfigError, Settings
 from ledger.errors import LedgerError, SignatureError
 from ledger.identity import SigningKey, VerifyKey
+
+if TYPE_CHECKING:  # names for the replay commands' annotations; imported where used
+    from datetime import datetime
+
+    from matplotlib.axes import Axes
+
+    from ledger.store import PostgresLedgerReader
+    from projections.config import TrustConfig
+    from projections.replay import MeshAt, MeshDiff, Replay, ReplaySource, Timeline
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -38,6 +48,11 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         code = 1
     except KeyboardInterrupt:
         code = 130
+    except BrokenPipeError:
+        # `agentmesh … | head`: the reader left; say nothing more.
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- swallow the final flush
+        code = 0
     sys.exit(code)
 
 
@@ -51,8 +66,15 @@ def _parser() -> argparse.ArgumentParser:
     _ledger_commands(commands)
     _projection_commands(commands)
     _retention_commands(commands)
-    up = commands.add_parser("up", help="run the local stack (embedded PostgreSQL)")
+    _replay_commands(commands)
+    _audit_commands(commands)
+    up = commands.add_parser("up", help="run the local stack (what make run runs)")
     up.set_defaults(handler=_cmd_up)
+    demo = commands.add_parser(
+        "demo",
+        help="against a running `agentmesh up`: a call allowed, then blocked after a violation",
+    )
+    demo.set_defaults(handler=_cmd_demo)
     return parser
 
 
@@ -125,6 +147,8 @@ def _projection_commands(commands: Any) -> None:
     sub = serve.add_subparsers(required=True, metavar="PROCESS")
     projector = sub.add_parser("projector", help="tail the ledger into the read store")
     projector.set_defaults(handler=_cmd_serve_projector)
+    sidecar = sub.add_parser("sidecar", help="the enforcing proxy beside an agent on :8081")
+    sidecar.set_defaults(handler=_cmd_serve_sidecar)
     api = sub.add_parser("api", help="the trust API on :8080, metrics on :9090")
     api.add_argument(
         "--workers",
@@ -370,6 +394,22 @@ def _cmd_serve_projector(_: argparse.Namespace, settings: Settings) -> int:
     return _run(run_projector(settings))
 
 
+def _cmd_serve_sidecar(_: argparse.Namespace, settings: Settings) -> int:
+    from agentmesh.logs import configure_logging
+    from agentmesh.services import stop_on_signals
+    from agentmesh.sidecar_main import run_sidecar
+
+    configure_logging(settings)
+    settings.require_api_url()
+    settings.signing_key()
+
+    async def run() -> int:
+        await run_sidecar(settings, stop_on_signals())
+        return 0
+
+    return _run(run())
+
+
 def _cmd_serve_api(args: argparse.Namespace, settings: Settings) -> int:
     import dataclasses
 
@@ -441,7 +481,269 @@ def _cmd_projections_status(args: argparse.Namespace, settings: Settings) -> int
     return _run(run())
 
 
+# -- replay -------------------------------------------------------------------
+
+
+def _replay_commands(commands: Any) -> None:
+    replay = commands.add_parser("replay", help="rebuild a past moment for incident review")
+    sub = replay.add_subparsers(required=True, metavar="QUESTION")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--bundle",
+        type=Path,
+        metavar="FILE",
+        help="replay an audit export bundle (default: the ledger at AGENTMESH_DATABASE_URL)",
+    )
+    common.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    agent = sub.add_parser("agent", parents=[common], help="an agent's trust timeline")
+    agent.add_argument("did", metavar="DID")
+    agent.add_argument(
+        "--from", dest="start", type=_replay_time, metavar="TIME", help="first moment (RFC 3339)"
+    )
+    agent.add_argument(
+        "--to", dest="end", type=_replay_time, metavar="TIME", help="last moment (RFC 3339)"
+    )
+    agent.add_argument(
+        "--plot", type=Path, metavar="FILE", help="also draw the score over time (.png or .svg)"
+    )
+    agent.set_defaults(handler=_cmd_replay_agent)
+    state = sub.add_parser("state", parents=[common], help="the mesh as it was at a moment")
+    state.add_argument("--at", required=True, type=_replay_time, metavar="TIME")
+    state.add_argument(
+        "--lowest", type=_positive_int, default=10, help="lowest-trust agents to list (10)"
+    )
+    state.set_defaults(handler=_cmd_replay_state)
+    diff = sub.add_parser("diff", parents=[common], help="what changed between two moments")
+    diff.add_argument("--from", dest="start", required=True, type=_replay_time, metavar="TIME")
+    diff.add_argument("--to", dest="end", required=True, type=_replay_time, metavar="TIME")
+    diff.set_defaults(handler=_cmd_replay_diff)
+
+
+def _replay_time(text: str) -> datetime:
+    from ledger.timefmt import parse_time
+
+    try:
+        return parse_time(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _cmd_replay_agent(args: argparse.Namespace, settings: Settings) -> int:
+    from projections.replay import AgentTimelineReplay
+
+    plot_format = None if args.plot is None else _replay_plot_format(args.plot)
+    timeline = _replay(
+        args,
+        settings,
+        lambda source, config: AgentTimelineReplay(
+            source, args.did, start=args.start, end=args.end, config=config
+        ),
+    )
+    _replay_print(args, timeline)
+    if plot_format is not None:
+        _replay_plot(timeline, args.plot, plot_format)
+        if not args.json:
+            print(f"plot written to {args.plot}")
+    return 0
+
+
+def _cmd_replay_state(args: argparse.Namespace, settings: Settings) -> int:
+    from projections.replay import StateReplay
+
+    mesh = _replay(
+        args,
+        settings,
+        lambda source, config: StateReplay(source, args.at, lowest=args.lowest, config=config),
+    )
+    _replay_print(args, mesh)
+    return 0
+
+
+def _cmd_replay_diff(args: argparse.Namespace, settings: Settings) -> int:
+    from projections.replay import DiffReplay
+
+    diff = _replay(
+        args,
+        settings,
+        lambda source, config: DiffReplay(source, args.start, args.end, config=config),
+    )
+    _replay_print(args, diff)
+    return 0
+
+
+def _replay(
+    args: argparse.Namespace,
+    settings: Settings,
+    build: Callable[[ReplaySource, TrustConfig], Replay[Any]],
+) -> Any:
+    """Run the replay ``build`` makes over the bundle or the live ledger; its errors
+    become one-line CLI errors."""
+    from agentmesh.wiring import trust_config
+    from ledger.store import PostgresLedgerReader
+    from projections.errors import ProjectionError
+
+    config = trust_config(settings)
+
+    async def run() -> Any:
+        if args.bundle is not None:
+            return await build(_replay_bundle_source(args.bundle), config).run_async()
+        reader = await PostgresLedgerReader.connect(settings.require_database_url())
+        bar = ProgressBar("replay", 1)
+        try:
+            source = await _replay_ledger_source(reader, config)
+            bar.total = max((await reader.head()).position, 1)
+            return await build(source, config).run_async(progress=bar.update)
+        finally:
+            bar.done()
+            await reader.close()
+
+    try:
+        return asyncio.run(run())
+    except ProjectionError as exc:
+        raise CliError(str(exc)) from None
+
+
+async def _replay_ledger_source(reader: PostgresLedgerReader, config: TrustConfig) -> ReplaySource:
+    """The live ledger, streamed; after a retention cut, from the cut's snapshot on."""
+    from ledger.retention import retention_window
+    from projections.errors import SnapshotError
+    from projections.replay import ReplaySource
+    from projections.state import MeshState
+
+    window = await retention_window(reader)
+    if window is None:
+        return ReplaySource(reader.iter_entries(batch=10_000))
+    try:
+        initial = MeshState.from_snapshot(window.snapshot, config)
+    except SnapshotError as exc:
+        raise CliError(
+            f"the retention snapshot at position {window.position} cannot be used: {exc}; the "
+            "events before it are gone, so replay needs the trust settings it was folded under"
+        ) from None
+    entries = reader.iter_entries(after=window.position, batch=10_000)
+    return ReplaySource(entries, initial, window.cut_time)
+
+
+def _replay_bundle_source(path: Path) -> ReplaySource:
+    """An audit export bundle (``agentmesh audit export``): its key entries and events
+    merged by position. Only a bundle from the ledger's first entry holds every
+    event a score depends on; its exclusive ``to`` ends what it can answer."""
+    from ledger.audit import read_bundle
+    from ledger.timefmt import parse_time
+    from projections.replay import ReplaySource, merge_by_position
+
+    try:
+        bundle = read_bundle(path)
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}") from None
+    if bundle.manifest is None:
+        raise CliError(f"{path} has no manifest: the bundle is incomplete")
+    first = bundle.manifest.first_position
+    if first != 1:
+        where = "no entries" if first is None else f"entries from position {first} on"
+        raise CliError(
+            f"{path} holds {where}: replay needs a bundle from the ledger's first entry "
+            "(export it with a --from before the first event)"
+        )
+    events = list(merge_by_position(bundle.keys, bundle.events))
+    return ReplaySource(events, window_end=parse_time(bundle.header.to), agent=bundle.header.agent)
+
+
+def _replay_print(args: argparse.Namespace, result: Timeline | MeshAt | MeshDiff) -> None:
+    try:
+        if args.json:
+            _print_json(result.to_dict())
+        else:
+            print("\n".join(result.lines()))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Piped into `head`: the reader has what it wanted; no traceback at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+_REPLAY_PLOT_FORMATS = {".png": "png", ".svg": "svg"}
+_REPLAY_TIER_COLORS = {
+    "verified_partner": "#2e7d32",
+    "trusted": "#7cb342",
+    "standard": "#fdd835",
+    "probationary": "#fb8c00",
+    "untrusted": "#e53935",
+}
+
+
+def _replay_plot_format(path: Path) -> str:
+    plot_format = _REPLAY_PLOT_FORMATS.get(path.suffix.lower())
+    if plot_format is None:
+        raise CliError(f"--plot {path}: unknown image format; name a .png or .svg file")
+    return plot_format
+
+
+def _replay_plot(timeline: Timeline, path: Path, plot_format: str) -> None:
+    """The score over time with decay, tier bands shaded, events marked; drawn on
+    matplotlib's Agg canvas (no display, no pyplot state), times in UTC."""
+    try:
+        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise CliError("--plot needs matplotlib: pip install matplotlib") from None
+
+    figure = Figure(figsize=(12, 5.5))
+    FigureCanvasAgg(figure)
+    # The date converter is chosen when dates first reach the axes.
+    with matplotlib.rc_context({"date.converter": "concise"}):
+        _replay_draw(figure.add_subplot(), timeline)
+        try:
+            figure.savefig(path, format=plot_format, bbox_inches="tight")
+        except OSError as exc:
+            raise CliError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _replay_draw(axes: Axes, timeline: Timeline) -> None:
+    import itertools
+
+    import numpy
+
+    from projections.replay import tier_bands
+
+    def times(moments: Sequence[datetime]) -> Any:
+        # Naive UTC datetime64: numpy warns about (and drops) time zones.
+        return numpy.array([m.replace(tzinfo=None) for m in moments], dtype="datetime64[us]")
+
+    for low, high, tier in tier_bands(timeline.config):
+        axes.axhspan(low, high, color=_REPLAY_TIER_COLORS[tier], alpha=0.16, linewidth=0)
+        label_y = (low + high) / 2
+        axes.text(1.005, label_y, tier, transform=axes.get_yaxis_transform(), va="center")
+    series = timeline.series()
+    axes.plot(times([t for t, _ in series]), [s for _, s in series], color="black", lw=1.2)
+    rows = timeline.rows
+    for row, following in itertools.pairwise(rows):
+        if row.suspended:
+            span = times([row.time, following.time])
+            axes.fill_between(span, 0, 1000, color="grey", alpha=0.25, linewidth=0)
+    events = [row for row in rows if row.kind == "event"]
+    axes.vlines(times([r.time for r in events]), 0, 1000, colors="grey", alpha=0.3, lw=0.5)
+    for index, kind in enumerate(sorted({row.event or "" for row in events})):
+        marked = [row for row in events if row.event == kind]
+        x, y = times([r.time for r in marked]), [r.score_after for r in marked]
+        axes.scatter(x, y, s=22, zorder=3, color=f"C{index % 10}", label=kind)
+    crossings = [row for row in rows if row.kind == "decay"]
+    if crossings:
+        x, y = times([r.time for r in crossings]), [r.score_after for r in crossings]
+        axes.scatter(x, y, s=30, zorder=3, marker="v", color="black", label="tier change (decay)")
+    axes.set_ylim(0, 1000)
+    axes.set_ylabel("trust score")
+    axes.set_title(f"trust of {timeline.did} (UTC; grey: suspended)")
+    axes.legend(loc="upper left", bbox_to_anchor=(1.15, 1.0), fontsize="small")
+
+
 # -- local stack --------------------------------------------------------------
+
+
+def _cmd_demo(_: argparse.Namespace, settings: Settings) -> int:
+    from agentmesh.local import run_demo
+
+    return _run(run_demo(settings))
 
 
 def _cmd_up(_: argparse.Namespace, settings: Settings) -> int:
@@ -472,3 +774,182 @@ class ProgressBar:
         if self.enabled:
             sys.stderr.write("\r" + " " * 70 + "\r")
             sys.stderr.flush()
+
+
+# -- audit --------------------------------------------------------------------
+
+
+def _audit_commands(commands: Any) -> None:
+    audit = commands.add_parser("audit", help="audit bundles for compliance, verifiable offline")
+    sub = audit.add_subparsers(required=True, metavar="ACTION")
+    export = sub.add_parser("export", help="export a time range of the ledger as a signed bundle")
+    export.add_argument(
+        "--from",
+        dest="start",
+        required=True,
+        type=_audit_time,
+        metavar="T1",
+        help="first moment, inclusive (RFC 3339)",
+    )
+    export.add_argument(
+        "--to",
+        dest="end",
+        required=True,
+        type=_audit_time,
+        metavar="T2",
+        help="end, exclusive (RFC 3339)",
+    )
+    export.add_argument(
+        "--agent",
+        type=_audit_did,
+        metavar="DID",
+        help="only events signed by or about this agent; the others become stubs",
+    )
+    export.add_argument(
+        "--format",
+        dest="fmt",
+        choices=["jsonl", "cloudevents"],
+        default="jsonl",
+        help="JSON Lines (default) or one CloudEvents 1.0 event per line",
+    )
+    export.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help="where to write the bundle (replaced only once it is complete)",
+    )
+    export.set_defaults(handler=_cmd_audit_export)
+    verify = sub.add_parser("verify", help="verify a bundle offline (no database, no network)")
+    verify.add_argument("bundle", type=Path, metavar="FILE")
+    verify.add_argument(
+        "--ledger-public-key",
+        type=Path,
+        metavar="FILE",
+        help="PEM public key the bundle must be signed by (default: the one it names, "
+        "whose DID is printed)",
+    )
+    verify.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=None,
+        help="signature-checking processes (default: one per core)",
+    )
+    verify.set_defaults(handler=_cmd_audit_verify)
+
+
+def _audit_time(text: str) -> Any:
+    """An RFC 3339 time as an aware datetime (for argparse)."""
+    from ledger.timefmt import parse_time
+
+    try:
+        return parse_time(text)
+    except (ValueError, OverflowError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _audit_did(text: str) -> str:
+    from ledger.identity import is_did
+
+    if not is_did(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a DID like did:mesh:<32 hex>")
+    return text
+
+
+def _cmd_audit_export(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger.audit import Manifest, export_bundle
+    from ledger.store import PostgresLedgerReader
+
+    if not args.start < args.end:
+        raise CliError("--from must be earlier than --to")
+    url = settings.require_database_url()
+    key = settings.signing_key()
+    target: Path = args.output
+
+    async def run() -> int:
+        reader = await PostgresLedgerReader.connect(url)
+        bar = ProgressBar("export", 1)
+
+        def progress(done: int, total: int) -> None:
+            bar.total = max(total, 1)
+            bar.update(done)
+
+        try:
+            manifest: Manifest = await _audit_write_atomically(
+                target,
+                lambda handle: export_bundle(
+                    reader,
+                    key,
+                    handle,
+                    start=args.start,
+                    end=args.end,
+                    agent=args.agent,
+                    fmt=args.fmt,
+                    progress=progress,
+                ),
+            )
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+        finally:
+            bar.done()
+            await reader.close()
+        if manifest.first_position is None:
+            print(f"exported no events from {manifest.from_} to {manifest.to} to {target}")
+            return 0
+        stubs = f" and {manifest.stubs} stubs" if manifest.agent is not None else ""
+        print(
+            f"exported {manifest.count} events{stubs} (positions {manifest.first_position}.."
+            f"{manifest.last_position}), {manifest.keys} keys, checkpoint "
+            f"{manifest.checkpoint_position} to {target}"
+        )
+        return 0
+
+    return _run(run())
+
+
+async def _audit_write_atomically(
+    target: Path, write: Callable[[Any], Coroutine[Any, Any, Any]]
+) -> Any:
+    """Run ``write(handle)`` on a temporary file beside ``target`` and rename it over
+    ``target`` only on success, so a failed export never leaves a partial bundle."""
+    import contextlib
+    import tempfile
+
+    try:
+        fd, temporary = tempfile.mkstemp(
+            dir=target.parent, prefix=f".{target.name}.", suffix=".partial"
+        )
+    except OSError as exc:
+        raise CliError(f"cannot write {target}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
+            result = await write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    return result
+
+
+def _cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger.audit import verify_bundle
+
+    path: Path = args.bundle
+    pinned = _ledger_public_key(args, settings) if args.ledger_public_key else None
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}") from None
+    bar = ProgressBar("verify", size)
+    try:
+        report = verify_bundle(path, workers=args.workers, ledger_key=pinned, progress=bar.update)
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}") from None
+    finally:
+        bar.done()
+    print(report.summary())
+    return 0

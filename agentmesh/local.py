@@ -16,6 +16,7 @@ import dataclasses
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
 from agentmesh.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from agentmesh.logs import configure_logging
@@ -115,26 +116,179 @@ def _announce(settings: Settings, data_dir: Path, key: SigningKey, token: str | 
     print("agentmesh: press Ctrl-C to stop", flush=True)
 
 
+DEMO_POLICY = """\
+# The demo sidecar's policy (strict: anything not allowed here is denied).
+version: 1
+staleness_seconds: 30
+rules:
+  - id: everyday-tools
+    tools: ["search", "read_file", "count"]
+    effect: allow
+  - id: destructive-tools-need-trust
+    tools: ["delete_*"]
+    effect: allow
+    min_tier: trusted
+    severity: high
+  - id: local-egress
+    hosts: ["127.0.0.1", "localhost"]
+    effect: allow
+"""
+
+
+def demo_files(data_dir: Path) -> tuple[SigningKey, Path]:
+    """The demo agent's key and the demo policy, created on first start."""
+    key_file, policy_file = data_dir / "demo-agent.pem", data_dir / "demo-policy.yaml"
+    if not key_file.exists():
+        _write_secret(key_file, SigningKey.generate().private_key_pem())
+    if not policy_file.exists():
+        policy_file.write_text(DEMO_POLICY)
+    return SigningKey.from_pem(key_file.read_text()), policy_file
+
+
+def demo_mcp_port(settings: Settings) -> int:
+    return settings.sidecar_port + 1019  # 9100 with the default ports
+
+
+def sidecar_settings(settings: Settings, data_dir: Path) -> Settings:
+    key, policy_file = demo_files(data_dir)
+    return dataclasses.replace(
+        settings,
+        agent_private_key_pem=key.private_key_pem(),
+        upstreams=f"demo=http://127.0.0.1:{demo_mcp_port(settings)}/mcp",
+        api_url=f"http://127.0.0.1:{settings.api_port}",
+        policy_file=policy_file,
+        policy="strict",
+        sidecar_host="127.0.0.1",
+        sidecar_outbox_dir=data_dir / "outbox",
+        sidecar_health_file=data_dir / "sidecar-healthy",
+    )
+
+
 async def _serve(settings: Settings) -> None:
     import uvicorn
 
     from agentmesh.services import api_app, metrics_server
+    from agentmesh.sidecar_main import run_sidecar
+    from sidecar.demo import demo_app
 
     configure_logging(settings)
     server = metrics_server(settings) if settings.metrics_port else None
     if server is not None:
         server.start()
+    stop = asyncio.Event()
+    data_dir = settings.data_dir.resolve()
     try:
         app = api_app(settings, on_open=server.attach if server is not None else None)
-        config = uvicorn.Config(
-            app,
-            host=settings.api_host,
-            port=settings.api_port,
-            log_config=None,
-            access_log=False,
-            timeout_graceful_shutdown=10,
+        api = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host=settings.api_host,
+                port=settings.api_port,
+                log_config=None,
+                access_log=False,
+                timeout_graceful_shutdown=10,
+            )
         )
-        await uvicorn.Server(config).serve()
+        demo = uvicorn.Server(
+            uvicorn.Config(
+                demo_app(),
+                host="127.0.0.1",
+                port=demo_mcp_port(settings),
+                log_config=None,
+                access_log=False,
+                log_level="warning",
+            )
+        )
+        servers = [asyncio.create_task(api.serve()), asyncio.create_task(demo.serve())]
+        sidecar = asyncio.create_task(_demo_sidecar(settings, data_dir, api, stop, run_sidecar))
+        await asyncio.wait([*servers, sidecar], return_when=asyncio.FIRST_COMPLETED)
+        api.should_exit = demo.should_exit = True
+        stop.set()
+        await asyncio.gather(*servers, sidecar, return_exceptions=True)
     finally:
         if server is not None:
             server.stop()
+
+
+async def _demo_sidecar(
+    settings: Settings, data_dir: Path, api: Any, stop: asyncio.Event, run_sidecar: Any
+) -> None:
+    """Register the demo agent once the API answers, then run its sidecar."""
+    import httpx
+
+    while not api.started:  # noqa: ASYNC110 -- uvicorn exposes only a flag
+        await asyncio.sleep(0.05)
+    local = sidecar_settings(settings, data_dir)
+    key = SigningKey.from_pem(local.agent_private_key_pem or "")
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.api_port}") as client:
+        response = await client.post(
+            "/v1/agents",
+            headers={"Authorization": f"Bearer {settings.admin_token}"},
+            json={
+                "public_key": key.public.pem(),
+                "capabilities": ["tools:*"],
+                "metadata": {"role": "demo agent behind the local sidecar"},
+            },
+        )
+        if response.status_code not in (201, 409):
+            print(f"agentmesh: demo agent not registered: {response.text}", flush=True)
+            return
+    print(
+        f"agentmesh: sidecar          http://127.0.0.1:{settings.sidecar_port}/mcp/demo "
+        f"(demo agent {key.did}); try: agentmesh demo",
+        flush=True,
+    )
+    await run_sidecar(local, stop)
+
+
+async def run_demo(settings: Settings) -> int:
+    """Against a running `agentmesh up`: tools listed, a call allowed, a violation
+    recorded, and the same call blocked by the sidecar."""
+    import httpx
+    from mcp import Client
+
+    data_dir = settings.data_dir.resolve()
+    key, _ = demo_files(data_dir)
+    token = (data_dir / "admin-token").read_text().strip()
+    api = f"http://127.0.0.1:{settings.api_port}"
+    url = f"http://127.0.0.1:{settings.sidecar_port}/mcp/demo"
+    async with Client(url, mode="legacy") as mcp, httpx.AsyncClient(base_url=api) as http:
+        tools = await mcp.list_tools()
+        print(f"1. tools the demo agent sees: {', '.join(t.name for t in tools.tools)}")
+        trust = (await http.get(f"/v1/agents/{key.did}/trust")).json()
+        print(f"2. its trust: {trust['score']} ({trust['tier']})")
+        print(f"3. call delete_repo: {await _call(mcp, 'delete_repo', {'name': 'demo'})}")
+        report = await http.post(
+            "/v1/violations",
+            headers={"Authorization": f"Bearer {token}"},
+            json={
+                "agent": key.did,
+                "severity": "critical",
+                "rule": "demo-incident",
+                "detail": "recorded by agentmesh demo",
+            },
+        )
+        print(f"4. a critical violation recorded at ledger position {report.json()['position']}")
+        for _ in range(100):
+            trust = (await http.get(f"/v1/agents/{key.did}/trust")).json()
+            if trust["position"] >= report.json()["position"]:
+                break
+            await asyncio.sleep(0.02)
+        print(f"5. its trust now: {trust['score']} ({trust['tier']})")
+        print(f"6. call delete_repo again: {await _call(mcp, 'delete_repo', {'name': 'demo'})}")
+    return 0
+
+
+async def _call(mcp: Any, tool: str, arguments: dict[str, Any]) -> str:
+    from mcp.shared.exceptions import MCPError
+
+    try:
+        result = await mcp.call_tool(tool, arguments)
+    except MCPError as exc:
+        data = exc.error.data or {}
+        return (
+            f"BLOCKED (JSON-RPC error {exc.error.code}: {exc.error.message}; "
+            f"rule {data.get('rule')}, tier {data.get('tier')}, score {data.get('score')})"
+        )
+    text = result.content[0].text if result.content else ""
+    return f"allowed ({text})"

@@ -267,6 +267,49 @@ class Settings:
         "auto",
         "Run a projector inside the API process (auto: only with the memory backend).",
     )
+    sidecar_host: str = _env(
+        "AGENTMESH_SIDECAR_HOST",
+        _text,
+        "0.0.0.0",  # noqa: S104 -- the kubelet's readiness probe reaches the pod IP
+        "Address the sidecar binds.",
+    )
+    sidecar_port: int = _env("AGENTMESH_SIDECAR_PORT", _int(1, 65_535), 8081, "Sidecar port.")
+    sidecar_metrics_port: int = _env(
+        "AGENTMESH_SIDECAR_METRICS_PORT", _int(0, 65_535), 9091, "Sidecar metrics port (0: none)."
+    )
+    upstreams: str | None = _env(
+        "AGENTMESH_UPSTREAMS",
+        _text,
+        None,
+        "Sidecar upstream MCP servers: name=url[;did=DID;handshake=URL], comma-separated.",
+    )
+    policy_file: Path | None = _env(
+        "AGENTMESH_POLICY_FILE", _path, None, "Sidecar policy rules (YAML)."
+    )
+    api_url: str | None = _env(
+        "AGENTMESH_API_URL",
+        _url("http", "https"),
+        None,
+        "The AgentMesh API the sidecar reports to, e.g. http://agentmesh.agentmesh:8080.",
+    )
+    sidecar_outbox_dir: Path = _env(
+        "AGENTMESH_SIDECAR_OUTBOX_DIR",
+        _path,
+        Path("/tmp/agentmesh-outbox"),  # noqa: S108 -- the pod's only writable path
+        "Durable outbox of the sidecar's reports (under /tmp in the pod).",
+    )
+    sidecar_health_file: Path = _env(
+        "AGENTMESH_SIDECAR_HEALTH_FILE",
+        _path,
+        Path("/var/run/agentmesh/healthy"),
+        "File kept while the sidecar runs (its liveness probe).",
+    )
+    sidecar_handshake_ttl: int = _env(
+        "AGENTMESH_SIDECAR_HANDSHAKE_TTL",
+        _int(1, 86_400),
+        300,
+        "Seconds a verified peer handshake is trusted before it is run again.",
+    )
     redis_prefix: str = _env(
         "AGENTMESH_REDIS_PREFIX", _text, "agentmesh:", "Key prefix of the projections in Redis."
     )
@@ -330,6 +373,14 @@ class Settings:
                 "postgresql://user:pass@host:5432/agentmesh"
             )
         return self.database_url
+
+    def require_api_url(self) -> str:
+        if self.api_url is None:
+            raise ConfigError(
+                "AGENTMESH_API_URL: required by the sidecar (it reports what it blocks), "
+                "expected a URL like http://agentmesh.agentmesh:8080"
+            )
+        return self.api_url
 
     def require_redis_host(self) -> str:
         if self.redis_host is None:

@@ -16,7 +16,7 @@ from api.errors import ProblemError, bad_request, not_found
 from api.handshakes import decode_signature
 from api.metrics import HANDSHAKES
 from ledger.canonical import canonical_bytes
-from ledger.errors import LedgerError, SignatureError
+from ledger.errors import LedgerError, SignatureError, StoreUnavailableError
 from ledger.events import (
     AgentKeyRotated,
     AgentRegistered,
@@ -408,6 +408,8 @@ async def _one_report(ctx: ApiContext, index: int, report: s.SignedEventIn) -> s
     try:
         signed = _signed(report, PolicyViolation, TrustSignal)
         result = await ctx.ledger.append([signed], idempotency_key=report.idempotency_key)
+    except StoreUnavailableError:
+        raise  # the whole batch is answered 503 and retried; a report is not at fault
     except (LedgerError, ProblemError) as exc:
         return s.ReportResult(index=index, status="rejected", error=str(exc))
     return s.ReportResult(
@@ -633,6 +635,53 @@ async def ledger_events(
     )
 
 
+# -- audit ------------------------------------------------------------------------------------
+
+
+@get("/v1/audit/export", tags=["audit"])
+async def audit_export(
+    ctx: Ctx,
+    from_: Annotated[str | None, QueryParameter(name="from", required=False)] = None,
+    to: FromQuery[str | None] = None,
+    agent: FromQuery[str | None] = None,
+    fmt: Annotated[str, QueryParameter(name="format", required=False)] = "jsonl",
+    authorization: Auth = None,
+) -> Response[Any]:
+    """An audit bundle of the events with ``from <= recorded_at < to`` (admin), streamed
+    one JSON object per line: ``format=jsonl`` (default) or ``cloudevents`` (CloudEvents
+    1.0). With ``agent``, events neither signed by nor about it become hash-only stubs.
+    Anyone can verify it offline: ``agentmesh audit verify FILE``. A failure after
+    the first bytes ends the stream early, and a truncated bundle fails verification."""
+    from litestar.response import Stream
+
+    from ledger.audit import MEDIA_TYPE, parse_flavour, prepare_export
+    from ledger.errors import VerificationError
+
+    ctx.require_admin(authorization)
+    if from_ is None or to is None:
+        raise bad_request("from and to are required: RFC 3339 times like 2026-11-26T12:00:00Z")
+    try:
+        start, end = parse_time(from_), parse_time(to)
+        flavour = parse_flavour(fmt)
+        # The exporter signs the covering checkpoint and the manifest with the ledger key,
+        # which this process already holds in its event store; the store exposes no
+        # accessor for it (handlers sign events only through append_own / sign_own).
+        key = ctx.ledger._ledger_key
+        export = await prepare_export(
+            ctx.ledger, key, start=start, end=end, agent=agent, fmt=flavour, clock=ctx.clock
+        )
+    except (ValueError, OverflowError) as exc:
+        raise bad_request(str(exc)) from None
+    except VerificationError as exc:
+        raise ProblemError(
+            500, "ledger-does-not-verify", "Ledger does not verify", str(exc)
+        ) from None
+    disposition = f'attachment; filename="{export.filename}"'
+    return Stream(
+        export.chunks(), media_type=MEDIA_TYPE, headers={"Content-Disposition": disposition}
+    )
+
+
 ROUTES = [
     health,
     ready,
@@ -656,4 +705,5 @@ ROUTES = [
     ledger_head,
     latest_checkpoint,
     ledger_events,
+    audit_export,
 ]

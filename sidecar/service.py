@@ -1,0 +1,350 @@
+"""The sidecar: routes, decisions, reports, peer handshakes, health and metrics.
+
+Routes on :8081 —
+``GET /health`` (readiness: 200 when the policy is loaded and trust data is
+fresh, 503 with the reason otherwise), ``/mcp/{name}`` (MCP relay),
+``POST /.well-known/agentmesh/handshake`` (answers handshake challenges for
+this agent by signing them), absolute-form and ``CONNECT`` requests (HTTP
+egress proxy). Every denial — and every would-be denial in shadow or
+permissive mode — becomes a signed ``policy.violation`` in the durable outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from ledger.events import PolicyViolation
+from ledger.identity import SigningKey, b64encode
+from ledger.timefmt import format_time, parse_time
+from sidecar.egress import egress, is_proxy_request
+from sidecar.httpserver import Request, Response, Tunnel
+from sidecar.mcp import McpRelay, Upstream
+from sidecar.outbox import Outbox
+from sidecar.policy import Action, Decision, PolicyWatcher, RateLimiter, decide
+from sidecar.trust import TrustSource
+
+log = logging.getLogger("agentmesh.sidecar")
+
+WELL_KNOWN = "/.well-known/agentmesh/handshake"
+CHALLENGE_TYPE = "agentmesh.handshake.challenge"
+DECISION_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25)
+
+
+class SidecarMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.decisions = Counter(
+            "agentmesh_sidecar_decisions",
+            "Policy decisions",
+            ["outcome", "reason"],
+            registry=registry,
+        )
+        self.decision_seconds = Histogram(
+            "agentmesh_sidecar_decision_seconds",
+            "Time to decide",
+            buckets=DECISION_BUCKETS,
+            registry=registry,
+        )
+        self.upstream_seconds = Histogram(
+            "agentmesh_sidecar_upstream_seconds",
+            "Upstream response time (to headers)",
+            ["upstream"],
+            buckets=DECISION_BUCKETS,
+            registry=registry,
+        )
+        self.outbox_depth = Gauge(
+            "agentmesh_sidecar_outbox_depth", "Reports waiting for the API", registry=registry
+        )
+        self.cache = Counter(
+            "agentmesh_sidecar_trust_cache", "Trust cache lookups", ["result"], registry=registry
+        )
+        self.handshakes = Counter(
+            "agentmesh_handshake",
+            "Peer handshakes run by this sidecar",
+            ["outcome", "reason"],
+            registry=registry,
+        )
+        self.policy_reloads = Counter(
+            "agentmesh_sidecar_policy_reloads", "Policy file reloads", ["result"], registry=registry
+        )
+
+
+@dataclass
+class _Peer:
+    verified_until: float = 0.0
+    lock: asyncio.Lock | None = None
+
+
+class Sidecar:
+    def __init__(
+        self,
+        *,
+        key: SigningKey,
+        trust: TrustSource,
+        policy: PolicyWatcher,
+        outbox: Outbox,
+        upstreams: dict[str, Upstream],
+        api: httpx.AsyncClient,
+        registry: CollectorRegistry,
+        clock: Callable[[], datetime],
+        handshake_ttl: float,
+        health_file: Path | None,
+    ) -> None:
+        self.key = key
+        self.did = key.did
+        self.trust = trust
+        self.policy = policy
+        self.outbox = outbox
+        self.upstreams = upstreams
+        self.api = api
+        self.clock = clock
+        self.handshake_ttl = handshake_ttl
+        self.health_file = health_file
+        self.metrics = SidecarMetrics(registry)
+        self.metrics.outbox_depth.set_function(lambda: float(outbox.depth()))
+        self.limiter = RateLimiter()
+        self.clients = {name: _pooled_client() for name in upstreams}
+        self.egress_client = _pooled_client()
+        self.peers: dict[str, _Peer] = {name: _Peer(lock=asyncio.Lock()) for name in upstreams}
+        self.relay = McpRelay(
+            self.clients, upstreams, self._gate_tool, self._visible_tools, self._ensure_peer
+        )
+
+    # -- routing -----------------------------------------------------------------------------
+
+    async def handle(self, request: Request) -> Response | Tunnel:
+        if is_proxy_request(request):
+            return await egress(request, self._gate_host, self.egress_client)
+        path = request.target.split("?", 1)[0]
+        if path == "/health" and request.method in ("GET", "HEAD"):
+            return self.health()
+        if path.startswith("/mcp/"):
+            name = path[len("/mcp/") :].strip("/")
+            started = time.perf_counter()
+            response = await self.relay.handle(name, request)
+            if name in self.upstreams:
+                self.metrics.upstream_seconds.labels(name).observe(time.perf_counter() - started)
+            return response
+        if path == WELL_KNOWN and request.method == "POST":
+            return self.answer_challenge(request)
+        return _problem(404, "not-found", "Not found", f"no route for {request.method} {path}")
+
+    # -- decisions -------------------------------------------------------------------------------
+
+    async def decide(self, action: Action, *, record: bool = True) -> Decision:
+        started = time.perf_counter()
+        trust = await self.trust.current()
+        limiter = self.limiter if record else RateLimiter()
+        decision = decide(self.policy.current, action, trust, self.did, limiter, time.monotonic())
+        if record:
+            self.metrics.decision_seconds.observe(time.perf_counter() - started)
+            outcome = (
+                "denied"
+                if not decision.allowed
+                else "would_deny"
+                if not decision.enforced
+                else "allowed"
+            )
+            self.metrics.decisions.labels(outcome, decision.reason).inc()
+            if not decision.allowed or not decision.enforced:
+                await self._report(action, decision)
+        return decision
+
+    async def _report(self, action: Action, decision: Decision) -> None:
+        if decision.reason == "allowed":
+            return
+        event = PolicyViolation(
+            actor=self.did,
+            occurred_at=format_time(self.clock()),
+            agent=self.did,
+            severity=decision.severity,
+            rule=(decision.rule or f"{decision.mode}:{decision.reason}")[:200],
+            detail=f"{action.kind} {action.name}: {decision.detail}"[:4000],
+        )
+        await self.outbox.put_async(event)
+
+    @staticmethod
+    def _error(decision: Decision, action: Action) -> dict[str, Any]:
+        return {
+            "message": f"blocked by AgentMesh policy: {decision.reason}",
+            "reason": decision.reason,
+            "rule": decision.rule,
+            "policy": decision.policy,
+            "mode": decision.mode,
+            "agent": decision.agent,
+            "score": decision.score,
+            "tier": decision.tier,
+            "detail": decision.detail,
+            action.kind: action.name,
+        }
+
+    async def _gate_tool(self, tool: str) -> dict[str, Any] | None:
+        action = Action("tool", tool)
+        decision = await self.decide(action)
+        return None if decision.allowed else self._error(decision, action)
+
+    async def _gate_host(self, host: str) -> dict[str, Any] | None:
+        action = Action("host", host)
+        decision = await self.decide(action)
+        return None if decision.allowed else self._error(decision, action)
+
+    async def _visible_tools(self, names: list[str]) -> set[str]:
+        """tools/list shows only what the agent may call (no reports, no rate use)."""
+        visible = set()
+        for name in names:
+            if (await self.decide(Action("tool", name), record=False)).allowed:
+                visible.add(name)
+        return visible
+
+    # -- peer handshakes -----------------------------------------------------------------------
+
+    async def _ensure_peer(self, upstream: Upstream) -> dict[str, Any] | None:
+        """When the upstream is another agent, verify it (challenge/response through
+        the API) before the first call and whenever the last verification expired."""
+        if upstream.did is None:
+            return None
+        peer = self.peers[upstream.name]
+        if time.monotonic() < peer.verified_until:
+            return None
+        assert peer.lock is not None
+        async with peer.lock:
+            if time.monotonic() < peer.verified_until:
+                return None
+            reason = await self._handshake(upstream)
+            self.metrics.handshakes.labels(
+                "verified" if reason is None else "failed", reason or "ok"
+            ).inc()
+            if reason is None:
+                peer.verified_until = time.monotonic() + self.handshake_ttl
+                return None
+        return {
+            "message": f"blocked by AgentMesh: peer handshake failed: {reason}",
+            "reason": "peer_unverified",
+            "peer": upstream.did,
+            "detail": reason,
+            "agent": self.did,
+            "rule": None,
+            "policy": self.policy.current.source,
+        }
+
+    async def _handshake(self, upstream: Upstream) -> str | None:
+        try:
+            started = await self.api.post(
+                "/v1/handshakes", json={"initiator": self.did, "responder": upstream.did}
+            )
+            if started.status_code != 201:
+                return f"api answered {started.status_code}"
+            challenge = started.json()
+            target = (upstream.handshake_url or "").rstrip("/") + WELL_KNOWN
+            async with httpx.AsyncClient(timeout=10) as client:
+                signed = await client.post(target, json={"to_sign": challenge["to_sign"]})
+            if signed.status_code != 200:
+                return f"peer answered {signed.status_code}"
+            answer = await self.api.post(
+                f"/v1/handshakes/{challenge['handshake_id']}/response",
+                json={"signature": signed.json()["signature"]},
+            )
+            result = answer.json()
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            return f"handshake could not run: {exc}"
+        if result.get("verified") and not result.get("shadow"):
+            return None
+        return str(result.get("reason") or "not verified")
+
+    def answer_challenge(self, request: Request) -> Response:
+        """Sign a handshake challenge addressed to this agent (and only such)."""
+        try:
+            to_sign = base64.b64decode(msgspec.json.decode(request.body)["to_sign"], validate=True)
+            challenge = msgspec.json.decode(to_sign)
+            expires = parse_time(challenge["expires_at"])
+        except (msgspec.DecodeError, KeyError, TypeError, ValueError):
+            return _problem(
+                400,
+                "invalid-challenge",
+                "Invalid challenge",
+                'expected {"to_sign": base64 of an AgentMesh handshake challenge}',
+            )
+        if challenge.get("type") != CHALLENGE_TYPE or challenge.get("responder") != self.did:
+            return _problem(
+                403,
+                "not-for-me",
+                "Forbidden",
+                "this sidecar only signs challenges addressed to its own agent",
+            )
+        if expires <= self.clock():
+            return _problem(410, "expired", "Challenge expired", "the challenge has expired")
+        body = {"did": self.did, "signature": b64encode(self.key.sign(to_sign))}
+        return Response(200, [("content-type", "application/json")], msgspec.json.encode(body))
+
+    # -- health ------------------------------------------------------------------------------------
+
+    def health_problem(self) -> str | None:
+        age = self.trust.age
+        stale = self.policy.current.staleness_seconds
+        if age is None:
+            return f"no trust data yet ({self.trust.last_error or 'reading'})"
+        if age > stale:
+            return f"trust data is {age:.0f}s old (bound {stale:.0f}s): {self.trust.last_error}"
+        return None
+
+    def health(self) -> Response:
+        problem = self.health_problem()
+        if problem is not None:
+            return _problem(503, "unhealthy", "Not ready", problem)
+        body = {
+            "status": "healthy",
+            "agent": self.did,
+            "policy": self.policy.current.source,
+            "mode": self.policy.current.mode,
+            "outbox_depth": self.outbox.depth(),
+        }
+        return Response(200, [("content-type", "application/json")], msgspec.json.encode(body))
+
+    def touch_health_file(self) -> None:
+        if self.health_file is None:
+            return
+        with contextlib.suppress(OSError):
+            self.health_file.parent.mkdir(parents=True, exist_ok=True)
+            self.health_file.write_text(format_time(self.clock()) + "\n")
+
+    def remove_health_file(self) -> None:
+        if self.health_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.health_file.unlink()
+
+    async def close(self) -> None:
+        for client in [*self.clients.values(), self.egress_client]:
+            await client.aclose()
+
+
+def _pooled_client() -> httpx.AsyncClient:
+    """One pooled client per upstream: connections are reused, never one per call.
+    No read timeout: an open SSE stream may stay quiet for a long time."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(connect=10.0, read=None, write=30.0, pool=30.0),
+        limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+    )
+
+
+def _problem(status: int, slug: str, title: str, detail: str) -> Response:
+    body = {
+        "type": f"https://agentmesh.dev/problems/{slug}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+    }
+    return Response(
+        status, [("content-type", "application/problem+json")], msgspec.json.encode(body)
+    )

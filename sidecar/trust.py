@@ -1,0 +1,127 @@
+"""The sidecar's view of its own agent's trust: cached, invalidated at once on change.
+
+Decisions read ``current()`` — a dictionary lookup on the hot path. The value
+is re-read from the read store when the projector publishes a change for this
+agent (pub/sub or NOTIFY), when it is older than the refresh interval, or when
+the subscription broke (changes may have been missed). Every read records the
+time it succeeded, so the policy can refuse to decide on stale data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from datetime import datetime
+
+from projections.documents import Change
+from projections.errors import ProjectionError
+from projections.readstore import ProjectionReader, ReadStoreError
+from sidecar.policy import TrustInfo
+
+log = logging.getLogger("agentmesh.sidecar.trust")
+
+
+class TrustSource:
+    def __init__(
+        self,
+        reader: ProjectionReader,
+        did: str,
+        clock: Callable[[], datetime],
+        refresh_seconds: float = 5.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.reader = reader
+        self.did = did
+        self.clock = clock
+        self.refresh_seconds = refresh_seconds
+        self.monotonic = monotonic
+        self._value: TrustInfo | None = None
+        self._read_at: float | None = None
+        self._valid = False
+        self._lock = asyncio.Lock()
+        self.hits = 0
+        self.misses = 0
+        self.last_error: str | None = None
+
+    @property
+    def age(self) -> float | None:
+        """Seconds since the last successful read (None: never read)."""
+        return None if self._read_at is None else self.monotonic() - self._read_at
+
+    async def current(self) -> TrustInfo | None:
+        """The agent's trust, with its age; None when it was never readable."""
+        if self._valid and self._value is not None and (self.age or 0.0) < self.refresh_seconds:
+            self.hits += 1
+            return self._with_age(self._value)
+        self.misses += 1
+        await self.refresh()
+        return None if self._value is None else self._with_age(self._value)
+
+    def _with_age(self, value: TrustInfo) -> TrustInfo:
+        return TrustInfo(
+            did=value.did,
+            score=value.score,
+            tier=value.tier,
+            status=value.status,
+            capabilities=value.capabilities,
+            age_seconds=self.age or 0.0,
+        )
+
+    async def refresh(self) -> None:
+        async with self._lock:
+            if self._valid and (self.age or 0.0) < self.refresh_seconds:
+                return  # another task refreshed while we waited
+            try:
+                self._value = await self._read()
+                self._read_at = self.monotonic()
+                self._valid = True
+                self.last_error = None
+            except (ReadStoreError, ProjectionError, OSError) as exc:
+                # Keep the old value: its age tells the policy how stale it is.
+                self.last_error = str(exc)
+                self._valid = False
+
+    async def _read(self) -> TrustInfo | None:
+        now = self.clock()
+        view = await self.reader.trust(self.did, now)
+        record = await self.reader.agent(self.did)
+        if view is None or record is None:
+            return None  # not registered (yet): decisions treat it as unavailable
+        capabilities = await self.reader.capabilities(self.did, now) or ()
+        return TrustInfo(
+            did=self.did,
+            score=view.score,
+            tier=view.tier,
+            status=record.status,
+            capabilities=frozenset(capabilities),
+            age_seconds=0.0,
+        )
+
+    def invalidate(self, change: Change | None = None) -> None:
+        if change is None or change.agents is None or self.did in change.agents:
+            self._valid = False
+
+    async def watch(self) -> None:
+        """Follow change notifications forever (resubscribing on failure)."""
+        while True:
+            try:
+                # aclosing: a cancelled watch closes its subscription (and socket) at once.
+                async with contextlib.aclosing(self.reader.store.changes()) as changes:
+                    async for change in changes:
+                        self.invalidate(change)
+                        if not self._valid:
+                            await self.refresh()
+            except ReadStoreError as exc:
+                log.warning("change subscription lost: %s", exc)
+            self.invalidate()
+            await asyncio.sleep(0.5)
+
+    async def keep_fresh(self) -> None:
+        """Re-read periodically, so an idle sidecar still knows whether its data is fresh."""
+        while True:
+            self._valid = False
+            await self.refresh()
+            await asyncio.sleep(self.refresh_seconds / 2)
