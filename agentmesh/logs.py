@@ -46,3 +46,6 @@ def configure_logging(settings: Settings) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)
+    # One line per outgoing HTTP request is noise at INFO; keep their warnings.
+    for noisy in ("httpx", "httpcore", "mcp.server.streamable_http_manager"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

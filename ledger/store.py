@@ -80,6 +80,7 @@ def _tracing() -> bool:
     """Whether a tracer provider is configured (a no-op span still costs ~15 µs)."""
     return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
 
+
 NOTIFY_CHANNEL = "agentmesh_ledger"
 _LEDGER_ONLY = (
     AgentSuspended,

@@ -38,8 +38,9 @@ def clock() -> ManualClock:
 
 
 @pytest.fixture
-async def ledger(database_url: str, ledger_key: SigningKey,
-                 clock: ManualClock) -> AsyncIterator[PostgresEventStore]:
+async def ledger(
+    database_url: str, ledger_key: SigningKey, clock: ManualClock
+) -> AsyncIterator[PostgresEventStore]:
     store = await PostgresEventStore.open(database_url, ledger_key, clock=clock)
     try:
         yield store
@@ -60,9 +61,13 @@ async def long_history(ledger: PostgresEventStore, clock: ManualClock) -> list[A
 
 
 def settings_for(url: str, key: SigningKey) -> Settings:
-    return Settings.from_env({"AGENTMESH_DATABASE_URL": url,
-                              "AGENTMESH_AGENT_PRIVATE_KEY": key.private_key_pem(),
-                              "AGENTMESH_STORAGE_BACKEND": "memory"})
+    return Settings.from_env(
+        {
+            "AGENTMESH_DATABASE_URL": url,
+            "AGENTMESH_AGENT_PRIVATE_KEY": key.private_key_pem(),
+            "AGENTMESH_STORAGE_BACKEND": "memory",
+        }
+    )
 
 
 async def count_before(url: str, clock: ManualClock) -> tuple[int, int]:
@@ -92,8 +97,9 @@ async def test_retention_cuts_at_the_window_and_verification_and_rebuild_hold(
     assert dry.startswith("dry run: retention: cut at")
     assert await count_before(database_url, clock) == (before, total)
 
-    message = await run_retention(settings_for(database_url, ledger_key), dry_run=False,
-                                  clock=clock)
+    message = await run_retention(
+        settings_for(database_url, ledger_key), dry_run=False, clock=clock
+    )
     assert message.startswith("retention applied")
     remaining_before, remaining = await count_before(database_url, clock)
     assert remaining_before == 0  # exactly the events recorded before the cut are gone
@@ -116,8 +122,7 @@ async def test_retention_cuts_at_the_window_and_verification_and_rebuild_hold(
     rebuilt = as_bytes(await store_answers(reader, dids, [], [0.0, 30.0], clock))
     assert rebuilt == live_answers
     # 3. Running it again changes nothing.
-    again = await run_retention(settings_for(database_url, ledger_key), dry_run=False,
-                                clock=clock)
+    again = await run_retention(settings_for(database_url, ledger_key), dry_run=False, clock=clock)
     assert "nothing" in again
     assert await count_before(database_url, clock) == (0, remaining)
 
@@ -130,8 +135,9 @@ async def test_appends_during_retention_are_kept(
 
     async def keep_appending() -> None:
         for index in range(40):
-            result = await ledger.append([agents[0].signal(subject=agents[1].did,
-                                                           signal=f"during-{index}")])
+            result = await ledger.append(
+                [agents[0].signal(subject=agents[1].did, signal=f"during-{index}")]
+            )
             appended.append(result.positions[0])
 
     await asyncio.gather(
@@ -159,7 +165,10 @@ async def test_refuses_when_the_snapshot_cannot_be_written(
 
 
 async def test_an_interrupted_run_is_finished_by_the_next(
-    ledger: PostgresEventStore, database_url: str, ledger_key: SigningKey, clock: ManualClock,
+    ledger: PostgresEventStore,
+    database_url: str,
+    ledger_key: SigningKey,
+    clock: ManualClock,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     await long_history(ledger, clock)
@@ -190,16 +199,15 @@ async def test_time_travel_before_the_window_is_refused(
         await run_retention(settings_for(database_url, ledger_key), dry_run=False, clock=clock)
     finally:
         await store.close()
-    async with running_api(api_settings(database_url, redis_server, ledger_key),
-                           clock=clock) as api:
+    async with running_api(
+        api_settings(database_url, redis_server, ledger_key), clock=clock
+    ) as api:
         did = agents[1].did
-        old = await api.client.get(f"/v1/agents/{did}/trust",
-                                   params={"at": "2026-01-05T00:00:00Z"})
+        old = await api.client.get(f"/v1/agents/{did}/trust", params={"at": "2026-01-05T00:00:00Z"})
         assert old.status_code == 410
         assert "before the retention window" in old.json()["detail"]
         moment = clock.now - timedelta(days=10)
-        recent = await api.client.get(f"/v1/agents/{did}/trust",
-                                      params={"at": moment.isoformat()})
+        recent = await api.client.get(f"/v1/agents/{did}/trust", params={"at": moment.isoformat()})
         assert recent.status_code == 200, recent.text
         # The same answer as a replay of the whole, pre-retention history.
         before_moment = [r for r in history if r.recorded_at <= moment]
@@ -209,11 +217,19 @@ async def test_time_travel_before_the_window_is_refused(
 
 
 def test_cli_retention_dry_run(database_url: str, ledger_key: SigningKey) -> None:
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AGENTMESH_")},
-           "AGENTMESH_DATABASE_URL": database_url,
-           "AGENTMESH_AGENT_PRIVATE_KEY": ledger_key.private_key_pem(),
-           "AGENTMESH_STORAGE_BACKEND": "memory"}
-    result = subprocess.run([sys.executable, "-m", "agentmesh", "retention", "run", "--dry-run"],
-                            env=env, capture_output=True, text=True, timeout=120, check=False)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AGENTMESH_")},
+        "AGENTMESH_DATABASE_URL": database_url,
+        "AGENTMESH_AGENT_PRIVATE_KEY": ledger_key.private_key_pem(),
+        "AGENTMESH_STORAGE_BACKEND": "memory",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "agentmesh", "retention", "run", "--dry-run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("dry run: retention: nothing before")
