@@ -297,6 +297,8 @@ class Sidecar:
             return f"no trust data yet ({self.trust.last_error or 'reading'})"
         if age > stale:
             return f"trust data is {age:.0f}s old (bound {stale:.0f}s): {self.trust.last_error}"
+        if self.trust.registered is False:
+            return f"agent {self.did} is not registered with the API (POST /v1/agents)"
         return None
 
     def health(self) -> Response:

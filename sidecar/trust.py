@@ -47,6 +47,11 @@ class TrustSource:
         self.last_error: str | None = None
 
     @property
+    def registered(self) -> bool | None:
+        """Whether the last successful read found the agent (None: never read)."""
+        return None if self._read_at is None else self._value is not None
+
+    @property
     def age(self) -> float | None:
         """Seconds since the last successful read (None: never read)."""
         return None if self._read_at is None else self.monotonic() - self._read_at

@@ -20,7 +20,10 @@ import kubernetes_validate  # ships no type information
 import pytest
 import yaml
 
+from agentmesh.cli import _parser
 from agentmesh.settings import Settings, default_of, setting_keys
+from agentmesh.sidecar_main import parse_upstreams
+from sidecar.policy import Action, RateLimiter, TrustInfo, decide, parse_policy
 
 Doc = dict[str, Any]
 
@@ -40,6 +43,10 @@ NOT_IN_KUSTOMIZATION = EXAMPLES | {"secret.yaml", "kustomization.yaml"}
 CRD_GROUP = "monitoring.coreos.com/v1"
 AGENTMESH_IMAGES = {"agentmesh/server:1.0.0-alpha1", "agentmesh/sidecar:1.0.0-alpha1"}
 SECRET_LIKE = re.compile(r"PRIVATE_KEY|TOKEN|PASSWORD|DATABASE_URL")
+SETTINGS_CONFIGMAP = "agentmesh-config"
+POLICY_CONFIGMAP = "agentmesh-sidecar-policy"
+# What only the sidecar reads: in the agent examples' ConfigMap, not the server's.
+SIDECAR_ONLY = {"AGENTMESH_API_URL", "AGENTMESH_UPSTREAMS", "AGENTMESH_POLICY_FILE"}
 PLACEHOLDER = base64.b64encode(b"REPLACE_ME").decode()
 
 # Where our manifests differ from the guide's YAML on purpose, and why.
@@ -59,6 +66,11 @@ DEVIATIONS = {
 
 # What an AgentMesh process may write: /tmp (and below it), the sidecar's health file.
 WRITABLE = ("/tmp", "/var/run/agentmesh")
+
+
+def under(path: str | Path, directory: str) -> bool:
+    text = str(path)
+    return text == directory or text.startswith(directory.rstrip("/") + "/")
 
 
 # -- loading -------------------------------------------------------------------
@@ -180,6 +192,29 @@ def secret_refs(container_doc: Doc) -> dict[str, tuple[str, str]]:
     return refs
 
 
+def environment(namespace: str, container_doc: Doc) -> dict[str, str]:
+    """The container's literal environment: its ConfigMaps' data, then its own ``env``."""
+    configmaps = {
+        (d["metadata"]["namespace"], d["metadata"]["name"]): d["data"]
+        for _, d in resources()
+        if d["kind"] == "ConfigMap"
+    }
+    environ: dict[str, str] = {}
+    for source in container_doc.get("envFrom", []):
+        environ |= configmaps[(namespace, source["configMapRef"]["name"])]
+    return environ | literal_env(container_doc)
+
+
+def sidecar_settings(name: str) -> Settings:
+    """What ``agentmesh serve sidecar`` parses in an agent example (secrets left out)."""
+    sidecar = container(name, "Deployment", "agentmesh-sidecar")
+    return Settings.from_env(environment("my-app", sidecar))
+
+
+def mounts(container_doc: Doc) -> dict[str, Doc]:
+    return {m["mountPath"]: m for m in container_doc.get("volumeMounts", [])}
+
+
 # -- schemas -------------------------------------------------------------------------
 
 
@@ -288,47 +323,78 @@ def test_configmap_has_every_guide_key_with_the_guides_value() -> None:
 def test_every_configmap_key_is_a_setting_the_code_reads() -> None:
     known = setting_keys()
     configmaps = [(n, d) for n, d in resources() if d["kind"] == "ConfigMap"]
-    assert len(configmaps) == 3  # the server's and one per agent example
     for name, configmap in configmaps:
         for key, value in configmap["data"].items():
-            assert key in known, f"{name}: {key} is read by no code"
             assert isinstance(value, str), f"{name}: {key} must be a string"
-        Settings.from_env(configmap["data"])
+            if key.startswith("AGENTMESH_"):
+                assert key in known, f"{name}: {key} is read by no code"
+    # The server's settings and one per agent example; each example also has its policy.
+    found = sorted((n, d["metadata"]["name"]) for n, d in configmaps)
+    assert found == sorted(
+        [("configmap.yaml", SETTINGS_CONFIGMAP)]
+        + [(n, SETTINGS_CONFIGMAP) for n in EXAMPLES]
+        + [(n, POLICY_CONFIGMAP) for n in EXAMPLES]
+    )
+    for name, configmap in configmaps:
+        if configmap["metadata"]["name"] == SETTINGS_CONFIGMAP:
+            keys = set(configmap["data"])
+            assert keys <= set(known), f"{name}: {keys - set(known)} is read by no code"
+            Settings.from_env(configmap["data"])
+        else:
+            assert set(configmap["data"]) == {"policy.yaml"}, name
+
+
+def test_the_sidecar_settings_are_in_the_agent_examples_only() -> None:
+    assert set(setting_keys()) >= SIDECAR_ONLY
+    assert not SIDECAR_ONLY & set(find("configmap.yaml", "ConfigMap")["data"])
+    for name in EXAMPLES:
+        data = find(name, "ConfigMap", SETTINGS_CONFIGMAP)["data"]
+        assert data.keys() >= SIDECAR_ONLY, name
 
 
 def test_each_process_parses_its_whole_environment() -> None:
-    configmaps = {
-        (d["metadata"]["namespace"], d["metadata"]["name"]): d["data"]
-        for _, d in resources()
-        if d["kind"] == "ConfigMap"
-    }
     for name, doc, spec in pods():
         namespace = doc["metadata"]["namespace"]
         for item in containers_of(spec):
             if item["image"] not in AGENTMESH_IMAGES:
                 continue
-            environ: dict[str, str] = {}
-            for source in item.get("envFrom", []):
-                environ |= configmaps[(namespace, source["configMapRef"]["name"])]
-            environ |= literal_env(item)
+            environ = environment(namespace, item)
             names = set(environ) | set(secret_refs(item))
             unknown = {k for k in names if k.startswith("AGENTMESH_")} - set(setting_keys())
             assert not unknown, f"{name}: {unknown}"
             Settings.from_env(environ)
 
 
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_the_sidecar_has_what_serve_sidecar_requires(name: str) -> None:
+    settings = sidecar_settings(name)
+    # The API's Service, in the namespace the server runs in, on the API's port.
+    service = find("service.yaml", "Service")
+    api_port = {p["name"]: p["port"] for p in service["spec"]["ports"]}["api"]
+    host = f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local"
+    assert settings.require_api_url() == f"http://{host}:{api_port}"
+    upstreams = parse_upstreams(settings.upstreams)
+    assert upstreams, f"{name}: no MCP upstream"
+    assert settings.policy_mode == "strict"
+    assert settings.governance_shadow_mode is False
+    assert settings.policy_file is not None
+    sidecar = container(name, "Deployment", "agentmesh-sidecar")
+    assert set(secret_refs(sidecar)) == {"AGENTMESH_AGENT_PRIVATE_KEY", "AGENTMESH_REDIS_PASSWORD"}
+
+
 def test_the_sidecar_trusts_with_the_servers_parameters() -> None:
     server = find("configmap.yaml", "ConfigMap")["data"]
     for name in EXAMPLES:
-        sidecar = find(name, "ConfigMap", "agentmesh-config")
+        sidecar = find(name, "ConfigMap", SETTINGS_CONFIGMAP)
         assert sidecar["metadata"]["namespace"] == "my-app"
         differing = {
             k
             for k in server.keys() | sidecar["data"].keys()
             if server.get(k) != sidecar["data"].get(k)
         }
-        # Only the Redis host, which is qualified with the server's namespace.
-        assert differing == {"AGENTMESH_REDIS_HOST"}, name
+        # The Redis host, which is qualified with the server's namespace, and
+        # what only the sidecar reads.
+        assert differing == {"AGENTMESH_REDIS_HOST"} | SIDECAR_ONLY, name
         assert sidecar["data"]["AGENTMESH_REDIS_HOST"].startswith(
             server["AGENTMESH_REDIS_HOST"] + ".agentmesh."
         )
@@ -406,11 +472,16 @@ def test_every_pod_and_container_is_locked_down() -> None:
             assert own["allowPrivilegeEscalation"] is False, where
             assert own["capabilities"]["drop"] == ["ALL"], where
             assert "privileged" not in own, where
-            mounts = {m["mountPath"]: m["name"] for m in item["volumeMounts"]}
-            assert "/tmp" in mounts, f"{where} does not mount /tmp"
-            for path, volume in mounts.items():
-                assert path.startswith(WRITABLE), f"{where} writes {path}"
-                assert set(volumes[volume]) == {"name", "emptyDir"}, f"{where}: {volume}"
+            assert "/tmp" in mounts(item), f"{where} does not mount /tmp"
+            for path, mount in mounts(item).items():
+                volume = volumes[mount["name"]]
+                if mount.get("readOnly") is True:
+                    # Configuration only: nothing writable hides behind it.
+                    assert set(volume) == {"name", "configMap"}, f"{where}: {path}"
+                    assert not any(under(path, w) for w in WRITABLE), f"{where}: {path}"
+                else:
+                    assert any(under(path, w) for w in WRITABLE), f"{where} writes {path}"
+                    assert set(volume) == {"name", "emptyDir"}, f"{where}: {path}"
             checked += 1
     assert checked >= 8
 
@@ -430,6 +501,26 @@ def test_every_agentmesh_process_runs_the_cli_with_read_only_friendly_python() -
         assert literal_env(item)["PYTHONDONTWRITEBYTECODE"] == "1", name
         seen[(name, item["name"])] = item["args"]
     assert seen == expected
+
+
+def test_every_command_in_the_manifests_is_a_real_cli_command() -> None:
+    parser = _parser()
+    checked = 0
+    for name, _, spec in pods():
+        for item in containers_of(spec):
+            if "command" not in item and "args" not in item:
+                continue  # the image's own entrypoint (the example agent)
+            where = f"{name}: {item['name']}"
+            assert item["image"] in AGENTMESH_IMAGES, where
+            assert item["command"] == ["agentmesh"], where
+            try:
+                parser.parse_args(item["args"])
+            except SystemExit:
+                pytest.fail(f"{where}: agentmesh {' '.join(item['args'])} is no CLI command")
+            checked += 1
+    assert checked == 6
+    with pytest.raises(SystemExit):  # the check bites
+        parser.parse_args(["serve", "nothing"])
 
 
 def test_the_api_keeps_its_multiprocess_metrics_under_tmp() -> None:
@@ -503,7 +594,76 @@ def test_sidecar_probes(name: str) -> None:
     assert sidecar["livenessProbe"]["exec"]["command"] == ["cat", "/var/run/agentmesh/healthy"]
     assert sidecar["readinessProbe"]["httpGet"]["path"] == "/health"
     assert probe_port(sidecar, sidecar["readinessProbe"]) == 8081
-    assert "/var/run/agentmesh" in {m["mountPath"] for m in sidecar["volumeMounts"]}
+    assert "/var/run/agentmesh" in mounts(sidecar)
+    # The file the liveness probe reads is the one the process keeps.
+    settings = sidecar_settings(name)
+    assert str(settings.sidecar_health_file) == sidecar["livenessProbe"]["exec"]["command"][1]
+    assert settings.sidecar_port == probe_port(sidecar, sidecar["readinessProbe"])
+    assert settings.sidecar_metrics_port == ports(sidecar)["metrics"]
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_the_sidecar_writes_only_to_its_emptydirs(name: str) -> None:
+    sidecar = container(name, "Deployment", "agentmesh-sidecar")
+    settings = sidecar_settings(name)
+    writable = [p for p, m in mounts(sidecar).items() if not m.get("readOnly")]
+    for path in (settings.sidecar_outbox_dir, settings.sidecar_health_file.parent):
+        assert any(under(path, w) for w in writable), f"{name}: {path} is not writable"
+    assert under(settings.sidecar_outbox_dir, "/tmp")
+
+
+# -- the sidecar's policy ------------------------------------------------------------
+
+
+def example_policy_text(name: str) -> str:
+    return cast(str, find(name, "ConfigMap", POLICY_CONFIGMAP)["data"]["policy.yaml"])
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_the_policy_configmap_parses_and_is_mounted_where_the_sidecar_reads_it(
+    name: str,
+) -> None:
+    configmap = find(name, "ConfigMap", POLICY_CONFIGMAP)
+    assert configmap["metadata"]["namespace"] == "my-app"
+    policy = parse_policy(example_policy_text(name), "policy.yaml", "strict", False)
+    assert policy.rules
+    settings = sidecar_settings(name)
+    assert settings.policy_file is not None
+    assert settings.policy_file.name == "policy.yaml"
+    sidecar = container(name, "Deployment", "agentmesh-sidecar")
+    mount = mounts(sidecar)[str(settings.policy_file.parent)]
+    assert mount["readOnly"] is True
+    # A subPath mount is never updated: the directory must be mounted for reloads.
+    assert "subPath" not in mount
+    assert "subPathExpr" not in mount
+    spec = pod_spec(find(name, "Deployment"))
+    assert spec is not None
+    volume = {v["name"]: v for v in spec["volumes"]}[mount["name"]]
+    # All keys, under their own names (no items list renaming policy.yaml).
+    assert volume["configMap"] == {"name": POLICY_CONFIGMAP}
+
+
+def test_the_example_policy_decides_as_documented() -> None:
+    text = example_policy_text("agent-with-sidecar.yaml")
+    policy = parse_policy(text, "policy.yaml", "strict", False)
+
+    def outcome(kind: str, target: str, tier: str | None, score: int = 0) -> tuple[bool, str, str]:
+        agent = "did:mesh:example"
+        trust = None if tier is None else TrustInfo(agent, score, tier, "active", frozenset(), 0.0)
+        action = Action("tool" if kind == "tool" else "host", target)
+        decision = decide(policy, action, trust, agent, RateLimiter(), 0.0)
+        return decision.allowed, decision.reason, decision.severity
+
+    assert outcome("tool", "search", "probationary", 400)[:2] == (True, "allowed")
+    assert outcome("tool", "read_file", "standard", 600)[:2] == (True, "allowed")
+    assert outcome("tool", "delete_repo", "standard", 600)[:2] == (False, "below_min_tier")
+    assert outcome("tool", "delete_repo", "trusted", 800)[:2] == (True, "allowed")
+    assert outcome("tool", "launch_job", "verified_partner", 950)[:2] == (False, "no_rule")
+    paste = (False, "rule_denied", "high")
+    assert outcome("host", "pastebin.com:443", "verified_partner", 950) == paste
+    assert outcome("host", "gist.PASTEBIN.com", "trusted", 800) == paste
+    # Strict: without trust data (e.g. an unregistered agent), nothing passes.
+    assert outcome("tool", "search", None)[:2] == (False, "trust_unavailable")
 
 
 def test_the_native_sidecar_starts_before_the_agent() -> None:
@@ -512,6 +672,7 @@ def test_the_native_sidecar_starts_before_the_agent() -> None:
     (sidecar,) = spec["initContainers"]
     assert sidecar["name"] == "agentmesh-sidecar"
     assert sidecar["restartPolicy"] == "Always"
+    # Readiness: 200 only once the policy is loaded and trust data is fresh.
     assert sidecar["startupProbe"]["httpGet"]["path"] == "/health"
     assert probe_port(sidecar, sidecar["startupProbe"]) == 8081
     assert [c["name"] for c in spec["containers"]] == ["agent"]
@@ -519,6 +680,13 @@ def test_the_native_sidecar_starts_before_the_agent() -> None:
     regular = container("agent-with-sidecar.yaml", "Deployment", "agentmesh-sidecar")
     native = {k: v for k, v in sidecar.items() if k not in ("restartPolicy", "startupProbe")}
     assert native == regular
+    # The rest of the example is the same too: both ConfigMaps and the pod's volumes.
+    for configmap in (SETTINGS_CONFIGMAP, POLICY_CONFIGMAP):
+        native_map = find("agent-with-native-sidecar.yaml", "ConfigMap", configmap)
+        assert native_map == find("agent-with-sidecar.yaml", "ConfigMap", configmap)
+    regular_spec = pod_spec(find("agent-with-sidecar.yaml", "Deployment"))
+    assert regular_spec is not None
+    assert spec["volumes"] == regular_spec["volumes"]
 
 
 # -- jobs ----------------------------------------------------------------------------
