@@ -13,7 +13,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -422,25 +422,36 @@ def _cmd_serve_api(args: argparse.Namespace, settings: Settings) -> int:
     return serve_api(settings)
 
 
-def _cmd_projections_rebuild(args: argparse.Namespace, settings: Settings) -> int:
-    from agentmesh.wiring import open_projection_store, trust_config
+@contextlib.asynccontextmanager
+async def _ledger_and_store(settings: Settings, backend: str) -> AsyncIterator[tuple[Any, Any]]:
+    """The ledger reader and the chosen read store, closed on the way out."""
+    from agentmesh.wiring import open_projection_store
     from ledger.store import PostgresLedgerReader
+
+    reader = await PostgresLedgerReader.connect(settings.require_database_url())
+    try:
+        store = await open_projection_store(settings, backend)  # type: ignore[arg-type]
+        try:
+            yield reader, store
+        finally:
+            await store.close()
+    finally:
+        await reader.close()
+
+
+def _cmd_projections_rebuild(args: argparse.Namespace, settings: Settings) -> int:
+    from agentmesh.wiring import trust_config
     from projections.projector import Projector
 
     backend = _shared_backend(settings, args.backend)
 
     async def run() -> int:
-        reader = await PostgresLedgerReader.connect(settings.require_database_url())
-        store = await open_projection_store(settings, backend)  # type: ignore[arg-type]
-        try:
+        async with _ledger_and_store(settings, backend) as (reader, store):
             head = await reader.head()
             bar = ProgressBar("rebuild", head.position)
             projector = Projector(reader, store, trust_config(settings))
             progress = await projector.rebuild(progress=bar.update)
             bar.done()
-        finally:
-            await store.close()
-            await reader.close()
         print(
             f"rebuilt {backend} read store: position {progress.state.position}, "
             f"{len(progress.state.agents)} agents, "
@@ -452,21 +463,15 @@ def _cmd_projections_rebuild(args: argparse.Namespace, settings: Settings) -> in
 
 
 def _cmd_projections_status(args: argparse.Namespace, settings: Settings) -> int:
-    from agentmesh.wiring import open_projection_store, trust_config
-    from ledger.store import PostgresLedgerReader
+    from agentmesh.wiring import trust_config
     from projections.readstore import ProjectionReader
 
     backend = _shared_backend(settings, args.backend)
 
     async def run() -> int:
-        reader = await PostgresLedgerReader.connect(settings.require_database_url())
-        store = await open_projection_store(settings, backend)  # type: ignore[arg-type]
-        try:
+        async with _ledger_and_store(settings, backend) as (reader, store):
             head = await reader.head()
             status = await ProjectionReader(store, trust_config(settings)).status(head.position)
-        finally:
-            await store.close()
-            await reader.close()
         _print_json(
             {
                 "backend": status.backend,

@@ -175,3 +175,33 @@ async def poll_leaders(processes: list[ProjectorProcess], seconds: float = 20) -
             return values
         assert loop.time() < deadline, f"leaders: {values}"
         await asyncio.sleep(0.1)
+
+
+async def test_cli_rebuild_and_status(
+    store: PostgresEventStore, env: dict[str, str], redis_store: RedisProjectionStore
+) -> None:
+    agents = [await register(store) for _ in range(3)]
+    await store.append([agents[0].violation(subject=agents[1].did)])
+    head = (await store.head()).position
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "agentmesh", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    rebuilt = cli("projections", "rebuild")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert rebuilt.stdout.strip() == (
+        f"rebuilt redis read store: position {head}, 3 agents, 0 grants"
+    )
+    assert await position_of(redis_store) == head
+    status = cli("projections", "status")
+    assert status.returncode == 0, status.stderr
+    assert '"lag": 0' in status.stdout
+    memory = cli("projections", "rebuild", "--backend", "memory")
+    assert memory.returncode == 2  # not a choice: the memory store lives in one process
