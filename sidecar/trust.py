@@ -41,6 +41,7 @@ class TrustSource:
         self._value: TrustInfo | None = None
         self._read_at: float | None = None
         self._valid = False
+        self._generation = 0  # bumped by every invalidation
         self._lock = asyncio.Lock()
         self.hits = 0
         self.misses = 0
@@ -79,10 +80,13 @@ class TrustSource:
         async with self._lock:
             if self._valid and (self.age or 0.0) < self.refresh_seconds:
                 return  # another task refreshed while we waited
+            # A change published while this read is in flight may not be in its answer:
+            # then the value is kept but not marked valid, so the next lookup reads again.
+            generation = self._generation
             try:
                 self._value = await self._read()
                 self._read_at = self.monotonic()
-                self._valid = True
+                self._valid = generation == self._generation
                 self.last_error = None
             except (ReadStoreError, ProjectionError, OSError) as exc:
                 # Keep the old value: its age tells the policy how stale it is.
@@ -107,6 +111,7 @@ class TrustSource:
 
     def invalidate(self, change: Change | None = None) -> None:
         if change is None or change.agents is None or self.did in change.agents:
+            self._generation += 1
             self._valid = False
 
     async def watch(self) -> None:
@@ -117,8 +122,8 @@ class TrustSource:
                 async with contextlib.aclosing(self.reader.store.changes()) as changes:
                     async for change in changes:
                         self.invalidate(change)
-                        if not self._valid:
-                            await self.refresh()
+                        while not self._valid and self.last_error is None:
+                            await self.refresh()  # again if a newer change raced the read
             except ReadStoreError as exc:
                 log.warning("change subscription lost: %s", exc)
             self.invalidate()
