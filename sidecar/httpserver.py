@@ -201,20 +201,23 @@ class HttpServer:
         headers = [(k, v) for k, v in response.headers if k.lower() != "content-length"]
         if isinstance(response.body, bytes):
             headers.append(("content-length", str(len(response.body))))
-        writer.write(conn.send(h11.Response(status_code=response.status, headers=headers)))
+        head = conn.send(h11.Response(status_code=response.status, headers=headers))
         if isinstance(response.body, bytes):
-            if response.body:
-                writer.write(conn.send(h11.Data(data=response.body)))
-        else:
-            try:
-                async for chunk in response.body:
-                    if chunk:
-                        writer.write(conn.send(h11.Data(data=chunk)))
-                        await writer.drain()  # relay each chunk now: never buffer a stream
-            finally:
-                aclose = getattr(response.body, "aclose", None)
-                if aclose is not None:
-                    await aclose()
+            # Head, body and end in one write: one segment on the wire for a small answer.
+            data = head + (conn.send(h11.Data(data=response.body)) if response.body else b"")
+            writer.write(data + conn.send(h11.EndOfMessage()))
+            await writer.drain()
+            return
+        writer.write(head)
+        try:
+            async for chunk in response.body:
+                if chunk:
+                    writer.write(conn.send(h11.Data(data=chunk)))
+                    await writer.drain()  # relay each chunk now: never buffer a stream
+        finally:
+            aclose = getattr(response.body, "aclose", None)
+            if aclose is not None:
+                await aclose()
         writer.write(conn.send(h11.EndOfMessage()))
         await writer.drain()
 

@@ -22,10 +22,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import msgspec
 
 from sidecar.httpserver import Request, Response
+from sidecar.upstream import UpstreamError, UpstreamPool, read_all
 
 BLOCKED_CODE = -31403
 HEADER_MISMATCH = -32020
@@ -103,13 +103,13 @@ class McpRelay:
 
     def __init__(
         self,
-        clients: dict[str, httpx.AsyncClient],
+        pools: dict[str, UpstreamPool],
         upstreams: dict[str, Upstream],
         gate: Gate,
         allowed_tools: ToolFilter,
         before_call: Callable[[Upstream], Awaitable[dict[str, Any] | None]],
     ) -> None:
-        self.clients = clients
+        self.pools = pools
         self.upstreams = upstreams
         self.gate = gate
         self.allowed_tools = allowed_tools
@@ -157,34 +157,28 @@ class McpRelay:
         return rpc_error(message.get("id"), BLOCKED_CODE, error.pop("message"), error)
 
     async def _forward(self, upstream: Upstream, request: Request, message: Any) -> Response:
-        client = self.clients[upstream.name]
-        outgoing = client.build_request(
-            request.method,
-            upstream.url,
-            headers=upstream_headers(request.headers),
-            content=request.body if request.method not in ("GET", "HEAD", "DELETE") else None,
-        )
+        pool = self.pools[upstream.name]
+        body = request.body if request.method not in ("GET", "HEAD", "DELETE") else b""
         try:
-            reply = await client.send(outgoing, stream=True)
-        except httpx.HTTPError as exc:
+            reply = await pool.request(request.method, upstream_headers(request.headers), body)
+        except UpstreamError as exc:
             request_id = message.get("id") if isinstance(message, dict) else None
             return json_response(
                 502, rpc_error(request_id, -32603, f"upstream {upstream.name} unreachable: {exc}")
             )
-        headers = forward_headers(list(reply.headers.multi_items()))
-        content_type = reply.headers.get("content-type", "")
+        headers = forward_headers(reply.headers)
+        content_type = next((v for k, v in reply.headers if k == "content-type"), "")
         lists_tools = isinstance(message, dict) and message.get("method") == "tools/list"
         if content_type.startswith("text/event-stream"):
             headers.append(("x-accel-buffering", "no"))
-            stream = _relay(reply)
+            stream = reply.body
             if lists_tools:
                 stream = self._filter_sse(stream, message.get("id"))
-            return Response(reply.status_code, headers, stream)
-        body = await reply.aread()
-        await reply.aclose()
-        if lists_tools and reply.status_code == 200:
-            body = await self._filter_json(body)
-        return Response(reply.status_code, headers, body)
+            return Response(reply.status, headers, stream)
+        payload = await read_all(reply.body)
+        if lists_tools and reply.status == 200:
+            payload = await self._filter_json(payload)
+        return Response(reply.status, headers, payload)
 
     async def _filter_json(self, body: bytes) -> bytes:
         try:
@@ -231,12 +225,3 @@ class McpRelay:
         filtered = _encode.encode(await self._filter_message(payload))
         others = [line for line in lines if not line.startswith(b"data:")]
         return b"\n".join([*others, b"data: " + filtered])
-
-
-async def _relay(reply: httpx.Response) -> AsyncIterator[bytes]:
-    """Chunks as they arrive; closing the generator closes the upstream stream."""
-    try:
-        async for chunk in reply.aiter_raw():
-            yield chunk
-    finally:
-        await reply.aclose()

@@ -35,6 +35,7 @@ from sidecar.mcp import McpRelay, Upstream
 from sidecar.outbox import Outbox
 from sidecar.policy import Action, Decision, PolicyWatcher, RateLimiter, decide
 from sidecar.trust import TrustSource
+from sidecar.upstream import UpstreamPool
 
 log = logging.getLogger("agentmesh.sidecar")
 
@@ -115,11 +116,11 @@ class Sidecar:
         self.metrics = SidecarMetrics(registry)
         self.metrics.outbox_depth.set_function(lambda: float(outbox.depth()))
         self.limiter = RateLimiter()
-        self.clients = {name: _pooled_client() for name in upstreams}
+        self.pools = {name: UpstreamPool(u.url) for name, u in upstreams.items()}
         self.egress_client = _pooled_client()
         self.peers: dict[str, _Peer] = {name: _Peer(lock=asyncio.Lock()) for name in upstreams}
         self.relay = McpRelay(
-            self.clients, upstreams, self._gate_tool, self._visible_tools, self._ensure_peer
+            self.pools, upstreams, self._gate_tool, self._visible_tools, self._ensure_peer
         )
 
     # -- routing -----------------------------------------------------------------------------
@@ -327,13 +328,14 @@ class Sidecar:
                 self.health_file.unlink()
 
     async def close(self) -> None:
-        for client in [*self.clients.values(), self.egress_client]:
-            await client.aclose()
+        for pool in self.pools.values():
+            await pool.aclose()
+        await self.egress_client.aclose()
 
 
 def _pooled_client() -> httpx.AsyncClient:
-    """One pooled client per upstream: connections are reused, never one per call.
-    No read timeout: an open SSE stream may stay quiet for a long time."""
+    """The egress proxy's pooled client: connections are reused, never one per call.
+    No read timeout: a response may stream for a long time."""
     return httpx.AsyncClient(
         timeout=httpx.Timeout(connect=10.0, read=None, write=30.0, pool=30.0),
         limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
