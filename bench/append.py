@@ -20,7 +20,6 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,24 +29,12 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agentmesh.embedded import EmbeddedPostgres
-from agentmesh.migrate import upgrade
+from bench.common import fresh_database
 from ledger.events import AgentRegistered, PolicyViolation
 from ledger.identity import SigningKey
 from ledger.signed import SignedEvent
 from ledger.store import PostgresEventStore
 from ledger.timefmt import format_time
-
-
-async def fresh_database(server_url: str) -> str:
-    name = "bench_" + uuid.uuid4().hex[:10]
-    conn = await asyncpg.connect(server_url)
-    try:
-        await conn.execute(f"CREATE DATABASE {name}")
-    finally:
-        await conn.close()
-    url = server_url.rsplit("/", 1)[0] + "/" + name
-    await asyncio.to_thread(upgrade, url)
-    return url
 
 
 def signed_events(agents: list[SigningKey], count: int) -> list[SignedEvent]:
@@ -153,10 +140,10 @@ async def main(args: argparse.Namespace) -> None:
         sample = signed_events([SigningKey.generate()], args.events)
 
         async def copy_round() -> float:
-            return await raw_copy(await fresh_database(base_url), sample)
+            return await raw_copy((await fresh_database(base_url))[0], sample)
 
         async def ledger_round(concurrency: int, count: int) -> float:
-            return await ledger_appends(await fresh_database(base_url), concurrency, count)
+            return await ledger_appends((await fresh_database(base_url))[0], concurrency, count)
 
         copy_rate = await median_of(args.repeat, copy_round)
         one = await median_of(args.repeat, lambda: ledger_round(1, max(args.events // 8, 500)))

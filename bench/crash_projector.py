@@ -34,17 +34,15 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import asyncpg
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agentmesh.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
-from agentmesh.migrate import upgrade
+from agentmesh.embedded import free_port
+from bench.common import drop_database, fresh_database, servers
 from ledger.identity import SigningKey
 from ledger.store import PostgresEventStore
 from projections.config import TrustConfig
@@ -103,36 +101,6 @@ class Run:
     def projector(self, metrics_port: int = 0) -> LoggedProjector:
         self.started += 1
         return LoggedProjector(self.env, self.logs / f"projector-{self.started}.log", metrics_port)
-
-
-@contextlib.contextmanager
-def servers(root: Path) -> Iterator[tuple[str, str, int]]:
-    """(PostgreSQL server URL, Redis host, port): from the environment or embedded."""
-    with contextlib.ExitStack() as stack:
-        base_url = os.environ.get("AGENTMESH_DATABASE_URL")
-        if base_url is None:
-            postgres = EmbeddedPostgres(root / "pg").start()
-            stack.callback(postgres.stop)
-            base_url = postgres.url
-        host = os.environ.get("AGENTMESH_REDIS_HOST")
-        port = int(os.environ.get("AGENTMESH_REDIS_PORT", "6379"))
-        if host is None:
-            redis_server = EmbeddedRedis(root / "redis").start()
-            stack.callback(redis_server.stop)
-            host, port = redis_server.host, redis_server.port
-        yield base_url, host, port
-
-
-async def fresh_database(server_url: str) -> tuple[str, str]:
-    name = "crash_" + uuid.uuid4().hex[:10]
-    conn = await asyncpg.connect(server_url)
-    try:
-        await conn.execute(f"CREATE DATABASE {name}")
-    finally:
-        await conn.close()
-    url = server_url.rsplit("/", 1)[0] + "/" + name
-    await asyncio.to_thread(upgrade, url)
-    return url, name
 
 
 # -- appending ----------------------------------------------------------------------
@@ -275,14 +243,6 @@ async def bench(
         await store.close()
         if "AGENTMESH_DATABASE_URL" in os.environ:
             await drop_database(server_url, name)
-
-
-async def drop_database(server_url: str, name: str) -> None:
-    conn = await asyncpg.connect(server_url)
-    try:
-        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await conn.close()
 
 
 def main(args: argparse.Namespace) -> int:

@@ -48,12 +48,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import asyncpg
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agentmesh.embedded import EmbeddedPostgres, EmbeddedRedis
-from agentmesh.migrate import upgrade
+from bench.common import drop_database, fresh_database, servers
 from bench.ledger_gen import GeneratedLedger, generate_ledger, verify_sample
 from ledger.events import PolicyViolation, TrustSignal
 from ledger.signed import SignedEvent
@@ -103,44 +100,6 @@ class Context:
 
 
 # -- servers ------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def servers(root: Path) -> Iterator[tuple[str, str, int]]:
-    """(PostgreSQL server URL, Redis host, port): from the environment or embedded."""
-    with contextlib.ExitStack() as stack:
-        base_url = os.environ.get("AGENTMESH_DATABASE_URL")
-        if base_url is None:
-            postgres = EmbeddedPostgres(root / "pg").start()
-            stack.callback(postgres.stop)
-            base_url = postgres.url
-        host = os.environ.get("AGENTMESH_REDIS_HOST")
-        port = int(os.environ.get("AGENTMESH_REDIS_PORT", "6379"))
-        if host is None:
-            redis_server = EmbeddedRedis(root / "redis").start()
-            stack.callback(redis_server.stop)
-            host, port = redis_server.host, redis_server.port
-        yield base_url, host, port
-
-
-async def fresh_database(server_url: str) -> tuple[str, str]:
-    name = "bench_" + uuid.uuid4().hex[:10]
-    conn = await asyncpg.connect(server_url)
-    try:
-        await conn.execute(f"CREATE DATABASE {name}")
-    finally:
-        await conn.close()
-    url = server_url.rsplit("/", 1)[0] + "/" + name
-    await asyncio.to_thread(upgrade, url)
-    return url, name
-
-
-async def drop_database(server_url: str, name: str) -> None:
-    conn = await asyncpg.connect(server_url)
-    try:
-        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await conn.close()
 
 
 # -- rebuild ------------------------------------------------------------------------

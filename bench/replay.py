@@ -48,7 +48,7 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agentmesh.embedded import EmbeddedPostgres
-from bench.append import fresh_database
+from bench.common import fresh_database
 from bench.ledger_gen import generate_ledger
 from ledger.store import PostgresLedgerReader, RecordedEvent
 from projections.config import TrustConfig
@@ -136,7 +136,7 @@ async def figures(url: str, did: str, repeat: int) -> None:
 
 
 async def bench(args: argparse.Namespace, server_url: str) -> None:
-    url = await fresh_database(server_url)
+    url, _ = await fresh_database(server_url)
     try:
         print(f"cores: {os.cpu_count()}, ledger events: {args.events:,}, rounds: {args.repeat}")
         ledger = await generate_ledger(url, events=args.events, agents=args.agents)

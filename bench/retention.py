@@ -19,35 +19,20 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ledger.retention as retention
 from agentmesh.embedded import EmbeddedPostgres
-from agentmesh.migrate import upgrade
+from bench.common import fresh_database
 from bench.ledger_gen import generate_ledger
 from ledger.store import PostgresEventStore
 from projections.config import TrustConfig
 from projections.state import MeshState
-
-
-async def fresh_database(server_url: str) -> str:
-    name = "ret_" + uuid.uuid4().hex[:10]
-    conn = await asyncpg.connect(server_url)
-    try:
-        await conn.execute(f"CREATE DATABASE {name}")
-    finally:
-        await conn.close()
-    url = server_url.rsplit("/", 1)[0] + "/" + name
-    await asyncio.to_thread(upgrade, url)
-    return url
 
 
 def timed(
@@ -64,7 +49,7 @@ def timed(
 
 
 async def one_round(server_url: str, per_day: int, days: int) -> dict[str, float]:
-    url = await fresh_database(server_url)
+    url = (await fresh_database(server_url))[0]
     generated = await generate_ledger(url, events=per_day * days, agents=500, days=days)
     store = await PostgresEventStore.open(url, generated.ledger_key)
     phases: dict[str, float] = {}
