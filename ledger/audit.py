@@ -57,12 +57,22 @@ and the proof fields as extensions: ``amposition``, ``amrecordedat``,
 ``source`` the ledger's DID and the JSON Lines object in ``data``. One
 verifier checks both.
 
+Stub lines carry no ``time``: they stand for an entry without showing it.
+
+Export (``export_bundle``) streams the range in batches and recomputes every
+link of it (and checks every stored checkpoint inside it) before the ledger
+key signs anything: the covering checkpoint, when none is stored at the last
+position (it is then stored, ``ON CONFLICT DO NOTHING``), and the manifest.
+
 Verification (``verify_bundle``) is offline and names the first bad line:
 the chain from the first entry (each event's hash recomputed, every
 ``prev_hash`` equal to the previous entry's hash, stubs included, positions
-consecutive), every event signature against its signer's key at that
-position (on a process pool), the checkpoint and manifest signatures by the
-header's ledger key, and header, manifest and content against each other.
+consecutive, times inside the range), every event signature against its
+signer's key at that position (on a process pool), the checkpoint and
+manifest signatures by the header's ledger key, and header, manifest and
+content against each other. Blank lines are ignored. The header names the
+ledger key; pin the one you expect with ``ledger_key``, or compare the DID
+the report prints.
 """
 
 from __future__ import annotations
@@ -74,9 +84,9 @@ import bisect
 import collections
 import contextlib
 import os
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO, Literal, Protocol, TypeAlias
@@ -89,7 +99,6 @@ from ledger.chain import (
     CHECKPOINT_ORIGIN,
     GENESIS_HASH,
     Checkpoint,
-    check_link,
     entry_hash,
     sign_checkpoint,
     verify_checkpoint,
@@ -265,10 +274,10 @@ class _CloudEvent(msgspec.Struct, kw_only=True):
     datacontenttype: str | None = None
     data: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
     data_base64: str | None = None
-    amposition: int | None = None
+    amposition: Position | None = None
     amrecordedat: str | None = None
     amstreamid: str | None = None
-    amstreamversion: int | None = None
+    amstreamversion: Version | None = None
     amprevhash: str | None = None
     amentryhash: str | None = None
     amsignature: str | None = None
@@ -283,6 +292,9 @@ _encoder = msgspec.json.Encoder()
 
 class _LineError(Exception):
     """A line that is not a bundle line (reported by the caller with its number)."""
+
+
+_ENTRY_LINES = (EventLine, StubLine)
 
 
 def _decode_line(raw: bytes, cloudevents: bool) -> Line:
@@ -312,32 +324,33 @@ def _from_cloudevent(ce: _CloudEvent) -> Line:
         body = base64.b64decode(ce.data_base64, validate=True).decode()
     except (binascii.Error, UnicodeDecodeError) as exc:
         raise _LineError("data_base64 is not base64 of UTF-8 JSON") from exc
-    attributes = (
-        ce.amposition,
-        ce.amrecordedat,
-        ce.amstreamid,
-        ce.amstreamversion,
-        ce.amprevhash,
-        ce.amentryhash,
-        ce.amsignature,
-    )
-    if any(value is None for value in attributes):
+    if (
+        ce.amposition is None
+        or ce.amrecordedat is None
+        or ce.amstreamid is None
+        or ce.amstreamversion is None
+        or ce.amprevhash is None
+        or ce.amentryhash is None
+        or ce.amsignature is None
+    ):
         raise _LineError("an event needs every am* proof attribute")
-    return msgspec.convert(
-        {
-            "position": ce.amposition,
-            "recorded_at": ce.amrecordedat,
-            "stream_id": ce.amstreamid,
-            "stream_version": ce.amstreamversion,
-            "type": ce.type[len(CE_PREFIX) :],
-            "actor": ce.source,
-            "body": body,
-            "signature": ce.amsignature,
-            "prev_hash": ce.amprevhash,
-            "entry_hash": ce.amentryhash,
-        },
-        EventLine,
+    # The decoder checked every attribute's type and range; no second validation pass.
+    return EventLine(
+        position=ce.amposition,
+        recorded_at=ce.amrecordedat,
+        stream_id=ce.amstreamid,
+        stream_version=ce.amstreamversion,
+        type=ce.type[len(CE_PREFIX) :],
+        actor=ce.source,
+        body=body,
+        signature=ce.amsignature,
+        prev_hash=ce.amprevhash,
+        entry_hash=ce.amentryhash,
     )
+
+
+def _ce_entry_decoder(raw: bytes) -> Line:
+    return _from_cloudevent(_ce_decoder.decode(raw))
 
 
 def _is_cloudevents(raw: bytes) -> bool:
@@ -506,24 +519,26 @@ class _KeyHistory:
         problem = _check_hash(item)
         if problem is not None:
             raise _LineError(problem)
-        # 2. a registration or a rotation, signed by the right key
         event = _decode_event(item)
+        if not isinstance(event, AgentRegistered | AgentKeyRotated):
+            raise _LineError(f"a key entry must be a registration or rotation, not {item.type}")
+        self.hashes[item.position] = item.entry_hash
+        self.last = item.position
+        self.count += 1
+        if not self.signatures:
+            return  # which key is whose matters only to signatures
+        # 2. a registration or a rotation, signed by the right key
         if isinstance(event, AgentRegistered):
             key = self._registration(event)
             signer = self.ledger_key if event.actor == self.ledger_key.did else key
-        elif isinstance(event, AgentKeyRotated):
+        else:
             key = _raw_key(event.public_key)
             signer = self._rotation(event, item.position)
-        else:
-            raise _LineError(f"a key entry must be a registration or rotation, not {item.type}")
-        if self.signatures and not signer.is_valid(_signature(item), item.body.encode()):
+        if not signer.is_valid(_signature(item), item.body.encode()):
             raise _LineError("signature does not verify")
         # 3. fold
         self.positions.setdefault(event.did, []).append(item.position)
         self.raws.setdefault(event.did, []).append(key.raw)
-        self.hashes[item.position] = item.entry_hash
-        self.last = item.position
-        self.count += 1
 
     def _registration(self, event: AgentRegistered) -> VerifyKey:
         key = _raw_key(event.public_key)
@@ -572,7 +587,8 @@ class _Task:
     """A run of lines to check, with everything the check needs (picklable).
 
     The lines are ``lines``, or ``region`` (path, offset, length) of the bundle
-    file, which the worker reads itself so the lines never cross a pipe.
+    file, which the worker reads itself so the lines never cross a pipe; a
+    region's line numbers start at ``first_line`` 1 and the caller shifts them.
     """
 
     lines: list[bytes]
@@ -601,6 +617,23 @@ class _Result:
     rest: list[tuple[int, bytes]] = field(default_factory=list)
     error: tuple[int, int, str] | None = None
     signatures: int = 0
+    lines: int = 0
+
+    def shifted(self, delta: int) -> _Result:
+        """The same result with line numbers ``delta`` further on."""
+        if not delta:
+            return self
+
+        def move(found: tuple[int, int, str] | None) -> tuple[int, int, str] | None:
+            return None if found is None else (found[0] + delta, *found[1:])
+
+        return replace(
+            self,
+            first=move(self.first),
+            last=move(self.last),
+            error=move(self.error),
+            rest=[(number + delta, raw) for number, raw in self.rest],
+        )
 
 
 def check_chunk(task: _Task) -> _Result:
@@ -634,21 +667,21 @@ class _ChunkCheck:
         rest: list[tuple[int, bytes]] = []
         error: tuple[int, int, str] | None = None
         lines = _task_lines(self.task)
+        decode = _ce_entry_decoder if self.task.cloudevents else _jsonl_decoder.decode
         for offset, raw in enumerate(lines):
-            number = self.task.first_line + offset
-            if not raw.strip():
+            if not raw or raw.isspace():
                 continue
             try:
-                item = _decode_line(raw, self.task.cloudevents)
-            except _LineError:
+                item = decode(raw)
+            except (msgspec.DecodeError, _LineError):
                 item = None  # the caller reports it, in order, with the lines after it
-            if not isinstance(item, EventLine | StubLine):
+            if not isinstance(item, _ENTRY_LINES):
                 rest = [
                     (self.task.first_line + i, line)
                     for i, line in enumerate(lines[offset:], start=offset)
                 ]
                 break
-            error = self._entry(number, item)
+            error = self._entry(self.task.first_line + offset, item)
             if error is not None:
                 break
         error = self._signatures(error)
@@ -660,6 +693,7 @@ class _ChunkCheck:
             rest=[] if error else rest,
             error=error,
             signatures=len(self.jobs),
+            lines=len(lines),
         )
 
     def _entry(self, number: int, item: EventLine | StubLine) -> tuple[int, int, str] | None:
@@ -790,7 +824,8 @@ def verify_bundle(
     """Verify a bundle (a path, or an iterable of lines) offline.
 
     Returns a report, or raises ``BundleVerificationError`` naming the first
-    bad line. ``workers`` processes check entries in chunks (default: one per
+    bad line. ``workers`` processes check entries in chunks of ``chunk`` lines,
+    or of ``chunk`` KiB of a file (default 2000; workers default to one per
     core; 0 checks everything in this process); a pool is only started for a
     bundle of more than one chunk, and ``executor`` replaces it.
     ``signatures=False`` checks the chain, the key entries' hashes, the
@@ -803,7 +838,7 @@ def verify_bundle(
         ledger_key=ledger_key,
         workers=(os.cpu_count() or 1) if workers is None else workers,
         executor=executor,
-        chunk=chunk or (2000 if signatures else 10_000),
+        chunk=chunk or 2000,
         progress=progress,
     )
     return verifier.run(source)
@@ -855,6 +890,7 @@ class _BundleVerifier:
         self.checkpoint: Checkpoint | None = None
         self.manifest: Manifest | None = None
         self.lines_seen = 0
+        self.next_line = 0  # the number of the next region's first line
 
     # 1. header and key entries, in this process
     def run(self, source: Source) -> BundleReport:
@@ -952,16 +988,17 @@ class _BundleVerifier:
             yield self._task(start, batch)
 
     def _file_tasks(self, handle: BinaryIO, path: str, offset: int, number: int) -> Iterator[_Task]:
-        """Regions of about ``chunk`` KiB, cut at line ends. This process only
-        counts their lines (for line numbers); the workers read and check them."""
-        handle.seek(offset)
-        while block := handle.read(self.chunk * 1024):
-            if not block.endswith(b"\n"):
-                block += handle.readline()
-            yield self._task(number, [], (path, offset, len(block)))
-            offset += len(block)
-            number += block.count(b"\n") + (not block.endswith(b"\n"))
-            self.lines_seen = number - 1
+        """Regions of about ``chunk`` KiB cut at line ends; the workers read,
+        count and check their lines (this process reads only where it cuts)."""
+        self.next_line = number
+        handle.seek(0, os.SEEK_END)
+        size = handle.tell()
+        while offset < size:
+            handle.seek(min(offset + self.chunk * 1024, size))
+            handle.readline()  # to the end of the line
+            end = handle.tell()
+            yield self._task(1, [], (path, offset, end - offset))
+            offset = end
             if self.progress is not None:
                 self.progress(offset)
 
@@ -1010,6 +1047,10 @@ class _BundleVerifier:
 
     def _collect(self, future: Future[_Result] | None, task: _Task) -> None:
         result = check_chunk(task) if future is None else future.result()
+        if task.region is not None:  # region lines are numbered from 1: make them absolute
+            result = result.shifted(self.next_line - 1)
+            self.next_line += result.lines
+            self.lines_seen = self.next_line - 1
         if result.first is not None:
             self._link(result.first)
         if result.error is not None:
@@ -1461,7 +1502,7 @@ class BundleExport:
                 return found
             after = page[-1].position
 
-    async def chunks(self, progress: ExportProgress | None = None) -> AsyncIterator[str]:
+    async def chunks(self, progress: ExportProgress | None = None) -> AsyncGenerator[str, None]:
         """The bundle's text, a batch of lines at a time."""
         header = Header(
             format=FORMAT,
@@ -1481,26 +1522,30 @@ class BundleExport:
         yield b"".join(lines).decode()
         state = _ExportState()
         if self.first is not None:
-            async for text in self._entries(state, progress):
-                yield text
+            # aclosing: a client that goes away mid-stream closes the inner generators
+            # now (and cancels the prefetched read), not whenever they are collected.
+            async with contextlib.aclosing(self._entries(state, progress)) as entries:
+                async for text in entries:
+                    yield text
         yield (await self._tail(state, keys.count)).decode()
 
     async def _entries(
         self, state: _ExportState, progress: ExportProgress | None
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         assert self.first is not None
         assert self.last is not None
         total = self.last - self.first + 1
         state.prev = await self._anchor()
-        async for batch in self._batches():
-            lines = [self._entry(state, record) for record in batch]
-            if progress is not None:
-                progress(state.events + state.stubs, total)
-            yield b"".join(lines).decode()
+        async with contextlib.aclosing(self._batches()) as batches:
+            async for batch in batches:
+                lines = [self._entry(state, record) for record in batch]
+                if progress is not None:
+                    progress(state.events + state.stubs, total)
+                yield b"".join(lines).decode()
         if state.last_position != self.last:
             raise VerificationError(state.last_position + 1, "missing: the range ends early")
 
-    async def _batches(self) -> AsyncIterator[list[RecordedEvent]]:
+    async def _batches(self) -> AsyncGenerator[list[RecordedEvent], None]:
         """Entries first..last, the next batch read while this one is written."""
         assert self.first is not None
         assert self.last is not None
@@ -1544,10 +1589,21 @@ class BundleExport:
         return before.entry_hash
 
     def _entry(self, state: _ExportState, record: RecordedEvent) -> bytes:
-        # 1. the link, recomputed (never sign a range that was not checked)
+        # 1. the link, recomputed from the very texts written (never sign what was not
+        #    checked); the same checks, in the same order, as ledger.chain.check_link
         assert self.first is not None
+        line: EventLine = _entry_line(EventLine, record)
         expected = state.last_position + 1 if state.last_position else self.first
-        check_link(record, expected, record.prev_hash if state.prev is None else state.prev)
+        if record.position != expected:
+            raise VerificationError(
+                expected,
+                f"missing or out of order: expected position {expected}, found {record.position}",
+            )
+        if state.prev is not None and record.prev_hash != state.prev:
+            raise VerificationError(record.position, "prev_hash does not match the previous entry")
+        problem = _check_hash(line)
+        if problem is not None:
+            raise VerificationError(record.position, problem)
         if not self.bounds[0] <= record.recorded_at < self.bounds[1]:
             raise VerificationError(record.position, "recorded_at is out of order")
         stored = self.stored.get(record.position)
@@ -1561,15 +1617,12 @@ class BundleExport:
         # 2. the line
         if self.agent is None or self.agent in record.subjects:
             state.events += 1
-            return self.encoder.line(_entry_line(EventLine, record))
+            return self.encoder.line(line)
         state.stubs += 1
-        return self.encoder.line(
-            StubLine(
-                position=record.position,
-                prev_hash=record.prev_hash.hex(),
-                entry_hash=record.entry_hash.hex(),
-            )
+        stub = StubLine(
+            position=line.position, prev_hash=line.prev_hash, entry_hash=line.entry_hash
         )
+        return self.encoder.line(stub)
 
     async def _tail(self, state: _ExportState, keys: int) -> bytes:
         lines = []
