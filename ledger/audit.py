@@ -113,6 +113,7 @@ from ledger.events import (
     subject_agents,
 )
 from ledger.identity import SigningKey, VerifyKey, b64decode, b64encode, is_did
+from ledger.retention import anchor_signed_bytes
 from ledger.store import PostgresLedgerReader, RecordedEvent
 from ledger.timefmt import format_time, parse_time, utc_now
 from ledger.verify import make_executor, verify_signature_chunk
@@ -196,6 +197,28 @@ class EventLine(_EntryLine, frozen=True, tag="event"):
     pass
 
 
+class AnchorLine(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="anchor"):
+    """A retention anchor: the agent keys as of a cut whose history is gone,
+    signed by the ledger with the chain hash and snapshot digest there."""
+
+    position: Position
+    entry_hash: str
+    cut_time: str
+    keys: dict[str, str]
+    snapshot_digest: str
+    signer: str
+    signature: str
+
+    def signed_bytes(self) -> bytes:
+        return anchor_signed_bytes(
+            self.position,
+            bytes.fromhex(self.entry_hash),
+            parse_time(self.cut_time),
+            canonical_bytes(self.keys),
+            bytes.fromhex(self.snapshot_digest),
+        )
+
+
 class StubLine(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="stub"):
     position: Position
     prev_hash: Hex
@@ -251,9 +274,10 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag=
         return canonical_bytes(content)
 
 
-Line: TypeAlias = Header | KeyLine | EventLine | StubLine | CheckpointLine | Manifest
+Line: TypeAlias = Header | AnchorLine | KeyLine | EventLine | StubLine | CheckpointLine | Manifest
 _LINE_TYPES: dict[str, type[Any]] = {
     "header": Header,
+    "anchor": AnchorLine,
     "key": KeyLine,
     "event": EventLine,
     "stub": StubLine,
@@ -284,7 +308,7 @@ class _CloudEvent(msgspec.Struct, kw_only=True):
 
 
 _jsonl_decoder = msgspec.json.Decoder(
-    Header | KeyLine | EventLine | StubLine | CheckpointLine | Manifest
+    Header | AnchorLine | KeyLine | EventLine | StubLine | CheckpointLine | Manifest
 )
 _ce_decoder = msgspec.json.Decoder(_CloudEvent)
 _encoder = msgspec.json.Encoder()
@@ -511,6 +535,22 @@ class _KeyHistory:
             self._add(item)
         except (_LineError, LedgerError) as exc:
             raise BundleVerificationError(line, item.position, _reason(exc)) from exc
+
+    def add_anchor(self, line: int, item: AnchorLine) -> None:
+        """Keys as of a retention cut, trusted only under the ledger's signature."""
+        try:
+            if self.count or self.last:
+                raise _LineError("an anchor comes before every key entry")
+            if item.signer != self.ledger_key.did or not self.ledger_key.is_valid(
+                _signature_text(item.signature), item.signed_bytes()
+            ):
+                raise _LineError("the retention anchor is not signed by the ledger key")
+            for did, raw in item.keys.items():
+                self.positions[did] = [item.position]
+                self.raws[did] = [base64.b64decode(raw, validate=True)]
+        except (_LineError, ValueError, binascii.Error) as exc:
+            raise BundleVerificationError(line, item.position, _reason(exc)) from exc
+        self.last = item.position
 
     def _add(self, item: KeyLine) -> None:
         # 1. in position order, each entry's own hash recomputes
@@ -933,7 +973,10 @@ class _BundleVerifier:
             self._header(number, raw)
             return False
         item = self._decode(number, raw)
-        if isinstance(item, KeyLine) and self.checkpoint is None and self.manifest is None:
+        if isinstance(item, AnchorLine) and self.checkpoint is None and self.manifest is None:
+            assert self.keys is not None
+            self.keys.add_anchor(number, item)
+        elif isinstance(item, KeyLine) and self.checkpoint is None and self.manifest is None:
             assert self.keys is not None
             self.keys.add(number, item)
         elif isinstance(item, EventLine | StubLine):
@@ -1356,6 +1399,27 @@ ExportProgress = Callable[[int, int], None]  # (entries written, entries in the 
 Clock = Callable[[], datetime]
 
 
+async def retention_anchor_line(reader: PostgresLedgerReader) -> AnchorLine | None:
+    """The latest retention anchor as a bundle line, when retention cut the ledger's
+    start: the keys of agents registered before the cut live only there."""
+    row = await reader.pool.fetchrow(
+        "SELECT position, entry_hash, cut_time, keys, snapshot_digest, signer, "
+        "encode(signature, 'base64') AS signature FROM retention_anchors "
+        "ORDER BY position DESC LIMIT 1"
+    )
+    if row is None:
+        return None
+    return AnchorLine(
+        position=row["position"],
+        entry_hash=bytes(row["entry_hash"]).hex(),
+        cut_time=format_time(row["cut_time"]),
+        keys=msgspec.json.decode(bytes(row["keys"])),
+        snapshot_digest=bytes(row["snapshot_digest"]).hex(),
+        signer=row["signer"],
+        signature=row["signature"].replace("\n", ""),
+    )
+
+
 async def export_bundle(
     reader: PostgresLedgerReader,
     ledger_key: SigningKey,
@@ -1515,7 +1579,11 @@ class BundleExport:
         )
         keys = _KeyHistory(self.key.public)
         lines = [self.encoder.line(header)]
-        for number, record in enumerate(self.key_records, start=2):
+        anchor = await retention_anchor_line(self.reader)
+        if anchor is not None:
+            keys.add_anchor(2, anchor)  # verify before writing, like the key entries
+            lines.append(self.encoder.line(anchor))
+        for number, record in enumerate(self.key_records, start=3 if anchor else 2):
             item = _entry_line(KeyLine, record)
             keys.add(number, item)  # the key section must verify before it is written
             lines.append(self.encoder.line(item))

@@ -10,6 +10,7 @@ language reproduces these bytes exactly.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -58,17 +59,28 @@ def canonical_envelope(fields: Mapping[str, str | int], body: bytes) -> bytes:
 
     ``body`` is already canonical, so it is spliced in as-is rather than
     parsed and re-encoded: JCS of a nested object is the JCS of that object in
-    place. ``fields`` hold only ASCII-keyed strings and integers.
+    place. ``fields`` hold only ASCII-keyed strings and integers. This runs for
+    every entry appended, verified and exported, so the key order and encoded
+    key prefixes are computed once per set of field names.
     """
-    members = dict(fields)
-    if "body" in members:
+    order = _envelope_order(tuple(fields))
+    return (
+        b"{"
+        + b",".join(
+            prefix + (body if key is None else _scalar(fields[key])) for key, prefix in order
+        )
+        + b"}"
+    )
+
+
+@functools.cache
+def _envelope_order(names: tuple[str, ...]) -> tuple[tuple[str | None, bytes], ...]:
+    """(field name, or None for the body; its encoded ``"key":``) in JCS order."""
+    if "body" in names:
         raise ValueError("'body' is reserved in an envelope")
-    keys = sorted([*members, "body"])
-    parts = []
-    for key in keys:
-        encoded = body if key == "body" else _scalar(members[key])
-        parts.append(_scalar(key) + b":" + encoded)
-    return b"{" + b",".join(parts) + b"}"
+    return tuple(
+        (None if key == "body" else key, _scalar(key) + b":") for key in sorted([*names, "body"])
+    )
 
 
 def _scalar(value: str | int) -> bytes:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from pathlib import Path
 
 import asyncpg
+import msgspec
 import pytest
 
 from agentmesh.embedded import EmbeddedRedis
@@ -233,3 +236,45 @@ def test_cli_retention_dry_run(database_url: str, ledger_key: SigningKey) -> Non
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("dry run: retention: nothing before")
+
+
+async def test_bundles_after_a_cut_carry_the_anchor_keys_and_verify(
+    ledger: PostgresEventStore,
+    database_url: str,
+    ledger_key: SigningKey,
+    clock: ManualClock,
+    tmp_path: Path,
+) -> None:
+    """Agents registered before the cut still sign events in the window: their keys
+    come from the signed anchor, since their registrations are gone."""
+    import io
+
+    from ledger.audit import BundleVerificationError, export_bundle, verify_bundle
+
+    await long_history(ledger, clock)
+    await run_retention(settings_for(database_url, ledger_key), dry_run=False, clock=clock)
+    out = io.StringIO()
+    manifest = await export_bundle(
+        ledger,
+        ledger_key,
+        out,
+        start=clock.now - timedelta(days=60),
+        end=clock.now + timedelta(days=1),
+        agent=None,
+    )
+    assert manifest.count > 50
+    bundle = tmp_path / "after-cut.jsonl"
+    bundle.write_text(out.getvalue())
+    assert '"kind":"anchor"' in out.getvalue()
+    report = verify_bundle(bundle)
+    assert report.summary().startswith("bundle OK")
+    # The anchor's keys are trusted only under the ledger's signature.
+    lines = out.getvalue().splitlines()
+    index = next(i for i, line in enumerate(lines) if '"kind":"anchor"' in line)
+    did = next(iter(msgspec.json.decode(lines[index])["keys"]))
+    forged = msgspec.json.decode(lines[index])
+    forged["keys"][did] = base64.b64encode(SigningKey.generate().public.raw).decode()
+    lines[index] = msgspec.json.encode(forged).decode()
+    bundle.write_text("\n".join(lines) + "\n")
+    with pytest.raises(BundleVerificationError, match="anchor"):
+        verify_bundle(bundle)
