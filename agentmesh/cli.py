@@ -633,11 +633,13 @@ def _replay_bundle_source(path: Path) -> ReplaySource:
     """An audit export bundle (``agentmesh audit export``): its key entries and events
     merged by position. Only a bundle from the ledger's first entry holds every
     event a score depends on; its exclusive ``to`` ends what it can answer."""
-    from ledger.audit import read_bundle
+    from ledger.audit import read_bundle, verify_bundle
     from ledger.timefmt import parse_time
     from projections.replay import ReplaySource, merge_by_position
 
     try:
+        # An incident review must not rest on a tampered bundle: verify it first.
+        verify_bundle(path)
         bundle = read_bundle(path)
     except OSError as exc:
         raise CliError(f"cannot read {path}: {exc.strerror}") from None

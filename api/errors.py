@@ -21,6 +21,7 @@ from ledger.errors import (
     LedgerError,
     SignatureError,
     StoreUnavailableError,
+    VerificationError,
 )
 from projections.errors import DelegationError, ProjectionError
 from projections.readstore import ReadStoreError
@@ -70,6 +71,8 @@ def _ledger(exc: LedgerError) -> tuple[int, str, str]:
             return 409, "rejected", "Event contradicts the ledger"
         case EventValidationError():
             return 422, "invalid-event", "Invalid event"
+        case VerificationError():
+            return 500, "ledger-does-not-verify", "The stored ledger does not verify"
         case StoreUnavailableError():
             return 503, "unavailable", "Ledger unavailable"
     return 500, "internal", "Internal error"

@@ -63,8 +63,8 @@ def _time(value: str | None, ctx: ApiContext) -> Any:
         return ctx.now()
     try:
         return parse_time(value)
-    except ValueError as exc:
-        raise bad_request(str(exc)) from None
+    except (ValueError, OverflowError) as exc:  # 9999-12-31T23:59:59-05:00 overflows
+        raise bad_request(f"{value!r} is not a usable RFC 3339 time: {exc}") from None
 
 
 def _signed(data: s.SignedEventIn, *types: type) -> SignedEvent:
