@@ -146,7 +146,9 @@ def demo_files(data_dir: Path) -> tuple[SigningKey, Path]:
 
 
 def demo_mcp_port(settings: Settings) -> int:
-    return settings.sidecar_port + 1019  # 9100 with the default ports
+    """9100 with the default ports; always a valid port."""
+    port = settings.sidecar_port + 1019
+    return port if port <= 65_535 else settings.sidecar_port - 1019
 
 
 def sidecar_settings(settings: Settings, data_dir: Path) -> Settings:

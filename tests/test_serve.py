@@ -176,6 +176,8 @@ def test_agentmesh_up_runs_the_stack_and_restarts_on_its_data(tmp_path: Path) ->
         "AGENTMESH_API_HOST": "127.0.0.1",
         "AGENTMESH_API_PORT": str(free_port()),
         "AGENTMESH_METRICS_PORT": str(free_port()),
+        "AGENTMESH_SIDECAR_PORT": str(free_port()),
+        "AGENTMESH_SIDECAR_METRICS_PORT": str(free_port()),
     }
     outputs = []
     for _ in range(2):
