@@ -10,12 +10,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
+
+import msgspec
 
 from agentmesh.settings import ConfigError, Settings
 from ledger.errors import LedgerError, SignatureError
@@ -337,16 +340,7 @@ def _cmd_ledger_checkpoint(_: argparse.Namespace, settings: Settings) -> int:
             checkpoint = await store.checkpoint()
         finally:
             await store.close()
-        _print_json(
-            {
-                "origin": checkpoint.origin,
-                "position": checkpoint.position,
-                "head_hash": checkpoint.head_hash,
-                "time": checkpoint.time,
-                "signer": checkpoint.signer,
-                "signature": checkpoint.signature,
-            }
-        )
+        _print_json(msgspec.to_builtins(checkpoint))
         return 0
 
     return _run(run())
@@ -411,7 +405,6 @@ def _cmd_serve_sidecar(_: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_serve_api(args: argparse.Namespace, settings: Settings) -> int:
-    import dataclasses
 
     from agentmesh.services import serve_api
 
@@ -472,15 +465,7 @@ def _cmd_projections_status(args: argparse.Namespace, settings: Settings) -> int
         async with _ledger_and_store(settings, backend) as (reader, store):
             head = await reader.head()
             status = await ProjectionReader(store, trust_config(settings)).status(head.position)
-        _print_json(
-            {
-                "backend": status.backend,
-                "position": status.position,
-                "head": status.head,
-                "lag": status.lag,
-                "updated_at": status.updated_at,
-            }
-        )
+        _print_json(dataclasses.asdict(status))
         return 0
 
     return _run(run())

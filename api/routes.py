@@ -273,22 +273,28 @@ def _event_out(record: Any) -> s.EventOut:
 async def suspend(
     ctx: Ctx, did: FromPath[str], data: JSONBody[s.AdminReason], authorization: Auth = None
 ) -> s.Appended:
-    ctx.require_admin(authorization)
-    await _require_agent(ctx, did)
-    event = AgentSuspended(
-        actor=ctx.ledger.ledger_did, occurred_at=format_time(ctx.now()), did=did, reason=data.reason
-    )
-    return appended(await ctx.ledger.append_own(event))
+    return await _set_status(ctx, AgentSuspended, did, data.reason, authorization)
 
 
 @post("/v1/agents/{did:str}/reinstate", tags=["agents"], status_code=200)
 async def reinstate(
     ctx: Ctx, did: FromPath[str], data: JSONBody[s.AdminReason], authorization: Auth = None
 ) -> s.Appended:
+    return await _set_status(ctx, AgentReinstated, did, data.reason, authorization)
+
+
+async def _set_status(
+    ctx: ApiContext,
+    kind: type[AgentSuspended] | type[AgentReinstated],
+    did: str,
+    reason: str,
+    authorization: str | None,
+) -> s.Appended:
+    """An admin's suspension or reinstatement, signed by the ledger."""
     ctx.require_admin(authorization)
     await _require_agent(ctx, did)
-    event = AgentReinstated(
-        actor=ctx.ledger.ledger_did, occurred_at=format_time(ctx.now()), did=did, reason=data.reason
+    event = kind(
+        actor=ctx.ledger.ledger_did, occurred_at=format_time(ctx.now()), did=did, reason=reason
     )
     return appended(await ctx.ledger.append_own(event))
 

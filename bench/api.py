@@ -67,6 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agentmesh.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from agentmesh.migrate import upgrade
+from bench.common import positive
 from ledger.canonical import canonical_bytes
 from ledger.events import PolicyViolation, body_of
 from ledger.identity import SigningKey, b64encode
@@ -877,13 +878,6 @@ async def main(args: argparse.Namespace) -> None:
         if postgres is not None:
             postgres.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 if __name__ == "__main__":

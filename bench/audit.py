@@ -35,19 +35,16 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-import asyncpg
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agentmesh.embedded import EmbeddedPostgres
-from agentmesh.migrate import upgrade
+from bench.common import drop_database, fresh_database
 from bench.ledger_gen import GeneratedLedger, generate_ledger
 from ledger.audit import Flavour, export_bundle, read_bundle, verify_bundle
 from ledger.events import decode_body
@@ -86,26 +83,6 @@ def server(root: Path) -> Iterator[str]:
         yield postgres.url
     finally:
         postgres.stop()
-
-
-async def fresh_database(server_url: str) -> tuple[str, str]:
-    name = "bench_" + uuid.uuid4().hex[:10]
-    conn = await asyncpg.connect(server_url)
-    try:
-        await conn.execute(f"CREATE DATABASE {name}")
-    finally:
-        await conn.close()
-    url = server_url.rsplit("/", 1)[0] + "/" + name
-    await asyncio.to_thread(upgrade, url)
-    return url, name
-
-
-async def drop_database(server_url: str, name: str) -> None:
-    conn = await asyncpg.connect(server_url)
-    try:
-        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await conn.close()
 
 
 # -- export ------------------------------------------------------------------------------

@@ -89,6 +89,7 @@ from bench.api import (
     settle,
     start_api,
 )
+from bench.common import positive
 from ledger.identity import SigningKey
 from ledger.timefmt import utc_now
 from projections.readstore import ProjectionReader
@@ -988,13 +989,6 @@ async def main(args: argparse.Namespace) -> None:
         if postgres is not None:
             postgres.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 if __name__ == "__main__":
