@@ -5,11 +5,13 @@ Tree::
     LedgerError
     ├── EventValidationError     malformed body, unknown type, bad payload
     ├── SignatureError           bad signature, unknown signer, wrong key
+    │   └── NoteError            malformed or unverified signed note / checkpoint
     ├── ConcurrencyError         expected stream version did not match
     ├── IdempotencyConflictError key reused with different content
     ├── AppendRejectedError      the event contradicts ledger state (e.g. duplicate DID)
     ├── VerificationError        chain, signature or checkpoint check failed (has ``position``)
-    └── StoreUnavailableError    the database could not be reached or failed
+    ├── StoreUnavailableError    the database could not be reached or failed
+    └── ProofError               Merkle proof malformed, does not verify, or not possible
 """
 
 from __future__ import annotations
@@ -58,3 +60,11 @@ class VerificationError(LedgerError):
 
 class StoreUnavailableError(LedgerError):
     """The database failed; the append was not acknowledged and may be retried."""
+
+
+class NoteError(SignatureError):
+    """A signed note, checkpoint or cosignature is malformed or has no valid known signature."""
+
+
+class ProofError(LedgerError):
+    """A Merkle inclusion or consistency proof is malformed, does not verify, or cannot exist."""
