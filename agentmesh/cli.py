@@ -45,6 +45,12 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
+        if getattr(args, "local_stack", None) is not None:
+            from agentmesh.local import with_local_stack
+
+            # Next to a running `make run`: its database, Redis and token, found in
+            # the data directory (the environment wins where it sets them).
+            settings = with_local_stack(settings, signing=args.local_stack == "sign")
         code = args.handler(args, settings)
     except (CliError, ConfigError, LedgerError) as exc:
         print(f"agentmesh: error: {exc}", file=sys.stderr)
@@ -111,7 +117,7 @@ def _db_commands(commands: Any) -> None:
     db = commands.add_parser("db", help="database schema")
     sub = db.add_subparsers(required=True, metavar="ACTION")
     upgrade = sub.add_parser("upgrade", help="apply migrations (idempotent)")
-    upgrade.set_defaults(handler=_cmd_db_upgrade)
+    upgrade.set_defaults(handler=_cmd_db_upgrade, local_stack="read")
 
 
 def _ledger_commands(commands: Any) -> None:
@@ -130,7 +136,8 @@ def _ledger_commands(commands: Any) -> None:
         "--ledger-public-key",
         type=Path,
         metavar="FILE",
-        help="PEM public key of the ledger (default: from AGENTMESH_AGENT_PRIVATE_KEY)",
+        help="PEM public key of the ledger (default: AGENTMESH_AGENT_PRIVATE_KEY's, else "
+        "the local stack's .agentmesh/ledger.pub.pem)",
     )
     verify.add_argument(
         "--workers",
@@ -138,11 +145,11 @@ def _ledger_commands(commands: Any) -> None:
         default=None,
         help="signature-checking processes (default: one per core)",
     )
-    verify.set_defaults(handler=_cmd_ledger_verify)
+    verify.set_defaults(handler=_cmd_ledger_verify, local_stack="read")
     checkpoint = sub.add_parser("checkpoint", help="sign a checkpoint of the head now")
-    checkpoint.set_defaults(handler=_cmd_ledger_checkpoint)
+    checkpoint.set_defaults(handler=_cmd_ledger_checkpoint, local_stack="sign")
     head = sub.add_parser("head", help="print the head position and hash")
-    head.set_defaults(handler=_cmd_ledger_head)
+    head.set_defaults(handler=_cmd_ledger_head, local_stack="read")
 
 
 def _projection_commands(commands: Any) -> None:
@@ -168,14 +175,14 @@ def _projection_commands(commands: Any) -> None:
         choices=["redis", "postgres"],
         help="read store to rebuild (default AGENTMESH_STORAGE_BACKEND)",
     )
-    rebuild.set_defaults(handler=_cmd_projections_rebuild)
+    rebuild.set_defaults(handler=_cmd_projections_rebuild, local_stack="read")
     status = sub.add_parser("status", help="print position, head and lag")
     status.add_argument(
         "--backend",
         choices=["redis", "postgres"],
         help="read store to inspect (default AGENTMESH_STORAGE_BACKEND)",
     )
-    status.set_defaults(handler=_cmd_projections_status)
+    status.set_defaults(handler=_cmd_projections_status, local_stack="read")
 
 
 def _retention_commands(commands: Any) -> None:
@@ -185,7 +192,7 @@ def _retention_commands(commands: Any) -> None:
         "run", help="remove events older than AGENTMESH_GOVERNANCE_AUDIT_RETENTION_DAYS"
     )
     run.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
-    run.set_defaults(handler=_cmd_retention_run)
+    run.set_defaults(handler=_cmd_retention_run, local_stack="sign")
 
 
 def _cmd_retention_run(args: argparse.Namespace, settings: Settings) -> int:
@@ -296,7 +303,17 @@ def _ledger_public_key(args: argparse.Namespace, settings: Settings) -> VerifyKe
             raise CliError(f"cannot read {args.ledger_public_key}: {exc.strerror}") from None
         except SignatureError as exc:
             raise CliError(f"{args.ledger_public_key}: {exc}") from None
-    return settings.signing_key().public
+    if settings.agent_private_key_pem is not None or settings.agent_private_key_file is not None:
+        return settings.signing_key().public
+    from agentmesh.local import PUBLIC_KEY_FILE
+
+    recorded = settings.data_dir / PUBLIC_KEY_FILE
+    if recorded.exists():  # written by `agentmesh up`: verification needs no private key
+        return VerifyKey.from_pem(recorded.read_bytes())
+    raise CliError(
+        "no ledger public key: pass --ledger-public-key FILE (the ledger_public_key of "
+        "GET /v1/ledger/checkpoints/latest), or run next to `agentmesh up`"
+    )
 
 
 def _cmd_ledger_verify(args: argparse.Namespace, settings: Settings) -> int:
@@ -496,17 +513,17 @@ def _replay_commands(commands: Any) -> None:
     agent.add_argument(
         "--plot", type=Path, metavar="FILE", help="also draw the score over time (.png or .svg)"
     )
-    agent.set_defaults(handler=_cmd_replay_agent)
+    agent.set_defaults(handler=_cmd_replay_agent, local_stack="read")
     state = sub.add_parser("state", parents=[common], help="the mesh as it was at a moment")
     state.add_argument("--at", required=True, type=_replay_time, metavar="TIME")
     state.add_argument(
         "--lowest", type=_positive_int, default=10, help="lowest-trust agents to list (10)"
     )
-    state.set_defaults(handler=_cmd_replay_state)
+    state.set_defaults(handler=_cmd_replay_state, local_stack="read")
     diff = sub.add_parser("diff", parents=[common], help="what changed between two moments")
     diff.add_argument("--from", dest="start", required=True, type=_replay_time, metavar="TIME")
     diff.add_argument("--to", dest="end", required=True, type=_replay_time, metavar="TIME")
-    diff.set_defaults(handler=_cmd_replay_diff)
+    diff.set_defaults(handler=_cmd_replay_diff, local_stack="read")
 
 
 def _replay_time(text: str) -> datetime:
@@ -739,9 +756,12 @@ def _cmd_demo(_: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_up(_: argparse.Namespace, settings: Settings) -> int:
-    from agentmesh.local import run_local_stack
+    from agentmesh.local import StackError, run_local_stack
 
-    return run_local_stack(settings)
+    try:
+        return run_local_stack(settings)
+    except StackError as exc:
+        raise CliError(str(exc)) from None
 
 
 class ProgressBar:
@@ -812,7 +832,7 @@ def _audit_commands(commands: Any) -> None:
         metavar="FILE",
         help="where to write the bundle (replaced only once it is complete)",
     )
-    export.set_defaults(handler=_cmd_audit_export)
+    export.set_defaults(handler=_cmd_audit_export, local_stack="sign")
     verify = sub.add_parser("verify", help="verify a bundle offline (no database, no network)")
     verify.add_argument("bundle", type=Path, metavar="FILE")
     verify.add_argument(
