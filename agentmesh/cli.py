@@ -167,6 +167,7 @@ def _projection_commands(commands: Any) -> None:
         help="worker processes (default AGENTMESH_API_WORKERS)",
     )
     api.set_defaults(handler=_cmd_serve_api)
+    _injector_command(sub)
     projections = commands.add_parser("projections", help="the read-side projections")
     sub = projections.add_subparsers(required=True, metavar="ACTION")
     rebuild = sub.add_parser("rebuild", help="rebuild from the ledger, swapped in when complete")
@@ -430,6 +431,52 @@ def _cmd_serve_api(args: argparse.Namespace, settings: Settings) -> int:
     settings.require_database_url()
     settings.signing_key()
     return serve_api(settings)
+
+
+def _injector_command(sub: Any) -> None:
+    env = os.environ.get
+    injector = sub.add_parser(
+        "injector", help="the sidecar-injecting admission webhook on :8443 (HTTPS)"
+    )
+    injector.add_argument(
+        "--config",
+        type=Path,
+        default=env("AGENTMESH_INJECTOR_CONFIG"),
+        help="YAML of what to inject (default AGENTMESH_INJECTOR_CONFIG, else built-in)",
+    )
+    injector.add_argument(
+        "--tls-cert",
+        type=Path,
+        default=env("AGENTMESH_INJECTOR_TLS_CERT", "/etc/agentmesh-injector/tls/tls.crt"),
+        help="PEM certificate (default AGENTMESH_INJECTOR_TLS_CERT)",
+    )
+    injector.add_argument(
+        "--tls-key",
+        type=Path,
+        default=env("AGENTMESH_INJECTOR_TLS_KEY", "/etc/agentmesh-injector/tls/tls.key"),
+        help="PEM private key (default AGENTMESH_INJECTOR_TLS_KEY)",
+    )
+    injector.add_argument("--host", default=env("AGENTMESH_INJECTOR_HOST", "0.0.0.0"))  # noqa: S104
+    injector.add_argument(
+        "--port", type=_positive_int, default=env("AGENTMESH_INJECTOR_PORT", "8443")
+    )
+    injector.add_argument(
+        "--metrics-port", type=_positive_int, default=env("AGENTMESH_INJECTOR_METRICS_PORT", "9093")
+    )
+    injector.set_defaults(handler=_cmd_serve_injector)
+
+
+def _cmd_serve_injector(args: argparse.Namespace, settings: Settings) -> int:
+    from agentmesh.injector import serve
+    from agentmesh.logs import configure_logging
+
+    configure_logging(settings)
+    try:
+        return serve(
+            args.config, args.tls_cert, args.tls_key, args.host, args.port, args.metrics_port
+        )
+    except (OSError, ValueError) as exc:
+        raise CliError(f"injector: {exc}") from None
 
 
 @contextlib.asynccontextmanager

@@ -41,7 +41,7 @@ CURRENT = "1.33"
 EXAMPLES = {"agent-with-sidecar.yaml", "agent-with-native-sidecar.yaml"}
 NOT_IN_KUSTOMIZATION = EXAMPLES | {"secret.yaml", "kustomization.yaml"}
 CRD_GROUP = "monitoring.coreos.com/v1"
-AGENTMESH_IMAGES = {"agentmesh/server:1.0.0-alpha1", "agentmesh/sidecar:1.0.0-alpha1"}
+AGENTMESH_IMAGES = {"agentmesh/server:1.0.0-alpha1", "agentmesh/sidecar:0.1.0"}
 SECRET_LIKE = re.compile(r"PRIVATE_KEY|TOKEN|PASSWORD|DATABASE_URL")
 SETTINGS_CONFIGMAP = "agentmesh-config"
 POLICY_CONFIGMAP = "agentmesh-sidecar-policy"
@@ -51,6 +51,15 @@ PLACEHOLDER = base64.b64encode(b"REPLACE_ME").decode()
 
 # Where our manifests differ from the guide's YAML on purpose, and why.
 DEVIATIONS = {
+    "agent-with-sidecar.yaml: Deployment/my-agent.spec.template.spec"
+    ".containers[agentmesh-sidecar].image": (
+        "image tags follow the package version (pyproject.toml), not the guide's 1.0.0-alpha1"
+    ),
+    "agent-with-sidecar.yaml: Deployment/my-agent.spec.template.spec"
+    ".containers[agentmesh-sidecar].volumeMounts[tmp]": (
+        "the sidecar's /tmp is its own emptyDir (agentmesh-tmp), as the injector adds it:"
+        " an injected sidecar must not share or collide with the agent's volumes"
+    ),
     "secret.yaml: Secret/agentmesh-agent-keys.data.private-key": (
         "a base64 REPLACE_ME placeholder instead of the guide's <base64-encoded-private-key>"
     ),
