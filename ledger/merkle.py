@@ -36,9 +36,12 @@ HashAt = Callable[[int, int], bytes]
 """``hash_at(level, index)``: hash of the complete subtree ``(level, index)``."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Subtree:
     """A complete subtree: ``2**level`` leaves from leaf ``index * 2**level``."""
+
+    # Not frozen: a frozen dataclass costs ~3x to build, and appends build two
+    # of these per leaf. Treat it as a value all the same.
 
     level: int
     index: int
