@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import random
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -202,6 +203,22 @@ def test_every_proof_of_small_trees_matches_the_rfc_and_verifies(size: int) -> N
         proof = consistency_proof(size1, size, lookup(store))
         assert proof == naive.subproof(size1, 0, size, True)
         verify_consistency(size1, size, proof, naive.mth(0, size1), root)
+
+
+@pytest.mark.parametrize("size", [1023, 1024, 1025, 3001])
+def test_sampled_proofs_of_larger_trees_match_the_rfc_and_verify(size: int) -> None:
+    leaves = entries(size)
+    naive = NaiveTree(leaves)
+    _, store = build_store(leaves, [7, size // 2, size - 3])
+    rng = random.Random(size)
+    for _ in range(100):
+        index, size1 = rng.randrange(size), rng.randint(1, size)
+        proof = inclusion_proof(index, size, lookup(store))
+        assert proof == naive.path(index, 0, size)
+        verify_inclusion(leaves[index], index, size, proof, naive.mth(0, size))
+        proof = consistency_proof(size1, size, lookup(store))
+        assert proof == naive.subproof(size1, 0, size, True)
+        verify_consistency(size1, size, proof, naive.mth(0, size1), naive.mth(0, size))
 
 
 # --- properties -------------------------------------------------------------------------
