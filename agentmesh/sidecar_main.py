@@ -16,6 +16,7 @@ from agentmesh.wiring import open_projection_store, trust_config
 from ledger.identity import is_did
 from ledger.timefmt import utc_now
 from projections.readstore import ProjectionReader
+from sidecar.denials import DEFAULT_WINDOW_SECONDS
 from sidecar.httpserver import HttpServer
 from sidecar.mcp import Upstream
 from sidecar.outbox import Outbox
@@ -60,6 +61,7 @@ async def run_sidecar(
     stop: asyncio.Event,
     clock: Callable[[], datetime] = utc_now,
     ready: Callable[[int], None] | None = None,
+    denial_window: float = DEFAULT_WINDOW_SECONDS,
 ) -> None:
     key = settings.signing_key()
     upstreams = parse_upstreams(settings.upstreams)
@@ -89,6 +91,7 @@ async def run_sidecar(
         clock=clock,
         handshake_ttl=settings.sidecar_handshake_ttl,
         health_file=settings.sidecar_health_file,
+        denial_window=denial_window,
     )
     metrics = None
     if settings.sidecar_metrics_port:
@@ -103,6 +106,7 @@ async def run_sidecar(
             outbox.run(stop),
             _reload_policy(sidecar, stop),
             _heartbeat(sidecar, stop),
+            _sweep_denials(sidecar, stop),
         )
     ]
     try:
@@ -121,6 +125,10 @@ async def run_sidecar(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            await sidecar.denials.flush()  # the repeats counted so far, as follow-ups
+        except Exception:
+            log.exception("denial_flush_failed")  # the counts stay committed in the outbox
         with contextlib.suppress(Exception):
             await outbox.deliver_once()  # a last try; what remains is on disk
         await outbox.aclose()
@@ -145,6 +153,17 @@ async def _reload_policy(sidecar: Sidecar, stop: asyncio.Event) -> None:
         elif changed:
             log.info("policy_reloaded", extra={"source": sidecar.policy.current.source})
             sidecar.metrics.policy_reloads.labels("ok").inc()
+            sidecar.visibility_may_have_changed()
+
+
+async def _sweep_denials(sidecar: Sidecar, stop: asyncio.Event) -> None:
+    """Close the denial windows that ended, so their repeat counts reach the ledger."""
+    while not stop.is_set():
+        await asyncio.sleep(1.0)
+        try:
+            await sidecar.denials.sweep()
+        except Exception:
+            log.exception("denial_sweep_failed")  # retried next second; nothing is lost
 
 
 async def _heartbeat(sidecar: Sidecar, stop: asyncio.Event) -> None:

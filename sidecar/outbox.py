@@ -16,6 +16,17 @@ down or the pod restarts, and the ledger must never hold one twice. So:
    Anything else (transport error, timeout, 5xx, an unreadable answer) leaves
    the whole batch pending for the next attempt.
 
+Denials take a faster path with the same guarantee (``record`` / ``repeat`` /
+``close_window``): one writer thread drains an in-memory queue, signs what
+the queue holds and commits all of it in **one** transaction (group commit),
+then resolves every waiting caller at once. A caller's ``await`` returns only
+after the commit holding its write: what has been answered is on disk.
+Aggregation windows (``windows`` table: the first violation's ``event_id`` and
+the repeats counted since) live in the same database, so a crash loses no
+count that was acknowledged, and the follow-up report (``repeat_of``,
+``count``) is built by the writer from the committed row in the same
+transaction that resets or deletes it — never twice, never lost.
+
 One process owns an outbox directory: the database is opened with SQLite's
 exclusive locking, so a second ``Outbox.open`` on it fails with
 ``OutboxError``; the lock dies with the process that held it.
@@ -24,13 +35,15 @@ exclusive locking, so a second ``Outbox.open`` on it fails with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import queue
 import sqlite3
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -40,7 +53,7 @@ import httpx
 import msgspec
 
 from ledger.errors import IdempotencyConflictError
-from ledger.events import PolicyViolation, TrustSignal
+from ledger.events import PolicyViolation, TrustSignal, new_event_id
 from ledger.identity import SigningKey, b64encode
 from ledger.signed import SignedEvent
 from ledger.timefmt import format_time, utc_now
@@ -56,7 +69,8 @@ MAX_BATCH_BYTES = 1_000_000  # half the API's 2 MiB body limit: room for the env
 MAX_KEY_LENGTH = 200  # the API's limit on an idempotency key
 BACKOFF_START = 0.2
 BACKOFF_MAX = 30.0
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
+MAX_WRITE_BATCH = 2000  # queued writes committed in one transaction at most
 # Whole-batch answers that blame the batch's content: retried in halves until the
 # offending report is alone, then dead-lettered (a poison report must not stall the rest).
 _CONTENT_REFUSALS = frozenset({400, 413, 422})
@@ -72,6 +86,15 @@ CREATE TABLE IF NOT EXISTS pending (
     created_at TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     last_error TEXT
+);
+CREATE TABLE IF NOT EXISTS windows (
+    window_key TEXT PRIMARY KEY,
+    first_event_id TEXT NOT NULL,
+    opened_at REAL NOT NULL,
+    repeats INTEGER NOT NULL DEFAULT 0,
+    severity TEXT NOT NULL,
+    rule TEXT NOT NULL,
+    detail TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS dead_letters (
     idempotency_key TEXT PRIMARY KEY,
@@ -113,6 +136,45 @@ class DeadLetter:
     attempts: int
     created_at: str
     rejected_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """An open aggregation window: identical denials after its first violation
+    (``first_event_id``, opened at ``opened_at``, unix seconds) are counted in
+    ``repeats`` until the window is closed by a follow-up report."""
+
+    key: str
+    first_event_id: str
+    opened_at: float
+    repeats: int
+    severity: str
+    rule: str
+    detail: str
+
+
+@dataclass(slots=True)
+class _Put:
+    event: PolicyViolation
+    window: tuple[str, float] | None  # (window key, opened at) for the first of a window
+    waiter: asyncio.Future[str] | None
+
+
+@dataclass(slots=True)
+class _Repeat:
+    key: str
+    waiter: asyncio.Future[str] | None
+
+
+@dataclass(slots=True)
+class _Close:
+    key: str
+    keep: bool  # reset the count but keep the window open (shutdown)
+    waiter: asyncio.Future[str] | None
+    follow_ups: list[str] = field(default_factory=list)
+
+
+_Op = _Put | _Repeat | _Close
 
 
 class _Report(msgspec.Struct, frozen=True):
@@ -198,6 +260,11 @@ class Outbox:
         self._wakeup = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._writer_loop: asyncio.AbstractEventLoop | None = None
+        self.write_batches = 0  # transactions the writer committed
+        self.writes = 0  # writes they held
         self.delivered = 0
         self.duplicates = 0
         self.rejected = 0
@@ -278,7 +345,7 @@ class Outbox:
                 " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 row,
             )
-            if cursor.rowcount == 0 and _pending_body(db, key) != body:
+            if cursor.rowcount == 0 and not _same_event(_pending_body(db, key), body):
                 raise IdempotencyConflictError(f"{key!r} is pending with another event")
         self.notify()
         return key
@@ -288,6 +355,179 @@ class Outbox:
     ) -> str:
         """``put`` in a worker thread, so the fsync never blocks the event loop."""
         return await asyncio.to_thread(self.put, event, idempotency_key)
+
+    # -- batched writing (denials) -----------------------------------------------------------
+
+    async def record(self, event: PolicyViolation, window: tuple[str, float] | None = None) -> str:
+        """Sign and commit ``event`` through the writer (group commit); return its
+        idempotency key once it is on disk. With ``window`` (key, opened at), the
+        event opens that aggregation window in the same transaction."""
+        return await self._submit(_Put(event, window, self._future()))
+
+    async def repeat(self, key: str) -> None:
+        """Count one more denial in the open window ``key``; return once committed."""
+        await self._submit(_Repeat(key, self._future()))
+
+    async def close_window(self, key: str, *, keep: bool = False) -> str:
+        """Close window ``key``: if it counted repeats, a follow-up violation
+        (``repeat_of`` its first, ``count`` the repeats) is signed and queued for
+        the API in the same transaction. ``keep`` resets the count and leaves the
+        window open instead. Returns the follow-up's idempotency key, or ''."""
+        return await self._submit(_Close(key, keep, self._future()))
+
+    def windows(self) -> list[Window]:
+        """The open aggregation windows, as committed."""
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT window_key, first_event_id, opened_at, repeats, severity, rule, detail"
+                " FROM windows ORDER BY rowid"
+            ).fetchall()
+        return [Window(*row) for row in rows]
+
+    def _future(self) -> asyncio.Future[str]:
+        return asyncio.get_running_loop().create_future()
+
+    async def _submit(self, op: _Op) -> str:
+        if self._closed:
+            raise OutboxError("the outbox is closed")
+        if self._writer is None:
+            self._writer_loop = asyncio.get_running_loop()
+            self._writer = threading.Thread(
+                target=self._write_forever, name="outbox-writer", daemon=True
+            )
+            self._writer.start()
+        self._ops.put(op)
+        assert op.waiter is not None
+        return await op.waiter
+
+    def _write_forever(self) -> None:
+        """The writer thread: take what is queued, commit it in one transaction, answer."""
+        stop = False
+        while not stop:
+            first = self._ops.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < MAX_WRITE_BATCH:
+                try:
+                    op = self._ops.get_nowait()
+                except queue.Empty:
+                    break
+                if op is None:
+                    stop = True
+                    break
+                batch.append(op)
+            try:
+                results = self._write(batch)
+                error: BaseException | None = None
+            except (OutboxError, ValueError) as exc:
+                results, error = [], exc
+            self._answer(batch, results, error)
+            if results:
+                self.notify()
+
+    def _write(self, batch: list[_Op]) -> list[str]:
+        results: list[str] = []
+        now = format_time(self._clock())
+        with self._transaction() as db:
+            counts: dict[str, int] = {}
+            for op in batch:
+                if isinstance(op, _Repeat):
+                    counts[op.key] = counts.get(op.key, 0) + 1
+                    results.append("")
+                    continue
+                _add_repeats(db, counts)
+                if isinstance(op, _Put):
+                    if op.window is not None:  # a window that was still open ends here
+                        self._close(db, _Close(op.window[0], False, None), now)
+                    results.append(self._insert(db, op.event, now))
+                    if op.window is not None:
+                        key, opened_at = op.window
+                        db.execute(
+                            "INSERT OR REPLACE INTO windows (window_key, first_event_id,"
+                            " opened_at, repeats, severity, rule, detail)"
+                            " VALUES (?, ?, ?, 0, ?, ?, ?)",
+                            (
+                                key,
+                                op.event.event_id,
+                                opened_at,
+                                op.event.severity,
+                                op.event.rule,
+                                op.event.detail,
+                            ),
+                        )
+                else:
+                    results.append(self._close(db, op, now))
+            _add_repeats(db, counts)
+        self.write_batches += 1
+        self.writes += len(batch)
+        return results
+
+    def _insert(self, db: sqlite3.Connection, event: PolicyViolation, now: str) -> str:
+        if event.event_id is None:
+            event = msgspec.structs.replace(event, event_id=new_event_id())
+        signed = SignedEvent.create(event, self._key)
+        key = f"sidecar:{event.event_id}"
+        db.execute(
+            "INSERT INTO pending (idempotency_key, body, signature, created_at)"
+            " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (key, signed.body.decode(), b64encode(signed.signature), now),
+        )
+        return key
+
+    def _close(self, db: sqlite3.Connection, op: _Close, now: str) -> str:
+        row = db.execute(
+            "SELECT first_event_id, repeats, severity, rule, detail FROM windows"
+            " WHERE window_key = ?",
+            (op.key,),
+        ).fetchone()
+        if row is None:
+            return ""
+        first, repeats, severity, rule, detail = row
+        key = ""
+        if repeats > 0:
+            event = PolicyViolation(
+                actor=self._key.did,
+                occurred_at=now,
+                event_id=new_event_id(),
+                agent=self._key.did,
+                severity=severity,
+                rule=rule,
+                detail=f"{repeats} repeat(s) of violation {first}: {detail}"[:4000],
+                count=repeats,
+                repeat_of=first,
+            )
+            key = self._insert(db, event, now)
+        if op.keep:
+            db.execute("UPDATE windows SET repeats = 0 WHERE window_key = ?", (op.key,))
+        else:
+            db.execute("DELETE FROM windows WHERE window_key = ?", (op.key,))
+        return key
+
+    def _answer(self, batch: list[_Op], results: list[str], error: BaseException | None) -> None:
+        loop = self._writer_loop
+        if loop is None or loop.is_closed():
+            return
+        waiters = [op.waiter for op in batch]
+
+        def settle() -> None:
+            for index, waiter in enumerate(waiters):
+                if waiter is None or waiter.done():
+                    continue
+                if error is not None:
+                    waiter.set_exception(OutboxError(str(error)))
+                else:
+                    waiter.set_result(results[index])
+
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+            loop.call_soon_threadsafe(settle)
+
+    def _stop_writer(self) -> None:
+        writer = self._writer
+        if writer is not None and writer is not threading.current_thread():
+            self._ops.put(None)
+            writer.join()
+        self._writer = None
 
     def notify(self) -> None:
         """Wake ``run`` now, from any thread (``put`` calls it)."""
@@ -486,6 +726,7 @@ class Outbox:
         flight keeps its reports pending, and the next start sends them again
         (answered ``duplicate`` if they had arrived).
         """
+        self._stop_writer()  # what it took is committed and answered before it stops
         with self._lock:
             if not self._closed:
                 self._closed = True
@@ -494,6 +735,7 @@ class Outbox:
     async def aclose(self) -> None:
         """Wait for a delivery in flight, then ``close`` and close the HTTP client
         the outbox made."""
+        await asyncio.to_thread(self._stop_writer)
         async with self._delivering:
             self.close()
         if self._owns_http:
@@ -540,6 +782,29 @@ def _prepare(db: sqlite3.Connection) -> None:
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
+
+
+def _add_repeats(db: sqlite3.Connection, counts: dict[str, int]) -> None:
+    if counts:
+        db.executemany(
+            "UPDATE windows SET repeats = repeats + ? WHERE window_key = ?",
+            [(count, key) for key, count in counts.items()],
+        )
+        counts.clear()
+
+
+def _same_event(stored: str | None, body: str) -> bool:
+    """The same event, but for the ``event_id`` its signing chose (the stored body,
+    signed first, is the one kept: it is never signed again)."""
+    if stored is None:
+        return False
+    if stored == body:
+        return True
+    old, new = msgspec.json.decode(stored), msgspec.json.decode(body)
+    if isinstance(old, dict) and isinstance(new, dict):
+        old.pop("event_id", None)
+        new.pop("event_id", None)
+    return bool(old == new)
 
 
 def _pending_body(db: sqlite3.Connection, key: str) -> str | None:

@@ -13,7 +13,15 @@ Semantics — ``decide`` follows these steps, and the code numbers them:
    names match case-sensitively. Hosts match case-insensitively, with any
    port and trailing dot removed from the action's host first;
    ``*.example.com`` matches every subdomain but not ``example.com`` itself
-   unless that is listed too.
+   unless that is listed too. Hosts match by address, not by spelling: an IP
+   literal in any spelling a C resolver accepts (``127.1``, ``2130706433``,
+   ``0x7f000001``, ``0x7f.0.0.1``, ``[::ffff:127.0.0.1]`` …) is matched in its
+   canonical form (``ip_literal``), and a pattern that is an IP or a CIDR
+   (``10.0.0.0/8``, ``fd00::/8``) matches every address inside it — the
+   literal's, or the one a name resolved to (``Action.address``). Before any
+   rule, a **link-local** address (169.254.0.0/16, fe80::/10: the cloud
+   metadata service) is denied (``link_local``, severity high) unless an
+   allow rule names its address or network explicitly.
 2. **Trust.** Trust data is *missing* when ``trust`` is None and *stale* when
    it is older than the policy's ``staleness_seconds`` (default 30). Then:
    **strict** denies every action (``trust_unavailable`` / ``trust_stale``);
@@ -46,8 +54,8 @@ Semantics — ``decide`` follows these steps, and the code numbers them:
 
 A decision's ``severity`` is what a ``policy.violation`` report about it
 should carry: the deny rule's ``severity`` (default medium) for
-``rule_denied``, ``low`` for every other reason. (An allow rule may carry a
-``severity`` too; it is kept on the ``Rule`` but no decision uses it.)
+``rule_denied``, ``high`` for ``link_local``, ``low`` for every other reason.
+(An allow rule may carry a ``severity`` too; it is kept on the ``Rule`` but no decision uses it.)
 A deny rule may not carry conditions (``min_tier`` …): it denies everyone.
 
 Consequence worth knowing: with the same inputs (and limiter history),
@@ -57,8 +65,11 @@ anything strict allows, standard allows too — strict only adds denials.
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 import math
 import os
+import re
+import socket
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +95,8 @@ Reason = Literal[
     "untrusted",
     "trust_unavailable",
     "trust_stale",
+    "link_local",
+    "unparseable",
 ]
 """The stable ``reason`` codes of a ``Decision``."""
 
@@ -106,15 +119,35 @@ class PolicyError(Exception):
 # -- types --------------------------------------------------------------------
 
 
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+LINK_LOCAL: tuple[Network, ...] = (
+    ipaddress.ip_network("169.254.0.0/16"),
+    ipaddress.ip_network("fe80::/10"),
+)
+"""Denied to egress by default in strict and standard (cloud metadata lives here)."""
+_NUMERIC_V4 = re.compile(r"^[0-9a-fx.]+$")
+
+
 @dataclass(frozen=True, slots=True)
 class Action:
-    """What the agent is about to do: call an MCP tool, or reach an egress host."""
+    """What the agent is about to do: call an MCP tool, or reach an egress host.
+
+    For a host, ``address`` is the IP address the connection will use (the
+    resolved address of a name, or the literal's canonical form); without it,
+    an IP literal ``name`` is parsed (every spelling, see ``ip_literal``)."""
 
     kind: Literal["tool", "host"]
     name: str
+    address: Address | None = None
 
     def __str__(self) -> str:
         return f"{self.kind} {self.name}"
+
+    def ip(self) -> Address | None:
+        if self.kind != "host":
+            return None
+        return self.address if self.address is not None else ip_literal(self.name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +184,7 @@ class Rule:
     rate_limit: RateLimit | None
     severity: Severity
     line: int
+    networks: tuple[Network, ...] = ()
 
     @property
     def needs_trust(self) -> bool:
@@ -161,7 +195,21 @@ class Rule:
         if action.kind == "tool":
             return any(fnmatch.fnmatchcase(action.name, p) for p in self.tools)
         host = normalize_host(action.name)
-        return any(fnmatch.fnmatchcase(host, p) for p in self.hosts)
+        literal = ip_literal(host)
+        if literal is not None:
+            host = str(literal)  # 127.1, 0x7f000001, [::ffff:127.0.0.1] … match as 127.0.0.1
+        if any(fnmatch.fnmatchcase(host, p) for p in self.hosts):
+            return True
+        address = action.ip()
+        if address is None:
+            return False
+        if any(fnmatch.fnmatchcase(str(address), p) for p in self.hosts):
+            return True
+        return self.contains(address)
+
+    def contains(self, address: Address) -> bool:
+        """True when one of the rule's IP / CIDR host patterns holds ``address``."""
+        return any(address.version == n.version and address in n for n in self.networks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +250,48 @@ def normalize_host(host: str) -> str:
     # "pastebin.com." resolves like "pastebin.com"; without this a trailing dot
     # would slip past a deny rule.
     return host.rstrip(".")
+
+
+def ip_literal(host: str) -> Address | None:
+    """The address ``host`` names when it is an IP literal in any spelling a C resolver
+    accepts, else None (a name).
+
+    IPv6 (with or without brackets) by ``ipaddress``, an IPv4-mapped IPv6 address
+    unwrapped to its IPv4 address; IPv4 by ``socket.inet_aton``, which accepts
+    what ``getaddrinfo`` and every HTTP client connecting through it accept:
+    ``127.1``, ``2130706433``, ``0x7f000001``, ``0x7f.0.0.1``, ``0177.0.0.1``,
+    ``127.0.1`` — all 127.0.0.1.
+    """
+    text = normalize_host(host)
+    if ":" in text:
+        try:
+            v6 = ipaddress.IPv6Address(text.partition("%")[0])
+        except ValueError:
+            return None
+        return v6.ipv4_mapped or v6
+    if not _NUMERIC_V4.match(text):
+        return None
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(text))
+    except OSError:
+        return None
+
+
+def host_network(pattern: str) -> Network | None:
+    """The network a host pattern names (an IP literal in any spelling, or CIDR), else None."""
+    address = ip_literal(pattern)
+    if address is not None:
+        return ipaddress.ip_network(address)
+    if "/" not in pattern:
+        return None
+    try:
+        network = ipaddress.ip_network(pattern, strict=True)
+    except ValueError:
+        return None
+    if isinstance(network, ipaddress.IPv6Network) and network.network_address.ipv4_mapped:
+        mapped = network.network_address.ipv4_mapped
+        return ipaddress.ip_network(f"{mapped}/{max(network.prefixlen - 96, 0)}")
+    return network
 
 
 # -- rate limiting ------------------------------------------------------------
@@ -282,9 +372,15 @@ def decide(
         agent=agent,
         score=None if trust is None else trust.score,
         tier=None if trust is None else trust.tier,
-        severity=rule.severity if rule is not None and verdict.reason == "rule_denied" else "low",
+        severity=_severity(verdict),
         detail=detail,
     )
+
+
+def _severity(verdict: _Verdict) -> Severity:
+    if verdict.rule is not None and verdict.reason == "rule_denied":
+        return verdict.rule.severity
+    return "high" if verdict.reason == "link_local" else "low"
 
 
 def _evaluate(
@@ -298,6 +394,16 @@ def _evaluate(
 ) -> _Verdict:
     # 1. match
     rule = next((r for r in policy.rules if r.matches(action)), None)
+    address = action.ip()
+    # Link-local (the cloud metadata service): denied unless an allow rule names
+    # its address or network explicitly (a name glob such as "*" is not enough).
+    if (
+        address is not None
+        and any(address.version == n.version and address in n for n in LINK_LOCAL)
+        and not any(r.effect == "allow" and r.contains(address) for r in policy.rules)
+    ):
+        detail = f"{action} ({address}) is link-local: denied by default"
+        return _Verdict("link_local", None, detail)
     # 2. trust missing or stale
     problem = _trust_problem(trust, policy.staleness_seconds, agent)
     if problem is not None:
@@ -557,6 +663,7 @@ class _Parser:
         effect = self.effect(fields.get("effect"), rule_id, line)
         self.check_applies(fields, effect, rule_id)
         limit = fields.get("rate_limit")
+        networks = tuple(n for n in map(host_network, hosts) if n is not None)
         return Rule(
             id=rule_id,
             tools=tools,
@@ -570,6 +677,7 @@ class _Parser:
             rate_limit=None if limit is None else self.rate_limit(limit),
             severity=self.severity(fields.get("severity")),
             line=line,
+            networks=networks,
         )
 
     def text(self, node: yaml.Node, name: str) -> str:
@@ -593,7 +701,11 @@ class _Parser:
 
     def host(self, node: yaml.Node, pattern: str) -> str:
         # A pattern with a scheme, path or port never matches a normalized host;
-        # in a deny rule it would silently block nothing.
+        # in a deny rule it would silently block nothing. (An IP or CIDR is fine.)
+        network = host_network(pattern)
+        if network is not None:
+            literal = ip_literal(pattern)
+            return str(literal) if literal is not None else str(network)
         if "/" in pattern or pattern.count(":") == 1:
             message = f"host pattern {pattern!r} must be a bare host (no scheme, path or port)"
             raise self.error(_line(node), message)

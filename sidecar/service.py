@@ -6,7 +6,10 @@ fresh, 503 with the reason otherwise), ``/mcp/{name}`` (MCP relay),
 ``POST /.well-known/agentmesh/handshake`` (answers handshake challenges for
 this agent by signing them), absolute-form and ``CONNECT`` requests (HTTP
 egress proxy). Every denial — and every would-be denial in shadow or
-permissive mode — becomes a signed ``policy.violation`` in the durable outbox.
+permissive mode — is recorded through ``sidecar.denials`` (one penalty per
+window and kind, repeats as a count) in the durable outbox before it is
+answered. When the tools the agent may call change (a trust change, a policy
+reload), open MCP server streams get ``notifications/tools/list_changed``.
 """
 
 from __future__ import annotations
@@ -26,14 +29,16 @@ import httpx
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ledger.events import PolicyViolation
+from ledger.canonical import canonical_bytes
+from ledger.events import new_event_id
 from ledger.identity import SigningKey, b64encode
 from ledger.timefmt import format_time, parse_time
+from sidecar.denials import DEFAULT_WINDOW_SECONDS, Denials
 from sidecar.egress import egress, is_proxy_request
 from sidecar.httpserver import Request, Response, Tunnel
 from sidecar.mcp import McpRelay, Upstream
 from sidecar.outbox import Outbox
-from sidecar.policy import Action, Decision, PolicyWatcher, RateLimiter, decide
+from sidecar.policy import Action, Address, Decision, PolicyWatcher, RateLimiter, decide
 from sidecar.trust import TrustSource
 from sidecar.upstream import UpstreamPool
 
@@ -41,6 +46,7 @@ log = logging.getLogger("agentmesh.sidecar")
 
 WELL_KNOWN = "/.well-known/agentmesh/handshake"
 CHALLENGE_TYPE = "agentmesh.handshake.challenge"
+HANDSHAKE_REQUEST_TYPE = "agentmesh.handshake.request"
 DECISION_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25)
 
 
@@ -80,6 +86,17 @@ class SidecarMetrics:
         self.policy_reloads = Counter(
             "agentmesh_sidecar_policy_reloads", "Policy file reloads", ["result"], registry=registry
         )
+        self.reports = Counter(
+            "agentmesh_sidecar_denial_records",
+            "Denials recorded: the first of a window (a violation) or a repeat (counted)",
+            ["kind"],
+            registry=registry,
+        )
+        self.list_changed = Counter(
+            "agentmesh_sidecar_tools_list_changed",
+            "notifications/tools/list_changed sent on open MCP streams",
+            registry=registry,
+        )
 
 
 @dataclass
@@ -102,6 +119,7 @@ class Sidecar:
         clock: Callable[[], datetime],
         handshake_ttl: float,
         health_file: Path | None,
+        denial_window: float = DEFAULT_WINDOW_SECONDS,
     ) -> None:
         self.key = key
         self.did = key.did
@@ -119,9 +137,21 @@ class Sidecar:
         self.pools = {name: UpstreamPool(u.url) for name, u in upstreams.items()}
         self.egress_client = _pooled_client()
         self.peers: dict[str, _Peer] = {name: _Peer(lock=asyncio.Lock()) for name in upstreams}
+        self.denials = Denials(outbox, self.did, clock, denial_window)
         self.relay = McpRelay(
-            self.pools, upstreams, self._gate_tool, self._visible_tools, self._ensure_peer
+            self.pools,
+            upstreams,
+            self._gate_tool,
+            self._visible_tools,
+            self._ensure_peer,
+            self._unclassifiable,
         )
+        # Per upstream: the tool names its last tools/list carried, and those shown.
+        self.listed: dict[str, list[str]] = {}
+        self.shown: dict[str, set[str]] = {}
+        self._visibility: asyncio.Task[None] | None = None
+        self._visibility_again = False
+        trust.on_change = self.visibility_may_have_changed
 
     # -- routing -----------------------------------------------------------------------------
 
@@ -144,7 +174,7 @@ class Sidecar:
 
     # -- decisions -------------------------------------------------------------------------------
 
-    async def decide(self, action: Action, *, record: bool = True) -> Decision:
+    async def decide(self, action: Action, *, record: bool = True, note: str = "") -> Decision:
         started = time.perf_counter()
         trust = await self.trust.current()
         limiter = self.limiter if record else RateLimiter()
@@ -160,21 +190,45 @@ class Sidecar:
             )
             self.metrics.decisions.labels(outcome, decision.reason).inc()
             if not decision.allowed or not decision.enforced:
-                await self._report(action, decision)
+                await self._report(action, decision, note)
         return decision
 
-    async def _report(self, action: Action, decision: Decision) -> None:
+    async def _report(self, action: Action, decision: Decision, note: str = "") -> None:
         if decision.reason == "allowed":
             return
-        event = PolicyViolation(
-            actor=self.did,
-            occurred_at=format_time(self.clock()),
+        repeats = self.denials.repeats
+        await self.denials.record(action, decision, note)
+        self.metrics.reports.labels("repeat" if self.denials.repeats > repeats else "first").inc()
+
+    async def _unclassifiable(self, why: str) -> dict[str, Any] | None:
+        """A POST body the relay cannot classify: refused (and recorded) unless the
+        policy is permissive or in shadow mode, which forward it and record it."""
+        policy = self.policy.current
+        trust = await self.trust.current()
+        enforced = not (policy.shadow or policy.mode == "permissive")
+        detail = why if enforced else f"{why} (not enforced: forwarded)"
+        decision = Decision(
+            allowed=not enforced,
+            enforced=enforced,
+            reason="unparseable",
+            rule=None,
+            policy=policy.source,
+            mode=policy.mode,
             agent=self.did,
-            severity=decision.severity,
-            rule=(decision.rule or f"{decision.mode}:{decision.reason}")[:200],
-            detail=f"{action.kind} {action.name}: {decision.detail}"[:4000],
+            score=None if trust is None else trust.score,
+            tier=None if trust is None else trust.tier,
+            severity="low",
+            detail=detail,
         )
-        await self.outbox.put_async(event)
+        outcome = "denied" if enforced else "would_deny"
+        self.metrics.decisions.labels(outcome, decision.reason).inc()
+        action = Action("tool", "(unparseable request)")
+        await self._report(action, decision)
+        if not enforced:
+            return None
+        error = self._error(decision, action)
+        error["message"] = f"refused by AgentMesh: {why}"
+        return error
 
     @staticmethod
     def _error(decision: Decision, action: Action) -> dict[str, Any]:
@@ -191,23 +245,59 @@ class Sidecar:
             action.kind: action.name,
         }
 
-    async def _gate_tool(self, tool: str) -> dict[str, Any] | None:
+    async def _gate_tool(self, upstream: str, tool: str) -> dict[str, Any] | None:
         action = Action("tool", tool)
-        decision = await self.decide(action)
+        shown = self.shown.get(upstream)
+        hidden = shown is not None and tool not in shown
+        # Calling a tool tools/list did not show is recorded as the denial it is, and says so.
+        note = " (a tool hidden from this agent's tools/list)" if hidden else ""
+        decision = await self.decide(action, note=note)
         return None if decision.allowed else self._error(decision, action)
 
-    async def _gate_host(self, host: str) -> dict[str, Any] | None:
-        action = Action("host", host)
+    async def _gate_host(self, host: str, address: Address | None) -> dict[str, Any] | None:
+        action = Action("host", host, address)
         decision = await self.decide(action)
-        return None if decision.allowed else self._error(decision, action)
+        error = None if decision.allowed else self._error(decision, action)
+        if error is not None and address is not None:
+            error["address"] = str(address)
+        return error
 
-    async def _visible_tools(self, names: list[str]) -> set[str]:
-        """tools/list shows only what the agent may call (no reports, no rate use)."""
+    async def _allowed(self, names: list[str]) -> set[str]:
         visible = set()
         for name in names:
             if (await self.decide(Action("tool", name), record=False)).allowed:
                 visible.add(name)
         return visible
+
+    async def _visible_tools(self, upstream: str, names: list[str]) -> set[str]:
+        """tools/list shows only what the agent may call (no reports, no rate use)."""
+        visible = await self._allowed(names)
+        self.listed[upstream] = names
+        self.shown[upstream] = visible
+        return visible
+
+    def visibility_may_have_changed(self) -> None:
+        """Trust or policy changed: check (in a task) whether the visible tools did."""
+        if self._visibility is not None and not self._visibility.done():
+            self._visibility_again = True
+            return
+        self._visibility = asyncio.get_running_loop().create_task(self._check_visibility())
+
+    async def _check_visibility(self) -> None:
+        again = True
+        while again:
+            self._visibility_again = False
+            for upstream, names in list(self.listed.items()):
+                visible = await self._allowed(names)
+                if visible != self.shown.get(upstream):
+                    self.shown[upstream] = visible
+                    sent = self.relay.tools_changed(upstream)
+                    self.metrics.list_changed.inc(sent)
+                    log.info(
+                        "tools_list_changed",
+                        extra={"upstream": upstream, "streams": sent, "visible": sorted(visible)},
+                    )
+            again = self._visibility_again
 
     # -- peer handshakes -----------------------------------------------------------------------
 
@@ -242,9 +332,7 @@ class Sidecar:
 
     async def _handshake(self, upstream: Upstream) -> str | None:
         try:
-            started = await self.api.post(
-                "/v1/handshakes", json={"initiator": self.did, "responder": upstream.did}
-            )
+            started = await self.api.post("/v1/handshakes", json=self._handshake_request(upstream))
             if started.status_code != 201:
                 return f"api answered {started.status_code}"
             challenge = started.json()
@@ -263,6 +351,17 @@ class Sidecar:
         if result.get("verified") and not result.get("shadow"):
             return None
         return str(result.get("reason") or "not verified")
+
+    def _handshake_request(self, upstream: Upstream) -> dict[str, Any]:
+        """The start of a handshake, signed by this agent (single-use ``request_id``)."""
+        body = {
+            "type": HANDSHAKE_REQUEST_TYPE,
+            "initiator": self.did,
+            "responder": upstream.did,
+            "request_id": new_event_id(),
+            "requested_at": format_time(self.clock()),
+        }
+        return {"body": body, "signature": b64encode(self.key.sign(canonical_bytes(body)))}
 
     def answer_challenge(self, request: Request) -> Response:
         """Sign a handshake challenge addressed to this agent (and only such)."""
@@ -328,6 +427,10 @@ class Sidecar:
                 self.health_file.unlink()
 
     async def close(self) -> None:
+        if self._visibility is not None:
+            self._visibility.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._visibility
         for pool in self.pools.values():
             await pool.aclose()
         await self.egress_client.aclose()

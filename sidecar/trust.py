@@ -46,6 +46,8 @@ class TrustSource:
         self.hits = 0
         self.misses = 0
         self.last_error: str | None = None
+        # Called (in the event loop) after a read whose answer differs from the last one.
+        self.on_change: Callable[[], None] | None = None
 
     @property
     def registered(self) -> bool | None:
@@ -84,7 +86,10 @@ class TrustSource:
             # then the value is kept but not marked valid, so the next lookup reads again.
             generation = self._generation
             try:
+                before = _standing(self._value)
                 self._value = await self._read()
+                if self.on_change is not None and _standing(self._value) != before:
+                    self.on_change()
                 self._read_at = self.monotonic()
                 self._valid = generation == self._generation
                 self.last_error = None
@@ -135,3 +140,10 @@ class TrustSource:
             self._valid = False
             await self.refresh()
             await asyncio.sleep(self.refresh_seconds / 2)
+
+
+def _standing(value: TrustInfo | None) -> tuple[object, ...] | None:
+    """What decisions read of a trust value (not its age)."""
+    if value is None:
+        return None
+    return (value.score, value.tier, value.status, value.capabilities)

@@ -137,6 +137,7 @@ async def running_sidecar(
     staleness: int = 30,
     redis_port: int | None = None,
     policy_text: str | None = None,
+    denial_window: float = 60.0,
 ) -> AsyncIterator[RunningSidecar]:
     policy_file = tmp / f"policy-{agent.did[-6:]}.yaml"
     policy_file.write_text(policy_text or POLICY.format(staleness=staleness))
@@ -158,7 +159,11 @@ async def running_sidecar(
     )
     stop = asyncio.Event()
     ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(run_sidecar(settings, stop, clock=api.clock, ready=ready.set_result))
+    task = asyncio.create_task(
+        run_sidecar(
+            settings, stop, clock=api.clock, ready=ready.set_result, denial_window=denial_window
+        )
+    )
     try:
         waiters: list[asyncio.Future[Any]] = [ready, task]
         await asyncio.wait(waiters, timeout=30, return_when=asyncio.FIRST_COMPLETED)
