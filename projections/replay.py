@@ -66,6 +66,7 @@ from projections.trust import (
     TrustState,
     TrustView,
     from_micros,
+    points,
     score_milli_at,
     tier_for,
     to_micros,
@@ -474,8 +475,8 @@ def first_time_below(state: TrustState, config: TrustConfig, points: int) -> int
     """The first microsecond after ``state.base_at`` at which decay alone has taken
     the score (whole points) below ``points``; None if it never does.
 
-    Inverts ``score_milli_at``: the score is below ``points`` once the decay due
-    reaches ``base - points * 1000 + 1`` milli-points, and the decay due is
+    Inverts ``score_milli_at``: the score (rounded half up) is below ``points`` once
+    the decay due reaches ``base - points * 1000 + 501`` milli-points, and the decay due is
     ``rate * (t - decay_from) // HOUR_US`` minus what the base already holds.
     """
     rate, floor = config.decay_rate_milli, config.decay_floor * MILLI
@@ -483,7 +484,7 @@ def first_time_below(state: TrustState, config: TrustConfig, points: int) -> int
     if rate == 0 or target <= floor or state.base_milli <= floor:
         return None
     held = rate * (state.base_at - state.decay_from) // HOUR_US
-    due = state.base_milli - target + 1 + held
+    due = state.base_milli - (target - MILLI // 2) + 1 + held
     elapsed = -(-due * HOUR_US // rate)  # ceiling division
     return max(state.decay_from + elapsed, state.base_at + 1)
 
@@ -869,7 +870,7 @@ def _granted_order(grant: Grant) -> tuple[int, str]:
 
 def _score_at(trust: TrustState, config: TrustConfig, micros: int) -> int:
     milli = score_milli_at(trust, config.decay_rate_milli, config.decay_floor * MILLI, micros)
-    return milli // MILLI
+    return points(milli)
 
 
 def _known_view(state: MeshState, did: str, moment: datetime) -> TrustView:

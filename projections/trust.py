@@ -176,6 +176,13 @@ def record_violation(state: TrustState, config: TrustConfig, severity: str, at: 
     state.violations[severity] += 1
 
 
+def points(milli: int) -> int:
+    """The score a person reads: milli-points rounded to the nearest whole point,
+    halves up (799.9994 reads 800, 499.9996 reads 500). The tier is always that of
+    this number, so the score shown and its tier agree."""
+    return (milli + MILLI // 2) // MILLI
+
+
 def tier_for(score: int, config: TrustConfig, *, suspended: bool = False) -> str:
     """The tier of a score; below ``min_threshold`` is always untrusted."""
     if suspended:
@@ -197,8 +204,8 @@ def trust_at(
     """The agent's trust at ``now`` (decay computed, nothing mutated)."""
     floor_milli = config.decay_floor * MILLI
     milli = score_milli_at(state, config.decay_rate_milli, floor_milli, to_micros(now))
-    score = milli // MILLI
-    base = state.base_milli // MILLI
+    score = points(milli)
+    base = points(state.base_milli)
     components = TrustComponents(
         base=base,
         decay=base - score,

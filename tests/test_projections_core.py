@@ -192,7 +192,8 @@ def test_medium_violation_costs_fifty() -> None:
 def test_decay_is_two_points_an_hour() -> None:
     feed = feed_with(registered(A))
     assert feed.score(A, 10) == 780
-    assert feed.score(A, 10.25) == 779  # 779.5 reported as its integer part
+    assert feed.score(A, 10.25) == 780  # 779.5 rounds half up
+    assert feed.score(A, 10.26) == 779  # 779.48 rounds down
 
 
 def test_decay_alone_stops_at_the_floor() -> None:

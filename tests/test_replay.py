@@ -47,6 +47,7 @@ from projections.replay import (
 from projections.state import MeshState, fold_recorded
 from projections.store_memory import MemoryProjectionStore
 from projections.trust import TrustState, score_milli_at, tier_for
+from projections.trust import points as shown_points
 from tests.support import T0, ManualClock, random_history
 
 CONFIG = TrustConfig()
@@ -270,7 +271,7 @@ def test_first_time_below_inverts_the_decay() -> None:
         crossed = first_time_below(state, config, points)
 
         def score(at: int, state: TrustState = state, config: TrustConfig = config) -> int:
-            return score_milli_at(state, config.decay_rate_milli, 100_000, at) // 1000
+            return shown_points(score_milli_at(state, config.decay_rate_milli, 100_000, at))
 
         if crossed is None:  # never: the floor (100) or a base already below it holds
             assert points <= 100 or state.base_milli <= 100_000
