@@ -360,7 +360,6 @@ rules:
     tools: ["delete_*"]
     effect: allow
     min_tier: trusted
-    severity: high
   - id: local-egress
     hosts: ["127.0.0.1", "localhost"]
     effect: allow

@@ -45,7 +45,13 @@ class ProblemError(Exception):
 
 
 def problem(
-    status: int, slug: str, title: str, detail: str, instance: str, **extra: Any
+    status: int,
+    slug: str,
+    title: str,
+    detail: str,
+    instance: str,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
 ) -> Response[dict[str, Any]]:
     body = {
         "type": PROBLEM_TYPE_BASE + slug,
@@ -55,8 +61,10 @@ def problem(
         "instance": instance,
         **extra,
     }
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return Response(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
+    headers = dict(headers or {})
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return Response(body, status_code=status, media_type=MEDIA_TYPE, headers=headers or None)
 
 
 def _ledger(exc: LedgerError) -> tuple[int, str, str]:
@@ -103,8 +111,14 @@ def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str
             401: "Unauthorized",
             403: "Forbidden",
         }.get(exc.status_code, "HTTP error")
+        # Litestar's own headers, e.g. the ``Allow`` a 405 must carry (RFC 9110 §15.5.6).
         return problem(
-            exc.status_code, title.lower().replace(" ", "-"), title, str(exc.detail), path
+            exc.status_code,
+            title.lower().replace(" ", "-"),
+            title,
+            str(exc.detail),
+            path,
+            headers=exc.headers,
         )
     log.exception("unhandled_error", extra={"path": path})
     return problem(500, "internal", "Internal error", "the server failed; see its logs", path)

@@ -271,16 +271,26 @@ def _event_out(record: Any) -> s.EventOut:
 
 @post("/v1/agents/{did:str}/suspend", tags=["agents"], status_code=200)
 async def suspend(
-    ctx: Ctx, did: FromPath[str], data: JSONBody[s.AdminReason], authorization: Auth = None
+    ctx: Ctx,
+    did: FromPath[str],
+    data: JSONBody[s.AdminReason | None] = None,
+    authorization: Auth = None,
 ) -> s.Appended:
-    return await _set_status(ctx, AgentSuspended, did, data.reason, authorization)
+    """Suspend an agent (admin); the body ``{"reason": …}`` is optional."""
+    reason = data.reason if data is not None else ""
+    return await _set_status(ctx, AgentSuspended, did, reason, authorization)
 
 
 @post("/v1/agents/{did:str}/reinstate", tags=["agents"], status_code=200)
 async def reinstate(
-    ctx: Ctx, did: FromPath[str], data: JSONBody[s.AdminReason], authorization: Auth = None
+    ctx: Ctx,
+    did: FromPath[str],
+    data: JSONBody[s.AdminReason | None] = None,
+    authorization: Auth = None,
 ) -> s.Appended:
-    return await _set_status(ctx, AgentReinstated, did, data.reason, authorization)
+    """Reinstate a suspended agent (admin); the body ``{"reason": …}`` is optional."""
+    reason = data.reason if data is not None else ""
+    return await _set_status(ctx, AgentReinstated, did, reason, authorization)
 
 
 async def _set_status(
@@ -319,6 +329,10 @@ async def capabilities(
 ) -> s.CapabilitiesOut:
     """Registered plus delegated capabilities (active, unexpired chains) now or ``?at=``."""
     moment = _time(at, ctx)
+    if at is not None:  # like trust?at=: no answer for a moment before registration
+        record = await ctx.reader.agent(_did(did))
+        if record is not None and record.registered_at > moment:
+            raise not_found(f"agent {did} was not registered at {at}")
     found = await ctx.reader.capabilities(_did(did), moment)
     if found is None:
         raise not_found(f"agent {did} is not registered")

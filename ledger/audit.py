@@ -1011,7 +1011,10 @@ class _BundleVerifier:
             raise BundleVerificationError(number, 0, f"ledger_public_key: {exc}") from None
         if self.pinned is not None and key.raw != self.pinned.raw:
             raise BundleVerificationError(
-                number, 0, f"the bundle names ledger {key.did}, expected {self.pinned.did}"
+                number,
+                0,
+                f"ledger key mismatch: the bundle is signed by {key.did}, the pinned key "
+                f"is {self.pinned.did}",
             )
         self.header = item
         self.keys = _KeyHistory(key, self.signatures)

@@ -16,7 +16,12 @@ def format_time(moment: datetime) -> str:
     """The ledger's canonical text for an aware datetime."""
     if moment.tzinfo is None:
         raise ValueError("ledger times must be timezone-aware")
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    utc = moment.astimezone(UTC)
+    # Not strftime: its %Y gives "1" for year 1, which is not RFC 3339 (4 digits).
+    return (
+        f"{utc.year:04d}-{utc.month:02d}-{utc.day:02d}T"
+        f"{utc.hour:02d}:{utc.minute:02d}:{utc.second:02d}.{utc.microsecond:06d}Z"
+    )
 
 
 def parse_time(text: str) -> datetime:

@@ -320,6 +320,11 @@ async def verify_ledger(
         elif anchor is not None and anchor.position == from_position - 1:
             start_hash = anchor.entry_hash
         else:
+            head = await reader.head()
+            if from_position > head.position:  # name the position asked for, not the one before
+                raise VerificationError(
+                    from_position, f"past the head: the ledger ends at position {head.position}"
+                )
             raise VerificationError(from_position - 1, "no entry to start verifying from")
         start = next((c for c in checkpoints if c.position == from_position - 1), None)
         if start is not None:

@@ -55,7 +55,7 @@ Semantics — ``decide`` follows these steps, and the code numbers them:
 A decision's ``severity`` is what a ``policy.violation`` report about it
 should carry: the deny rule's ``severity`` (default medium) for
 ``rule_denied``, ``high`` for ``link_local``, ``low`` for every other reason.
-(An allow rule may carry a ``severity`` too; it is kept on the ``Rule`` but no decision uses it.)
+(An allow rule may not carry a ``severity``: no decision would use it.)
 A deny rule may not carry conditions (``min_tier`` …): it denies everyone.
 
 Consequence worth knowing: with the same inputs (and limiter history),
@@ -722,7 +722,14 @@ class _Parser:
         raise self.error(_line(node), f"effect must be allow or deny, got {value!r}")
 
     def check_applies(self, fields: dict[str, yaml.Node], effect: str, rule_id: str) -> None:
-        """Refuse conditions on a deny rule: it denies everyone, whatever they say."""
+        """Refuse keys that mean nothing on the rule: conditions on a deny rule (it
+        denies everyone, whatever they say), a severity on an allow rule (only a deny
+        rule's severity is ever reported)."""
+        if effect == "allow" and "severity" in fields:
+            raise self.error(
+                _line(fields["severity"]),
+                f"severity has no effect on allow rule {rule_id!r} (only deny rules report one)",
+            )
         if effect == "deny":
             for key in _CONDITION_KEYS:
                 if key in fields:

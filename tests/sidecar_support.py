@@ -30,7 +30,6 @@ rules:
     tools: ["delete_*"]
     effect: allow
     min_tier: trusted
-    severity: high
   - id: writes-need-capability
     tools: ["write_*"]
     effect: allow

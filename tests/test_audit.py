@@ -385,7 +385,7 @@ def test_pinned_ledger_key(built: Built) -> None:
     with pytest.raises(BundleVerificationError) as info:
         verify_bundle(path, workers=0, ledger_key=SigningKey.generate().public)
     assert (info.value.line, info.value.position) == (1, 0)
-    assert "expected did:mesh:" in str(info.value)
+    assert "ledger key mismatch" in str(info.value)
 
 
 # -- tampering: each named at its first bad line ---------------------------------------------

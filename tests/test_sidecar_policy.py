@@ -614,15 +614,22 @@ def test_strict_without_shadow_blocks() -> None:
 # -- severity and decision fields ---------------------------------------------
 
 
-def test_severity_on_an_allow_rule_is_kept_but_conditions_report_low() -> None:
+def test_severity_on_an_allow_rule_is_refused_and_conditions_report_low() -> None:
+    with pytest.raises(PolicyError) as info:
+        policy("""\
+            - id: guarded
+              tools: ["delete_*"]
+              effect: allow
+              min_tier: trusted
+              severity: high
+        """)
+    assert "severity has no effect on allow rule 'guarded'" in str(info.value)
     pol = policy("""\
         - id: guarded
           tools: ["delete_*"]
           effect: allow
           min_tier: trusted
-          severity: high
     """)
-    assert pol.rules[0].severity == "high"
     decision = check(pol, tool("delete_repo"), trust(600, "standard"))
     assert (decision.reason, decision.severity) == ("below_min_tier", "low")
 
