@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench install clean
+.PHONY: run test lint bench install clean k8s
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy ledger projections api sidecar agentmesh migrations bench tests
+
+## make k8s: render deploy/k8s from charts/agentmesh (Helm's engine from PyPI, no helm binary)
+k8s: $(STAMP)
+	$(BIN)/python deploy/render_k8s.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/append.py

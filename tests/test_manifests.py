@@ -1,5 +1,8 @@
 """Offline checks of the Kubernetes manifests in deploy/k8s.
 
+deploy/k8s is rendered from charts/agentmesh (``make k8s``); the first test
+renders the chart again with Helm's engine and fails on any drift.
+
 Every resource validates against the Kubernetes OpenAPI schemas bundled with
 ``kubernetes-validate`` (no cluster needed); the Prometheus Operator's CRDs are
 checked by explicit assertions. The manifests are also held to the seed
@@ -10,10 +13,13 @@ contained in our file, except for the deviations listed in ``DEVIATIONS``.
 from __future__ import annotations
 
 import base64
+import importlib.util
 import re
+import tomllib
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
+from types import ModuleType
 from typing import Any, cast
 
 import kubernetes_validate  # ships no type information
@@ -41,7 +47,9 @@ CURRENT = "1.33"
 EXAMPLES = {"agent-with-sidecar.yaml", "agent-with-native-sidecar.yaml"}
 NOT_IN_KUSTOMIZATION = EXAMPLES | {"secret.yaml", "kustomization.yaml"}
 CRD_GROUP = "monitoring.coreos.com/v1"
-AGENTMESH_IMAGES = {"agentmesh/server:1.0.0-alpha1", "agentmesh/sidecar:0.1.0"}
+# Image tags follow the package version (pyproject.toml), as the chart's appVersion does.
+VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+AGENTMESH_IMAGES = {f"agentmesh/server:{VERSION}", f"agentmesh/sidecar:{VERSION}"}
 SECRET_LIKE = re.compile(r"PRIVATE_KEY|TOKEN|PASSWORD|DATABASE_URL")
 SETTINGS_CONFIGMAP = "agentmesh-config"
 POLICY_CONFIGMAP = "agentmesh-sidecar-policy"
@@ -53,6 +61,9 @@ PLACEHOLDER = base64.b64encode(b"REPLACE_ME").decode()
 DEVIATIONS = {
     "agent-with-sidecar.yaml: Deployment/my-agent.spec.template.spec"
     ".containers[agentmesh-sidecar].image": (
+        "image tags follow the package version (pyproject.toml), not the guide's 1.0.0-alpha1"
+    ),
+    "deployment.yaml: Deployment/agentmesh-server.spec.template.spec.containers[agentmesh].image": (
         "image tags follow the package version (pyproject.toml), not the guide's 1.0.0-alpha1"
     ),
     "agent-with-sidecar.yaml: Deployment/my-agent.spec.template.spec"
@@ -222,6 +233,38 @@ def sidecar_settings(name: str) -> Settings:
 
 def mounts(container_doc: Doc) -> dict[str, Doc]:
     return {m["mountPath"]: m for m in container_doc.get("volumeMounts", [])}
+
+
+# -- one source of truth: the chart --------------------------------------------------
+
+
+def renderer() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("render_k8s", REPO / "deploy" / "render_k8s.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_deploy_k8s_is_what_the_chart_renders() -> None:
+    render_k8s = renderer()
+    files = render_k8s.render()
+    assert render_k8s.stale(files) == [], "deploy/k8s differs from the chart: run `make k8s`"
+    assert set(manifest_files()) == set(files) | EXAMPLES
+
+
+def test_drift_is_detected() -> None:
+    render_k8s = renderer()
+    files = render_k8s.render()
+    files["deployment.yaml"] = files["deployment.yaml"].replace("replicas: 3", "replicas: 4")
+    files["extra.yaml"] = "kind: ConfigMap\n"
+    del files["hpa.yaml"]
+    assert render_k8s.stale(files) == [
+        "deployment.yaml: differs from the chart",
+        "extra.yaml: missing",
+        "hpa.yaml: not rendered by the chart",
+    ]
 
 
 # -- schemas -------------------------------------------------------------------------
