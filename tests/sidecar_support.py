@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,9 +93,13 @@ def mcp_server(upstream: Upstream) -> MCPServer:
 
 
 @asynccontextmanager
-async def running_upstream() -> AsyncIterator[Upstream]:
+async def running_upstream(
+    factory: Callable[[Upstream], MCPServer] | None = None, *, json_response: bool = False
+) -> AsyncIterator[Upstream]:
+    """A real MCP server (``mcp_server`` unless ``factory`` says otherwise) on a free port."""
     upstream = Upstream(free_port())
-    app = mcp_server(upstream).streamable_http_app(host="127.0.0.1")
+    server = (factory or mcp_server)(upstream)
+    app = server.streamable_http_app(host="127.0.0.1", json_response=json_response)
     server = uvicorn.Server(
         uvicorn.Config(
             app, host="127.0.0.1", port=upstream.port, log_config=None, log_level="warning"
