@@ -11,7 +11,9 @@ Two kinds:
   (the mean score of active agents: one series, no per-agent labels) and
   ``agentmesh_policy_violation_count`` (violations recorded in the ledger, by
   severity) — are read from the projections by the metrics server itself, so
-  they are the same whichever worker or replica is scraped.
+  they are the same whichever worker or replica is scraped. They are refreshed
+  every 5 seconds (``MetricsServer.interval``), so a scrape may lag the ledger
+  by up to that long.
 
 ``agentmesh_policy_violation_count`` is exposed under exactly that name, as
 the deployment guide's alert selects it (a plain prometheus-client Counter
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import threading
 from collections.abc import Awaitable, Callable, Iterator
@@ -98,12 +101,13 @@ class MeshStatsCollector(Collector):
         yield GaugeMetricFamily(
             "agentmesh_registry_size", "Active agents in the registry", value=stats.registry_size
         )
-        if stats.mean_score is not None:
-            yield GaugeMetricFamily(
-                "agentmesh_trust_score_gauge",
-                "Mean trust score of active agents (0-1000)",
-                value=stats.mean_score,
-            )
+        # Always present: NaN while no agent is active (a mean of nothing), so the
+        # series never vanishes and a `< threshold` alert does not fire on it.
+        yield GaugeMetricFamily(
+            "agentmesh_trust_score_gauge",
+            "Mean trust score of active agents (0-1000; NaN while none is active)",
+            value=stats.mean_score if stats.mean_score is not None else math.nan,
+        )
         tiers = GaugeMetricFamily(
             "agentmesh_trust_tier_agents", "Agents per trust tier", labels=["tier"]
         )
