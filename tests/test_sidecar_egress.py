@@ -14,7 +14,7 @@ import pytest
 
 from agentmesh.embedded import EmbeddedRedis
 from ledger.identity import SigningKey
-from sidecar.policy import Action, RateLimiter, TrustInfo, decide, ip_literal, parse_policy
+from sidecar.policy import Action, Mode, RateLimiter, TrustInfo, decide, ip_literal, parse_policy
 from tests.api_support import Api, api_settings, running_api
 from tests.sidecar_support import running_sidecar
 
@@ -164,25 +164,23 @@ async def test_link_local_is_denied_by_default(api: Api, tmp_path: Path, mode: s
             assert got.startswith(b"HTTP/1.1 403"), (target, got)
 
 
-def test_link_local_is_reachable_only_when_an_allow_rule_names_it() -> None:
+STAR = 'version: 1\nrules:\n  - id: all\n    hosts: ["*"]\n    effect: allow\n'
+NAMED = 'version: 1\nrules:\n  - id: md\n    hosts: ["169.254.169.254/32"]\n    effect: allow\n'
+
+
+@pytest.mark.parametrize("mode", ["strict", "standard"])
+def test_link_local_is_reachable_only_when_an_allow_rule_names_it(mode: Mode) -> None:
     trust = TrustInfo("did:mesh:" + "a" * 32, 800, "trusted", "active", frozenset(), 0.0)
     metadata = Action("host", "169.254.169.254")
-    for mode in ("strict", "standard"):
-        star = parse_policy(
-            'version: 1\nrules:\n  - id: all\n    hosts: ["*"]\n    effect: allow\n',
-            "p",
-            mode,
-            False,
-        )  # type: ignore[arg-type]
-        named = parse_policy(
-            'version: 1\nrules:\n  - id: md\n    hosts: ["169.254.169.254/32"]\n    effect: allow\n',
-            "p",
-            mode,
-            False,
-        )  # type: ignore[arg-type]
-        denied = decide(star, metadata, trust, trust.did, RateLimiter(), 0.0)
-        assert (denied.allowed, denied.reason, denied.severity) == (False, "link_local", "high")
-        assert decide(named, metadata, trust, trust.did, RateLimiter(), 0.0).allowed
+    star, named = parse_policy(STAR, "p", mode, False), parse_policy(NAMED, "p", mode, False)
+    denied = decide(star, metadata, trust, trust.did, RateLimiter(), 0.0)
+    assert (denied.allowed, denied.reason, denied.severity) == (False, "link_local", "high")
+    assert decide(named, metadata, trust, trust.did, RateLimiter(), 0.0).allowed
+
+
+def test_permissive_records_link_local_but_does_not_block() -> None:
+    trust = TrustInfo("did:mesh:" + "a" * 32, 800, "trusted", "active", frozenset(), 0.0)
+    metadata = Action("host", "169.254.169.254")
     permissive = parse_policy("version: 1\nrules: []\n", "p", "permissive", False)
     recorded = decide(permissive, metadata, trust, trust.did, RateLimiter(), 0.0)
     assert (recorded.allowed, recorded.enforced, recorded.reason) == (True, False, "link_local")
