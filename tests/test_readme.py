@@ -1,4 +1,5 @@
-"""The README's code blocks run, verbatim, against a live local stack (issue 14).
+"""The README's code blocks (and docs/API.md's) run, verbatim, against a live
+local stack (issue 14).
 
 Every fenced block tagged ``bash``/``sh``/``shell`` runs with ``bash -e -o
 pipefail``, every ``python`` block with the virtualenv's Python, in README
@@ -36,6 +37,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+API_DOC = ROOT / "docs" / "API.md"
 RUN = {"bash": "bash", "sh": "bash", "shell": "bash", "python": "python"}
 NOT_RUN = re.compile(r"^<!--\s*not-run:\s*(?P<reason>\S.*?)\s*-->$")
 MAX_NOT_RUN = 4
@@ -48,12 +50,14 @@ class Block:
     code: str
     not_run: str | None
 
+    source: str = "README.md"
+
     @property
     def name(self) -> str:
-        return f"README.md:{self.line}:{self.lang}"
+        return f"{self.source}:{self.line}:{self.lang}"
 
 
-def readme_blocks(text: str) -> list[Block]:
+def readme_blocks(text: str, source: str = "README.md") -> list[Block]:
     blocks: list[Block] = []
     lines = text.splitlines()
     index = 0
@@ -72,13 +76,15 @@ def readme_blocks(text: str) -> list[Block]:
                 lang,
                 "\n".join(lines[start + 1 : end]) + "\n",
                 marker.group("reason") if marker else None,
+                source,
             )
         )
         index = end + 1
     return blocks
 
 
-BLOCKS = readme_blocks(README.read_text())
+# The README first, then the API reference (it uses files the README made).
+BLOCKS = readme_blocks(README.read_text()) + readme_blocks(API_DOC.read_text(), "docs/API.md")
 RUNNABLE = [b for b in BLOCKS if b.lang in RUN and b.not_run is None]
 
 
