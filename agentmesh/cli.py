@@ -718,6 +718,22 @@ def _replay_print(args: argparse.Namespace, result: Timeline | MeshAt | MeshDiff
 
 
 _REPLAY_PLOT_FORMATS = {".png": "png", ".svg": "svg"}
+# One colour and marker per event type, the same in every plot: harm in red and
+# orange, good news in greens, status changes in black, the rest in blues.
+REPLAY_EVENT_STYLES: dict[str, tuple[str, str]] = {
+    "policy.violation": ("#d62728", "v"),
+    "handshake.failed": ("#ff7f0e", "X"),
+    "agent.suspended": ("#000000", "s"),
+    "agent.reinstated": ("#2ca02c", "P"),
+    "trust.signal": ("#1a9850", "^"),
+    "handshake.completed": ("#66bd63", "o"),
+    "agent.registered": ("#1f77b4", "D"),
+    "agent.key_rotated": ("#17becf", "d"),
+    "delegation.granted": ("#6a3d9a", ">"),
+    "delegation.revoked": ("#cab2d6", "<"),
+    "ledger.retention_applied": ("#7f7f7f", "|"),
+}
+_REPLAY_OTHER_STYLE = ("#8c564b", "h")
 _REPLAY_TIER_COLORS = {
     "verified_partner": "#2e7d32",
     "trusted": "#7cb342",
@@ -766,31 +782,76 @@ def _replay_draw(axes: Axes, timeline: Timeline) -> None:
         # Naive UTC datetime64: numpy warns about (and drops) time zones.
         return numpy.array([m.replace(tzinfo=None) for m in moments], dtype="datetime64[us]")
 
+    from matplotlib.dates import AutoDateLocator, DateFormatter
+
     for low, high, tier in tier_bands(timeline.config):
         axes.axhspan(low, high, color=_REPLAY_TIER_COLORS[tier], alpha=0.16, linewidth=0)
         label_y = (low + high) / 2
         axes.text(1.005, label_y, tier, transform=axes.get_yaxis_transform(), va="center")
     series = timeline.series()
-    axes.plot(times([t for t, _ in series]), [s for _, s in series], color="black", lw=1.2)
+    axes.plot(
+        times([t for t, _ in series]), [s for _, s in series], color="black", lw=1.2, label="score"
+    )
     rows = timeline.rows
+    suspended = False
     for row, following in itertools.pairwise(rows):
         if row.suspended:
             span = times([row.time, following.time])
-            axes.fill_between(span, 0, 1000, color="grey", alpha=0.25, linewidth=0)
+            axes.fill_between(
+                span, 0, 1000, color="grey", alpha=0.25, linewidth=0,
+                label=None if suspended else "suspended",
+            )  # fmt: skip
+            suspended = True
     events = [row for row in rows if row.kind == "event"]
     axes.vlines(times([r.time for r in events]), 0, 1000, colors="grey", alpha=0.3, lw=0.5)
-    for index, kind in enumerate(sorted({row.event or "" for row in events})):
+    # Hollow markers of distinct shapes, several events at one point drawn side by
+    # side (a few points apart), so no marker hides another.
+    seen: dict[tuple[datetime, int], int] = {}
+    for kind in sorted({row.event or "" for row in events}, key=_replay_event_order):
+        color, marker = REPLAY_EVENT_STYLES.get(kind, _REPLAY_OTHER_STYLE)
         marked = [row for row in events if row.event == kind]
-        x, y = times([r.time for r in marked]), [r.score_after for r in marked]
-        axes.scatter(x, y, s=22, zorder=3, color=f"C{index % 10}", label=kind)
+        offsets = []
+        for row in marked:
+            spot = (row.time, row.score_after)
+            offsets.append(seen.get(spot, 0))
+            seen[spot] = offsets[-1] + 1
+        axes.scatter(
+            times([r.time for r in marked]),
+            [r.score_after + 14 * k for r, k in zip(marked, offsets, strict=True)],
+            s=46, zorder=3, marker=marker, facecolors="none", edgecolors=color,
+            linewidths=1.6, label=f"{kind} ({len(marked)})",
+        )  # fmt: skip
     crossings = [row for row in rows if row.kind == "decay"]
     if crossings:
         x, y = times([r.time for r in crossings]), [r.score_after for r in crossings]
-        axes.scatter(x, y, s=30, zorder=3, marker="v", color="black", label="tier change (decay)")
+        axes.scatter(x, y, s=30, zorder=3, marker="_", color="black", label="tier change (decay)")
     axes.set_ylim(0, 1000)
-    axes.set_ylabel("trust score")
-    axes.set_title(f"trust of {timeline.did} (UTC; grey: suspended)")
+    axes.set_ylabel("trust score (points, 0 to 1000)")
+    axes.set_xlabel("time (UTC)")
+    span = (timeline.end - rows[0].time) if rows else None
+    locator = AutoDateLocator(minticks=3, maxticks=8)  # type: ignore[no-untyped-call]
+    axes.xaxis.set_major_locator(locator)
+    formatter = DateFormatter(_replay_time_format(span))  # type: ignore[no-untyped-call]
+    axes.xaxis.set_major_formatter(formatter)
+    where = ", suspended periods shaded" if suspended else ""
+    axes.set_title(f"trust score of {timeline.did} over time{where}")
     axes.legend(loc="upper left", bbox_to_anchor=(1.15, 1.0), fontsize="small")
+
+
+def _replay_event_order(kind: str) -> tuple[int, str]:
+    order = list(REPLAY_EVENT_STYLES)
+    return (order.index(kind) if kind in order else len(order), kind)
+
+
+def _replay_time_format(span: Any) -> str:
+    """Tick labels that say what they are: seconds on short spans, dates on long."""
+    from datetime import timedelta
+
+    if span is None or span <= timedelta(minutes=10):
+        return "%H:%M:%S"
+    if span <= timedelta(days=2):
+        return "%m-%d %H:%M"
+    return "%Y-%m-%d"
 
 
 # -- local stack --------------------------------------------------------------
