@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench install clean k8s
+.PHONY: run test lint bench install clean k8s lock
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ lint: $(STAMP)
 ## make k8s: render deploy/k8s from charts/agentmesh (Helm's engine from PyPI, no helm binary)
 k8s: $(STAMP)
 	$(BIN)/python deploy/render_k8s.py
+
+## make lock: pin the images' dependencies (deploy/docker/constraints.txt, sidecar.txt)
+lock: $(STAMP)
+	$(BIN)/python deploy/docker/lock.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/append.py
