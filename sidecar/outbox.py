@@ -571,6 +571,14 @@ class Outbox:
             ).fetchall()
         return [DeadLetter(*row) for row in rows]
 
+    def pending_bodies(self, limit: int = 1000) -> list[str]:
+        """The signed bodies of the oldest ``limit`` pending reports (canonical JSON)."""
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT body FROM pending ORDER BY rowid LIMIT ?", (limit,)
+            ).fetchall()
+        return [str(body) for (body,) in rows]
+
     def _count(self, table: Literal["pending", "dead_letters"]) -> int:
         with self._transaction() as db:
             (count,) = db.execute(f"SELECT count(*) FROM {table}").fetchone()  # noqa: S608 (a literal)

@@ -94,12 +94,12 @@ def mcp_server(upstream: Upstream) -> MCPServer:
 
 @asynccontextmanager
 async def running_upstream(
-    factory: Callable[[Upstream], MCPServer] | None = None, *, json_response: bool = False
+    factory: Callable[[Upstream], MCPServer[Any]] | None = None, *, json_response: bool = False
 ) -> AsyncIterator[Upstream]:
     """A real MCP server (``mcp_server`` unless ``factory`` says otherwise) on a free port."""
     upstream = Upstream(free_port())
-    server = (factory or mcp_server)(upstream)
-    app = server.streamable_http_app(host="127.0.0.1", json_response=json_response)
+    mcp = (factory or mcp_server)(upstream)
+    app = mcp.streamable_http_app(host="127.0.0.1", json_response=json_response)
     server = uvicorn.Server(
         uvicorn.Config(
             app, host="127.0.0.1", port=upstream.port, log_config=None, log_level="warning"

@@ -73,7 +73,7 @@ async def test_non_ascii_tool_and_resource_names_through_the_sdk_client(
         running_sidecar(
             api, agent, tmp_path, f"words={upstream.url}", policy_text=NON_ASCII_POLICY
         ) as sidecar,
-        Client(f"{sidecar.url}/mcp/words", mode=mode) as client,  # type: ignore[arg-type]
+        Client(f"{sidecar.url}/mcp/words", mode=mode) as client,
     ):
         listed = sorted(t.name for t in (await client.list_tools()).tools)
         assert listed == ["café", "検索"]
