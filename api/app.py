@@ -10,13 +10,16 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from litestar import Litestar
+from litestar import Litestar, Router
+from litestar._openapi.plugin import OpenAPIPlugin
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.openapi.plugins import OpenAPIRenderPlugin, SwaggerRenderPlugin
+from litestar.static_files import create_static_files_router
 
 from api.context import MAX_BODY_BYTES, ApiContext
 from api.errors import handle
+from api.openapi import document
 from api.routes import ROUTES
 from api.telemetry import TelemetryMiddleware
 
@@ -44,8 +47,8 @@ def create_app(open_context: ContextFactory, close_context: ContextCloser) -> Li
     def provide_ctx() -> ApiContext:
         return holder["ctx"]
 
-    return Litestar(
-        route_handlers=ROUTES,
+    app = Litestar(
+        route_handlers=[*ROUTES, *_swagger_assets()],
         lifespan=[lifespan],
         dependencies={"ctx": Provide(provide_ctx, sync_to_thread=False)},
         exception_handlers={Exception: handle},
@@ -55,8 +58,50 @@ def create_app(open_context: ContextFactory, close_context: ContextCloser) -> Li
             title="AgentMesh trust ledger",
             version="1.0.0",
             path="/schema",
-            render_plugins=[SwaggerRenderPlugin()],
+            render_plugins=_render_plugins(),
         ),
         debug=False,
         logging_config=None,  # one logging style: agentmesh.logs configures the root logger
     )
+    # Litestar's document, then corrected: problem responses, security, typed bodies.
+    # The dict is cached and served as is, so correcting it once here is enough.
+    document(app.plugins.get(OpenAPIPlugin).provide_openapi_schema())
+    return app
+
+
+ASSETS = "/schema/assets"
+
+
+def _swagger_dir() -> str | None:
+    """Swagger UI's files from the ``swagger-ui-bundle`` wheel (None without it)."""
+    try:
+        from swagger_ui_bundle import swagger_ui_path  # type: ignore[import-untyped]
+    except ImportError:
+        return None
+    return str(swagger_ui_path)
+
+
+def _swagger_assets() -> list[Router]:
+    directory = _swagger_dir()
+    if directory is None:
+        return []
+    return [
+        create_static_files_router(
+            path=ASSETS, directories=[directory], include_in_schema=False, name="swagger-assets"
+        )
+    ]
+
+
+def _render_plugins() -> list[OpenAPIRenderPlugin]:
+    """Swagger UI at /schema/swagger, its scripts and styles served by this API (works
+    offline; no CDN). Without the wheel, Litestar's CDN defaults."""
+    if _swagger_dir() is None:
+        return [SwaggerRenderPlugin()]
+    return [
+        SwaggerRenderPlugin(
+            js_url=f"{ASSETS}/swagger-ui-bundle.js",
+            css_url=f"{ASSETS}/swagger-ui.css",
+            standalone_preset_js_url=f"{ASSETS}/swagger-ui-standalone-preset.js",
+            favicon=f"<link rel='icon' type='image/png' href='{ASSETS}/favicon-32x32.png'>",
+        )
+    ]

@@ -1,8 +1,10 @@
 """Property-based fuzzing of the API from its own OpenAPI document (schemathesis).
 
 For every operation, generated requests (with and without the admin token)
-must never produce a 5xx; every 4xx must be an RFC 9457 problem document; and
-a rejected request must append nothing to the ledger.
+must never produce a 5xx; every 4xx must be an RFC 9457 problem document; a
+rejected request must append nothing to the ledger; and every response must
+conform to the document (schemathesis' status code, content type, headers and
+response schema checks): the document tells the truth about errors too.
 """
 
 from __future__ import annotations
@@ -20,11 +22,24 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from agentmesh.embedded import EmbeddedRedis, free_port
 from ledger.identity import SigningKey
 from tests.api_support import ADMIN, ADMIN_TOKEN
 from tests.test_serve import wait_http
+
+CONFORMANCE = [
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+]
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +131,7 @@ def _fuzz(client: httpx.Client, url: str, operation: Any) -> None:
         )
         label = f"{method} {case.formatted_path} -> {response.status_code}: {response.text[:300]}"
         assert response.status_code < 500, label
+        case.validate_response(response, checks=CONFORMANCE, headers=headers)
         if response.status_code >= 400:
             assert response.headers["content-type"].startswith("application/problem+json"), label
             body = response.json()
@@ -124,3 +140,34 @@ def _fuzz(client: httpx.Client, url: str, operation: Any) -> None:
             assert _head(url) == before, f"a rejected request appended: {label}"
 
     check()
+
+
+def test_the_document_describes_problems_and_security(server: str) -> None:
+    document = httpx.get(f"{server}/schema/openapi.json").json()
+    assert document["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
+    problem = document["components"]["schemas"]["Problem"]
+    assert {"type", "title", "status", "detail", "instance"} <= set(problem["properties"])
+    for path, item in document["paths"].items():
+        for operation in item.values():
+            for code, answer in operation["responses"].items():
+                if code.startswith(("4", "5")):
+                    assert list(answer["content"]) == ["application/problem+json"], (path, code)
+    suspend = document["paths"]["/v1/agents/{did}/suspend"]["post"]
+    assert {"401", "403", "404"} <= set(suspend["responses"])
+    assert suspend["security"] == [{"bearerAuth": []}]
+    violations = document["paths"]["/v1/violations"]["post"]["requestBody"]
+    shapes = violations["content"]["application/json"]["schema"]["oneOf"]
+    assert [s["$ref"].rsplit("/", 1)[1] for s in shapes] == ["SignedViolation", "AdminViolation"]
+    signed = document["components"]["schemas"]["SignedViolation"]["properties"]["body"]
+    assert signed["$ref"].endswith("/PolicyViolation")
+
+
+def test_swagger_ui_is_served_from_the_package(server: str) -> None:
+    page = httpx.get(f"{server}/schema/swagger").text
+    assets = [a for a in page.split('"') + page.split("'") if "swagger-ui" in a and "/" in a]
+    assert assets
+    assert not [a for a in assets if a.startswith(("http:", "https:", "//"))], assets
+    script = httpx.get(f"{server}/schema/assets/swagger-ui-bundle.js")
+    assert script.status_code == 200
+    assert "javascript" in script.headers["content-type"]
+    assert "cdn." not in page
