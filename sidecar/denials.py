@@ -11,13 +11,22 @@ first's ``event_id`` and ``count`` = the repeats, which the ledger keeps as
 evidence and which moves no score. An agent retrying a blocked call 1,000
 times in a minute pays one penalty.
 
-Durability (see ``sidecar.outbox``): a denial is answered only after the
-writer committed it — the first as a signed report, a repeat as +1 on the
-window's committed count. A crash therefore loses no answered denial: on
-restart the windows are read back and go on counting (no new penalty for a
-window still open); a window that ended meanwhile is closed by the first
-sweep. A graceful shutdown sends the counts so far as a follow-up and keeps
-the windows open for the next start.
+Durability (see ``sidecar.outbox``) — what is acknowledged, precisely:
+
+* the **penalty** (the first denial of a window) is answered only after its
+  signed report is committed (fsync'd); no crash loses it, and it is
+  delivered exactly once;
+* a **repeat** is answered at once — a retry storm costs no disk wait and
+  about as much CPU as a ``/health`` request — and its +1 is committed by the
+  writer's next group commit, a few milliseconds later (one commit's latency).
+  A crash (SIGKILL, power loss) can lose the count of the repeats answered in
+  that last moment: evidence only, never a penalty. Every committed count is
+  reported exactly once.
+
+On restart the windows are read back and go on counting (no new penalty for a
+window still open); a window that ended meanwhile is closed by the first sweep.
+A graceful shutdown commits every count, sends the counts so far as a
+follow-up and keeps the windows open for the next start.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ DEFAULT_WINDOW_SECONDS = 60.0
 class _Open:
     first_event_id: str
     opened_at: float  # unix seconds, by the sidecar's clock
+    committed: asyncio.Event | None = None  # set once the first report is on disk
 
 
 def window_key(action: Action, decision: Decision) -> str:
@@ -79,8 +89,10 @@ class Denials:
         now = self.clock().timestamp()
         window = self._open.get(key)
         if window is not None and now - window.opened_at < self.window_seconds:
+            if window.committed is not None and not window.committed.is_set():
+                await window.committed.wait()  # count into a window whose row exists
             self.repeats += 1
-            await self.outbox.repeat(key)
+            self.outbox.count_repeat(window.first_event_id)
             return
         event = PolicyViolation(
             actor=self.did,
@@ -94,9 +106,18 @@ class Denials:
         assert event.event_id is not None
         # Set before the await: a concurrent identical denial counts into this window.
         # (The writer closes an ended window of the same key in the same transaction.)
-        self._open[key] = _Open(event.event_id, now)
+        opened = _Open(event.event_id, now, asyncio.Event())
+        self._open[key] = opened
         self.first += 1
-        await self.outbox.record(event, (key, now))
+        try:
+            await self.outbox.record(event, (key, now))
+        except BaseException:
+            if self._open.get(key) is opened:
+                del self._open[key]  # not on disk: the next denial is a first again
+            raise
+        finally:
+            assert opened.committed is not None
+            opened.committed.set()
 
     async def sweep(self) -> int:
         """Close every window that has ended; return how many."""

@@ -16,16 +16,17 @@ down or the pod restarts, and the ledger must never hold one twice. So:
    Anything else (transport error, timeout, 5xx, an unreadable answer) leaves
    the whole batch pending for the next attempt.
 
-Denials take a faster path with the same guarantee (``record`` / ``repeat`` /
-``close_window``): one writer thread drains an in-memory queue, signs what
-the queue holds and commits all of it in **one** transaction (group commit),
-then resolves every waiting caller at once. A caller's ``await`` returns only
-after the commit holding its write: what has been answered is on disk.
+Denials take a faster path (``record`` / ``count_repeat`` / ``close_window``):
+one writer thread drains an in-memory queue, signs what the queue holds and
+commits all of it in **one** transaction (group commit), then resolves every
+waiting caller at once. ``record`` (a penalty-bearing violation) returns only
+after the commit holding it. ``count_repeat`` returns at once; the count is
+committed by the writer's next transaction (``sync`` waits for it).
 Aggregation windows (``windows`` table: the first violation's ``event_id`` and
-the repeats counted since) live in the same database, so a crash loses no
-count that was acknowledged, and the follow-up report (``repeat_of``,
-``count``) is built by the writer from the committed row in the same
-transaction that resets or deletes it — never twice, never lost.
+the repeats committed since) live in the same database, and the follow-up
+report (``repeat_of``, ``count``) is built by the writer from the committed
+row in the same transaction that resets or deletes it — never twice, never
+lost once committed.
 
 One process owns an outbox directory: the database is opened with SQLite's
 exclusive locking, so a second ``Outbox.open`` on it fails with
@@ -161,8 +162,9 @@ class _Put:
 
 
 @dataclass(slots=True)
-class _Repeat:
-    key: str
+class _Flush:
+    """Commit the repeat counts taken so far (and answer ``waiter`` once committed)."""
+
     waiter: asyncio.Future[str] | None
 
 
@@ -174,7 +176,7 @@ class _Close:
     follow_ups: list[str] = field(default_factory=list)
 
 
-_Op = _Put | _Repeat | _Close
+_Op = _Put | _Flush | _Close
 
 
 class _Report(msgspec.Struct, frozen=True):
@@ -263,6 +265,9 @@ class Outbox:
         self._ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._writer_loop: asyncio.AbstractEventLoop | None = None
+        self._repeats: dict[str, int] = {}  # first_event_id -> denials counted, not committed
+        self._repeats_lock = threading.Lock()
+        self._uncommitted: dict[str, int] = {}
         self.write_batches = 0  # transactions the writer committed
         self.writes = 0  # writes they held
         self.delivered = 0
@@ -364,9 +369,20 @@ class Outbox:
         event opens that aggregation window in the same transaction."""
         return await self._submit(_Put(event, window, self._future()))
 
-    async def repeat(self, key: str) -> None:
-        """Count one more denial in the open window ``key``; return once committed."""
-        await self._submit(_Repeat(key, self._future()))
+    def count_repeat(self, first_event_id: str) -> None:
+        """Count one more denial in the open window whose first violation is
+        ``first_event_id``. Returns at once: the writer commits the count with its
+        next transaction (``sync`` waits for that)."""
+        with self._repeats_lock:
+            first = not self._repeats
+            self._repeats[first_event_id] = self._repeats.get(first_event_id, 0) + 1
+        if first:  # one flush queued per batch of counts, not one per denial
+            self._start_writer()
+            self._ops.put(_Flush(None))
+
+    async def sync(self) -> None:
+        """Return once everything counted or queued before the call is committed."""
+        await self._submit(_Flush(self._future()))
 
     async def close_window(self, key: str, *, keep: bool = False) -> str:
         """Close window ``key``: if it counted repeats, a follow-up violation
@@ -387,7 +403,7 @@ class Outbox:
     def _future(self) -> asyncio.Future[str]:
         return asyncio.get_running_loop().create_future()
 
-    async def _submit(self, op: _Op) -> str:
+    def _start_writer(self) -> None:
         if self._closed:
             raise OutboxError("the outbox is closed")
         if self._writer is None:
@@ -396,6 +412,9 @@ class Outbox:
                 target=self._write_forever, name="outbox-writer", daemon=True
             )
             self._writer.start()
+
+    async def _submit(self, op: _Op) -> str:
+        self._start_writer()
         self._ops.put(op)
         assert op.waiter is not None
         return await op.waiter
@@ -417,11 +436,15 @@ class Outbox:
                     stop = True
                     break
                 batch.append(op)
+            self._uncommitted = {}
             try:
                 results = self._write(batch)
                 error: BaseException | None = None
             except (OutboxError, ValueError) as exc:
                 results, error = [], exc
+                with self._repeats_lock:  # the counts stay for the next transaction
+                    for event_id, count in self._uncommitted.items():
+                        self._repeats[event_id] = self._repeats.get(event_id, 0) + count
             self._answer(batch, results, error)
             if results:
                 self.notify()
@@ -430,14 +453,12 @@ class Outbox:
         results: list[str] = []
         now = format_time(self._clock())
         with self._transaction() as db:
-            counts: dict[str, int] = {}
             for op in batch:
-                if isinstance(op, _Repeat):
-                    counts[op.key] = counts.get(op.key, 0) + 1
+                # Counts taken before an op was queued are committed before it is applied.
+                self._add_repeats(db)
+                if isinstance(op, _Flush):
                     results.append("")
-                    continue
-                _add_repeats(db, counts)
-                if isinstance(op, _Put):
+                elif isinstance(op, _Put):
                     if op.window is not None:  # a window that was still open ends here
                         self._close(db, _Close(op.window[0], False, None), now)
                     results.append(self._insert(db, op.event, now))
@@ -458,10 +479,21 @@ class Outbox:
                         )
                 else:
                     results.append(self._close(db, op, now))
-            _add_repeats(db, counts)
+            self._add_repeats(db)
         self.write_batches += 1
         self.writes += len(batch)
         return results
+
+    def _add_repeats(self, db: sqlite3.Connection) -> None:
+        with self._repeats_lock:
+            counts, self._repeats = self._repeats, {}
+        if counts:
+            db.executemany(
+                "UPDATE windows SET repeats = repeats + ? WHERE first_event_id = ?",
+                [(count, first) for first, count in counts.items()],
+            )
+            for first, count in counts.items():  # put back if the transaction fails
+                self._uncommitted[first] = self._uncommitted.get(first, 0) + count
 
     def _insert(self, db: sqlite3.Connection, event: PolicyViolation, now: str) -> str:
         if event.event_id is None:
@@ -790,15 +822,6 @@ def _prepare(db: sqlite3.Connection) -> None:
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
-
-
-def _add_repeats(db: sqlite3.Connection, counts: dict[str, int]) -> None:
-    if counts:
-        db.executemany(
-            "UPDATE windows SET repeats = repeats + ? WHERE window_key = ?",
-            [(count, key) for key, count in counts.items()],
-        )
-        counts.clear()
 
 
 def _same_event(stored: str | None, body: str) -> bool:

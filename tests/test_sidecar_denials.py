@@ -97,6 +97,7 @@ async def test_a_window_closes_with_one_follow_up_and_then_a_new_penalty(tmp_pat
     async with Outbox.open(tmp_path, "http://127.0.0.1:9", agent.key, clock=clock) as outbox:
         denials = Denials(outbox, agent.did, clock, window_seconds=60)
         await asyncio.gather(*(denials.record(action, decision) for _ in range(5)))
+        await outbox.sync()  # the repeats are answered at once, committed by the next batch
         assert [w.repeats for w in outbox.windows()] == [4]
         clock.advance(seconds=30)
         assert await denials.sweep() == 0  # still inside the window
@@ -128,19 +129,31 @@ async def main() -> None:
     action = Action("tool", "secret_tool")
     decision = decide(policy, action, None, key.did, RateLimiter(), 0.0)
 
+    answered = 0
+
     async def storm() -> None:
+        nonlocal answered
         while True:
-            await denials.record(action, decision)
-            sys.stdout.write("ack\\n")  # answered: the agent would see its denial now
+            await denials.record(action, decision)  # the agent would see its denial now
+            answered += 1
+            await asyncio.sleep(0)  # as a server would, between two requests
+
+    async def report() -> None:
+        while True:
+            before = answered
+            await outbox.sync()  # everything answered before this is committed now
+            sys.stdout.write(f"durable {before}\\n")
             sys.stdout.flush()
 
-    await asyncio.gather(*(storm() for _ in range(16)))
+    await asyncio.gather(report(), *(storm() for _ in range(16)))
 
 asyncio.run(main())
 """
 
 
-async def test_nothing_answered_is_lost_when_the_process_is_killed(tmp_path: Path) -> None:
+async def test_no_penalty_and_no_committed_count_is_lost_when_the_process_is_killed(
+    tmp_path: Path,
+) -> None:
     agent = Agent()
     directory = tmp_path / "outbox"
     process = await asyncio.create_subprocess_exec(
@@ -157,26 +170,27 @@ async def test_nothing_answered_is_lost_when_the_process_is_killed(tmp_path: Pat
     assert process.stdout is not None
     process.stdin.write(agent.key.private_key_pem().encode())
     process.stdin.close()
-    acknowledged = 0
-    while acknowledged < 2000:
+    durable = 0
+    while durable < 3000:
         line = await process.stdout.readline()
-        assert line == b"ack\n", line
-        acknowledged += 1
-    process.send_signal(signal.SIGKILL)  # mid-storm: writes queued, a commit maybe in flight
-    rest = await process.stdout.read()
-    acknowledged += rest.count(b"ack\n")
+        assert line.startswith(b"durable "), line
+        durable = int(line.split()[1])
+    process.send_signal(signal.SIGKILL)  # mid-storm: counts taken, a commit maybe in flight
+    for line in (await process.stdout.read()).splitlines():
+        durable = max(durable, int(line.split()[1]))
     await process.wait()
     async with Outbox.open(directory, "http://127.0.0.1:9", agent.key) as outbox:
         (window,) = outbox.windows()
         reports = _pending(outbox)
         assert len(reports) == 1  # the one penalty, signed and committed
         assert reports[0]["event_id"] == window.first_event_id
-        assert 1 + window.repeats >= acknowledged  # every answered denial is on disk
+        assert 1 + window.repeats >= durable  # every denial reported durable is on disk
         # After the restart the window goes on: a denial now is a repeat, not a penalty.
         clock = ManualClock()
         denials = Denials(outbox, agent.did, lambda: clock.now.fromtimestamp(window.opened_at))
         action, decision = _decision(clock)
         await denials.record(action, decision)
+        await outbox.sync()
         assert len(_pending(outbox)) == 1
         assert outbox.windows()[0].repeats == window.repeats + 1
         await denials.flush()
