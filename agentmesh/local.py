@@ -527,53 +527,12 @@ async def _demo_sidecar(
 
 
 async def run_demo(settings: Settings) -> int:
-    """Against a running `agentmesh up`: tools listed, a call allowed, a violation
-    recorded, and the same call blocked by the sidecar."""
-    import httpx
-    from mcp import Client
+    """Against a running `agentmesh up`: see ``sidecar.demo.run_demo`` (the same
+    allowed-then-blocked story every time it is run in the same data directory)."""
+    from sidecar.demo import run_demo as demo
 
     data_dir = settings.data_dir.resolve()
     key, _ = demo_files(data_dir)
     token = (data_dir / "admin-token").read_text().strip()
-    api = f"http://127.0.0.1:{settings.api_port}"
-    url = f"http://127.0.0.1:{settings.sidecar_port}/mcp/demo"
-    async with Client(url, mode="legacy") as mcp, httpx.AsyncClient(base_url=api) as http:
-        tools = await mcp.list_tools()
-        print(f"1. tools the demo agent sees: {', '.join(t.name for t in tools.tools)}")
-        trust = (await http.get(f"/v1/agents/{key.did}/trust")).json()
-        print(f"2. its trust: {trust['score']} ({trust['tier']})")
-        print(f"3. call delete_repo: {await _call(mcp, 'delete_repo', {'name': 'demo'})}")
-        report = await http.post(
-            "/v1/violations",
-            headers={"Authorization": f"Bearer {token}"},
-            json={
-                "agent": key.did,
-                "severity": "critical",
-                "rule": "demo-incident",
-                "detail": "recorded by agentmesh demo",
-            },
-        )
-        print(f"4. a critical violation recorded at ledger position {report.json()['position']}")
-        for _ in range(100):
-            trust = (await http.get(f"/v1/agents/{key.did}/trust")).json()
-            if trust["position"] >= report.json()["position"]:
-                break
-            await asyncio.sleep(0.02)
-        print(f"5. its trust now: {trust['score']} ({trust['tier']})")
-        print(f"6. call delete_repo again: {await _call(mcp, 'delete_repo', {'name': 'demo'})}")
-    return 0
-
-
-async def _call(mcp: Any, tool: str, arguments: dict[str, Any]) -> str:
-    from mcp.shared.exceptions import MCPError
-
-    try:
-        result = await mcp.call_tool(tool, arguments)
-    except MCPError as exc:
-        data = exc.error.data or {}
-        return (
-            f"BLOCKED (JSON-RPC error {exc.error.code}: {exc.error.message}; "
-            f"rule {data.get('rule')}, tier {data.get('tier')}, score {data.get('score')})"
-        )
-    text = result.content[0].text if result.content else ""
-    return f"allowed ({text})"
+    api, sidecar = settings.api_port, settings.sidecar_port
+    return await demo(f"http://127.0.0.1:{api}", f"http://127.0.0.1:{sidecar}", token, key.did)
