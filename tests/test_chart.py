@@ -258,6 +258,18 @@ def test_the_guides_helm_command(chart: helm_python.Chart) -> None:
     )
 
 
+def test_config_values_from_set_become_strings(chart: helm_python.Chart) -> None:
+    values = helm_python.parse_set_string(
+        "config.AGENTMESH_CACHE_TTL=600,config.AGENTMESH_CACHE_ENABLED=false,"
+        "config.AGENTMESH_TRUST_DECAY_RATE=1.5"
+    )
+    data = one(render(chart, values), "ConfigMap", "agentmesh-config")["data"]
+    assert (data["AGENTMESH_CACHE_TTL"], data["AGENTMESH_CACHE_ENABLED"]) == ("600", "false")
+    assert data["AGENTMESH_TRUST_DECAY_RATE"] == "1.5"
+    settings = Settings.from_env(data)
+    assert (settings.cache_ttl, settings.cache_enabled) == (600, False)
+
+
 def test_external_postgresql_and_redis(chart: helm_python.Chart) -> None:
     rendered = render(chart, EXTERNAL)
     assert not [d for d in resources(rendered) if d["kind"] == "StatefulSet"]
@@ -293,6 +305,8 @@ def test_external_postgresql_needs_a_url(chart: helm_python.Chart) -> None:
         ({"replicaCount": 3}, "replicaCount"),
         ({"externalDatabase": {"url": "mysql://x"}}, "/externalDatabase/url"),
         ({"redis": {"port": 70000}}, "/redis/port"),
+        ({"config": {"AGENTMESH_CACHE_TTL": -5}}, "/config/AGENTMESH_CACHE_TTL"),
+        ({"config": {"AGENTMESH_CACHE_ENABLED": "yes"}}, "/config/AGENTMESH_CACHE_ENABLED"),
     ],
 )
 def test_a_wrong_value_fails_with_its_path(
