@@ -702,7 +702,12 @@ def _replay_bundle_source(path: Path) -> ReplaySource:
             "(export it with a --from before the first event)"
         )
     events = list(merge_by_position(bundle.keys, bundle.events))
-    return ReplaySource(events, window_end=parse_time(bundle.header.to), agent=bundle.header.agent)
+    return ReplaySource(
+        events,
+        window_end=parse_time(bundle.header.to),
+        agent=bundle.header.agent,
+        ledger_did=VerifyKey.from_pem(bundle.header.ledger_public_key).did,
+    )
 
 
 def _replay_print(args: argparse.Namespace, result: Timeline | MeshAt | MeshDiff) -> None:

@@ -172,16 +172,10 @@ class Settings:
         "AGENTMESH_TRUST_REWARD_HANDSHAKE",
         _int(0, 1000),
         2,
-        "Points a completed handshake adds to both agents.",
+        "Points a completed handshake adds to both agents (once per pair per 24 h).",
     )
     trust_reward_signal: int = _env(
         "AGENTMESH_TRUST_REWARD_SIGNAL", _int(0, 1000), 5, "Points a trust.signal adds."
-    )
-    trust_handshake_failed_penalty: int = _env(
-        "AGENTMESH_TRUST_HANDSHAKE_FAILED_PENALTY",
-        _int(0, 1000),
-        10,
-        "Points a handshake failed by the responder's fault costs it.",
     )
     delegation_max_depth: int = _env(
         "AGENTMESH_DELEGATION_MAX_DEPTH", _int(1, 100), 5, "Longest delegation chain."

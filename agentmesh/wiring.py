@@ -25,7 +25,6 @@ def trust_config(settings: Settings) -> TrustConfig:
             },
             reward_handshake=settings.trust_reward_handshake,
             reward_signal=settings.trust_reward_signal,
-            handshake_failed_penalty=settings.trust_handshake_failed_penalty,
             max_delegation_depth=settings.delegation_max_depth,
         )
     except ValueError as exc:

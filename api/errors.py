@@ -19,6 +19,8 @@ from ledger.errors import (
     EventValidationError,
     IdempotencyConflictError,
     LedgerError,
+    NotPermittedError,
+    ReplayError,
     SignatureError,
     StoreUnavailableError,
     VerificationError,
@@ -75,6 +77,10 @@ def _ledger(exc: LedgerError) -> tuple[int, str, str]:
             return 409, "version-conflict", "Stream version conflict"
         case IdempotencyConflictError():
             return 409, "idempotency-conflict", "Idempotency key reused"
+        case ReplayError():
+            return 409, "replayed", "Event already recorded"
+        case NotPermittedError():
+            return 403, "not-permitted", "Not permitted by the trust model"
         case AppendRejectedError():
             return 409, "rejected", "Event contradicts the ledger"
         case EventValidationError():
@@ -101,6 +107,8 @@ def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str
         return problem(503, "unavailable", "Read store unavailable", str(exc), path)
     if isinstance(exc, ProjectionError):
         return problem(422, "invalid", "Invalid request", str(exc), path)
+    if isinstance(exc, RecursionError):  # msgspec decoding JSON nested thousands deep
+        return problem(400, "invalid-request", "Invalid request", "JSON nested too deeply", path)
     if isinstance(exc, ValidationException):
         return problem(400, "invalid-request", "Invalid request", _validation_detail(exc), path)
     if isinstance(exc, HTTPException):

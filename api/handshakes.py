@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -64,19 +65,34 @@ class HandshakeStore:
         self._pool = pool
 
     async def create(
-        self, initiator: str, responder: str, min_score: int | None, now: datetime
-    ) -> Challenge:
+        self,
+        initiator: str,
+        responder: str,
+        min_score: int | None,
+        now: datetime,
+        request_id: str | None = None,
+    ) -> Challenge | None:
+        """Store a new challenge; None if this signed request was already used.
+
+        A signed start request names its own ``request_id``; the handshake id is
+        derived from it, so replaying the request finds the id taken."""
+        if request_id is None:
+            handshake_id = "hs_" + secrets.token_hex(12)
+        else:
+            digest = hashlib.sha256(f"{initiator} {request_id}".encode()).hexdigest()
+            handshake_id = "hs_" + digest[:24]
         challenge = Challenge(
-            handshake_id="hs_" + secrets.token_hex(12),
+            handshake_id=handshake_id,
             initiator=initiator,
             responder=responder,
             nonce=secrets.token_urlsafe(24),
             min_score=min_score,
             expires_at=now + CHALLENGE_TTL,
         )
-        await self._pool.execute(
+        inserted = await self._pool.fetchval(
             "INSERT INTO handshakes (id, initiator, responder, nonce, min_score, created_at, "
-            "expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING "
+            "RETURNING 1",
             challenge.handshake_id,
             initiator,
             responder,
@@ -85,6 +101,8 @@ class HandshakeStore:
             now,
             challenge.expires_at,
         )
+        if inserted is None:
+            return None
         # Expired challenges are useless after their TTL; sweep them now and then.
         if secrets.randbelow(100) == 0:
             await self._pool.execute(

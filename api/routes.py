@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from typing import Annotated, Any
 
 import msgspec
@@ -35,12 +36,12 @@ from ledger.signed import SignedEvent
 from ledger.store import AppendResult
 from ledger.timefmt import format_time, parse_time
 from projections.delegation import is_active, validate_grant, validate_revocation
-from projections.state import MeshState
+from projections.history import state_at
 
 Ctx = NamedDependency[ApiContext]
 Auth = Annotated[str | None, HeaderParameter(name="Authorization", required=False)]
-BOOTSTRAP_KEY = "agentmesh:bootstrap-first-agent"
 PROOF_TYPE = "agentmesh.registration"
+HANDSHAKE_REQUEST_SKEW = timedelta(minutes=5)
 
 
 def appended(result: AppendResult) -> s.Appended:
@@ -132,13 +133,12 @@ async def register_agent(
         key = VerifyKey.from_pem(data.public_key)
     except SignatureError as exc:
         raise bad_request(str(exc)) from None
-    idempotency = None
-    if not ctx.is_admin(authorization):
-        if proof is None or await ctx.reader.registry_size() > 0:
+    bootstrap = not ctx.is_admin(authorization)
+    if bootstrap:
+        if proof is None:
             ctx.require_admin(authorization)
         assert proof is not None  # require_admin raised otherwise
         _check_proof(key, data.public_key, proof)
-        idempotency = BOOTSTRAP_KEY  # a second bootstrap races into a conflict, not a 2nd admin
     event = AgentRegistered(
         actor=ctx.ledger.ledger_did,
         occurred_at=format_time(ctx.now()),
@@ -148,7 +148,10 @@ async def register_agent(
         capabilities=tuple(data.capabilities),
         metadata=dict(data.metadata),
     )
-    result = await ctx.ledger.append([ctx.ledger.sign_own(event)], idempotency_key=idempotency)
+    # Without the admin token this is the bootstrap: the ledger appends it only while
+    # it holds no registration, decided under its append lock (never from a
+    # projection, which may be empty while it rebuilds).
+    result = await ctx.ledger.append([ctx.ledger.sign_own(event)], bootstrap=bootstrap)
     return s.Registered(did=key.did, position=result.positions[0])
 
 
@@ -190,8 +193,9 @@ async def get_agent(ctx: Ctx, did: FromPath[str]) -> s.AgentWithTrust:
 
 @get("/v1/agents/{did:str}/trust", tags=["agents"])
 async def get_trust(ctx: Ctx, did: FromPath[str], at: FromQuery[str | None] = None) -> s.TrustOut:
-    """Trust now, or ``?at=<RFC 3339>``: the agent's ledger events up to that
-    moment folded with the projections' pure fold (what a replay gives)."""
+    """Trust now, or ``?at=<RFC 3339>``: the ledger up to that moment folded with
+    the projections' pure fold (what a replay gives): the agent's events and those
+    of every peer whose standing weighed a report about it."""
     _did(did)
     if at is None:
         now = ctx.now()
@@ -200,28 +204,22 @@ async def get_trust(ctx: Ctx, did: FromPath[str], at: FromQuery[str | None] = No
             raise not_found(f"agent {did} is not registered")
         return s.trust_out(view, format_time(now))
     moment = _time(at, ctx)
-    state, after = await _state_before(ctx, did, moment)
-    while True:
-        batch = await ctx.ledger.read_agent(did, after, 1000)
-        for record in batch:
-            if record.recorded_at > moment:
-                break
-            state.apply_recorded(record)
-        if len(batch) < 1000 or batch[-1].recorded_at > moment:
-            break
-        after = batch[-1].position
+    start = await _retained_start(ctx, moment)
+    state = await state_at(
+        ctx.ledger, did, moment, ledger_did=ctx.ledger.ledger_did, config=ctx.config, start=start
+    )
     view = state.trust_view(did, moment)
     if view is None:
         raise not_found(f"agent {did} was not registered at {at}")
     return s.trust_out(view, format_time(moment))
 
 
-async def _state_before(ctx: ApiContext, did: str, moment: Any) -> tuple[MeshState, int]:
-    """The agent's state where the stored ledger starts: empty, or after a
-    retention cut, the snapshot at the cut (only that agent)."""
+async def _retained_start(ctx: ApiContext, moment: Any) -> tuple[int, dict[str, Any]] | None:
+    """Where the stored ledger starts: None (its beginning), or after a retention
+    cut, the cut's position and snapshot; 410 for a moment before the cut."""
     window = await retention_window(ctx.ledger)
     if window is None:
-        return MeshState(ctx.config), 0
+        return None
     if moment < window.cut_time:
         raise ProblemError(
             410,
@@ -230,13 +228,7 @@ async def _state_before(ctx: ApiContext, did: str, moment: Any) -> tuple[MeshSta
             f"{format_time(moment)} is before the retention window: events recorded before "
             f"{format_time(window.cut_time)} were removed; the ledger keeps their snapshot only",
         )
-    agents = window.snapshot["agents"]
-    partial = {
-        **window.snapshot,
-        "agents": {did: agents[did]} if did in agents else {},
-        "grants": {},
-    }
-    return MeshState.from_snapshot(partial, ctx.config), window.position
+    return window.position, window.snapshot
 
 
 @get("/v1/agents/{did:str}/events", tags=["agents"])
@@ -316,7 +308,8 @@ async def _require_agent(ctx: ApiContext, did: str) -> None:
 
 @post("/v1/agents/{did:str}/keys", tags=["agents"], status_code=200)
 async def rotate_key(ctx: Ctx, did: FromPath[str], data: JSONBody[s.SignedEventIn]) -> s.Appended:
-    """Key rotation: an ``agent.key_rotated`` body signed with the *current* key."""
+    """Key rotation: an ``agent.key_rotated`` body signed with the *current* key,
+    carrying ``proof``: the new key's signature over the body without ``proof``."""
     signed = _signed(data, AgentKeyRotated)
     if signed.event.did != _did(did):  # type: ignore[union-attr]
         raise bad_request("the event's did differs from the path")
@@ -396,11 +389,20 @@ async def _report(
     return appended(await ctx.ledger.append_own(event, idempotency_key=key))
 
 
-def _convert(data: dict[str, Any], kind: type[Any]) -> Any:
+def _convert(data: Any, kind: Any) -> Any:
     try:
         return msgspec.convert(data, kind)
     except msgspec.ValidationError as exc:
         raise bad_request(str(exc)) from None
+
+
+def _decode_json(raw: bytes, kind: Any) -> Any:
+    try:
+        return msgspec.json.decode(raw, type=kind)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise bad_request(f"invalid JSON body: {exc}") from None
+    except RecursionError:
+        raise bad_request("invalid JSON body: nested too deeply") from None
 
 
 @post("/v1/reports:batch", tags=["reports"], status_code=200)
@@ -420,7 +422,11 @@ async def report_batch(ctx: Ctx, data: JSONBody[s.ReportBatch]) -> s.BatchResult
     )
 
 
-async def _one_report(ctx: ApiContext, index: int, report: s.SignedEventIn) -> s.ReportResult:
+async def _one_report(ctx: ApiContext, index: int, item: dict[str, Any]) -> s.ReportResult:
+    try:
+        report: s.SignedEventIn = _convert(item, s.SignedEventIn)
+    except ProblemError as exc:
+        return s.ReportResult(index=index, status="rejected", error=exc.detail)
     if report.idempotency_key is None:
         return s.ReportResult(
             index=index, status="rejected", error="every report in a batch needs an idempotency_key"
@@ -443,15 +449,31 @@ async def _one_report(ctx: ApiContext, index: int, report: s.SignedEventIn) -> s
 
 
 @post("/v1/handshakes", tags=["handshakes"], status_code=201)
-async def start_handshake(ctx: Ctx, data: JSONBody[s.StartHandshake]) -> s.Challenge:
-    """Issue a challenge (30 s) for ``responder`` to sign."""
-    if data.initiator == data.responder:
+async def start_handshake(
+    ctx: Ctx, data: JSONBody[dict[str, Any]], authorization: Auth = None
+) -> s.Challenge:
+    """Issue a challenge (30 s) for ``responder`` to sign. The start is signed by
+    the initiator (``{body: HandshakeRequest, signature}``) or made by an admin
+    (``{initiator, responder, min_score?}`` with the bearer token)."""
+    now = ctx.now()
+    request_id = None
+    if "signature" in data or "body" in data:
+        request = await _signed_handshake_request(ctx, data, now)
+        initiator, responder, min_score = request.initiator, request.responder, request.min_score
+        request_id = request.request_id
+    else:
+        ctx.require_admin(authorization)
+        start = _convert(data, s.StartHandshake)
+        initiator, responder, min_score = start.initiator, start.responder, start.min_score
+    if initiator == responder:
         raise bad_request("an agent cannot handshake with itself")
-    for did in (data.initiator, data.responder):
+    for did in (initiator, responder):
         await _require_agent(ctx, did)
-    challenge = await ctx.handshakes.create(
-        data.initiator, data.responder, data.min_score, ctx.now()
-    )
+    challenge = await ctx.handshakes.create(initiator, responder, min_score, now, request_id)
+    if challenge is None:
+        raise ProblemError(
+            409, "replayed", "Request already used", f"handshake request {request_id} was used"
+        )
     return s.Challenge(
         handshake_id=challenge.handshake_id,
         nonce=challenge.nonce,
@@ -460,11 +482,35 @@ async def start_handshake(ctx: Ctx, data: JSONBody[s.StartHandshake]) -> s.Chall
     )
 
 
+async def _signed_handshake_request(
+    ctx: ApiContext, data: dict[str, Any], now: Any
+) -> s.HandshakeRequest:
+    """The initiator's signed start: fresh, single-use, by an active agent's current key."""
+    wire = _convert(data, s.SignedHandshakeRequest)
+    request: s.HandshakeRequest = _convert(wire.body, s.HandshakeRequest)
+    moment = _time(request.requested_at, ctx)
+    if abs(moment - now) > HANDSHAKE_REQUEST_SKEW:
+        raise bad_request("requested_at must be within 5 minutes of the server's clock")
+    key = await ctx.ledger.current_key(request.initiator)
+    raw = decode_signature(wire.signature)
+    if key is None or raw is None or not key.is_valid(raw, canonical_bytes(wire.body)):
+        raise ProblemError(
+            403, "forbidden", "Forbidden", "the request is not signed by the initiator's key"
+        )
+    record = await ctx.reader.agent(request.initiator)
+    if record is None or record.status != "active":
+        raise ProblemError(
+            403, "not-permitted", "Not permitted by the trust model", "the initiator is not active"
+        )
+    return request
+
+
 @post("/v1/handshakes/{handshake_id:str}/response", tags=["handshakes"], status_code=200)
 async def answer_handshake(
     ctx: Ctx, handshake_id: FromPath[str], data: JSONBody[s.HandshakeAnswer]
 ) -> s.HandshakeResult:
     """Verify the responder's signature; record and answer the outcome."""
+    _convert(handshake_id, s.HandshakeId)  # anything else cannot exist (and stays out of SQL)
     challenge = await ctx.handshakes.get(handshake_id)
     if challenge is None:
         raise not_found(f"handshake {handshake_id} does not exist")
@@ -587,7 +633,7 @@ async def revoke_delegation(
     raw = await request.body()
     context = await ctx.reader.context([], [grant_id])
     if raw.strip():
-        data = _convert(msgspec.json.decode(raw), s.SignedEventIn)
+        data = _decode_json(raw, s.SignedEventIn)
         signed = _signed(data, DelegationRevoked)
         if signed.event.grant_id != grant_id:  # type: ignore[union-attr]
             raise bad_request("the event's grant_id differs from the path")

@@ -14,7 +14,11 @@ from projections.trust import TrustView
 
 Did = Annotated[str, msgspec.Meta(pattern=r"^did:mesh:[0-9a-f]{32}$")]
 Signature = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
-Key = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+# Printable, no control characters (a NUL cannot be stored in PostgreSQL text).
+Key = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
+HandshakeId = Annotated[str, msgspec.Meta(pattern=r"^hs_[0-9a-f]{24}$")]
+RequestId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_\-]{16,64}$")]
+Timestamp = Annotated[str, msgspec.Meta(min_length=20, max_length=40)]
 
 
 class Struct(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -65,13 +69,37 @@ class AdminSignal(Struct):
 
 
 class ReportBatch(Struct):
-    reports: Annotated[list[SignedEventIn], msgspec.Meta(min_length=1, max_length=1000)]
+    """Each item is a ``SignedEventIn``, checked on its own: one malformed report is
+    rejected alone and never fails the others."""
+
+    reports: Annotated[list[dict[str, Any]], msgspec.Meta(min_length=1, max_length=1000)]
 
 
 class StartHandshake(Struct):
+    """An admin's handshake start (bearer token)."""
+
     initiator: Did
     responder: Did
     min_score: Annotated[int, msgspec.Meta(ge=0, le=1000)] | None = None
+
+
+class HandshakeRequest(Struct):
+    """What an initiator signs to start a handshake (``type`` is fixed)."""
+
+    type: Literal["agentmesh.handshake.request"]
+    initiator: Did
+    responder: Did
+    request_id: RequestId
+    requested_at: Timestamp
+    min_score: Annotated[int, msgspec.Meta(ge=0, le=1000)] | None = None
+
+
+class SignedHandshakeRequest(Struct):
+    """A handshake start signed by its initiator: ``{body, signature}``; ``body``
+    is a ``HandshakeRequest`` and the signature covers its RFC 8785 bytes."""
+
+    body: dict[str, Any]
+    signature: Signature
 
 
 class HandshakeAnswer(Struct):

@@ -8,7 +8,9 @@ Tree::
     │   └── NoteError            malformed or unverified signed note / checkpoint
     ├── ConcurrencyError         expected stream version did not match
     ├── IdempotencyConflictError key reused with different content
+    ├── NotPermittedError        the signer may not write this (suspended, wrong role)
     ├── AppendRejectedError      the event contradicts ledger state (e.g. duplicate DID)
+    │   └── ReplayError          an event with this (signer, event_id) is already recorded
     ├── VerificationError        chain, signature or checkpoint check failed (has ``position``)
     ├── StoreUnavailableError    the database could not be reached or failed
     └── ProofError               Merkle proof malformed, does not verify, or not possible
@@ -47,6 +49,14 @@ class IdempotencyConflictError(LedgerError):
 
 class AppendRejectedError(LedgerError):
     """The events are well-formed and signed but contradict the ledger's state."""
+
+
+class NotPermittedError(LedgerError):
+    """The signer is known, but the trust model does not let it write this event."""
+
+
+class ReplayError(AppendRejectedError):
+    """A signed body already in the ledger was submitted again (single use)."""
 
 
 class VerificationError(LedgerError):

@@ -17,6 +17,7 @@ paths.
 from __future__ import annotations
 
 import functools
+import secrets
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -26,7 +27,7 @@ import msgspec
 from ledger.canonical import canonical_bytes
 from ledger.errors import EventValidationError
 from ledger.identity import DID_PATTERN
-from ledger.timefmt import format_time, is_rfc3339
+from ledger.timefmt import format_time, parse_time
 
 Did = Annotated[str, msgspec.Meta(pattern=DID_PATTERN.pattern)]
 Timestamp = Annotated[
@@ -41,15 +42,26 @@ Capability = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.\-]+(:[A-Za-z0-9
 Severity = Literal["low", "medium", "high", "critical"]
 GrantId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_\-]{8,64}$")]
 Sha256Hex = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+# Chosen by the signer and unique per signer: what makes a signed body single-use.
+EventId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_\-]{16,64}$")]
+Count = Annotated[int, msgspec.Meta(ge=1, le=1_000_000_000)]
 
 
 class Event(
     msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="type"
 ):
-    """Base of every event body: who signed it and when it happened."""
+    """Base of every event body: who signed it, when it happened, and its id.
+
+    ``event_id`` is chosen by the signer (``SignedEvent.create`` fills in a
+    random one) and the ledger refuses a second event with the same
+    ``(actor, event_id)``: a signed body can be appended once, never replayed.
+    It is optional in the schema only so that bodies stored before it existed
+    still decode; the append rules (``ledger.authority``) require it.
+    """
 
     actor: Did
     occurred_at: Timestamp
+    event_id: EventId | None = None
 
 
 class AgentRegistered(Event, tag="agent.registered", frozen=True):
@@ -61,8 +73,12 @@ class AgentRegistered(Event, tag="agent.registered", frozen=True):
 
 
 class AgentKeyRotated(Event, tag="agent.key_rotated", frozen=True):
+    """Signed by the agent's current key; ``proof`` is the *new* key's base64
+    signature over this body without ``proof`` (``ledger.authority``)."""
+
     did: Did
     public_key: Annotated[str, msgspec.Meta(max_length=1000)]
+    proof: Annotated[str, msgspec.Meta(max_length=200)] | None = None
 
 
 class AgentSuspended(Event, tag="agent.suspended", frozen=True):
@@ -92,10 +108,21 @@ class HandshakeFailed(Event, tag="handshake.failed", frozen=True):
 
 
 class PolicyViolation(Event, tag="policy.violation", frozen=True):
+    """A breach of policy by ``agent``.
+
+    ``count`` is how many identical occurrences this record stands for. A
+    record with ``repeat_of`` (the ``event_id`` of an earlier violation by the
+    same reporter about the same agent) is evidence of repeats only: it is kept
+    in the ledger and moves no score, so an agent retrying a blocked call pays
+    the rule's penalty once.
+    """
+
     agent: Did
     severity: Severity
     rule: Name
     detail: Text = ""
+    count: Count = 1
+    repeat_of: EventId | None = None
 
 
 class TrustSignal(Event, tag="trust.signal", frozen=True):
@@ -177,8 +204,16 @@ def parse_event(body: Mapping[str, Any]) -> AnyEvent:
         event: AnyEvent = msgspec.convert(dict(body), AnyEvent)
     except msgspec.ValidationError as exc:
         raise EventValidationError(f"invalid {kind} event: {exc}") from exc
-    if not is_rfc3339(event.occurred_at):
-        raise EventValidationError(f"invalid {kind} event: occurred_at is not RFC 3339")
+    for name in ("occurred_at", "expires_at", "cut_time"):
+        text = getattr(event, name, None)
+        if text is None:
+            continue
+        try:
+            parse_time(text)  # the pattern admits month 13 and 25 o'clock; a date does not
+        except (ValueError, OverflowError) as exc:
+            raise EventValidationError(
+                f"invalid {kind} event: {name} is not a real time: {exc}"
+            ) from None
     return event
 
 
@@ -243,6 +278,11 @@ def subject_agents(event: AnyEvent) -> tuple[str, ...]:
         case DelegationGranted():
             return (event.delegator, event.delegatee)
     return ()
+
+
+def new_event_id() -> str:
+    """A fresh, unguessable event id (128 random bits, hex)."""
+    return secrets.token_hex(16)
 
 
 def stamp(moment: datetime) -> str:

@@ -5,7 +5,7 @@ so retention drops whole partitions. A primary key on a partitioned table
 must include the partition key, so global uniqueness of ``position`` and of
 ``(stream_id, stream_version)`` is kept by the writer, which serializes every
 append on the single ``ledger_head`` row; the small side tables (``streams``,
-``idempotency_keys``, ``agent_keys``) hold the write-side constraints and are
+``idempotency_keys``, ``agent_keys``, ``event_ids``) hold the write-side constraints and are
 updated in the same transaction.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Index,
@@ -65,6 +66,7 @@ streams = Table(
 idempotency_keys = Table(
     "idempotency_keys",
     metadata,
+    Column("signer", Text, primary_key=True),
     Column("key", Text, primary_key=True),
     Column("first_position", BigInteger, nullable=False),
     Column("count", Integer, nullable=False),
@@ -79,6 +81,15 @@ agent_keys = Table(
     metadata,
     Column("did", Text, primary_key=True),
     Column("public_key", LargeBinary, nullable=False),
+    Column("position", BigInteger, nullable=False),
+    Column("suspended", Boolean, nullable=False, server_default="false"),
+)
+
+event_ids = Table(
+    "event_ids",
+    metadata,
+    Column("actor", Text, primary_key=True),
+    Column("event_id", Text, primary_key=True),
     Column("position", BigInteger, nullable=False),
 )
 

@@ -10,8 +10,16 @@ import msgspec
 
 from ledger.canonical import canonical_bytes
 from ledger.errors import SignatureError
-from ledger.events import AnyEvent, Event, body_of, event_type, parse_event
-from ledger.identity import SigningKey, VerifyKey, b64decode
+from ledger.events import (
+    AgentKeyRotated,
+    AnyEvent,
+    Event,
+    body_of,
+    event_type,
+    new_event_id,
+    parse_event,
+)
+from ledger.identity import SigningKey, VerifyKey, b64decode, b64encode
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,10 +54,24 @@ class SignedEvent:
     @classmethod
     def create(cls, event: Event, key: SigningKey) -> SignedEvent:
         """Sign an event with ``key`` (the actor's current key, which after a
-        rotation no longer hashes to the actor's DID)."""
+        rotation no longer hashes to the actor's DID). An event without an
+        ``event_id`` gets a fresh one, so every body this process signs is
+        single-use."""
+        if event.event_id is None:
+            event = msgspec.structs.replace(event, event_id=new_event_id())
         body = canonical_bytes(body_of(event))
         parsed = parse_event(msgspec.json.decode(body))
         return cls(body=body, signature=key.sign(body), event=parsed)
+
+    @classmethod
+    def rotation(cls, event: AgentKeyRotated, current: SigningKey, new: SigningKey) -> SignedEvent:
+        """A key rotation signed by both keys: ``new`` signs the body without
+        ``proof`` (possession of the new key), ``current`` signs the whole body."""
+        if event.event_id is None:
+            event = msgspec.structs.replace(event, event_id=new_event_id())
+        body = body_of(msgspec.structs.replace(event, proof=None))
+        proof = b64encode(new.sign(canonical_bytes(body)))
+        return cls.create(msgspec.structs.replace(event, proof=proof), current)
 
     def verify_with(self, key: VerifyKey) -> None:
         """Return None if signed by ``key``; raise SignatureError otherwise.

@@ -36,6 +36,7 @@ import asyncpg
 import msgspec
 from opentelemetry import trace
 
+from ledger import authority
 from ledger.chain import (
     Checkpoint,
     Entry,
@@ -45,11 +46,11 @@ from ledger.chain import (
 )
 from ledger.dsn import asyncpg_dsn
 from ledger.errors import (
-    AppendRejectedError,
     ConcurrencyError,
     EventValidationError,
     IdempotencyConflictError,
     LedgerError,
+    NotPermittedError,
     SignatureError,
     StoreUnavailableError,
 )
@@ -58,11 +59,7 @@ from ledger.events import (
     AgentRegistered,
     AgentReinstated,
     AgentSuspended,
-    DelegationGranted,
     Event,
-    HandshakeCompleted,
-    HandshakeFailed,
-    RetentionApplied,
     decode_body,
     stream_of,
     subject_agents,
@@ -82,14 +79,10 @@ def _tracing() -> bool:
 
 
 NOTIFY_CHANNEL = "agentmesh_ledger"
-_LEDGER_ONLY = (
-    AgentSuspended,
-    AgentReinstated,
-    HandshakeCompleted,
-    HandshakeFailed,
-    RetentionApplied,
-)
 _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+# Errors caused by what a request carries (class 22 data exceptions, e.g. a NUL in
+# text; class 23 constraint violations), as opposed to the database being unwell.
+_DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 
 Clock = Callable[[], datetime]
 # Ed25519 verification releases the GIL: one thread per core.
@@ -131,6 +124,12 @@ class _Request:
     digest: bytes
     keys_used: dict[str, bytes]
     future: asyncio.Future[AppendResult]
+    bootstrap: bool = False
+
+    @property
+    def signer(self) -> str:
+        """Whose idempotency keys this request's key is one of."""
+        return self.events[0].actor
 
 
 @dataclass(slots=True)
@@ -139,26 +138,71 @@ class _BatchState:
 
     head: Head
     now: datetime
+    ledger_did: str
     keys: dict[str, bytes | None]
+    key_positions: dict[str, int]
+    suspended_dids: dict[str, bool]
+    ids: set[tuple[str, str]]
+    has_any_agent: bool
     versions: dict[str, int]
-    done_keys: dict[str, tuple[bytes, AppendResult]]
+    done_keys: dict[tuple[str, str], tuple[bytes, AppendResult]]
     rows: list[tuple[object, ...]] = field(default_factory=list)
     stream_rows: dict[str, tuple[int, int]] = field(default_factory=dict)
-    key_rows: dict[str, tuple[bytes, int]] = field(default_factory=dict)
+    key_rows: dict[str, tuple[bytes, int, bool]] = field(default_factory=dict)
     idem_rows: list[tuple[object, ...]] = field(default_factory=list)
+    id_rows: list[tuple[str, str, int]] = field(default_factory=list)
     results: list[tuple[_Request, AppendResult | LedgerError]] = field(default_factory=list)
+
+
+class _RequestView:
+    """``authority.WriteView`` over the batch so far plus one request's own changes,
+    which are dropped if any event of the request is refused (all or nothing)."""
+
+    def __init__(self, state: _BatchState) -> None:
+        self.state = state
+        self.ledger_did = state.ledger_did
+        self.keys: dict[str, bytes] = {}
+        self.suspended_dids: dict[str, bool] = {}
+        self.ids: set[tuple[str, str]] = set()
+
+    def key(self, did: str) -> bytes | None:
+        return self.keys[did] if did in self.keys else self.state.keys.get(did)
+
+    def suspended(self, did: str) -> bool:
+        return self.suspended_dids.get(did, self.state.suspended_dids.get(did, False))
+
+    def has_agents(self) -> bool:
+        return bool(self.keys) or self.state.has_any_agent
+
+    def seen(self, actor: str, event_id: str) -> bool:
+        return (actor, event_id) in self.ids or (actor, event_id) in self.state.ids
+
+    def advance(self, event: Event) -> None:
+        if event.event_id is not None:
+            self.ids.add((event.actor, event.event_id))
+        if isinstance(event, AgentRegistered | AgentKeyRotated):
+            self.keys[event.did] = VerifyKey.from_pem(event.public_key).raw
+        elif isinstance(event, AgentSuspended | AgentReinstated):
+            self.suspended_dids[event.did] = isinstance(event, AgentSuspended)
 
 
 _LOOKUP_SQL = """
 SELECT 'k' AS kind, did AS id, public_key AS raw,
-       NULL::bigint AS a, NULL::int AS b, NULL::text AS c, NULL::int AS d
+       position AS a, suspended::int AS b, NULL::text AS c, NULL::int AS d
   FROM agent_keys WHERE did = ANY($1::text[])
 UNION ALL
 SELECT 's', stream_id, NULL, NULL, version, NULL, NULL
   FROM streams WHERE stream_id = ANY($2::text[])
 UNION ALL
-SELECT 'i', key, digest, first_position, count, stream_id, stream_version
-  FROM idempotency_keys WHERE key = ANY($3::text[])
+SELECT 'i', signer || ' ' || key, digest, first_position, count, stream_id, stream_version
+  FROM idempotency_keys
+ WHERE (signer, key) IN (SELECT * FROM unnest($3::text[], $4::text[]))
+UNION ALL
+SELECT 'e', actor || ' ' || event_id, NULL, position, NULL, NULL, NULL
+  FROM event_ids
+ WHERE (actor, event_id) IN (SELECT * FROM unnest($5::text[], $6::text[]))
+UNION ALL
+SELECT 'a', NULL, NULL, NULL, NULL, NULL, NULL WHERE EXISTS (SELECT 1 FROM agent_keys)
 """
 
 # Everything after the COPY in one statement; data-modifying CTEs always run.
@@ -169,14 +213,19 @@ WITH s AS (
   ON CONFLICT (stream_id) DO UPDATE
   SET version = excluded.version, last_position = excluded.last_position
 ), k AS (
-  INSERT INTO agent_keys (did, public_key, position)
-  SELECT * FROM unnest($4::text[], $5::bytea[], $6::bigint[])
-  ON CONFLICT (did) DO UPDATE SET public_key = excluded.public_key, position = excluded.position
+  INSERT INTO agent_keys (did, public_key, position, suspended)
+  SELECT * FROM unnest($4::text[], $5::bytea[], $6::bigint[], $18::bool[])
+  ON CONFLICT (did) DO UPDATE SET public_key = excluded.public_key,
+    position = excluded.position, suspended = excluded.suspended
 ), i AS (
   INSERT INTO idempotency_keys
-    (key, first_position, count, stream_id, stream_version, digest, recorded_at)
+    (signer, key, first_position, count, stream_id, stream_version, digest, recorded_at)
   SELECT *, $15::timestamptz
-  FROM unnest($7::text[], $8::bigint[], $9::int[], $10::text[], $11::int[], $12::bytea[])
+  FROM unnest($19::text[], $7::text[], $8::bigint[], $9::int[], $10::text[], $11::int[],
+              $12::bytea[])
+), e AS (
+  INSERT INTO event_ids (actor, event_id, position)
+  SELECT * FROM unnest($20::text[], $21::text[], $22::bigint[])
 ), h AS (
   UPDATE ledger_head SET position = $13, entry_hash = $14, recorded_at = $15 WHERE id = 1
 )
@@ -378,6 +427,34 @@ class PostgresLedgerReader:
                 keys[event.did] = VerifyKey.from_pem(event.public_key).raw
         return keys
 
+    async def suspended_before(self, position: int) -> set[str]:
+        """The agents suspended as of just before ``position``: those of the latest
+        retention snapshot below it, then the suspensions and reinstatements after."""
+        anchor = await self._fetchrow(
+            "SELECT position, snapshot FROM retention_anchors WHERE position < $1 "
+            "ORDER BY position DESC LIMIT 1",
+            position,
+        )
+        suspended: set[str] = set()
+        start = 0
+        if anchor is not None:
+            start = anchor["position"]
+            agents = msgspec.json.decode(bytes(anchor["snapshot"]))["agents"]
+            suspended = {d for d, a in agents.items() if a["registry"]["status"] == "suspended"}
+        rows = await self._fetch(
+            "SELECT body FROM events WHERE position < $1 AND position > $2 "
+            "AND event_type IN ('agent.suspended', 'agent.reinstated') ORDER BY position",
+            position,
+            start,
+        )
+        for row in rows:
+            event = decode_body(bytes(row["body"]))
+            if isinstance(event, AgentSuspended):
+                suspended.add(event.did)
+            elif isinstance(event, AgentReinstated):
+                suspended.discard(event.did)
+        return suspended
+
     async def first_position(self) -> int | None:
         """The oldest position still stored (retention removes the ones before it)."""
         row = await self._fetchrow("SELECT min(position) AS first FROM events")
@@ -487,17 +564,22 @@ class PostgresEventStore(PostgresLedgerReader):
         *,
         expected_version: int | None = None,
         idempotency_key: str | None = None,
+        bootstrap: bool = False,
     ) -> AppendResult:
         """Append events of one stream atomically; return their positions.
 
         ``expected_version`` is the stream's version before the append (0 for a
         new stream); a mismatch raises ConcurrencyError. A retry with the same
-        ``idempotency_key`` and the same events returns the original result
-        with ``duplicate=True`` and appends nothing.
+        ``idempotency_key`` (scoped by signer) and the same events returns the
+        original result with ``duplicate=True`` and appends nothing. Every event
+        must pass ``ledger.authority.check`` under the ledger lock. ``bootstrap``
+        appends only while the ledger holds no registration (the first agent
+        of a fresh install), decided under the same lock.
         """
         if self._closed:
             raise StoreUnavailableError("the event store is closed")
         request = self._request(events, expected_version, idempotency_key)
+        request.bootstrap = bootstrap
         if not _tracing():
             self._incoming.put_nowait(request)
             return await request.future
@@ -657,16 +739,29 @@ class PostgresEventStore(PostgresLedgerReader):
         while True:
             batch = await self._next_batch()
             try:
-                await self._flush(batch)
-            except _DRIVER_ERRORS as exc:
-                log.warning("ledger_append_failed", extra={"error": str(exc)})
-                self._fail(batch, StoreUnavailableError(f"append not committed: {exc}"))
+                await self._flush_isolated(batch)
             except Exception as exc:  # never let the flusher die with callers waiting
                 log.exception("ledger_flusher_error")
                 self._fail(batch, StoreUnavailableError(f"append not committed: {exc}"))
             finally:
                 for _ in batch:
                     self._queue.task_done()
+
+    async def _flush_isolated(self, batch: list[_Request]) -> None:
+        """Flush a group commit; if the database refuses its *data*, flush each
+        request alone, so one request's bad bytes never fail another's append."""
+        try:
+            await self._flush(batch)
+        except _DATA_ERRORS as exc:
+            if len(batch) == 1:
+                log.warning("ledger_append_refused", extra={"error": str(exc)})
+                self._fail(batch, EventValidationError(f"the database refused the event: {exc}"))
+                return
+            for request in batch:
+                await self._flush_isolated([request])
+        except _DRIVER_ERRORS as exc:
+            log.warning("ledger_append_failed", extra={"error": str(exc)})
+            self._fail(batch, StoreUnavailableError(f"append not committed: {exc}"))
 
     async def _next_batch(self) -> list[_Request]:
         batch = [await self._queue.get()]
@@ -695,7 +790,7 @@ class PostgresEventStore(PostgresLedgerReader):
                 request.future.set_exception(outcome)
             else:
                 request.future.set_result(outcome)
-        for did, (raw, _) in state.key_rows.items():
+        for did, (raw, _, _) in state.key_rows.items():
             self._keys[did] = raw
 
     async def _load_state(self, conn: asyncpg.Connection, batch: list[_Request]) -> _BatchState:
@@ -705,39 +800,47 @@ class PostgresEventStore(PostgresLedgerReader):
         )
         head = Head(head_row["position"], bytes(head_row["entry_hash"]), head_row["recorded_at"])
         dids: set[str] = set()
+        ids: set[tuple[str, str]] = set()
         for request in batch:
             for signed in request.events:
                 dids.update(_referenced_agents(signed))
-        idem = [r.idempotency_key for r in batch if r.idempotency_key is not None]
-        # One round trip for all three lookups; it runs after the lock, so it sees
+                if signed.event.event_id is not None:
+                    ids.add((signed.actor, signed.event.event_id))
+        idem = {(r.signer, r.idempotency_key) for r in batch if r.idempotency_key is not None}
+        # One round trip for every lookup; it runs after the lock, so it sees
         # everything committed by the previous holder.
-        rows = await conn.fetch(_LOOKUP_SQL, list(dids), list({r.stream_id for r in batch}), idem)
-        keys: dict[str, bytes | None] = dict.fromkeys(dids)
-        versions: dict[str, int] = {}
-        done: dict[str, tuple[bytes, AppendResult]] = {}
-        for row in rows:
-            kind, ident = row["kind"], row["id"]
-            if kind == "k":
-                keys[ident] = bytes(row["raw"])
-            elif kind == "s":
-                versions[ident] = row["b"]
-            else:
-                first = row["a"]
-                done[ident] = (
-                    bytes(row["raw"]),
-                    AppendResult(
-                        tuple(range(first, first + row["b"])), row["c"], row["d"], duplicate=True
-                    ),
-                )
+        rows = await conn.fetch(
+            _LOOKUP_SQL,
+            list(dids),
+            list({r.stream_id for r in batch}),
+            [s for s, _ in idem],
+            [k for _, k in idem],
+            [a for a, _ in ids],
+            [e for _, e in ids],
+        )
         # Time never runs backwards in the ledger, whatever the injected clock says.
         now = max(self._clock(), head.recorded_at)
-        return _BatchState(head=head, now=now, keys=keys, versions=versions, done_keys=done)
+        state = _BatchState(
+            head=head,
+            now=now,
+            ledger_did=self._ledger_key.did,
+            keys=dict.fromkeys(dids),
+            key_positions={},
+            suspended_dids={},
+            ids=set(),
+            has_any_agent=False,
+            versions={},
+            done_keys={},
+        )
+        for row in rows:
+            _load_row(state, row)
+        return state
 
     def _apply(self, request: _Request, state: _BatchState) -> None:
         """Check one request against the state so far; stage its rows or its error."""
         key = request.idempotency_key
-        if key is not None and key in state.done_keys:
-            digest, original = state.done_keys[key]
+        if key is not None and (request.signer, key) in state.done_keys:
+            digest, original = state.done_keys[(request.signer, key)]
             if digest != request.digest:
                 state.results.append(
                     (
@@ -751,50 +854,48 @@ class PostgresEventStore(PostgresLedgerReader):
                 state.results.append((request, original))
             return
         try:
-            self._check_request(request, state)
+            view = self._check_request(request, state)
         except LedgerError as exc:
             state.results.append((request, exc))
             return
-        state.results.append((request, self._stage(request, state)))
+        state.results.append((request, self._stage(request, state, view)))
 
-    def _check_request(self, request: _Request, state: _BatchState) -> None:
+    def _check_request(self, request: _Request, state: _BatchState) -> _RequestView:
         version = state.versions.get(request.stream_id, 0)
         if request.expected_version is not None and request.expected_version != version:
             raise ConcurrencyError(request.stream_id, request.expected_version, version)
-        # Copy only when this request changes keys, so a rejected request leaves no trace.
-        changes = any(_new_key(e) is not None for e in request.events)
-        overlay = dict(state.keys) if changes else state.keys
+        if request.bootstrap and state.has_any_agent:
+            raise NotPermittedError(
+                "the ledger already holds a registration: registering needs the admin token"
+            )
+        # The request's own changes live in the view until every event passed.
+        view = _RequestView(state)
         for signed in request.events:
-            self._check_event(signed, request.keys_used, overlay)
-            _apply_key_change(signed, overlay)
+            self._check_event(signed, request.keys_used, view, state.now)
+            view.advance(signed.event)
+        return view
 
     def _check_event(
-        self, signed: SignedEvent, keys_used: dict[str, bytes], keys: dict[str, bytes | None]
+        self,
+        signed: SignedEvent,
+        keys_used: dict[str, bytes],
+        view: _RequestView,
+        now: datetime,
     ) -> None:
         event, actor = signed.event, signed.actor
-        is_ledger = actor == self._ledger_key.did
-        if isinstance(event, _LEDGER_ONLY) and not is_ledger:
-            raise SignatureError(f"{signed.type} can only be signed by the ledger")
-        if isinstance(event, AgentRegistered):
-            _check_registration(event, is_ledger, keys)
+        authority.check(event, signed.body, now, view)
+        if actor == view.ledger_did or isinstance(event, AgentRegistered):
             return
-        if not is_ledger:
-            current = keys.get(actor)
-            if current is None:
-                raise SignatureError(f"{signed.type}: unknown signer {actor}")
-            if current != keys_used.get(actor) and not VerifyKey.from_raw(current).is_valid(
-                signed.signature, signed.body
-            ):
-                raise SignatureError(f"{signed.type}: not signed by {actor}'s current key")
-        if isinstance(event, AgentKeyRotated) and actor != event.did:
-            raise SignatureError("a key rotation is signed by the agent's current key")
-        if isinstance(event, DelegationGranted) and actor != event.delegator:
-            raise SignatureError("a delegation is signed by its delegator")
-        for did in subject_agents(event):
-            if keys.get(did) is None:
-                raise AppendRejectedError(f"{signed.type}: agent {did} is not registered")
+        # The signature was checked against the key believed before the lock; a
+        # rotation committed since then must not let a retired key through.
+        current = view.key(actor)
+        assert current is not None  # authority.check refused unknown signers
+        if current != keys_used.get(actor) and not VerifyKey.from_raw(current).is_valid(
+            signed.signature, signed.body
+        ):
+            raise SignatureError(f"{signed.type}: not signed by {actor}'s current key")
 
-    def _stage(self, request: _Request, state: _BatchState) -> AppendResult:
+    def _stage(self, request: _Request, state: _BatchState, view: _RequestView) -> AppendResult:
         version = state.versions.get(request.stream_id, 0)
         positions: list[int] = []
         prev = state.head.entry_hash
@@ -829,19 +930,21 @@ class PostgresEventStore(PostgresLedgerReader):
                     digest,
                 )
             )
-            raw = _new_key(signed)
-            if raw is not None:
-                state.key_rows[signed.event.did] = (raw, position)  # type: ignore[union-attr]
-                state.keys[signed.event.did] = raw  # type: ignore[union-attr]
+            _stage_agent_row(state, signed, position)
+            if signed.event.event_id is not None:
+                state.id_rows.append((signed.actor, signed.event.event_id, position))
             positions.append(position)
             prev = digest
         state.head = Head(position, prev, state.now)
         state.versions[request.stream_id] = version
         state.stream_rows[request.stream_id] = (version, position)
+        state.ids |= view.ids
+        state.has_any_agent = state.has_any_agent or bool(view.keys)
         result = AppendResult(tuple(positions), request.stream_id, version)
         if request.idempotency_key is not None:
             state.idem_rows.append(
                 (
+                    request.signer,
                     request.idempotency_key,
                     positions[0],
                     len(positions),
@@ -851,7 +954,7 @@ class PostgresEventStore(PostgresLedgerReader):
                     state.now,
                 )
             )
-            state.done_keys[request.idempotency_key] = (
+            state.done_keys[(request.signer, request.idempotency_key)] = (
                 request.digest,
                 AppendResult(result.positions, result.stream_id, version, duplicate=True),
             )
@@ -865,6 +968,7 @@ class PostgresEventStore(PostgresLedgerReader):
         streams = list(state.stream_rows.items())
         keys = list(state.key_rows.items())
         idem = state.idem_rows
+        ids = state.id_rows
         head = state.head
         await conn.execute(
             _WRITE_SQL,
@@ -872,19 +976,24 @@ class PostgresEventStore(PostgresLedgerReader):
             [v for _, (v, _) in streams],
             [p for _, (_, p) in streams],
             [d for d, _ in keys],
-            [k for _, (k, _) in keys],
-            [p for _, (_, p) in keys],
-            [r[0] for r in idem],
+            [k for _, (k, _, _) in keys],
+            [p for _, (_, p, _) in keys],
             [r[1] for r in idem],
             [r[2] for r in idem],
             [r[3] for r in idem],
             [r[4] for r in idem],
             [r[5] for r in idem],
+            [r[6] for r in idem],
             head.position,
             head.entry_hash,
             head.recorded_at,
             NOTIFY_CHANNEL,
             str(head.position),
+            [x for _, (_, _, x) in keys],
+            [r[0] for r in idem],
+            [a for a, _, _ in ids],
+            [e for _, e, _ in ids],
+            [p for _, _, p in ids],
         )
         if self._checkpoint_due(head):
             await self._insert_checkpoint(conn, head)
@@ -964,20 +1073,6 @@ def _verify_all(jobs: Sequence[tuple[object, SignedEvent, VerifyKey]]) -> list[b
     return [key.is_valid(signed.signature, signed.body) for _, signed, key in jobs]
 
 
-def _check_registration(
-    event: AgentRegistered, is_ledger: bool, keys: dict[str, bytes | None]
-) -> None:
-    if not is_ledger and event.actor != event.did:
-        raise SignatureError("an agent is registered by the ledger or by itself")
-    key = VerifyKey.from_pem(event.public_key)
-    if key.did != event.did:
-        raise AppendRejectedError(f"public key belongs to {key.did}, not {event.did}")
-    if keys.get(event.did) is not None:
-        raise AppendRejectedError(f"agent {event.did} is already registered")
-    if event.sponsor is not None and keys.get(event.sponsor) is None:
-        raise AppendRejectedError(f"sponsor {event.sponsor} is not registered")
-
-
 def _referenced_agents(signed: SignedEvent) -> set[str]:
     dids = {signed.actor, *subject_agents(signed.event)}
     if isinstance(signed.event, AgentRegistered) and signed.event.sponsor is not None:
@@ -985,17 +1080,44 @@ def _referenced_agents(signed: SignedEvent) -> set[str]:
     return dids
 
 
-def _new_key(signed: SignedEvent) -> bytes | None:
+def _load_row(state: _BatchState, row: asyncpg.Record) -> None:
+    """One row of ``_LOOKUP_SQL`` into the batch state."""
+    kind, ident = row["kind"], row["id"]
+    if kind == "k":
+        state.keys[ident] = bytes(row["raw"])
+        state.key_positions[ident] = row["a"]
+        state.suspended_dids[ident] = bool(row["b"])
+    elif kind == "s":
+        state.versions[ident] = row["b"]
+    elif kind == "i":
+        signer, _, key = ident.partition(" ")  # a DID never holds a space
+        first = row["a"]
+        state.done_keys[(signer, key)] = (
+            bytes(row["raw"]),
+            AppendResult(tuple(range(first, first + row["b"])), row["c"], row["d"], duplicate=True),
+        )
+    elif kind == "e":
+        actor, _, event_id = ident.partition(" ")
+        state.ids.add((actor, event_id))
+    else:
+        state.has_any_agent = True
+
+
+def _stage_agent_row(state: _BatchState, signed: SignedEvent, position: int) -> None:
+    """Key changes and suspensions update ``agent_keys`` in the same commit."""
     event = signed.event
     if isinstance(event, AgentRegistered | AgentKeyRotated):
-        return VerifyKey.from_pem(event.public_key).raw
-    return None
-
-
-def _apply_key_change(signed: SignedEvent, keys: dict[str, bytes | None]) -> None:
-    raw = _new_key(signed)
-    if raw is not None:
-        keys[signed.event.did] = raw  # type: ignore[union-attr]
+        raw = VerifyKey.from_pem(event.public_key).raw
+        suspended = state.suspended_dids.get(event.did, False)
+        state.keys[event.did] = raw
+        state.key_positions[event.did] = position
+        state.key_rows[event.did] = (raw, position, suspended)
+    elif isinstance(event, AgentSuspended | AgentReinstated):
+        suspended = isinstance(event, AgentSuspended)
+        state.suspended_dids[event.did] = suspended
+        raw_key = state.keys[event.did]
+        assert raw_key is not None  # authority.check: the subject is registered
+        state.key_rows[event.did] = (raw_key, state.key_positions[event.did], suspended)
 
 
 def _checkpoint(row: asyncpg.Record) -> Checkpoint:

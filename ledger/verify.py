@@ -8,6 +8,13 @@ Which key verifies an entry is itself a function of the ledger: the ledger's
 key for ledger-signed events, the key inside a self-signed registration, and
 otherwise the actor's key as of that position (registrations and rotations
 are folded in order, so a rotation is checked against the key it replaces).
+
+Every entry is also re-checked against the rules append enforced
+(``ledger.authority``): who may sign it, single use of its event id,
+fresh and real timestamps, the new key's proof in a rotation, no writes by a
+suspended agent. Verifying from a later position (or after a retention cut)
+starts from the keys and suspensions known there; event ids recorded before
+the start are unknown, so replays are caught within the verified range.
 """
 
 from __future__ import annotations
@@ -22,8 +29,10 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from ledger import authority
+from ledger.authority import AuthorityState
 from ledger.chain import GENESIS_HASH, Checkpoint, Entry, check_link, verify_checkpoint
-from ledger.errors import EventValidationError, SignatureError, VerificationError
+from ledger.errors import EventValidationError, LedgerError, SignatureError, VerificationError
 from ledger.events import AgentKeyRotated, AgentRegistered, AnyEvent, decode_body, event_type
 from ledger.identity import VerifyKey
 from ledger.store import PostgresLedgerReader
@@ -66,11 +75,32 @@ def verify_signature_chunk(jobs: list[SignatureJob]) -> list[int]:
 
 
 class KeyRing:
-    """The signing key of every agent as of the position being verified."""
+    """The signing key of every agent, and the write-side state the authority
+    rules read, as of the position being verified."""
 
-    def __init__(self, ledger_key: VerifyKey, keys: dict[str, bytes] | None = None) -> None:
+    def __init__(
+        self,
+        ledger_key: VerifyKey,
+        keys: dict[str, bytes] | None = None,
+        suspended: set[str] | None = None,
+        *,
+        complete: bool | None = None,
+    ) -> None:
         self.ledger_key = ledger_key
-        self.keys: dict[str, bytes] = dict(keys or {})
+        self.authority = AuthorityState(
+            ledger_key.did,
+            keys=dict(keys or {}),
+            suspended_dids=set(suspended or ()),
+            complete=not keys if complete is None else complete,
+        )
+        self.keys = self.authority.keys
+
+    def check(self, entry: Entry, event: AnyEvent) -> None:
+        """The authority rules, as append applied them at this entry's ``recorded_at``."""
+        try:
+            authority.check(event, entry.body, entry.recorded_at, self.authority)
+        except LedgerError as exc:
+            raise VerificationError(entry.position, f"not permitted: {exc}") from exc
 
     def key_for(self, position: int, event: AnyEvent) -> bytes:
         if event.actor == self.ledger_key.did:
@@ -84,7 +114,8 @@ class KeyRing:
 
     def advance(self, position: int, event: AnyEvent) -> None:
         if isinstance(event, AgentRegistered | AgentKeyRotated):
-            self.keys[event.did] = _raw_key(position, event.public_key)
+            _raw_key(position, event.public_key)  # a malformed key names its position
+        self.authority.advance(event)
 
 
 def _raw_key(position: int, pem: str) -> bytes:
@@ -134,6 +165,7 @@ class LedgerVerifier:
             event = self._decode(entry)
             if self.column_check:
                 _check_columns(entry.position, event, event_type_col, actor_col)
+            self.ring.check(entry, event)
             self.jobs.append(
                 (
                     entry.position,
@@ -333,7 +365,12 @@ async def verify_ledger(
                 raise VerificationError(start.position, "entry_hash differs from its checkpoint")
         elif anchor is not None and anchor.position == from_position - 1:
             raise VerificationError(anchor.position, "the retention anchor has no checkpoint")
-    ring = KeyRing(ledger_key, await reader.keys_before(from_position))
+    ring = KeyRing(
+        ledger_key,
+        await reader.keys_before(from_position),
+        await reader.suspended_before(from_position),
+        complete=from_position == 1,
+    )
     verifier = LedgerVerifier(
         ring,
         start_position=from_position,

@@ -24,10 +24,9 @@ from projections.delegation import (
 from projections.errors import DelegationError, ProjectionError, SnapshotError
 from projections.registry import AgentRecord, registry_size
 from projections.state import MeshState, fold, fold_recorded
-from projections.trust import RESPONDER_FAULTS, TIERS, TrustState, TrustView, tier_for, trust_at
+from projections.trust import TIERS, TrustState, TrustView, tier_for, trust_at
 
 __all__ = [
-    "RESPONDER_FAULTS",
     "TIERS",
     "AgentRecord",
     "DelegationError",

@@ -81,7 +81,16 @@ class CachedStore:
         fetch: Callable[[Sequence[str]], object],
     ) -> list[bytes | None]:
         now = self._clock()
-        missing = [i for i in ids if i not in table or now - table[i][0] > self.ttl]
+        # Take the cached values *before* awaiting: an invalidation that runs while
+        # the fetch is in flight may drop them from the table.
+        found: dict[str, bytes | None] = {}
+        missing: list[str] = []
+        for i in ids:
+            entry = table.get(i)
+            if entry is None or now - entry[0] > self.ttl:
+                missing.append(i)
+            else:
+                found[i] = entry[1]
         self.hits += len(ids) - len(missing)
         self.misses += len(missing)
         if missing:
@@ -90,9 +99,8 @@ class CachedStore:
             if epoch == self._epoch:
                 for key, value in zip(missing, values, strict=True):
                     table[key] = (now, value)
-            fetched = dict(zip(missing, values, strict=True))
-            return [fetched[i] if i in fetched else table[i][1] for i in ids]
-        return [table[i][1] for i in ids]
+            found.update(zip(missing, values, strict=True))
+        return [found[i] for i in ids]
 
     async def agent_docs(self, dids: Sequence[str]) -> list[bytes | None]:
         if self.ttl <= 0:

@@ -29,7 +29,6 @@ _POINT_FIELDS = (
     "min_threshold",
     "reward_handshake",
     "reward_signal",
-    "handshake_failed_penalty",
 )
 
 
@@ -48,11 +47,9 @@ class TrustConfig:
     penalties: Mapping[str, int] = field(default_factory=lambda: _DEFAULT_PENALTIES)
     """Points a ``policy.violation`` subtracts, by severity (all four severities)."""
     reward_handshake: int = 2
-    """Points a completed handshake adds to each party."""
+    """Points a completed handshake adds to each party (once per pair per 24 hours)."""
     reward_signal: int = 5
-    """Points a ``trust.signal`` adds."""
-    handshake_failed_penalty: int = 10
-    """Points a responder loses for a handshake that failed by its fault."""
+    """Points a ``trust.signal`` adds (a peer's: weighted, once per pair per 24 hours)."""
     max_delegation_depth: int = 5
     """Longest delegation chain; a root grant has depth 1."""
 
@@ -87,7 +84,6 @@ class TrustConfig:
             "min_threshold": self.min_threshold,
             "reward_handshake": self.reward_handshake,
             "reward_signal": self.reward_signal,
-            "handshake_failed_penalty": self.handshake_failed_penalty,
             "max_delegation_depth": self.max_delegation_depth,
         }
         result.update({f"penalty_{s}": self.penalties[s] for s in SEVERITIES})

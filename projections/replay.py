@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, Generic, Literal, TypeVar
 
-from ledger.events import AnyEvent, decode_body, subject_agents
+from ledger.events import AnyEvent, PolicyViolation, TrustSignal, decode_body, subject_agents
 from ledger.store import RecordedEvent
 from ledger.timefmt import format_time
 from projections.config import MAX_SCORE, TrustConfig
@@ -105,7 +105,10 @@ class ReplaySource:
     tiers are exact (trust changes only through events naming the agent) but
     delegation rows may be missing: a grant is folded only when both parties
     are registered, and a revocation or suspension above a grant it holds
-    does not name it.
+    does not name it. A peer's report counts by the *peer's* standing, which
+    such a source does not hold: replaying one is refused (``ReplayError``)
+    rather than answered wrongly. ``ledger_did`` tells the ledger's own
+    (full-weight) reports from a peer's.
     """
 
     events: Iterable[RecordedEvent] | AsyncIterable[RecordedEvent]
@@ -113,6 +116,7 @@ class ReplaySource:
     window_start: datetime | None = None
     window_end: datetime | None = None
     agent: str | None = None
+    ledger_did: str | None = None
 
 
 def merge_by_position(
@@ -521,8 +525,25 @@ class Replay(ABC, Generic[R]):
                 "retention snapshot must stand in for the removed entries)"
             )
         self.last_seen = record.recorded_at
-        self._fold(record, decode_body(record.body))
+        event = decode_body(record.body)
+        if self.source.agent is not None:
+            self._check_weighable(event)
+        self._fold(record, event)
         return True
+
+    def _check_weighable(self, event: AnyEvent) -> None:
+        """In a one-agent source, a peer's report cannot be weighed: refuse it."""
+        if not isinstance(event, PolicyViolation | TrustSignal):
+            return
+        if isinstance(event, PolicyViolation) and event.repeat_of is not None:
+            return  # evidence of repeats: moves nothing, whoever filed it
+        if event.actor in (self.source.agent, self.source.ledger_did):
+            return
+        raise ReplayError(
+            f"a report by {event.actor} about {self.source.agent} counts by the reporter's "
+            "standing, which a one-agent source does not hold: replay from the whole ledger "
+            "or an unfiltered audit bundle"
+        )
 
     def _fold(self, record: RecordedEvent, event: AnyEvent) -> None:
         self.state.apply(event, record.position, record.recorded_at)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 import msgspec
 
@@ -39,7 +39,7 @@ from ledger.events import (
 )
 from ledger.store import RecordedEvent
 from ledger.timefmt import format_time, parse_time
-from projections.config import SEVERITIES, TrustConfig
+from projections.config import MAX_SCORE, SEVERITIES, TrustConfig
 from projections.delegation import (
     DelegationGraph,
     Grant,
@@ -49,19 +49,22 @@ from projections.delegation import (
 from projections.errors import DelegationError, SnapshotError
 from projections.registry import AgentRecord, AgentStatus, registry_size
 from projections.trust import (
-    RESPONDER_FAULTS,
+    MILLI,
     TIERS,
     TrustState,
     TrustView,
     new_trust,
-    penalize,
-    record_violation,
+    penalize_milli,
     reward,
+    reward_milli,
     to_micros,
     trust_at,
 )
 
-SNAPSHOT_FORMAT: Final = 1
+SNAPSHOT_FORMAT: Final = 2
+PAIR_WINDOW_US: Final = 24 * 3_600_000_000
+"""A peer's reports about one agent, and the rewards of one pair's handshakes, are
+bounded per window of 24 hours (see ``_peer_effect`` and ``_handshake_completed``)."""
 _NOTHING: frozenset[str] = frozenset()
 
 Handler = Callable[["MeshState", Any, int, datetime, int], frozenset[str]]
@@ -245,25 +248,31 @@ def _set_status(state: MeshState, did: str, status: AgentStatus, reason: str) ->
 def _handshake_completed(
     state: MeshState, event: HandshakeCompleted, at: int, moment: datetime, position: int
 ) -> frozenset[str]:
-    # Each distinct party once: a self-handshake must not earn two rewards.
+    """Both parties count the handshake; each earns the reward at most once per
+    partner per window, so two agents cannot farm points by shaking hands in a loop.
+    A self-handshake (refused by the API) earns nothing."""
     parties = _known(state, event.initiator, event.responder)
     config = state.config
     for did in parties:
         trust = state.trust[did]
-        reward(trust, config, config.reward_handshake, at)
         trust.handshakes_completed += 1
+        partner = event.responder if did == event.initiator else event.initiator
+        last = trust.partners.get(partner)
+        if partner != did and (last is None or at - last >= PAIR_WINDOW_US):
+            reward(trust, config, config.reward_handshake, at)
+            trust.partners[partner] = at
     return parties
 
 
 def _handshake_failed(
     state: MeshState, event: HandshakeFailed, at: int, moment: datetime, position: int
 ) -> frozenset[str]:
+    """Counted, never penalised: no failure reason (a bad or missing answer, an
+    expired challenge, a low score) can be attributed to the responder, since anyone
+    can answer a challenge with garbage or start one the responder never sees."""
     parties = _known(state, event.initiator, event.responder)
     for did in parties:
         state.trust[did].handshakes_failed += 1
-    responder = state.trust.get(event.responder)
-    if responder is not None and event.reason in RESPONDER_FAULTS:
-        penalize(responder, state.config, state.config.handshake_failed_penalty, at)
     return parties
 
 
@@ -271,9 +280,14 @@ def _violation(
     state: MeshState, event: PolicyViolation, at: int, moment: datetime, position: int
 ) -> frozenset[str]:
     trust = state.trust.get(event.agent)
-    if trust is None:
+    if trust is None or event.repeat_of is not None:  # repeats are evidence, not penalties
         return _NOTHING
-    record_violation(trust, state.config, event.severity, at)
+    full = state.config.penalties[event.severity] * MILLI
+    cost = _peer_effect(state, event.actor, trust, full, 1, at, moment)
+    if cost == 0:
+        return _NOTHING
+    penalize_milli(trust, state.config, cost, at)
+    trust.violations[event.severity] += 1
     return frozenset((event.agent,))
 
 
@@ -281,10 +295,50 @@ def _signal(
     state: MeshState, event: TrustSignal, at: int, moment: datetime, position: int
 ) -> frozenset[str]:
     trust = state.trust.get(event.agent)
-    if trust is None:
+    if trust is None or event.actor == event.agent:  # nobody raises its own score
         return _NOTHING
-    reward(trust, state.config, state.config.reward_signal, at)
+    gain = _peer_effect(
+        state, event.actor, trust, state.config.reward_signal * MILLI, 2, at, moment
+    )
+    if gain == 0:
+        return _NOTHING
+    reward_milli(trust, state.config, gain, at)
     return frozenset((event.agent,))
+
+
+def _peer_effect(
+    state: MeshState,
+    reporter: str,
+    target: TrustState,
+    full: int,
+    slot: int,
+    at: int,
+    moment: datetime,
+) -> int:
+    """Milli-points a report by ``reporter`` moves ``target`` by (``full`` at most).
+
+    1. The ledger (an admin) and the agent's own key (its sidecar) count in full.
+    2. A peer counts by its own standing at that moment: ``full * score // 1000``;
+       a suspended or untrusted peer counts zero (its report stays recorded).
+    3. One peer moves one agent by at most one critical penalty (``slot`` 1) or one
+       signal's reward (``slot`` 2) per 24-hour window, however many it files,
+       weighed the same way.
+    """
+    peer = state.trust.get(reporter)
+    if peer is None or reporter == target.did:  # 1. (an actor the fold does not know is
+        return full  # the ledger: the append rules admit no other unregistered signer)
+    view = state.trust_view(reporter, moment)
+    assert view is not None
+    if view.tier in ("suspended", "untrusted"):  # 2.
+        return 0
+    weighted = full * view.score // MAX_SCORE
+    window = target.peers.get(reporter)
+    if window is None or at - window[0] >= PAIR_WINDOW_US:  # 3.
+        window = target.peers[reporter] = [at, 0, 0]
+    cap = state.config.penalties["critical"] * MILLI if slot == 1 else full
+    effect = max(min(weighted, cap * view.score // MAX_SCORE - window[slot]), 0)
+    window[slot] += effect
+    return effect
 
 
 def _granted(
@@ -354,6 +408,8 @@ class _Trust(msgspec.Struct, forbid_unknown_fields=True):
     handshakes_completed: int
     handshakes_failed: int
     position: int
+    peers: dict[str, Annotated[list[int], msgspec.Meta(min_length=3, max_length=3)]] = {}
+    partners: dict[str, int] = {}
 
 
 class _Registry(msgspec.Struct, forbid_unknown_fields=True):
@@ -451,6 +507,5 @@ def _config_from(saved: Mapping[str, int]) -> TrustConfig:
         penalties=penalties,
         reward_handshake=saved["reward_handshake"],
         reward_signal=saved["reward_signal"],
-        handshake_failed_penalty=saved["handshake_failed_penalty"],
         max_delegation_depth=saved["max_delegation_depth"],
     )

@@ -27,8 +27,6 @@ from projections.config import MAX_SCORE, SEVERITIES, TrustConfig
 MILLI = 1000
 MAX_MILLI = MAX_SCORE * MILLI
 HOUR_US = 3_600_000_000
-RESPONDER_FAULTS = frozenset({"bad_signature", "expired"})
-"""``handshake.failed`` reasons that are the responder's fault and cost it points."""
 
 TIERS = ("verified_partner", "trusted", "standard", "probationary", "untrusted", "suspended")
 
@@ -61,6 +59,11 @@ class TrustState:
     handshakes_completed: int = 0
     handshakes_failed: int = 0
     position: int = 0
+    peers: dict[str, list[int]] = field(default_factory=dict)
+    """Per peer reporter, its current window: ``[start µs, penalty spent, reward given]``
+    (milli-points), so one peer's reports about this agent stay bounded."""
+    partners: dict[str, int] = field(default_factory=dict)
+    """Per handshake partner, when a completed handshake with it last earned a reward (µs)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-compatible form (ints and strings, sorted keys)."""
@@ -71,6 +74,8 @@ class TrustState:
             "did": self.did,
             "handshakes_completed": self.handshakes_completed,
             "handshakes_failed": self.handshakes_failed,
+            "partners": {did: self.partners[did] for did in sorted(self.partners)},
+            "peers": {did: list(self.peers[did]) for did in sorted(self.peers)},
             "position": self.position,
             "positives": self.positives,
             "violations": {s: self.violations[s] for s in SEVERITIES},
@@ -89,6 +94,8 @@ class TrustState:
             handshakes_completed=data["handshakes_completed"],
             handshakes_failed=data["handshakes_failed"],
             position=data["position"],
+            peers={did: list(window) for did, window in data.get("peers", {}).items()},
+            partners=dict(data.get("partners", {})),
         )
 
 
@@ -158,16 +165,26 @@ def _materialize(state: TrustState, config: TrustConfig, at: int) -> None:
 
 def reward(state: TrustState, config: TrustConfig, points: int, at: int) -> None:
     """A positive event at ``at``: add ``points`` (capped at 1000), restart the decay clock."""
+    reward_milli(state, config, points * MILLI, at)
+
+
+def reward_milli(state: TrustState, config: TrustConfig, milli: int, at: int) -> None:
+    """``reward`` in milli-points (a weighted peer signal earns a fraction of a point)."""
     _materialize(state, config, at)
-    state.base_milli = min(state.base_milli + points * MILLI, MAX_MILLI)
+    state.base_milli = min(state.base_milli + milli, MAX_MILLI)
     state.decay_from = state.base_at
     state.positives += 1
 
 
 def penalize(state: TrustState, config: TrustConfig, points: int, at: int) -> None:
     """Subtract ``points`` at ``at`` (down to 0); the decay clock keeps running."""
+    penalize_milli(state, config, points * MILLI, at)
+
+
+def penalize_milli(state: TrustState, config: TrustConfig, milli: int, at: int) -> None:
+    """``penalize`` in milli-points (a weighted peer report costs a fraction)."""
     _materialize(state, config, at)
-    state.base_milli = max(state.base_milli - points * MILLI, 0)
+    state.base_milli = max(state.base_milli - milli, 0)
 
 
 def record_violation(state: TrustState, config: TrustConfig, severity: str, at: int) -> None:

@@ -11,14 +11,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import msgspec
 import uvicorn
 
 from agentmesh.embedded import EmbeddedRedis, free_port
 from agentmesh.services import api_app
 from agentmesh.settings import Settings
 from ledger.canonical import canonical_bytes
-from ledger.events import Event, body_of
+from ledger.events import AgentKeyRotated, Event, body_of, new_event_id
 from ledger.identity import SigningKey, b64encode
+from ledger.signed import SignedEvent
+from ledger.timefmt import format_time
 from tests.support import Agent, ManualClock
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
@@ -69,7 +72,10 @@ class Api:
 
 
 def signed(event: Event, key: SigningKey, idempotency_key: str | None = None) -> dict[str, Any]:
-    """What a client sends: the body it signed and the base64 signature."""
+    """What a client sends: the body it signed (with a fresh ``event_id`` unless the
+    event has one) and the base64 signature."""
+    if event.event_id is None:
+        event = msgspec.structs.replace(event, event_id=new_event_id())
     body = body_of(event)
     payload: dict[str, Any] = {
         "body": body,
@@ -78,6 +84,28 @@ def signed(event: Event, key: SigningKey, idempotency_key: str | None = None) ->
     if idempotency_key is not None:
         payload["idempotency_key"] = idempotency_key
     return payload
+
+
+def signed_rotation(event: AgentKeyRotated, current: SigningKey, new: SigningKey) -> dict[str, Any]:
+    """A key rotation as a client sends it: signed by ``current``, proved by ``new``."""
+    rotation = SignedEvent.rotation(event, current, new)
+    return {"body": msgspec.json.decode(rotation.body), "signature": b64encode(rotation.signature)}
+
+
+def handshake_request(
+    initiator: Agent, responder: str, now: datetime, min_score: int | None = None
+) -> dict[str, Any]:
+    """A handshake start signed by the initiator."""
+    body: dict[str, Any] = {
+        "type": "agentmesh.handshake.request",
+        "initiator": initiator.did,
+        "responder": responder,
+        "request_id": new_event_id(),
+        "requested_at": format_time(now),
+    }
+    if min_score is not None:
+        body["min_score"] = min_score
+    return {"body": body, "signature": b64encode(initiator.key.sign(canonical_bytes(body)))}
 
 
 def api_settings(

@@ -11,7 +11,8 @@ from ledger.signed import SignedEvent
 from ledger.store import PostgresEventStore
 from ledger.timefmt import format_time
 
-T0 = datetime(2026, 1, 1, tzinfo=UTC)
+# Signed bodies must be fresh (``ledger.authority.MAX_AGE``): tests start now.
+T0 = datetime.now(UTC).replace(microsecond=0)
 
 
 @dataclass
@@ -43,10 +44,11 @@ class Agent:
         severity: str = "medium",
         rule: str = "tool-deny",
         detail: str = "",
+        at: datetime | None = None,
     ) -> SignedEvent:
         event = PolicyViolation(
             actor=self.did,
-            occurred_at=format_time(T0),
+            occurred_at=format_time(at or T0),
             agent=subject or self.did,
             severity=severity,  # type: ignore[arg-type]
             rule=rule,
@@ -54,21 +56,25 @@ class Agent:
         )
         return SignedEvent.create(event, self.key)
 
-    def signal(self, subject: str | None = None, signal: str = "good") -> SignedEvent:
+    def signal(self, subject: str, signal: str = "good", at: datetime | None = None) -> SignedEvent:
+        """A signal about another agent (one about oneself is refused)."""
         event = TrustSignal(
-            actor=self.did, occurred_at=format_time(T0), agent=subject or self.did, signal=signal
+            actor=self.did, occurred_at=format_time(at or T0), agent=subject, signal=signal
         )
         return SignedEvent.create(event, self.key)
 
 
 async def register(
-    store: PostgresEventStore, agent: Agent | None = None, capabilities: tuple[str, ...] = ()
+    store: PostgresEventStore,
+    agent: Agent | None = None,
+    capabilities: tuple[str, ...] = (),
+    at: datetime | None = None,
 ) -> Agent:
     agent = agent or Agent(capabilities=capabilities)
     await store.append_own(
         AgentRegistered(
             actor=store.ledger_did,
-            occurred_at=format_time(T0),
+            occurred_at=format_time(at or T0),
             did=agent.did,
             public_key=agent.key.public.pem(),
             capabilities=capabilities,
@@ -85,7 +91,9 @@ async def random_history(
     agents: list[Agent] | None = None,
 ) -> list[Agent]:
     """A varied ledger: registrations, reports, handshakes, grants, revocations,
-    suspensions, across hours of (injected) time. Deterministic per ``seed``."""
+    suspensions, across hours of (injected) time. Deterministic per ``seed``.
+    Suspended agents write nothing (the ledger would refuse it); the history ends
+    with every agent reinstated, so callers can go on writing as any of them."""
     import random
 
     from ledger.events import (
@@ -101,25 +109,25 @@ async def random_history(
     agents = agents if agents is not None else []
     grants: list[tuple[str, Agent, Agent, tuple[str, ...], str | None]] = []
     caps = ("tools:*", "tools:search", "tools:write", "http:get", "mcp:*")
+    suspended: set[str] = set()
     while len(agents) < 4:
-        agents.append(await register(store, capabilities=tuple(rng.sample(caps, 3))))
+        agents.append(await register(store, capabilities=tuple(rng.sample(caps, 3)), at=clock.now))
     for step in range(steps):
         clock.advance(minutes=rng.randint(1, 240))
         now = format_time(clock.now)
         roll = rng.random()
         a, b = rng.sample(agents, 2)
+        if a.did in suspended and 0.08 <= roll < 0.88:
+            continue
         if roll < 0.08:
-            agents.append(await register(store, capabilities=tuple(rng.sample(caps, 2))))
-        elif roll < 0.35:
-            await store.append(
-                [
-                    a.violation(
-                        subject=b.did, severity=rng.choice(["low", "medium", "high", "critical"])
-                    )
-                ]
+            agents.append(
+                await register(store, capabilities=tuple(rng.sample(caps, 2)), at=clock.now)
             )
+        elif roll < 0.35:
+            severity = rng.choice(["low", "medium", "high", "critical"])
+            await store.append([a.violation(subject=b.did, severity=severity, at=clock.now)])
         elif roll < 0.5:
-            await store.append([a.signal(subject=b.did)])
+            await store.append([a.signal(subject=b.did, at=clock.now)])
         elif roll < 0.6:
             await store.append_own(
                 HandshakeCompleted(
@@ -146,7 +154,7 @@ async def random_history(
             delegator = parent[2] if parent else a
             delegatee = b if b is not delegator else a
             pool = parent[3] if parent else delegator.capabilities
-            if not pool:
+            if not pool or delegator.did in suspended:
                 continue
             chosen = tuple(rng.sample(pool, min(len(pool), rng.randint(1, 2))))
             if rng.random() < 0.2 and chosen[0] == "tools:*":
@@ -169,6 +177,8 @@ async def random_history(
             grants.append((grant_id, delegator, delegatee, chosen, expires))
         elif roll < 0.88 and grants:
             grant_id, delegator, _, _, _ = rng.choice(grants)
+            if delegator.did in suspended:
+                continue
             revocation = DelegationRevoked(
                 actor=delegator.did, occurred_at=now, grant_id=grant_id, reason="test"
             )
@@ -177,8 +187,20 @@ async def random_history(
             await store.append_own(
                 AgentSuspended(actor=store.ledger_did, occurred_at=now, did=a.did, reason="test")
             )
+            suspended.add(a.did)
         else:
             await store.append_own(
                 AgentReinstated(actor=store.ledger_did, occurred_at=now, did=a.did, reason="test")
+            )
+            suspended.discard(a.did)
+    for agent in agents:
+        if agent.did in suspended:
+            await store.append_own(
+                AgentReinstated(
+                    actor=store.ledger_did,
+                    occurred_at=format_time(clock.now),
+                    did=agent.did,
+                    reason="end of history",
+                )
             )
     return agents

@@ -14,7 +14,15 @@ from ledger.canonical import canonical_bytes
 from ledger.events import AgentKeyRotated, DelegationGranted, DelegationRevoked, PolicyViolation
 from ledger.identity import SigningKey, b64encode
 from ledger.timefmt import format_time
-from tests.api_support import ADMIN, Api, api_settings, running_api, signed
+from tests.api_support import (
+    ADMIN,
+    Api,
+    api_settings,
+    handshake_request,
+    running_api,
+    signed,
+    signed_rotation,
+)
 from tests.support import Agent
 
 
@@ -45,9 +53,7 @@ async def handshake(
     key: SigningKey | None = None,
     min_score: int | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    request: dict[str, Any] = {"initiator": initiator.did, "responder": responder.did}
-    if min_score is not None:
-        request["min_score"] = min_score
+    request = handshake_request(initiator, responder.did, api.clock.now, min_score)
     started = await api.client.post("/v1/handshakes", json=request)
     assert started.status_code == 201, started.text
     challenge = started.json()
@@ -118,7 +124,7 @@ async def test_first_agent_bootstraps_with_proof_of_possession(api: Api) -> None
         await api.client.post(
             "/v1/agents", json={"public_key": pem2}, headers={"X-Registration-Proof": proof2}
         ),
-        401,
+        403,
     )
 
 
@@ -158,16 +164,16 @@ async def test_registry_listing_trust_and_events(api: Api) -> None:
 
 async def test_violations_lower_a_score_across_a_tier(api: Api) -> None:
     reporter, subject = await api.register(), await api.register()
-    for index in range(2):
+    for index in range(2):  # reported by the agent's own sidecar: full weight
         event = PolicyViolation(
-            actor=reporter.did,
+            actor=subject.did,
             occurred_at=format_time(api.clock.now),
             agent=subject.did,
             severity="high",
             rule="exfiltration",
         )
         response = await api.client.post(
-            "/v1/violations", json=signed(event, reporter.key, f"v-{index}")
+            "/v1/violations", json=signed(event, subject.key, f"v-{index}")
         )
         assert response.status_code == 201, response.text
     position = response.json()["position"]
@@ -204,13 +210,24 @@ async def test_time_travel_answers_for_past_moments(api: Api) -> None:
     before = api.clock.now
     api.clock.advance(hours=10)
     event = PolicyViolation(
+        actor=subject.did,
+        occurred_at=format_time(api.clock.now),
+        agent=subject.did,
+        severity="medium",
+        rule="r",
+    )
+    position = (await api.client.post("/v1/violations", json=signed(event, subject.key))).json()[
+        "position"
+    ]
+    # A peer's report counts by the peer's standing (780 after 10 h of decay): 50 x 0.78.
+    peer = PolicyViolation(
         actor=reporter.did,
         occurred_at=format_time(api.clock.now),
         agent=subject.did,
         severity="medium",
         rule="r",
     )
-    position = (await api.client.post("/v1/violations", json=signed(event, reporter.key))).json()[
+    position = (await api.client.post("/v1/violations", json=signed(peer, reporter.key))).json()[
         "position"
     ]
     await api.projected(subject.did, position)
@@ -222,7 +239,10 @@ async def test_time_travel_answers_for_past_moments(api: Api) -> None:
     ).json()
     assert past["score"] == 790  # 800 - 5 h x 2/h, before the violation
     now = (await api.client.get(f"/v1/agents/{subject.did}/trust")).json()
-    assert now["score"] == 800 - 20 - 50
+    assert now["score"] == 800 - 20 - 50 - 39
+    at_now = {"at": format_time(api.clock.now)}
+    folded = (await api.client.get(f"/v1/agents/{subject.did}/trust", params=at_now)).json()
+    assert folded["score"] == now["score"]
     is_problem(
         await api.client.get(
             f"/v1/agents/{subject.did}/trust",
@@ -252,9 +272,12 @@ async def test_suspend_reinstate_and_key_rotation(api: Api) -> None:
         did=agent.did,
         public_key=new_key.public.pem(),
     )
-    forged = signed(rotation, new_key)  # not signed by the current key
+    forged = signed_rotation(rotation, new_key, new_key)  # not signed by the current key
     is_problem(await api.client.post(f"/v1/agents/{agent.did}/keys", json=forged), 422)
-    ok = await api.client.post(f"/v1/agents/{agent.did}/keys", json=signed(rotation, agent.key))
+    unproven = signed(rotation, agent.key)  # no proof of the new key
+    is_problem(await api.client.post(f"/v1/agents/{agent.did}/keys", json=unproven), 422)
+    both = signed_rotation(rotation, agent.key, new_key)
+    ok = await api.client.post(f"/v1/agents/{agent.did}/keys", json=both)
     assert ok.status_code == 200, ok.text
 
 
@@ -270,19 +293,16 @@ async def test_handshakes_both_ways_and_every_failure(api: Api) -> None:
     assert back["verified"] is True
     _, bad = await handshake(api, alice, bob, key=SigningKey.generate())
     assert (bad["verified"], bad["reason"]) == (False, "bad_signature")
-    # A nonce works once.
-    started = (
-        await api.client.post("/v1/handshakes", json={"initiator": alice.did, "responder": bob.did})
-    ).json()
+    # A nonce works once (an admin may start a handshake too).
+    pair = {"initiator": alice.did, "responder": bob.did}
+    started = (await api.client.post("/v1/handshakes", json=pair, headers=ADMIN)).json()
     signature = b64encode(bob.key.sign(base64.b64decode(started["to_sign"])))
     path = f"/v1/handshakes/{started['handshake_id']}/response"
     assert (await api.client.post(path, json={"signature": signature})).json()["verified"]
     replay = (await api.client.post(path, json={"signature": signature})).json()
     assert (replay["verified"], replay["reason"]) == (False, "nonce_reused")
     # Expired challenge.
-    started = (
-        await api.client.post("/v1/handshakes", json={"initiator": alice.did, "responder": bob.did})
-    ).json()
+    started = (await api.client.post("/v1/handshakes", json=pair, headers=ADMIN)).json()
     api.clock.advance(seconds=31)
     late = await api.client.post(
         f"/v1/handshakes/{started['handshake_id']}/response",
@@ -314,15 +334,17 @@ async def test_handshakes_both_ways_and_every_failure(api: Api) -> None:
         ("handshake.failed", "responder_suspended"),
     ]
     is_problem(
-        await api.client.post("/v1/handshakes/hs_nope/response", json={"signature": "AA=="}), 404
+        await api.client.post("/v1/handshakes/hs_nope/response", json={"signature": "AA=="}), 400
     )
+    unknown = "/v1/handshakes/hs_" + "0" * 24 + "/response"
+    is_problem(await api.client.post(unknown, json={"signature": "AA=="}), 404)
 
 
 async def test_low_score_fails_handshakes(api: Api) -> None:
     reporter, subject = await api.register(), await api.register()
     for index in range(2):
         event = PolicyViolation(
-            actor=reporter.did,
+            actor=subject.did,
             occurred_at=format_time(api.clock.now),
             agent=subject.did,
             severity="critical",
@@ -330,7 +352,7 @@ async def test_low_score_fails_handshakes(api: Api) -> None:
             detail=str(index),
         )
         position = (
-            await api.client.post("/v1/violations", json=signed(event, reporter.key))
+            await api.client.post("/v1/violations", json=signed(event, subject.key))
         ).json()["position"]
     assert (await api.projected(subject.did, position))["score"] == 200
     _, result = await handshake(api, reporter, subject)

@@ -96,7 +96,7 @@ async def rotate(
         did=agent.did,
         public_key=new.public.pem(),
     )
-    await store.append([SignedEvent.create(event, agent.key)])
+    await store.append([SignedEvent.rotation(event, agent.key, new)])
     agents[index] = RotatedAgent(key=new, capabilities=agent.capabilities, first_did=agent.did)
     return agents[index]
 
@@ -132,18 +132,21 @@ class History:
 async def build_history(
     store: PostgresEventStore, clock: ManualClock, url: str, key: SigningKey
 ) -> History:
+    # The first agent of an empty ledger registers itself (a self-signed key entry).
+    pioneer = await self_register(store, clock)
+    clock.advance(minutes=1)
     agents = await random_history(store, clock, seed=1, steps=25)
     clock.advance(minutes=1)
     rotated = await rotate(store, agents, 0, clock)
     clock.advance(minutes=1)
-    agents.append(await self_register(store, clock))
+    agents.append(pioneer)
     start = clock.advance(minutes=1)
     clock.advance(seconds=30)
     await random_history(store, clock, seed=2, steps=30, agents=agents)
     clock.advance(minutes=1)
     await rotate(store, agents, 1, clock)  # a key entry that is also an exported event
-    await store.append([agents[-1].violation(subject=rotated.did)])
-    await store.append([rotated.signal(subject=agents[-1].did)])
+    await store.append([agents[-1].violation(subject=rotated.did, at=clock.now)])
+    await store.append([rotated.signal(subject=agents[-1].did, at=clock.now)])
     await random_history(store, clock, seed=3, steps=10, agents=agents)
     end = clock.advance(minutes=1)
     clock.advance(seconds=30)
@@ -707,7 +710,8 @@ async def test_empty_range(built: Built, tmp_path: Path) -> None:
     assert [json.loads(line)["kind"] for line in lines] == ["header", "manifest"]
     path = tmp_path / "empty.jsonl"
     path.write_text(out.getvalue())
-    assert verify_bundle(path).summary().startswith("bundle OK: no events from 2025-12-23")
+    since = format_time(T0 - timedelta(days=9))
+    assert verify_bundle(path).summary().startswith(f"bundle OK: no events from {since}")
 
 
 async def test_agent_with_nothing_in_range_gets_only_stubs(built: Built, tmp_path: Path) -> None:

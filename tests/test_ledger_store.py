@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 import asyncpg
 import pytest
@@ -12,6 +13,7 @@ from ledger.errors import (
     ConcurrencyError,
     EventValidationError,
     IdempotencyConflictError,
+    NotPermittedError,
     SignatureError,
 )
 from ledger.events import (
@@ -22,7 +24,7 @@ from ledger.events import (
 )
 from ledger.identity import SigningKey
 from ledger.signed import SignedEvent
-from ledger.store import PostgresEventStore
+from ledger.store import PostgresEventStore, partition_name
 from ledger.timefmt import format_time
 from tests.support import T0, Agent, ManualClock, register
 
@@ -150,7 +152,7 @@ def test_missing_and_malformed_signatures_are_rejected_on_the_wire() -> None:
             {
                 "type": "policy.violation",
                 "actor": "did:mesh:" + "a" * 32,
-                "occurred_at": "2026-01-01T00:00:00Z",
+                "occurred_at": format_time(T0),
                 "agent": "did:mesh:" + "a" * 32,
                 "severity": "apocalyptic",
                 "rule": "r",
@@ -161,7 +163,7 @@ def test_missing_and_malformed_signatures_are_rejected_on_the_wire() -> None:
             {
                 "type": "trust.signal",
                 "actor": "nobody",
-                "occurred_at": "2026-01-01T00:00:00Z",
+                "occurred_at": format_time(T0),
                 "agent": "did:mesh:" + "a" * 32,
                 "signal": "s",
             },
@@ -171,7 +173,7 @@ def test_missing_and_malformed_signatures_are_rejected_on_the_wire() -> None:
             {
                 "type": "trust.signal",
                 "actor": "did:mesh:" + "a" * 32,
-                "occurred_at": "2026-01-01T00:00:00Z",
+                "occurred_at": format_time(T0),
                 "agent": "did:mesh:" + "a" * 32,
                 "signal": "s",
                 "extra": 1,
@@ -188,11 +190,21 @@ def test_unknown_types_and_malformed_payloads(body: dict[str, object], message: 
 async def test_ledger_only_events_need_the_ledger_key(store: PostgresEventStore) -> None:
     agent = await register(store)
     event = AgentSuspended(actor=agent.did, occurred_at=format_time(T0), did=agent.did)
-    with pytest.raises(SignatureError, match="only be signed by the ledger"):
+    with pytest.raises(NotPermittedError, match="only be signed by the ledger"):
         await store.append([SignedEvent.create(event, agent.key)])
 
 
 async def test_registration_rules(store: PostgresEventStore) -> None:
+    # Self-registration: the first agent of an empty ledger proves possession of its key.
+    newcomer = Agent()
+    own = AgentRegistered(
+        actor=newcomer.did,
+        occurred_at=format_time(T0),
+        did=newcomer.did,
+        public_key=newcomer.key.public.pem(),
+    )
+    await store.append([SignedEvent.create(own, newcomer.key)])
+    assert await store.current_key(newcomer.did) == newcomer.key.public
     agent = await register(store)
     with pytest.raises(AppendRejectedError, match="already registered"):
         await register(store, agent)
@@ -205,16 +217,14 @@ async def test_registration_rules(store: PostgresEventStore) -> None:
     )
     with pytest.raises(AppendRejectedError, match="belongs to"):
         await store.append_own(mismatched)
-    # Self-registration: the agent proves possession of the key it registers.
-    newcomer = Agent()
+    # Once the ledger holds a registration, nobody registers itself any more.
+    late = Agent()
     own = AgentRegistered(
-        actor=newcomer.did,
-        occurred_at=format_time(T0),
-        did=newcomer.did,
-        public_key=newcomer.key.public.pem(),
+        actor=late.did, occurred_at=format_time(T0), did=late.did, public_key=late.key.public.pem()
     )
-    await store.append([SignedEvent.create(own, newcomer.key)])
-    assert await store.current_key(newcomer.did) == newcomer.key.public
+    with pytest.raises(NotPermittedError, match="first agent"):
+        await store.append([SignedEvent.create(own, late.key)])
+    assert await store.current_key(late.did) is None
 
 
 async def test_key_rotation_retires_the_old_key(store: PostgresEventStore) -> None:
@@ -223,7 +233,9 @@ async def test_key_rotation_retires_the_old_key(store: PostgresEventStore) -> No
     rotation = AgentKeyRotated(
         actor=agent.did, occurred_at=format_time(T0), did=agent.did, public_key=new_key.public.pem()
     )
-    await store.append([SignedEvent.create(rotation, agent.key)])
+    with pytest.raises(SignatureError, match="needs proof"):  # no proof of the new key
+        await store.append([SignedEvent.create(rotation, agent.key)])
+    await store.append([SignedEvent.rotation(rotation, agent.key, new_key)])
     with pytest.raises(SignatureError):
         await store.append([agent.violation()])  # signed with the retired key
     event = PolicyViolation(
@@ -248,7 +260,7 @@ async def test_key_rotation_seen_by_another_process(
             did=agent.did,
             public_key=new_key.public.pem(),
         )
-        await first.append([SignedEvent.create(rotation, agent.key)])
+        await first.append([SignedEvent.rotation(rotation, agent.key, new_key)])
         # The stale cache must not let the retired key through: checked under the lock.
         with pytest.raises(SignatureError, match="current key"):
             await second.append([agent.violation()])
@@ -288,7 +300,7 @@ async def test_time_partitions_and_monotonic_recorded_at(
             )
         finally:
             await conn.close()
-        assert [p[0] for p in parts] == ["events_p20260101", "events_p20260104"]
+        assert [p[0] for p in parts] == [partition_name(T0), partition_name(T0 + timedelta(3))]
     finally:
         await store.close()
 
@@ -338,11 +350,11 @@ async def test_read_agent_returns_events_it_signed_or_is_about(
 ) -> None:
     alice, bob = await register(store), await register(store)
     await store.append([alice.violation(subject=bob.did)])
-    await store.append([bob.signal()])
+    await store.append([alice.signal(subject=bob.did)])
     about_bob = await store.read_agent(bob.did)
     assert [e.event_type for e in about_bob] == [
         "agent.registered",
         "policy.violation",
         "trust.signal",
     ]
-    assert [e.position for e in await store.read_agent(alice.did)] == [1, 3]
+    assert [e.position for e in await store.read_agent(alice.did)] == [1, 3, 4]

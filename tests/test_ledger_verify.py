@@ -37,7 +37,7 @@ async def populate(store: PostgresEventStore) -> None:
     alice, bob = await register(store), await register(store)
     for index in range(5):
         await store.append([alice.violation(subject=bob.did, severity="low")])
-        await store.append([bob.signal(signal=f"ok-{index}")])
+        await store.append([bob.signal(alice.did, signal=f"ok-{index}")])
     await store.checkpoint()
 
 
@@ -229,7 +229,8 @@ async def test_cli_checkpoint_and_head(
     store: PostgresEventStore, database_url: str, ledger_key: SigningKey
 ) -> None:
     await populate(store)
-    await store.append([(await register(store)).signal()])
+    alice = (await store.read(0, 1))[0].subjects[0]  # registered at position 1
+    await store.append([(await register(store)).signal(subject=alice)])
     result = _cli(["ledger", "checkpoint"], database_url, ledger_key)
     assert result.returncode == 0, result.stderr
     assert '"position": 14' in result.stdout
@@ -241,15 +242,23 @@ async def test_cli_checkpoint_and_head(
 
 
 def _chain(count: int, key: SigningKey) -> list[Entry]:
-    from ledger.events import TrustSignal
+    from ledger.events import AgentRegistered, Event, TrustSignal
     from ledger.signed import SignedEvent
     from ledger.timefmt import format_time
 
+    agent = SigningKey.generate()
     entries, prev = [], GENESIS_HASH
     for position in range(1, count + 1):
-        event = TrustSignal(
-            actor=key.did, occurred_at=format_time(T0), agent=key.did, signal=f"s{position}"
+        event: Event = TrustSignal(
+            actor=key.did, occurred_at=format_time(T0), agent=agent.did, signal=f"s{position}"
         )
+        if position == 1:
+            event = AgentRegistered(
+                actor=key.did,
+                occurred_at=format_time(T0),
+                did=agent.did,
+                public_key=agent.public.pem(),
+            )
         signed = SignedEvent.create(event, key)
         entry = Entry(
             position=position,

@@ -263,7 +263,7 @@ async def test_emptied_store_is_rebuilt_without_being_asked(
         await wait_until(lambda: reader_position(reader), head)
         await empty(read_store)
         assert await reader.trust(agents[0].did, clock.now) is None
-        await ledger.append([agents[0].signal()])
+        await ledger.append([agents[1].signal(subject=agents[0].did, at=clock.now)])
         await wait_until(lambda: reader_position(reader), head + 1)
         state = await full_replay(ledger)
         assert await reader.trust(agents[0].did, clock.now) == state.trust_view(

@@ -25,6 +25,7 @@ import pytest
 from agentmesh.retention_job import run_retention
 from agentmesh.settings import Settings
 from ledger.audit import export_bundle
+from ledger.events import PolicyViolation
 from ledger.identity import SigningKey
 from ledger.store import PostgresEventStore, RecordedEvent
 from ledger.timefmt import format_time, parse_time
@@ -48,7 +49,7 @@ from projections.state import MeshState, fold_recorded
 from projections.store_memory import MemoryProjectionStore
 from projections.trust import TrustState, score_milli_at, tier_for
 from projections.trust import points as shown_points
-from tests.support import T0, ManualClock, random_history
+from tests.support import T0, ManualClock, random_history, register
 
 CONFIG = TrustConfig()
 SEEDS = [1, 2, 3, 4]
@@ -356,12 +357,22 @@ async def test_merged_and_filtered_entries_answer_like_the_ledger(
         live = await question(ReplaySource(ledger.iter_entries(batch=11))).run_async()
         assert question(ReplaySource(merged)).run().to_dict() == live.to_dict()
     # One agent's own entries give its exact trust (not the rows other agents'
-    # delegation changes cascade onto it); other questions are refused.
-    did = agents[2].did
-    own: list[RecordedEvent] = []
-    while batch := await ledger.read_agent(did, own[-1].position if own else 0, 17):
-        own += batch
-    filtered = ReplaySource(own, agent=did)
+    # delegation changes cascade onto it) while only the ledger and its own key
+    # reported about it; other questions are refused.
+    quiet = await register(ledger, at=clock.advance(minutes=5))
+    await ledger.append([quiet.violation(severity="high", at=clock.advance(minutes=5))])
+    await ledger.append_own(
+        PolicyViolation(
+            actor=ledger.ledger_did,
+            occurred_at=format_time(clock.advance(minutes=5)),
+            agent=quiet.did,
+            severity="low",
+            rule="admin",
+        )
+    )
+    records = await entries(ledger)
+    did = quiet.did
+    filtered = ReplaySource(await own_entries(ledger, did), agent=did, ledger_did=ledger.ledger_did)
     whole = timeline_of(records, did)
     partial = AgentTimelineReplay(filtered, did, end=whole.end, config=CONFIG).run()
     for moment in moments(records, random.Random(8), 10):
@@ -371,6 +382,19 @@ async def test_merged_and_filtered_entries_answer_like_the_ledger(
         StateReplay(filtered, end, config=CONFIG).run()
     with pytest.raises(ReplayError, match="holds only the entries of"):
         AgentTimelineReplay(filtered, agents[0].did, config=CONFIG).run()
+    # A peer's report counts by the peer's standing, which one agent's entries lack.
+    reported = ReplaySource(
+        await own_entries(ledger, agents[2].did), agent=agents[2].did, ledger_did=ledger.ledger_did
+    )
+    with pytest.raises(ReplayError, match="reporter's standing"):
+        AgentTimelineReplay(reported, agents[2].did, config=CONFIG).run()
+
+
+async def own_entries(ledger: PostgresEventStore, did: str) -> list[RecordedEvent]:
+    own: list[RecordedEvent] = []
+    while batch := await ledger.read_agent(did, own[-1].position if own else 0, 17):
+        own += batch
+    return own
 
 
 # -- the CLI --------------------------------------------------------------------------
@@ -471,12 +495,15 @@ async def test_cli_bundle_answers_like_the_live_ledger(
     tmp_path: Path,
 ) -> None:
     agents = await random_history(ledger, clock, seed=12)
+    quiet = await register(ledger, at=clock.advance(minutes=5))  # reported on by itself only
+    await ledger.append([quiet.violation(severity="high", at=clock.advance(minutes=5))])
     records = await entries(ledger)
     did = agents[2].did
     end = clock.now + timedelta(hours=1)
     bundles = {
         "whole": (T0 - timedelta(days=1), None),
-        "agent": (T0 - timedelta(days=1), did),
+        "agent": (T0 - timedelta(days=1), quiet.did),
+        "peered": (T0 - timedelta(days=1), did),
         "late": (records[30].recorded_at, None),
     }
     for name, (start, agent) in bundles.items():
@@ -499,19 +526,21 @@ async def test_cli_bundle_answers_like_the_live_ledger(
         assert a.stdout == b.stdout, question
     # An agent's own bundle gives its trust; the mesh needs the whole ledger; a
     # bundle without the start of the ledger, or a moment past its end, is refused.
-    own, state, late, past = await asyncio.gather(
-        cli("agent", did, "--json", "--bundle", only, url=None),
+    own, peered, state, late, past = await asyncio.gather(
+        cli("agent", quiet.did, "--json", "--bundle", only, url=None),
+        cli("agent", did, "--bundle", str(tmp_path / "peered"), url=None),
         cli("state", "--at", t2, "--bundle", only, url=None),
         cli("state", "--at", t2, "--bundle", str(tmp_path / "late"), url=None),
         cli("state", "--at", format_time(end), "--bundle", whole, url=None),
     )
     assert own.returncode == 0, own.stderr
     mine = json.loads(own.stdout)["rows"][-1]
-    reference = timeline_of(records, did, end=parse_time(mine["time"])).rows[-1]
+    reference = timeline_of(records, quiet.did, end=parse_time(mine["time"])).rows[-1]
     assert (mine["score_after"], mine["tier_after"]) == (
         reference.score_after,
         reference.tier_after,
     )
+    assert "reporter's standing" in one_line_error(peered)
     assert "needs the whole ledger" in one_line_error(state)
     assert "replay needs a bundle from the ledger's first entry" in one_line_error(late)
     assert "is past the end of the source" in one_line_error(past)
@@ -524,8 +553,8 @@ async def test_cli_replays_from_the_retention_snapshot(
     for day in range(100):
         clock.advance(days=1)
         a, b = agents[day % len(agents)], agents[(day + 1) % len(agents)]
-        await ledger.append([a.violation(subject=b.did, severity="low")])
-        await ledger.append([b.signal(subject=a.did)])
+        await ledger.append([a.violation(subject=b.did, severity="low", at=clock.now)])
+        await ledger.append([b.signal(subject=a.did, at=clock.now)])
     full = await entries(ledger)
     settings = Settings.from_env(
         {

@@ -57,8 +57,8 @@ async def long_history(ledger: PostgresEventStore, clock: ManualClock) -> list[A
     for day in range(110):
         clock.advance(days=1)
         a, b = agents[day % len(agents)], agents[(day + 1) % len(agents)]
-        await ledger.append([a.violation(subject=b.did, severity="low")])
-        await ledger.append([b.signal(subject=a.did)])
+        await ledger.append([a.violation(subject=b.did, severity="low", at=clock.now)])
+        await ledger.append([b.signal(subject=a.did, at=clock.now)])
     await random_history(ledger, clock, seed=12, steps=20, agents=agents)
     return agents
 
@@ -139,7 +139,7 @@ async def test_appends_during_retention_are_kept(
     async def keep_appending() -> None:
         for index in range(40):
             result = await ledger.append(
-                [agents[0].signal(subject=agents[1].did, signal=f"during-{index}")]
+                [agents[0].signal(subject=agents[1].did, signal=f"during-{index}", at=clock.now)]
             )
             appended.append(result.positions[0])
 

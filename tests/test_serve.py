@@ -17,7 +17,7 @@ import pytest
 
 from agentmesh.embedded import EmbeddedRedis, free_port
 from ledger.canonical import canonical_bytes
-from ledger.events import PolicyViolation, body_of
+from ledger.events import PolicyViolation, body_of, new_event_id
 from ledger.identity import SigningKey, b64encode
 from ledger.timefmt import format_time, utc_now
 from tests.api_support import ADMIN, ADMIN_TOKEN
@@ -109,6 +109,7 @@ def test_serve_api_with_two_workers_and_a_projector(env: dict[str, str]) -> None
                 agent=agents[1].did,
                 severity="high",
                 rule="r",
+                event_id=new_event_id(),  # single use: the ledger refuses it a second time
             )
             body = body_of(violation)
             sent = client.post(
@@ -152,7 +153,9 @@ def test_serve_api_with_two_workers_and_a_projector(env: dict[str, str]) -> None
 
 def handshake(client: httpx.Client, initiator: SigningKey, responder: SigningKey) -> None:
     challenge = client.post(
-        "/v1/handshakes", json={"initiator": initiator.did, "responder": responder.did}
+        "/v1/handshakes",
+        headers=ADMIN,  # an admin start; an agent's own start is signed (docs/API.md)
+        json={"initiator": initiator.did, "responder": responder.did},
     ).json()
     signature = b64encode(responder.sign(base64.b64decode(challenge["to_sign"])))
     answer = client.post(

@@ -1,0 +1,85 @@
+"""One agent's state at a past moment, folded exactly as the live projection folds it.
+
+A score depends on more than the agent's own events: a peer's report counts
+by the *peer's* standing at that moment (``state._peer_effect``). So the
+moment is rebuilt from the agent's events and, transitively, the events of
+every peer that reported about an agent already included — the closure of
+"reported by". Every event that can move any of those scores names one of
+them as a subject, so folding the union of their streams (from the retention
+snapshot, restricted to them) gives exactly what a full replay gives, while
+reading only the part of the ledger that matters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+from projections.config import TrustConfig
+from projections.state import MeshState
+
+PAGE = 1000
+_REPORTS = frozenset({"policy.violation", "trust.signal"})
+
+
+class AgentHistory(Protocol):
+    """What this needs of the ledger: one agent's entries by position."""
+
+    async def read_agent(self, did: str, after: int = 0, limit: int = 1000) -> Sequence[Any]: ...
+
+
+async def state_at(
+    ledger: AgentHistory,
+    did: str,
+    moment: datetime,
+    *,
+    ledger_did: str,
+    config: TrustConfig,
+    start: tuple[int, dict[str, Any]] | None = None,
+) -> MeshState:
+    """The fold of every event recorded up to ``moment`` that can move ``did``'s score.
+
+    ``start`` is the retention cut: its position and snapshot (None: the ledger's
+    beginning). Grants are left out (trust only).
+    """
+    after = 0 if start is None else start[0]
+    records: dict[int, Any] = {}
+    included: set[str] = set()
+    frontier = [did]
+    while frontier:
+        peers: set[str] = set()
+        for agent in frontier:
+            included.add(agent)
+            for record in await _history(ledger, agent, after, moment):
+                records[record.position] = record
+                if record.event_type in _REPORTS and record.actor not in (ledger_did, agent):
+                    peers.add(record.actor)
+        frontier = sorted(peers - included)
+    state = _base(start, included, config)
+    state.apply_all_recorded(records[p] for p in sorted(records))
+    return state
+
+
+async def _history(ledger: AgentHistory, did: str, after: int, moment: datetime) -> list[Any]:
+    found: list[Any] = []
+    while True:
+        batch = await ledger.read_agent(did, after, PAGE)
+        for record in batch:
+            if record.recorded_at > moment:
+                return found
+            found.append(record)
+        if len(batch) < PAGE:
+            return found
+        after = batch[-1].position
+
+
+def _base(
+    start: tuple[int, dict[str, Any]] | None, dids: set[str], config: TrustConfig
+) -> MeshState:
+    if start is None:
+        return MeshState(config)
+    snapshot = start[1]
+    agents = snapshot["agents"]
+    partial = {**snapshot, "agents": {d: agents[d] for d in dids if d in agents}, "grants": {}}
+    return MeshState.from_snapshot(partial, config)
