@@ -70,6 +70,7 @@ Outcome = Literal[
     "invalid_annotation",
     "not_a_pod_create",
     "malformed",
+    "error",
 ]
 OUTCOMES: tuple[Outcome, ...] = (
     "injected",
@@ -79,6 +80,7 @@ OUTCOMES: tuple[Outcome, ...] = (
     "invalid_annotation",
     "not_a_pod_create",
     "malformed",
+    "error",
 )
 
 
@@ -249,6 +251,15 @@ class Decision:
         return json.dumps(review | {"response": answer}).encode()
 
 
+def _uid_of(body: bytes) -> str:
+    """The review's uid if there is one to echo (the API server checks it), else ""."""
+    try:
+        uid = json.loads(body)["request"]["uid"]
+    except (ValueError, TypeError, KeyError):
+        return ""
+    return uid if isinstance(uid, str) else ""
+
+
 def _pointer(token: str) -> str:
     return token.replace("~", "~0").replace("/", "~1")
 
@@ -286,6 +297,8 @@ def decide(body: bytes, config: InjectorConfig) -> Decision:
         or not isinstance(spec.get("containers"), list)
     ):
         return Decision("not_a_pod_create", uid)
+    if not all(isinstance(spec.get(key) or [], list) for key in ("initContainers", "volumes")):
+        return Decision("malformed", uid)
     metadata = pod.get("metadata") or {}
     if not isinstance(metadata, dict) or not all(
         isinstance(metadata.get(key) or {}, dict) for key in ("annotations", "labels")
@@ -307,7 +320,10 @@ def decide(body: bytes, config: InjectorConfig) -> Decision:
             f"is not a Secret name: {key_secret!r}"
         )
         return Decision("invalid_annotation", uid, warning=warning)
-    return Decision("injected", uid, _patch(spec, metadata, config, key_secret))
+    patch = _patch(spec, metadata, config, key_secret)
+    if not isinstance(pod.get("metadata"), dict):  # absent or null: the annotation needs it
+        patch[-1] = {"op": "add", "path": "/metadata", "value": {"annotations": patch[-1]["value"]}}
+    return Decision("injected", uid, patch)
 
 
 def _patch(
@@ -481,7 +497,11 @@ class Injector:
         return int(self.metrics_server.server_address[1])
 
     def review(self, body: bytes) -> Decision:
-        decision = decide(body, self.config)
+        try:
+            decision = decide(body, self.config)
+        except Exception:  # a bug must not block Pod creation: allow, unchanged, and say so
+            logger.exception("review_failed", extra={"bytes": len(body)})
+            decision = Decision("error", _uid_of(body))
         self.metrics.reviews.labels(decision.outcome).inc()
         if decision.outcome == "malformed":
             logger.warning("review_malformed", extra={"uid": decision.uid, "bytes": len(body)})

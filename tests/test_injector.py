@@ -32,6 +32,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from prometheus_client import generate_latest
 
 from agentmesh.cli import _parser
 from agentmesh.injector import (
@@ -213,11 +216,11 @@ def patched(pod: Doc, response: Doc) -> Doc:
 
 def all_containers(pod: Doc) -> list[Doc]:
     spec = pod["spec"]
-    return list(spec.get("initContainers", [])) + list(spec["containers"])
+    return list(spec.get("initContainers") or []) + list(spec["containers"])
 
 
 def sidecars(pod: Doc) -> list[Doc]:
-    return [c for c in all_containers(pod) if c["name"] == SIDECAR_NAME]
+    return [c for c in all_containers(pod) if isinstance(c, dict) and c.get("name") == SIDECAR_NAME]
 
 
 def schema_errors(doc: Doc, versions: list[str]) -> list[str]:
@@ -422,6 +425,23 @@ def test_a_malformed_review_is_allowed_without_a_patch(
     assert answer["response"] == {"uid": uid, "allowed": True}
 
 
+def test_a_failure_inside_the_injector_still_allows_the_pod(
+    tls_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(body: bytes, config: InjectorConfig) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("agentmesh.injector.decide", broken)
+    with running(start(InjectorConfig(), tls_dir)) as injector:
+        client = Client(injector.port, tls_dir / "ca.crt")
+        review = admission_review(agent_pod())
+        response = client.review(review)  # checks allowed and the echoed uid
+        client.close()
+    assert "patch" not in response
+    text = generate_latest(injector.metrics.registry).decode()
+    assert 'agentmesh_injector_reviews_total{outcome="error"} 1.0' in text
+
+
 def test_a_pod_without_a_usable_spec_is_allowed_without_a_patch(native: Client) -> None:
     for pod in (
         {"apiVersion": "v1", "kind": "Pod", "metadata": {}},
@@ -559,3 +579,54 @@ def test_agentmesh_serve_injector_names_a_missing_certificate(tmp_path: Path) ->
     assert result.returncode == 1
     assert result.stderr.startswith("agentmesh: error: injector:")
     assert "none.crt" in result.stderr
+
+
+# -- whatever arrives, the answer allows and any patch applies -------------------
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3)
+    ),
+    max_leaves=12,
+)
+POD_KEYS = st.sampled_from(
+    ["containers", "initContainers", "volumes", "annotations", "labels", "metadata", "spec"]
+)
+
+
+@st.composite
+def mangled_pods(draw: st.DrawFn) -> Doc:
+    """The example agent Pod with a few fields replaced by arbitrary JSON."""
+    pod = agent_pod()
+    for _ in range(draw(st.integers(0, 3))):
+        key, value = draw(POD_KEYS), draw(JSON)
+        if key in ("metadata", "spec"):
+            pod[key] = value
+        elif key in ("annotations", "labels") and isinstance(pod.get("metadata"), dict):
+            pod["metadata"][key] = value
+        elif isinstance(pod.get("spec"), dict):
+            pod["spec"][key] = value
+    return pod
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mangled_pods(), st.sampled_from(["my-app", "kube-system"]), st.booleans())
+def test_any_pod_is_allowed_and_any_patch_applies(pod: Doc, namespace: str, native: bool) -> None:
+    config = InjectorConfig(native_sidecar=native)
+    review = admission_review(pod, namespace=namespace)
+    answer = json.loads(decide(json.dumps(review).encode(), config).response())
+    response = answer["response"]
+    assert response["allowed"] is True
+    assert response["uid"] == review["request"]["uid"]
+    if "patch" in response:
+        result = patched(pod, response)
+        assert len(sidecars(result)) == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(JSON)
+def test_any_json_is_answered_allowed(document: object) -> None:
+    answer = json.loads(decide(json.dumps(document).encode(), InjectorConfig()).response())
+    assert answer["response"]["allowed"] is True
+    assert "patch" not in answer["response"]
