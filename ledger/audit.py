@@ -94,6 +94,7 @@ from typing import Annotated, Any, BinaryIO, Literal, Protocol, TypeAlias
 import asyncpg
 import msgspec
 
+from ledger import authority
 from ledger.canonical import canonical_bytes, canonical_envelope
 from ledger.chain import (
     CHECKPOINT_ORIGIN,
@@ -797,7 +798,11 @@ class _ChunkCheck:
             key = found
         if isinstance(event, AgentRegistered) and _raw_key(event.public_key).did != event.did:
             raise _LineError(f"the public key does not belong to {event.did}")
-        return item.position, key, _signature(item), item.body.encode()
+        body = item.body.encode()
+        # The append rules one event shows by itself (who may sign it, its id, real and
+        # fresh times, a rotation's proof); `ledger verify` replays the stateful ones.
+        authority.check_static(event, body, parse_time(item.recorded_at), ledger_did)
+        return item.position, key, _signature(item), body
 
     def _signatures(self, error: tuple[int, int, str] | None) -> tuple[int, int, str] | None:
         """The first bad signature, if it precedes ``error``; else ``error``."""

@@ -8,6 +8,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -318,3 +319,83 @@ async def test_chain_verifies_iff_unaltered(index: int, change: str, data: st.Da
     else:
         with pytest.raises(VerificationError):
             await run
+
+
+# -- verification re-checks the append rules (ledger/authority.py) ----------------------
+
+
+def _entries(signed_events: list[Any]) -> list[Entry]:
+    """A well-chained, well-signed chain of exactly these events, as a database
+    writer without the rules (but with the agents' keys) could write it."""
+    entries, prev = [], GENESIS_HASH
+    for position, signed in enumerate(signed_events, start=1):
+        entry = Entry(
+            position=position,
+            recorded_at=T0,
+            stream_id="x",
+            stream_version=position,
+            body=signed.body,
+            signature=signed.signature,
+            prev_hash=prev,
+            entry_hash=b"",
+        )
+        entries.append(replace(entry, entry_hash=entry_hash(prev, entry.envelope())))
+        prev = entries[-1].entry_hash
+    return entries
+
+
+def _broken_histories() -> dict[str, tuple[list[Any], str]]:
+    from ledger.events import AgentRegistered, AgentSuspended, TrustSignal
+    from ledger.signed import SignedEvent
+    from ledger.timefmt import format_time
+
+    stamp = format_time(T0)
+    alice, bob = Agent(), Agent()
+
+    def registered(agent: Agent) -> Any:
+        event = AgentRegistered(
+            actor=LEDGER.did, occurred_at=stamp, did=agent.did, public_key=agent.key.public.pem()
+        )
+        return SignedEvent.create(event, LEDGER)
+
+    start = [registered(alice), registered(bob)]
+    report = alice.violation(subject=bob.did)
+    self_signal = SignedEvent.create(
+        TrustSignal(actor=alice.did, occurred_at=stamp, agent=alice.did, signal="me"), alice.key
+    )
+    suspension = SignedEvent.create(
+        AgentSuspended(actor=LEDGER.did, occurred_at=stamp, did=alice.did), LEDGER
+    )
+    late_self_registration = SignedEvent.create(
+        AgentRegistered(
+            actor=alice.did, occurred_at=stamp, did=alice.did, public_key=alice.key.public.pem()
+        ),
+        alice.key,
+    )
+    return {
+        "replayed report": ([*start, report, report], "already in the ledger"),
+        "self signal": ([*start, self_signal], "signal trust in itself"),
+        "suspended writer": ([*start, suspension, report], "suspended"),
+        "stale body": (
+            [*start, alice.violation(subject=bob.did, at=T0 - timedelta(days=8))],
+            "stale",
+        ),
+        "late self-registration": ([*start, late_self_registration], "first agent"),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_broken_histories()))
+async def test_verification_replays_the_append_rules(case: str) -> None:
+    events, reason = _broken_histories()[case]
+    entries = _entries(events)
+    run = verify_entries(
+        _aiter(entries),
+        KeyRing(LEDGER.public),
+        start_position=1,
+        start_hash=GENESIS_HASH,
+        checkpoints=[],
+        head=(len(entries), entries[-1].entry_hash),
+    )
+    with pytest.raises(VerificationError, match=reason) as caught:
+        await run
+    assert caught.value.position == len(entries)  # the entry that broke a rule
