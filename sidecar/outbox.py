@@ -446,7 +446,7 @@ class Outbox:
                     for event_id, count in self._uncommitted.items():
                         self._repeats[event_id] = self._repeats.get(event_id, 0) + count
             self._answer(batch, results, error)
-            if results:
+            if any(results):  # a new report to deliver (a count alone is not one)
                 self.notify()
 
     def _write(self, batch: list[_Op]) -> list[str]:

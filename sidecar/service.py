@@ -97,6 +97,15 @@ class SidecarMetrics:
             "notifications/tools/list_changed sent on open MCP streams",
             registry=registry,
         )
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def count(self, counter: Counter, *labels: str) -> None:
+        """``counter.labels(*labels).inc()``, with the labelled child kept (hot path)."""
+        key = (counter._name, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = counter.labels(*labels)
+        child.inc()
 
 
 @dataclass
@@ -188,7 +197,7 @@ class Sidecar:
                 if not decision.enforced
                 else "allowed"
             )
-            self.metrics.decisions.labels(outcome, decision.reason).inc()
+            self.metrics.count(self.metrics.decisions, outcome, decision.reason)
             if not decision.allowed or not decision.enforced:
                 await self._report(action, decision, note)
         return decision
@@ -198,7 +207,8 @@ class Sidecar:
             return
         repeats = self.denials.repeats
         await self.denials.record(action, decision, note)
-        self.metrics.reports.labels("repeat" if self.denials.repeats > repeats else "first").inc()
+        kind = "repeat" if self.denials.repeats > repeats else "first"
+        self.metrics.count(self.metrics.reports, kind)
 
     async def _unclassifiable(self, why: str) -> dict[str, Any] | None:
         """A POST body the relay cannot classify: refused (and recorded) unless the
