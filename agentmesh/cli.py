@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # names for the replay commands' annotations; imported where 
 
     from matplotlib.axes import Axes
 
-    from ledger.store import PostgresLedgerReader
+    from ledger.postgres import PostgresLedgerReader
     from projections.config import TrustConfig
     from projections.replay import MeshAt, MeshDiff, Replay, ReplaySource, Timeline
 
@@ -318,7 +318,7 @@ def _ledger_public_key(args: argparse.Namespace, settings: Settings) -> VerifyKe
 
 
 def _cmd_ledger_verify(args: argparse.Namespace, settings: Settings) -> int:
-    from ledger.store import PostgresLedgerReader
+    from ledger.postgres import PostgresLedgerReader
     from ledger.verify import make_executor, verify_ledger
 
     key = _ledger_public_key(args, settings)
@@ -348,7 +348,7 @@ def _cmd_ledger_verify(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_ledger_checkpoint(_: argparse.Namespace, settings: Settings) -> int:
-    from ledger.store import PostgresEventStore
+    from ledger.postgres import PostgresEventStore
 
     async def run() -> int:
         store = await PostgresEventStore.open(
@@ -365,7 +365,7 @@ def _cmd_ledger_checkpoint(_: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_ledger_head(_: argparse.Namespace, settings: Settings) -> int:
-    from ledger.store import PostgresLedgerReader
+    from ledger.postgres import PostgresLedgerReader
     from ledger.timefmt import format_time
 
     async def run() -> int:
@@ -483,7 +483,7 @@ def _cmd_serve_injector(args: argparse.Namespace, settings: Settings) -> int:
 async def _ledger_and_store(settings: Settings, backend: str) -> AsyncIterator[tuple[Any, Any]]:
     """The ledger reader and the chosen read store, closed on the way out."""
     from agentmesh.wiring import open_projection_store
-    from ledger.store import PostgresLedgerReader
+    from ledger.postgres import PostgresLedgerReader
 
     reader = await PostgresLedgerReader.connect(settings.require_database_url())
     try:
@@ -633,7 +633,7 @@ def _replay(
     """Run the replay ``build`` makes over the bundle or the live ledger; its errors
     become one-line CLI errors."""
     from agentmesh.wiring import trust_config
-    from ledger.store import PostgresLedgerReader
+    from ledger.postgres import PostgresLedgerReader
     from projections.errors import ProjectionError
 
     config = trust_config(settings)
@@ -984,7 +984,7 @@ def _audit_did(text: str) -> str:
 
 def _cmd_audit_export(args: argparse.Namespace, settings: Settings) -> int:
     from ledger.audit import Manifest, export_bundle
-    from ledger.store import PostgresLedgerReader
+    from ledger.postgres import PostgresLedgerReader
 
     if not args.start < args.end:
         raise CliError("--from must be earlier than --to")

@@ -8,8 +8,8 @@ from typing import Any
 
 from agentmesh.settings import Settings
 from agentmesh.wiring import trust_config
+from ledger.postgres import PostgresEventStore
 from ledger.retention import apply_retention, plan_retention, retention_window
-from ledger.store import PostgresEventStore
 from ledger.timefmt import utc_now
 from projections.state import MeshState
 

@@ -23,7 +23,7 @@ from api.context import ApiContext
 from api.handshakes import HandshakeStore
 from api.metrics import MetricsServer
 from api.telemetry import setup_tracing
-from ledger.store import PostgresEventStore, PostgresLedgerReader
+from ledger.postgres import PostgresEventStore, PostgresLedgerReader
 from ledger.timefmt import utc_now
 from projections.cache import CachedStore
 from projections.config import TrustConfig

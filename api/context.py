@@ -10,7 +10,7 @@ from datetime import datetime
 
 from api.errors import ProblemError
 from api.handshakes import HandshakeStore
-from ledger.store import PostgresEventStore
+from ledger.ports import Ledger
 from projections.cache import CachedStore
 from projections.config import TrustConfig
 from projections.readstore import ProjectionReader
@@ -22,7 +22,7 @@ MAX_BODY_BYTES = 2 * 1024 * 1024  # a batch of 1,000 signed reports fits with ro
 class ApiContext:
     """The API's dependencies (the composition root builds it)."""
 
-    ledger: PostgresEventStore
+    ledger: Ledger
     reader: ProjectionReader
     cache: CachedStore | None
     handshakes: HandshakeStore

@@ -17,6 +17,7 @@ from api.errors import ProblemError, bad_request, not_found
 from api.handshakes import decode_signature
 from api.metrics import HANDSHAKES
 from ledger.canonical import canonical_bytes
+from ledger.chain import AppendResult
 from ledger.errors import LedgerError, SignatureError, StoreUnavailableError
 from ledger.events import (
     AgentKeyRotated,
@@ -33,7 +34,6 @@ from ledger.events import (
 from ledger.identity import VerifyKey, b64encode, is_did
 from ledger.retention import retention_window
 from ledger.signed import SignedEvent
-from ledger.store import AppendResult
 from ledger.timefmt import format_time, parse_time
 from projections.delegation import is_active, validate_grant, validate_revocation
 from projections.history import state_at
@@ -89,8 +89,8 @@ def health() -> s.Status:
 async def ready(ctx: Ctx) -> Response[Any]:
     """Readiness: PostgreSQL and the read store answer, migrations are at head."""
     try:
-        revision = await ctx.ledger.pool.fetchval("SELECT version_num FROM alembic_version")
-    except Exception as exc:  # any driver failure means "not ready"
+        revision = await ctx.ledger.schema_revision()
+    except Exception as exc:  # any failure to read it means "not ready"
         return _not_ready(f"PostgreSQL: {type(exc).__name__}: {exc}")
     if revision != ctx.expected_revision:
         return _not_ready(

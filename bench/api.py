@@ -71,8 +71,8 @@ from bench.common import positive
 from ledger.canonical import canonical_bytes
 from ledger.events import PolicyViolation, body_of
 from ledger.identity import SigningKey, b64encode
+from ledger.postgres import PostgresEventStore
 from ledger.signed import SignedEvent
-from ledger.store import PostgresEventStore
 from ledger.timefmt import format_time
 from projections.store_redis import RedisProjectionStore
 

@@ -32,8 +32,8 @@ from agentmesh.embedded import EmbeddedPostgres
 from bench.common import fresh_database
 from ledger.events import AgentRegistered, PolicyViolation
 from ledger.identity import SigningKey
+from ledger.postgres import PostgresEventStore
 from ledger.signed import SignedEvent
-from ledger.store import PostgresEventStore
 from ledger.timefmt import format_time
 
 

@@ -49,7 +49,7 @@ from bench.ledger_gen import GeneratedLedger, generate_ledger
 from ledger.audit import Flavour, export_bundle, read_bundle, verify_bundle
 from ledger.events import decode_body
 from ledger.identity import VerifyKey
-from ledger.store import PostgresLedgerReader
+from ledger.postgres import PostgresLedgerReader
 from ledger.verify import CHUNK, KeyRing, SignatureJob, make_executor, verify_signature_chunk
 
 FLAVOURS: tuple[Flavour, ...] = ("jsonl", "cloudevents")

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agentmesh.embedded import free_port
 from bench.common import drop_database, fresh_database, servers
 from ledger.identity import SigningKey
-from ledger.store import PostgresEventStore
+from ledger.postgres import PostgresEventStore
 from projections.config import TrustConfig
 from projections.documents import full_batch
 from projections.readstore import ProjectionReader

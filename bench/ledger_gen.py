@@ -47,8 +47,8 @@ from ledger.events import (
     subject_agents,
 )
 from ledger.identity import SigningKey, b64decode
+from ledger.postgres import PostgresLedgerReader, partition_name
 from ledger.signed import SignedEvent
-from ledger.store import PostgresLedgerReader, partition_name
 from ledger.timefmt import format_time
 from ledger.verify import KeyRing, LedgerVerifier, verify_ledger
 

@@ -53,8 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import drop_database, fresh_database, servers
 from bench.ledger_gen import GeneratedLedger, generate_ledger, verify_sample
 from ledger.events import PolicyViolation, TrustSignal
+from ledger.postgres import PostgresEventStore, PostgresLedgerReader
 from ledger.signed import SignedEvent
-from ledger.store import PostgresEventStore, PostgresLedgerReader
 from ledger.timefmt import format_time
 from projections.config import TrustConfig
 from projections.documents import Batch

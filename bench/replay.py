@@ -50,7 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agentmesh.embedded import EmbeddedPostgres
 from bench.common import fresh_database
 from bench.ledger_gen import generate_ledger
-from ledger.store import PostgresLedgerReader, RecordedEvent
+from ledger.chain import RecordedEvent
+from ledger.postgres import PostgresLedgerReader
 from projections.config import TrustConfig
 from projections.replay import AgentTimelineReplay, ReplaySource, Timeline
 

@@ -30,7 +30,7 @@ import ledger.retention as retention
 from agentmesh.embedded import EmbeddedPostgres
 from bench.common import fresh_database
 from bench.ledger_gen import generate_ledger
-from ledger.store import PostgresEventStore
+from ledger.postgres import PostgresEventStore
 from projections.config import TrustConfig
 from projections.state import MeshState
 

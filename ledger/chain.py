@@ -73,6 +73,32 @@ class Entry:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """Where an append landed. ``duplicate`` is True for an idempotent retry."""
+
+    positions: tuple[int, ...]
+    stream_id: str
+    stream_version: int
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    position: int
+    entry_hash: bytes
+    recorded_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedEvent(Entry):
+    """A stored entry with its indexed columns."""
+
+    event_type: str
+    actor: str
+    subjects: tuple[str, ...]
+
+
 def check_link(entry: Entry, expected_position: int, expected_prev: bytes) -> None:
     """Raise VerificationError unless ``entry`` extends the chain correctly."""
     if entry.position != expected_position:

@@ -38,12 +38,16 @@ from ledger.chain import sign_checkpoint
 from ledger.errors import LedgerError, StoreUnavailableError, VerificationError
 from ledger.events import RetentionApplied
 from ledger.identity import SigningKey, VerifyKey, b64decode, b64encode
-from ledger.store import PostgresEventStore, PostgresLedgerReader
+from ledger.ports import LedgerReader, Window
+from ledger.postgres import PostgresEventStore, PostgresLedgerReader
+
+# The anchor's signed bytes live in a pure module: the offline audit verifier checks them.
+from ledger.signatures import ANCHOR_TYPE as ANCHOR_TYPE
+from ledger.signatures import anchor_signed_bytes as anchor_signed_bytes
 from ledger.timefmt import format_time
 
 log = logging.getLogger("agentmesh.retention")
 
-ANCHOR_TYPE = "agentmesh.retention.anchor"
 SnapshotAt = Callable[[int], Awaitable[Mapping[str, Any]]]
 _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 _PARTITION = re.compile(r"^events_p\d{8}$")
@@ -90,21 +94,6 @@ class RetentionPlan:
             f"{self.cut_position}; {self.rows} events; drop {len(self.drop)} partitions "
             f"({', '.join(self.drop) or '-'}); trim {', '.join(self.straddling) or '-'}"
         )
-
-
-def anchor_signed_bytes(
-    position: int, entry_hash: bytes, cut_time: datetime, keys: bytes, snapshot_digest: bytes
-) -> bytes:
-    return canonical_bytes(
-        {
-            "type": ANCHOR_TYPE,
-            "position": position,
-            "entry_hash": entry_hash.hex(),
-            "cut_time": format_time(cut_time),
-            "keys_digest": hashlib.sha256(keys).hexdigest(),
-            "snapshot_digest": snapshot_digest.hex(),
-        }
-    )
 
 
 # -- reading anchors -----------------------------------------------------------------
@@ -320,30 +309,9 @@ async def _set_status(pool: asyncpg.Pool, anchor: Anchor, status: str) -> Anchor
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Window:
-    """Where the stored ledger starts after retention (for readers that trust the DB)."""
-
-    position: int
-    cut_time: datetime
-    snapshot: dict[str, Any]
-
-
-async def retention_window(reader: PostgresLedgerReader) -> Window | None:
+async def retention_window(reader: LedgerReader) -> Window | None:
     """The latest recorded anchor's snapshot, digest-checked; None if nothing was cut.
 
     For projections and time travel, which trust the database as they trust its
     events; ``ledger verify`` checks the anchor's signature (``latest_anchor``)."""
-    try:
-        row = await reader.pool.fetchrow(
-            "SELECT position, cut_time, snapshot, snapshot_digest FROM retention_anchors "
-            "WHERE status <> 'anchored' ORDER BY position DESC LIMIT 1"
-        )
-    except _DRIVER_ERRORS as exc:
-        raise StoreUnavailableError(f"cannot read retention anchors: {exc}") from exc
-    if row is None:
-        return None
-    snapshot = bytes(row["snapshot"])
-    if hashlib.sha256(snapshot).digest() != bytes(row["snapshot_digest"]):
-        raise VerificationError(row["position"], "retention snapshot does not match its digest")
-    return Window(row["position"], row["cut_time"], msgspec.json.decode(snapshot))
+    return await reader.retention_window()

@@ -22,12 +22,9 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterable, Callable, Iterable
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ledger import authority
 from ledger.authority import AuthorityState
@@ -35,13 +32,15 @@ from ledger.chain import GENESIS_HASH, Checkpoint, Entry, check_link, verify_che
 from ledger.errors import EventValidationError, LedgerError, SignatureError, VerificationError
 from ledger.events import AgentKeyRotated, AgentRegistered, AnyEvent, decode_body, event_type
 from ledger.identity import VerifyKey
-from ledger.store import PostgresLedgerReader
+from ledger.postgres import PostgresLedgerReader
+
+# Re-exported: callers import these three from here too.
+from ledger.signatures import SignatureJob as SignatureJob
+from ledger.signatures import make_executor as make_executor
+from ledger.signatures import verify_signature_chunk as verify_signature_chunk
 
 CHUNK = 2000
 Progress = Callable[[int], None]
-
-# (position, raw public key, signature, body)
-SignatureJob = tuple[int, bytes, bytes, bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,17 +60,6 @@ class VerifyReport:
             f"({self.entries} entries, {self.signatures} signatures, "
             f"{self.checkpoints} checkpoints), head {self.head_hash.hex()}"
         )
-
-
-def verify_signature_chunk(jobs: list[SignatureJob]) -> list[int]:
-    """Positions whose signature does not verify (runs in a worker process)."""
-    bad: list[int] = []
-    for position, raw_key, signature, body in jobs:
-        try:
-            Ed25519PublicKey.from_public_bytes(raw_key).verify(signature, body)
-        except (InvalidSignature, ValueError):
-            bad.append(position)
-    return bad
 
 
 class KeyRing:
@@ -270,11 +258,6 @@ def _check_columns(
         raise VerificationError(position, f"event_type column {type_col!r} differs from the body")
     if actor_col is not None and actor_col != event.actor:
         raise VerificationError(position, f"actor column {actor_col!r} differs from the body")
-
-
-def make_executor(workers: int | None = None) -> ProcessPoolExecutor:
-    """A process pool for signature checks, one worker per core by default."""
-    return ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1)
 
 
 async def verify_entries(

@@ -13,8 +13,8 @@ from alembic import context
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from ledger.dsn import sqlalchemy_url
-from ledger.schema import metadata
+from ledger.postgres.dsn import sqlalchemy_url
+from ledger.postgres.schema import metadata
 
 config = context.config
 

@@ -28,11 +28,12 @@ from datetime import datetime
 import asyncpg
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from ledger.dsn import asyncpg_dsn
+from ledger.chain import RecordedEvent
 from ledger.errors import LedgerError
 from ledger.events import decode_body
+from ledger.postgres import PostgresLedgerReader
+from ledger.postgres.dsn import asyncpg_dsn
 from ledger.retention import retention_window
-from ledger.store import PostgresLedgerReader, RecordedEvent
 from ledger.timefmt import format_time, utc_now
 from projections.config import TrustConfig
 from projections.documents import (

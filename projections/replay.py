@@ -53,8 +53,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, Generic, Literal, TypeVar
 
+from ledger.chain import RecordedEvent
 from ledger.events import AnyEvent, PolicyViolation, TrustSignal, decode_body, subject_agents
-from ledger.store import RecordedEvent
 from ledger.timefmt import format_time
 from projections.config import MAX_SCORE, TrustConfig
 from projections.delegation import Grant, is_active

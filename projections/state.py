@@ -22,6 +22,7 @@ from typing import Annotated, Any, Final
 
 import msgspec
 
+from ledger.chain import RecordedEvent
 from ledger.events import (
     AgentKeyRotated,
     AgentRegistered,
@@ -37,7 +38,6 @@ from ledger.events import (
     TrustSignal,
     decode_body,
 )
-from ledger.store import RecordedEvent
 from ledger.timefmt import format_time, parse_time
 from projections.config import MAX_SCORE, SEVERITIES, TrustConfig
 from projections.delegation import (

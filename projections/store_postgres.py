@@ -20,7 +20,7 @@ from typing import Any
 
 import asyncpg
 
-from ledger.dsn import asyncpg_dsn
+from ledger.postgres.dsn import asyncpg_dsn
 from projections.documents import Batch, Change, Meta, decode, encode
 from projections.readstore import ReadStoreError, StaleWriteError
 

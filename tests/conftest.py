@@ -17,7 +17,7 @@ import pytest
 from agentmesh.embedded import EmbeddedPostgres, EmbeddedRedis
 from agentmesh.migrate import upgrade
 from ledger.identity import SigningKey
-from ledger.store import PostgresEventStore
+from ledger.postgres import PostgresEventStore
 
 
 @pytest.fixture(scope="session")

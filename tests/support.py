@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 from ledger.events import AgentRegistered, PolicyViolation, TrustSignal
 from ledger.identity import SigningKey
+from ledger.ports import Ledger
 from ledger.signed import SignedEvent
-from ledger.store import PostgresEventStore
 from ledger.timefmt import format_time
 
 # Signed bodies must be fresh (``ledger.authority.MAX_AGE``): tests start now.
@@ -65,7 +65,7 @@ class Agent:
 
 
 async def register(
-    store: PostgresEventStore,
+    store: Ledger,
     agent: Agent | None = None,
     capabilities: tuple[str, ...] = (),
     at: datetime | None = None,
@@ -84,7 +84,7 @@ async def register(
 
 
 async def random_history(
-    store: PostgresEventStore,
+    store: Ledger,
     clock: ManualClock,
     seed: int,
     steps: int = 120,

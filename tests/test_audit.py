@@ -34,12 +34,12 @@ from ledger.audit import (
     verify_bundle,
 )
 from ledger.canonical import canonical_bytes
-from ledger.chain import Entry, entry_hash, sign_checkpoint
+from ledger.chain import Entry, RecordedEvent, entry_hash, sign_checkpoint
 from ledger.errors import VerificationError
 from ledger.events import AgentKeyRotated, AgentRegistered, decode_body, subject_agents
 from ledger.identity import SigningKey, b64decode, b64encode
+from ledger.postgres import PostgresEventStore, PostgresLedgerReader
 from ledger.signed import SignedEvent
-from ledger.store import PostgresEventStore, PostgresLedgerReader, RecordedEvent
 from ledger.timefmt import format_time, parse_time
 from tests.api_support import ADMIN, api_settings, running_api, signed
 from tests.support import T0, Agent, ManualClock, random_history

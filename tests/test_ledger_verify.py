@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from ledger.chain import GENESIS_HASH, Entry, entry_hash
 from ledger.errors import VerificationError
 from ledger.identity import SigningKey
-from ledger.store import PostgresEventStore
+from ledger.postgres import PostgresEventStore
 from ledger.verify import KeyRing, verify_entries, verify_ledger
 from tests.support import T0, Agent, register
 

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ledger.chain import RecordedEvent
 from ledger.events import (
     AgentKeyRotated,
     AgentRegistered,
@@ -27,7 +28,6 @@ from ledger.events import (
     TrustSignal,
     encode_event,
 )
-from ledger.store import RecordedEvent
 from ledger.timefmt import format_time
 from projections.config import SEVERITIES, Severity, TrustConfig
 from projections.delegation import (

@@ -17,7 +17,7 @@ import pytest
 
 from agentmesh.embedded import EmbeddedRedis, free_port
 from ledger.identity import SigningKey
-from ledger.store import PostgresEventStore
+from ledger.postgres import PostgresEventStore
 from projections.config import TrustConfig
 from projections.readstore import ProjectionReader
 from projections.state import fold_recorded

@@ -18,7 +18,7 @@ import pytest
 
 from agentmesh.embedded import EmbeddedRedis
 from ledger.identity import SigningKey
-from ledger.store import PostgresEventStore
+from ledger.postgres import PostgresEventStore
 from projections.config import TrustConfig
 from projections.delegation import delegation_chain, effective_capabilities
 from projections.documents import Batch, Meta

@@ -25,9 +25,10 @@ import pytest
 from agentmesh.retention_job import run_retention
 from agentmesh.settings import Settings
 from ledger.audit import export_bundle
+from ledger.chain import RecordedEvent
 from ledger.events import PolicyViolation
 from ledger.identity import SigningKey
-from ledger.store import PostgresEventStore, RecordedEvent
+from ledger.postgres import PostgresEventStore
 from ledger.timefmt import format_time, parse_time
 from projections.config import TrustConfig
 from projections.delegation import is_active

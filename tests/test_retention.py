@@ -19,8 +19,8 @@ from agentmesh.embedded import EmbeddedRedis
 from agentmesh.retention_job import run_retention
 from agentmesh.settings import Settings
 from ledger.identity import SigningKey
+from ledger.postgres import PostgresEventStore
 from ledger.retention import RetentionError, apply_retention, plan_retention
-from ledger.store import PostgresEventStore
 from ledger.verify import verify_ledger
 from projections.config import TrustConfig
 from projections.projector import Projector

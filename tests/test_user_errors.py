@@ -13,7 +13,7 @@ import pytest
 from agentmesh.embedded import EmbeddedRedis
 from ledger.errors import VerificationError
 from ledger.identity import SigningKey
-from ledger.store import PostgresEventStore
+from ledger.postgres import PostgresEventStore
 from ledger.timefmt import format_time, is_rfc3339, parse_time
 from ledger.verify import verify_ledger
 from tests.api_support import ADMIN, Api, api_settings, running_api

@@ -1,4 +1,4 @@
-"""``PostgresEventStore``: the append-only, hash-chained ledger.
+"""``PostgresEventStore``: the append-only, hash-chained ledger (the writer).
 
 Ordering. Every append transaction first locks the single ``ledger_head``
 row (``SELECT … FOR UPDATE``) and reads the head under that lock. Positions
@@ -27,24 +27,23 @@ import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
-import msgspec
 from opentelemetry import trace
 
 from ledger import authority
 from ledger.chain import (
+    AppendResult,
     Checkpoint,
-    Entry,
+    Head,
     entry_hash,
     envelope_bytes,
     sign_checkpoint,
 )
-from ledger.dsn import asyncpg_dsn
 from ledger.errors import (
     ConcurrencyError,
     EventValidationError,
@@ -60,11 +59,18 @@ from ledger.events import (
     AgentReinstated,
     AgentSuspended,
     Event,
-    decode_body,
     stream_of,
     subject_agents,
 )
-from ledger.identity import SigningKey, VerifyKey, b64decode
+from ledger.identity import SigningKey, VerifyKey
+from ledger.postgres.reader import (
+    DRIVER_ERRORS,
+    ENTRY_COLUMNS,
+    NOTIFY_CHANNEL,
+    PostgresLedgerReader,
+    create_pool,
+    partition_name,
+)
 from ledger.signed import SignedEvent
 from ledger.timefmt import format_time, parse_time, utc_now
 
@@ -78,8 +84,7 @@ def _tracing() -> bool:
     return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
 
 
-NOTIFY_CHANNEL = "agentmesh_ledger"
-_DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+_DRIVER_ERRORS = DRIVER_ERRORS
 # Errors caused by what a request carries (class 22 data exceptions, e.g. a NUL in
 # text; class 23 constraint violations), as opposed to the database being unwell.
 _DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
@@ -87,32 +92,6 @@ _DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 Clock = Callable[[], datetime]
 # Ed25519 verification releases the GIL: one thread per core.
 _VERIFY_THREADS = max(os.cpu_count() or 1, 1)
-
-
-@dataclass(frozen=True, slots=True)
-class AppendResult:
-    """Where an append landed. ``duplicate`` is True for an idempotent retry."""
-
-    positions: tuple[int, ...]
-    stream_id: str
-    stream_version: int
-    duplicate: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Head:
-    position: int
-    entry_hash: bytes
-    recorded_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class RecordedEvent(Entry):
-    """A stored entry with its indexed columns."""
-
-    event_type: str
-    actor: str
-    subjects: tuple[str, ...]
 
 
 @dataclass(slots=True)
@@ -232,241 +211,6 @@ WITH s AS (
 SELECT pg_notify($16, $17)
 """
 
-_ENTRY_COLUMNS = (
-    "position, recorded_at, stream_id, stream_version, event_type, actor, subjects, "
-    "body, signature, prev_hash, entry_hash"
-)
-
-
-def _record(row: asyncpg.Record) -> RecordedEvent:
-    return RecordedEvent(
-        position=row["position"],
-        recorded_at=row["recorded_at"],
-        stream_id=row["stream_id"],
-        stream_version=row["stream_version"],
-        body=bytes(row["body"]),
-        signature=bytes(row["signature"]),
-        prev_hash=bytes(row["prev_hash"]),
-        entry_hash=bytes(row["entry_hash"]),
-        event_type=row["event_type"],
-        actor=row["actor"],
-        subjects=tuple(row["subjects"]),
-    )
-
-
-def partition_name(day: datetime) -> str:
-    return f"events_p{day:%Y%m%d}"
-
-
-class PostgresLedgerReader:
-    """Read access to the ledger: entries, head and checkpoints. Needs no key."""
-
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self._pool = pool
-
-    @classmethod
-    async def connect(cls, url: str, pool_size: int = 4) -> PostgresLedgerReader:
-        return cls(await _create_pool(url, pool_size))
-
-    async def close(self) -> None:
-        await self._pool.close()
-
-    @property
-    def pool(self) -> asyncpg.Pool:
-        return self._pool
-
-    async def _checkpoint_at(self, conn: asyncpg.Connection, position: int) -> Checkpoint | None:
-        row = await conn.fetchrow(
-            "SELECT position, head_hash, time, signer, encode(signature, 'base64') AS sig "
-            "FROM checkpoints WHERE position = $1",
-            position,
-        )
-        return None if row is None else _checkpoint(row)
-
-    async def latest_checkpoint(self) -> Checkpoint | None:
-        row = await self._fetchrow(
-            "SELECT position, head_hash, time, signer, encode(signature, 'base64') AS sig "
-            "FROM checkpoints ORDER BY position DESC LIMIT 1"
-        )
-        return None if row is None else _checkpoint(row)
-
-    async def checkpoints(self, after: int = 0, limit: int = 10_000) -> list[Checkpoint]:
-        rows = await self._fetch(
-            "SELECT position, head_hash, time, signer, encode(signature, 'base64') AS sig "
-            "FROM checkpoints WHERE position > $1 ORDER BY position LIMIT $2",
-            after,
-            limit,
-        )
-        return [_checkpoint(r) for r in rows]
-
-    # -- reading -----------------------------------------------------------
-
-    async def head(self) -> Head:
-        row = await self._fetchrow(
-            "SELECT position, entry_hash, recorded_at FROM ledger_head WHERE id = 1"
-        )
-        assert row is not None  # the migration inserts the row
-        return Head(row["position"], bytes(row["entry_hash"]), row["recorded_at"])
-
-    async def read(self, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
-        """Entries with position > ``after`` in position order, at most ``limit``."""
-        rows = await self._fetch(
-            f"SELECT {_ENTRY_COLUMNS} FROM events WHERE position > $1 "  # noqa: S608 -- constant
-            "ORDER BY position LIMIT $2",
-            after,
-            limit,
-        )
-        return [_record(r) for r in rows]
-
-    async def read_agent(self, did: str, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
-        """Entries an agent signed or is the subject of, in position order."""
-        rows = await self._fetch(
-            f"SELECT {_ENTRY_COLUMNS} FROM events "  # noqa: S608 -- constant
-            "WHERE subjects @> ARRAY[$1]::text[] AND position > $2 ORDER BY position LIMIT $3",
-            did,
-            after,
-            limit,
-        )
-        return [_record(r) for r in rows]
-
-    async def iter_entries(self, after: int = 0, batch: int = 2000) -> AsyncIterator[RecordedEvent]:
-        """Every entry after ``after``, streamed in batches (never loaded whole)."""
-        while True:
-            rows = await self.read(after, batch)
-            for row in rows:
-                yield row
-            if len(rows) < batch:
-                return
-            after = rows[-1].position
-
-    async def current_key(self, did: str) -> VerifyKey | None:
-        """The agent's current key, or None if it is not registered."""
-        row = await self._fetchrow("SELECT public_key FROM agent_keys WHERE did = $1", did)
-        return None if row is None else VerifyKey.from_raw(bytes(row["public_key"]))
-
-    @contextlib.asynccontextmanager
-    async def listener(self) -> AsyncIterator[asyncio.Event]:
-        """An event set whenever an append commits (LISTEN on a held connection)."""
-        wake = asyncio.Event()
-
-        def on_notify(*_: object) -> None:
-            wake.set()
-
-        try:
-            conn = await self._pool.acquire()
-            await conn.add_listener(NOTIFY_CHANNEL, on_notify)
-        except _DRIVER_ERRORS as exc:
-            raise StoreUnavailableError(f"cannot listen for appends: {exc}") from exc
-        try:
-            yield wake
-        finally:
-            with contextlib.suppress(*_DRIVER_ERRORS):
-                await conn.remove_listener(NOTIFY_CHANNEL, on_notify)
-            await self._pool.release(conn)
-
-    async def follow(
-        self, after: int = 0, batch: int = 1000, poll_interval: float = 1.0
-    ) -> AsyncIterator[list[RecordedEvent]]:
-        """Yield batches of new entries forever, woken by NOTIFY.
-
-        NOTIFY is only a hint: a periodic poll is the source of truth, so a
-        lost notification (or PgBouncer in the way) costs latency, not events.
-        """
-        async with self.listener() as wake:
-            while True:
-                wake.clear()
-                rows = await self.read(after, batch)
-                if rows:
-                    after = rows[-1].position
-                    yield rows
-                    if len(rows) == batch:
-                        continue
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), poll_interval)
-
-    async def _fetch(self, query: str, *args: object) -> list[asyncpg.Record]:
-        try:
-            return list(await self._pool.fetch(query, *args))
-        except _DRIVER_ERRORS as exc:
-            raise StoreUnavailableError(f"cannot read the ledger: {exc}") from exc
-
-    async def _fetchrow(self, query: str, *args: object) -> asyncpg.Record | None:
-        try:
-            return await self._pool.fetchrow(query, *args)
-        except _DRIVER_ERRORS as exc:
-            raise StoreUnavailableError(f"cannot read the ledger: {exc}") from exc
-
-    async def entry_at(self, position: int) -> RecordedEvent | None:
-        rows = await self.read(position - 1, 1)
-        return rows[0] if rows and rows[0].position == position else None
-
-    async def keys_before(self, position: int) -> dict[str, bytes]:
-        """Every agent's key as of just before ``position``: the keys of the latest
-        retention anchor below it (whose history is gone), then the registrations
-        and rotations after that anchor."""
-        anchor = await self._fetchrow(
-            "SELECT position, keys FROM retention_anchors WHERE position < $1 "
-            "ORDER BY position DESC LIMIT 1",
-            position,
-        )
-        keys: dict[str, bytes] = {}
-        start = 0
-        if anchor is not None:
-            start = anchor["position"]
-            stored = msgspec.json.decode(bytes(anchor["keys"]))
-            keys = {did: b64decode(raw, "key") for did, raw in stored.items()}
-        rows = await self._fetch(
-            "SELECT body FROM events WHERE position < $1 AND position > $2 "
-            "AND event_type IN ('agent.registered', 'agent.key_rotated') ORDER BY position",
-            position,
-            start,
-        )
-        for row in rows:
-            event = decode_body(bytes(row["body"]))
-            if isinstance(event, AgentRegistered | AgentKeyRotated):
-                keys[event.did] = VerifyKey.from_pem(event.public_key).raw
-        return keys
-
-    async def suspended_before(self, position: int) -> set[str]:
-        """The agents suspended as of just before ``position``: those of the latest
-        retention snapshot below it, then the suspensions and reinstatements after."""
-        anchor = await self._fetchrow(
-            "SELECT position, snapshot FROM retention_anchors WHERE position < $1 "
-            "ORDER BY position DESC LIMIT 1",
-            position,
-        )
-        suspended: set[str] = set()
-        start = 0
-        if anchor is not None:
-            start = anchor["position"]
-            agents = msgspec.json.decode(bytes(anchor["snapshot"]))["agents"]
-            suspended = {d for d, a in agents.items() if a["registry"]["status"] == "suspended"}
-        rows = await self._fetch(
-            "SELECT body FROM events WHERE position < $1 AND position > $2 "
-            "AND event_type IN ('agent.suspended', 'agent.reinstated') ORDER BY position",
-            position,
-            start,
-        )
-        for row in rows:
-            event = decode_body(bytes(row["body"]))
-            if isinstance(event, AgentSuspended):
-                suspended.add(event.did)
-            elif isinstance(event, AgentReinstated):
-                suspended.discard(event.did)
-        return suspended
-
-    async def first_position(self) -> int | None:
-        """The oldest position still stored (retention removes the ones before it)."""
-        row = await self._fetchrow("SELECT min(position) AS first FROM events")
-        return None if row is None else row["first"]
-
-
-async def _create_pool(url: str, size: int) -> asyncpg.Pool:
-    try:
-        return await asyncpg.create_pool(asyncpg_dsn(url), min_size=1, max_size=size)
-    except _DRIVER_ERRORS as exc:
-        raise StoreUnavailableError(f"cannot connect to PostgreSQL: {exc}") from exc
-
 
 class PostgresEventStore(PostgresLedgerReader):
     """The ledger on PostgreSQL. Create with ``await PostgresEventStore.open(...)``."""
@@ -514,7 +258,7 @@ class PostgresEventStore(PostgresLedgerReader):
         checkpoint_interval: float = 60.0,
         pool_size: int = 8,
     ) -> PostgresEventStore:
-        pool = await _create_pool(url, pool_size)
+        pool = await create_pool(url, pool_size)
         store = cls(
             pool,
             ledger_key,
@@ -963,7 +707,7 @@ class PostgresEventStore(PostgresLedgerReader):
     async def _write(self, conn: asyncpg.Connection, state: _BatchState) -> None:
         await self._ensure_partitions(conn, {row[1] for row in state.rows})  # type: ignore[misc]
         await conn.copy_records_to_table(
-            "events", records=state.rows, columns=_ENTRY_COLUMNS.split(", ")
+            "events", records=state.rows, columns=ENTRY_COLUMNS.split(", ")
         )
         streams = list(state.stream_rows.items())
         keys = list(state.key_rows.items())
@@ -1118,14 +862,3 @@ def _stage_agent_row(state: _BatchState, signed: SignedEvent, position: int) -> 
         raw_key = state.keys[event.did]
         assert raw_key is not None  # authority.check: the subject is registered
         state.key_rows[event.did] = (raw_key, state.key_positions[event.did], suspended)
-
-
-def _checkpoint(row: asyncpg.Record) -> Checkpoint:
-    return Checkpoint(
-        origin="agentmesh-ledger",
-        position=row["position"],
-        head_hash=bytes(row["head_hash"]).hex(),
-        time=format_time(row["time"]),
-        signer=row["signer"],
-        signature=row["sig"].replace("\n", ""),
-    )

@@ -1,0 +1,436 @@
+"""The bundle's lines: types, the JSON Lines encoding, and the checks that the
+exporter and the verifier share (entry hashes, key entries, signatures).
+
+
+A bundle is UTF-8 JSON Lines, one object per line, in this order:
+
+1. header::
+
+     {"kind": "header", "format": "agentmesh-audit-bundle", "format_version": 1,
+      "from": T1, "to": T2, "agent": DID | null,
+      "ledger_public_key": PEM, "generated_at": RFC 3339}
+
+2. key entries: the ``agent.registered`` / ``agent.key_rotated`` entries of every
+   agent whose signature appears on an exported event, up to the last exported
+   position (also those before ``from``), in position order::
+
+     {"kind": "key", "position", "recorded_at", "stream_id", "stream_version",
+      "type", "actor", "body", "signature", "prev_hash", "entry_hash"}
+
+   ``body`` is the canonical JSON text of the event body as a string (exactly
+   the signed bytes), ``signature`` base64, the hashes hex. Each key entry's
+   ``entry_hash`` recomputes from its ``prev_hash`` and envelope
+   (``ledger.chain``); a registration's DID hashes from its key and is signed
+   by the ledger or by the key it registers; a rotation is signed by the
+   agent's previous key.
+
+3. the entries with ``from <= recorded_at < to``, in position order: ``{"kind":
+   "event", …}`` with the fields of a key entry. With ``agent``, an entry that
+   the agent neither signed nor is the subject of is a stub, which keeps the
+   chain of links continuous without showing the event::
+
+     {"kind": "stub", "position", "prev_hash", "entry_hash"}
+
+4. ``{"kind": "checkpoint", "origin", "position", "head_hash", "time", "signer",
+   "signature"}``: a checkpoint signed by the ledger at exactly the last
+   exported position (absent when the range is empty).
+
+5. the manifest, last::
+
+     {"kind": "manifest", "format_version": 1, "from", "to", "agent",
+      "first_position", "last_position", "count", "stubs", "keys",
+      "head_hash", "start_hash", "checkpoint_position", "signer", "signature"}
+
+   ``count`` counts events, ``head_hash`` is the entry hash at
+   ``last_position`` and ``start_hash`` the ``prev_hash`` of
+   ``first_position`` (all null in an empty bundle). ``signature`` is the
+   ledger's Ed25519 signature over the RFC 8785 form of the manifest object
+   without ``signature``, so neither end of the range can be cut off unseen.
+
+   Between the header and the key entries, a bundle of a ledger that retention
+   cut holds ``{"kind": "anchor", "position", "entry_hash", "cut_time",
+   "keys", "snapshot_digest", "signer", "signature"}``: the agent keys as of
+   the cut, signed by the ledger (``ledger.signatures.anchor_signed_bytes``).
+
+The CloudEvents flavour of the same lines is ``ledger.audit.cloudevents``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import bisect
+from typing import Annotated, Any, Literal, TypeAlias
+
+import msgspec
+
+from ledger.canonical import canonical_bytes, canonical_envelope
+from ledger.chain import Checkpoint, RecordedEvent, entry_hash
+from ledger.errors import LedgerError, VerificationError
+from ledger.events import AgentKeyRotated, AgentRegistered, AnyEvent, decode_body, event_type
+from ledger.identity import VerifyKey, b64decode, b64encode
+from ledger.signatures import anchor_signed_bytes
+from ledger.timefmt import format_time, parse_time
+
+FORMAT = "agentmesh-audit-bundle"
+FORMAT_VERSION = 1
+MEDIA_TYPE = "application/x-ndjson"
+Flavour = Literal["jsonl", "cloudevents"]
+FLAVOURS: tuple[Flavour, ...] = ("jsonl", "cloudevents")
+
+
+def parse_flavour(text: str) -> Flavour:
+    """``jsonl`` or ``cloudevents``; ValueError otherwise."""
+    for flavour in FLAVOURS:
+        if text == flavour:
+            return flavour
+    raise ValueError(f"format must be one of {', '.join(FLAVOURS)}, got {text!r}")
+
+
+Hex = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+Position = Annotated[int, msgspec.Meta(ge=1, le=2**53 - 1)]
+Version = Annotated[int, msgspec.Meta(ge=1, le=2**53 - 1)]
+
+
+class BundleVerificationError(VerificationError):
+    """A bundle failed verification at ``line`` (1-based); ``position`` is the
+    ledger position concerned, or 0 when the line is not about one entry."""
+
+    def __init__(self, line: int, position: int, reason: str) -> None:
+        super().__init__(position, reason)
+        self.line = line
+        where = f"line {line} (position {position})" if position else f"line {line}"
+        self.args = (f"{where}: {reason}",)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class LineError(LedgerError):
+    """A line that is not a bundle line; the caller reports it as a
+    ``BundleVerificationError`` with its line number."""
+
+
+# -- the lines ------------------------------------------------------------------------
+
+
+class Header(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="header"):
+    format: str
+    format_version: int
+    from_: str = msgspec.field(name="from")
+    to: str
+    agent: str | None
+    ledger_public_key: str
+    generated_at: str
+
+
+class EntryLine(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
+    """One ledger entry with every field the chain and the signature need.
+
+    Hashes are not pattern-checked on decode (that costs as much as hashing):
+    ``entry_hash`` must equal a recomputed digest and ``prev_hash`` must parse.
+    """
+
+    position: Position
+    recorded_at: str
+    stream_id: str
+    stream_version: Version
+    type: str
+    actor: str
+    body: str
+    signature: str
+    prev_hash: str
+    entry_hash: str
+
+
+class KeyLine(EntryLine, frozen=True, tag="key"):
+    pass
+
+
+class EventLine(EntryLine, frozen=True, tag="event"):
+    pass
+
+
+class AnchorLine(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="anchor"):
+    """A retention anchor: the agent keys as of a cut whose history is gone,
+    signed by the ledger with the chain hash and snapshot digest there."""
+
+    position: Position
+    entry_hash: str
+    cut_time: str
+    keys: dict[str, str]
+    snapshot_digest: str
+    signer: str
+    signature: str
+
+    def signed_bytes(self) -> bytes:
+        return anchor_signed_bytes(
+            self.position,
+            bytes.fromhex(self.entry_hash),
+            parse_time(self.cut_time),
+            canonical_bytes(self.keys),
+            bytes.fromhex(self.snapshot_digest),
+        )
+
+
+class StubLine(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="stub"):
+    position: Position
+    prev_hash: Hex
+    entry_hash: Hex
+
+
+class CheckpointLine(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="checkpoint"):
+    origin: str
+    position: Position
+    head_hash: str
+    time: str
+    signer: str
+    signature: str
+
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint(
+            origin=self.origin,
+            position=self.position,
+            head_hash=self.head_hash,
+            time=self.time,
+            signer=self.signer,
+            signature=self.signature,
+        )
+
+
+class Manifest(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="manifest"):
+    """What the bundle holds, signed by the ledger (see the module docstring)."""
+
+    format_version: int
+    from_: str = msgspec.field(name="from")
+    to: str
+    agent: str | None
+    first_position: int | None
+    last_position: int | None
+    count: int
+    stubs: int
+    keys: int
+    head_hash: str | None
+    start_hash: str | None
+    checkpoint_position: int | None
+    signer: str
+    signature: str = ""
+
+    def signed_bytes(self) -> bytes:
+        """RFC 8785 form of the manifest without ``signature``.
+
+        ``"kind": "manifest"`` is part of it, so these bytes can never be taken
+        for an event body (which needs ``type``) or a checkpoint.
+        """
+        content = msgspec.to_builtins(self)
+        assert isinstance(content, dict)
+        del content["signature"]
+        return canonical_bytes(content)
+
+
+Line: TypeAlias = Header | AnchorLine | KeyLine | EventLine | StubLine | CheckpointLine | Manifest
+LINE_TYPES: dict[str, type[Any]] = {
+    "header": Header,
+    "anchor": AnchorLine,
+    "key": KeyLine,
+    "event": EventLine,
+    "stub": StubLine,
+    "checkpoint": CheckpointLine,
+    "manifest": Manifest,
+}
+
+
+jsonl_decoder = msgspec.json.Decoder(
+    Header | AnchorLine | KeyLine | EventLine | StubLine | CheckpointLine | Manifest
+)
+json_encoder = msgspec.json.Encoder()
+
+ENTRY_LINES = (EventLine, StubLine)
+
+
+def entry_line(kind: type[KeyLine] | type[EventLine], record: RecordedEvent) -> Any:
+    return kind(
+        position=record.position,
+        recorded_at=format_time(record.recorded_at),
+        stream_id=record.stream_id,
+        stream_version=record.stream_version,
+        type=record.event_type,
+        actor=record.actor,
+        body=record.body.decode(),
+        signature=b64encode(record.signature),
+        prev_hash=record.prev_hash.hex(),
+        entry_hash=record.entry_hash.hex(),
+    )
+
+
+# -- checks shared by the exporter and the verifier ----------------------------------------
+
+
+def recomputed_hash(item: EntryLine) -> str:
+    """The entry hash of a line's content: what ``ledger.chain`` hashes.
+
+    The line's texts are the envelope's texts (the recorded_at and base64
+    signature exactly as the ledger formats them), so a line that is not
+    byte-for-byte the stored entry cannot reproduce its hash.
+    """
+    prev = bytes.fromhex(item.prev_hash)
+    if len(prev) != 32:
+        raise ValueError("prev_hash is not 32 bytes")
+    fields: dict[str, str | int] = {
+        "position": item.position,
+        "recorded_at": item.recorded_at,
+        "signature": item.signature,
+        "stream_id": item.stream_id,
+        "stream_version": item.stream_version,
+    }
+    return entry_hash(prev, canonical_envelope(fields, item.body.encode())).hex()
+
+
+def check_hash(item: EntryLine) -> str | None:
+    """None if the line's entry_hash recomputes, else the reason it does not."""
+    try:
+        if recomputed_hash(item) == item.entry_hash:
+            return None
+    except (ValueError, LedgerError):
+        return "prev_hash, recorded_at or signature is malformed"
+    return "entry_hash does not match the entry's content"
+
+
+def decode_event(item: EntryLine) -> AnyEvent:
+    """The body as an event; its type and actor must be the line's."""
+    event = decode_body(item.body.encode())
+    if event_type(event) != item.type:
+        raise LineError(f"type {item.type!r} differs from the body's {event_type(event)!r}")
+    if event.actor != item.actor:
+        raise LineError(f"actor {item.actor} differs from the body's {event.actor}")
+    return event
+
+
+def entry_signature(item: EntryLine) -> bytes:
+    raw = b64decode(item.signature, "signature")
+    if len(raw) != 64:
+        raise LineError("an Ed25519 signature is 64 bytes")
+    return raw
+
+
+def raw_key(pem: str) -> VerifyKey:
+    try:
+        return VerifyKey.from_pem(pem)
+    except LedgerError as exc:
+        raise LineError(f"invalid public key: {exc}") from exc
+
+
+class KeyHistory:
+    """Every agent's keys by position, folded from the bundle's key entries."""
+
+    def __init__(self, ledger_key: VerifyKey, signatures: bool = True) -> None:
+        self.ledger_key = ledger_key
+        self.signatures = signatures
+        self.positions: dict[str, list[int]] = {}
+        self.raws: dict[str, list[bytes]] = {}
+        self.hashes: dict[int, str] = {}
+        self.last = 0
+        self.count = 0
+
+    def add(self, line: int, item: KeyLine) -> None:
+        try:
+            self._add(item)
+        except LedgerError as exc:
+            raise BundleVerificationError(line, item.position, reason_of(exc)) from exc
+
+    def add_anchor(self, line: int, item: AnchorLine) -> None:
+        """Keys as of a retention cut, trusted only under the ledger's signature."""
+        try:
+            if self.count or self.last:
+                raise LineError("an anchor comes before every key entry")
+            if item.signer != self.ledger_key.did or not self.ledger_key.is_valid(
+                signature_bytes(item.signature), item.signed_bytes()
+            ):
+                raise LineError("the retention anchor is not signed by the ledger key")
+            for did, raw in item.keys.items():
+                self.positions[did] = [item.position]
+                self.raws[did] = [base64.b64decode(raw, validate=True)]
+        except (LineError, ValueError, binascii.Error) as exc:
+            raise BundleVerificationError(line, item.position, reason_of(exc)) from exc
+        self.last = item.position
+
+    def _add(self, item: KeyLine) -> None:
+        # 1. in position order, each entry's own hash recomputes
+        if item.position <= self.last:
+            raise LineError("key entries are not in position order")
+        problem = check_hash(item)
+        if problem is not None:
+            raise LineError(problem)
+        event = decode_event(item)
+        if not isinstance(event, AgentRegistered | AgentKeyRotated):
+            raise LineError(f"a key entry must be a registration or rotation, not {item.type}")
+        self.hashes[item.position] = item.entry_hash
+        self.last = item.position
+        self.count += 1
+        if not self.signatures:
+            return  # which key is whose matters only to signatures
+        # 2. a registration or a rotation, signed by the right key
+        if isinstance(event, AgentRegistered):
+            key = self._registration(event)
+            signer = self.ledger_key if event.actor == self.ledger_key.did else key
+        else:
+            key = raw_key(event.public_key)
+            signer = self._rotation(event, item.position)
+        if not signer.is_valid(entry_signature(item), item.body.encode()):
+            raise LineError("signature does not verify")
+        # 3. fold
+        self.positions.setdefault(event.did, []).append(item.position)
+        self.raws.setdefault(event.did, []).append(key.raw)
+
+    def _registration(self, event: AgentRegistered) -> VerifyKey:
+        key = raw_key(event.public_key)
+        if key.did != event.did:
+            raise LineError(f"the public key belongs to {key.did}, not {event.did}")
+        if event.did in self.positions:
+            raise LineError(f"{event.did} is registered twice")
+        if event.actor not in (event.did, self.ledger_key.did):
+            raise LineError("an agent is registered by the ledger or by itself")
+        return key
+
+    def _rotation(self, event: AgentKeyRotated, position: int) -> VerifyKey:
+        if event.actor != event.did:
+            raise LineError("a key rotation is signed by the agent itself")
+        raw = self.key_at(event.did, position)
+        if raw is None:
+            raise LineError(f"{event.did} rotates a key but has no registration in the bundle")
+        return VerifyKey.from_raw(raw)
+
+    def key_at(self, did: str, position: int) -> bytes | None:
+        """The agent's key just before ``position``."""
+        return key_before(self.positions, self.raws, did, position)
+
+
+def key_before(
+    positions: dict[str, list[int]], raws: dict[str, list[bytes]], did: str, position: int
+) -> bytes | None:
+    known = positions.get(did)
+    if not known:
+        return None
+    index = bisect.bisect_left(known, position)
+    return raws[did][index - 1] if index else None
+
+
+def reason_of(exc: BaseException) -> str:
+    if isinstance(exc, VerificationError):
+        return exc.reason
+    return str(exc)
+
+
+def signature_bytes(text: str) -> bytes:
+    try:
+        return b64decode(text, "signature")
+    except LedgerError:
+        return b""
+
+
+def is_ledger_time(text: str) -> bool:
+    """Whether ``text`` is exactly how the ledger writes a time."""
+    try:
+        return format_time(parse_time(text)) == text
+    except (ValueError, OverflowError):
+        return False

@@ -1,0 +1,226 @@
+"""Checking a run of entry lines, on a worker process: the links between them, each
+event's hash, who may have signed it (``ledger.authority``) and its signature.
+
+A task carries everything the check needs (picklable): the lines themselves
+or a region of the bundle file that the worker reads, and the key history of
+the bundle's key section. The verifier (``ledger.audit.verify``) links the
+chunks to each other and reads the lines after the entries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import msgspec
+
+from ledger import authority
+from ledger.audit.bundle import (
+    ENTRY_LINES,
+    EventLine,
+    LineError,
+    StubLine,
+    check_hash,
+    decode_event,
+    entry_signature,
+    jsonl_decoder,
+    key_before,
+    raw_key,
+    reason_of,
+)
+from ledger.audit.cloudevents import decode_ce_entry
+from ledger.errors import LedgerError
+from ledger.events import AgentRegistered, subject_agents
+from ledger.signatures import verify_signature_chunk
+from ledger.timefmt import parse_time
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkTask:
+    """A run of lines to check, with everything the check needs (picklable).
+
+    The lines are ``lines``, or ``region`` (path, offset, length) of the bundle
+    file, which the worker reads itself so the lines never cross a pipe; a
+    region's line numbers start at ``first_line`` 1 and the caller shifts them.
+    """
+
+    lines: list[bytes]
+    region: tuple[str, int, int] | None
+    first_line: int
+    cloudevents: bool
+    signatures: bool
+    span: tuple[str, str]
+    agent: str | None
+    ledger: tuple[str, bytes]
+    positions: dict[str, list[int]]
+    raws: dict[str, list[bytes]]
+    key_hashes: dict[int, str]
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkResult:
+    """What a chunk held. ``first``/``last`` are (line, position, hash) of its
+    first entry (hash = prev_hash) and last entry (hash = entry_hash); ``rest``
+    holds the lines from the first one that is not an entry on."""
+
+    events: int = 0
+    stubs: int = 0
+    first: tuple[int, int, str] | None = None
+    last: tuple[int, int, str] | None = None
+    rest: list[tuple[int, bytes]] = field(default_factory=list)
+    error: tuple[int, int, str] | None = None
+    signatures: int = 0
+    lines: int = 0
+
+    def shifted(self, delta: int) -> ChunkResult:
+        """The same result with line numbers ``delta`` further on."""
+        if not delta:
+            return self
+
+        def move(found: tuple[int, int, str] | None) -> tuple[int, int, str] | None:
+            return None if found is None else (found[0] + delta, *found[1:])
+
+        return replace(
+            self,
+            first=move(self.first),
+            last=move(self.last),
+            error=move(self.error),
+            rest=[(number + delta, raw) for number, raw in self.rest],
+        )
+
+
+def check_chunk(task: ChunkTask) -> ChunkResult:
+    """Check a run of entry lines; report the first problem (line, position, reason)."""
+    return _ChunkCheck(task).run()
+
+
+def _task_lines(task: ChunkTask) -> list[bytes]:
+    if task.region is None:
+        return task.lines
+    path, offset, length = task.region
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        lines = handle.read(length).split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+class _ChunkCheck:
+    def __init__(self, task: ChunkTask) -> None:
+        self.task = task
+        self.jobs: list[tuple[int, bytes, bytes, bytes]] = []
+        self.job_lines: list[int] = []
+        self.events = 0
+        self.stubs = 0
+        self.first: tuple[int, int, str] | None = None
+        self.last: tuple[int, int, str] | None = None
+
+    def run(self) -> ChunkResult:
+        rest: list[tuple[int, bytes]] = []
+        error: tuple[int, int, str] | None = None
+        lines = _task_lines(self.task)
+        decode = decode_ce_entry if self.task.cloudevents else jsonl_decoder.decode
+        for offset, raw in enumerate(lines):
+            if not raw or raw.isspace():
+                continue
+            try:
+                item = decode(raw)
+            except (msgspec.DecodeError, LineError):
+                item = None  # the caller reports it, in order, with the lines after it
+            if not isinstance(item, ENTRY_LINES):
+                rest = [
+                    (self.task.first_line + i, line)
+                    for i, line in enumerate(lines[offset:], start=offset)
+                ]
+                break
+            error = self._entry(self.task.first_line + offset, item)
+            if error is not None:
+                break
+        error = self._signatures(error)
+        return ChunkResult(
+            events=self.events,
+            stubs=self.stubs,
+            first=self.first,
+            last=self.last,
+            rest=[] if error else rest,
+            error=error,
+            signatures=len(self.jobs),
+            lines=len(lines),
+        )
+
+    def _entry(self, number: int, item: EventLine | StubLine) -> tuple[int, int, str] | None:
+        # 1. linked to the entry before it in this chunk (the caller links chunks)
+        if self.last is not None:
+            _, position, digest = self.last
+            if item.position != position + 1:
+                return (
+                    number,
+                    position + 1,
+                    f"missing or out of order: expected position {position + 1}, "
+                    f"found {item.position}",
+                )
+            if item.prev_hash != digest:
+                return number, item.position, "prev_hash does not match the previous entry"
+        else:
+            self.first = (number, item.position, item.prev_hash)
+        # 2. the entry itself
+        problem = self._event(number, item) if isinstance(item, EventLine) else None
+        known = self.task.key_hashes.get(item.position)
+        if problem is None and known is not None and known != item.entry_hash:
+            problem = "differs from the key entry at this position"
+        if problem is not None:
+            return number, item.position, problem
+        self.last = (number, item.position, item.entry_hash)
+        if isinstance(item, EventLine):
+            self.events += 1
+        else:
+            self.stubs += 1
+        return None
+
+    def _event(self, number: int, item: EventLine) -> str | None:
+        low, high = self.task.span
+        if not low <= item.recorded_at < high:
+            return f"recorded_at {item.recorded_at} is outside the bundle's range"
+        problem = check_hash(item)
+        if problem is not None or not self.task.signatures:
+            return problem
+        try:
+            job = self._job(item)
+        except LedgerError as exc:
+            return reason_of(exc)
+        self.jobs.append(job)
+        self.job_lines.append(number)
+        return None
+
+    def _job(self, item: EventLine) -> tuple[int, bytes, bytes, bytes]:
+        event = decode_event(item)
+        agent = self.task.agent
+        if agent is not None and agent != event.actor and agent not in subject_agents(event):
+            raise LineError(f"neither signed by nor about {agent}")
+        ledger_did, ledger_raw = self.task.ledger
+        if event.actor == ledger_did:
+            key = ledger_raw
+        elif isinstance(event, AgentRegistered) and event.actor == event.did:
+            key = raw_key(event.public_key).raw
+        else:
+            found = key_before(self.task.positions, self.task.raws, event.actor, item.position)
+            if found is None:
+                raise LineError(f"signed by {event.actor}, which has no key entry before it")
+            key = found
+        if isinstance(event, AgentRegistered) and raw_key(event.public_key).did != event.did:
+            raise LineError(f"the public key does not belong to {event.did}")
+        body = item.body.encode()
+        # The append rules one event shows by itself (who may sign it, its id, real and
+        # fresh times, a rotation's proof); `ledger verify` replays the stateful ones.
+        authority.check_static(event, body, parse_time(item.recorded_at), ledger_did)
+        return item.position, key, entry_signature(item), body
+
+    def _signatures(self, error: tuple[int, int, str] | None) -> tuple[int, int, str] | None:
+        """The first bad signature, if it precedes ``error``; else ``error``."""
+        if not self.jobs:
+            return error
+        bad = verify_signature_chunk(self.jobs)
+        if not bad:
+            return error
+        index = next(i for i, job in enumerate(self.jobs) if job[0] == min(bad))
+        return self.job_lines[index], min(bad), "signature does not verify"

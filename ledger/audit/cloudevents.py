@@ -1,0 +1,194 @@
+"""The CloudEvents codec, and reading and writing lines in either flavour.
+
+The CloudEvents flavour carries the same content with every line a
+CloudEvents 1.0 JSON event: ``specversion`` "1.0", ``id``, ``source``,
+``type``, ``time``, ``datacontenttype`` "application/json", and the extension
+``amkind`` (header, key, event, stub, checkpoint, manifest). An event has
+``type`` ``ai.agentmesh.<event type>``, ``source`` its actor's DID, ``id``
+``<ledger DID>/<position>``, ``data_base64`` the exact canonical body bytes
+and the proof fields as extensions: ``amposition``, ``amrecordedat``,
+``amstreamid``, ``amstreamversion``, ``amprevhash``, ``amentryhash``,
+``amsignature``. Every other line has ``type`` ``ai.agentmesh.bundle.<kind>``,
+``source`` the ledger's DID and the JSON Lines object in ``data``. One
+verifier checks both.
+
+Stub lines carry no ``time``: they stand for an entry without showing it.
+
+``decode_line`` reads a line of either flavour into a bundle line
+(``ledger.audit.bundle``); ``LineEncoder`` writes lines in one flavour.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+import msgspec
+
+from ledger.audit.bundle import (
+    LINE_TYPES,
+    CheckpointLine,
+    EventLine,
+    Flavour,
+    KeyLine,
+    Line,
+    LineError,
+    Position,
+    StubLine,
+    Version,
+    json_encoder,
+    jsonl_decoder,
+)
+from ledger.identity import b64encode
+
+CE_PREFIX = "ai.agentmesh."
+
+
+class _CloudEvent(msgspec.Struct, kw_only=True):
+    """A CloudEvents 1.0 line (JSON format) with our extension attributes."""
+
+    specversion: str
+    id: str
+    source: str
+    type: str
+    amkind: str
+    time: str | None = None
+    datacontenttype: str | None = None
+    data: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
+    data_base64: str | None = None
+    amposition: Position | None = None
+    amrecordedat: str | None = None
+    amstreamid: str | None = None
+    amstreamversion: Version | None = None
+    amprevhash: str | None = None
+    amentryhash: str | None = None
+    amsignature: str | None = None
+
+
+_ce_decoder = msgspec.json.Decoder(_CloudEvent)
+
+
+def decode_line(raw: bytes, cloudevents: bool) -> Line:
+    try:
+        if not cloudevents:
+            line: Line = jsonl_decoder.decode(raw)
+            return line
+        return from_cloudevent(_ce_decoder.decode(raw))
+    except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+        raise LineError(f"not a bundle line: {exc}") from exc
+
+
+def from_cloudevent(ce: _CloudEvent) -> Line:
+    if ce.specversion != "1.0":
+        raise LineError(f"specversion {ce.specversion!r} is not CloudEvents 1.0")
+    if ce.datacontenttype != "application/json" or not ce.id or not ce.source:
+        raise LineError("a CloudEvent needs id, source and datacontenttype application/json")
+    if ce.amkind != "event":
+        kind = LINE_TYPES.get(ce.amkind)
+        if kind is None or ce.type != f"{CE_PREFIX}bundle.{ce.amkind}" or not len(ce.data):
+            raise LineError(f"amkind {ce.amkind!r} with type {ce.type!r} is not a bundle line")
+        line: Line = msgspec.json.decode(ce.data, type=kind)
+        return line
+    if not ce.type.startswith(CE_PREFIX) or ce.data_base64 is None:
+        raise LineError("an event needs type ai.agentmesh.<event type> and data_base64")
+    try:
+        body = base64.b64decode(ce.data_base64, validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError) as exc:
+        raise LineError("data_base64 is not base64 of UTF-8 JSON") from exc
+    if (
+        ce.amposition is None
+        or ce.amrecordedat is None
+        or ce.amstreamid is None
+        or ce.amstreamversion is None
+        or ce.amprevhash is None
+        or ce.amentryhash is None
+        or ce.amsignature is None
+    ):
+        raise LineError("an event needs every am* proof attribute")
+    # The decoder checked every attribute's type and range; no second validation pass.
+    return EventLine(
+        position=ce.amposition,
+        recorded_at=ce.amrecordedat,
+        stream_id=ce.amstreamid,
+        stream_version=ce.amstreamversion,
+        type=ce.type[len(CE_PREFIX) :],
+        actor=ce.source,
+        body=body,
+        signature=ce.amsignature,
+        prev_hash=ce.amprevhash,
+        entry_hash=ce.amentryhash,
+    )
+
+
+def decode_ce_entry(raw: bytes) -> Line:
+    return from_cloudevent(_ce_decoder.decode(raw))
+
+
+def is_cloudevents(raw: bytes) -> bool:
+    """Which flavour a bundle is, from its first line."""
+    try:
+        first = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return False
+    return isinstance(first, dict) and "specversion" in first
+
+
+class LineEncoder:
+    """Writes lines in one flavour."""
+
+    def __init__(self, flavour: Flavour, ledger_did: str, generated_at: str) -> None:
+        self.cloudevents = flavour == "cloudevents"
+        self.ledger_did = ledger_did
+        self.generated_at = generated_at
+
+    def line(self, item: Line) -> bytes:
+        if not self.cloudevents:
+            return json_encoder.encode(item) + b"\n"
+        if isinstance(item, EventLine):
+            return self._event(item)
+        kind = item.__struct_config__.tag
+        assert isinstance(kind, str)
+        ident, time = self._id_and_time(item, kind)
+        ce: dict[str, Any] = {
+            "specversion": "1.0",
+            "id": ident,
+            "source": self.ledger_did,
+            "type": f"{CE_PREFIX}bundle.{kind}",
+        }
+        if time is not None:
+            ce["time"] = time
+        ce["datacontenttype"] = "application/json"
+        ce["data"] = msgspec.Raw(json_encoder.encode(item))
+        ce["amkind"] = kind
+        return json_encoder.encode(ce) + b"\n"
+
+    def _id_and_time(self, item: Line, kind: str) -> tuple[str, str | None]:
+        match item:
+            case KeyLine():
+                return f"{self.ledger_did}/key/{item.position}", item.recorded_at
+            case StubLine():
+                return f"{self.ledger_did}/{item.position}", None
+            case CheckpointLine():
+                return f"{self.ledger_did}/checkpoint/{item.position}", item.time
+        return f"{self.ledger_did}/bundle/{self.generated_at}/{kind}", self.generated_at
+
+    def _event(self, item: EventLine) -> bytes:
+        ce = {
+            "specversion": "1.0",
+            "id": f"{self.ledger_did}/{item.position}",
+            "source": item.actor,
+            "type": CE_PREFIX + item.type,
+            "time": item.recorded_at,
+            "datacontenttype": "application/json",
+            "data_base64": b64encode(item.body.encode()),
+            "amkind": "event",
+            "amposition": item.position,
+            "amrecordedat": item.recorded_at,
+            "amstreamid": item.stream_id,
+            "amstreamversion": item.stream_version,
+            "amprevhash": item.prev_hash,
+            "amentryhash": item.entry_hash,
+            "amsignature": item.signature,
+        }
+        return json_encoder.encode(ce) + b"\n"

@@ -1,0 +1,520 @@
+"""Offline verification of a bundle: ``verify_bundle`` names the first bad line.
+
+It checks the chain from the first entry (each event's hash recomputed, every
+``prev_hash`` equal to the previous entry's hash, stubs included, positions
+consecutive, times inside the range), every event signature against its
+signer's key at that position (on a process pool) and the append rules one
+event shows by itself (``ledger.authority.check_static``), the checkpoint and
+manifest signatures by the header's ledger key, and header, manifest and
+content against each other. Blank lines are ignored. The header names the
+ledger key; pin the one you expect with ``ledger_key``, or compare the DID
+the report prints.
+
+The header and key entries are read in this process, the entries in chunks
+on a process pool (``ledger.audit.chunks``), the checkpoint and the manifest
+in this process again. Nothing here touches a database.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
+from typing import BinaryIO, TypeAlias
+
+from ledger.audit.bundle import (
+    FORMAT,
+    FORMAT_VERSION,
+    AnchorLine,
+    BundleVerificationError,
+    CheckpointLine,
+    EventLine,
+    Header,
+    KeyHistory,
+    KeyLine,
+    Line,
+    LineError,
+    Manifest,
+    StubLine,
+    is_ledger_time,
+    signature_bytes,
+)
+from ledger.audit.chunks import ChunkResult, ChunkTask, check_chunk
+from ledger.audit.cloudevents import decode_line, is_cloudevents
+from ledger.chain import CHECKPOINT_ORIGIN, Checkpoint, verify_checkpoint
+from ledger.errors import LedgerError, VerificationError
+from ledger.identity import VerifyKey, is_did
+from ledger.signatures import make_executor
+
+Source: TypeAlias = str | os.PathLike[str] | Iterable[str | bytes]
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class BundleReport:
+    """A verified bundle: what it holds and what was checked."""
+
+    header: Header
+    manifest: Manifest
+    checkpoint: Checkpoint | None
+    events: int
+    stubs: int
+    keys: int
+    signatures: int
+    signatures_checked: bool
+
+    @property
+    def ledger_did(self) -> str:
+        return self.manifest.signer
+
+    def summary(self) -> str:
+        m = self.manifest
+        if m.first_position is None:
+            return (
+                f"bundle OK: no events from {m.from_} to {m.to}, "
+                f"manifest signed by {self.ledger_did}"
+            )
+        what = f"{self.events} events"
+        if m.agent is not None:
+            what += f" and {self.stubs} stubs for {m.agent}"
+        unchecked = "" if self.signatures_checked else " (event signatures not checked)"
+        return (
+            f"bundle OK{unchecked}: {what} (positions {m.first_position}..{m.last_position}), "
+            f"{self.keys} keys, checkpoint {m.checkpoint_position} signed by {self.ledger_did}"
+        )
+
+
+def verify_bundle(
+    source: Source,
+    *,
+    workers: int | None = None,
+    signatures: bool = True,
+    ledger_key: VerifyKey | None = None,
+    executor: Executor | None = None,
+    progress: Progress | None = None,
+    chunk: int | None = None,
+) -> BundleReport:
+    """Verify a bundle (a path, or an iterable of lines) offline.
+
+    Returns a report, or raises ``BundleVerificationError`` naming the first
+    bad line. ``workers`` processes check entries in chunks of ``chunk`` lines,
+    or of ``chunk`` KiB of a file (default 2000; workers default to one per
+    core; 0 checks everything in this process); a pool is only started for a
+    bundle of more than one chunk, and ``executor`` replaces it.
+    ``signatures=False`` checks the chain, the key entries' hashes, the
+    checkpoint and the manifest but no event or key signature. ``ledger_key``
+    pins the ledger key the header must name. ``progress`` gets the bytes
+    read so far. OSError propagates when the path cannot be read.
+    """
+    verifier = _BundleVerifier(
+        signatures=signatures,
+        ledger_key=ledger_key,
+        workers=(os.cpu_count() or 1) if workers is None else workers,
+        executor=executor,
+        chunk=chunk or 2000,
+        progress=progress,
+    )
+    return verifier.run(source)
+
+
+def _counted(
+    lines: Iterable[str | bytes], progress: Progress | None
+) -> Iterator[tuple[int, bytes]]:
+    done = 0
+    for number, line in enumerate(lines, start=1):
+        raw = line.encode() if isinstance(line, str) else line
+        if progress is not None:
+            done += len(raw)
+            if number % 10_000 == 0:
+                progress(done)
+        yield number, raw
+    if progress is not None:
+        progress(done)
+
+
+class _BundleVerifier:
+    """Reads lines in order: header, key entries, entries (in chunks), the tail."""
+
+    def __init__(
+        self,
+        *,
+        signatures: bool,
+        ledger_key: VerifyKey | None,
+        workers: int,
+        executor: Executor | None,
+        chunk: int,
+        progress: Progress | None,
+    ) -> None:
+        self.progress = progress
+        self.signatures = signatures
+        self.pinned = ledger_key
+        self.workers = workers
+        self.executor = executor
+        self.own_executor: Executor | None = None
+        self.chunk = chunk
+        self.cloudevents = False
+        self.header: Header | None = None
+        self.keys: KeyHistory | None = None
+        self.events = 0
+        self.stubs = 0
+        self.signatures_done = 0
+        self.first: tuple[int, int, str] | None = None
+        self.last: tuple[int, int, str] | None = None
+        self.checkpoint: Checkpoint | None = None
+        self.manifest: Manifest | None = None
+        self.lines_seen = 0
+        self.next_line = 0  # the number of the next region's first line
+
+    # 1. header and key entries, in this process
+    def run(self, source: Source) -> BundleReport:
+        try:
+            if isinstance(source, str | os.PathLike):
+                with open(source, "rb") as handle:
+                    self._read_file(handle, os.fspath(source))
+            else:
+                self._read_lines(_counted(source, self.progress))
+            return self._finish()
+        finally:
+            if self.own_executor is not None:
+                self.own_executor.shutdown(cancel_futures=True)
+
+    def _read_lines(self, lines: Iterator[tuple[int, bytes]]) -> None:
+        for number, raw in lines:
+            self.lines_seen = number
+            if self._prelude(number, raw):
+                self._entries(self._line_tasks(number, raw, lines))
+                return
+
+    def _read_file(self, handle: BinaryIO, path: str) -> None:
+        number = 0
+        while True:
+            offset = handle.tell()
+            raw = handle.readline()
+            if not raw:
+                return
+            number += 1
+            self.lines_seen = number
+            if self._prelude(number, raw):
+                self._entries(self._file_tasks(handle, path, offset, number))
+                return
+
+    def _prelude(self, number: int, raw: bytes) -> bool:
+        """Check a line before the entries; True when it is the first entry."""
+        if not raw.strip():
+            return False
+        if self.header is None:
+            self._header(number, raw)
+            return False
+        item = self._decode(number, raw)
+        if isinstance(item, AnchorLine) and self.checkpoint is None and self.manifest is None:
+            assert self.keys is not None
+            self.keys.add_anchor(number, item)
+        elif isinstance(item, KeyLine) and self.checkpoint is None and self.manifest is None:
+            assert self.keys is not None
+            self.keys.add(number, item)
+        elif isinstance(item, EventLine | StubLine):
+            return True
+        else:
+            self._tail(number, item)
+        return False
+
+    def _decode(self, number: int, raw: bytes) -> Line:
+        try:
+            return decode_line(raw, self.cloudevents)
+        except LineError as exc:
+            raise BundleVerificationError(number, 0, str(exc)) from None
+
+    def _header(self, number: int, raw: bytes) -> None:
+        self.cloudevents = is_cloudevents(raw)
+        item = self._decode(number, raw)
+        if not isinstance(item, Header):
+            raise BundleVerificationError(number, 0, "the first line is not a bundle header")
+        if item.format != FORMAT or item.format_version != FORMAT_VERSION:
+            raise BundleVerificationError(
+                number, 0, f"not a {FORMAT} version {FORMAT_VERSION} header"
+            )
+        for name, text in (("from", item.from_), ("to", item.to)):
+            if not is_ledger_time(text):
+                raise BundleVerificationError(number, 0, f"{name} is not a ledger time: {text!r}")
+        if not item.from_ < item.to or (item.agent is not None and not is_did(item.agent)):
+            raise BundleVerificationError(number, 0, "from must precede to; agent must be a DID")
+        try:
+            key = VerifyKey.from_pem(item.ledger_public_key)
+        except LedgerError as exc:
+            raise BundleVerificationError(number, 0, f"ledger_public_key: {exc}") from None
+        if self.pinned is not None and key.raw != self.pinned.raw:
+            raise BundleVerificationError(
+                number,
+                0,
+                f"ledger key mismatch: the bundle is signed by {key.did}, the pinned key "
+                f"is {self.pinned.did}",
+            )
+        self.header = item
+        self.keys = KeyHistory(key, self.signatures)
+
+    # 2. entries, in chunks on the workers
+    def _line_tasks(
+        self, number: int, raw: bytes, lines: Iterator[tuple[int, bytes]]
+    ) -> Iterator[ChunkTask]:
+        start, batch = number, [raw]
+        for number, raw in lines:
+            self.lines_seen = number
+            batch.append(raw)
+            if len(batch) >= self.chunk:
+                yield self._task(start, batch)
+                start, batch = number + 1, []
+        if batch:
+            yield self._task(start, batch)
+
+    def _file_tasks(
+        self, handle: BinaryIO, path: str, offset: int, number: int
+    ) -> Iterator[ChunkTask]:
+        """Regions of about ``chunk`` KiB cut at line ends; the workers read,
+        count and check their lines (this process reads only where it cuts)."""
+        self.next_line = number
+        handle.seek(0, os.SEEK_END)
+        size = handle.tell()
+        while offset < size:
+            handle.seek(min(offset + self.chunk * 1024, size))
+            handle.readline()  # to the end of the line
+            end = handle.tell()
+            yield self._task(1, [], (path, offset, end - offset))
+            offset = end
+            if self.progress is not None:
+                self.progress(offset)
+
+    def _entries(self, tasks: Iterator[ChunkTask]) -> None:
+        """Check tasks in order; a pool only once there is more than one."""
+        pending: collections.deque[tuple[Future[ChunkResult] | None, ChunkTask]] = (
+            collections.deque()
+        )
+        held: ChunkTask | None = None
+        for task in tasks:
+            if held is not None:
+                pending.append(self._submit(held, pool=True))
+                while len(pending) > 2 * max(self.workers, 1):
+                    self._collect(*pending.popleft())
+            held = task
+        if held is not None:
+            pending.append(self._submit(held, pool=self.executor is not None))
+        while pending:
+            self._collect(*pending.popleft())
+
+    def _task(
+        self, start: int, batch: list[bytes], region: tuple[str, int, int] | None = None
+    ) -> ChunkTask:
+        assert self.header is not None
+        assert self.keys is not None
+        ledger = self.keys.ledger_key
+        with_keys = self.signatures
+        return ChunkTask(
+            lines=batch,
+            region=region,
+            first_line=start,
+            cloudevents=self.cloudevents,
+            signatures=self.signatures,
+            span=(self.header.from_, self.header.to),
+            agent=self.header.agent,
+            ledger=(ledger.did, ledger.raw),
+            positions=self.keys.positions if with_keys else {},
+            raws=self.keys.raws if with_keys else {},
+            key_hashes=self.keys.hashes,
+        )
+
+    def _submit(
+        self, task: ChunkTask, *, pool: bool
+    ) -> tuple[Future[ChunkResult] | None, ChunkTask]:
+        if not pool or self.workers == 0:
+            return None, task  # checked in this process when collected
+        if self.executor is None:
+            self.own_executor = self.executor = make_executor(self.workers)
+        return self.executor.submit(check_chunk, task), task
+
+    def _collect(self, future: Future[ChunkResult] | None, task: ChunkTask) -> None:
+        result = check_chunk(task) if future is None else future.result()
+        if task.region is not None:  # region lines are numbered from 1: make them absolute
+            result = result.shifted(self.next_line - 1)
+            self.next_line += result.lines
+            self.lines_seen = self.next_line - 1
+        if result.first is not None:
+            self._link(result.first)
+        if result.error is not None:
+            raise BundleVerificationError(*result.error)
+        self.events += result.events
+        self.stubs += result.stubs
+        self.signatures_done += result.signatures
+        if result.last is not None:
+            self.last = result.last
+        for number, raw in result.rest:
+            if raw.strip():
+                self._tail(number, self._decode(number, raw))
+
+    def _link(self, first: tuple[int, int, str]) -> None:
+        number, position, prev_hash = first
+        if self.manifest is not None:
+            raise BundleVerificationError(number, 0, "a line after the manifest")
+        if self.checkpoint is not None:
+            raise BundleVerificationError(number, position, "an entry after the checkpoint")
+        if self.last is None:
+            self.first = first
+            return
+        _, last_position, last_hash = self.last
+        if position != last_position + 1:
+            raise BundleVerificationError(
+                number,
+                last_position + 1,
+                f"missing or out of order: expected position {last_position + 1}, found {position}",
+            )
+        if prev_hash != last_hash:
+            raise BundleVerificationError(
+                number, position, "prev_hash does not match the previous entry"
+            )
+
+    # 3. checkpoint and manifest, in this process
+    def _tail(self, number: int, item: Line) -> None:
+        if self.manifest is not None:
+            raise BundleVerificationError(number, 0, "a line after the manifest")
+        match item:
+            case CheckpointLine() if self.checkpoint is None:
+                self._checkpoint(number, item)
+            case Manifest():
+                self._manifest(number, item)
+            case KeyLine():
+                raise BundleVerificationError(
+                    number, item.position, "a key entry after the entries (keys come first)"
+                )
+            case EventLine() | StubLine():
+                raise BundleVerificationError(
+                    number, item.position, "an entry after the checkpoint"
+                )
+            case _:
+                kind = item.__struct_config__.tag
+                raise BundleVerificationError(number, 0, f"an unexpected {kind} line")
+
+    def _checkpoint(self, number: int, item: CheckpointLine) -> None:
+        assert self.keys is not None
+        checkpoint = item.checkpoint()
+        try:
+            if item.origin != CHECKPOINT_ORIGIN:
+                raise VerificationError(item.position, f"origin is not {CHECKPOINT_ORIGIN}")
+            verify_checkpoint(checkpoint, self.keys.ledger_key)
+        except VerificationError as exc:
+            raise BundleVerificationError(number, item.position, exc.reason) from None
+        if self.last is not None:
+            _, position, digest = self.last
+            if item.position > position:
+                raise BundleVerificationError(
+                    number,
+                    position + 1,
+                    f"missing: the checkpoint covers position {item.position}, "
+                    f"the entries end at {position}",
+                )
+            if item.position < position:
+                raise BundleVerificationError(
+                    number,
+                    item.position + 1,
+                    f"the checkpoint covers position {item.position}, not the last entry "
+                    f"{position}",
+                )
+            if item.head_hash != digest:
+                raise BundleVerificationError(
+                    number, position, "entry_hash differs from the signed checkpoint"
+                )
+        self.checkpoint = checkpoint
+
+    def _manifest(self, number: int, item: Manifest) -> None:
+        assert self.header is not None
+        assert self.keys is not None
+        header, first, last = self.header, self.first, self.last
+        if (item.from_, item.to, item.agent, item.format_version) != (
+            header.from_,
+            header.to,
+            header.agent,
+            FORMAT_VERSION,
+        ):
+            raise BundleVerificationError(number, 0, "the manifest's range differs from the header")
+        if first is not None and item.first_position != first[1]:
+            raise BundleVerificationError(
+                first[0],
+                item.first_position or first[1],
+                f"missing: the manifest says the entries start at {item.first_position}, "
+                f"they start at {first[1]}",
+            )
+        if last is not None and item.last_position != last[1]:
+            raise BundleVerificationError(
+                number,
+                min(item.last_position or last[1], last[1]) + 1,
+                f"missing: the manifest says the entries end at {item.last_position}, "
+                f"they end at {last[1]}",
+            )
+        if last is not None and self.checkpoint is None:
+            raise BundleVerificationError(number, last[1], "no checkpoint covers the last entry")
+        expected = (
+            (first[1] if first else None),
+            (last[1] if last else None),
+            self.events,
+            self.stubs,
+            self.keys.count,
+            (last[2] if last else None),
+            (first[2] if first else None),
+            (self.checkpoint.position if self.checkpoint and last else None),
+        )
+        found = (
+            item.first_position,
+            item.last_position,
+            item.count,
+            item.stubs,
+            item.keys,
+            item.head_hash,
+            item.start_hash,
+            item.checkpoint_position,
+        )
+        if found != expected:
+            names = (
+                "first_position",
+                "last_position",
+                "count",
+                "stubs",
+                "keys",
+                "head_hash",
+                "start_hash",
+                "checkpoint_position",
+            )
+            wrong = [
+                f"{n} {f!r} (bundle: {e!r})"
+                for n, f, e in zip(names, found, expected, strict=True)
+                if f != e
+            ]
+            raise BundleVerificationError(
+                number, 0, "the manifest does not match the bundle: " + ", ".join(wrong)
+            )
+        key = self.keys.ledger_key
+        if item.signer != key.did or not key.is_valid(
+            signature_bytes(item.signature), item.signed_bytes()
+        ):
+            raise BundleVerificationError(number, 0, "manifest signature is invalid")
+        self.manifest = item
+
+    def _finish(self) -> BundleReport:
+        if self.header is None:
+            raise BundleVerificationError(1, 0, "empty: no header")
+        if self.manifest is None:
+            raise BundleVerificationError(
+                self.lines_seen + 1, 0, "no manifest: the bundle is truncated"
+            )
+        if self.keys is not None and self.last is not None and self.keys.last > self.last[1]:
+            raise BundleVerificationError(
+                self.lines_seen, self.keys.last, "a key entry lies after the last entry"
+            )
+        return BundleReport(
+            header=self.header,
+            manifest=self.manifest,
+            checkpoint=self.checkpoint,
+            events=self.events,
+            stubs=self.stubs,
+            keys=self.keys.count if self.keys else 0,
+            signatures=self.signatures_done,
+            signatures_checked=self.signatures,
+        )

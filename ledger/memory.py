@@ -1,0 +1,327 @@
+"""``MemoryLedger``: the ledger in one process, for unit tests and tools.
+
+The same rules (``ledger.authority``), the same chain (``ledger.chain``), the
+same signed checkpoints as ``ledger.postgres``, with none of its durability:
+what it holds is gone with the process. It passes the ledger's contract
+suite (``tests/test_ledger_contract.py``) beside the PostgreSQL adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import datetime
+
+from ledger import authority
+from ledger.authority import AuthorityState
+from ledger.chain import (
+    GENESIS_HASH,
+    AppendResult,
+    Checkpoint,
+    Head,
+    RecordedEvent,
+    entry_hash,
+    envelope_bytes,
+    sign_checkpoint,
+)
+from ledger.errors import (
+    ConcurrencyError,
+    EventValidationError,
+    IdempotencyConflictError,
+    NotPermittedError,
+    SignatureError,
+)
+from ledger.events import (
+    AgentKeyRotated,
+    AgentRegistered,
+    AgentReinstated,
+    AgentSuspended,
+    Event,
+    decode_body,
+    stream_of,
+    subject_agents,
+)
+from ledger.identity import SigningKey, VerifyKey
+from ledger.ports import Window
+from ledger.signed import SignedEvent
+from ledger.timefmt import utc_now
+
+__all__ = ["MemoryLedger"]
+
+_EPOCH = datetime.fromisoformat("1970-01-01T00:00:00+00:00")
+
+
+class _Overlay:
+    """The ledger's write state plus one append's own changes (kept only if every
+    event of the append passes)."""
+
+    def __init__(self, state: AuthorityState) -> None:
+        self.state = state
+        self.ledger_did = state.ledger_did
+        self.scratch = AuthorityState(state.ledger_did)
+        self.suspended_changes: dict[str, bool] = {}
+
+    def key(self, did: str) -> bytes | None:
+        return self.scratch.keys.get(did) or self.state.key(did)
+
+    def suspended(self, did: str) -> bool:
+        return self.suspended_changes.get(did, self.state.suspended(did))
+
+    def has_agents(self) -> bool:
+        return bool(self.scratch.keys) or self.state.has_agents()
+
+    def seen(self, actor: str, event_id: str) -> bool:
+        return self.scratch.seen(actor, event_id) or self.state.seen(actor, event_id)
+
+    def advance(self, event: Event) -> None:
+        if event.event_id is not None:
+            self.scratch.ids.add((event.actor, event.event_id))
+        if isinstance(event, AgentRegistered | AgentKeyRotated):
+            self.scratch.keys[event.did] = VerifyKey.from_pem(event.public_key).raw
+        elif isinstance(event, AgentSuspended | AgentReinstated):
+            self.suspended_changes[event.did] = isinstance(event, AgentSuspended)
+
+    def commit(self) -> None:
+        self.state.keys.update(self.scratch.keys)
+        self.state.ids |= self.scratch.ids
+        for did, suspended in self.suspended_changes.items():
+            if suspended:
+                self.state.suspended_dids.add(did)
+            else:
+                self.state.suspended_dids.discard(did)
+
+
+class MemoryLedger:
+    """A ``ledger.ports.Ledger`` in memory. Appends are serialized by one lock."""
+
+    def __init__(
+        self,
+        ledger_key: SigningKey,
+        *,
+        clock: Callable[[], datetime] = utc_now,
+        checkpoint_every: int = 1000,
+    ) -> None:
+        self._key = ledger_key
+        self._clock = clock
+        self._checkpoint_every = checkpoint_every
+        self._entries: list[RecordedEvent] = []
+        self._state = AuthorityState(ledger_key.did)
+        self._versions: dict[str, int] = {}
+        self._idempotency: dict[tuple[str, str], tuple[bytes, AppendResult]] = {}
+        self._checkpoints: dict[int, Checkpoint] = {}
+        self._lock = asyncio.Lock()
+
+    # -- writer ---------------------------------------------------------------
+
+    @property
+    def ledger_did(self) -> str:
+        return self._key.did
+
+    @property
+    def ledger_key(self) -> VerifyKey:
+        return self._key.public
+
+    async def append(
+        self,
+        events: Sequence[SignedEvent],
+        *,
+        expected_version: int | None = None,
+        idempotency_key: str | None = None,
+        bootstrap: bool = False,
+    ) -> AppendResult:
+        """Append events of one stream atomically, by the same rules as PostgreSQL."""
+        stream = _one_stream(events, idempotency_key)
+        digest = hashlib.sha256(b"\n".join(e.body for e in events)).digest()
+        async with self._lock:
+            scope = (events[0].actor, idempotency_key or "")
+            if idempotency_key is not None and scope in self._idempotency:
+                stored, result = self._idempotency[scope]
+                if stored != digest:
+                    raise IdempotencyConflictError(
+                        f"idempotency key {idempotency_key!r} was used for different events"
+                    )
+                return result
+            result = self._append(events, stream, expected_version, bootstrap)
+            if idempotency_key is not None:
+                duplicate = AppendResult(
+                    result.positions, result.stream_id, result.stream_version, duplicate=True
+                )
+                self._idempotency[scope] = (digest, duplicate)
+            return result
+
+    def _append(
+        self,
+        events: Sequence[SignedEvent],
+        stream: str,
+        expected_version: int | None,
+        bootstrap: bool,
+    ) -> AppendResult:
+        version = self._versions.get(stream, 0)
+        if expected_version is not None and expected_version != version:
+            raise ConcurrencyError(stream, expected_version, version)
+        if bootstrap and self._state.has_agents():
+            raise NotPermittedError(
+                "the ledger already holds a registration: registering needs the admin token"
+            )
+        head = self._head()
+        now = max(self._clock(), head.recorded_at)
+        overlay = _Overlay(self._state)
+        for signed in events:
+            # Signatures first, as the PostgreSQL adapter verifies before its lock.
+            if not self._signer_key(signed, overlay).is_valid(signed.signature, signed.body):
+                raise SignatureError(f"{signed.type}: signature by {signed.actor} does not verify")
+            authority.check(signed.event, signed.body, now, overlay)
+            overlay.advance(signed.event)
+        overlay.commit()
+        positions = [
+            self._record(signed, stream, version + index, now)
+            for index, signed in enumerate(events, start=1)
+        ]
+        self._versions[stream] = version + len(events)
+        if self._head().position - max(self._checkpoints, default=0) >= self._checkpoint_every:
+            self._sign_head()
+        return AppendResult(tuple(positions), stream, version + len(events))
+
+    def _signer_key(self, signed: SignedEvent, view: _Overlay) -> VerifyKey:
+        event = signed.event
+        if signed.actor == self.ledger_did:
+            return self._key.public
+        if isinstance(event, AgentRegistered) and event.actor == event.did:
+            return VerifyKey.from_pem(event.public_key)
+        raw = view.key(signed.actor)
+        if raw is None:
+            raise SignatureError(f"{signed.type}: unknown signer {signed.actor}")
+        return VerifyKey.from_raw(raw)
+
+    def _record(self, signed: SignedEvent, stream: str, version: int, now: datetime) -> int:
+        head = self._head()
+        position = head.position + 1
+        envelope = envelope_bytes(
+            position=position,
+            recorded_at=now,
+            stream_id=stream,
+            stream_version=version,
+            body=signed.body,
+            signature=signed.signature,
+        )
+        subjects = set(subject_agents(signed.event))
+        if signed.actor != self.ledger_did:
+            subjects.add(signed.actor)
+        self._entries.append(
+            RecordedEvent(
+                position=position,
+                recorded_at=now,
+                stream_id=stream,
+                stream_version=version,
+                body=signed.body,
+                signature=signed.signature,
+                prev_hash=head.entry_hash,
+                entry_hash=entry_hash(head.entry_hash, envelope),
+                event_type=signed.type,
+                actor=signed.actor,
+                subjects=tuple(sorted(subjects)),
+            )
+        )
+        return position
+
+    async def append_own(
+        self,
+        event: Event,
+        *,
+        expected_version: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> AppendResult:
+        return await self.append(
+            [self.sign_own(event)],
+            expected_version=expected_version,
+            idempotency_key=idempotency_key,
+        )
+
+    def sign_own(self, event: Event) -> SignedEvent:
+        return SignedEvent.create(event, self._key)
+
+    async def checkpoint(self) -> Checkpoint:
+        async with self._lock:
+            head = self._head()
+            return self._checkpoints.get(head.position) or self._sign_head()
+
+    def _sign_head(self) -> Checkpoint:
+        head = self._head()
+        moment = max(self._clock(), head.recorded_at)
+        checkpoint = sign_checkpoint(self._key, head.position, head.entry_hash, moment)
+        self._checkpoints[head.position] = checkpoint
+        return checkpoint
+
+    async def close(self) -> None:
+        async with self._lock:
+            return
+
+    # -- reader ---------------------------------------------------------------
+
+    def _head(self) -> Head:
+        if not self._entries:
+            return Head(0, GENESIS_HASH, _EPOCH)
+        last = self._entries[-1]
+        return Head(last.position, last.entry_hash, last.recorded_at)
+
+    async def head(self) -> Head:
+        return self._head()
+
+    async def read(self, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        return self._entries[max(after, 0) : max(after, 0) + limit]
+
+    async def read_agent(self, did: str, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        found = [e for e in self._entries[max(after, 0) :] if did in e.subjects]
+        return found[:limit]
+
+    async def iter_entries(self, after: int = 0, batch: int = 2000) -> AsyncIterator[RecordedEvent]:
+        while chunk := await self.read(after, batch):
+            for entry in chunk:
+                yield entry
+            after = chunk[-1].position
+
+    async def entry_at(self, position: int) -> RecordedEvent | None:
+        return self._entries[position - 1] if 1 <= position <= len(self._entries) else None
+
+    async def first_position(self) -> int | None:
+        return 1 if self._entries else None
+
+    async def latest_checkpoint(self) -> Checkpoint | None:
+        return self._checkpoints[max(self._checkpoints)] if self._checkpoints else None
+
+    async def checkpoints(self, after: int = 0, limit: int = 10_000) -> list[Checkpoint]:
+        return [self._checkpoints[p] for p in sorted(self._checkpoints) if p > after][:limit]
+
+    async def current_key(self, did: str) -> VerifyKey | None:
+        raw = self._state.key(did)
+        return None if raw is None else VerifyKey.from_raw(raw)
+
+    async def keys_before(self, position: int) -> dict[str, bytes]:
+        return self._fold_before(position).keys
+
+    async def suspended_before(self, position: int) -> set[str]:
+        return self._fold_before(position).suspended_dids
+
+    def _fold_before(self, position: int) -> AuthorityState:
+        state = AuthorityState(self.ledger_did)
+        for entry in self._entries[: max(position - 1, 0)]:
+            state.advance(decode_body(entry.body))
+        return state
+
+    async def retention_window(self) -> Window | None:
+        return None  # retention runs against PostgreSQL only
+
+    async def schema_revision(self) -> str | None:
+        return None
+
+
+def _one_stream(events: Sequence[SignedEvent], idempotency_key: str | None) -> str:
+    if not events:
+        raise EventValidationError("an append needs at least one event")
+    streams = {stream_of(e.event) for e in events}
+    if len(streams) != 1:
+        raise EventValidationError(f"one append writes one stream, got {sorted(streams)}")
+    if idempotency_key is not None and not 1 <= len(idempotency_key) <= 200:
+        raise EventValidationError("an idempotency key is 1 to 200 characters")
+    return streams.pop()

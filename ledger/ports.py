@@ -1,0 +1,111 @@
+"""The ledger's ports: what the rest of the system may ask of a ledger.
+
+Split by role, as the read side's ``ProjectionStore`` is: ``LedgerReader``
+(entries, head, checkpoints, keys — needs no key) and ``LedgerWriter``
+(append under the trust model's rules, sign as the ledger). Adapters:
+``ledger.postgres`` (production) and ``ledger.memory`` (one process, for
+unit tests and tools). One contract suite (``tests/test_ledger_contract.py``)
+runs over both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from ledger.chain import AppendResult, Checkpoint, Head, RecordedEvent
+from ledger.events import Event
+from ledger.identity import VerifyKey
+from ledger.signed import SignedEvent
+
+__all__ = ["Ledger", "LedgerReader", "LedgerWriter", "Window"]
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """Where the stored ledger starts after a retention cut: the cut's position and
+    time and the projections' snapshot there (digest-checked by the adapter)."""
+
+    position: int
+    cut_time: datetime
+    snapshot: dict[str, Any]
+
+
+class LedgerReader(Protocol):
+    """Read access to a ledger, in position order."""
+
+    async def head(self) -> Head: ...
+
+    async def read(self, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        """Entries with position > ``after``, at most ``limit``."""
+
+    async def read_agent(self, did: str, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        """Entries the agent signed or is a subject of, by position."""
+
+    def iter_entries(self, after: int = 0, batch: int = 2000) -> AsyncIterator[RecordedEvent]:
+        """Every entry after ``after``, read ``batch`` at a time."""
+
+    async def entry_at(self, position: int) -> RecordedEvent | None: ...
+
+    async def first_position(self) -> int | None: ...
+
+    async def latest_checkpoint(self) -> Checkpoint | None: ...
+
+    async def checkpoints(self, after: int = 0, limit: int = 10_000) -> list[Checkpoint]: ...
+
+    async def current_key(self, did: str) -> VerifyKey | None: ...
+
+    async def keys_before(self, position: int) -> dict[str, bytes]:
+        """Every agent's raw key as of just before ``position``."""
+
+    async def suspended_before(self, position: int) -> set[str]:
+        """The agents suspended as of just before ``position``."""
+
+    async def retention_window(self) -> Window | None:
+        """The latest retention cut, or None if nothing was ever cut."""
+
+    async def schema_revision(self) -> str | None:
+        """The storage schema's revision (readiness); None when it has none yet."""
+
+
+class LedgerWriter(Protocol):
+    """Appends under the trust model's rules (``ledger.authority``) and the ledger's own
+    signature for events the server originates."""
+
+    @property
+    def ledger_did(self) -> str: ...
+
+    @property
+    def ledger_key(self) -> VerifyKey:
+        """The ledger's public key."""
+
+    async def append(
+        self,
+        events: Sequence[SignedEvent],
+        *,
+        expected_version: int | None = None,
+        idempotency_key: str | None = None,
+        bootstrap: bool = False,
+    ) -> AppendResult: ...
+
+    async def append_own(
+        self,
+        event: Event,
+        *,
+        expected_version: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> AppendResult: ...
+
+    def sign_own(self, event: Event) -> SignedEvent: ...
+
+    async def checkpoint(self) -> Checkpoint:
+        """Sign the current head now (idempotent per position)."""
+
+    async def close(self) -> None:
+        """Finish every queued append, then release what the adapter holds."""
+
+
+class Ledger(LedgerReader, LedgerWriter, Protocol):
+    """Both roles: what the API and the retention job hold."""

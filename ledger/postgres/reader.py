@@ -1,0 +1,307 @@
+"""``PostgresLedgerReader``: every read of the ledger's tables (no key needed).
+
+The row → ``RecordedEvent`` mapping and the SELECTs live here, once; the
+writer (``ledger.postgres.store``) extends this class. Driver errors are
+translated to ``StoreUnavailableError`` at this edge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import AsyncIterator
+from datetime import datetime
+
+import asyncpg
+import msgspec
+
+from ledger.chain import Checkpoint, Head, RecordedEvent
+from ledger.errors import StoreUnavailableError, VerificationError
+from ledger.events import (
+    AgentKeyRotated,
+    AgentRegistered,
+    AgentReinstated,
+    AgentSuspended,
+    decode_body,
+)
+from ledger.identity import VerifyKey, b64decode
+from ledger.ports import Window
+from ledger.postgres.dsn import asyncpg_dsn
+from ledger.timefmt import format_time
+
+log = logging.getLogger("agentmesh.ledger")
+
+NOTIFY_CHANNEL = "agentmesh_ledger"
+DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+
+ENTRY_COLUMNS = (
+    "position, recorded_at, stream_id, stream_version, event_type, actor, subjects, "
+    "body, signature, prev_hash, entry_hash"
+)
+
+
+def record_from_row(row: asyncpg.Record) -> RecordedEvent:
+    return RecordedEvent(
+        position=row["position"],
+        recorded_at=row["recorded_at"],
+        stream_id=row["stream_id"],
+        stream_version=row["stream_version"],
+        body=bytes(row["body"]),
+        signature=bytes(row["signature"]),
+        prev_hash=bytes(row["prev_hash"]),
+        entry_hash=bytes(row["entry_hash"]),
+        event_type=row["event_type"],
+        actor=row["actor"],
+        subjects=tuple(row["subjects"]),
+    )
+
+
+def partition_name(day: datetime) -> str:
+    return f"events_p{day:%Y%m%d}"
+
+
+class PostgresLedgerReader:
+    """Read access to the ledger: entries, head and checkpoints. Needs no key."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def connect(cls, url: str, pool_size: int = 4) -> PostgresLedgerReader:
+        return cls(await create_pool(url, pool_size))
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self._pool
+
+    async def _checkpoint_at(self, conn: asyncpg.Connection, position: int) -> Checkpoint | None:
+        row = await conn.fetchrow(
+            "SELECT position, head_hash, time, signer, encode(signature, 'base64') AS sig "
+            "FROM checkpoints WHERE position = $1",
+            position,
+        )
+        return None if row is None else checkpoint_from_row(row)
+
+    async def latest_checkpoint(self) -> Checkpoint | None:
+        row = await self._fetchrow(
+            "SELECT position, head_hash, time, signer, encode(signature, 'base64') AS sig "
+            "FROM checkpoints ORDER BY position DESC LIMIT 1"
+        )
+        return None if row is None else checkpoint_from_row(row)
+
+    async def checkpoints(self, after: int = 0, limit: int = 10_000) -> list[Checkpoint]:
+        rows = await self._fetch(
+            "SELECT position, head_hash, time, signer, encode(signature, 'base64') AS sig "
+            "FROM checkpoints WHERE position > $1 ORDER BY position LIMIT $2",
+            after,
+            limit,
+        )
+        return [checkpoint_from_row(r) for r in rows]
+
+    # -- reading -----------------------------------------------------------
+
+    async def head(self) -> Head:
+        row = await self._fetchrow(
+            "SELECT position, entry_hash, recorded_at FROM ledger_head WHERE id = 1"
+        )
+        assert row is not None  # the migration inserts the row
+        return Head(row["position"], bytes(row["entry_hash"]), row["recorded_at"])
+
+    async def read(self, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        """Entries with position > ``after`` in position order, at most ``limit``."""
+        rows = await self._fetch(
+            f"SELECT {ENTRY_COLUMNS} FROM events WHERE position > $1 "  # noqa: S608 -- constant
+            "ORDER BY position LIMIT $2",
+            after,
+            limit,
+        )
+        return [record_from_row(r) for r in rows]
+
+    async def read_agent(self, did: str, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        """Entries an agent signed or is the subject of, in position order."""
+        rows = await self._fetch(
+            f"SELECT {ENTRY_COLUMNS} FROM events "  # noqa: S608 -- constant
+            "WHERE subjects @> ARRAY[$1]::text[] AND position > $2 ORDER BY position LIMIT $3",
+            did,
+            after,
+            limit,
+        )
+        return [record_from_row(r) for r in rows]
+
+    async def iter_entries(self, after: int = 0, batch: int = 2000) -> AsyncIterator[RecordedEvent]:
+        """Every entry after ``after``, streamed in batches (never loaded whole)."""
+        while True:
+            rows = await self.read(after, batch)
+            for row in rows:
+                yield row
+            if len(rows) < batch:
+                return
+            after = rows[-1].position
+
+    async def current_key(self, did: str) -> VerifyKey | None:
+        """The agent's current key, or None if it is not registered."""
+        row = await self._fetchrow("SELECT public_key FROM agent_keys WHERE did = $1", did)
+        return None if row is None else VerifyKey.from_raw(bytes(row["public_key"]))
+
+    @contextlib.asynccontextmanager
+    async def listener(self) -> AsyncIterator[asyncio.Event]:
+        """An event set whenever an append commits (LISTEN on a held connection)."""
+        wake = asyncio.Event()
+
+        def on_notify(*_: object) -> None:
+            wake.set()
+
+        try:
+            conn = await self._pool.acquire()
+            await conn.add_listener(NOTIFY_CHANNEL, on_notify)
+        except DRIVER_ERRORS as exc:
+            raise StoreUnavailableError(f"cannot listen for appends: {exc}") from exc
+        try:
+            yield wake
+        finally:
+            with contextlib.suppress(*DRIVER_ERRORS):
+                await conn.remove_listener(NOTIFY_CHANNEL, on_notify)
+            await self._pool.release(conn)
+
+    async def follow(
+        self, after: int = 0, batch: int = 1000, poll_interval: float = 1.0
+    ) -> AsyncIterator[list[RecordedEvent]]:
+        """Yield batches of new entries forever, woken by NOTIFY.
+
+        NOTIFY is only a hint: a periodic poll is the source of truth, so a
+        lost notification (or PgBouncer in the way) costs latency, not events.
+        """
+        async with self.listener() as wake:
+            while True:
+                wake.clear()
+                rows = await self.read(after, batch)
+                if rows:
+                    after = rows[-1].position
+                    yield rows
+                    if len(rows) == batch:
+                        continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), poll_interval)
+
+    async def _fetch(self, query: str, *args: object) -> list[asyncpg.Record]:
+        try:
+            return list(await self._pool.fetch(query, *args))
+        except DRIVER_ERRORS as exc:
+            raise StoreUnavailableError(f"cannot read the ledger: {exc}") from exc
+
+    async def _fetchrow(self, query: str, *args: object) -> asyncpg.Record | None:
+        try:
+            return await self._pool.fetchrow(query, *args)
+        except DRIVER_ERRORS as exc:
+            raise StoreUnavailableError(f"cannot read the ledger: {exc}") from exc
+
+    async def entry_at(self, position: int) -> RecordedEvent | None:
+        rows = await self.read(position - 1, 1)
+        return rows[0] if rows and rows[0].position == position else None
+
+    async def keys_before(self, position: int) -> dict[str, bytes]:
+        """Every agent's key as of just before ``position``: the keys of the latest
+        retention anchor below it (whose history is gone), then the registrations
+        and rotations after that anchor."""
+        anchor = await self._fetchrow(
+            "SELECT position, keys FROM retention_anchors WHERE position < $1 "
+            "ORDER BY position DESC LIMIT 1",
+            position,
+        )
+        keys: dict[str, bytes] = {}
+        start = 0
+        if anchor is not None:
+            start = anchor["position"]
+            stored = msgspec.json.decode(bytes(anchor["keys"]))
+            keys = {did: b64decode(raw, "key") for did, raw in stored.items()}
+        rows = await self._fetch(
+            "SELECT body FROM events WHERE position < $1 AND position > $2 "
+            "AND event_type IN ('agent.registered', 'agent.key_rotated') ORDER BY position",
+            position,
+            start,
+        )
+        for row in rows:
+            event = decode_body(bytes(row["body"]))
+            if isinstance(event, AgentRegistered | AgentKeyRotated):
+                keys[event.did] = VerifyKey.from_pem(event.public_key).raw
+        return keys
+
+    async def suspended_before(self, position: int) -> set[str]:
+        """The agents suspended as of just before ``position``: those of the latest
+        retention snapshot below it, then the suspensions and reinstatements after."""
+        anchor = await self._fetchrow(
+            "SELECT position, snapshot FROM retention_anchors WHERE position < $1 "
+            "ORDER BY position DESC LIMIT 1",
+            position,
+        )
+        suspended: set[str] = set()
+        start = 0
+        if anchor is not None:
+            start = anchor["position"]
+            agents = msgspec.json.decode(bytes(anchor["snapshot"]))["agents"]
+            suspended = {d for d, a in agents.items() if a["registry"]["status"] == "suspended"}
+        rows = await self._fetch(
+            "SELECT body FROM events WHERE position < $1 AND position > $2 "
+            "AND event_type IN ('agent.suspended', 'agent.reinstated') ORDER BY position",
+            position,
+            start,
+        )
+        for row in rows:
+            event = decode_body(bytes(row["body"]))
+            if isinstance(event, AgentSuspended):
+                suspended.add(event.did)
+            elif isinstance(event, AgentReinstated):
+                suspended.discard(event.did)
+        return suspended
+
+    async def retention_window(self) -> Window | None:
+        """The latest recorded retention anchor's snapshot, digest-checked; None if
+        nothing was cut (``ledger verify`` checks the anchor's signature)."""
+        row = await self._fetchrow(
+            "SELECT position, cut_time, snapshot, snapshot_digest FROM retention_anchors "
+            "WHERE status <> 'anchored' ORDER BY position DESC LIMIT 1"
+        )
+        if row is None:
+            return None
+        snapshot = bytes(row["snapshot"])
+        if hashlib.sha256(snapshot).digest() != bytes(row["snapshot_digest"]):
+            raise VerificationError(row["position"], "retention snapshot does not match its digest")
+        return Window(row["position"], row["cut_time"], msgspec.json.decode(snapshot))
+
+    async def schema_revision(self) -> str | None:
+        """The Alembic revision the database is at (readiness), None before migrations."""
+        try:
+            value = await self._pool.fetchval("SELECT version_num FROM alembic_version")
+        except asyncpg.UndefinedTableError:
+            return None
+        except DRIVER_ERRORS as exc:
+            raise StoreUnavailableError(f"cannot read the schema revision: {exc}") from exc
+        return None if value is None else str(value)
+
+    async def first_position(self) -> int | None:
+        """The oldest position still stored (retention removes the ones before it)."""
+        row = await self._fetchrow("SELECT min(position) AS first FROM events")
+        return None if row is None else row["first"]
+
+
+async def create_pool(url: str, size: int) -> asyncpg.Pool:
+    try:
+        return await asyncpg.create_pool(asyncpg_dsn(url), min_size=1, max_size=size)
+    except DRIVER_ERRORS as exc:
+        raise StoreUnavailableError(f"cannot connect to PostgreSQL: {exc}") from exc
+
+
+def checkpoint_from_row(row: asyncpg.Record) -> Checkpoint:
+    return Checkpoint(
+        origin="agentmesh-ledger",
+        position=row["position"],
+        head_hash=bytes(row["head_hash"]).hex(),
+        time=format_time(row["time"]),
+        signer=row["signer"],
+        signature=row["sig"].replace("\n", ""),
+    )

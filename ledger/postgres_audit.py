@@ -1,0 +1,198 @@
+"""The audit exporter's source over PostgreSQL: ``PostgresAuditSource`` runs the
+SELECTs ``ledger.audit.export.AuditSource`` names (and the one checkpoint
+INSERT) on a ``PostgresLedgerReader``'s pool.
+
+``export_bundle`` and ``prepare_export`` here take a ``PostgresLedgerReader``
+(or ``PostgresEventStore``) directly; ``ledger.audit`` re-exports them under
+the names its callers have always used. Driver errors become
+``StoreUnavailableError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from ledger.audit.bundle import AnchorLine, Flavour, Manifest
+from ledger.audit.export import (
+    BundleExport,
+    Clock,
+    ExportProgress,
+    Writer,
+)
+from ledger.audit.export import export_bundle as export_from_source
+from ledger.audit.export import prepare_export as prepare_from_source
+from ledger.chain import Checkpoint, RecordedEvent
+from ledger.errors import StoreUnavailableError
+from ledger.postgres.reader import (
+    DRIVER_ERRORS,
+    ENTRY_COLUMNS,
+    PostgresLedgerReader,
+    checkpoint_from_row,
+    record_from_row,
+)
+from ledger.signatures import Signer
+from ledger.timefmt import format_time, parse_time, utc_now
+
+__all__ = ["PostgresAuditSource", "export_bundle", "prepare_export"]
+
+_KEY_TYPES = ("agent.registered", "agent.key_rotated")
+
+
+class PostgresAuditSource:
+    """``AuditSource`` over PostgreSQL: the reader's own reads, plus the audit queries."""
+
+    def __init__(self, reader: PostgresLedgerReader) -> None:
+        self.reader = reader
+
+    async def entry_range(self, start: datetime, end: datetime) -> tuple[int, int] | None:
+        row = await self._fetchrow(
+            "SELECT min(position) AS first, max(position) AS last FROM events "
+            "WHERE recorded_at >= $1 AND recorded_at < $2",
+            start,
+            end,
+        )
+        if row is None or row["first"] is None:
+            return None
+        return int(row["first"]), int(row["last"])
+
+    async def entry_signers(
+        self,
+        first: int,
+        last: int,
+        start: datetime,
+        end: datetime,
+        *,
+        exclude: str,
+        agent: str | None,
+    ) -> list[str]:
+        query = (
+            "SELECT DISTINCT actor FROM events WHERE position BETWEEN $1 AND $2 "
+            "AND recorded_at >= $3 AND recorded_at < $4 AND actor <> $5"
+        )
+        args: list[object] = [first, last, start, end, exclude]
+        if agent is not None:
+            query += " AND subjects @> ARRAY[$6]::text[]"
+            args.append(agent)
+        return [row["actor"] for row in await self._fetch(query, *args)]
+
+    async def key_entries(self, dids: Sequence[str], last: int) -> list[RecordedEvent]:
+        rows = await self._fetch(
+            f"SELECT {ENTRY_COLUMNS} FROM events "  # noqa: S608 -- a constant column list
+            "WHERE event_type = ANY($1::text[]) AND position <= $2 AND subjects && $3::text[] "
+            "ORDER BY position",
+            list(_KEY_TYPES),
+            last,
+            list(dids),
+        )
+        return [record_from_row(row) for row in rows]
+
+    async def retention_anchor(self) -> AnchorLine | None:
+        row = await self._fetchrow(
+            "SELECT position, entry_hash, cut_time, keys, snapshot_digest, signer, "
+            "encode(signature, 'base64') AS signature FROM retention_anchors "
+            "ORDER BY position DESC LIMIT 1"
+        )
+        if row is None:
+            return None
+        return AnchorLine(
+            position=row["position"],
+            entry_hash=bytes(row["entry_hash"]).hex(),
+            cut_time=format_time(row["cut_time"]),
+            keys=msgspec.json.decode(bytes(row["keys"])),
+            snapshot_digest=bytes(row["snapshot_digest"]).hex(),
+            signer=row["signer"],
+            signature=row["signature"].replace("\n", ""),
+        )
+
+    async def read(self, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        return await self.reader.read(after, limit)
+
+    async def entry_at(self, position: int) -> RecordedEvent | None:
+        return await self.reader.entry_at(position)
+
+    async def checkpoints(self, after: int = 0, limit: int = 10_000) -> list[Checkpoint]:
+        return await self.reader.checkpoints(after, limit)
+
+    async def store_checkpoint(self, checkpoint: Checkpoint) -> Checkpoint | None:
+        # The INSERT happens only if the stored entry has exactly this head hash, so the
+        # ledger key never signs (into the table) a chain the database does not hold.
+        head_hash = bytes.fromhex(checkpoint.head_hash)
+        try:
+            async with self.reader.pool.acquire() as conn:
+                await conn.execute(
+                    "INSERT INTO checkpoints (position, head_hash, time, signer, signature) "
+                    "SELECT $1, $2, $3, $4, decode($5, 'base64') WHERE EXISTS "
+                    "(SELECT 1 FROM events WHERE position = $1 AND entry_hash = $2) "
+                    "ON CONFLICT (position) DO NOTHING",
+                    checkpoint.position,
+                    head_hash,
+                    parse_time(checkpoint.time),
+                    checkpoint.signer,
+                    checkpoint.signature,
+                )
+                row = await conn.fetchrow(
+                    "SELECT position, head_hash, time, signer, encode(signature, 'base64') AS sig "
+                    "FROM checkpoints WHERE position = $1",
+                    checkpoint.position,
+                )
+        except DRIVER_ERRORS as exc:
+            raise StoreUnavailableError(f"cannot write a checkpoint: {exc}") from exc
+        return None if row is None else checkpoint_from_row(row)
+
+    async def _fetch(self, query: str, *args: object) -> list[Any]:
+        try:
+            return list(await self.reader.pool.fetch(query, *args))
+        except DRIVER_ERRORS as exc:
+            raise StoreUnavailableError(f"cannot read the ledger: {exc}") from exc
+
+    async def _fetchrow(self, query: str, *args: object) -> Any:
+        try:
+            return await self.reader.pool.fetchrow(query, *args)
+        except DRIVER_ERRORS as exc:
+            raise StoreUnavailableError(f"cannot read the ledger: {exc}") from exc
+
+
+async def export_bundle(
+    reader: PostgresLedgerReader,
+    signer: Signer,
+    out: Writer,
+    *,
+    start: datetime,
+    end: datetime,
+    agent: str | None = None,
+    fmt: Flavour = "jsonl",
+    progress: ExportProgress | None = None,
+    clock: Clock = utc_now,
+) -> Manifest:
+    """``ledger.audit.export.export_bundle`` over ``reader``'s database."""
+    return await export_from_source(
+        PostgresAuditSource(reader),
+        signer,
+        out,
+        start=start,
+        end=end,
+        agent=agent,
+        fmt=fmt,
+        progress=progress,
+        clock=clock,
+    )
+
+
+async def prepare_export(
+    reader: PostgresLedgerReader,
+    signer: Signer,
+    *,
+    start: datetime,
+    end: datetime,
+    agent: str | None = None,
+    fmt: Flavour = "jsonl",
+    clock: Clock = utc_now,
+) -> BundleExport:
+    """``ledger.audit.export.prepare_export`` over ``reader``'s database."""
+    return await prepare_from_source(
+        PostgresAuditSource(reader), signer, start=start, end=end, agent=agent, fmt=fmt, clock=clock
+    )

@@ -1,0 +1,278 @@
+"""The ledger's contract: one suite over every adapter of ``ledger.ports.Ledger``.
+
+``memory`` (``ledger.memory.MemoryLedger``) and ``postgres``
+(``ledger.postgres.PostgresEventStore`` against a real PostgreSQL) must answer
+every test alike, as the read stores do in ``tests/test_read_stores.py``.
+Tests of what only PostgreSQL has (group commit across processes, partitions,
+NOTIFY) stay in ``tests/test_ledger_store.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+
+import pytest
+
+from ledger.errors import (
+    AppendRejectedError,
+    ConcurrencyError,
+    IdempotencyConflictError,
+    NotPermittedError,
+    ReplayError,
+    SignatureError,
+)
+from ledger.events import (
+    AgentKeyRotated,
+    AgentRegistered,
+    AgentReinstated,
+    AgentSuspended,
+    PolicyViolation,
+)
+from ledger.identity import SigningKey
+from ledger.memory import MemoryLedger
+from ledger.ports import Ledger
+from ledger.postgres import PostgresEventStore
+from ledger.signed import SignedEvent
+from ledger.timefmt import format_time
+from tests.support import T0, Agent, register
+
+
+@pytest.fixture(params=["memory", "postgres"])
+async def store(
+    request: pytest.FixtureRequest, ledger_key: SigningKey, database_url: str
+) -> AsyncIterator[Ledger]:
+    adapter: Ledger
+    if request.param == "memory":
+        adapter = MemoryLedger(ledger_key)
+    else:
+        adapter = await PostgresEventStore.open(database_url, ledger_key)
+    try:
+        yield adapter
+    finally:
+        await adapter.close()
+
+
+async def test_appends_are_gap_free_and_chained(store: Ledger) -> None:
+    agent = await register(store)
+    results = await asyncio.gather(*(store.append([agent.violation()]) for _ in range(40)))
+    entries = await store.read(0, 1000)
+    assert [e.position for e in entries] == list(range(1, 42))
+    assert sorted(r.positions[0] for r in results) == list(range(2, 42))
+    for before, entry in itertools.pairwise(entries):
+        assert entry.prev_hash == before.entry_hash
+    head = await store.head()
+    assert (head.position, head.entry_hash) == (41, entries[-1].entry_hash)
+    assert [e.position async for e in store.iter_entries(after=39, batch=1)] == [40, 41]
+    assert (await store.entry_at(41)) == entries[-1]
+
+
+async def test_a_signed_body_is_appended_once(store: Ledger) -> None:
+    agent, other = await register(store), await register(store)
+    report = agent.violation(subject=other.did)
+    await store.append([report])
+    head = await store.head()
+    with pytest.raises(ReplayError, match="already in the ledger"):
+        await store.append([report], idempotency_key="a-fresh-key")
+    with pytest.raises(ReplayError):
+        await store.append([report, report])
+    assert await store.head() == head
+
+
+async def test_a_suspended_agent_writes_nothing(store: Ledger) -> None:
+    agent, other = await register(store), await register(store)
+    stamp = format_time(T0)
+    await store.append_own(AgentSuspended(actor=store.ledger_did, occurred_at=stamp, did=agent.did))
+    assert await store.suspended_before((await store.head()).position + 1) == {agent.did}
+    with pytest.raises(NotPermittedError, match="suspended"):
+        await store.append([agent.violation(subject=other.did)])
+    await store.append_own(
+        AgentReinstated(actor=store.ledger_did, occurred_at=stamp, did=agent.did)
+    )
+    await store.append([agent.violation(subject=other.did)])
+    assert await store.suspended_before((await store.head()).position + 1) == set()
+
+
+async def test_bootstrap_only_on_an_empty_ledger(store: Ledger) -> None:
+    first, second = Agent(), Agent()
+    for agent, allowed in ((first, True), (second, False)):
+        event = AgentRegistered(
+            actor=store.ledger_did,
+            occurred_at=format_time(T0),
+            did=agent.did,
+            public_key=agent.key.public.pem(),
+        )
+        if allowed:
+            await store.append([store.sign_own(event)], bootstrap=True)
+        else:
+            with pytest.raises(NotPermittedError, match="admin token"):
+                await store.append([store.sign_own(event)], bootstrap=True)
+    assert await store.current_key(first.did) == first.key.public
+    assert await store.current_key(second.did) is None
+
+
+async def test_idempotency_keys_are_scoped_by_signer(store: Ledger) -> None:
+    a, b, victim = await register(store), await register(store), await register(store)
+    mine = await store.append([a.violation(subject=victim.did)], idempotency_key="k-1")
+    theirs = await store.append([b.violation(subject=victim.did)], idempotency_key="k-1")
+    assert not theirs.duplicate
+    assert mine.positions != theirs.positions
+
+
+async def test_keys_before_follow_rotations(store: Ledger) -> None:
+    agent = await register(store)
+    new = SigningKey.generate()
+    rotation = AgentKeyRotated(
+        actor=agent.did, occurred_at=format_time(T0), did=agent.did, public_key=new.public.pem()
+    )
+    result = await store.append([SignedEvent.rotation(rotation, agent.key, new)])
+    position = result.positions[0]
+    assert (await store.keys_before(position))[agent.did] == agent.key.public.raw
+    assert (await store.keys_before(position + 1))[agent.did] == new.public.raw
+    assert await store.current_key(agent.did) == new.public
+
+
+async def test_checkpoints_sign_the_head(store: Ledger, ledger_key: SigningKey) -> None:
+    agent = await register(store)
+    await store.append([agent.violation()])
+    checkpoint = await store.checkpoint()
+    head = await store.head()
+    assert (checkpoint.position, checkpoint.head_hash) == (head.position, head.entry_hash.hex())
+    assert checkpoint.signer == ledger_key.did
+    assert await store.latest_checkpoint() == checkpoint
+    assert await store.checkpoint() == checkpoint  # idempotent per position
+
+
+async def test_optimistic_concurrency(store: Ledger) -> None:
+    agent = await register(store)
+    stream = f"agent:{agent.did}"
+    result = await store.append([agent.violation()], expected_version=1)
+    assert (result.stream_id, result.stream_version) == (stream, 2)
+    with pytest.raises(ConcurrencyError) as info:
+        await store.append([agent.violation()], expected_version=1)
+    assert (info.value.expected, info.value.actual) == (1, 2)
+    assert (await store.head()).position == 2
+
+
+async def test_idempotent_retry_returns_original_positions(store: Ledger) -> None:
+    agent = await register(store)
+    events = [agent.violation(), agent.violation(severity="high")]
+    first = await store.append(events, idempotency_key="report-1")
+    again = await store.append(events, idempotency_key="report-1")
+    assert first.positions == again.positions == (2, 3)
+    assert again.duplicate
+    assert not first.duplicate
+    assert (await store.head()).position == 3
+    with pytest.raises(IdempotencyConflictError):
+        await store.append([agent.violation(severity="low")], idempotency_key="report-1")
+    assert (await store.head()).position == 3
+
+
+async def test_idempotency_within_one_group_commit(store: Ledger) -> None:
+    agent = await register(store)
+    event = agent.violation()
+    results = await asyncio.gather(
+        *(store.append([event], idempotency_key="same") for _ in range(10))
+    )
+    assert {r.positions for r in results} == {(2,)}
+    assert sum(not r.duplicate for r in results) == 1
+    assert (await store.head()).position == 2
+
+
+async def test_forged_wrong_key_and_unknown_signatures_are_rejected(
+    store: Ledger,
+) -> None:
+    agent = await register(store)
+    head = await store.head()
+    good = agent.violation()
+    forged = SignedEvent(body=good.body, signature=bytes(64), event=good.event)
+    impostor = SigningKey.generate()
+    wrong_key = SignedEvent(body=good.body, signature=impostor.sign(good.body), event=good.event)
+    unknown = Agent().violation()
+    for bad in (forged, wrong_key, unknown):
+        with pytest.raises(SignatureError):
+            await store.append([bad])
+    # A bad event poisons its whole append, and nothing else.
+    with pytest.raises(SignatureError):
+        await store.append([good, forged])
+    assert await store.head() == head
+
+
+async def test_ledger_only_events_need_the_ledger_key(store: Ledger) -> None:
+    agent = await register(store)
+    event = AgentSuspended(actor=agent.did, occurred_at=format_time(T0), did=agent.did)
+    with pytest.raises(NotPermittedError, match="only be signed by the ledger"):
+        await store.append([SignedEvent.create(event, agent.key)])
+
+
+async def test_registration_rules(store: Ledger) -> None:
+    # Self-registration: the first agent of an empty ledger proves possession of its key.
+    newcomer = Agent()
+    own = AgentRegistered(
+        actor=newcomer.did,
+        occurred_at=format_time(T0),
+        did=newcomer.did,
+        public_key=newcomer.key.public.pem(),
+    )
+    await store.append([SignedEvent.create(own, newcomer.key)])
+    assert await store.current_key(newcomer.did) == newcomer.key.public
+    agent = await register(store)
+    with pytest.raises(AppendRejectedError, match="already registered"):
+        await register(store, agent)
+    other = Agent()
+    mismatched = AgentRegistered(
+        actor=store.ledger_did,
+        occurred_at=format_time(T0),
+        did=other.did,
+        public_key=agent.key.public.pem(),
+    )
+    with pytest.raises(AppendRejectedError, match="belongs to"):
+        await store.append_own(mismatched)
+    # Once the ledger holds a registration, nobody registers itself any more.
+    late = Agent()
+    own = AgentRegistered(
+        actor=late.did, occurred_at=format_time(T0), did=late.did, public_key=late.key.public.pem()
+    )
+    with pytest.raises(NotPermittedError, match="first agent"):
+        await store.append([SignedEvent.create(own, late.key)])
+    assert await store.current_key(late.did) is None
+
+
+async def test_key_rotation_retires_the_old_key(store: Ledger) -> None:
+    agent = await register(store)
+    new_key = SigningKey.generate()
+    rotation = AgentKeyRotated(
+        actor=agent.did, occurred_at=format_time(T0), did=agent.did, public_key=new_key.public.pem()
+    )
+    with pytest.raises(SignatureError, match="needs proof"):  # no proof of the new key
+        await store.append([SignedEvent.create(rotation, agent.key)])
+    await store.append([SignedEvent.rotation(rotation, agent.key, new_key)])
+    with pytest.raises(SignatureError):
+        await store.append([agent.violation()])  # signed with the retired key
+    event = PolicyViolation(
+        actor=agent.did, occurred_at=format_time(T0), agent=agent.did, severity="low", rule="r"
+    )
+    await store.append([SignedEvent.create(event, new_key)])
+    assert (await store.current_key(agent.did)) == new_key.public
+
+
+async def test_events_about_unregistered_agents_are_rejected(store: Ledger) -> None:
+    reporter = await register(store)
+    with pytest.raises(AppendRejectedError, match="not registered"):
+        await store.append([reporter.violation(subject=Agent().did)])
+
+
+async def test_read_agent_returns_events_it_signed_or_is_about(
+    store: Ledger,
+) -> None:
+    alice, bob = await register(store), await register(store)
+    await store.append([alice.violation(subject=bob.did)])
+    await store.append([alice.signal(subject=bob.did)])
+    about_bob = await store.read_agent(bob.did)
+    assert [e.event_type for e in about_bob] == [
+        "agent.registered",
+        "policy.violation",
+        "trust.signal",
+    ]
+    assert [e.position for e in await store.read_agent(alice.did)] == [1, 3, 4]
