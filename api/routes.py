@@ -729,12 +729,16 @@ async def audit_export(
     try:
         start, end = parse_time(from_), parse_time(to)
         flavour = parse_flavour(fmt)
-        # The exporter signs the covering checkpoint and the manifest with the ledger key,
-        # which this process already holds in its event store; the store exposes no
-        # accessor for it (handlers sign events only through append_own / sign_own).
-        key = ctx.ledger._ledger_key
+        # The covering checkpoint and the manifest are signed by the ledger key, through
+        # the ledger's narrow Signer (DID, public key, sign).
         export = await prepare_export(
-            ctx.ledger, key, start=start, end=end, agent=agent, fmt=flavour, clock=ctx.clock
+            ctx.ledger,
+            ctx.ledger.signer,
+            start=start,
+            end=end,
+            agent=agent,
+            fmt=flavour,
+            clock=ctx.clock,
         )
     except (ValueError, OverflowError) as exc:
         raise bad_request(str(exc)) from None

@@ -44,6 +44,7 @@ from ledger.events import (
 )
 from ledger.identity import SigningKey, VerifyKey
 from ledger.ports import Window
+from ledger.signatures import Signer
 from ledger.signed import SignedEvent
 from ledger.timefmt import utc_now
 
@@ -117,6 +118,10 @@ class MemoryLedger:
     @property
     def ledger_did(self) -> str:
         return self._key.did
+
+    @property
+    def signer(self) -> Signer:
+        return self._key
 
     @property
     def ledger_key(self) -> VerifyKey:

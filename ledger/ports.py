@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from ledger.chain import AppendResult, Checkpoint, Head, RecordedEvent
 from ledger.events import Event
 from ledger.identity import VerifyKey
+from ledger.signatures import Signer
 from ledger.signed import SignedEvent
 
 __all__ = ["Ledger", "LedgerReader", "LedgerWriter", "Window"]
@@ -80,6 +81,11 @@ class LedgerWriter(Protocol):
     @property
     def ledger_key(self) -> VerifyKey:
         """The ledger's public key."""
+
+    @property
+    def signer(self) -> Signer:
+        """The ledger key as a ``Signer`` (DID, public key, ``sign``), for the ledger's own
+        statements such as an audit bundle's manifest; never the private bytes."""
 
     async def append(
         self,

@@ -2,10 +2,11 @@
 SELECTs ``ledger.audit.export.AuditSource`` names (and the one checkpoint
 INSERT) on a ``PostgresLedgerReader``'s pool.
 
-``export_bundle`` and ``prepare_export`` here take a ``PostgresLedgerReader``
-(or ``PostgresEventStore``) directly; ``ledger.audit`` re-exports them under
-the names its callers have always used. Driver errors become
-``StoreUnavailableError``.
+``export_bundle`` and ``prepare_export`` here take a ledger (a
+``PostgresLedgerReader`` or ``PostgresEventStore``, typed as the
+``ledger.ports.LedgerReader`` it is) and find its audit source with
+``audit_source``; ``ledger.audit`` re-exports them under the names its callers
+have always used. Driver errors become ``StoreUnavailableError``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import msgspec
 
 from ledger.audit.bundle import AnchorLine, Flavour, Manifest
 from ledger.audit.export import (
+    AuditSource,
     BundleExport,
     Clock,
     ExportProgress,
@@ -27,6 +29,7 @@ from ledger.audit.export import export_bundle as export_from_source
 from ledger.audit.export import prepare_export as prepare_from_source
 from ledger.chain import Checkpoint, RecordedEvent
 from ledger.errors import StoreUnavailableError
+from ledger.ports import LedgerReader
 from ledger.postgres.reader import (
     DRIVER_ERRORS,
     ENTRY_COLUMNS,
@@ -37,7 +40,7 @@ from ledger.postgres.reader import (
 from ledger.signatures import Signer
 from ledger.timefmt import format_time, parse_time, utc_now
 
-__all__ = ["PostgresAuditSource", "export_bundle", "prepare_export"]
+__all__ = ["PostgresAuditSource", "audit_source", "export_bundle", "prepare_export"]
 
 _KEY_TYPES = ("agent.registered", "agent.key_rotated")
 
@@ -156,8 +159,16 @@ class PostgresAuditSource:
             raise StoreUnavailableError(f"cannot read the ledger: {exc}") from exc
 
 
+def audit_source(ledger: LedgerReader) -> AuditSource:
+    """The exporter's source for ``ledger``. The audit queries exist on PostgreSQL
+    only: another ledger raises TypeError."""
+    if not isinstance(ledger, PostgresLedgerReader):
+        raise TypeError(f"audit export needs a PostgreSQL ledger, not {type(ledger).__name__}")
+    return PostgresAuditSource(ledger)
+
+
 async def export_bundle(
-    reader: PostgresLedgerReader,
+    reader: LedgerReader,
     signer: Signer,
     out: Writer,
     *,
@@ -170,7 +181,7 @@ async def export_bundle(
 ) -> Manifest:
     """``ledger.audit.export.export_bundle`` over ``reader``'s database."""
     return await export_from_source(
-        PostgresAuditSource(reader),
+        audit_source(reader),
         signer,
         out,
         start=start,
@@ -183,7 +194,7 @@ async def export_bundle(
 
 
 async def prepare_export(
-    reader: PostgresLedgerReader,
+    reader: LedgerReader,
     signer: Signer,
     *,
     start: datetime,
@@ -194,5 +205,5 @@ async def prepare_export(
 ) -> BundleExport:
     """``ledger.audit.export.prepare_export`` over ``reader``'s database."""
     return await prepare_from_source(
-        PostgresAuditSource(reader), signer, start=start, end=end, agent=agent, fmt=fmt, clock=clock
+        audit_source(reader), signer, start=start, end=end, agent=agent, fmt=fmt, clock=clock
     )

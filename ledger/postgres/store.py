@@ -71,6 +71,7 @@ from ledger.postgres.reader import (
     create_pool,
     partition_name,
 )
+from ledger.signatures import Signer
 from ledger.signed import SignedEvent
 from ledger.timefmt import format_time, parse_time, utc_now
 
@@ -299,6 +300,11 @@ class PostgresEventStore(PostgresLedgerReader):
     @property
     def ledger_did(self) -> str:
         return self._ledger_key.did
+
+    @property
+    def signer(self) -> Signer:
+        """The ledger key, typed as the narrow ``Signer`` (``ledger.ports.LedgerWriter``)."""
+        return self._ledger_key
 
     # -- appending ---------------------------------------------------------
 
