@@ -20,6 +20,7 @@ from ledger.errors import (
     IdempotencyConflictError,
     LedgerError,
     NotPermittedError,
+    ProofError,
     ReplayError,
     SignatureError,
     StoreUnavailableError,
@@ -79,6 +80,8 @@ def _ledger(exc: LedgerError) -> tuple[int, str, str]:
             return 409, "idempotency-conflict", "Idempotency key reused"
         case ReplayError():
             return 409, "replayed", "Event already recorded"
+        case ProofError():
+            return 400, "invalid-proof-request", "No such proof"
         case NotPermittedError():
             return 403, "not-permitted", "Not permitted by the trust model"
         case AppendRejectedError():

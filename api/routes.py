@@ -16,6 +16,7 @@ from api.context import ApiContext
 from api.errors import ProblemError, bad_request, not_found
 from api.handshakes import decode_signature
 from api.metrics import HANDSHAKES
+from ledger import tlog
 from ledger.canonical import canonical_bytes
 from ledger.chain import AppendResult
 from ledger.errors import LedgerError, SignatureError, StoreUnavailableError
@@ -667,6 +668,62 @@ async def ledger_head(ctx: Ctx) -> s.HeadOut:
     )
 
 
+# -- the transparency log (ledger/tlog.py) -------------------------------------------
+
+
+@get("/v1/ledger/checkpoint", tags=["ledger"], media_type="text/plain; charset=utf-8")
+async def tree_head(ctx: Ctx) -> str:
+    """The latest checkpoint as a C2SP signed note (``tlog-checkpoint``: origin
+    ``agentmesh.ledger/<ledger DID>``, tree size, base64 Merkle root; signed with
+    the ledger key). What witnesses follow: ``agentmesh witness``."""
+    note = await ctx.ledger.latest_tree_head()
+    if note is None:
+        await ctx.ledger.checkpoint()
+        note = await ctx.ledger.latest_tree_head()
+    assert note is not None  # a checkpoint was just signed
+    return note
+
+
+@get("/v1/ledger/vkey", tags=["ledger"], media_type="text/plain; charset=utf-8")
+async def tree_vkey(ctx: Ctx) -> str:
+    """The note verifier key of the ledger's checkpoints (``name+keyid+key``). Pin it out
+    of band: fetching it from the server you are checking proves nothing."""
+    return tlog.verifier(ctx.ledger.ledger_key).vkey() + "\n"
+
+
+@get("/v1/ledger/proofs/inclusion", tags=["ledger"])
+async def inclusion_proof(
+    ctx: Ctx,
+    position: Annotated[int, QueryParameter(ge=1, le=2**63 - 1)],
+    tree_size: Annotated[int, QueryParameter(ge=1, le=2**63 - 1)],
+) -> s.InclusionProofOut:
+    """RFC 9162 §2.1.3 audit path of the entry at ``position`` (leaf ``position - 1``)
+    in the tree of ``tree_size`` entries; hashes in base64."""
+    hashes = await ctx.ledger.inclusion_proof(position, tree_size)
+    entry = await ctx.ledger.entry_at(position)
+    if entry is None:
+        raise not_found(f"no entry at position {position}")
+    return s.InclusionProofOut(
+        position=position,
+        leaf_index=position - 1,
+        tree_size=tree_size,
+        leaf_hash=b64encode(tlog.entry_leaf(entry.entry_hash)),
+        hashes=[b64encode(h) for h in hashes],
+    )
+
+
+@get("/v1/ledger/proofs/consistency", tags=["ledger"])
+async def consistency_proof(
+    ctx: Ctx,
+    first: Annotated[int, QueryParameter(ge=1, le=2**63 - 1)],
+    second: Annotated[int, QueryParameter(ge=1, le=2**63 - 1)],
+) -> s.ConsistencyProofOut:
+    """RFC 9162 §2.1.4 proof that the tree of ``first`` entries is a prefix of the tree
+    of ``second``; hashes in base64."""
+    hashes = await ctx.ledger.consistency_proof(first, second)
+    return s.ConsistencyProofOut(first=first, second=second, hashes=[b64encode(h) for h in hashes])
+
+
 @get("/v1/ledger/checkpoints/latest", tags=["ledger"])
 async def latest_checkpoint(ctx: Ctx) -> s.CheckpointOut:
     """The latest signed checkpoint, with the bytes signed and the ledger's public key."""
@@ -774,6 +831,10 @@ ROUTES = [
     revoke_delegation,
     ledger_head,
     latest_checkpoint,
+    tree_head,
+    tree_vkey,
+    inclusion_proof,
+    consistency_proof,
     ledger_events,
     audit_export,
 ]

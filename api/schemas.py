@@ -102,6 +102,20 @@ class SignedHandshakeRequest(Struct):
     signature: Signature
 
 
+class InclusionProofOut(Struct):
+    position: int
+    leaf_index: int
+    tree_size: int
+    leaf_hash: str
+    hashes: list[str]
+
+
+class ConsistencyProofOut(Struct):
+    first: int
+    second: int
+    hashes: list[str]
+
+
 class HandshakeAnswer(Struct):
     signature: Signature
 

@@ -13,7 +13,7 @@ import hashlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
 
-from ledger import authority
+from ledger import authority, merkle, tlog
 from ledger.authority import AuthorityState
 from ledger.chain import (
     GENESIS_HASH,
@@ -30,6 +30,7 @@ from ledger.errors import (
     EventValidationError,
     IdempotencyConflictError,
     NotPermittedError,
+    ProofError,
     SignatureError,
 )
 from ledger.events import (
@@ -43,6 +44,7 @@ from ledger.events import (
     subject_agents,
 )
 from ledger.identity import SigningKey, VerifyKey
+from ledger.merkle import Frontier
 from ledger.ports import Window
 from ledger.signatures import Signer
 from ledger.signed import SignedEvent
@@ -111,6 +113,9 @@ class MemoryLedger:
         self._versions: dict[str, int] = {}
         self._idempotency: dict[tuple[str, str], tuple[bytes, AppendResult]] = {}
         self._checkpoints: dict[int, Checkpoint] = {}
+        self._tree_heads: dict[int, str] = {}
+        self._frontier = Frontier()
+        self._nodes: dict[tuple[int, int], bytes] = {}  # every complete subtree
         self._lock = asyncio.Lock()
 
     # -- writer ---------------------------------------------------------------
@@ -183,6 +188,9 @@ class MemoryLedger:
             self._record(signed, stream, version + index, now)
             for index, signed in enumerate(events, start=1)
         ]
+        leaves = [tlog.entry_leaf(e.entry_hash) for e in self._entries[-len(events) :]]
+        self._frontier, completed = self._frontier.extend_with_subtrees(leaves)
+        self._nodes.update({(n.level, n.index): n.hash for n in completed})
         self._versions[stream] = version + len(events)
         if self._head().position - max(self._checkpoints, default=0) >= self._checkpoint_every:
             self._sign_head()
@@ -256,6 +264,9 @@ class MemoryLedger:
         moment = max(self._clock(), head.recorded_at)
         checkpoint = sign_checkpoint(self._key, head.position, head.entry_hash, moment)
         self._checkpoints[head.position] = checkpoint
+        self._tree_heads[head.position] = tlog.signed_tree_head(
+            self._key, self._frontier.size, self._frontier.root()
+        )
         return checkpoint
 
     async def close(self) -> None:
@@ -313,6 +324,35 @@ class MemoryLedger:
         for entry in self._entries[: max(position - 1, 0)]:
             state.advance(decode_body(entry.body))
         return state
+
+    async def tree_root(self, size: int) -> bytes:
+        self._check_tree_size(size)
+        return merkle.root_at(size, self._hash_at)
+
+    async def inclusion_proof(self, position: int, tree_size: int) -> list[bytes]:
+        self._check_tree_size(tree_size)
+        if not 1 <= position <= tree_size:
+            raise ProofError(f"position {position} is not in a tree of {tree_size} entries")
+        return merkle.inclusion_proof(position - 1, tree_size, self._hash_at)
+
+    async def consistency_proof(self, first: int, second: int) -> list[bytes]:
+        self._check_tree_size(second)
+        if not 1 <= first <= second:
+            raise ProofError(
+                f"no consistency proof from size {first} to {second}: "
+                "the sizes must satisfy 1 <= first <= second"
+            )
+        return merkle.consistency_proof(first, second, self._hash_at)
+
+    async def latest_tree_head(self) -> str | None:
+        return self._tree_heads[max(self._tree_heads)] if self._tree_heads else None
+
+    def _check_tree_size(self, size: int) -> None:
+        if not 0 <= size <= self._frontier.size:
+            raise ProofError(f"tree size {size} is not in 0..{self._frontier.size} (the head)")
+
+    def _hash_at(self, level: int, index: int) -> bytes:
+        return self._nodes[(level, index)]
 
     async def retention_window(self) -> Window | None:
         return None  # retention runs against PostgreSQL only

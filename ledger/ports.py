@@ -64,6 +64,18 @@ class LedgerReader(Protocol):
     async def suspended_before(self, position: int) -> set[str]:
         """The agents suspended as of just before ``position``."""
 
+    async def tree_root(self, size: int) -> bytes:
+        """The Merkle root (RFC 9162) of the first ``size`` entries (``ledger.tlog``)."""
+
+    async def inclusion_proof(self, position: int, tree_size: int) -> list[bytes]:
+        """The audit path of the entry at ``position`` in the tree of ``tree_size``."""
+
+    async def consistency_proof(self, first: int, second: int) -> list[bytes]:
+        """The proof that the tree of ``first`` entries is a prefix of that of ``second``."""
+
+    async def latest_tree_head(self) -> str | None:
+        """The latest checkpoint as a C2SP signed note (None before the first)."""
+
     async def retention_window(self) -> Window | None:
         """The latest retention cut, or None if nothing was ever cut."""
 

@@ -15,11 +15,14 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from ledger import merkle, tlog
 from ledger.errors import (
     AppendRejectedError,
     ConcurrencyError,
     IdempotencyConflictError,
+    NoteError,
     NotPermittedError,
+    ProofError,
     ReplayError,
     SignatureError,
 )
@@ -32,6 +35,8 @@ from ledger.events import (
 )
 from ledger.identity import SigningKey
 from ledger.memory import MemoryLedger
+from ledger.merkle import Frontier
+from ledger.note import open_checkpoint
 from ledger.ports import Ledger
 from ledger.postgres import PostgresEventStore
 from ledger.signed import SignedEvent
@@ -276,3 +281,44 @@ async def test_read_agent_returns_events_it_signed_or_is_about(
         "trust.signal",
     ]
     assert [e.position for e in await store.read_agent(alice.did)] == [1, 3, 4]
+
+
+# -- the ledger as a transparency log (ledger/tlog.py) ------------------------------------
+
+
+async def test_tree_roots_and_proofs_match_the_entries(
+    store: Ledger, ledger_key: SigningKey
+) -> None:
+    agent = await register(store)
+    for _ in range(36):  # 37 entries: several stored 16-leaf subtrees and a ragged edge
+        await store.append([agent.violation()])
+    entries = await store.read(0, 1000)
+    leaves = [tlog.entry_leaf(e.entry_hash) for e in entries]
+    roots = {}
+    for size in range(1, len(leaves) + 1):
+        roots[size] = Frontier().extend(leaves[:size]).root()
+        assert await store.tree_root(size) == roots[size]
+    for size in (1, 2, 16, 17, 33, 37):
+        for position in {1, size // 2 + 1, size}:
+            proof = await store.inclusion_proof(position, size)
+            merkle.verify_inclusion(leaves[position - 1], position - 1, size, proof, roots[size])
+    for first, second in ((1, 37), (16, 17), (17, 33), (5, 37), (37, 37)):
+        proof = await store.consistency_proof(first, second)
+        merkle.verify_consistency(first, second, proof, roots[first], roots[second])
+    for position, size in ((0, 5), (6, 5), (1, 99)):
+        with pytest.raises(ProofError):
+            await store.inclusion_proof(position, size)
+    for first, second in ((0, 5), (6, 5), (5, 99)):
+        with pytest.raises(ProofError):
+            await store.consistency_proof(first, second)
+    await store.checkpoint()
+    note = await store.latest_tree_head()
+    assert note is not None
+    checkpoint, _ = open_checkpoint(note, [tlog.verifier(ledger_key.public)])
+    assert (checkpoint.origin, checkpoint.size, checkpoint.root_hash) == (
+        tlog.origin(ledger_key.did),
+        37,
+        roots[37],
+    )
+    with pytest.raises(NoteError):  # any other key's note is refused
+        open_checkpoint(note, [tlog.verifier(SigningKey.generate().public)])

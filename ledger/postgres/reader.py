@@ -11,14 +11,16 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
+from typing import TypeVar
 
 import asyncpg
 import msgspec
 
+from ledger import merkle, tlog
 from ledger.chain import Checkpoint, Head, RecordedEvent
-from ledger.errors import StoreUnavailableError, VerificationError
+from ledger.errors import ProofError, StoreUnavailableError, VerificationError
 from ledger.events import (
     AgentKeyRotated,
     AgentRegistered,
@@ -32,6 +34,7 @@ from ledger.postgres.dsn import asyncpg_dsn
 from ledger.timefmt import format_time
 
 log = logging.getLogger("agentmesh.ledger")
+T = TypeVar("T")
 
 NOTIFY_CHANNEL = "agentmesh_ledger"
 DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
@@ -200,6 +203,12 @@ class PostgresLedgerReader:
         except DRIVER_ERRORS as exc:
             raise StoreUnavailableError(f"cannot read the ledger: {exc}") from exc
 
+    async def _fetchval(self, query: str, *args: object) -> object:
+        try:
+            return await self._pool.fetchval(query, *args)
+        except DRIVER_ERRORS as exc:
+            raise StoreUnavailableError(f"cannot read the ledger: {exc}") from exc
+
     async def entry_at(self, position: int) -> RecordedEvent | None:
         rows = await self.read(position - 1, 1)
         return rows[0] if rows and rows[0].position == position else None
@@ -258,6 +267,84 @@ class PostgresLedgerReader:
             elif isinstance(event, AgentReinstated):
                 suspended.discard(event.did)
         return suspended
+
+    # -- the Merkle tree (ledger.tlog) ------------------------------------------------
+
+    async def tree_root(self, size: int) -> bytes:
+        """The root of the tree of the first ``size`` entries."""
+        await self._check_tree_size(size)
+        return await self._with_nodes(lambda hash_at: merkle.root_at(size, hash_at))
+
+    async def inclusion_proof(self, position: int, tree_size: int) -> list[bytes]:
+        """RFC 9162 audit path of the entry at ``position`` in the tree of ``tree_size``."""
+        await self._check_tree_size(tree_size)
+        if not 1 <= position <= tree_size:
+            raise ProofError(f"position {position} is not in a tree of {tree_size} entries")
+        return await self._with_nodes(
+            lambda hash_at: merkle.inclusion_proof(position - 1, tree_size, hash_at)
+        )
+
+    async def consistency_proof(self, first: int, second: int) -> list[bytes]:
+        """RFC 9162 consistency proof from the tree of ``first`` to that of ``second``."""
+        await self._check_tree_size(second)
+        if not 1 <= first <= second:
+            raise ProofError(
+                f"no consistency proof from size {first} to {second}: "
+                "the sizes must satisfy 1 <= first <= second"
+            )
+        return await self._with_nodes(
+            lambda hash_at: merkle.consistency_proof(first, second, hash_at)
+        )
+
+    async def latest_tree_head(self) -> str | None:
+        """The latest checkpoint as a C2SP signed note, None before the first."""
+        value = await self._fetchval(
+            "SELECT note FROM checkpoints WHERE note IS NOT NULL ORDER BY position DESC LIMIT 1"
+        )
+        return None if value is None else str(value)
+
+    async def _check_tree_size(self, size: int) -> None:
+        head = await self.head()
+        if not 0 <= size <= head.position:
+            raise ProofError(f"tree size {size} is not in 0..{head.position} (the head)")
+
+    async def _with_nodes(self, compute: Callable[[merkle.HashAt], T]) -> T:
+        """Run a tree computation over the subtrees it needs, fetched in one go."""
+        found = await self._tree_nodes(tlog.needed_nodes(compute))
+
+        def hash_at(level: int, index: int) -> bytes:
+            try:
+                return found[(level, index)]
+            except KeyError:
+                raise ProofError(f"subtree ({level}, {index}) is not available") from None
+
+        return compute(hash_at)
+
+    async def _tree_nodes(self, wanted: set[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+        stored = [(lv, ix) for lv, ix in wanted if lv >= tlog.STORED_LEVEL]
+        small = [(lv, ix) for lv, ix in wanted if lv < tlog.STORED_LEVEL]
+        found: dict[tuple[int, int], bytes] = {}
+        if stored:
+            rows = await self._fetch(
+                "SELECT level, idx, hash FROM merkle_nodes WHERE (level, idx) IN "
+                "(SELECT * FROM unnest($1::smallint[], $2::bigint[]))",
+                [lv for lv, _ in stored],
+                [ix for _, ix in stored],
+            )
+            found.update({(r["level"], r["idx"]): bytes(r["hash"]) for r in rows})
+        if small:
+            # Subtrees under 16 leaves are recomputed from the entries' hashes.
+            positions = sorted({p + 1 for lv, ix in small for p in range(ix << lv, (ix + 1) << lv)})
+            rows = await self._fetch(
+                "SELECT position, entry_hash FROM events WHERE position = ANY($1::bigint[])",
+                positions,
+            )
+            leaves = {r["position"] - 1: tlog.entry_leaf(bytes(r["entry_hash"])) for r in rows}
+            for lv, ix in small:
+                span = range(ix << lv, (ix + 1) << lv)
+                if all(i in leaves for i in span):
+                    found[(lv, ix)] = tlog.perfect_root(leaves[i] for i in span)
+        return found
 
     async def retention_window(self) -> Window | None:
         """The latest recorded retention anchor's snapshot, digest-checked; None if

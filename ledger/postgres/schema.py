@@ -20,6 +20,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    SmallInteger,
     Table,
     Text,
 )
@@ -53,6 +54,15 @@ ledger_head = Table(
     Column("position", BigInteger, nullable=False),
     Column("entry_hash", LargeBinary, nullable=False),
     Column("recorded_at", DateTime(timezone=True), nullable=False),
+    Column("frontier", LargeBinary, nullable=True),
+)
+
+merkle_nodes = Table(
+    "merkle_nodes",
+    metadata,
+    Column("level", SmallInteger, primary_key=True),
+    Column("idx", BigInteger, primary_key=True),
+    Column("hash", LargeBinary, nullable=False),
 )
 
 streams = Table(
@@ -101,4 +111,5 @@ checkpoints = Table(
     Column("time", DateTime(timezone=True), nullable=False),
     Column("signer", Text, nullable=False),
     Column("signature", LargeBinary, nullable=False),
+    Column("note", Text, nullable=True),
 )

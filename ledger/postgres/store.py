@@ -35,7 +35,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 from opentelemetry import trace
 
-from ledger import authority
+from ledger import authority, tlog
 from ledger.chain import (
     AppendResult,
     Checkpoint,
@@ -63,6 +63,7 @@ from ledger.events import (
     subject_agents,
 )
 from ledger.identity import SigningKey, VerifyKey
+from ledger.merkle import Frontier
 from ledger.postgres.reader import (
     DRIVER_ERRORS,
     ENTRY_COLUMNS,
@@ -117,6 +118,7 @@ class _BatchState:
     """What the transaction learned and changed so far, request by request."""
 
     head: Head
+    frontier: Frontier
     now: datetime
     ledger_did: str
     keys: dict[str, bytes | None]
@@ -131,6 +133,7 @@ class _BatchState:
     key_rows: dict[str, tuple[bytes, int, bool]] = field(default_factory=dict)
     idem_rows: list[tuple[object, ...]] = field(default_factory=list)
     id_rows: list[tuple[str, str, int]] = field(default_factory=list)
+    leaves: list[bytes] = field(default_factory=list)
     results: list[tuple[_Request, AppendResult | LedgerError]] = field(default_factory=list)
 
 
@@ -206,8 +209,13 @@ WITH s AS (
 ), e AS (
   INSERT INTO event_ids (actor, event_id, position)
   SELECT * FROM unnest($20::text[], $21::text[], $22::bigint[])
+), n AS (
+  INSERT INTO merkle_nodes (level, idx, hash)
+  SELECT * FROM unnest($23::smallint[], $24::bigint[], $25::bytea[])
+  ON CONFLICT (level, idx) DO NOTHING
 ), h AS (
-  UPDATE ledger_head SET position = $13, entry_hash = $14, recorded_at = $15 WHERE id = 1
+  UPDATE ledger_head SET position = $13, entry_hash = $14, recorded_at = $15, frontier = $26
+  WHERE id = 1
 )
 SELECT pg_notify($16, $17)
 """
@@ -271,12 +279,37 @@ class PostgresEventStore(PostgresLedgerReader):
         return store
 
     async def _start(self) -> None:
+        await self._build_tree()
         latest = await self.latest_checkpoint()
         if latest is not None:
             self._last_checkpoint = (latest.position, parse_time(latest.time))
         self._verifier = asyncio.create_task(self._verify_loop(), name="ledger-verifier")
         self._flusher = asyncio.create_task(self._flush_loop(), name="ledger-flusher")
         self._ticker = asyncio.create_task(self._checkpoint_ticker(), name="ledger-checkpoints")
+
+    async def _build_tree(self) -> None:
+        """Build the Merkle tree over the entries appended before it existed (once;
+        a ledger created since has its frontier from the first append on)."""
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                row = await conn.fetchrow(
+                    "SELECT position, frontier FROM ledger_head WHERE id = 1 FOR UPDATE"
+                )
+                if row["frontier"] is not None:
+                    return
+                first = await conn.fetchval("SELECT min(position) FROM events")
+                if first not in (None, 1):
+                    raise StoreUnavailableError(
+                        f"the ledger starts at position {first} (cut by retention before it had "
+                        "a Merkle tree): its tree cannot be built from the entries left"
+                    )
+                frontier = await _build_frontier(conn, row["position"])
+                await conn.execute(
+                    "UPDATE ledger_head SET frontier = $1 WHERE id = 1", frontier.to_bytes()
+                )
+                log.info("merkle_tree_built", extra={"size": frontier.size})
+        except _DRIVER_ERRORS as exc:
+            raise StoreUnavailableError(f"cannot build the Merkle tree: {exc}") from exc
 
     async def close(self) -> None:
         """Finish every queued append, then release connections."""
@@ -546,9 +579,11 @@ class PostgresEventStore(PostgresLedgerReader):
     async def _load_state(self, conn: asyncpg.Connection, batch: list[_Request]) -> _BatchState:
         # The head row is the ledger's lock: see the module docstring.
         head_row = await conn.fetchrow(
-            "SELECT position, entry_hash, recorded_at FROM ledger_head WHERE id = 1 FOR UPDATE"
+            "SELECT position, entry_hash, recorded_at, frontier FROM ledger_head "
+            "WHERE id = 1 FOR UPDATE"
         )
         head = Head(head_row["position"], bytes(head_row["entry_hash"]), head_row["recorded_at"])
+        frontier = Frontier.from_bytes(bytes(head_row["frontier"]))
         dids: set[str] = set()
         ids: set[tuple[str, str]] = set()
         for request in batch:
@@ -572,6 +607,7 @@ class PostgresEventStore(PostgresLedgerReader):
         now = max(self._clock(), head.recorded_at)
         state = _BatchState(
             head=head,
+            frontier=frontier,
             now=now,
             ledger_did=self._ledger_key.did,
             keys=dict.fromkeys(dids),
@@ -681,6 +717,7 @@ class PostgresEventStore(PostgresLedgerReader):
                 )
             )
             _stage_agent_row(state, signed, position)
+            state.leaves.append(tlog.entry_leaf(digest))
             if signed.event.event_id is not None:
                 state.id_rows.append((signed.actor, signed.event.event_id, position))
             positions.append(position)
@@ -720,6 +757,8 @@ class PostgresEventStore(PostgresLedgerReader):
         idem = state.idem_rows
         ids = state.id_rows
         head = state.head
+        frontier, completed = state.frontier.extend_with_subtrees(state.leaves)
+        nodes = [n for n in completed if n.level >= tlog.STORED_LEVEL]
         await conn.execute(
             _WRITE_SQL,
             [s for s, _ in streams],
@@ -744,9 +783,13 @@ class PostgresEventStore(PostgresLedgerReader):
             [a for a, _, _ in ids],
             [e for _, e, _ in ids],
             [p for _, _, p in ids],
+            [n.level for n in nodes],
+            [n.index for n in nodes],
+            [n.hash for n in nodes],
+            frontier.to_bytes(),
         )
         if self._checkpoint_due(head):
-            await self._insert_checkpoint(conn, head)
+            await self._insert_checkpoint(conn, head, frontier)
 
     async def _ensure_partitions(self, conn: asyncpg.Connection, moments: set[datetime]) -> None:
         for moment in moments:
@@ -774,17 +817,22 @@ class PostgresEventStore(PostgresLedgerReader):
             or head.recorded_at - last_time >= self._checkpoint_interval
         )
 
-    async def _insert_checkpoint(self, conn: asyncpg.Connection, head: Head) -> Checkpoint:
+    async def _insert_checkpoint(
+        self, conn: asyncpg.Connection, head: Head, frontier: Frontier
+    ) -> Checkpoint:
         now = max(self._clock(), head.recorded_at)
         checkpoint = sign_checkpoint(self._ledger_key, head.position, head.entry_hash, now)
+        # The same head as a C2SP signed note over the Merkle root, for witnesses.
+        note = tlog.signed_tree_head(self._ledger_key, frontier.size, frontier.root())
         await conn.execute(
-            "INSERT INTO checkpoints (position, head_hash, time, signer, signature) "
-            "VALUES ($1, $2, $3, $4, decode($5, 'base64')) ON CONFLICT (position) DO NOTHING",
+            "INSERT INTO checkpoints (position, head_hash, time, signer, signature, note) "
+            "VALUES ($1, $2, $3, $4, decode($5, 'base64'), $6) ON CONFLICT (position) DO NOTHING",
             checkpoint.position,
             head.entry_hash,
             now,
             checkpoint.signer,
             checkpoint.signature,
+            note,
         )
         self._last_checkpoint = (head.position, now)
         return checkpoint
@@ -794,13 +842,15 @@ class PostgresEventStore(PostgresLedgerReader):
         try:
             async with self._pool.acquire() as conn, conn.transaction():
                 row = await conn.fetchrow(
-                    "SELECT position, entry_hash, recorded_at FROM ledger_head WHERE id = 1"
+                    "SELECT position, entry_hash, recorded_at, frontier FROM ledger_head "
+                    "WHERE id = 1"
                 )
                 head = Head(row["position"], bytes(row["entry_hash"]), row["recorded_at"])
                 existing = await self._checkpoint_at(conn, head.position)
                 if existing is not None:
                     return existing
-                return await self._insert_checkpoint(conn, head)
+                frontier = Frontier.from_bytes(bytes(row["frontier"]))
+                return await self._insert_checkpoint(conn, head, frontier)
         except _DRIVER_ERRORS as exc:
             raise StoreUnavailableError(f"cannot write a checkpoint: {exc}") from exc
 
@@ -828,6 +878,29 @@ def _referenced_agents(signed: SignedEvent) -> set[str]:
     if isinstance(signed.event, AgentRegistered) and signed.event.sponsor is not None:
         dids.add(signed.event.sponsor)
     return dids
+
+
+async def _build_frontier(conn: asyncpg.Connection, head: int) -> Frontier:
+    frontier, after = Frontier(), 0
+    while rows := await conn.fetch(
+        "SELECT position, entry_hash FROM events WHERE position > $1 AND position <= $2 "
+        "ORDER BY position LIMIT 10000",
+        after,
+        head,
+    ):
+        leaves = [tlog.entry_leaf(bytes(r["entry_hash"])) for r in rows]
+        frontier, completed = frontier.extend_with_subtrees(leaves)
+        nodes = [n for n in completed if n.level >= tlog.STORED_LEVEL]
+        await conn.execute(
+            "INSERT INTO merkle_nodes (level, idx, hash) "
+            "SELECT * FROM unnest($1::smallint[], $2::bigint[], $3::bytea[]) "
+            "ON CONFLICT (level, idx) DO NOTHING",
+            [n.level for n in nodes],
+            [n.index for n in nodes],
+            [n.hash for n in nodes],
+        )
+        after = rows[-1]["position"]
+    return frontier
 
 
 def _load_row(state: _BatchState, row: asyncpg.Record) -> None:

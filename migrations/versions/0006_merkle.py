@@ -1,0 +1,39 @@
+"""The Merkle tree over the ledger: its frontier with the head, its stored subtrees,
+and C2SP signed notes on checkpoints.
+
+Revision ID: 0006_merkle
+Revises: 0005_authority
+Create Date: 2026-11-30
+"""
+
+from __future__ import annotations
+
+from alembic import op
+
+revision = "0006_merkle"
+down_revision = "0005_authority"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    # NULL until the store builds the tree over the entries already there (at open).
+    op.execute("ALTER TABLE ledger_head ADD COLUMN frontier bytea")
+    # Complete subtrees of 16 leaves and more (ledger.tlog.STORED_LEVEL).
+    op.execute(
+        """
+        CREATE TABLE merkle_nodes (
+            level  smallint NOT NULL,
+            idx    bigint   NOT NULL,
+            hash   bytea    NOT NULL,
+            PRIMARY KEY (level, idx)
+        )
+        """
+    )
+    op.execute("ALTER TABLE checkpoints ADD COLUMN note text")
+
+
+def downgrade() -> None:
+    op.execute("ALTER TABLE checkpoints DROP COLUMN note")
+    op.execute("DROP TABLE merkle_nodes")
+    op.execute("ALTER TABLE ledger_head DROP COLUMN frontier")
