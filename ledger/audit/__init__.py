@@ -12,9 +12,10 @@ Modules:
     export       -- ``export_bundle`` over an ``AuditSource``, signed by a ``Signer``
 
 The package imports no database driver. ``export_bundle`` and ``prepare_export``
-below take a ``PostgresLedgerReader``: they are ``ledger.postgres_audit``'s,
-loaded on first use so that importing the verifier never loads the driver; the
-source-agnostic ones are ``ledger.audit.export``'s.
+below take a ledger (``ledger.ports.LedgerReader``, PostgreSQL only) and a
+``ledger.signatures.Signer``: they are ``ledger.postgres_audit``'s, loaded on
+first use so that importing the verifier never loads the driver; the ones over
+any ``AuditSource`` are ``ledger.audit.export``'s.
 
 Errors (all under ``ledger.errors.LedgerError``)::
 

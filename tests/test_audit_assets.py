@@ -1,0 +1,55 @@
+"""Golden audit bundles (``tests/assets/audit``), as sigstore-python keeps good and bad
+inputs: the good one verifies in both flavours, each tampered one fails at the line
+and for the reason expected, and the script still writes the same bytes (so the
+bundle format has not drifted)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ledger.audit import BundleVerificationError, verify_bundle
+from ledger.identity import SigningKey
+from tests.assets.audit.make_assets import LEDGER_KEY, build
+
+ASSETS = Path(__file__).parent / "assets" / "audit"
+
+
+@pytest.mark.parametrize("name", ["good.jsonl", "good.cloudevents.jsonl"])
+def test_the_good_bundle_verifies(name: str) -> None:
+    report = verify_bundle(ASSETS / name, workers=0, ledger_key=LEDGER_KEY.public)
+    assert (report.events, report.stubs, report.keys, report.signatures) == (3, 0, 2, 3)
+    assert (report.manifest.first_position, report.manifest.last_position) == (3, 5)
+    assert report.ledger_did == LEDGER_KEY.did
+
+
+def test_the_good_bundle_names_another_ledger_key_than_a_pinned_stranger() -> None:
+    with pytest.raises(BundleVerificationError, match="ledger key mismatch") as caught:
+        verify_bundle(ASSETS / "good.jsonl", workers=0, ledger_key=SigningKey.generate().public)
+    assert caught.value.line == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "line", "position", "reason"),
+    [
+        ("edited-body.jsonl", 6, 5, "entry_hash does not match the entry's content"),
+        ("dropped-line.jsonl", 5, 4, "missing or out of order: expected position 4, found 5"),
+        ("resigned-manifest.jsonl", 8, 0, "manifest signature is invalid"),
+    ],
+)
+def test_a_tampered_bundle_fails_where_and_why_expected(
+    name: str, line: int, position: int, reason: str
+) -> None:
+    with pytest.raises(BundleVerificationError) as caught:
+        verify_bundle(ASSETS / name, workers=0)
+    assert (caught.value.line, caught.value.position, caught.value.reason) == (
+        line,
+        position,
+        reason,
+    )
+
+
+def test_the_assets_are_what_the_script_writes() -> None:
+    for name, text in build().items():
+        assert (ASSETS / name).read_text(encoding="utf-8") == text, f"{name} differs"
