@@ -94,10 +94,16 @@ _AUTH: dict[tuple[str, str], Auth] = {
     ("get", "/v1/audit/export"): "admin",
 }
 
+# Wire types of a signed handshake start, where this version of the API has them.
+_SIGNED_HANDSHAKE = [
+    kind for kind in (getattr(s, "SignedHandshakeRequest", None),) if kind is not None
+]
+
+
 _BODIES: dict[tuple[str, str], list[str]] = {
     ("post", "/v1/violations"): ["SignedViolation", "AdminViolation"],
     ("post", "/v1/signals"): ["SignedSignal", "AdminSignal"],
-    ("post", "/v1/handshakes"): ["SignedHandshakeRequest", "StartHandshake"],
+    ("post", "/v1/handshakes"): [k.__name__ for k in _SIGNED_HANDSHAKE] + ["StartHandshake"],
     ("delete", "/v1/delegations/{grant_id}"): ["SignedRevocation"],
 }
 
@@ -112,8 +118,7 @@ def _components() -> dict[str, Any]:
             s.AdminViolation,
             s.AdminSignal,
             s.StartHandshake,
-            s.SignedHandshakeRequest,
-            s.HandshakeRequest,
+            *_SIGNED_HANDSHAKE,
         ],
         ref_template=REF,
     )
