@@ -16,9 +16,9 @@ Durability (see ``sidecar.outbox``) — what is acknowledged, precisely:
 * the **penalty** (the first denial of a window) is answered only after its
   signed report is committed (fsync'd); no crash loses it, and it is
   delivered exactly once;
-* a **repeat** is answered at once — a retry storm costs no disk wait and
-  about as much CPU as a ``/health`` request — and its +1 is committed by the
-  writer's next group commit, a few milliseconds later (one commit's latency).
+* a **repeat** is answered at once — a retry storm costs no disk wait, no
+  signing and one in-memory increment per retry — and its +1 is committed by the
+  writer within 10 ms (counts are gathered that long) plus one commit.
   A crash (SIGKILL, power loss) can lose the count of the repeats answered in
   that last moment: evidence only, never a penalty. Every committed count is
   reported exactly once.

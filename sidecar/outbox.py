@@ -21,7 +21,8 @@ one writer thread drains an in-memory queue, signs what the queue holds and
 commits all of it in **one** transaction (group commit), then resolves every
 waiting caller at once. ``record`` (a penalty-bearing violation) returns only
 after the commit holding it. ``count_repeat`` returns at once; the count is
-committed by the writer's next transaction (``sync`` waits for it).
+committed within ``COUNT_FLUSH_SECONDS`` (10 ms) plus one commit, together
+with whatever else is queued (``sync`` waits for it).
 Aggregation windows (``windows`` table: the first violation's ``event_id`` and
 the repeats committed since) live in the same database, and the follow-up
 report (``repeat_of``, ``count``) is built by the writer from the committed
@@ -41,6 +42,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -72,6 +74,7 @@ BACKOFF_START = 0.2
 BACKOFF_MAX = 30.0
 _SCHEMA_VERSION = 2
 MAX_WRITE_BATCH = 2000  # queued writes committed in one transaction at most
+COUNT_FLUSH_SECONDS = 0.01  # repeat counts wait at most this long for a commit
 # Whole-batch answers that blame the batch's content: retried in halves until the
 # offending report is alone, then dead-lettered (a poison report must not stall the rest).
 _CONTENT_REFUSALS = frozenset({400, 413, 422})
@@ -427,15 +430,24 @@ class Outbox:
             if first is None:
                 return
             batch = [first]
+            # Counts alone (nobody waits for them) are gathered for up to COUNT_FLUSH_SECONDS,
+            # so a retry storm costs a few commits a second, not one per handful of retries;
+            # anything someone waits for is committed at once with what is queued.
+            linger = first.waiter is None and isinstance(first, _Flush)
+            deadline = time.monotonic() + COUNT_FLUSH_SECONDS
             while len(batch) < MAX_WRITE_BATCH:
                 try:
-                    op = self._ops.get_nowait()
+                    if linger:
+                        op = self._ops.get(timeout=max(0.0, deadline - time.monotonic()))
+                    else:
+                        op = self._ops.get_nowait()
                 except queue.Empty:
                     break
                 if op is None:
                     stop = True
                     break
                 batch.append(op)
+                linger = linger and op.waiter is None
             self._uncommitted = {}
             try:
                 results = self._write(batch)

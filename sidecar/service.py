@@ -99,6 +99,13 @@ class SidecarMetrics:
         )
         self._children: dict[tuple[str, ...], Any] = {}
 
+    def observe_upstream(self, upstream: str, seconds: float) -> None:
+        key = ("upstream_seconds", upstream)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.upstream_seconds.labels(upstream)
+        child.observe(seconds)
+
     def count(self, counter: Counter, *labels: str) -> None:
         """``counter.labels(*labels).inc()``, with the labelled child kept (hot path)."""
         key = (counter._name, *labels)
@@ -175,7 +182,7 @@ class Sidecar:
             started = time.perf_counter()
             response = await self.relay.handle(name, request)
             if name in self.upstreams:
-                self.metrics.upstream_seconds.labels(name).observe(time.perf_counter() - started)
+                self.metrics.observe_upstream(name, time.perf_counter() - started)
             return response
         if path == WELL_KNOWN and request.method == "POST":
             return self.answer_challenge(request)
