@@ -23,6 +23,7 @@ import msgspec
 from agentmesh.settings import ConfigError, Settings
 from ledger.errors import LedgerError, SignatureError
 from ledger.identity import SigningKey, VerifyKey
+from ledger.timefmt import utc_now
 
 if TYPE_CHECKING:  # names for the replay commands' annotations; imported where used
     from datetime import datetime
@@ -146,8 +147,35 @@ def _ledger_commands(commands: Any) -> None:
         default=None,
         help="signature-checking processes (default: one per core)",
     )
+    verify.add_argument(
+        "--trusted-checkpoint",
+        type=Path,
+        metavar="FILE",
+        help="a checkpoint seen before (its C2SP note, e.g. saved from GET /v1/ledger/checkpoint "
+        "or a witness's state file): fail unless the ledger still contains it",
+    )
     verify.set_defaults(handler=_cmd_ledger_verify, local_stack="read")
+    prove = sub.add_parser("prove", help="RFC 9162 inclusion and consistency proofs")
+    proofs = prove.add_subparsers(required=True, metavar="PROOF")
+    inclusion = proofs.add_parser("inclusion", help="the audit path of one entry")
+    inclusion.add_argument("position", type=_positive_int)
+    inclusion.add_argument(
+        "--tree-size", type=_positive_int, default=None, help="default: the head"
+    )
+    inclusion.set_defaults(handler=_cmd_ledger_prove, local_stack="read")
+    consistency = proofs.add_parser("consistency", help="a tree is a prefix of a later one")
+    consistency.add_argument("first", type=_positive_int)
+    consistency.add_argument(
+        "second", type=_positive_int, nargs="?", default=None, help="default: the head"
+    )
+    consistency.set_defaults(handler=_cmd_ledger_prove, local_stack="read")
+    vkey = sub.add_parser("vkey", help="the note verifier key witnesses pin")
+    vkey.add_argument("--ledger-public-key", type=Path, metavar="FILE")
+    vkey.set_defaults(handler=_cmd_ledger_vkey, local_stack="read")
     checkpoint = sub.add_parser("checkpoint", help="sign a checkpoint of the head now")
+    checkpoint.add_argument(
+        "--note", action="store_true", help="print it as a C2SP signed note (what witnesses read)"
+    )
     checkpoint.set_defaults(handler=_cmd_ledger_checkpoint, local_stack="sign")
     head = sub.add_parser("head", help="print the head position and hash")
     head.set_defaults(handler=_cmd_ledger_head, local_stack="read")
@@ -324,6 +352,7 @@ def _cmd_ledger_verify(args: argparse.Namespace, settings: Settings) -> int:
 
     key = _ledger_public_key(args, settings)
     url = settings.require_database_url()
+    trusted = None if args.trusted_checkpoint is None else _read_note(args.trusted_checkpoint)
 
     async def run() -> int:
         reader = await PostgresLedgerReader.connect(url)
@@ -337,6 +366,7 @@ def _cmd_ledger_verify(args: argparse.Namespace, settings: Settings) -> int:
                 from_position=args.from_position,
                 executor=executor,
                 progress=bar.update,
+                trusted=trusted,
             )
             bar.done()
         finally:
@@ -348,7 +378,57 @@ def _cmd_ledger_verify(args: argparse.Namespace, settings: Settings) -> int:
     return _run(run())
 
 
-def _cmd_ledger_checkpoint(_: argparse.Namespace, settings: Settings) -> int:
+def _read_note(path: Path) -> str:
+    """A checkpoint's C2SP note: the file itself, or the ``checkpoint`` of a witness's
+    JSON state file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(f"cannot read {path}: {exc}") from None
+    if text.lstrip().startswith("{"):
+        try:
+            state = json.loads(text)
+        except ValueError as exc:
+            raise CliError(f"{path}: not a note nor a witness state file: {exc}") from None
+        note = state.get("checkpoint") if isinstance(state, dict) else None
+        if not isinstance(note, str):
+            raise CliError(f"{path}: a witness state file holds its note under 'checkpoint'")
+        return note
+    return text
+
+
+def _cmd_ledger_prove(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger.identity import b64encode
+    from ledger.postgres import PostgresLedgerReader
+
+    async def run() -> int:
+        reader = await PostgresLedgerReader.connect(settings.require_database_url(), 2)
+        try:
+            size = (await reader.head()).position
+            if hasattr(args, "position"):
+                tree_size = args.tree_size or size
+                hashes = await reader.inclusion_proof(args.position, tree_size)
+                found = {"position": args.position, "tree_size": tree_size}
+            else:
+                second = args.second or size
+                hashes = await reader.consistency_proof(args.first, second)
+                found = {"first": args.first, "second": second}
+        finally:
+            await reader.close()
+        _print_json({**found, "hashes": [b64encode(h) for h in hashes]})
+        return 0
+
+    return _run(run())
+
+
+def _cmd_ledger_vkey(args: argparse.Namespace, settings: Settings) -> int:
+    from ledger import tlog
+
+    print(tlog.verifier(_ledger_public_key(args, settings)).vkey())
+    return 0
+
+
+def _cmd_ledger_checkpoint(args: argparse.Namespace, settings: Settings) -> int:
     from ledger.postgres import PostgresEventStore
 
     async def run() -> int:
@@ -357,9 +437,13 @@ def _cmd_ledger_checkpoint(_: argparse.Namespace, settings: Settings) -> int:
         )
         try:
             checkpoint = await store.checkpoint()
+            note = await store.latest_tree_head()
         finally:
             await store.close()
-        _print_json(msgspec.to_builtins(checkpoint))
+        if args.note and note is not None:
+            print(note, end="")
+        else:
+            _print_json(msgspec.to_builtins(checkpoint))
         return 0
 
     return _run(run())
@@ -429,9 +513,21 @@ def _cmd_serve_api(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.workers is not None:
         settings = dataclasses.replace(settings, api_workers=args.workers)
-    settings.require_database_url()
-    settings.signing_key()
+    url = settings.require_database_url()
+    asyncio.run(_check_ledger_key(url, settings.signing_key()))
     return serve_api(settings)
+
+
+async def _check_ledger_key(url: str, key: SigningKey) -> None:
+    """Refuse, in one line, to serve a ledger with another key than its own."""
+    from ledger.postgres import PostgresLedgerReader
+    from ledger.postgres.store import claim_identity
+
+    reader = await PostgresLedgerReader.connect(url, pool_size=1)
+    try:
+        await claim_identity(reader.pool, key, utc_now())
+    finally:
+        await reader.close()
 
 
 def _injector_command(sub: Any) -> None:

@@ -8,6 +8,7 @@ Tree::
     │   └── NoteError            malformed or unverified signed note / checkpoint
     ├── ConcurrencyError         expected stream version did not match
     ├── IdempotencyConflictError key reused with different content
+    ├── LedgerKeyMismatchError   a process holds another key than the ledger's own
     ├── NotPermittedError        the signer may not write this (suspended, wrong role)
     ├── AppendRejectedError      the event contradicts ledger state (e.g. duplicate DID)
     │   └── ReplayError          an event with this (signer, event_id) is already recorded
@@ -49,6 +50,10 @@ class IdempotencyConflictError(LedgerError):
 
 class AppendRejectedError(LedgerError):
     """The events are well-formed and signed but contradict the ledger's state."""
+
+
+class LedgerKeyMismatchError(LedgerError):
+    """The process holds another key than the one the ledger recorded at genesis."""
 
 
 class NotPermittedError(LedgerError):

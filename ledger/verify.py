@@ -26,12 +26,22 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
-from ledger import authority
+from ledger import authority, tlog
 from ledger.authority import AuthorityState
 from ledger.chain import GENESIS_HASH, Checkpoint, Entry, check_link, verify_checkpoint
 from ledger.errors import EventValidationError, LedgerError, SignatureError, VerificationError
-from ledger.events import AgentKeyRotated, AgentRegistered, AnyEvent, decode_body, event_type
+from ledger.events import (
+    AgentKeyRotated,
+    AgentRegistered,
+    AnyEvent,
+    decode_body,
+    event_type,
+    subject_agents,
+)
 from ledger.identity import VerifyKey
+from ledger.merkle import Frontier
+from ledger.note import Checkpoint as NoteCheckpoint
+from ledger.note import open_checkpoint
 from ledger.postgres import PostgresLedgerReader
 
 # Re-exported: callers import these three from here too.
@@ -132,7 +142,9 @@ class LedgerVerifier:
         checkpoints: Iterable[Checkpoint],
         executor: Executor | None = None,
         column_check: bool = True,
+        tree: TreeCheck | None = None,
     ) -> None:
+        self.tree = tree
         self.ring = ring
         self.expected = start_position
         self.prev = start_hash
@@ -146,13 +158,20 @@ class LedgerVerifier:
         self.signatures = 0
 
     async def feed(
-        self, entry: Entry, event_type_col: str | None = None, actor_col: str | None = None
+        self,
+        entry: Entry,
+        event_type_col: str | None = None,
+        actor_col: str | None = None,
+        subjects_col: tuple[str, ...] | None = None,
     ) -> None:
         try:
             check_link(entry, self.expected, self.prev)
             event = self._decode(entry)
             if self.column_check:
                 _check_columns(entry.position, event, event_type_col, actor_col)
+                _check_subjects(entry.position, event, subjects_col, self.ring.ledger_key.did)
+            if self.tree is not None:
+                self.tree.add(entry)
             self.ring.check(entry, event)
             self.jobs.append(
                 (
@@ -226,6 +245,8 @@ class LedgerVerifier:
             await self._collect(pending)
         self.pending.clear()
         last = self.expected - 1
+        if self.tree is not None:
+            self.tree.finish(last)
         beyond = [p for p in self.checkpoints if p > last]
         if beyond:
             raise VerificationError(
@@ -248,6 +269,81 @@ class LedgerVerifier:
             checkpoints=self.checkpoints_seen,
             head_hash=self.prev,
         )
+
+
+class TreeCheck:
+    """The Merkle tree recomputed from the entries, held against every signed tree
+    head (C2SP note) the ledger stored and against a checkpoint seen before.
+
+    ``trusted`` is a checkpoint kept *outside* the database (a witness's, or one
+    saved with ``curl /v1/ledger/checkpoint``): a writer without the ledger key
+    can rewrite the tables, chain and all, but cannot make the recomputed root at
+    that size match it again, nor hide that entries were removed below it."""
+
+    def __init__(
+        self,
+        ledger_key: VerifyKey,
+        frontier: Frontier,
+        notes: dict[int, str],
+        trusted: NoteCheckpoint | None = None,
+    ) -> None:
+        self.verifier = tlog.verifier(ledger_key)
+        self.frontier = frontier
+        self.notes = notes
+        self.trusted = trusted
+        self.heads_checked = 0
+
+    def add(self, entry: Entry) -> None:
+        self.frontier = self.frontier.append(tlog.entry_leaf(entry.entry_hash))
+        position = entry.position
+        note = self.notes.get(position)
+        if note is not None:
+            try:
+                head, _ = open_checkpoint(note, [self.verifier])
+            except LedgerError as exc:
+                raise VerificationError(position, f"signed tree head: {exc}") from exc
+            self._compare(position, head, "the signed tree head stored at this position")
+            self.heads_checked += 1
+        if self.trusted is not None and self.trusted.size == position:
+            self._compare(position, self.trusted, "the trusted checkpoint")
+
+    def _compare(self, position: int, head: NoteCheckpoint, what: str) -> None:
+        if head.size != position or head.root_hash != self.frontier.root():
+            raise VerificationError(
+                position,
+                f"the ledger's Merkle root at size {position} differs from {what}: "
+                "history was rewritten",
+            )
+
+    def finish(self, last: int) -> None:
+        if self.trusted is not None and self.trusted.size > last:
+            raise VerificationError(
+                last + 1,
+                f"the ledger ends at position {last}, but a checkpoint seen before covers "
+                f"{self.trusted.size} entries: entries were removed from the tail",
+            )
+
+
+def trusted_checkpoint(note: str, ledger_key: VerifyKey) -> NoteCheckpoint:
+    """A checkpoint kept outside the database: its C2SP note, signed by the ledger key."""
+    try:
+        checkpoint, _ = open_checkpoint(note, [tlog.verifier(ledger_key)])
+    except LedgerError as exc:
+        raise VerificationError(0, f"the trusted checkpoint does not verify: {exc}") from exc
+    return checkpoint
+
+
+def _check_subjects(
+    position: int, event: AnyEvent, subjects_col: tuple[str, ...] | None, ledger_did: str
+) -> None:
+    """``subjects`` drives /events and ?at=: it must be what the body says."""
+    if subjects_col is None:
+        return
+    expected = set(subject_agents(event))
+    if event.actor != ledger_did:
+        expected.add(event.actor)
+    if sorted(subjects_col) != sorted(expected):
+        raise VerificationError(position, "subjects column differs from the body")
 
 
 def _check_columns(
@@ -306,16 +402,27 @@ async def verify_ledger(
     from_position: int = 1,
     executor: Executor | None = None,
     progress: Progress | None = None,
+    trusted: str | None = None,
 ) -> VerifyReport:
     """Verify the stored ledger from ``from_position`` to the head.
 
     From position 1 the chain starts at the genesis hash. From a later
     position it starts at the stored hash of the entry before it, which a
     signed checkpoint at that position confirms when there is one; agent keys
-    are folded from the registrations and rotations before it.
+    are folded from the registrations and rotations before it. The Merkle tree
+    is recomputed along the way and held against every stored signed tree head
+    and against ``trusted``, the C2SP note of a checkpoint seen before.
     """
     if from_position < 1:
         raise VerificationError(from_position, "positions start at 1")
+    recorded = await reader.ledger_identity()
+    if recorded is not None and recorded.raw != ledger_key.raw:
+        raise VerificationError(
+            0,
+            f"ledger key mismatch: the ledger recorded {recorded.did} at genesis, "
+            f"the key given is {ledger_key.did}",
+        )
+    pinned = None if trusted is None else trusted_checkpoint(trusted, ledger_key)
     head = await reader.head()
     start_hash = GENESIS_HASH
     checkpoints = await reader.checkpoints(after=max(from_position - 2, 0))
@@ -354,15 +461,36 @@ async def verify_ledger(
         await reader.suspended_before(from_position),
         complete=from_position == 1,
     )
+    if pinned is not None and 0 < pinned.size < from_position:
+        raise VerificationError(
+            pinned.size, "the trusted checkpoint is before the range verified: verify from 1"
+        )
+    tree = TreeCheck(
+        ledger_key,
+        await _frontier_before(reader, from_position),
+        await reader.tree_heads(after=from_position - 1),
+        pinned,
+    )
     verifier = LedgerVerifier(
         ring,
         start_position=from_position,
         start_hash=start_hash,
         checkpoints=[c for c in checkpoints if c.position >= from_position],
         executor=executor,
+        tree=tree,
     )
     async for record in reader.iter_entries(after=from_position - 1, batch=CHUNK):
-        await verifier.feed(record, record.event_type, record.actor)
+        await verifier.feed(record, record.event_type, record.actor, record.subjects)
         if progress is not None and record.position % CHUNK == 0:
             progress(record.position)
     return await verifier.finish(head.position, head.entry_hash)
+
+
+async def _frontier_before(reader: PostgresLedgerReader, position: int) -> Frontier:
+    """The tree's right edge just before ``position`` (from its stored subtrees)."""
+    if position == 1:
+        return Frontier()
+    try:
+        return await reader.frontier_at(position - 1)
+    except LedgerError as exc:
+        raise VerificationError(position - 1, f"the Merkle tree there: {exc}") from exc

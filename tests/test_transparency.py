@@ -7,15 +7,23 @@ implementation would do)."""
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+from typing import Any
 
+import asyncpg
 import pytest
 
 from agentmesh.embedded import EmbeddedRedis
 from ledger import merkle, tlog
+from ledger.chain import GENESIS_HASH, entry_hash, envelope_bytes
+from ledger.errors import LedgerKeyMismatchError, VerificationError
 from ledger.identity import SigningKey
 from ledger.note import open_checkpoint, parse_vkey
+from ledger.postgres import PostgresEventStore
+from ledger.verify import verify_ledger
 from tests.api_support import Api, api_settings, running_api
+from tests.support import T0, Agent, ManualClock, register
 
 
 @pytest.fixture
@@ -83,14 +91,145 @@ async def test_checkpoints_and_proofs_verify_with_the_pinned_key(
 async def test_impossible_proof_requests_are_400(api: Api) -> None:
     await api.register()
     head = await api.head()
-    for path, params in (
+    cases: list[tuple[str, dict[str, int | str]]] = [
         ("/v1/ledger/proofs/inclusion", {"position": 1, "tree_size": head + 5}),
         ("/v1/ledger/proofs/inclusion", {"position": head + 1, "tree_size": head}),
         ("/v1/ledger/proofs/inclusion", {"position": 0, "tree_size": head}),
         ("/v1/ledger/proofs/consistency", {"first": head, "second": head + 1}),
         ("/v1/ledger/proofs/consistency", {"first": 2, "second": 1}),
         ("/v1/ledger/proofs/consistency", {"first": "x", "second": 1}),
-    ):
+    ]
+    for path, params in cases:
         response = await api.client.get(path, params=params)
         assert response.status_code == 400, (path, params, response.text)
         assert response.headers["content-type"].startswith("application/problem+json")
+
+
+# -- a database writer without the ledger key: what verification catches ----------------
+
+
+@pytest.fixture
+async def ledger(database_url: str, ledger_key: SigningKey) -> AsyncIterator[PostgresEventStore]:
+    clock = ManualClock(now=T0.replace(hour=12, minute=0, second=0))
+    store = await PostgresEventStore.open(database_url, ledger_key, clock=clock)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def _history(ledger: PostgresEventStore) -> tuple[list[Agent], str]:
+    """Twelve entries, then a checkpoint someone kept outside the database, then more."""
+    agents = [await register(ledger) for _ in range(3)]
+    for index in range(9):
+        await ledger.append([agents[index % 3].violation(subject=agents[(index + 1) % 3].did)])
+    await ledger.checkpoint()
+    note = await ledger.latest_tree_head()
+    assert note is not None
+    for index in range(4):
+        await ledger.append([agents[index % 3].violation(subject=agents[(index + 2) % 3].did)])
+    await ledger.checkpoint()
+    return agents, note
+
+
+Rows = list[dict[str, Any]]
+
+
+async def _rewrite(url: str, mutate: Callable[[Rows], None]) -> None:
+    """What an attacker with write access does: change the rows, renumber, recompute every
+    hash of the chain after the change, and drop the checkpoints it can no longer sign."""
+    conn = await asyncpg.connect(url)
+    try:
+        async with conn.transaction():
+            rows = [dict(r) for r in await conn.fetch("SELECT * FROM events ORDER BY position")]
+            mutate(rows)
+            prev = GENESIS_HASH
+            for position, row in enumerate(rows, start=1):
+                row["position"], row["prev_hash"] = position, prev
+                envelope = envelope_bytes(
+                    position=position,
+                    recorded_at=row["recorded_at"],
+                    stream_id=row["stream_id"],
+                    stream_version=row["stream_version"],
+                    body=bytes(row["body"]),
+                    signature=bytes(row["signature"]),
+                )
+                row["entry_hash"] = prev = entry_hash(prev, envelope)
+            await conn.execute("DELETE FROM events")
+            columns = list(rows[0])
+            await conn.copy_records_to_table(
+                "events", records=[tuple(r[c] for c in columns) for r in rows], columns=columns
+            )
+            await conn.execute(
+                "UPDATE ledger_head SET position = $1, entry_hash = $2 WHERE id = 1",
+                len(rows),
+                prev,
+            )
+            await conn.execute("DELETE FROM checkpoints")
+    finally:
+        await conn.close()
+
+
+def _drop_tail(rows: Rows) -> None:
+    del rows[-6:]  # below the kept checkpoint too
+
+
+def _drop_one(rows: Rows) -> None:
+    del rows[5]
+
+
+def _swap(rows: Rows) -> None:
+    rows[4], rows[6] = rows[6], rows[4]
+
+
+def _back_an_hour(rows: Rows) -> None:
+    rows[7]["recorded_at"] -= timedelta(hours=1)
+
+
+def _copy_a_report(rows: Rows) -> None:
+    rows.append(dict(rows[5]))
+
+
+def _edit_subjects(rows: Rows) -> None:
+    rows[6]["subjects"] = [rows[0]["subjects"][0]]
+
+
+@pytest.mark.parametrize(
+    ("attack", "reason"),
+    [
+        (_drop_tail, "entries were removed from the tail"),
+        (_drop_one, "history was rewritten"),
+        (_swap, "history was rewritten"),
+        (_back_an_hour, "history was rewritten"),
+        (_copy_a_report, "already in the ledger"),
+        (_edit_subjects, "subjects column differs"),
+    ],
+)
+async def test_verification_with_a_kept_checkpoint_catches_rewrites(
+    ledger: PostgresEventStore,
+    database_url: str,
+    ledger_key: SigningKey,
+    attack: Callable[[Rows], None],
+    reason: str,
+) -> None:
+    _, kept = await _history(ledger)
+    report = await verify_ledger(ledger, ledger_key.public, trusted=kept)
+    assert report.last_position == 16
+    await _rewrite(database_url, attack)
+    with pytest.raises(VerificationError, match=reason):
+        await verify_ledger(ledger, ledger_key.public, trusted=kept)
+
+
+async def test_one_ledger_key(
+    ledger: PostgresEventStore, database_url: str, ledger_key: SigningKey
+) -> None:
+    await _history(ledger)
+    impostor = SigningKey.generate()
+    with pytest.raises(LedgerKeyMismatchError, match="recorded at genesis"):
+        await PostgresEventStore.open(database_url, impostor)
+    with pytest.raises(VerificationError, match="ledger key mismatch"):
+        await verify_ledger(ledger, impostor.public)
+    # A checkpoint note signed by any other key is no checkpoint of this ledger.
+    forged = tlog.signed_tree_head(impostor, 3, bytes(32))
+    with pytest.raises(VerificationError, match="does not verify"):
+        await verify_ledger(ledger, ledger_key.public, trusted=forged)

@@ -29,6 +29,7 @@ from ledger.events import (
     decode_body,
 )
 from ledger.identity import VerifyKey, b64decode
+from ledger.merkle import Frontier
 from ledger.ports import Window
 from ledger.postgres.dsn import asyncpg_dsn
 from ledger.timefmt import format_time
@@ -296,6 +297,19 @@ class PostgresLedgerReader:
             lambda hash_at: merkle.consistency_proof(first, second, hash_at)
         )
 
+    async def frontier_at(self, size: int) -> Frontier:
+        """The right edge of the tree of the first ``size`` entries."""
+        await self._check_tree_size(size)
+        return await self._with_nodes(lambda hash_at: merkle.frontier_at(size, hash_at))
+
+    async def tree_heads(self, after: int = 0) -> dict[int, str]:
+        """The stored signed tree heads (C2SP notes) after ``after``, by position."""
+        rows = await self._fetch(
+            "SELECT position, note FROM checkpoints WHERE note IS NOT NULL AND position > $1",
+            after,
+        )
+        return {r["position"]: r["note"] for r in rows}
+
     async def latest_tree_head(self) -> str | None:
         """The latest checkpoint as a C2SP signed note, None before the first."""
         value = await self._fetchval(
@@ -321,17 +335,15 @@ class PostgresLedgerReader:
         return compute(hash_at)
 
     async def _tree_nodes(self, wanted: set[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
-        stored = [(lv, ix) for lv, ix in wanted if lv >= tlog.STORED_LEVEL]
-        small = [(lv, ix) for lv, ix in wanted if lv < tlog.STORED_LEVEL]
-        found: dict[tuple[int, int], bytes] = {}
-        if stored:
-            rows = await self._fetch(
-                "SELECT level, idx, hash FROM merkle_nodes WHERE (level, idx) IN "
-                "(SELECT * FROM unnest($1::smallint[], $2::bigint[]))",
-                [lv for lv, _ in stored],
-                [ix for _, ix in stored],
-            )
-            found.update({(r["level"], r["idx"]): bytes(r["hash"]) for r in rows})
+        # Subtrees of 16+ leaves, and those retention kept at a cut, are stored.
+        rows = await self._fetch(
+            "SELECT level, idx, hash FROM merkle_nodes WHERE (level, idx) IN "
+            "(SELECT * FROM unnest($1::smallint[], $2::bigint[]))",
+            [lv for lv, _ in wanted],
+            [ix for _, ix in wanted],
+        )
+        found = {(r["level"], r["idx"]): bytes(r["hash"]) for r in rows}
+        small = [(lv, ix) for lv, ix in wanted if (lv, ix) not in found and lv < tlog.STORED_LEVEL]
         if small:
             # Subtrees under 16 leaves are recomputed from the entries' hashes.
             positions = sorted({p + 1 for lv, ix in small for p in range(ix << lv, (ix + 1) << lv)})
@@ -345,6 +357,11 @@ class PostgresLedgerReader:
                 if all(i in leaves for i in span):
                     found[(lv, ix)] = tlog.perfect_root(leaves[i] for i in span)
         return found
+
+    async def ledger_identity(self) -> VerifyKey | None:
+        """The ledger's public key as recorded at genesis (None before the first open)."""
+        row = await self._fetchrow("SELECT public_key FROM ledger_identity WHERE id = 1")
+        return None if row is None else VerifyKey.from_raw(bytes(row["public_key"]))
 
     async def retention_window(self) -> Window | None:
         """The latest recorded retention anchor's snapshot, digest-checked; None if

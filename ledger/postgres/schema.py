@@ -57,6 +57,15 @@ ledger_head = Table(
     Column("frontier", LargeBinary, nullable=True),
 )
 
+ledger_identity = Table(
+    "ledger_identity",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("did", Text, nullable=False),
+    Column("public_key", LargeBinary, nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+)
+
 merkle_nodes = Table(
     "merkle_nodes",
     metadata,

@@ -49,6 +49,7 @@ from ledger.errors import (
     EventValidationError,
     IdempotencyConflictError,
     LedgerError,
+    LedgerKeyMismatchError,
     NotPermittedError,
     SignatureError,
     StoreUnavailableError,
@@ -275,10 +276,15 @@ class PostgresEventStore(PostgresLedgerReader):
             checkpoint_every=checkpoint_every,
             checkpoint_interval=checkpoint_interval,
         )
-        await store._start()
+        try:
+            await store._start()
+        except BaseException:
+            await pool.close()  # a refused start leaves no connection behind
+            raise
         return store
 
     async def _start(self) -> None:
+        await self._claim_identity()
         await self._build_tree()
         latest = await self.latest_checkpoint()
         if latest is not None:
@@ -286,6 +292,9 @@ class PostgresEventStore(PostgresLedgerReader):
         self._verifier = asyncio.create_task(self._verify_loop(), name="ledger-verifier")
         self._flusher = asyncio.create_task(self._flush_loop(), name="ledger-flusher")
         self._ticker = asyncio.create_task(self._checkpoint_ticker(), name="ledger-checkpoints")
+
+    async def _claim_identity(self) -> None:
+        await claim_identity(self._pool, self._ledger_key, self._clock())
 
     async def _build_tree(self) -> None:
         """Build the Merkle tree over the entries appended before it existed (once;
@@ -878,6 +887,36 @@ def _referenced_agents(signed: SignedEvent) -> set[str]:
     if isinstance(signed.event, AgentRegistered) and signed.event.sponsor is not None:
         dids.add(signed.event.sponsor)
     return dids
+
+
+async def claim_identity(pool: asyncpg.Pool, key: SigningKey, now: datetime) -> None:
+    """Record the ledger's key at genesis; refuse any other key afterwards.
+
+    A second "ledger key" would sign checkpoints and ledger events that no verifier
+    of this ledger accepts: the ledger would never verify again. So a process
+    holding another key than the one recorded (or than the latest checkpoint's
+    signer, for a ledger older than the record) raises ``LedgerKeyMismatchError``."""
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO ledger_identity (id, did, public_key, recorded_at) "
+                "VALUES (1, $1, $2, $3) ON CONFLICT (id) DO NOTHING",
+                key.did,
+                key.public.raw,
+                now,
+            )
+            recorded = await conn.fetchval("SELECT did FROM ledger_identity WHERE id = 1")
+            signer = await conn.fetchval(
+                "SELECT signer FROM checkpoints ORDER BY position DESC LIMIT 1"
+            )
+    except _DRIVER_ERRORS as exc:
+        raise StoreUnavailableError(f"cannot read the ledger's identity: {exc}") from exc
+    for owner in (recorded, signer):
+        if owner is not None and owner != key.did:
+            raise LedgerKeyMismatchError(
+                f"this ledger's key is {owner} (recorded at genesis), but this process holds "
+                f"{key.did}: start it with the ledger's own key (AGENTMESH_AGENT_PRIVATE_KEY)"
+            )
 
 
 async def _build_frontier(conn: asyncpg.Connection, head: int) -> Frontier:

@@ -1,5 +1,6 @@
 """The Merkle tree over the ledger: its frontier with the head, its stored subtrees,
-and C2SP signed notes on checkpoints.
+and C2SP signed notes on checkpoints; the ledger's one identity (its key, recorded
+at genesis).
 
 Revision ID: 0006_merkle
 Revises: 0005_authority
@@ -31,9 +32,22 @@ def upgrade() -> None:
         """
     )
     op.execute("ALTER TABLE checkpoints ADD COLUMN note text")
+    # One ledger, one key: the first process that opens the ledger records its key;
+    # a process started with another key refuses to start.
+    op.execute(
+        """
+        CREATE TABLE ledger_identity (
+            id          integer PRIMARY KEY CHECK (id = 1),
+            did         text        NOT NULL,
+            public_key  bytea       NOT NULL,
+            recorded_at timestamptz NOT NULL
+        )
+        """
+    )
 
 
 def downgrade() -> None:
+    op.execute("DROP TABLE ledger_identity")
     op.execute("ALTER TABLE checkpoints DROP COLUMN note")
     op.execute("DROP TABLE merkle_nodes")
     op.execute("ALTER TABLE ledger_head DROP COLUMN frontier")
