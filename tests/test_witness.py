@@ -2,31 +2,45 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hashlib
 import json
-from collections.abc import Callable
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from agentmesh.cli import main
-from agentmesh.embedded import free_port
+from agentmesh.embedded import EmbeddedRedis, free_port
 from agentmesh.witness import (
+    EXIT_ALARM,
     STATE_FORMAT,
     Accepted,
     Alarm,
     AlarmKind,
     SignedCheckpoint,
     StateError,
+    WitnessConfig,
+    WitnessMetrics,
     WitnessState,
     check_consistency,
     cosign,
     decide,
+    load_state,
     needs_proof,
     open_ledger_checkpoint,
+    run_witness,
     write_state,
 )
+from ledger import tlog
+from ledger.canonical import canonical_bytes
+from ledger.chain import GENESIS_HASH, entry_hash, envelope_bytes
 from ledger.identity import SigningKey
 from ledger.merkle import EMPTY_ROOT, Frontier, consistency_proof, leaf_hash, root_at
 from ledger.note import (
@@ -37,8 +51,11 @@ from ledger.note import (
     Ed25519Verifier,
     cosignature_timestamp,
     open_note,
+    parse_note,
     sign_checkpoint,
 )
+from tests.api_support import ADMIN, Api, api_settings, running_api
+from tests.support import Agent
 
 NOW = 1_764_489_600
 
@@ -321,8 +338,19 @@ def test_state_of_another_ledger_or_witness_or_edited_is_refused() -> None:
 
 
 def cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as exited:
-        main(argv)
+    """Run the CLI in this process; its logging setup is undone afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    quieted = {name: logging.getLogger(name).level for name in ("httpx", "httpcore")}
+    try:
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+    finally:
+        # configure_logging points the root logger at this test's captured stderr,
+        # which is closed once the test ends.
+        root.handlers[:], root.level = handlers, level
+        for name, old in quieted.items():
+            logging.getLogger(name).setLevel(old)
     code = exited.value.code
     assert isinstance(code, int)
     return code, capsys.readouterr().err
@@ -389,3 +417,292 @@ def test_cli_refuses_a_state_file_of_another_ledger(
     code, err = cli(args, capsys)
     assert code == 1
     assert "state was accepted under ledger key" in err.splitlines()[-1]
+
+
+# --- against the real API: PostgreSQL, Redis, the ledger's own checkpoints ----------------
+
+
+@pytest.fixture
+async def api(
+    database_url: str, redis_server: EmbeddedRedis, ledger_key: SigningKey
+) -> AsyncIterator[Api]:
+    # A checkpoint after every append, as a busy ledger would have between two polls.
+    settings = api_settings(
+        database_url, redis_server, ledger_key, AGENTMESH_LEDGER_CHECKPOINT_EVERY="1"
+    )
+    async with running_api(settings) as running:
+        yield running
+
+
+def witness_config(api: Api, ledger_key: SigningKey, state: Path) -> WitnessConfig:
+    """A --once witness pinned to the ledger key, known out of band (here: the test's)."""
+    return WitnessConfig(
+        url=api.url,
+        ledger=tlog.verifier(ledger_key.public),
+        state_path=state,
+        key=WITNESS_KEY,
+        name=WITNESS.name,
+        once=True,
+    )
+
+
+async def grow(api: Api, count: int) -> int:
+    """Append ``count`` registrations; return the head position."""
+    for _ in range(count):
+        agent = Agent()
+        response = await api.client.post(
+            "/v1/agents", headers=ADMIN, json={"public_key": agent.key.public.pem()}
+        )
+        assert response.status_code == 201, response.text
+    return await api.head()
+
+
+def state_size(path: Path) -> int:
+    size: int = json.loads(path.read_text())["size"]
+    return size
+
+
+def alarms(metrics: WitnessMetrics, kind: AlarmKind) -> float:
+    value = metrics.registry.get_sample_value("agentmesh_witness_alarms_total", {"kind": kind})
+    assert value is not None
+    return value
+
+
+async def cli_witness(config: WitnessConfig, *extra: str) -> tuple[int, list[str]]:
+    """``agentmesh witness --once`` as a real process: its exit code and stderr lines."""
+    key_file = config.state_path.parent / "witness.pem"
+    key_file.write_text(config.key.private_key_pem())
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agentmesh",
+        "witness",
+        "--url",
+        config.url,
+        "--state",
+        str(config.state_path),
+        "--key",
+        str(key_file),
+        "--name",
+        config.name,
+        "--once",
+        *(extra or ("--vkey", config.ledger.vkey())),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "AGENTMESH_LOG_FORMAT": "text"},
+    )
+    _, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, err.decode().splitlines()
+
+
+class Attacker:
+    """Write access to the ledger's PostgreSQL, and no ledger key."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def on(cls, database_url: str) -> AsyncIterator[Attacker]:
+        conn = await asyncpg.connect(database_url)
+        try:
+            yield cls(conn)
+        finally:
+            await conn.close()
+
+    async def checkpoint_before(self, position: int) -> int:
+        """The last position before ``position`` that has a signed note."""
+        found: int = await self.conn.fetchval(
+            "SELECT max(position) FROM checkpoints WHERE note IS NOT NULL AND position < $1",
+            position,
+        )
+        return found
+
+    async def drop_tail(self, cut: int) -> None:
+        """Delete every entry after ``cut`` and every trace of them."""
+        async with self.conn.transaction():
+            await self.conn.execute("DELETE FROM events WHERE position > $1", cut)
+            await self.conn.execute("DELETE FROM event_ids WHERE position > $1", cut)
+            await self.conn.execute("DELETE FROM checkpoints WHERE position > $1", cut)
+            await self.rebuild_head_and_tree()
+
+    async def rewrite(self, position: int) -> None:
+        """Edit one entry's body, re-chain everything after it, drop the checkpoints."""
+        async with self.conn.transaction():
+            body = await self.conn.fetchval("SELECT body FROM events WHERE position = $1", position)
+            forged = json.loads(body)
+            forged["capabilities"] = ["forged:everything"]  # what a registration says it allows
+            await self.conn.execute(
+                "UPDATE events SET body = $2 WHERE position = $1",
+                position,
+                canonical_bytes(forged),
+            )
+            await self.rechain(position)
+
+    async def delete_and_renumber(self, position: int) -> None:
+        """Remove one entry, close the gap, re-chain, drop the checkpoints."""
+        async with self.conn.transaction():
+            await self.conn.execute("DELETE FROM events WHERE position = $1", position)
+            await self.conn.execute("DELETE FROM event_ids WHERE position = $1", position)
+            later = await self.conn.fetch(
+                "SELECT position FROM events WHERE position > $1 ORDER BY position", position
+            )
+            for row in later:  # one at a time, upwards: the key never collides
+                old = row["position"]
+                await self.conn.execute(
+                    "UPDATE events SET position = $2 WHERE position = $1", old, old - 1
+                )
+                await self.conn.execute(
+                    "UPDATE event_ids SET position = $2 WHERE position = $1", old, old - 1
+                )
+            await self.rechain(position)
+
+    async def rechain(self, start: int) -> None:
+        rows = await self.conn.fetch(
+            "SELECT position, recorded_at, stream_id, stream_version, body, signature, "
+            "prev_hash FROM events WHERE position >= $1 ORDER BY position",
+            start,
+        )
+        previous = await self.conn.fetchval(
+            "SELECT entry_hash FROM events WHERE position = $1", start - 1
+        )
+        prev_hash = bytes(previous) if previous is not None else GENESIS_HASH
+        for row in rows:
+            envelope = envelope_bytes(
+                position=row["position"],
+                recorded_at=row["recorded_at"],
+                stream_id=row["stream_id"],
+                stream_version=row["stream_version"],
+                body=bytes(row["body"]),
+                signature=bytes(row["signature"]),
+            )
+            digest = entry_hash(prev_hash, envelope)
+            await self.conn.execute(
+                "UPDATE events SET prev_hash = $2, entry_hash = $3 WHERE position = $1",
+                row["position"],
+                prev_hash,
+                digest,
+            )
+            prev_hash = digest
+        await self.conn.execute("DELETE FROM checkpoints WHERE position >= $1", start)
+        await self.rebuild_head_and_tree()
+
+    async def rebuild_head_and_tree(self) -> None:
+        """Make the head, frontier and stored subtrees agree with the rows (no key needed)."""
+        rows = await self.conn.fetch(
+            "SELECT position, entry_hash, recorded_at FROM events ORDER BY position"
+        )
+        frontier, subtrees = Frontier().extend_with_subtrees(
+            tlog.entry_leaf(bytes(r["entry_hash"])) for r in rows
+        )
+        await self.conn.execute("DELETE FROM merkle_nodes")
+        await self.conn.executemany(
+            "INSERT INTO merkle_nodes (level, idx, hash) VALUES ($1, $2, $3)",
+            [(s.level, s.index, s.hash) for s in subtrees if s.level >= tlog.STORED_LEVEL],
+        )
+        last = rows[-1]
+        await self.conn.execute(
+            "UPDATE ledger_head SET position = $1, entry_hash = $2, recorded_at = $3, "
+            "frontier = $4 WHERE id = 1",
+            last["position"],
+            bytes(last["entry_hash"]),
+            last["recorded_at"],
+            frontier.to_bytes(),
+        )
+
+
+async def test_witness_follows_a_growing_ledger_and_cosigns_each_checkpoint(
+    api: Api, ledger_key: SigningKey, tmp_path: Path
+) -> None:
+    config = witness_config(api, ledger_key, tmp_path / "state.json")
+    metrics = WitnessMetrics()
+    # First use: whatever the ledger shows now is trusted, and said so.
+    head = await grow(api, 1)
+    assert await run_witness(config, metrics) == 0
+    assert state_size(config.state_path) == head
+    # Growth across power-of-two sizes and past the stored subtrees (16 leaves).
+    for count in (1, 2, 5, 9, 3):
+        head = await grow(api, count)
+        assert await run_witness(config, metrics) == 0
+        assert state_size(config.state_path) == head
+        assert metrics.registry.get_sample_value("agentmesh_witness_checkpoint_size") == head
+    # Nothing new: the same checkpoint is accepted (and cosigned) again.
+    assert await run_witness(config, metrics) == 0
+    assert all(alarms(metrics, kind) == 0 for kind in AlarmKind)
+    assert metrics.registry.get_sample_value("agentmesh_witness_last_success_timestamp_seconds")
+    # The state holds the ledger's note with the witness's cosignature appended.
+    state = load_state(config)
+    assert state is not None
+    served = (await api.client.get("/v1/ledger/checkpoint")).text
+    assert state.note_text().startswith(served)
+    assert open_note(state.note_text(), [WITNESS_VERIFIER]).verified == (state.cosignature,)
+    # And the real command agrees, pinned with the vkey the operator was handed.
+    assert (await api.client.get("/v1/ledger/vkey")).text.strip() == config.ledger.vkey()
+    code, lines = await cli_witness(config)
+    assert code == 0, lines
+
+
+async def test_first_use_through_the_cli_says_so_and_vkey_url_warns(
+    api: Api, ledger_key: SigningKey, tmp_path: Path
+) -> None:
+    await grow(api, 2)
+    config = witness_config(api, ledger_key, tmp_path / "state.json")
+    code, lines = await cli_witness(config, "--vkey-url", f"{api.url}/v1/ledger/vkey")
+    assert code == 0, lines
+    assert any("WARNING" in line and "trust on first use" in line for line in lines)
+    assert any("no state yet" in line and "trust on first use" in line for line in lines)
+    assert state_size(config.state_path) == await api.head()
+
+
+async def test_tail_deleted_in_the_database_is_a_rollback_alarm(
+    api: Api, ledger_key: SigningKey, database_url: str, tmp_path: Path
+) -> None:
+    config = witness_config(api, ledger_key, tmp_path / "state.json")
+    await grow(api, 4)
+    assert await run_witness(config) == 0
+    witnessed = await grow(api, 4)
+    assert await run_witness(config) == 0
+    before = config.state_path.read_bytes()
+    async with Attacker.on(database_url) as attacker:
+        cut = await attacker.checkpoint_before(witnessed - 2)
+        await attacker.drop_tail(cut)
+    served = Checkpoint.parse(parse_note((await api.client.get("/v1/ledger/checkpoint")).text).text)
+    assert served.size == cut  # the database now tells a shorter story, validly signed
+
+    metrics = WitnessMetrics()
+    assert await run_witness(config, metrics) == EXIT_ALARM
+    assert alarms(metrics, AlarmKind.ROLLBACK) == 1
+    assert config.state_path.read_bytes() == before  # the old state is kept
+    code, lines = await cli_witness(config)
+    assert code == EXIT_ALARM
+    [line] = [line for line in lines if "witness alarm" in line]
+    assert "rollback" in line
+    assert f"accepted size {witnessed} root" in line
+    assert f"offered size {cut} root" in line
+    assert config.state_path.read_bytes() == before
+
+
+@pytest.mark.parametrize("attack", ["rewrite", "delete_and_renumber"])
+async def test_history_rewritten_in_the_database_is_a_fork_alarm(
+    api: Api, ledger_key: SigningKey, database_url: str, tmp_path: Path, attack: str
+) -> None:
+    config = witness_config(api, ledger_key, tmp_path / "state.json")
+    witnessed = await grow(api, 6)
+    assert await run_witness(config) == 0
+    before = config.state_path.read_bytes()
+    async with Attacker.on(database_url) as attacker:
+        await getattr(attacker, attack)(3)
+    # The ledger goes on appending (and signing checkpoints) over the rewritten rows.
+    head = await grow(api, 2)
+    assert head >= witnessed
+
+    metrics = WitnessMetrics()
+    assert await run_witness(config, metrics) == EXIT_ALARM
+    assert alarms(metrics, AlarmKind.FORK) == 1
+    assert config.state_path.read_bytes() == before
+    code, lines = await cli_witness(config)
+    assert code == EXIT_ALARM
+    [line] = [line for line in lines if "witness alarm" in line]
+    assert "fork" in line
+    assert f"accepted size {witnessed} root" in line
