@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -14,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import asyncpg
+import httpx
 import pytest
 
 from agentmesh.cli import main
@@ -36,6 +38,7 @@ from agentmesh.witness import (
     needs_proof,
     open_ledger_checkpoint,
     run_witness,
+    serve_metrics,
     write_state,
 )
 from ledger import tlog
@@ -706,3 +709,50 @@ async def test_history_rewritten_in_the_database_is_a_fork_alarm(
     [line] = [line for line in lines if "witness alarm" in line]
     assert "fork" in line
     assert f"accepted size {witnessed} root" in line
+
+
+async def test_loop_mode_serves_metrics_and_stops_at_the_first_alarm(
+    api: Api, ledger_key: SigningKey, database_url: str, tmp_path: Path
+) -> None:
+    config = dataclasses.replace(
+        witness_config(api, ledger_key, tmp_path / "state.json"), once=False, interval=0.05
+    )
+    metrics = WitnessMetrics()
+    close = serve_metrics(metrics, port := free_port())
+    try:
+        witnessed = await grow(api, 5)
+        loop = asyncio.create_task(run_witness(config, metrics))
+        # Wait (on the exposition, as Prometheus would see it) until it has cosigned.
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as scrape:
+            while True:
+                exposition = (await scrape.get("/metrics")).text
+                if f"agentmesh_witness_checkpoint_size {witnessed:.1f}" in exposition:
+                    break
+                assert not loop.done(), loop.result()
+                await asyncio.sleep(0.02)
+            assert 'agentmesh_witness_alarms_total{kind="rollback"} 0.0' in exposition
+            assert "agentmesh_witness_last_success_timestamp_seconds" in exposition
+            async with Attacker.on(database_url) as attacker:
+                await attacker.drop_tail(await attacker.checkpoint_before(witnessed))
+            # A witness that saw a rollback does not keep going.
+            assert await loop == EXIT_ALARM
+            exposition = (await scrape.get("/metrics")).text
+            assert 'agentmesh_witness_alarms_total{kind="rollback"} 1.0' in exposition
+    finally:
+        close()
+
+
+async def test_loop_mode_returns_0_when_stopped(
+    api: Api, ledger_key: SigningKey, tmp_path: Path
+) -> None:
+    config = dataclasses.replace(
+        witness_config(api, ledger_key, tmp_path / "state.json"), once=False, interval=3600
+    )
+    await grow(api, 1)
+    stop = asyncio.Event()
+    loop = asyncio.create_task(run_witness(config, stop=stop))
+    while not config.state_path.exists():  # the first check is done at once
+        assert not loop.done(), loop.result()
+        await asyncio.sleep(0.02)
+    stop.set()
+    assert await loop == 0
