@@ -33,6 +33,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from ledger import tlog
 from ledger.canonical import canonical_bytes
 from ledger.chain import sign_checkpoint
 from ledger.errors import LedgerError, StoreUnavailableError, VerificationError
@@ -240,8 +241,22 @@ async def _anchor(
         anchor_signed_bytes(position, entry.entry_hash, plan.cut_time, keys, digest)
     )
     checkpoint = sign_checkpoint(key, position, entry.entry_hash, now)
+    # The tree's right edge at the cut: with it (and the stored subtrees of 16+
+    # leaves), every proof about entries kept, and every consistency proof between
+    # checkpoints at or after the cut, still works once the entries before are gone.
+    frontier = await store.frontier_at(position)
+    note = tlog.signed_tree_head(key, frontier.size, frontier.root())
+    edge = frontier.subtrees()
     try:
         async with store.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO merkle_nodes (level, idx, hash) "
+                "SELECT * FROM unnest($1::smallint[], $2::bigint[], $3::bytea[]) "
+                "ON CONFLICT (level, idx) DO NOTHING",
+                [n.level for n in edge],
+                [n.index for n in edge],
+                [n.hash for n in edge],
+            )
             await conn.execute(
                 "INSERT INTO retention_anchors (position, entry_hash, cut_time, created_at, keys, "
                 "snapshot, snapshot_digest, signer, signature, status) "
@@ -257,13 +272,15 @@ async def _anchor(
                 signature,
             )
             await conn.execute(
-                "INSERT INTO checkpoints (position, head_hash, time, signer, signature) "
-                "VALUES ($1, $2, $3, $4, decode($5, 'base64')) ON CONFLICT (position) DO NOTHING",
+                "INSERT INTO checkpoints (position, head_hash, time, signer, signature, note) "
+                "VALUES ($1, $2, $3, $4, decode($5, 'base64'), $6) "
+                "ON CONFLICT (position) DO UPDATE SET note = COALESCE(checkpoints.note, $6)",
                 position,
                 entry.entry_hash,
                 now,
                 key.did,
                 checkpoint.signature,
+                note,
             )
     except _DRIVER_ERRORS as exc:
         raise RetentionError(
@@ -290,6 +307,8 @@ async def _prune(pool: asyncpg.Pool, anchor: Anchor, plan: RetentionPlan) -> Non
         await conn.execute(
             "DELETE FROM idempotency_keys WHERE first_position <= $1", anchor.position
         )
+        # Replays of bodies this old are refused as stale (ledger.authority.MAX_AGE).
+        await conn.execute("DELETE FROM event_ids WHERE position <= $1", anchor.position)
         await conn.execute("DELETE FROM checkpoints WHERE position < $1", anchor.position)
     del plan  # the anchor, not the new plan, says what to remove when resuming
 

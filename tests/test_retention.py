@@ -18,7 +18,9 @@ import pytest
 from agentmesh.embedded import EmbeddedRedis
 from agentmesh.retention_job import run_retention
 from agentmesh.settings import Settings
+from ledger import merkle, tlog
 from ledger.identity import SigningKey
+from ledger.note import open_checkpoint
 from ledger.postgres import PostgresEventStore
 from ledger.retention import RetentionError, apply_retention, plan_retention
 from ledger.verify import verify_ledger
@@ -88,6 +90,9 @@ async def test_retention_cuts_at_the_window_and_verification_and_rebuild_hold(
     ledger: PostgresEventStore, database_url: str, ledger_key: SigningKey, clock: ManualClock
 ) -> None:
     await long_history(ledger, clock)
+    await ledger.checkpoint()
+    kept = await ledger.latest_tree_head()  # a witness's copy of the tree head before the cut
+    assert kept is not None
     live_store = MemoryProjectionStore()
     live = Projector(ledger, live_store, CONFIG)
     progress = await live.load()
@@ -113,9 +118,11 @@ async def test_retention_cuts_at_the_window_and_verification_and_rebuild_hold(
     assert last is not None
     assert last.event_type == "ledger.retention_applied"
 
-    # 1. The chain still verifies, from the anchor.
-    report = await verify_ledger(ledger, ledger_key.public)
+    # 1. The chain still verifies, from the anchor; so does the tree, against a head
+    #    taken before the cut, and proofs about what is kept still work.
+    report = await verify_ledger(ledger, ledger_key.public, trusted=kept)
     assert report.first_position == before + 1
+    await tree_proofs_hold_after_the_cut(ledger, ledger_key, kept, cut=before)
     # 2. The live projection continues; a rebuild from snapshot + remaining equals it.
     await live.catch_up(progress)
     reader = ProjectionReader(live_store, CONFIG)
@@ -128,6 +135,30 @@ async def test_retention_cuts_at_the_window_and_verification_and_rebuild_hold(
     again = await run_retention(settings_for(database_url, ledger_key), dry_run=False, clock=clock)
     assert "nothing" in again
     assert await count_before(database_url, clock) == (0, remaining)
+
+
+async def tree_proofs_hold_after_the_cut(
+    ledger: PostgresEventStore, ledger_key: SigningKey, kept: str, cut: int
+) -> None:
+    """Inclusion proofs of retained entries and consistency proofs from checkpoints at
+    or after the cut verify, with the entries before the cut gone."""
+    await ledger.checkpoint()
+    latest = await ledger.latest_tree_head()
+    assert latest is not None
+    verifier = [tlog.verifier(ledger_key.public)]
+    old, _ = open_checkpoint(kept, verifier)
+    new, _ = open_checkpoint(latest, verifier)
+    for position in (cut + 1, cut + 2, (cut + new.size) // 2, new.size):
+        entry = await ledger.entry_at(position)
+        assert entry is not None
+        proof = await ledger.inclusion_proof(position, new.size)
+        leaf = tlog.entry_leaf(entry.entry_hash)
+        merkle.verify_inclusion(leaf, position - 1, new.size, proof, new.root_hash)
+    for first in (cut, cut + 1, old.size):
+        proof = await ledger.consistency_proof(first, new.size)
+        root = await ledger.tree_root(first)
+        merkle.verify_consistency(first, new.size, proof, root, new.root_hash)
+    assert await ledger.tree_root(old.size) == old.root_hash
 
 
 async def test_appends_during_retention_are_kept(

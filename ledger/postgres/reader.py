@@ -335,27 +335,34 @@ class PostgresLedgerReader:
         return compute(hash_at)
 
     async def _tree_nodes(self, wanted: set[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
-        # Subtrees of 16+ leaves, and those retention kept at a cut, are stored.
+        """The hashes of ``wanted`` subtrees: stored ones (16+ leaves, and the tree's edge
+        kept at a retention cut) read in one query; smaller ones rebuilt from stored
+        pieces and the entries' hashes (never more than 16 of them per subtree)."""
+        pieces = {
+            (level, index)
+            for lv, ix in wanted
+            if lv < tlog.STORED_LEVEL
+            for level in range(lv)
+            for index in range(ix << (lv - level), (ix + 1) << (lv - level))
+        }
+        keys = wanted | pieces
         rows = await self._fetch(
             "SELECT level, idx, hash FROM merkle_nodes WHERE (level, idx) IN "
             "(SELECT * FROM unnest($1::smallint[], $2::bigint[]))",
-            [lv for lv, _ in wanted],
-            [ix for _, ix in wanted],
+            [lv for lv, _ in keys],
+            [ix for _, ix in keys],
         )
         found = {(r["level"], r["idx"]): bytes(r["hash"]) for r in rows}
-        small = [(lv, ix) for lv, ix in wanted if (lv, ix) not in found and lv < tlog.STORED_LEVEL]
-        if small:
-            # Subtrees under 16 leaves are recomputed from the entries' hashes.
-            positions = sorted({p + 1 for lv, ix in small for p in range(ix << lv, (ix + 1) << lv)})
+        leaves = sorted(i + 1 for lv, i in keys if lv == 0 and (0, i) not in found)
+        if leaves:
             rows = await self._fetch(
                 "SELECT position, entry_hash FROM events WHERE position = ANY($1::bigint[])",
-                positions,
+                leaves,
             )
-            leaves = {r["position"] - 1: tlog.entry_leaf(bytes(r["entry_hash"])) for r in rows}
-            for lv, ix in small:
-                span = range(ix << lv, (ix + 1) << lv)
-                if all(i in leaves for i in span):
-                    found[(lv, ix)] = tlog.perfect_root(leaves[i] for i in span)
+            for r in rows:
+                found[(0, r["position"] - 1)] = tlog.entry_leaf(bytes(r["entry_hash"]))
+        for lv, ix in sorted(wanted):
+            _compose(found, lv, ix)
         return found
 
     async def ledger_identity(self) -> VerifyKey | None:
@@ -409,3 +416,16 @@ def checkpoint_from_row(row: asyncpg.Record) -> Checkpoint:
         signer=row["signer"],
         signature=row["sig"].replace("\n", ""),
     )
+
+
+def _compose(found: dict[tuple[int, int], bytes], level: int, index: int) -> bytes | None:
+    """The hash of subtree (level, index) from what ``found`` holds, memoised in it."""
+    known = found.get((level, index))
+    if known is not None or level == 0:
+        return known
+    left = _compose(found, level - 1, 2 * index)
+    right = _compose(found, level - 1, 2 * index + 1)
+    if left is None or right is None:
+        return None
+    found[(level, index)] = merkle.node_hash(left, right)
+    return found[(level, index)]
