@@ -7,6 +7,7 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -39,7 +40,13 @@ async def test_suspend_and_reinstate_take_no_body(api: Api, action: str) -> None
     if action == "reinstate":
         first = await api.client.post(f"/v1/agents/{agent.did}/suspend", headers=ADMIN)
         assert first.status_code == 200, first.text
-    for kwargs in ({}, {"content": b""}, {"json": {}}, {"json": {"reason": "incident 7"}}):
+    bodies: list[dict[str, Any]] = [
+        {},
+        {"content": b""},
+        {"json": {}},
+        {"json": {"reason": "incident 7"}},
+    ]
+    for kwargs in bodies:
         response = await api.client.post(
             f"/v1/agents/{agent.did}/{action}", headers=ADMIN, **kwargs
         )
