@@ -14,7 +14,11 @@ root). Then the witness cosigns it (C2SP ``tlog-cosignature``,
 
 On an alarm the old state is kept, one log line names both checkpoints, and
 the process exits 3 (1 stays "the operation failed", e.g. an unreachable
-API). A witness that saw a fork does not keep going.
+API). A witness that saw a fork does not keep going. The evidence (the
+accepted note, the offered bytes, the consistency proof) is written beside
+the state file as ``<state>.alarm-<unix time>.json``
+(``agentmesh.witness.alarm/v1``): two notes signed by the ledger key that
+cannot both be true prove the fork to anyone holding the key.
 
 The module has two halves. The core (``WitnessState``, ``open_ledger_checkpoint``,
 ``check_consistency``, ``decide``, ``cosign``) is pure: no I/O, no clock.
@@ -72,11 +76,13 @@ from ledger.note import (
     Ed25519Verifier,
     Note,
     NoteSignature,
+    cosignature_timestamp,
     open_note,
     parse_note,
 )
 
 STATE_FORMAT = "agentmesh.witness.state/v1"
+EVIDENCE_FORMAT = "agentmesh.witness.alarm/v1"
 EXIT_ALARM = 3
 
 logger = logging.getLogger("agentmesh.witness")
@@ -207,7 +213,7 @@ class WitnessState:
             checkpoint,
             Note(by_ledger.text, (*by_ledger.verified, cosignature)),
             cosignature,
-            int.from_bytes(cosignature.signature[:8], "big"),
+            cosignature_timestamp(cosignature),
         )
 
 
@@ -296,6 +302,31 @@ def cosign(accepted: SignedCheckpoint, signer: CosignatureSigner) -> WitnessStat
     note = accepted.note.signed(signer)
     cosignature = note.signatures[-1]
     return WitnessState(accepted.checkpoint, note, cosignature, signer.timestamp)
+
+
+def evidence_json(
+    alarm: Alarm,
+    previous: WitnessState | None,
+    offered: bytes,
+    proof: Sequence[bytes] | None,
+    at: int,
+) -> str:
+    """An alarm's evidence file: the kind, the accepted note, the offered bytes, the proof."""
+    try:
+        offered_note: str | None = offered.decode("utf-8")
+    except UnicodeDecodeError:
+        offered_note = None
+    document = {
+        "format": EVIDENCE_FORMAT,
+        "kind": alarm.kind.value,
+        "reason": alarm.reason,
+        "at": at,
+        "accepted": previous.note_text() if previous is not None else None,
+        "offered": offered_note,
+        "offered_base64": _b64(offered),  # the exact bytes, whatever they are
+        "consistency_proof": None if proof is None else [_b64(h) for h in proof],
+    }
+    return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
 
 
 def _describe(checkpoint: Checkpoint | None) -> str:
@@ -464,14 +495,15 @@ class Witness:
         opened = open_ledger_checkpoint(response.content, self.config.ledger)
         if isinstance(opened, Alarm):
             old = self.state.checkpoint if self.state is not None else None
-            return self._alarm(Alarm(opened.kind, opened.reason, old, opened.new))
+            alarm = Alarm(opened.kind, opened.reason, old, opened.new)
+            return self._alarm(alarm, response.content, None)
         proof = None
         if needs_proof(self.state, opened.checkpoint):
             assert self.state is not None  # needs_proof says so
             proof = await _fetch_proof(client, self.base, self.state.size, opened.checkpoint.size)
         decision = check_consistency(self.state, opened, proof)
         if isinstance(decision, Alarm):
-            return self._alarm(decision)
+            return self._alarm(decision, response.content, proof)
         self._accept(decision)
         return decision
 
@@ -503,13 +535,22 @@ class Witness:
         else:
             logger.debug(f"cosigned checkpoint size {checkpoint.size} again", extra=fields)
 
-    def _alarm(self, alarm: Alarm) -> Alarm:
+    def _alarm(self, alarm: Alarm, offered: bytes, proof: Sequence[bytes] | None) -> Alarm:
         self.metrics.alarms.labels(kind=alarm.kind.value).inc()
+        now = int(self.clock())
         fields: dict[str, Any] = {"kind": alarm.kind.value}
         for side, checkpoint in (("old", alarm.old), ("new", alarm.new)):
             if checkpoint is not None:
                 fields[f"{side}_size"] = checkpoint.size
                 fields[f"{side}_root_hash"] = _b64(checkpoint.root_hash)
+        # Keep what was offered: a fork signed by the ledger key, next to the
+        # checkpoint accepted before, proves the ledger's misbehaviour to anyone.
+        path = self.config.state_path.with_name(f"{self.config.state_path.name}.alarm-{now}.json")
+        try:
+            write_state(path, evidence_json(alarm, self.state, offered, proof, now))
+            fields["evidence"] = str(path)
+        except OSError as exc:
+            fields["evidence_error"] = exc.strerror
         logger.error(alarm.line(), extra=fields)
         return alarm
 

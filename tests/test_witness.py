@@ -44,8 +44,16 @@ from agentmesh.witness import (
 from ledger import tlog
 from ledger.canonical import canonical_bytes
 from ledger.chain import GENESIS_HASH, entry_hash, envelope_bytes
+from ledger.errors import ProofError
 from ledger.identity import SigningKey
-from ledger.merkle import EMPTY_ROOT, Frontier, consistency_proof, leaf_hash, root_at
+from ledger.merkle import (
+    EMPTY_ROOT,
+    Frontier,
+    consistency_proof,
+    leaf_hash,
+    root_at,
+    verify_consistency,
+)
 from ledger.note import (
     Checkpoint,
     CosignatureSigner,
@@ -465,6 +473,12 @@ def state_size(path: Path) -> int:
     return size
 
 
+def alarm_files(config: WitnessConfig) -> list[Path]:
+    found = sorted(config.state_path.parent.glob(f"{config.state_path.name}.alarm-*.json"))
+    assert found
+    return found
+
+
 def alarms(metrics: WitnessMetrics, kind: AlarmKind) -> float:
     value = metrics.registry.get_sample_value("agentmesh_witness_alarms_total", {"kind": kind})
     assert value is not None
@@ -684,6 +698,10 @@ async def test_tail_deleted_in_the_database_is_a_rollback_alarm(
     assert f"accepted size {witnessed} root" in line
     assert f"offered size {cut} root" in line
     assert config.state_path.read_bytes() == before
+    # The evidence: the cosigned note of the longer tree and the ledger's note of a
+    # shorter one, both signed by the ledger key.
+    [evidence] = {json.loads(p.read_text())["offered"] for p in alarm_files(config)}
+    assert served == Checkpoint.parse(open_note(evidence, [config.ledger]).text)
 
 
 @pytest.mark.parametrize("attack", ["rewrite", "delete_and_renumber"])
@@ -709,6 +727,17 @@ async def test_history_rewritten_in_the_database_is_a_fork_alarm(
     [line] = [line for line in lines if "witness alarm" in line]
     assert "fork" in line
     assert f"accepted size {witnessed} root" in line
+    for path in alarm_files(config):
+        evidence = json.loads(path.read_text())
+        assert evidence["kind"] == "fork"
+        accepted = Checkpoint.parse(open_note(evidence["accepted"], [config.ledger]).text)
+        offered = Checkpoint.parse(open_note(evidence["offered"], [config.ledger]).text)
+        # Anyone can check it: the proof the ledger gave does not join the two trees.
+        proof = [base64.b64decode(h) for h in evidence["consistency_proof"]]
+        with pytest.raises(ProofError):
+            verify_consistency(
+                accepted.size, offered.size, proof, accepted.root_hash, offered.root_hash
+            )
 
 
 async def test_loop_mode_serves_metrics_and_stops_at_the_first_alarm(
