@@ -557,6 +557,25 @@ class Attacker:
             )
             await self.rechain(position)
 
+    async def swap(self, position: int) -> None:
+        """Exchange the contents of two neighbouring entries, re-chain, drop the checkpoints."""
+        async with self.conn.transaction():
+            columns = "stream_id, stream_version, event_type, actor, subjects, body, signature"
+            a, b = await self.conn.fetch(
+                f"SELECT position, {columns} FROM events WHERE position IN ($1, $2) "  # noqa: S608
+                "ORDER BY position",
+                position,
+                position + 1,
+            )
+            for target, source in ((a, b), (b, a)):
+                await self.conn.execute(
+                    "UPDATE events SET stream_id = $2, stream_version = $3, event_type = $4, "
+                    "actor = $5, subjects = $6, body = $7, signature = $8 WHERE position = $1",
+                    target["position"],
+                    *(source[c] for c in columns.split(", ")),
+                )
+            await self.rechain(position)
+
     async def delete_and_renumber(self, position: int) -> None:
         """Remove one entry, close the gap, re-chain, drop the checkpoints."""
         async with self.conn.transaction():
@@ -704,7 +723,7 @@ async def test_tail_deleted_in_the_database_is_a_rollback_alarm(
     assert served == Checkpoint.parse(open_note(evidence, [config.ledger]).text)
 
 
-@pytest.mark.parametrize("attack", ["rewrite", "delete_and_renumber"])
+@pytest.mark.parametrize("attack", ["rewrite", "swap", "delete_and_renumber"])
 async def test_history_rewritten_in_the_database_is_a_fork_alarm(
     api: Api, ledger_key: SigningKey, database_url: str, tmp_path: Path, attack: str
 ) -> None:
