@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import base64
 import itertools
-import json
 import random
 from collections.abc import Callable
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,9 +27,9 @@ from ledger.merkle import (
     verify_consistency,
     verify_inclusion,
 )
+from tests.vectors import published_vectors
 
-VECTORS_PATH = Path(__file__).resolve().parents[1].parent / "shared" / "testdata"
-VECTORS: dict[str, Any] = json.loads((VECTORS_PATH / "rfc6962_vectors.json").read_text())
+VECTORS: dict[str, Any] = published_vectors()
 TREE_LEAVES = [leaf_hash(bytes.fromhex(x)) for x in VECTORS["tree"]["leaves_hex"]]
 TREE_ROOTS = [bytes.fromhex(x) for x in VECTORS["tree"]["roots_hex"]]
 

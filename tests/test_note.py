@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,11 +32,9 @@ from ledger.note import (
     sign_checkpoint,
     sign_note,
 )
+from tests.vectors import published_vectors
 
-VECTORS_PATH = Path(__file__).resolve().parents[1].parent / "shared" / "testdata"
-NOTES: dict[str, Any] = json.loads((VECTORS_PATH / "rfc6962_vectors.json").read_text())[
-    "signed_notes"
-]
+NOTES: dict[str, Any] = published_vectors()["signed_notes"]
 ROOT = leaf_hash(b"root")
 
 
