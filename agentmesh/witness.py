@@ -401,6 +401,8 @@ def load_state(config: WitnessConfig) -> WitnessState | None:
         return None
     except OSError as exc:
         raise WitnessError(f"cannot read {config.state_path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise WitnessError(f"{config.state_path}: state is not UTF-8 text") from None
     try:
         return WitnessState.from_json(text, config.ledger, config.witness_verifier())
     except StateError as exc:
