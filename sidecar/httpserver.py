@@ -260,8 +260,13 @@ async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> Non
 
 
 def _is_listen_stream(request: Request) -> bool:
-    """A client's open-ended SSE listening stream (GET on an MCP endpoint)."""
-    return request.method == "GET" and request.target.startswith("/mcp/")
+    """A client's open-ended SSE listening stream: a GET on an MCP endpoint (2025), or
+    a 2026-07-28 ``subscriptions/listen`` POST (only the drain's accounting reads this)."""
+    if not request.target.startswith("/mcp/"):
+        return False
+    if request.method == "GET":
+        return True
+    return request.method == "POST" and b'"subscriptions/listen"' in request.body[:4096]
 
 
 def _too_large(limit: int) -> Response:
