@@ -4,6 +4,7 @@ test asserts the upstream never ran the blocked tool."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from collections.abc import AsyncIterator
@@ -287,3 +288,25 @@ async def test_differential_against_the_sdk_servers_parsing(
                 assert ran == [classified.tool] == ["search"], (body, ran)
     assert ran_somewhere > 10  # the generator reaches tools, not only parse errors
     assert refused_but_valid < ran_somewhere  # non-standard JSON (BOM, UTF-16, NaN …) only
+
+
+@pytest.mark.parametrize(("mode", "shadow"), [("permissive", False), ("strict", True)])
+async def test_permissive_and_shadow_forward_an_unparseable_body_and_record_it(
+    api: Api, upstream: Upstream, tmp_path: Path, mode: str, shadow: bool
+) -> None:
+    agent = await api.register()
+    async with running_sidecar(
+        api, agent, tmp_path, f"tools={upstream.url}", policy=mode, shadow=shadow
+    ) as sidecar:
+        async with httpx.AsyncClient(timeout=10) as http:
+            raw = await RawMcp.open(http, f"{sidecar.url}/mcp/tools", MODERN)
+            answer = await raw.post(bypass("NaN", MODERN), name=BLOCKED_TOOL)
+        assert answer.status_code == 200, answer.text
+        assert upstream.calls[BLOCKED_TOOL] == 1  # forwarded: the upstream's parser took it
+        for _ in range(400):
+            events = (await api.client.get(f"/v1/agents/{agent.did}/events")).json()["items"]
+            rules = [e["body"]["rule"] for e in events if e["type"] == "policy.violation"]
+            if rules:
+                break
+            await asyncio.sleep(0.05)
+    assert rules == [f"{mode}:unparseable"]

@@ -12,11 +12,13 @@ from typing import Any
 import pytest
 from mcp import Client
 from mcp.server.mcpserver import MCPServer
+from mcp.shared.exceptions import MCPError
 from mcp.shared.subscriptions import ToolsListChanged
 from mcp_types import ToolListChangedNotification
 
 from agentmesh.embedded import EmbeddedRedis
 from ledger.identity import SigningKey
+from sidecar.mcp import BLOCKED_CODE
 from tests.api_support import ADMIN, Api, api_settings, running_api
 from tests.sidecar_support import RunningSidecar, Upstream, running_sidecar, running_upstream
 
@@ -138,3 +140,25 @@ async def test_list_changed_reaches_a_2026_listen_stream(
         assert isinstance(event, ToolsListChanged)
         after = sorted(t.name for t in (await client.list_tools()).tools)
     assert after == ["count", "search"]
+
+
+async def test_calling_a_hidden_tool_is_recorded_as_such(
+    api: Api, sidecar: tuple[RunningSidecar, Upstream]
+) -> None:
+    running, upstream = sidecar
+    async with Client(f"{running.url}/mcp/tools", mode="legacy") as client:
+        assert "secret_tool" not in {t.name for t in (await client.list_tools()).tools}
+        with pytest.raises(MCPError) as info:
+            await client.call_tool("secret_tool", {})
+    assert info.value.error.code == BLOCKED_CODE
+    assert "secret_tool" not in upstream.calls
+    for _ in range(400):
+        events = (await api.client.get(f"/v1/agents/{running.agent.did}/events")).json()
+        details = [e["body"]["detail"] for e in events["items"] if e["type"] == "policy.violation"]
+        if details:
+            break
+        await asyncio.sleep(0.05)
+    assert details == [
+        "tool secret_tool: tool secret_tool matches no rule (strict mode denies)"
+        " (a tool hidden from this agent's tools/list)"
+    ]
