@@ -9,9 +9,9 @@ from typing import Any
 from agentmesh.settings import Settings
 from agentmesh.wiring import trust_config
 from ledger.postgres import PostgresEventStore
-from ledger.retention import apply_retention, plan_retention, retention_window
+from ledger.retention import apply_retention, plan_retention
 from ledger.timefmt import utc_now
-from projections.state import MeshState
+from projections.start import state_at_position
 
 
 async def run_retention(
@@ -22,19 +22,8 @@ async def run_retention(
     config = trust_config(settings)
 
     async def snapshot_at(position: int) -> Mapping[str, Any]:
-        """Every projection's state at ``position``: the previous snapshot plus the
-        events after it, folded with the same pure fold as the projector."""
-        window = await retention_window(store)
-        state = (
-            MeshState(config)
-            if window is None
-            else MeshState.from_snapshot(window.snapshot, config)
-        )
-        async for record in store.iter_entries(after=state.position, batch=10_000):
-            if record.position > position:
-                break
-            state.apply_recorded(record)
-        return state.snapshot()
+        """Every projection's state at ``position``, folded as the projector folds it."""
+        return (await state_at_position(store, config, position)).snapshot()
 
     try:
         now = clock()

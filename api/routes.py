@@ -33,11 +33,11 @@ from ledger.events import (
     TrustSignal,
 )
 from ledger.identity import VerifyKey, b64encode, is_did
-from ledger.retention import retention_window
 from ledger.signed import SignedEvent
 from ledger.timefmt import format_time, parse_time
 from projections.delegation import is_active, validate_grant, validate_revocation
 from projections.history import state_at
+from projections.start import Start, ledger_start
 
 Ctx = NamedDependency[ApiContext]
 Auth = Annotated[str | None, HeaderParameter(name="Authorization", required=False)]
@@ -215,21 +215,19 @@ async def get_trust(ctx: Ctx, did: FromPath[str], at: FromQuery[str | None] = No
     return s.trust_out(view, format_time(moment))
 
 
-async def _retained_start(ctx: ApiContext, moment: Any) -> tuple[int, dict[str, Any]] | None:
-    """Where the stored ledger starts: None (its beginning), or after a retention
-    cut, the cut's position and snapshot; 410 for a moment before the cut."""
-    window = await retention_window(ctx.ledger)
-    if window is None:
-        return None
-    if moment < window.cut_time:
+async def _retained_start(ctx: ApiContext, moment: Any) -> Start:
+    """Where the stored ledger starts (``projections.start``); 410 for a moment
+    before a retention cut."""
+    start = await ledger_start(ctx.ledger)
+    if start.cut_time is not None and moment < start.cut_time:
         raise ProblemError(
             410,
             "before-retention-window",
             "Before the retention window",
             f"{format_time(moment)} is before the retention window: events recorded before "
-            f"{format_time(window.cut_time)} were removed; the ledger keeps their snapshot only",
+            f"{format_time(start.cut_time)} were removed; the ledger keeps their snapshot only",
         )
-    return window.position, window.snapshot
+    return start
 
 
 @get("/v1/agents/{did:str}/events", tags=["agents"])

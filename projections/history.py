@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from projections.config import TrustConfig
+from projections.start import Start
 from projections.state import MeshState
 
 PAGE = 1000
@@ -36,14 +37,15 @@ async def state_at(
     *,
     ledger_did: str,
     config: TrustConfig,
-    start: tuple[int, dict[str, Any]] | None = None,
+    start: Start | None = None,
 ) -> MeshState:
     """The fold of every event recorded up to ``moment`` that can move ``did``'s score.
 
-    ``start`` is the retention cut: its position and snapshot (None: the ledger's
-    beginning). Grants are left out (trust only).
+    ``start`` is where the stored ledger starts (``projections.start.ledger_start``;
+    None: its beginning). Grants are left out (trust only).
     """
-    after = 0 if start is None else start[0]
+    start = Start() if start is None else start
+    after = start.position
     records: dict[int, Any] = {}
     included: set[str] = set()
     frontier = [did]
@@ -56,7 +58,7 @@ async def state_at(
                 if record.event_type in _REPORTS and record.actor not in (ledger_did, agent):
                     peers.add(record.actor)
         frontier = sorted(peers - included)
-    state = _base(start, included, config)
+    state = start.state(config, agents=included)
     state.apply_all_recorded(records[p] for p in sorted(records))
     return state
 
@@ -72,14 +74,3 @@ async def _history(ledger: AgentHistory, did: str, after: int, moment: datetime)
         if len(batch) < PAGE:
             return found
         after = batch[-1].position
-
-
-def _base(
-    start: tuple[int, dict[str, Any]] | None, dids: set[str], config: TrustConfig
-) -> MeshState:
-    if start is None:
-        return MeshState(config)
-    snapshot = start[1]
-    agents = snapshot["agents"]
-    partial = {**snapshot, "agents": {d: agents[d] for d in dids if d in agents}, "grants": {}}
-    return MeshState.from_snapshot(partial, config)

@@ -33,7 +33,6 @@ from ledger.errors import LedgerError
 from ledger.events import decode_body
 from ledger.postgres import PostgresLedgerReader
 from ledger.postgres.dsn import asyncpg_dsn
-from ledger.retention import retention_window
 from ledger.timefmt import format_time, utc_now
 from projections.config import TrustConfig
 from projections.documents import (
@@ -46,6 +45,7 @@ from projections.documents import (
 )
 from projections.errors import ProjectionError, SnapshotError
 from projections.readstore import ProjectionStore, ReadStoreError, StaleWriteError
+from projections.start import state_at_position
 from projections.state import MeshState
 
 log = logging.getLogger("agentmesh.projector")
@@ -141,13 +141,7 @@ class Projector:
 
     async def rebuild(self, progress: Progress | None = None) -> _Progress:
         """Fold the whole ledger into a fresh generation, then swap it in at once."""
-        state = await self._base_state()
-        count = 0
-        async for record in self.ledger.iter_entries(after=state.position, batch=10_000):
-            state.apply(decode_body(record.body), record.position, record.recorded_at)
-            count += 1
-            if progress is not None and count % 10_000 == 0:
-                progress(record.position)
+        state = await state_at_position(self.ledger, self.config, progress=progress)
         meta = self._meta(state, uuid.uuid4().hex)
         await self.store.replace_all(full_batch(state, meta))
         await self.store.publish(Change(state.position, None))
@@ -155,20 +149,6 @@ class Projector:
             self.metrics.rebuilds.inc()
         log.info("rebuilt read store %s at position %d", self.store.name, state.position)
         return _Progress(state, meta.generation)
-
-    async def _base_state(self) -> MeshState:
-        """Empty, or the retention snapshot when the ledger's start was cut away."""
-        window = await retention_window(self.ledger)
-        if window is None:
-            return MeshState(self.config)
-        try:
-            return MeshState.from_snapshot(window.snapshot, self.config)
-        except SnapshotError as exc:
-            raise ProjectionError(
-                f"the retention snapshot at position {window.position} cannot be used: {exc}; "
-                "events before it are gone, so the trust configuration it was folded under "
-                "must be kept"
-            ) from exc
 
     def _meta(self, state: MeshState, generation: str) -> Meta:
         return Meta(

@@ -1,0 +1,95 @@
+"""Where a fold of the ledger starts, and the state at a position.
+
+After a retention cut the events before it are gone and the cut's snapshot
+stands in for them, so every fold of the stored ledger starts the same way:
+the snapshot (or an empty state at the ledger's beginning), then the events
+after it. ``ledger_start`` reads that starting point through the ledger port;
+``state_at_position`` folds on from it. Their users:
+
+* the projector's rebuild and the retention job's snapshot: ``state_at_position``;
+* ``agentmesh replay`` over the live ledger: ``ledger_start``, then the replay
+  streams the entries after ``Start.position``;
+* the API's ``?at=``: ``ledger_start``, then ``projections.history.state_at``
+  folds only the agents that can move one score (``Start.state(agents=…)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from ledger.ports import LedgerReader
+from projections.config import TrustConfig
+from projections.errors import SnapshotError
+from projections.state import MeshState
+
+__all__ = ["Start", "ledger_start", "state_at_position"]
+
+# Entries read per query while folding a whole ledger.
+BATCH = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """Where the stored ledger starts: ``position`` 0 (its beginning) or a retention
+    cut's position, with the cut's time and the projections' snapshot there."""
+
+    position: int = 0
+    cut_time: datetime | None = None
+    snapshot: Mapping[str, Any] | None = None
+
+    def state(self, config: TrustConfig, agents: Collection[str] | None = None) -> MeshState:
+        """A fresh state at ``position``: empty at the beginning, else the snapshot
+        loaded under ``config``. With ``agents``, only those agents and no grants
+        (a partial fold, as ``projections.history`` does).
+
+        Raises ``SnapshotError`` when the snapshot was folded under another trust
+        configuration or is malformed: the events before it are gone, so no other
+        start exists."""
+        if self.snapshot is None:
+            return MeshState(config)
+        data: Mapping[str, Any] = self.snapshot
+        if agents is not None:
+            kept = data["agents"]
+            data = {**data, "agents": {d: kept[d] for d in agents if d in kept}, "grants": {}}
+        try:
+            return MeshState.from_snapshot(data, config)
+        except SnapshotError as exc:
+            raise SnapshotError(
+                f"the retention snapshot at position {self.position} cannot be used: {exc}; "
+                "events before it are gone, so the trust configuration it was folded under "
+                "must be kept"
+            ) from exc
+
+
+async def ledger_start(ledger: LedgerReader) -> Start:
+    """The stored ledger's starting point: its latest retention cut, if any."""
+    window = await ledger.retention_window()
+    if window is None:
+        return Start()
+    return Start(window.position, window.cut_time, window.snapshot)
+
+
+async def state_at_position(
+    ledger: LedgerReader,
+    config: TrustConfig,
+    position: int | None = None,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> MeshState:
+    """Every projection's state at ``position`` (None: the head): the retention
+    snapshot, then the events after it folded with the projections' pure fold.
+
+    ``progress`` is called with the position reached every ``BATCH`` events."""
+    state = (await ledger_start(ledger)).state(config)
+    count = 0
+    async for record in ledger.iter_entries(after=state.position, batch=BATCH):
+        if position is not None and record.position > position:
+            break
+        state.apply_recorded(record)
+        count += 1
+        if progress is not None and count % BATCH == 0:
+            progress(record.position)
+    return state
