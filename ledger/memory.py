@@ -344,6 +344,10 @@ class MemoryLedger:
             )
         return merkle.consistency_proof(first, second, self._hash_at)
 
+    async def frontier_at(self, size: int) -> Frontier:
+        self._check_tree_size(size)
+        return merkle.frontier_at(size, self._hash_at)
+
     async def latest_tree_head(self) -> str | None:
         return self._tree_heads[max(self._tree_heads)] if self._tree_heads else None
 

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from ledger.chain import AppendResult, Checkpoint, Head, RecordedEvent
 from ledger.events import Event
 from ledger.identity import VerifyKey
+from ledger.merkle import Frontier
 from ledger.signatures import Signer
 from ledger.signed import SignedEvent
 
@@ -72,6 +73,9 @@ class LedgerReader(Protocol):
 
     async def consistency_proof(self, first: int, second: int) -> list[bytes]:
         """The proof that the tree of ``first`` entries is a prefix of that of ``second``."""
+
+    async def frontier_at(self, size: int) -> Frontier:
+        """The tree's right edge over the first ``size`` entries (a range proof's start)."""
 
     async def latest_tree_head(self) -> str | None:
         """The latest checkpoint as a C2SP signed note (None before the first)."""

@@ -29,6 +29,7 @@ from ledger.audit.export import export_bundle as export_from_source
 from ledger.audit.export import prepare_export as prepare_from_source
 from ledger.chain import Checkpoint, RecordedEvent
 from ledger.errors import StoreUnavailableError
+from ledger.merkle import Frontier
 from ledger.ports import LedgerReader
 from ledger.postgres.reader import (
     DRIVER_ERRORS,
@@ -119,6 +120,9 @@ class PostgresAuditSource:
 
     async def checkpoints(self, after: int = 0, limit: int = 10_000) -> list[Checkpoint]:
         return await self.reader.checkpoints(after, limit)
+
+    async def tree_edge(self, size: int) -> Frontier:
+        return await self.reader.frontier_at(size)
 
     async def store_checkpoint(self, checkpoint: Checkpoint) -> Checkpoint | None:
         # The INSERT happens only if the stored entry has exactly this head hash, so the

@@ -16,11 +16,13 @@ Pure glue between the ledger and ``ledger.merkle`` / ``ledger.note``:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TypeVar
 
-from ledger.identity import SigningKey, VerifyKey
+from ledger.identity import VerifyKey
 from ledger.merkle import HashAt, leaf_hash, node_hash
-from ledger.note import Checkpoint, Ed25519Signer, Ed25519Verifier, sign_checkpoint
+from ledger.note import ED25519, Checkpoint, Ed25519Verifier, key_id, sign_checkpoint
+from ledger.signatures import Signer
 
 __all__ = [
     "STORED_LEVEL",
@@ -48,10 +50,25 @@ def entry_leaf(entry_hash: bytes) -> bytes:
     return leaf_hash(entry_hash)
 
 
-def signed_tree_head(key: SigningKey, size: int, root: bytes) -> str:
+def signed_tree_head(key: Signer, size: int, root: bytes) -> str:
     """A C2SP checkpoint of the ledger's tree, signed with the ledger key."""
     name = origin(key.did)
-    return sign_checkpoint(Checkpoint(name, size, root), Ed25519Signer(name, key))
+    return sign_checkpoint(Checkpoint(name, size, root), _NoteSigner(name, key))
+
+
+@dataclass(frozen=True, slots=True)
+class _NoteSigner:
+    """A note signer over any ``Signer`` (a key in memory, or a signing service)."""
+
+    name: str
+    signer: Signer
+
+    @property
+    def key_id(self) -> bytes:
+        return key_id(self.name, ED25519, self.signer.public.raw)
+
+    def sign(self, text: bytes) -> bytes:
+        return self.signer.sign(text)
 
 
 def verifier(public: VerifyKey) -> Ed25519Verifier:

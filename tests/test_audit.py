@@ -327,7 +327,8 @@ def test_round_trip_verifies(built: Built, flavour: str, executor: ProcessPoolEx
     assert report.summary() == (
         f"bundle OK: {len(expected)} events (positions {expected[0].position}.."
         f"{expected[-1].position}), {manifest.keys} keys, checkpoint "
-        f"{expected[-1].position} signed by {history.key.did}"
+        f"{expected[-1].position} signed by {history.key.did}, every entry proven in the "
+        f"signed Merkle tree of {expected[-1].position}"
     )
     bundle = read_bundle(path)
     assert bundle.events == expected  # byte for byte what the store holds, subjects too
@@ -443,7 +444,9 @@ def drop_first_event(records: Records, _: SigningKey) -> Expected:
     i = indexes(records, "event")[0]
     position = records[i]["position"]
     del records[i]
-    return i + 1, position, "missing: the manifest says the entries start"
+    # The tree's edge before the range says where the entries start: the first
+    # entry missing is caught there, before the manifest says so too.
+    return i + 1, position, "missing: the tree's edge covers"
 
 
 def drop_last_event(records: Records, _: SigningKey) -> Expected:
@@ -843,7 +846,7 @@ async def test_cli_export_and_verify(cli_ledger: History, tmp_path: Path) -> Non
         assert verified.stdout == (
             f"bundle OK: {len(history.in_range)} events (positions {first}..{last}), "
             f"{read_bundle(out).manifest.keys} keys, checkpoint {last} "  # type: ignore[union-attr]
-            f"signed by {key.did}\n"
+            f"signed by {key.did}, every entry proven in the signed Merkle tree of {last}\n"
         )
     pub = tmp_path / "ledger.pub.pem"
     pub.write_text(key.public.pem())

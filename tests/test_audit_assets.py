@@ -33,9 +33,15 @@ def test_the_good_bundle_names_another_ledger_key_than_a_pinned_stranger() -> No
 @pytest.mark.parametrize(
     ("name", "line", "position", "reason"),
     [
-        ("edited-body.jsonl", 6, 5, "entry_hash does not match the entry's content"),
-        ("dropped-line.jsonl", 5, 4, "missing or out of order: expected position 4, found 5"),
-        ("resigned-manifest.jsonl", 8, 0, "manifest signature is invalid"),
+        ("edited-body.jsonl", 7, 5, "entry_hash does not match the entry's content"),
+        ("dropped-line.jsonl", 6, 4, "missing or out of order: expected position 4, found 5"),
+        ("resigned-manifest.jsonl", 9, 0, "manifest signature is invalid"),
+        (
+            "altered-edge.jsonl",
+            8,
+            5,
+            "the Merkle root of the bundle's entries differs from the signed tree head",
+        ),
     ],
 )
 def test_a_tampered_bundle_fails_where_and_why_expected(

@@ -32,8 +32,10 @@ A bundle is UTF-8 JSON Lines, one object per line, in this order:
      {"kind": "stub", "position", "prev_hash", "entry_hash"}
 
 4. ``{"kind": "checkpoint", "origin", "position", "head_hash", "time", "signer",
-   "signature"}``: a checkpoint signed by the ledger at exactly the last
-   exported position (absent when the range is empty).
+   "signature", "note"}``: a checkpoint signed by the ledger at exactly the last
+   exported position (absent when the range is empty); ``note`` is the same
+   head as a C2SP signed tree head (``ledger.tlog``): the Merkle root of the
+   ledger's first ``position`` entries, signed by the ledger key.
 
 5. the manifest, last::
 
@@ -51,6 +53,14 @@ A bundle is UTF-8 JSON Lines, one object per line, in this order:
    cut holds ``{"kind": "anchor", "position", "entry_hash", "cut_time",
    "keys", "snapshot_digest", "signer", "signature"}``: the agent keys as of
    the cut, signed by the ledger (``ledger.signatures.anchor_signed_bytes``).
+
+   Just before the first entry, ``{"kind": "tree", "size", "hashes"}``: the
+   Merkle tree's right edge (RFC 9162 perfect-subtree roots, base64, largest
+   first) over the ``size = first_position - 1`` entries before the range.
+   With it, the verifier recomputes the root at the checkpoint from the edge
+   and every entry's hash (events and stubs alike) and compares it with the
+   signed tree head: one range proof that every entry the bundle shows, at
+   its position, is in the log the ledger signed — a filtered bundle too.
 
 The CloudEvents flavour of the same lines is ``ledger.audit.cloudevents``.
 """
@@ -179,6 +189,13 @@ class StubLine(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag=
     entry_hash: Hex
 
 
+class TreeLine(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="tree"):
+    """The Merkle tree's right edge over the ``size`` entries before the range."""
+
+    size: Annotated[int, msgspec.Meta(ge=0, le=2**53 - 1)]
+    hashes: Annotated[list[str], msgspec.Meta(max_length=64)]
+
+
 class CheckpointLine(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="checkpoint"):
     origin: str
     position: Position
@@ -186,6 +203,7 @@ class CheckpointLine(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"
     time: str
     signer: str
     signature: str
+    note: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
 
     def checkpoint(self) -> Checkpoint:
         return Checkpoint(
@@ -228,10 +246,13 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag=
         return canonical_bytes(content)
 
 
-Line: TypeAlias = Header | AnchorLine | KeyLine | EventLine | StubLine | CheckpointLine | Manifest
+Line: TypeAlias = (
+    Header | AnchorLine | TreeLine | KeyLine | EventLine | StubLine | CheckpointLine | Manifest
+)
 LINE_TYPES: dict[str, type[Any]] = {
     "header": Header,
     "anchor": AnchorLine,
+    "tree": TreeLine,
     "key": KeyLine,
     "event": EventLine,
     "stub": StubLine,
@@ -241,7 +262,7 @@ LINE_TYPES: dict[str, type[Any]] = {
 
 
 jsonl_decoder = msgspec.json.Decoder(
-    Header | AnchorLine | KeyLine | EventLine | StubLine | CheckpointLine | Manifest
+    Header | AnchorLine | TreeLine | KeyLine | EventLine | StubLine | CheckpointLine | Manifest
 )
 json_encoder = msgspec.json.Encoder()
 

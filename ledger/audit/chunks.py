@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 
 import msgspec
 
-from ledger import authority
+from ledger import authority, tlog
 from ledger.audit.bundle import (
     ENTRY_LINES,
     EventLine,
@@ -70,6 +70,8 @@ class ChunkResult:
     error: tuple[int, int, str] | None = None
     signatures: int = 0
     lines: int = 0
+    leaves: list[bytes] = field(default_factory=list)
+    """The Merkle leaf hash of every entry checked, in order (``ledger.tlog``)."""
 
     def shifted(self, delta: int) -> ChunkResult:
         """The same result with line numbers ``delta`` further on."""
@@ -114,6 +116,7 @@ class _ChunkCheck:
         self.stubs = 0
         self.first: tuple[int, int, str] | None = None
         self.last: tuple[int, int, str] | None = None
+        self.leaves: list[bytes] = []
 
     def run(self) -> ChunkResult:
         rest: list[tuple[int, bytes]] = []
@@ -146,6 +149,7 @@ class _ChunkCheck:
             error=error,
             signatures=len(self.jobs),
             lines=len(lines),
+            leaves=self.leaves,
         )
 
     def _entry(self, number: int, item: EventLine | StubLine) -> tuple[int, int, str] | None:
@@ -171,6 +175,7 @@ class _ChunkCheck:
         if problem is not None:
             return number, item.position, problem
         self.last = (number, item.position, item.entry_hash)
+        self.leaves.append(tlog.entry_leaf(bytes.fromhex(item.entry_hash)))
         if isinstance(item, EventLine):
             self.events += 1
         else:

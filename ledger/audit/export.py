@@ -16,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
 import msgspec
 
+from ledger import tlog
 from ledger.audit.bundle import (
     FORMAT,
     FORMAT_VERSION,
@@ -34,6 +35,7 @@ from ledger.audit.bundle import (
     KeyLine,
     Manifest,
     StubLine,
+    TreeLine,
     check_hash,
     entry_line,
     is_ledger_time,
@@ -51,6 +53,7 @@ from ledger.chain import (
 from ledger.errors import LedgerError, VerificationError
 from ledger.events import AgentKeyRotated, AgentRegistered, decode_body
 from ledger.identity import b64encode, is_did
+from ledger.merkle import Frontier
 from ledger.signatures import Signer
 from ledger.timefmt import format_time, utc_now
 
@@ -93,6 +96,9 @@ class AuditSource(Protocol):
 
     async def checkpoints(self, after: int = 0, limit: int = 10_000) -> list[Checkpoint]:
         """Stored checkpoints with position > ``after``, at most ``limit``, in order."""
+
+    async def tree_edge(self, size: int) -> Frontier:
+        """The Merkle tree's right edge over the first ``size`` entries."""
 
     async def store_checkpoint(self, checkpoint: Checkpoint) -> Checkpoint | None:
         """Store ``checkpoint`` if the stored entry at its position has its head hash and
@@ -259,8 +265,15 @@ class BundleExport:
             item = entry_line(KeyLine, record)
             keys.add(number, item)  # the key section must verify before it is written
             lines.append(self.encoder.line(item))
-        yield b"".join(lines).decode()
         state = _ExportState()
+        if self.first is not None:
+            # The range proof: the tree's edge before the first entry (ledger.tlog).
+            state.frontier = await self.source.tree_edge(self.first - 1)
+            edge = TreeLine(
+                size=state.frontier.size, hashes=[b64encode(h) for h in state.frontier.hashes]
+            )
+            lines.append(self.encoder.line(edge))
+        yield b"".join(lines).decode()
         if self.first is not None:
             # aclosing: a client that goes away mid-stream closes the inner generators
             # now (and cancels the prefetched read), not whenever they are collected.
@@ -279,6 +292,9 @@ class BundleExport:
         async with contextlib.aclosing(self._batches()) as batches:
             async for batch in batches:
                 lines = [self._entry(state, record) for record in batch]
+                state.frontier = state.frontier.extend(
+                    tlog.entry_leaf(record.entry_hash) for record in batch
+                )
                 if progress is not None:
                     progress(state.events + state.stubs, total)
                 yield b"".join(lines).decode()
@@ -370,6 +386,8 @@ class BundleExport:
         if self.first is not None:
             assert state.prev is not None
             checkpoint = await self._covering_checkpoint(state.last_position, state.prev)
+            # The entries' own hashes, folded onto the edge: what the ledger key signs.
+            tree_head = tlog.signed_tree_head(self.key, state.frontier.size, state.frontier.root())
             lines.append(
                 self.encoder.line(
                     CheckpointLine(
@@ -379,6 +397,7 @@ class BundleExport:
                         time=checkpoint.time,
                         signer=checkpoint.signer,
                         signature=checkpoint.signature,
+                        note=tree_head,
                     )
                 )
             )
@@ -431,6 +450,7 @@ class _ExportState:
     last_position: int = 0
     events: int = 0
     stubs: int = 0
+    frontier: Frontier = field(default_factory=Frontier)
 
 
 def sign_checkpoint(

@@ -17,6 +17,7 @@ in this process again. Nothing here touches a database.
 
 from __future__ import annotations
 
+import base64
 import collections
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -24,6 +25,7 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import BinaryIO, TypeAlias
 
+from ledger import tlog
 from ledger.audit.bundle import (
     FORMAT,
     FORMAT_VERSION,
@@ -38,6 +40,7 @@ from ledger.audit.bundle import (
     LineError,
     Manifest,
     StubLine,
+    TreeLine,
     is_ledger_time,
     signature_bytes,
 )
@@ -46,6 +49,9 @@ from ledger.audit.cloudevents import decode_line, is_cloudevents
 from ledger.chain import CHECKPOINT_ORIGIN, Checkpoint, verify_checkpoint
 from ledger.errors import LedgerError, VerificationError
 from ledger.identity import VerifyKey, is_did
+from ledger.merkle import Frontier
+from ledger.note import Checkpoint as NoteCheckpoint
+from ledger.note import open_checkpoint
 from ledger.signatures import make_executor
 
 Source: TypeAlias = str | os.PathLike[str] | Iterable[str | bytes]
@@ -64,6 +70,11 @@ class BundleReport:
     keys: int
     signatures: int
     signatures_checked: bool
+    tree_size: int | None = None
+    """Set when every entry was proven in the Merkle tree of this many entries, whose
+    root the checkpoint's signed tree head commits to."""
+    trusted_size: int | None = None
+    """Set when the bundle was held against a checkpoint seen before, of this size."""
 
     @property
     def ledger_did(self) -> str:
@@ -80,9 +91,15 @@ class BundleReport:
         if m.agent is not None:
             what += f" and {self.stubs} stubs for {m.agent}"
         unchecked = "" if self.signatures_checked else " (event signatures not checked)"
+        tree = ""
+        if self.tree_size is not None:
+            tree = f", every entry proven in the signed Merkle tree of {self.tree_size}"
+        if self.trusted_size is not None:
+            tree += f", consistent with the trusted checkpoint of {self.trusted_size}"
         return (
             f"bundle OK{unchecked}: {what} (positions {m.first_position}..{m.last_position}), "
             f"{self.keys} keys, checkpoint {m.checkpoint_position} signed by {self.ledger_did}"
+            f"{tree}"
         )
 
 
@@ -95,6 +112,7 @@ def verify_bundle(
     executor: Executor | None = None,
     progress: Progress | None = None,
     chunk: int | None = None,
+    trusted: str | None = None,
 ) -> BundleReport:
     """Verify a bundle (a path, or an iterable of lines) offline.
 
@@ -106,7 +124,9 @@ def verify_bundle(
     ``signatures=False`` checks the chain, the key entries' hashes, the
     checkpoint and the manifest but no event or key signature. ``ledger_key``
     pins the ledger key the header must name. ``progress`` gets the bytes
-    read so far. OSError propagates when the path cannot be read.
+    read so far. OSError propagates when the path cannot be read. ``trusted``
+    is the C2SP note of a checkpoint seen before (a witness's): the bundle's
+    tree must contain it (its size must lie within the bundle's tree range).
     """
     verifier = _BundleVerifier(
         signatures=signatures,
@@ -115,6 +135,7 @@ def verify_bundle(
         executor=executor,
         chunk=chunk or 2000,
         progress=progress,
+        trusted=trusted,
     )
     return verifier.run(source)
 
@@ -146,7 +167,12 @@ class _BundleVerifier:
         executor: Executor | None,
         chunk: int,
         progress: Progress | None,
+        trusted: str | None = None,
     ) -> None:
+        self.trusted_note = trusted
+        self.trusted: NoteCheckpoint | None = None
+        self.frontier: Frontier | None = None  # the tree over the entries read so far
+        self.tree_size: int | None = None
         self.progress = progress
         self.signatures = signatures
         self.pinned = ledger_key
@@ -214,6 +240,8 @@ class _BundleVerifier:
         elif isinstance(item, KeyLine) and self.checkpoint is None and self.manifest is None:
             assert self.keys is not None
             self.keys.add(number, item)
+        elif isinstance(item, TreeLine) and self.frontier is None and self.checkpoint is None:
+            self._tree(number, item)
         elif isinstance(item, EventLine | StubLine):
             return True
         else:
@@ -253,6 +281,48 @@ class _BundleVerifier:
             )
         self.header = item
         self.keys = KeyHistory(key, self.signatures)
+        if self.trusted_note is not None:
+            try:
+                self.trusted, _ = open_checkpoint(self.trusted_note, [tlog.verifier(key)])
+            except LedgerError as exc:
+                raise BundleVerificationError(
+                    0, 0, f"the trusted checkpoint does not verify with the bundle's key: {exc}"
+                ) from None
+
+    def _tree(self, number: int, item: TreeLine) -> None:
+        try:
+            hashes = tuple(base64.b64decode(h, validate=True) for h in item.hashes)
+            self.frontier = Frontier(item.size, hashes)
+        except (ValueError, LedgerError) as exc:
+            raise BundleVerificationError(
+                number, 0, f"the tree's edge is malformed: {exc}"
+            ) from None
+        self._held_against_trusted(number)
+
+    def _grow(self, number: int, leaves: list[bytes]) -> None:
+        """Extend the tree by a chunk's leaves, stopping at the trusted size if it falls
+        inside (the root there must be the trusted one)."""
+        assert self.frontier is not None
+        if self.trusted is not None and self.frontier.size < self.trusted.size:
+            cut = self.trusted.size - self.frontier.size
+            if cut <= len(leaves):
+                self.frontier = self.frontier.extend(leaves[:cut])
+                self._held_against_trusted(number)
+                leaves = leaves[cut:]
+        self.frontier = self.frontier.extend(leaves)
+
+    def _held_against_trusted(self, number: int) -> None:
+        assert self.frontier is not None
+        trusted = self.trusted
+        if trusted is None or trusted.size != self.frontier.size:
+            return
+        if trusted.root_hash != self.frontier.root():
+            raise BundleVerificationError(
+                number,
+                trusted.size,
+                f"the ledger's Merkle root at size {trusted.size} differs from the trusted "
+                "checkpoint: history was rewritten",
+            )
 
     # 2. entries, in chunks on the workers
     def _line_tasks(
@@ -342,6 +412,8 @@ class _BundleVerifier:
             self._link(result.first)
         if result.error is not None:
             raise BundleVerificationError(*result.error)
+        if self.frontier is not None and result.first is not None:
+            self._grow(result.first[0], result.leaves)
         self.events += result.events
         self.stubs += result.stubs
         self.signatures_done += result.signatures
@@ -359,6 +431,13 @@ class _BundleVerifier:
             raise BundleVerificationError(number, position, "an entry after the checkpoint")
         if self.last is None:
             self.first = first
+            if self.frontier is not None and self.frontier.size != position - 1:
+                raise BundleVerificationError(
+                    number,
+                    self.frontier.size + 1,
+                    f"missing: the tree's edge covers {self.frontier.size} entries, "
+                    f"the first entry is at {position}",
+                )
             return
         _, last_position, last_hash = self.last
         if position != last_position + 1:
@@ -422,7 +501,34 @@ class _BundleVerifier:
                 raise BundleVerificationError(
                     number, position, "entry_hash differs from the signed checkpoint"
                 )
+        if item.note is not None:
+            self._tree_head(number, item)
         self.checkpoint = checkpoint
+
+    def _tree_head(self, number: int, item: CheckpointLine) -> None:
+        """The signed tree head: the root of the edge and every entry's hash."""
+        assert self.keys is not None
+        try:
+            head, _ = open_checkpoint(item.note or "", [tlog.verifier(self.keys.ledger_key)])
+        except LedgerError as exc:
+            raise BundleVerificationError(
+                number, item.position, f"signed tree head: {exc}"
+            ) from None
+        if self.frontier is None:
+            raise BundleVerificationError(
+                number, item.position, "a signed tree head without the tree's edge"
+            )
+        if head.size != item.position or head.size != self.frontier.size:
+            raise BundleVerificationError(
+                number, item.position, f"the signed tree head is of size {head.size}"
+            )
+        if head.root_hash != self.frontier.root():
+            raise BundleVerificationError(
+                number,
+                item.position,
+                "the Merkle root of the bundle's entries differs from the signed tree head",
+            )
+        self.tree_size = head.size
 
     def _manifest(self, number: int, item: Manifest) -> None:
         assert self.header is not None
@@ -508,6 +614,17 @@ class _BundleVerifier:
             raise BundleVerificationError(
                 self.lines_seen, self.keys.last, "a key entry lies after the last entry"
             )
+        if self.trusted is not None:
+            covered = self.frontier is not None and self.tree_size is not None
+            low = self.frontier.size if self.frontier is not None else None
+            if not covered or self.trusted.size > (self.tree_size or 0):
+                raise BundleVerificationError(
+                    self.lines_seen,
+                    0,
+                    f"the trusted checkpoint (size {self.trusted.size}) is not within the "
+                    f"bundle's signed tree (edge {low}, head {self.tree_size}): export a "
+                    "bundle whose range reaches it",
+                )
         return BundleReport(
             header=self.header,
             manifest=self.manifest,
@@ -517,4 +634,6 @@ class _BundleVerifier:
             keys=self.keys.count if self.keys else 0,
             signatures=self.signatures_done,
             signatures_checked=self.signatures,
+            tree_size=self.tree_size,
+            trusted_size=None if self.trusted is None else self.trusted.size,
         )

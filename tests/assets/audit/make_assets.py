@@ -24,6 +24,7 @@ with one thing changed:
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import io
 import json
@@ -41,6 +42,7 @@ from ledger.chain import Checkpoint, RecordedEvent
 from ledger.events import AgentRegistered, Event, TrustSignal
 from ledger.identity import SigningKey, b64encode
 from ledger.memory import MemoryLedger
+from ledger.merkle import Frontier
 from ledger.signed import SignedEvent
 from ledger.timefmt import format_time
 
@@ -133,6 +135,9 @@ class MemorySource:
     async def checkpoints(self, after: int = 0, limit: int = 10_000) -> list[Checkpoint]:
         return await self.ledger.checkpoints(after, limit)
 
+    async def tree_edge(self, size: int) -> Frontier:
+        return await self.ledger.frontier_at(size)
+
     async def store_checkpoint(self, checkpoint: Checkpoint) -> Checkpoint | None:
         entry = await self.ledger.entry_at(checkpoint.position)
         if entry is None or entry.entry_hash.hex() != checkpoint.head_hash:
@@ -197,6 +202,16 @@ def dropped_line(lines: list[str]) -> list[str]:
     return [*lines[:index], *lines[index + 1 :]]
 
 
+def altered_edge(lines: list[str]) -> list[str]:
+    """One hash of the tree's edge before the range changed (the range proof broken)."""
+    index = next(i for i, line in enumerate(lines) if json.loads(line)["kind"] == "tree")
+    tree = json.loads(lines[index])
+    first = bytearray(base64.b64decode(tree["hashes"][0]))
+    first[0] ^= 1
+    tree["hashes"][0] = base64.b64encode(bytes(first)).decode()
+    return [*lines[:index], _dump(tree), *lines[index + 1 :]]
+
+
 def resigned_manifest(lines: list[str]) -> list[str]:
     """The manifest signed by ``OTHER_KEY`` (content unchanged, signer replaced)."""
     manifest = msgspec.json.decode(lines[-1], type=Manifest)
@@ -213,9 +228,10 @@ def _dump(item: dict[str, object]) -> str:
 
 def _check_sample(lines: list[str]) -> None:
     """The sample is what the docstring says: two key entries (registered before the
-    range), three signed events."""
+    range), the tree's edge before the range, three signed events."""
     kinds = [json.loads(line)["kind"] for line in lines]
-    assert kinds == ["header", "key", "key", "event", "event", "event", "checkpoint", "manifest"]
+    expected = ["header", "key", "key", "tree", "event", "event", "event", "checkpoint", "manifest"]
+    assert kinds == expected
 
 
 def build() -> dict[str, str]:
@@ -229,6 +245,7 @@ def build() -> dict[str, str]:
         "edited-body.jsonl": edited_body(lines),
         "dropped-line.jsonl": dropped_line(lines),
         "resigned-manifest.jsonl": resigned_manifest(lines),
+        "altered-edge.jsonl": altered_edge(lines),
     }
     return {name: "\n".join(content) + "\n" for name, content in files.items()}
 
