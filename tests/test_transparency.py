@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -16,6 +17,7 @@ import pytest
 
 from agentmesh.embedded import EmbeddedRedis
 from ledger import merkle, tlog
+from ledger.audit import BundleVerificationError, export_bundle, verify_bundle
 from ledger.chain import GENESIS_HASH, entry_hash, envelope_bytes
 from ledger.errors import LedgerKeyMismatchError, VerificationError
 from ledger.identity import SigningKey
@@ -233,3 +235,28 @@ async def test_one_ledger_key(
     forged = tlog.signed_tree_head(impostor, 3, bytes(32))
     with pytest.raises(VerificationError, match="does not verify"):
         await verify_ledger(ledger, ledger_key.public, trusted=forged)
+
+
+async def test_audit_bundles_are_held_against_a_kept_checkpoint(
+    ledger: PostgresEventStore, database_url: str, ledger_key: SigningKey, tmp_path: Path
+) -> None:
+    agents, kept = await _history(ledger)
+    start, end = T0 - timedelta(days=1), T0 + timedelta(days=1)
+
+    async def bundle(name: str, agent: str | None = None) -> Path:
+        path = tmp_path / name
+        with path.open("w") as out:
+            await export_bundle(ledger, ledger_key, out, start=start, end=end, agent=agent)
+        return path
+
+    # A bundle filtered to one agent still proves every entry it shows is in the log.
+    only = await bundle("only.jsonl", agents[0].did)
+    report = verify_bundle(only, workers=0, trusted=kept)
+    assert (report.tree_size, report.trusted_size, report.stubs > 0) == (16, 12, True)
+    assert "consistent with the trusted checkpoint of 12" in report.summary()
+    # After a rewrite the bundle is internally fine, but not the log the witness saw.
+    await _rewrite(database_url, _drop_one)
+    rewritten = await bundle("rewritten.jsonl")
+    assert verify_bundle(rewritten, workers=0).tree_size == 15
+    with pytest.raises(BundleVerificationError, match="history was rewritten"):
+        verify_bundle(rewritten, workers=0, trusted=kept)
