@@ -8,7 +8,9 @@
 * One leader: replicas compete for a PostgreSQL session advisory lock; only
   the holder projects, and when it dies its session ends, the lock is freed
   and a standby takes over. The compare-and-set also fences a leader that
-  lost its lock but has not noticed yet.
+  lost its lock but has not noticed yet. The lock and the LISTEN wake-ups
+  live on one direct session (``run``'s URL): neither passes through a
+  transaction pooler, while the ledger reads and store writes may.
 * Self-healing: an emptied read store (Redis flushed or restarted without
   persistence) or one folded under another trust configuration is rebuilt
   from the ledger without being asked.
@@ -21,7 +23,7 @@ import contextlib
 import functools
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -29,10 +31,11 @@ import asyncpg
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ledger.chain import RecordedEvent
-from ledger.errors import LedgerError
+from ledger.errors import LedgerError, StoreUnavailableError
 from ledger.events import decode_body
 from ledger.postgres import PostgresLedgerReader
-from ledger.postgres.dsn import asyncpg_dsn
+from ledger.postgres.dsn import connect_kwargs, pooler_of
+from ledger.postgres.reader import NOTIFY_CHANNEL
 from ledger.timefmt import format_time, utc_now
 from projections.config import TrustConfig
 from projections.documents import (
@@ -206,11 +209,20 @@ class Projector:
                 self.metrics.lag_seconds.set(max(age, 0.0))
 
     async def project(
-        self, stop: asyncio.Event, still_leader: Callable[[], Awaitable[bool]]
+        self,
+        stop: asyncio.Event,
+        still_leader: Callable[[], Awaitable[bool]],
+        wake: asyncio.Event | None = None,
     ) -> None:
-        """Project until ``stop`` is set or leadership is lost."""
+        """Project until ``stop`` is set or leadership is lost.
+
+        ``wake`` is set whenever an append commits (its owner LISTENs on a direct
+        session); without it, the projector LISTENs on a connection of the ledger's
+        pool. Either way the poll every ``poll_interval`` is the source of truth."""
         progress: _Progress | None = None
-        async with self.ledger.listener() as wake:
+        async with contextlib.AsyncExitStack() as stack:
+            if wake is None:
+                wake = await stack.enter_async_context(self.ledger.listener())
             while not stop.is_set() and await still_leader():
                 try:
                     if progress is None:
@@ -236,24 +248,37 @@ class Projector:
     async def run(
         self, database_url: str, stop: asyncio.Event, retry_interval: float = 1.0
     ) -> None:
-        """Compete for leadership; project while leader; stand by otherwise."""
+        """Compete for leadership; project while leader; stand by otherwise.
+
+        ``database_url`` must reach PostgreSQL directly (not through a transaction
+        pooler): the leader lock is a session advisory lock, and the wake-ups are a
+        LISTEN on that same session. The ledger and the store may be read and
+        written through a pooler."""
+        if pooler_of(database_url) == "transaction":
+            raise ValueError(
+                "the projector's leader lock and LISTEN need a direct session: give it "
+                "a URL without pooler=transaction (AGENTMESH_DATABASE_DIRECT_URL)"
+            )
         while not stop.is_set():
             try:
-                conn = await asyncpg.connect(asyncpg_dsn(database_url))
+                conn = await asyncpg.connect(**connect_kwargs(database_url))
             except (asyncpg.PostgresError, OSError) as exc:
                 log.warning("cannot reach PostgreSQL (%s): retrying", exc)
                 await _wait_any(stop, asyncio.Event(), retry_interval)
                 continue
             try:
+                wake = asyncio.Event()
                 try:
                     leader = await conn.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK)
+                    if leader:
+                        await conn.add_listener(NOTIFY_CHANNEL, _waker(wake))
                 except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
                     log.warning("cannot take the projector lock (%s): retrying", exc)
                     leader = False
                 if leader:
                     log.info("projector is leader")
                     self._set_leader(True)
-                    await self.project(stop, functools.partial(_alive, conn))
+                    await self.project(stop, functools.partial(_alive, conn), wake)
                 else:
                     await _wait_any(stop, asyncio.Event(), retry_interval)
             finally:
@@ -264,6 +289,38 @@ class Projector:
     def _set_leader(self, value: bool) -> None:
         if self.metrics is not None:
             self.metrics.leader.set(1 if value else 0)
+
+
+@contextlib.asynccontextmanager
+async def append_wakeups(database_url: str | None) -> AsyncIterator[asyncio.Event]:
+    """An event set whenever an append commits: LISTEN on a session of its own on
+    ``database_url`` (a direct URL). With None, an event nobody sets: the reader
+    then relies on its poll alone (what a transaction pooler leaves)."""
+    wake = asyncio.Event()
+    if database_url is None:
+        yield wake
+        return
+    if pooler_of(database_url) == "transaction":
+        raise ValueError("LISTEN needs a direct URL, not one with pooler=transaction")
+    try:
+        conn = await asyncpg.connect(**connect_kwargs(database_url))
+        await conn.add_listener(NOTIFY_CHANNEL, _waker(wake))
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        raise StoreUnavailableError(f"cannot listen for appends: {exc}") from exc
+    try:
+        yield wake
+    finally:
+        with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+            await conn.close()
+
+
+def _waker(wake: asyncio.Event) -> Callable[..., None]:
+    """A LISTEN callback that sets ``wake`` (the payload does not matter)."""
+
+    def on_notify(*_: object) -> None:
+        wake.set()
+
+    return on_notify
 
 
 async def _alive(conn: asyncpg.Connection) -> bool:

@@ -20,7 +20,7 @@ from typing import Any
 
 import asyncpg
 
-from ledger.postgres.dsn import asyncpg_dsn
+from ledger.postgres.dsn import connect_kwargs, pooler_of
 from projections.documents import Batch, Change, Meta, decode, encode
 from projections.readstore import ReadStoreError, StaleWriteError
 
@@ -33,17 +33,29 @@ _MAX_NOTIFY_AGENTS = 150
 class PostgresProjectionStore:
     name = "postgres"
 
-    def __init__(self, pool: asyncpg.Pool, store_name: str = "default") -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, store_name: str = "default", *, listen_url: str | None = None
+    ) -> None:
         self._pool = pool
         self._name = store_name
+        self._listen_url = listen_url
 
     @classmethod
-    async def connect(cls, url: str, store_name: str = "default") -> PostgresProjectionStore:
+    async def connect(
+        cls, url: str, store_name: str = "default", *, listen_url: str | None = None
+    ) -> PostgresProjectionStore:
+        """A store on ``url``. Change notifications (``changes``) LISTEN on a session of
+        their own: on ``listen_url`` when given, else on ``url`` unless it goes through a
+        transaction pooler, where LISTEN cannot work (``changes`` then says so)."""
+        if listen_url is not None and pooler_of(listen_url) == "transaction":
+            raise ValueError("LISTEN needs a direct URL, not one with pooler=transaction")
+        if listen_url is None and pooler_of(url) == "none":
+            listen_url = url
         try:
-            pool = await asyncpg.create_pool(asyncpg_dsn(url), min_size=1, max_size=4)
+            pool = await asyncpg.create_pool(**connect_kwargs(url), min_size=1, max_size=4)
         except _DRIVER_ERRORS as exc:
             raise ReadStoreError(f"cannot connect to PostgreSQL: {exc}") from exc
-        return cls(pool, store_name)
+        return cls(pool, store_name, listen_url=listen_url)
 
     async def _fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
         try:
@@ -190,18 +202,26 @@ class PostgresProjectionStore:
             queue.put_nowait(Change.decode(payload))
 
         channel = f"{CHANNEL}_{self._name}"
+        if self._listen_url is None:
+            raise ReadStoreError(
+                "postgres read store: change notifications need a direct session (LISTEN "
+                "does not pass through a transaction pooler): set AGENTMESH_DATABASE_DIRECT_URL"
+            )
         try:
-            conn = await self._pool.acquire()
+            conn = await asyncpg.connect(**connect_kwargs(self._listen_url))
         except _DRIVER_ERRORS as exc:
             raise ReadStoreError(f"postgres read store: {exc}") from exc
         try:
             await conn.add_listener(channel, on_notify)
             while True:
                 yield await queue.get()
+        except _DRIVER_ERRORS as exc:
+            raise ReadStoreError(f"postgres read store: {exc}") from exc
         finally:
             with contextlib.suppress(*_DRIVER_ERRORS):
                 await conn.remove_listener(channel, on_notify)
-            await self._pool.release(conn)
+            with contextlib.suppress(*_DRIVER_ERRORS):
+                await conn.close()
 
     async def clear_for_tests(self) -> None:
         await self._pool.execute("DELETE FROM projection_current WHERE name = $1", self._name)

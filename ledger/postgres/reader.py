@@ -31,7 +31,7 @@ from ledger.events import (
 from ledger.identity import VerifyKey, b64decode
 from ledger.merkle import Frontier
 from ledger.ports import Window
-from ledger.postgres.dsn import asyncpg_dsn
+from ledger.postgres.dsn import connect_kwargs
 from ledger.timefmt import format_time
 
 log = logging.getLogger("agentmesh.ledger")
@@ -401,8 +401,10 @@ class PostgresLedgerReader:
 
 
 async def create_pool(url: str, size: int) -> asyncpg.Pool:
+    """A pool on ``url``; behind a transaction pooler (``?pooler=transaction``) its
+    connections keep no prepared statements between calls (``ledger.postgres.dsn``)."""
     try:
-        return await asyncpg.create_pool(asyncpg_dsn(url), min_size=1, max_size=size)
+        return await asyncpg.create_pool(**connect_kwargs(url), min_size=1, max_size=size)
     except DRIVER_ERRORS as exc:
         raise StoreUnavailableError(f"cannot connect to PostgreSQL: {exc}") from exc
 
