@@ -25,6 +25,10 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from projections.documents import Batch, Change, Meta, decode, encode
@@ -98,8 +102,15 @@ return old
 class RedisProjectionStore:
     name = "redis"
 
-    def __init__(self, client: aioredis.Redis, prefix: str = "agentmesh:") -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        prefix: str = "agentmesh:",
+        *,
+        also_close: Sequence[aioredis.Redis] = (),
+    ) -> None:
         self._redis = client
+        self._also_close = tuple(also_close)
         self._prefix = prefix
         self._current_key = prefix + "current"
         self._meta_script = client.register_script(_META)
@@ -110,16 +121,66 @@ class RedisProjectionStore:
 
     @classmethod
     def connect(
-        cls, host: str, port: int, password: str | None = None, prefix: str = "agentmesh:"
+        cls,
+        host: str,
+        port: int,
+        password: str | None = None,
+        prefix: str = "agentmesh:",
+        *,
+        tls: bool = False,
+        tls_ca_file: str | None = None,
     ) -> RedisProjectionStore:
+        """One Redis server, with ``password`` (``requirepass``) and TLS when asked:
+        the server's certificate is verified against ``tls_ca_file`` (default: the
+        system's CAs) and must name ``host``."""
         client = aioredis.Redis(
             host=host,
             port=port,
             password=password,
             socket_connect_timeout=5,
             health_check_interval=30,
+            **tls_options(tls, tls_ca_file),
         )
         return cls(client, prefix)
+
+    @classmethod
+    def connect_sentinel(
+        cls,
+        sentinels: Sequence[tuple[str, int]],
+        master: str,
+        password: str | None = None,
+        prefix: str = "agentmesh:",
+        *,
+        sentinel_password: str | None = None,
+        tls: bool = False,
+        tls_ca_file: str | None = None,
+    ) -> RedisProjectionStore:
+        """The master Sentinel names ``master``, found anew whenever a connection is
+        opened: after a failover the old connections fail (Sentinel closes the
+        clients of a demoted master), the client retries, and the retry reaches the
+        promoted replica. ``password`` is the data servers'; ``sentinel_password`` the
+        Sentinels' own, when they have one. TLS applies to both."""
+        secure = tls_options(tls, tls_ca_file)
+        manager = Sentinel(  # type: ignore[no-untyped-call]
+            list(sentinels),
+            sentinel_kwargs={
+                "password": sentinel_password,
+                "socket_connect_timeout": 5,
+                **secure,
+            },
+            password=password,
+            socket_connect_timeout=5,
+            health_check_interval=30,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=8),
+            retry_on_error=[
+                redis_errors.ConnectionError,
+                redis_errors.TimeoutError,
+                redis_errors.ReadOnlyError,
+            ],
+            **secure,
+        )
+        client = manager.master_for(master)
+        return cls(client, prefix, also_close=manager.sentinels)
 
     async def _call(self, script: Any, args: list[Any]) -> Any:
         try:
@@ -247,4 +308,13 @@ class RedisProjectionStore:
             await self._redis.delete(key)
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        await self._redis.aclose(close_connection_pool=True)
+        for other in self._also_close:
+            await other.aclose(close_connection_pool=True)
+
+
+def tls_options(tls: bool, ca_file: str | None) -> dict[str, Any]:
+    """redis-py's keyword arguments for TLS that verifies the server."""
+    if not tls:
+        return {}
+    return {"ssl": True, "ssl_cert_reqs": "required", "ssl_ca_certs": ca_file}
