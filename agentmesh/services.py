@@ -17,7 +17,7 @@ from agentmesh.logs import configure_logging
 from agentmesh.migrate import head_revision
 from agentmesh.nodelay import NoDelayH11Protocol
 from agentmesh.settings import Settings
-from agentmesh.wiring import open_projection_store, trust_config
+from agentmesh.wiring import open_history_reader, open_projection_store, trust_config
 from api.app import create_app
 from api.context import ApiContext
 from api.handshakes import HandshakeStore
@@ -27,7 +27,7 @@ from ledger.postgres import PostgresEventStore, PostgresLedgerReader
 from ledger.timefmt import utc_now
 from projections.cache import CachedStore
 from projections.config import TrustConfig
-from projections.projector import Projector, ProjectorMetrics
+from projections.projector import Projector, ProjectorMetrics, append_wakeups
 from projections.readstore import ProjectionReader, ProjectionStore
 
 log = logging.getLogger("agentmesh")
@@ -47,6 +47,9 @@ async def run_projector(settings: Settings) -> int:
     configure_logging(settings)
     stop = stop_on_signals()
     url = settings.require_database_url()
+    # The leader lock and the LISTEN wake-ups need a session of their own; reads and
+    # store writes may go through a transaction pooler.
+    direct = settings.require_direct_database_url("the projector's leader lock and LISTEN")
     metrics = ProjectorMetrics()
     if settings.projector_metrics_port:
         start_http_server(settings.projector_metrics_port)
@@ -54,7 +57,7 @@ async def run_projector(settings: Settings) -> int:
     store = await open_projection_store(settings)
     try:
         projector = Projector(reader, store, trust_config(settings), metrics=metrics)
-        await projector.run(url, stop)
+        await projector.run(direct, stop)
     finally:
         await store.close()
         await reader.close()
@@ -69,12 +72,18 @@ async def open_api_context(
 ) -> ApiContext:
     """Connect everything the API needs (called in the app's lifespan)."""
     url = settings.require_database_url()
+    if settings.storage_backend == "postgres" and settings.cache_enabled:
+        # The cache is invalidated by the read store's LISTEN: fail now, not later.
+        settings.require_direct_database_url("the cache's change notifications (LISTEN)")
     ledger = await PostgresEventStore.open(
         url,
         settings.signing_key(),
         clock=clock,
         checkpoint_every=settings.checkpoint_every,
         checkpoint_interval=settings.checkpoint_interval,
+    )
+    history = (
+        await open_history_reader(settings) if settings.database_read_url is not None else None
     )
     store = await open_projection_store(settings)
     cache = CachedStore(store, settings.cache_ttl) if settings.cache_enabled else None
@@ -89,27 +98,41 @@ async def open_api_context(
         shadow_mode=settings.governance_shadow_mode,
         clock=clock,
         expected_revision=head_revision(),
+        history=history,
     )
     embedded = settings.api_projector == "true" or (
         settings.api_projector == "auto" and settings.storage_backend == "memory"
     )
     if embedded:
-        ctx.background.append(asyncio.create_task(_embedded_projector(ledger, store, config)))
+        ctx.background.append(
+            asyncio.create_task(
+                _embedded_projector(ledger, store, config, settings.direct_database_url())
+            )
+        )
     return ctx
 
 
 async def _embedded_projector(
-    ledger: PostgresEventStore, store: ProjectionStore, config: TrustConfig
+    ledger: PostgresEventStore,
+    store: ProjectionStore,
+    config: TrustConfig,
+    listen_url: str | None,
 ) -> None:
+    """Project in this process (no leader lock: one API process). Woken by LISTEN on
+    ``listen_url``; behind a transaction pooler without a direct URL, by its poll alone."""
+
     async def always() -> bool:
         return True
 
     projector = Projector(ledger, store, config, poll_interval=0.5)
-    await projector.project(asyncio.Event(), always)
+    async with append_wakeups(listen_url) as wake:
+        await projector.project(asyncio.Event(), always, wake)
 
 
 async def close_api_context(ctx: ApiContext) -> None:
     await ctx.ledger.close()
+    if ctx.history is not None:
+        await ctx.history.close()  # type: ignore[attr-defined]
     await ctx.reader.store.close()
 
 

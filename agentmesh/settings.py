@@ -19,6 +19,7 @@ from typing import Any, Literal, TypeVar, cast
 
 from ledger.errors import SignatureError
 from ledger.identity import SigningKey
+from ledger.postgres.dsn import pooler_of
 
 T = TypeVar("T")
 
@@ -88,6 +89,36 @@ def _url(*schemes: str) -> Callable[[str], str]:
     return parse
 
 
+_PG_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg")
+
+
+def _database_url(text: str) -> str:
+    value = _url(*_PG_SCHEMES)(text)
+    pooler_of(value)  # ValueError("expected pooler=transaction or pooler=none …")
+    return value
+
+
+def _direct_database_url(text: str) -> str:
+    value = _database_url(text)
+    if pooler_of(value) == "transaction":
+        raise ValueError(
+            "expected a direct URL to PostgreSQL (what needs it cannot work through a "
+            "transaction pooler), not one with pooler=transaction"
+        )
+    return value
+
+
+def _host_ports(text: str) -> tuple[tuple[str, int], ...]:
+    found: list[tuple[str, int]] = []
+    for item in text.split(","):
+        host, sep, port = item.strip().rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65_535:
+            raise ValueError("expected host:port pairs separated by commas, like s1:26379,s2:26379")
+        found.append((host, int(port)))
+    return tuple(found)
+
+
 def _text(text: str) -> str:
     value = text.strip()
     if not value:
@@ -134,6 +165,41 @@ class Settings:
     redis_port: int = _env("AGENTMESH_REDIS_PORT", _int(1, 65_535), 6379, "Redis port.")
     redis_password: str | None = _env(
         "AGENTMESH_REDIS_PASSWORD", _text, None, "Redis password, from a Secret when set."
+    )
+    redis_tls: bool = _env(
+        "AGENTMESH_REDIS_TLS",
+        _bool,
+        False,
+        "Talk TLS to Redis (and to the Sentinels), verifying the server's certificate.",
+    )
+    redis_tls_ca_file: Path | None = _env(
+        "AGENTMESH_REDIS_TLS_CA_FILE",
+        _path,
+        None,
+        "CA bundle (PEM) that signed Redis's certificate (default: the system's CAs).",
+    )
+    redis_sentinels: tuple[tuple[str, int], ...] = _env(
+        "AGENTMESH_REDIS_SENTINELS",
+        _host_ports,
+        (),
+        "Redis Sentinels as host:port,host:port: the master is asked of them, "
+        "and found again after a failover (instead of AGENTMESH_REDIS_HOST).",
+    )
+    redis_sentinel_master: str | None = _env(
+        "AGENTMESH_REDIS_SENTINEL_MASTER",
+        _text,
+        None,
+        "Name of the master the Sentinels watch (e.g. mymaster).",
+    )
+    redis_sentinel_password: str | None = field(
+        default=None,
+        repr=False,
+        metadata={
+            "env": "AGENTMESH_REDIS_SENTINEL_PASSWORD",
+            "parse": _text,
+            "doc": "Password of the Sentinels themselves, when they have one (from a Secret).",
+            "secret": True,
+        },
     )
     trust_initial_score: int = _env(
         "AGENTMESH_TRUST_INITIAL_SCORE", _int(0, 1000), 800, "Score of a new agent (0-1000)."
@@ -219,9 +285,26 @@ class Settings:
     )
     database_url: str | None = _env(
         "AGENTMESH_DATABASE_URL",
-        _url("postgresql", "postgres", "postgresql+asyncpg"),
+        _database_url,
         None,
-        "PostgreSQL URL of the ledger, e.g. postgresql://user:pass@host:5432/agentmesh.",
+        "PostgreSQL URL of the ledger, e.g. postgresql://user:pass@host:5432/agentmesh; "
+        "add ?pooler=transaction when it goes through PgBouncer in transaction mode.",
+    )
+    database_direct_url: str | None = _env(
+        "AGENTMESH_DATABASE_DIRECT_URL",
+        _direct_database_url,
+        None,
+        "A direct PostgreSQL URL (no transaction pooler) for what needs a session of its "
+        "own: the projector's leader lock and wake-ups, the postgres read store's change "
+        "notifications. Required for those when AGENTMESH_DATABASE_URL has "
+        "?pooler=transaction.",
+    )
+    database_read_url: str | None = _env(
+        "AGENTMESH_DATABASE_READ_URL",
+        _database_url,
+        None,
+        "A read replica for reads that may lag (event listings, ?at=, exports, replay, "
+        "verify); never for appends or reads of one's own writes. Default: the ledger's URL.",
     )
     agent_private_key_pem: str | None = field(
         default=None,
@@ -357,6 +440,21 @@ class Settings:
                 "AGENTMESH_TRUST_DECAY_FLOOR: expected at most AGENTMESH_TRUST_INITIAL_SCORE "
                 f"({self.trust_initial_score}), got {self.trust_decay_floor}"
             )
+        if self.redis_sentinels and self.redis_sentinel_master is None:
+            raise ConfigError(
+                "AGENTMESH_REDIS_SENTINEL_MASTER: required with AGENTMESH_REDIS_SENTINELS, "
+                "expected the name of the master the Sentinels watch, like mymaster"
+            )
+        if self.redis_sentinel_master is not None and not self.redis_sentinels:
+            raise ConfigError(
+                "AGENTMESH_REDIS_SENTINELS: required with AGENTMESH_REDIS_SENTINEL_MASTER, "
+                "expected host:port pairs separated by commas, like s1:26379,s2:26379"
+            )
+        if self.redis_tls_ca_file is not None and not self.redis_tls:
+            raise ConfigError(
+                "AGENTMESH_REDIS_TLS_CA_FILE: given without AGENTMESH_REDIS_TLS=true "
+                "(the CA file is only used over TLS)"
+            )
 
     # -- required values, checked where they are needed -----------------------
 
@@ -367,6 +465,34 @@ class Settings:
                 "postgresql://user:pass@host:5432/agentmesh"
             )
         return self.database_url
+
+    def pooled(self) -> bool:
+        """Whether AGENTMESH_DATABASE_URL goes through a transaction pooler."""
+        return self.database_url is not None and pooler_of(self.database_url) == "transaction"
+
+    def direct_database_url(self) -> str | None:
+        """A URL with a session of its own: the direct URL, else the ledger's URL when
+        it does not go through a transaction pooler, else None."""
+        if self.database_direct_url is not None:
+            return self.database_direct_url
+        return None if self.pooled() else self.database_url
+
+    def require_direct_database_url(self, purpose: str) -> str:
+        """The direct URL ``purpose`` needs (a session advisory lock, LISTEN)."""
+        url = self.direct_database_url()
+        if url is None:
+            self.require_database_url()
+            raise ConfigError(
+                "AGENTMESH_DATABASE_DIRECT_URL: required because AGENTMESH_DATABASE_URL "
+                f"goes through a transaction pooler (pooler=transaction) and {purpose} "
+                "needs a session of its own, expected a direct URL like "
+                "postgresql://user:pass@postgres:5432/agentmesh"
+            )
+        return url
+
+    def read_database_url(self) -> str:
+        """Where reads that may lag go: the replica when set, else the ledger's URL."""
+        return self.database_read_url or self.require_database_url()
 
     def require_api_url(self) -> str:
         if self.api_url is None:

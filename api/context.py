@@ -10,7 +10,7 @@ from datetime import datetime
 
 from api.errors import ProblemError
 from api.handshakes import HandshakeStore
-from ledger.ports import Ledger
+from ledger.ports import Ledger, LedgerReader
 from projections.cache import CachedStore
 from projections.config import TrustConfig
 from projections.readstore import ProjectionReader
@@ -32,9 +32,17 @@ class ApiContext:
     clock: Callable[[], datetime]
     expected_revision: str
     background: list[asyncio.Task[None]] = field(default_factory=list)
+    # Reads that may lag (event listings, ?at=): a read replica when one is configured.
+    history: LedgerReader | None = None
 
     def now(self) -> datetime:
         return self.clock()
+
+    @property
+    def lagging_reads(self) -> LedgerReader:
+        """Where reads that may lag behind the last append go (never appends, never
+        a read of one's own write): the replica, else the ledger itself."""
+        return self.history if self.history is not None else self.ledger
 
     def is_admin(self, authorization: str | None) -> bool:
         """Constant-time check of ``Authorization: Bearer <token>``."""

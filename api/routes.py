@@ -207,7 +207,12 @@ async def get_trust(ctx: Ctx, did: FromPath[str], at: FromQuery[str | None] = No
     moment = _time(at, ctx)
     start = await _retained_start(ctx, moment)
     state = await state_at(
-        ctx.ledger, did, moment, ledger_did=ctx.ledger.ledger_did, config=ctx.config, start=start
+        ctx.lagging_reads,
+        did,
+        moment,
+        ledger_did=ctx.ledger.ledger_did,
+        config=ctx.config,
+        start=start,
     )
     view = state.trust_view(did, moment)
     if view is None:
@@ -218,7 +223,7 @@ async def get_trust(ctx: Ctx, did: FromPath[str], at: FromQuery[str | None] = No
 async def _retained_start(ctx: ApiContext, moment: Any) -> Start:
     """Where the stored ledger starts (``projections.start``); 410 for a moment
     before a retention cut."""
-    start = await ledger_start(ctx.ledger)
+    start = await ledger_start(ctx.lagging_reads)
     if start.cut_time is not None and moment < start.cut_time:
         raise ProblemError(
             410,
@@ -238,7 +243,7 @@ async def agent_events(
     limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
 ) -> s.EventPage:
     """Ledger entries the agent signed or is the subject of, by position."""
-    records = await ctx.ledger.read_agent(_did(did), after, limit)
+    records = await ctx.lagging_reads.read_agent(_did(did), after, limit)
     return s.EventPage(
         items=[_event_out(r) for r in records],
         next_after=records[-1].position if len(records) == limit else None,
@@ -749,7 +754,7 @@ async def ledger_events(
 ) -> s.EventPage:
     """Entries after a position (admin)."""
     ctx.require_admin(authorization)
-    records = await ctx.ledger.read(after, limit)
+    records = await ctx.lagging_reads.read(after, limit)
     return s.EventPage(
         items=[_event_out(r) for r in records],
         next_after=records[-1].position if len(records) == limit else None,
