@@ -171,3 +171,48 @@ def test_swagger_ui_is_served_from_the_package(server: str) -> None:
     assert script.status_code == 200
     assert "javascript" in script.headers["content-type"]
     assert "cdn." not in page
+
+
+HOSTILE_BODIES = [
+    b"[" * 20_000 + b"]" * 20_000,  # nested far past any recursion limit
+    b'{"a":' * 5_000 + b"1" + b"}" * 5_000,
+    b"{",
+    b'{"body": {"type": "policy.violation"}, "signature": 1}',
+    b"\xff\xfe\x00",
+    b'{"x": NaN}',
+    b'{"x": 1e999}',
+    b"null",
+    b'"' + b"a" * 100_000 + b'"',
+]
+
+
+def test_hostile_bodies_on_every_operation_are_4xx_and_append_nothing(server: str) -> None:
+    """Deeply nested and malformed bodies on every operation that takes a body, with and
+    without the admin token: a problem document, never a 5xx, never an append."""
+    document = httpx.get(f"{server}/schema/openapi.json").json()
+    did = "did:mesh:" + "0" * 32
+    with httpx.Client(base_url=server, timeout=30) as client:
+        for template, item in document["paths"].items():
+            path = (
+                template.replace("{did}", did)
+                .replace("{grant_id}", "grant-fuzz-01")
+                .replace("{handshake_id}", "hs_" + "0" * 24)
+            )
+            for method in item:
+                if method not in ("post", "put", "patch", "delete"):
+                    continue
+                for body in HOSTILE_BODIES:
+                    for headers in ({}, ADMIN):
+                        before = _head(server)
+                        response = client.request(
+                            method.upper(),
+                            path,
+                            content=body,
+                            headers={**headers, "content-type": "application/json"},
+                        )
+                        label = f"{method} {path} {body[:20]!r} -> {response.status_code}"
+                        assert 400 <= response.status_code < 500, label
+                        assert response.headers["content-type"].startswith(
+                            "application/problem+json"
+                        ), label
+                        assert _head(server) == before, label
