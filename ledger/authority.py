@@ -20,7 +20,9 @@ The rules (numbered as the README's trust model table):
 3. Only the ledger signs what the server decides: suspensions,
    reinstatements, handshake outcomes, retention markers.
 4. A signer other than the ledger is a registered, active agent: a
-   suspended agent writes nothing.
+   suspended agent writes nothing — except what its own sidecar reports about
+   it (a ``policy.violation`` about itself), which can only lower its own score
+   and is the evidence of what it tried while suspended.
 5. ``agent.registered`` is signed by the ledger, or by the agent itself only
    while the ledger holds no registration (bootstrap), and the key must hash
    to the DID.
@@ -60,6 +62,7 @@ from ledger.events import (
     DelegationGranted,
     HandshakeCompleted,
     HandshakeFailed,
+    PolicyViolation,
     RetentionApplied,
     TrustSignal,
     subject_agents,
@@ -116,8 +119,10 @@ def check(event: AnyEvent, body: bytes, recorded_at: datetime, view: WriteView) 
     if not is_ledger:
         if view.key(actor) is None:
             raise SignatureError(f"{_type(event)}: unknown signer {actor}")
-        if view.suspended(actor):
-            raise NotPermittedError(f"{actor} is suspended and can write nothing")
+        if view.suspended(actor) and not _reports_itself(event):
+            raise NotPermittedError(
+                f"{actor} is suspended and can write nothing but violations about itself"
+            )
     # 9. Subjects exist.
     for did in subject_agents(event):
         if view.key(did) is None:
@@ -178,6 +183,10 @@ def _times(event: AnyEvent) -> Iterable[tuple[str, str]]:
         yield "expires_at", event.expires_at
     if isinstance(event, RetentionApplied):
         yield "cut_time", event.cut_time
+
+
+def _reports_itself(event: AnyEvent) -> bool:
+    return isinstance(event, PolicyViolation) and event.agent == event.actor
 
 
 def _check_registration(event: AgentRegistered, is_ledger: bool, view: WriteView) -> None:

@@ -92,6 +92,9 @@ async def test_a_suspended_agent_writes_nothing(store: Ledger) -> None:
     assert await store.suspended_before((await store.head()).position + 1) == {agent.did}
     with pytest.raises(NotPermittedError, match="suspended"):
         await store.append([agent.violation(subject=other.did)])
+    with pytest.raises(NotPermittedError, match="suspended"):
+        await store.append([agent.signal(subject=other.did)])
+    await store.append([agent.violation()])  # its own sidecar's report about itself
     await store.append_own(
         AgentReinstated(actor=store.ledger_did, occurred_at=stamp, did=agent.did)
     )

@@ -308,6 +308,10 @@ async def test_a_suspended_agent_writes_nothing(api: Api) -> None:
     response = await api.client.post("/v1/delegations", json=signed(grant, bad.key))
     assert response.status_code in (403, 422), response.text
     assert await unchanged(api, victim, bad) == before
+    # Its own sidecar's report about it is still evidence: accepted, full weight.
+    own = await api.client.post("/v1/violations", json=violation(bad, bad, "low"))
+    assert own.status_code == 201, own.text
+    assert await scores(api, victim, bad) == [before[1][0], before[1][1] - 10]
 
 
 # -- 6. bootstrap is decided by the ledger ---------------------------------------------------
