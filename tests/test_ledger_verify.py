@@ -190,7 +190,7 @@ async def test_rechained_ledger_signed_entry_fails_too(
 
 async def test_wrong_ledger_key_fails(store: PostgresEventStore) -> None:
     await populate(store)
-    with pytest.raises(VerificationError, match=r"position 1"):
+    with pytest.raises(VerificationError, match=r"ledger key mismatch: the ledger recorded"):
         await verify_ledger(store, SigningKey.generate().public)
 
 

@@ -625,11 +625,11 @@ class Attacker:
         await self.rebuild_head_and_tree()
 
     async def rebuild_head_and_tree(self) -> None:
-        """Make the head, frontier and stored subtrees agree with the rows (no key needed)."""
+        """Make the head and the stored subtrees agree with the rows (no key needed)."""
         rows = await self.conn.fetch(
             "SELECT position, entry_hash, recorded_at FROM events ORDER BY position"
         )
-        frontier, subtrees = Frontier().extend_with_subtrees(
+        _, subtrees = Frontier().extend_with_subtrees(
             tlog.entry_leaf(bytes(r["entry_hash"])) for r in rows
         )
         await self.conn.execute("DELETE FROM merkle_nodes")
@@ -639,12 +639,10 @@ class Attacker:
         )
         last = rows[-1]
         await self.conn.execute(
-            "UPDATE ledger_head SET position = $1, entry_hash = $2, recorded_at = $3, "
-            "frontier = $4 WHERE id = 1",
+            "UPDATE ledger_head SET position = $1, entry_hash = $2, recorded_at = $3 WHERE id = 1",
             last["position"],
             bytes(last["entry_hash"]),
             last["recorded_at"],
-            frontier.to_bytes(),
         )
 
 

@@ -54,7 +54,7 @@ ledger_head = Table(
     Column("position", BigInteger, nullable=False),
     Column("entry_hash", LargeBinary, nullable=False),
     Column("recorded_at", DateTime(timezone=True), nullable=False),
-    Column("frontier", LargeBinary, nullable=True),
+    Column("merkle_built", Boolean, nullable=False, server_default="false"),
 )
 
 ledger_identity = Table(
@@ -107,8 +107,7 @@ agent_keys = Table(
 event_ids = Table(
     "event_ids",
     metadata,
-    Column("actor", Text, primary_key=True),
-    Column("event_id", Text, primary_key=True),
+    Column("key", LargeBinary, primary_key=True),
     Column("position", BigInteger, nullable=False),
 )
 

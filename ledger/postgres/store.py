@@ -125,7 +125,7 @@ class _BatchState:
     keys: dict[str, bytes | None]
     key_positions: dict[str, int]
     suspended_dids: dict[str, bool]
-    ids: set[tuple[str, str]]
+    ids: set[bytes]
     has_any_agent: bool
     versions: dict[str, int]
     done_keys: dict[tuple[str, str], tuple[bytes, AppendResult]]
@@ -133,7 +133,7 @@ class _BatchState:
     stream_rows: dict[str, tuple[int, int]] = field(default_factory=dict)
     key_rows: dict[str, tuple[bytes, int, bool]] = field(default_factory=dict)
     idem_rows: list[tuple[object, ...]] = field(default_factory=list)
-    id_rows: list[tuple[str, str, int]] = field(default_factory=list)
+    id_rows: list[tuple[bytes, int]] = field(default_factory=list)
     leaves: list[bytes] = field(default_factory=list)
     results: list[tuple[_Request, AppendResult | LedgerError]] = field(default_factory=list)
 
@@ -147,7 +147,7 @@ class _RequestView:
         self.ledger_did = state.ledger_did
         self.keys: dict[str, bytes] = {}
         self.suspended_dids: dict[str, bool] = {}
-        self.ids: set[tuple[str, str]] = set()
+        self.ids: set[bytes] = set()
 
     def key(self, did: str) -> bytes | None:
         return self.keys[did] if did in self.keys else self.state.keys.get(did)
@@ -159,11 +159,12 @@ class _RequestView:
         return bool(self.keys) or self.state.has_any_agent
 
     def seen(self, actor: str, event_id: str) -> bool:
-        return (actor, event_id) in self.ids or (actor, event_id) in self.state.ids
+        key = event_key(actor, event_id)
+        return key in self.ids or key in self.state.ids
 
     def advance(self, event: Event) -> None:
         if event.event_id is not None:
-            self.ids.add((event.actor, event.event_id))
+            self.ids.add(event_key(event.actor, event.event_id))
         if isinstance(event, AgentRegistered | AgentKeyRotated):
             self.keys[event.did] = VerifyKey.from_pem(event.public_key).raw
         elif isinstance(event, AgentSuspended | AgentReinstated):
@@ -182,9 +183,8 @@ SELECT 'i', signer || ' ' || key, digest, first_position, count, stream_id, stre
   FROM idempotency_keys
  WHERE (signer, key) IN (SELECT * FROM unnest($3::text[], $4::text[]))
 UNION ALL
-SELECT 'e', actor || ' ' || event_id, NULL, position, NULL, NULL, NULL
-  FROM event_ids
- WHERE (actor, event_id) IN (SELECT * FROM unnest($5::text[], $6::text[]))
+SELECT 'e', NULL, key, position, NULL, NULL, NULL
+  FROM event_ids WHERE key = ANY($5::bytea[])
 UNION ALL
 SELECT 'a', NULL, NULL, NULL, NULL, NULL, NULL WHERE EXISTS (SELECT 1 FROM agent_keys)
 """
@@ -208,15 +208,14 @@ WITH s AS (
   FROM unnest($19::text[], $7::text[], $8::bigint[], $9::int[], $10::text[], $11::int[],
               $12::bytea[])
 ), e AS (
-  INSERT INTO event_ids (actor, event_id, position)
-  SELECT * FROM unnest($20::text[], $21::text[], $22::bigint[])
+  INSERT INTO event_ids (key, position)
+  SELECT * FROM unnest($20::bytea[], $21::bigint[])
 ), n AS (
   INSERT INTO merkle_nodes (level, idx, hash)
-  SELECT * FROM unnest($23::smallint[], $24::bigint[], $25::bytea[])
+  SELECT * FROM unnest($22::smallint[], $23::bigint[], $24::bytea[])
   ON CONFLICT (level, idx) DO NOTHING
 ), h AS (
-  UPDATE ledger_head SET position = $13, entry_hash = $14, recorded_at = $15, frontier = $26
-  WHERE id = 1
+  UPDATE ledger_head SET position = $13, entry_hash = $14, recorded_at = $15 WHERE id = 1
 )
 SELECT pg_notify($16, $17)
 """
@@ -246,6 +245,7 @@ class PostgresEventStore(PostgresLedgerReader):
         self._keys: dict[str, bytes] = {}
         self._verify_keys: dict[bytes, VerifyKey] = {}  # parsed once per key, not per event
         self._partitions: set[str] = set()
+        self._frontier: tuple[bytes, Frontier] | None = None  # (head hash, edge) last commit
         self._last_checkpoint: tuple[int, datetime] = (0, clock())
         self._verify_pool = ThreadPoolExecutor(
             max_workers=_VERIFY_THREADS, thread_name_prefix="ed25519"
@@ -296,15 +296,30 @@ class PostgresEventStore(PostgresLedgerReader):
     async def _claim_identity(self) -> None:
         await claim_identity(self._pool, self._ledger_key, self._clock())
 
+    async def _frontier_at_head(self, head: Head) -> Frontier:
+        """The tree's right edge at the head (called under the head lock).
+
+        Kept in memory from this process's last commit while the head is still the
+        one it committed (same position *and* hash); otherwise — another process
+        appended, or someone rewrote the tables — derived from the stored subtrees
+        and the last few entries, which every commit writes. So nothing is
+        rewritten in place per commit (no frontier in the head row, no WAL for
+        it), and the tree always describes the rows the chain continues from."""
+        if self._frontier is not None:
+            entry_hash, frontier = self._frontier
+            if frontier.size == head.position and entry_hash == head.entry_hash:
+                return frontier
+        return await self.frontier_at(head.position)
+
     async def _build_tree(self) -> None:
         """Build the Merkle tree over the entries appended before it existed (once;
         a ledger created since has its frontier from the first append on)."""
         try:
             async with self._pool.acquire() as conn, conn.transaction():
                 row = await conn.fetchrow(
-                    "SELECT position, frontier FROM ledger_head WHERE id = 1 FOR UPDATE"
+                    "SELECT position, merkle_built FROM ledger_head WHERE id = 1 FOR UPDATE"
                 )
-                if row["frontier"] is not None:
+                if row["merkle_built"]:
                     return
                 first = await conn.fetchval("SELECT min(position) FROM events")
                 if first not in (None, 1):
@@ -313,9 +328,7 @@ class PostgresEventStore(PostgresLedgerReader):
                         "a Merkle tree): its tree cannot be built from the entries left"
                     )
                 frontier = await _build_frontier(conn, row["position"])
-                await conn.execute(
-                    "UPDATE ledger_head SET frontier = $1 WHERE id = 1", frontier.to_bytes()
-                )
+                await conn.execute("UPDATE ledger_head SET merkle_built = true WHERE id = 1")
                 log.info("merkle_tree_built", extra={"size": frontier.size})
         except _DRIVER_ERRORS as exc:
             raise StoreUnavailableError(f"cannot build the Merkle tree: {exc}") from exc
@@ -574,6 +587,8 @@ class PostgresEventStore(PostgresLedgerReader):
                 self._apply(request, state)
             if state.rows:
                 await self._write(conn, state)
+        # Committed: the tree's edge is now the new head's (see _frontier_at_head).
+        self._frontier = (state.head.entry_hash, state.frontier)
         # Only now, after COMMIT, is anything acknowledged.
         for request, outcome in state.results:
             if request.future.done():
@@ -588,18 +603,17 @@ class PostgresEventStore(PostgresLedgerReader):
     async def _load_state(self, conn: asyncpg.Connection, batch: list[_Request]) -> _BatchState:
         # The head row is the ledger's lock: see the module docstring.
         head_row = await conn.fetchrow(
-            "SELECT position, entry_hash, recorded_at, frontier FROM ledger_head "
-            "WHERE id = 1 FOR UPDATE"
+            "SELECT position, entry_hash, recorded_at FROM ledger_head WHERE id = 1 FOR UPDATE"
         )
         head = Head(head_row["position"], bytes(head_row["entry_hash"]), head_row["recorded_at"])
-        frontier = Frontier.from_bytes(bytes(head_row["frontier"]))
+        frontier = await self._frontier_at_head(head)
         dids: set[str] = set()
-        ids: set[tuple[str, str]] = set()
+        ids: set[bytes] = set()
         for request in batch:
             for signed in request.events:
                 dids.update(_referenced_agents(signed))
                 if signed.event.event_id is not None:
-                    ids.add((signed.actor, signed.event.event_id))
+                    ids.add(event_key(signed.actor, signed.event.event_id))
         idem = {(r.signer, r.idempotency_key) for r in batch if r.idempotency_key is not None}
         # One round trip for every lookup; it runs after the lock, so it sees
         # everything committed by the previous holder.
@@ -609,8 +623,7 @@ class PostgresEventStore(PostgresLedgerReader):
             list({r.stream_id for r in batch}),
             [s for s, _ in idem],
             [k for _, k in idem],
-            [a for a, _ in ids],
-            [e for _, e in ids],
+            list(ids),
         )
         # Time never runs backwards in the ledger, whatever the injected clock says.
         now = max(self._clock(), head.recorded_at)
@@ -728,7 +741,7 @@ class PostgresEventStore(PostgresLedgerReader):
             _stage_agent_row(state, signed, position)
             state.leaves.append(tlog.entry_leaf(digest))
             if signed.event.event_id is not None:
-                state.id_rows.append((signed.actor, signed.event.event_id, position))
+                state.id_rows.append((event_key(signed.actor, signed.event.event_id), position))
             positions.append(position)
             prev = digest
         state.head = Head(position, prev, state.now)
@@ -789,14 +802,13 @@ class PostgresEventStore(PostgresLedgerReader):
             str(head.position),
             [x for _, (_, _, x) in keys],
             [r[0] for r in idem],
-            [a for a, _, _ in ids],
-            [e for _, e, _ in ids],
-            [p for _, _, p in ids],
+            [k for k, _ in ids],
+            [p for _, p in ids],
             [n.level for n in nodes],
             [n.index for n in nodes],
             [n.hash for n in nodes],
-            frontier.to_bytes(),
         )
+        state.frontier = frontier
         if self._checkpoint_due(head):
             await self._insert_checkpoint(conn, head, frontier)
 
@@ -851,14 +863,13 @@ class PostgresEventStore(PostgresLedgerReader):
         try:
             async with self._pool.acquire() as conn, conn.transaction():
                 row = await conn.fetchrow(
-                    "SELECT position, entry_hash, recorded_at, frontier FROM ledger_head "
-                    "WHERE id = 1"
+                    "SELECT position, entry_hash, recorded_at FROM ledger_head WHERE id = 1"
                 )
                 head = Head(row["position"], bytes(row["entry_hash"]), row["recorded_at"])
                 existing = await self._checkpoint_at(conn, head.position)
                 if existing is not None:
                     return existing
-                frontier = Frontier.from_bytes(bytes(row["frontier"]))
+                frontier = await self.frontier_at(head.position)
                 return await self._insert_checkpoint(conn, head, frontier)
         except _DRIVER_ERRORS as exc:
             raise StoreUnavailableError(f"cannot write a checkpoint: {exc}") from exc
@@ -942,6 +953,11 @@ async def _build_frontier(conn: asyncpg.Connection, head: int) -> Frontier:
     return frontier
 
 
+def event_key(actor: str, event_id: str) -> bytes:
+    """The single-use index's key of an event: 16 bytes of SHA-256(actor ‖ 0 ‖ id)."""
+    return hashlib.sha256(f"{actor}\x00{event_id}".encode()).digest()[:16]
+
+
 def _load_row(state: _BatchState, row: asyncpg.Record) -> None:
     """One row of ``_LOOKUP_SQL`` into the batch state."""
     kind, ident = row["kind"], row["id"]
@@ -959,8 +975,7 @@ def _load_row(state: _BatchState, row: asyncpg.Record) -> None:
             AppendResult(tuple(range(first, first + row["b"])), row["c"], row["d"], duplicate=True),
         )
     elif kind == "e":
-        actor, _, event_id = ident.partition(" ")
-        state.ids.add((actor, event_id))
+        state.ids.add(bytes(row["raw"]))
     else:
         state.has_any_agent = True
 

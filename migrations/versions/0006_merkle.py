@@ -18,8 +18,10 @@ depends_on = None
 
 
 def upgrade() -> None:
-    # NULL until the store builds the tree over the entries already there (at open).
-    op.execute("ALTER TABLE ledger_head ADD COLUMN frontier bytea")
+    # False until the store has built the tree over the entries already there (at
+    # open). The frontier itself is not stored: it is derived from the stored
+    # subtrees and the last few entries, and kept in memory by the writer.
+    op.execute("ALTER TABLE ledger_head ADD COLUMN merkle_built boolean NOT NULL DEFAULT false")
     # Complete subtrees of 16 leaves and more (ledger.tlog.STORED_LEVEL).
     op.execute(
         """
@@ -50,4 +52,4 @@ def downgrade() -> None:
     op.execute("DROP TABLE ledger_identity")
     op.execute("ALTER TABLE checkpoints DROP COLUMN note")
     op.execute("DROP TABLE merkle_nodes")
-    op.execute("ALTER TABLE ledger_head DROP COLUMN frontier")
+    op.execute("ALTER TABLE ledger_head DROP COLUMN merkle_built")
