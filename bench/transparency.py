@@ -28,39 +28,45 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.append import ledger_appends, signed_events
+from bench.append import ledger_appends
 from bench.common import fresh_database, servers
+from bench.ledger_gen import generate_ledger
 from ledger import merkle, tlog
-from ledger.events import AgentRegistered
+from ledger.chain import Head
 from ledger.identity import SigningKey
 from ledger.merkle import Frontier, Subtree
 from ledger.postgres import PostgresEventStore
-from ledger.timefmt import format_time
 
 
 @contextmanager
 def tree_off() -> Iterator[None]:
-    """The tree's work removed: no leaf hashing, no subtrees stored, frontier untouched.
-    (A bench-only patch: the product has no switch to turn tamper evidence off.)"""
+    """The tree's work removed: no leaf hashing, no frontier kept, no subtrees stored
+    (checkpoints sign an empty tree). A bench-only patch: the product has no switch
+    to turn tamper evidence off."""
     original_leaf, original_extend = tlog.entry_leaf, Frontier.extend_with_subtrees
+    original_edge = PostgresEventStore._frontier_at_head
 
     def no_subtrees(self: Frontier, leaves: Iterable[bytes]) -> tuple[Frontier, list[Subtree]]:
         for _ in leaves:
             pass
         return self, []
 
+    async def empty_edge(self: PostgresEventStore, head: Head) -> Frontier:
+        return Frontier()
+
     tlog.entry_leaf = lambda entry_hash: entry_hash
     Frontier.extend_with_subtrees = no_subtrees  # type: ignore[method-assign]
+    PostgresEventStore._frontier_at_head = empty_edge  # type: ignore[method-assign]
     try:
         yield
     finally:
         tlog.entry_leaf = original_leaf
         Frontier.extend_with_subtrees = original_extend  # type: ignore[method-assign]
+        PostgresEventStore._frontier_at_head = original_edge  # type: ignore[method-assign]
 
 
 async def append_rate(base_url: str, events: int, tree: bool) -> float:
@@ -71,33 +77,20 @@ async def append_rate(base_url: str, events: int, tree: bool) -> float:
         return await ledger_appends(url, 64, events)
 
 
-async def build_ledger(base_url: str, entries: int) -> tuple[str, SigningKey]:
-    """A ledger of ``entries`` real entries (signed, chained, tree maintained)."""
+async def build_ledger(base_url: str, entries: int) -> tuple[str, SigningKey, float]:
+    """A ledger of ``entries`` real entries (signed, chained: bench/ledger_gen.py), and
+    the seconds the store took to build its Merkle tree over them when first opened
+    (what upgrading an existing ledger costs once)."""
     url, _ = await fresh_database(base_url)
-    ledger_key = SigningKey.generate()
-    store = await PostgresEventStore.open(url, ledger_key)
+    generated = await generate_ledger(url, events=entries, agents=1000)
+    started = time.perf_counter()
+    store = await PostgresEventStore.open(url, generated.ledger_key)
     try:
-        agents = [SigningKey.generate() for _ in range(16)]
-        for agent in agents:
-            await store.append_own(
-                AgentRegistered(
-                    actor=ledger_key.did,
-                    occurred_at=format_time(datetime.now(UTC)),
-                    did=agent.did,
-                    public_key=agent.public.pem(),
-                )
-            )
-        batch = 2000
-        for start in range(0, entries - len(agents), batch):
-            count = min(batch, entries - len(agents) - start)
-            signed = signed_events(agents, count)
-            await asyncio.gather(*(store.append([e]) for e in signed))
-            print(f"  built {start + count + len(agents):,} entries", end="\r", flush=True)
-        print()
+        built = time.perf_counter() - started
         await store.checkpoint()
     finally:
         await store.close()
-    return url, ledger_key
+    return url, generated.ledger_key, built
 
 
 async def proof_latency(url: str, key: SigningKey, proofs: int) -> dict[str, list[float]]:
@@ -171,8 +164,11 @@ async def main(args: argparse.Namespace) -> None:
         print(f"{'append, tree on':36} {tree_on:10,.0f} events/s  x{tree_on / tree_off_rate:.3f}")
         print(f"building a ledger of {args.entries:,} entries for the proofs ...")
         started = time.perf_counter()
-        url, key = await build_ledger(base_url, args.entries)
-        print(f"  built in {time.perf_counter() - started:.0f} s")
+        url, key, tree_seconds = await build_ledger(base_url, args.entries)
+        print(
+            f"  generated in {time.perf_counter() - started:.0f} s; the tree built over them "
+            f"at first open in {tree_seconds:.1f} s ({args.entries / tree_seconds:,.0f} entries/s)"
+        )
         times = await proof_latency(url, key, args.proofs)
         for kind, values in times.items():
             p50, p99 = quantile(values, 0.5) * 1e3, quantile(values, 0.99) * 1e3

@@ -273,34 +273,34 @@ class PostgresLedgerReader:
 
     async def tree_root(self, size: int) -> bytes:
         """The root of the tree of the first ``size`` entries."""
-        await self._check_tree_size(size)
-        return await self._with_nodes(lambda hash_at: merkle.root_at(size, hash_at))
+        _check_size(size)
+        return await self._with_nodes(size, lambda hash_at: merkle.root_at(size, hash_at))
 
     async def inclusion_proof(self, position: int, tree_size: int) -> list[bytes]:
         """RFC 9162 audit path of the entry at ``position`` in the tree of ``tree_size``."""
-        await self._check_tree_size(tree_size)
+        _check_size(tree_size)
         if not 1 <= position <= tree_size:
             raise ProofError(f"position {position} is not in a tree of {tree_size} entries")
         return await self._with_nodes(
-            lambda hash_at: merkle.inclusion_proof(position - 1, tree_size, hash_at)
+            tree_size, lambda hash_at: merkle.inclusion_proof(position - 1, tree_size, hash_at)
         )
 
     async def consistency_proof(self, first: int, second: int) -> list[bytes]:
         """RFC 9162 consistency proof from the tree of ``first`` to that of ``second``."""
-        await self._check_tree_size(second)
+        _check_size(second)
         if not 1 <= first <= second:
             raise ProofError(
                 f"no consistency proof from size {first} to {second}: "
                 "the sizes must satisfy 1 <= first <= second"
             )
         return await self._with_nodes(
-            lambda hash_at: merkle.consistency_proof(first, second, hash_at)
+            second, lambda hash_at: merkle.consistency_proof(first, second, hash_at)
         )
 
     async def frontier_at(self, size: int) -> Frontier:
         """The right edge of the tree of the first ``size`` entries."""
-        await self._check_tree_size(size)
-        return await self._with_nodes(lambda hash_at: merkle.frontier_at(size, hash_at))
+        _check_size(size)
+        return await self._with_nodes(size, lambda hash_at: merkle.frontier_at(size, hash_at))
 
     async def tree_heads(self, after: int = 0) -> dict[int, str]:
         """The stored signed tree heads (C2SP notes) after ``after``, by position."""
@@ -317,22 +317,29 @@ class PostgresLedgerReader:
         )
         return None if value is None else str(value)
 
-    async def _check_tree_size(self, size: int) -> None:
-        head = await self.head()
-        if not 0 <= size <= head.position:
-            raise ProofError(f"tree size {size} is not in 0..{head.position} (the head)")
+    async def _with_nodes(self, size: int, compute: Callable[[merkle.HashAt], T]) -> T:
+        """Run a tree computation over the subtrees it needs, fetched in one round trip.
 
-    async def _with_nodes(self, compute: Callable[[merkle.HashAt], T]) -> T:
-        """Run a tree computation over the subtrees it needs, fetched in one go."""
+        A tree past the head lacks its last leaves, so a missing subtree is the sign
+        of a size too large; only then is the head read, to say so."""
         found = await self._tree_nodes(tlog.needed_nodes(compute))
+        missing: list[tuple[int, int]] = []
 
         def hash_at(level: int, index: int) -> bytes:
-            try:
-                return found[(level, index)]
-            except KeyError:
-                raise ProofError(f"subtree ({level}, {index}) is not available") from None
+            value = found.get((level, index))
+            if value is None:
+                missing.append((level, index))
+                return bytes(32)
+            return value
 
-        return compute(hash_at)
+        result = compute(hash_at)
+        if missing:
+            head = await self.head()
+            if size > head.position:
+                raise ProofError(f"tree size {size} is not in 0..{head.position} (the head)")
+            level, index = missing[0]
+            raise ProofError(f"subtree ({level}, {index}) is not available")
+        return result
 
     async def _tree_nodes(self, wanted: set[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
         """The hashes of ``wanted`` subtrees: stored ones (16+ leaves, and the tree's edge
@@ -346,21 +353,21 @@ class PostgresLedgerReader:
             for index in range(ix << (lv - level), (ix + 1) << (lv - level))
         }
         keys = wanted | pieces
+        # One round trip: the stored subtrees, and the entries under the small ones
+        # (level -1 marks an entry's hash; a stored leaf, kept at a cut, wins).
         rows = await self._fetch(
             "SELECT level, idx, hash FROM merkle_nodes WHERE (level, idx) IN "
-            "(SELECT * FROM unnest($1::smallint[], $2::bigint[]))",
+            "(SELECT * FROM unnest($1::smallint[], $2::bigint[])) "
+            "UNION ALL SELECT -1, position - 1, entry_hash FROM events "
+            "WHERE position = ANY($3::bigint[])",
             [lv for lv, _ in keys],
             [ix for _, ix in keys],
+            sorted(i + 1 for lv, i in keys if lv == 0),
         )
-        found = {(r["level"], r["idx"]): bytes(r["hash"]) for r in rows}
-        leaves = sorted(i + 1 for lv, i in keys if lv == 0 and (0, i) not in found)
-        if leaves:
-            rows = await self._fetch(
-                "SELECT position, entry_hash FROM events WHERE position = ANY($1::bigint[])",
-                leaves,
-            )
-            for r in rows:
-                found[(0, r["position"] - 1)] = tlog.entry_leaf(bytes(r["entry_hash"]))
+        found = {(r["level"], r["idx"]): bytes(r["hash"]) for r in rows if r["level"] >= 0}
+        for r in rows:
+            if r["level"] < 0:
+                found.setdefault((0, r["idx"]), tlog.entry_leaf(bytes(r["hash"])))
         for lv, ix in sorted(wanted):
             _compose(found, lv, ix)
         return found
@@ -431,3 +438,8 @@ def _compose(found: dict[tuple[int, int], bytes], level: int, index: int) -> byt
         return None
     found[(level, index)] = merkle.node_hash(left, right)
     return found[(level, index)]
+
+
+def _check_size(size: int) -> None:
+    if not 0 <= size <= 2**63 - 1:
+        raise ProofError(f"tree size {size} is not a size")
