@@ -18,7 +18,8 @@ import msgspec
 
 from ledger.canonical import canonical_bytes, canonical_envelope
 from ledger.errors import SignatureError, VerificationError
-from ledger.identity import SigningKey, VerifyKey, b64decode, b64encode
+from ledger.identity import VerifyKey, b64decode, b64encode
+from ledger.signatures import Signer
 from ledger.timefmt import format_time
 
 GENESIS_HASH = bytes(32)
@@ -135,9 +136,9 @@ class Checkpoint(msgspec.Struct, frozen=True, kw_only=True):
         )
 
 
-def sign_checkpoint(
-    key: SigningKey, position: int, head_hash: bytes, moment: datetime
-) -> Checkpoint:
+def sign_checkpoint(key: Signer, position: int, head_hash: bytes, moment: datetime) -> Checkpoint:
+    """A checkpoint of ``head_hash`` at ``position``, signed by ``key`` (the ledger's,
+    in memory or behind any ``Signer``)."""
     unsigned = Checkpoint(
         origin=CHECKPOINT_ORIGIN,
         position=position,

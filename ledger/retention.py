@@ -41,6 +41,7 @@ from ledger.events import RetentionApplied
 from ledger.identity import SigningKey, VerifyKey, b64decode, b64encode
 from ledger.ports import LedgerReader, Window
 from ledger.postgres import PostgresEventStore, PostgresLedgerReader
+from ledger.postgres.store import store_subtrees
 
 # The anchor's signed bytes live in a pure module: the offline audit verifier checks them.
 from ledger.signatures import ANCHOR_TYPE as ANCHOR_TYPE
@@ -249,14 +250,7 @@ async def _anchor(
     edge = frontier.subtrees()
     try:
         async with store.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "INSERT INTO merkle_nodes (level, idx, hash) "
-                "SELECT * FROM unnest($1::smallint[], $2::bigint[], $3::bytea[]) "
-                "ON CONFLICT (level, idx) DO NOTHING",
-                [n.level for n in edge],
-                [n.index for n in edge],
-                [n.hash for n in edge],
-            )
+            await store_subtrees(conn, edge)
             await conn.execute(
                 "INSERT INTO retention_anchors (position, entry_hash, cut_time, created_at, keys, "
                 "snapshot, snapshot_digest, signer, signature, status) "

@@ -242,39 +242,43 @@ async def test_cli_checkpoint_and_head(
 # -- property: a chain verifies iff nothing was altered ----------------------------
 
 
-def _chain(count: int, key: SigningKey) -> list[Entry]:
-    from ledger.events import AgentRegistered, Event, TrustSignal
-    from ledger.signed import SignedEvent
-    from ledger.timefmt import format_time
-
-    agent = SigningKey.generate()
+def _entries(signed_events: list[Any]) -> list[Entry]:
+    """A well-chained, well-signed chain of exactly these events, as a database
+    writer without the rules (but with the agents' keys) could write it."""
     entries, prev = [], GENESIS_HASH
-    for position in range(1, count + 1):
-        event: Event = TrustSignal(
-            actor=key.did, occurred_at=format_time(T0), agent=agent.did, signal=f"s{position}"
-        )
-        if position == 1:
-            event = AgentRegistered(
-                actor=key.did,
-                occurred_at=format_time(T0),
-                did=agent.did,
-                public_key=agent.public.pem(),
-            )
-        signed = SignedEvent.create(event, key)
+    for position, signed in enumerate(signed_events, start=1):
         entry = Entry(
             position=position,
             recorded_at=T0,
-            stream_id="agent:x",
+            stream_id="x",
             stream_version=position,
             body=signed.body,
             signature=signed.signature,
             prev_hash=prev,
             entry_hash=b"",
         )
-        digest = entry_hash(prev, entry.envelope())
-        entries.append(replace(entry, entry_hash=digest))
-        prev = digest
+        entries.append(replace(entry, entry_hash=entry_hash(prev, entry.envelope())))
+        prev = entries[-1].entry_hash
     return entries
+
+
+def _chain(count: int, key: SigningKey) -> list[Entry]:
+    """An agent registered by the ledger, then ledger-signed signals about it."""
+    from ledger.events import AgentRegistered, Event, TrustSignal
+    from ledger.signed import SignedEvent
+    from ledger.timefmt import format_time
+
+    agent = SigningKey.generate()
+    events: list[Event] = [
+        AgentRegistered(
+            actor=key.did, occurred_at=format_time(T0), did=agent.did, public_key=agent.public.pem()
+        )
+    ]
+    events += [
+        TrustSignal(actor=key.did, occurred_at=format_time(T0), agent=agent.did, signal=f"s{n}")
+        for n in range(2, count + 1)
+    ]
+    return _entries([SignedEvent.create(event, key) for event in events])
 
 
 async def _aiter(entries: list[Entry]) -> AsyncIterator[Entry]:
@@ -322,26 +326,6 @@ async def test_chain_verifies_iff_unaltered(index: int, change: str, data: st.Da
 
 
 # -- verification re-checks the append rules (ledger/authority.py) ----------------------
-
-
-def _entries(signed_events: list[Any]) -> list[Entry]:
-    """A well-chained, well-signed chain of exactly these events, as a database
-    writer without the rules (but with the agents' keys) could write it."""
-    entries, prev = [], GENESIS_HASH
-    for position, signed in enumerate(signed_events, start=1):
-        entry = Entry(
-            position=position,
-            recorded_at=T0,
-            stream_id="x",
-            stream_version=position,
-            body=signed.body,
-            signature=signed.signature,
-            prev_hash=prev,
-            entry_hash=b"",
-        )
-        entries.append(replace(entry, entry_hash=entry_hash(prev, entry.envelope())))
-        prev = entries[-1].entry_hash
-    return entries
 
 
 def _broken_histories() -> dict[str, tuple[list[Any], str]]:

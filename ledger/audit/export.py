@@ -43,11 +43,11 @@ from ledger.audit.bundle import (
 )
 from ledger.audit.cloudevents import LineEncoder
 from ledger.chain import (
-    CHECKPOINT_ORIGIN,
     GENESIS_HASH,
     Checkpoint,
     RecordedEvent,
     entry_hash,
+    sign_checkpoint,
     verify_checkpoint,
 )
 from ledger.errors import LedgerError, VerificationError
@@ -451,22 +451,6 @@ class _ExportState:
     events: int = 0
     stubs: int = 0
     frontier: Frontier = field(default_factory=Frontier)
-
-
-def sign_checkpoint(
-    signer: Signer, position: int, head_hash: bytes, moment: datetime
-) -> Checkpoint:
-    """A checkpoint of ``head_hash`` at ``position`` signed by ``signer``: the
-    statement ``ledger.chain.sign_checkpoint`` makes, through the ``Signer`` seam."""
-    unsigned = Checkpoint(
-        origin=CHECKPOINT_ORIGIN,
-        position=position,
-        head_hash=head_hash.hex(),
-        time=format_time(moment),
-        signer=signer.did,
-    )
-    signature = b64encode(signer.sign(unsigned.signed_bytes()))
-    return msgspec.structs.replace(unsigned, signature=signature)
 
 
 def _did_of(record: RecordedEvent) -> str | None:

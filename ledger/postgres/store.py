@@ -64,7 +64,7 @@ from ledger.events import (
     subject_agents,
 )
 from ledger.identity import SigningKey, VerifyKey
-from ledger.merkle import Frontier
+from ledger.merkle import Frontier, Subtree
 from ledger.postgres.reader import (
     DRIVER_ERRORS,
     ENTRY_COLUMNS,
@@ -940,17 +940,21 @@ async def _build_frontier(conn: asyncpg.Connection, head: int) -> Frontier:
     ):
         leaves = [tlog.entry_leaf(bytes(r["entry_hash"])) for r in rows]
         frontier, completed = frontier.extend_with_subtrees(leaves)
-        nodes = [n for n in completed if n.level >= tlog.STORED_LEVEL]
-        await conn.execute(
-            "INSERT INTO merkle_nodes (level, idx, hash) "
-            "SELECT * FROM unnest($1::smallint[], $2::bigint[], $3::bytea[]) "
-            "ON CONFLICT (level, idx) DO NOTHING",
-            [n.level for n in nodes],
-            [n.index for n in nodes],
-            [n.hash for n in nodes],
-        )
+        await store_subtrees(conn, [n for n in completed if n.level >= tlog.STORED_LEVEL])
         after = rows[-1]["position"]
     return frontier
+
+
+async def store_subtrees(conn: asyncpg.Connection, subtrees: Sequence[Subtree]) -> None:
+    """Keep these complete subtrees of the tree (idempotent: a subtree never changes)."""
+    await conn.execute(
+        "INSERT INTO merkle_nodes (level, idx, hash) "
+        "SELECT * FROM unnest($1::smallint[], $2::bigint[], $3::bytea[]) "
+        "ON CONFLICT (level, idx) DO NOTHING",
+        [n.level for n in subtrees],
+        [n.index for n in subtrees],
+        [n.hash for n in subtrees],
+    )
 
 
 def event_key(actor: str, event_id: str) -> bytes:
