@@ -27,7 +27,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError, ResponseError
 
@@ -239,7 +239,20 @@ class RedisProjectionStore:
     def all_grant_docs(self) -> AsyncIterator[bytes]:
         return self._scan("grants")
 
+    async def _follow_master(self) -> None:
+        """Behind Sentinel, ask which server is master before a write: a switched
+        master (``SENTINEL FAILOVER`` while the old one still runs, which Sentinel
+        demotes only seconds later) closes the idle connections to the old one, so
+        the write goes to the new master instead of one about to drop it."""
+        pool = self._redis.connection_pool
+        if isinstance(pool, SentinelConnectionPool):
+            try:
+                await pool.get_master_address()  # type: ignore[no-untyped-call]
+            except (RedisError, OSError) as exc:
+                raise ReadStoreError(f"redis sentinel unavailable: {exc}") from exc
+
     async def commit(self, batch: Batch, expected: tuple[str, int]) -> None:
+        await self._follow_master()
         args: list[Any] = [
             expected[0],
             str(expected[1]),
@@ -256,6 +269,7 @@ class RedisProjectionStore:
 
     async def replace_all(self, batch: Batch) -> None:
         """Write a whole new generation, then swap it in atomically."""
+        await self._follow_master()
         generation = batch.meta.generation or uuid.uuid4().hex
         base = f"{self._prefix}g:{generation}:"
         try:
