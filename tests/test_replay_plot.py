@@ -11,7 +11,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 
-from agentmesh.cli import REPLAY_EVENT_STYLES, _replay_draw
+from agentmesh.cli import replay_plot
+from agentmesh.cli.replay_plot import EVENT_STYLES
 from projections.config import TrustConfig
 from projections.replay import Timeline, TimelineRow
 from projections.trust import new_trust, to_micros
@@ -44,7 +45,7 @@ def draw(rows: list[TimelineRow]) -> Figure:
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     timeline = Timeline(DID, None, rows[-1].time, tuple(rows), CONFIG)
-    _replay_draw(axes, timeline)
+    replay_plot.draw(axes, timeline)
     figure.canvas.draw()
     return figure
 
@@ -55,7 +56,7 @@ def markers(figure: Figure) -> dict[str, tuple[str, list[tuple[float, float]]]]:
     for collection in axes.collections:
         label = str(collection.get_label())
         kind = label.rsplit(" (", 1)[0]
-        if kind in REPLAY_EVENT_STYLES:
+        if kind in EVENT_STYLES:
             edge: Any = collection.get_edgecolor()
             offsets = numpy.asarray(collection.get_offsets()).tolist()
             found[kind] = (to_hex(edge[0]), [(float(x), float(y)) for x, y in offsets])
@@ -76,13 +77,13 @@ def test_each_event_type_has_its_fixed_colour_and_a_legend_entry() -> None:
     )
     for figure in (one, other):
         for kind, (colour, _) in markers(figure).items():
-            assert colour == REPLAY_EVENT_STYLES[kind][0], kind
+            assert colour == EVENT_STYLES[kind][0], kind
         legend_box = figure.axes[0].get_legend()
         assert legend_box is not None
         legend = [t.get_text() for t in legend_box.get_texts()]
         assert any(text.startswith("policy.violation") for text in legend)
-    assert REPLAY_EVENT_STYLES["policy.violation"][0] != "#7f7f7f"  # harm is not grey
-    assert REPLAY_EVENT_STYLES["agent.suspended"][0] != REPLAY_EVENT_STYLES["trust.signal"][0]
+    assert EVENT_STYLES["policy.violation"][0] != "#7f7f7f"  # harm is not grey
+    assert EVENT_STYLES["agent.suspended"][0] != EVENT_STYLES["trust.signal"][0]
 
 
 def test_events_at_one_point_do_not_hide_each_other() -> None:
