@@ -2,7 +2,8 @@
 
 * PgBouncer in ``pool_mode = transaction`` in front of the test PostgreSQL: the
   ledger (appends, reads, proofs, checkpoints, verify), the handshake store, the
-  projector with the PostgreSQL read store, and the whole API, through it. First
+  projector with the PostgreSQL read store, retention, and the whole API, through
+  it. First
   the proof that these tests exercise the pooler: the ledger's own pool, with
   asyncpg's statement cache on, fails there the way asyncpg fails.
 * A read replica URL: a copy of the ledger taken earlier (a replica that lags)
@@ -31,6 +32,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from agentmesh.embedded import EmbeddedPostgres
+from agentmesh.retention_job import run_retention
 from agentmesh.services import open_api_context, run_projector
 from agentmesh.settings import ConfigError, Settings
 from agentmesh.wiring import open_history_reader, open_projection_store
@@ -57,6 +59,7 @@ from tests.engines_support import (
     wait_until,
 )
 from tests.support import Agent, ManualClock, random_history, register
+from tests.test_retention import long_history
 
 CONFIG = TrustConfig()
 GUARD = 60.0  # seconds before a wait that should end gives up: a hang guard, not a measurement
@@ -295,6 +298,31 @@ async def test_what_needs_a_session_refuses_a_pooled_url(
         Settings.from_env({"AGENTMESH_DATABASE_DIRECT_URL": pooled_url})
     with pytest.raises(ConfigError, match=r"^AGENTMESH_DATABASE_URL: expected pooler="):
         Settings.from_env({"AGENTMESH_DATABASE_URL": database_url + "?pooler=statement"})
+
+
+async def test_retention_runs_through_pgbouncer(
+    pooled_url: str, ledger: PostgresEventStore, ledger_key: SigningKey, clock: ManualClock
+) -> None:
+    await long_history(ledger, clock)  # ~125 days, written directly
+    await ledger.checkpoint()
+    settings = Settings.from_env(
+        {
+            "AGENTMESH_DATABASE_URL": pooled_url,
+            "AGENTMESH_AGENT_PRIVATE_KEY": ledger_key.private_key_pem(),
+            "AGENTMESH_STORAGE_BACKEND": "memory",
+        }
+    )
+    message = await run_retention(settings, dry_run=False, clock=clock)
+    assert message.startswith("retention applied")
+    reader = await PostgresLedgerReader.connect(pooled_url, 2)
+    try:
+        first = await reader.first_position()
+        assert first is not None
+        assert first > 1
+        report = await verify_ledger(reader, ledger_key.public, from_position=first)
+        assert report.last_position == (await reader.head()).position
+    finally:
+        await reader.close()
 
 
 # -- the API through PgBouncer, with a read replica URL --------------------------------
