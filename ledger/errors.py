@@ -13,8 +13,13 @@ Tree::
     ├── AppendRejectedError      the event contradicts ledger state (e.g. duplicate DID)
     │   └── ReplayError          an event with this (signer, event_id) is already recorded
     ├── VerificationError        chain, signature or checkpoint check failed (has ``position``)
+    │   └── BundleVerificationError  (ledger.audit) a bundle line is bad (has ``line``)
     ├── StoreUnavailableError    the database could not be reached or failed
-    └── ProofError               Merkle proof malformed, does not verify, or not possible
+    ├── ProofError               Merkle proof malformed, does not verify, or not possible
+    ├── RetentionError           (ledger.retention) refused to run or could not finish
+    └── LineError                (ledger.audit) not a bundle line (internal)
+
+The three named with a module are defined beside the code that raises them.
 """
 
 from __future__ import annotations

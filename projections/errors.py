@@ -4,7 +4,12 @@ Tree::
 
     ProjectionError
     ├── DelegationError   a grant or revocation breaks a delegation rule (has ``reason``)
-    └── SnapshotError     a snapshot is malformed or was folded under another config
+    ├── SnapshotError     a snapshot is malformed or was folded under another config
+    ├── ReadStoreError    (projections.readstore) the read store failed or could not be reached
+    ├── StaleWriteError   (projections.readstore) the store moved past the expected position
+    └── ReplayError       (projections.replay) a question the source cannot answer truthfully
+
+The three named with a module are defined beside the code that raises them.
 """
 
 from __future__ import annotations

@@ -51,6 +51,7 @@ from mcp.shared.inbound import (
 from mcp.shared.subscriptions import SUBSCRIPTION_ID_META_KEY
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 
+from sidecar.errors import SidecarError
 from sidecar.httpserver import Request, Response
 from sidecar.upstream import UpstreamError, UpstreamPool, read_all
 
@@ -94,7 +95,7 @@ class Upstream:
 # -- strict parsing --------------------------------------------------------------------------
 
 
-class Unparseable(ValueError):
+class Unparseable(SidecarError, ValueError):
     """The body is not one standard JSON-RPC message the sidecar can classify."""
 
     def __init__(self, code: int, message: str) -> None:

@@ -60,6 +60,7 @@ from ledger.events import PolicyViolation, TrustSignal, new_event_id
 from ledger.identity import SigningKey, b64encode
 from ledger.signed import SignedEvent
 from ledger.timefmt import format_time, utc_now
+from sidecar.errors import SidecarError
 
 log = logging.getLogger("agentmesh.sidecar.outbox")
 
@@ -126,7 +127,7 @@ FROM dead_letters ORDER BY rowid
 _Row = tuple[str, str, str]  # idempotency key, canonical body text, base64 signature
 
 
-class OutboxError(Exception):
+class OutboxError(SidecarError):
     """The outbox's local storage failed, is closed, or is held by another process."""
 
 

@@ -80,6 +80,7 @@ import yaml
 from projections.config import SEVERITIES, Severity
 from projections.delegation import covered_by_any
 from projections.trust import TIERS
+from sidecar.errors import SidecarError
 
 Mode = Literal["strict", "standard", "permissive"]
 MODES: tuple[Mode, ...] = get_args(Mode)
@@ -112,7 +113,7 @@ RULE_TIERS = tuple(t for t in reversed(TIERS) if t != "suspended")
 """Tiers a rule's ``min_tier`` may name, lowest first."""
 
 
-class PolicyError(Exception):
+class PolicyError(SidecarError):
     """A policy file is unreadable or invalid; the message is one line, ``file:line: what``."""
 
 

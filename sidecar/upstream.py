@@ -17,11 +17,13 @@ from urllib.parse import urlsplit
 
 import h11
 
+from sidecar.errors import SidecarError
+
 _READ = 65536
 _CONNECT_TIMEOUT = 10.0
 
 
-class UpstreamError(Exception):
+class UpstreamError(SidecarError):
     """The upstream could not be reached or broke the exchange."""
 
 
