@@ -305,12 +305,22 @@ class RedisProjectionStore:
             raise ReadStoreError(f"redis unavailable: {exc}") from exc
 
     async def changes(self) -> AsyncGenerator[Change, None]:
+        """Change notifications. redis-py reconnects a broken subscription by itself
+        (after a Sentinel failover, on the new master) and subscribes again; what was
+        published in between is lost, so a subscription confirmed again yields
+        ``Change(0, None)``: position unknown, anything may have changed."""
         pubsub = self._redis.pubsub()
         try:
             await pubsub.subscribe(self._prefix + "changes")
+            confirmed = False
             async for message in pubsub.listen():
-                if message.get("type") == "message":
+                kind = message.get("type")
+                if kind == "message":
                     yield Change.decode(message["data"])
+                elif kind == "subscribe":
+                    if confirmed:
+                        yield Change(0, None)
+                    confirmed = True
         except (RedisError, OSError) as exc:
             raise ReadStoreError(f"redis unavailable: {exc}") from exc
         finally:

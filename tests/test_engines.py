@@ -528,6 +528,12 @@ async def test_the_redis_store_follows_a_sentinel_failover(
         projector = Projector(store, read_store, CONFIG)
         progress = await projector.load()
         assert await _docs(read_store) == await _memory_fold(store)
+        changes = read_store.changes()  # what the API's cache and the sidecars follow
+        subscribed = asyncio.ensure_future(anext(changes))
+        await asyncio.sleep(0.2)
+        await store.append([agents[2].signal(subject=agents[3].did)])
+        await projector.catch_up(progress)
+        assert (await asyncio.wait_for(subscribed, GUARD)).position == (await store.head()).position
 
         # Switch the master; the sentinel reconfigures the old one as a replica and
         # closes its clients, so the store's next commands go to the promoted one.
@@ -553,6 +559,17 @@ async def test_the_redis_store_follows_a_sentinel_failover(
             generation = client.get(prefix + "current")
             written = client.hget(f"{prefix}g:{generation}:meta", "position")
             assert written == str(meta.position)
+
+        # The subscription follows too: on the old master until Sentinel demotes it and
+        # closes its clients, then again on the new one, saying anything may have changed.
+        async def resubscribed() -> Change:
+            while True:
+                change = await anext(changes)
+                if change.agents is None:
+                    return change
+
+        assert await asyncio.wait_for(resubscribed(), GUARD) == Change(0, None)
+        await changes.aclose()
     finally:
         if read_store is not None:
             await read_store.close()
