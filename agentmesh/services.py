@@ -180,7 +180,10 @@ def serve_api(settings: Settings) -> int:
         server.start()
     workers = settings.api_workers
     if settings.storage_backend == "memory" and workers > 1:
-        log.warning("the memory read store lives in one process: running 1 worker, not %d", workers)
+        log.warning(
+            "api_workers_reduced",
+            extra={"workers": 1, "requested": workers, "reason": "memory read store"},
+        )
         workers = 1
     try:
         if workers == 1:

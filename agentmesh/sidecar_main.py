@@ -113,7 +113,7 @@ async def run_sidecar(
         await trust.refresh()
         port = await server.start(settings.sidecar_host, settings.sidecar_port)
         log.info(
-            "sidecar listening",
+            "sidecar_listening",
             extra={"port": port, "agent": key.did, "upstreams": sorted(upstreams)},
         )
         if ready is not None:

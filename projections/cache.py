@@ -68,7 +68,7 @@ class CachedStore:
                         if on_change is not None:
                             on_change(change)
             except ReadStoreError as exc:
-                log.warning("change subscription lost: %s", exc)
+                log.warning("change_subscription_lost", extra={"error": str(exc)})
             self.clear()
             await asyncio.sleep(0.5)
 

@@ -128,17 +128,17 @@ class Projector:
         """The store's state, or a rebuild if it is empty, foreign or unreadable."""
         meta = await self.store.meta()
         if meta is None:
-            log.info("read store is empty: rebuilding from the ledger")
+            log.info("read_store_rebuild", extra={"reason": "empty"})
             return await self.rebuild()
         if meta.config != self.config.as_dict():
-            log.warning("read store was folded under another trust config: rebuilding")
+            log.warning("read_store_rebuild", extra={"reason": "other_trust_config"})
             return await self.rebuild()
         agents = [doc async for doc in self.store.all_agent_docs()]
         grants = [doc async for doc in self.store.all_grant_docs()]
         try:
             state = state_from_documents(meta, agents, grants, self.config)
         except SnapshotError as exc:
-            log.warning("read store is inconsistent (%s): rebuilding", exc)
+            log.warning("read_store_rebuild", extra={"reason": "inconsistent", "error": str(exc)})
             return await self.rebuild()
         return _Progress(state, meta.generation)
 
@@ -150,7 +150,7 @@ class Projector:
         await self.store.publish(Change(state.position, None))
         if self.metrics is not None:
             self.metrics.rebuilds.inc()
-        log.info("rebuilt read store %s at position %d", self.store.name, state.position)
+        log.info("read_store_rebuilt", extra={"store": self.store.name, "position": state.position})
         return _Progress(state, meta.generation)
 
     def _meta(self, state: MeshState, generation: str) -> Meta:
@@ -231,17 +231,17 @@ class Projector:
                     if await self.catch_up(progress) == 0:
                         await self._export(progress, None)
                         if await self.store.meta() is None:
-                            log.warning("read store was emptied: rebuilding")
+                            log.warning("read_store_rebuild", extra={"reason": "emptied"})
                             progress = None
                             continue
                         await _wait_any(stop, wake, self.poll_interval)
                 except StaleWriteError as exc:
-                    log.warning("read store moved under us (%s): reloading", exc)
+                    log.warning("read_store_moved", extra={"error": str(exc)})
                     progress = None
                 except (ReadStoreError, ProjectionError, LedgerError, OSError) as exc:
                     # A failed query (failover, idle kill) is retried from the store's
                     # state: nothing half-applied survives, thanks to the compare-and-set.
-                    log.warning("projection failed (%s): retrying", exc)
+                    log.warning("projection_failed", extra={"error": str(exc)})
                     progress = None
                     await _wait_any(stop, asyncio.Event(), self.poll_interval)
 
@@ -263,7 +263,7 @@ class Projector:
             try:
                 conn = await asyncpg.connect(**connect_kwargs(database_url))
             except (asyncpg.PostgresError, OSError) as exc:
-                log.warning("cannot reach PostgreSQL (%s): retrying", exc)
+                log.warning("database_unreachable", extra={"error": str(exc)})
                 await _wait_any(stop, asyncio.Event(), retry_interval)
                 continue
             try:
@@ -273,10 +273,10 @@ class Projector:
                     if leader:
                         await conn.add_listener(NOTIFY_CHANNEL, _waker(wake))
                 except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-                    log.warning("cannot take the projector lock (%s): retrying", exc)
+                    log.warning("leader_lock_failed", extra={"error": str(exc)})
                     leader = False
                 if leader:
-                    log.info("projector is leader")
+                    log.info("projector_leader")
                     self._set_leader(True)
                     await self.project(stop, functools.partial(_alive, conn), wake)
                 else:

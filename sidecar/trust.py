@@ -130,7 +130,7 @@ class TrustSource:
                         while not self._valid and self.last_error is None:
                             await self.refresh()  # again if a newer change raced the read
             except ReadStoreError as exc:
-                log.warning("change subscription lost: %s", exc)
+                log.warning("change_subscription_lost", extra={"error": str(exc)})
             self.invalidate()
             await asyncio.sleep(0.5)
 

@@ -88,11 +88,11 @@ def test_json_logs(database_url: str, redis_server: EmbeddedRedis) -> None:
     lines = []
     for raw in process.stderr:  # every line is one JSON object
         lines.append(json.loads(raw))
-        if lines[-1]["event"] == "projector is leader":
+        if lines[-1]["event"] == "projector_leader":
             break
     process.send_signal(signal.SIGTERM)
     _, rest = process.communicate(timeout=30)
     assert process.returncode == 0
     lines += [json.loads(line) for line in rest.strip().splitlines()]
-    assert any(line["event"] == "projector is leader" for line in lines)
+    assert any(line["event"] == "projector_leader" for line in lines)
     assert all({"time", "level", "logger", "event"} <= set(line) for line in lines)
