@@ -303,8 +303,8 @@ class Settings:
         "AGENTMESH_DATABASE_READ_URL",
         _database_url,
         None,
-        "A read replica for reads that may lag (event listings, ?at=, exports, replay, "
-        "verify); never for appends or reads of one's own writes. Default: the ledger's URL.",
+        "A read replica for the API's reads that may lag (event listings, ?at=); never for "
+        "appends or reads of one's own writes. Default: the ledger's URL.",
     )
     agent_private_key_pem: str | None = field(
         default=None,
