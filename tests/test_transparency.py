@@ -6,7 +6,11 @@ implementation would do)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from pathlib import Path
@@ -260,3 +264,43 @@ async def test_audit_bundles_are_held_against_a_kept_checkpoint(
     assert verify_bundle(rewritten, workers=0).tree_size == 15
     with pytest.raises(BundleVerificationError, match="history was rewritten"):
         verify_bundle(rewritten, workers=0, trusted=kept)
+
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agentmesh", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+async def test_the_cli_holds_ledger_and_bundle_against_a_kept_checkpoint(
+    ledger: PostgresEventStore, database_url: str, ledger_key: SigningKey, tmp_path: Path
+) -> None:
+    _, kept = await _history(ledger)
+    note = tmp_path / "seen.note"
+    note.write_text(kept)
+    bundle = tmp_path / "all.jsonl"
+    with bundle.open("w") as out:
+        start, end = T0 - timedelta(days=1), T0 + timedelta(days=1)
+        await export_bundle(ledger, ledger_key, out, start=start, end=end)
+    pub = tmp_path / "ledger.pub.pem"
+    pub.write_text(ledger_key.public.pem())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTMESH_")}
+    env["AGENTMESH_DATABASE_URL"] = database_url
+    args = ("--ledger-public-key", str(pub), "--trusted-checkpoint", str(note))
+    checked, audited = await asyncio.gather(
+        asyncio.to_thread(_cli, "ledger", "verify", *args, env=env),
+        asyncio.to_thread(_cli, "audit", "verify", str(bundle), *args, env=env),
+    )
+    assert checked.returncode == 0, checked.stderr
+    assert audited.returncode == 0, audited.stderr
+    assert "consistent with the trusted checkpoint of 12" in audited.stdout
+    await _rewrite(database_url, _drop_tail)
+    refused = await asyncio.to_thread(_cli, "ledger", "verify", *args, env=env)
+    assert refused.returncode == 1
+    assert refused.stderr.count("\n") == 1  # one line
+    assert "entries were removed from the tail" in refused.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agentmesh.cli.common import CliError, ProgressBar, positive_int, run, write_atomically
-from agentmesh.cli.ledger import ledger_public_key
+from agentmesh.cli.ledger import ledger_public_key, read_note
 from agentmesh.settings import Settings
 from ledger.identity import is_did
 from ledger.timefmt import parse_time
@@ -77,6 +77,13 @@ def register(commands: Any) -> None:
         type=positive_int,
         default=None,
         help="signature-checking processes (default: one per core)",
+    )
+    verify_.add_argument(
+        "--trusted-checkpoint",
+        type=Path,
+        metavar="FILE",
+        help="a checkpoint seen before (its C2SP note, or a witness's state file), of a "
+        "size within the bundle's range: fail unless the bundle's tree contains it",
     )
     verify_.set_defaults(handler=verify)
 
@@ -151,13 +158,20 @@ def verify(args: argparse.Namespace, settings: Settings) -> int:
 
     path: Path = args.bundle
     pinned = ledger_public_key(args, settings) if args.ledger_public_key else None
+    trusted = None if args.trusted_checkpoint is None else read_note(args.trusted_checkpoint)
     try:
         size = path.stat().st_size
     except OSError as exc:
         raise CliError(f"cannot read {path}: {exc.strerror}") from None
     bar = ProgressBar("verify", size)
     try:
-        report = verify_bundle(path, workers=args.workers, ledger_key=pinned, progress=bar.update)
+        report = verify_bundle(
+            path,
+            workers=args.workers,
+            ledger_key=pinned,
+            progress=bar.update,
+            trusted=trusted,
+        )
     except OSError as exc:
         raise CliError(f"cannot read {path}: {exc.strerror}") from None
     finally:
