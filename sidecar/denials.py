@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -85,15 +85,27 @@ class Denials:
 
     async def record(self, action: Action, decision: Decision, note: str = "") -> None:
         """Record one denial (or would-be denial); return once it is committed."""
+        wait = self.record_now(action, decision, note)
+        if wait is not None:
+            await wait
+
+    def record_now(
+        self, action: Action, decision: Decision, note: str = ""
+    ) -> Awaitable[bool] | None:
+        """``record`` without waiting where no wait is owed: None when the denial was
+        a repeat, counted at once; else an awaitable that returns once the report is
+        committed (True: it was the first of its window, the penalty). Everything that
+        decides between first and repeat happens before this returns, so concurrent
+        identical denials can never open two windows."""
         key = window_key(action, decision)
         now = self.clock().timestamp()
         window = self._open.get(key)
         if window is not None and now - window.opened_at < self.window_seconds:
             if window.committed is not None and not window.committed.is_set():
-                await window.committed.wait()  # count into a window whose row exists
+                return self._count_when_committed(window)  # into a window whose row exists
             self.repeats += 1
             self.outbox.count_repeat(window.first_event_id)
-            return
+            return None
         event = PolicyViolation(
             actor=self.did,
             occurred_at=format_time(self.clock()),
@@ -104,20 +116,39 @@ class Denials:
             detail=f"{action.kind} {action.name}: {decision.detail}{note}"[:4000],
         )
         assert event.event_id is not None
-        # Set before the await: a concurrent identical denial counts into this window.
+        # Set before answering: a concurrent identical denial counts into this window.
         # (The writer closes an ended window of the same key in the same transaction.)
         opened = _Open(event.event_id, now, asyncio.Event())
         self._open[key] = opened
         self.first += 1
         try:
-            await self.outbox.record(event, (key, now))
+            committed = self.outbox.record_nowait(event, (key, now))
         except BaseException:
-            if self._open.get(key) is opened:
-                del self._open[key]  # not on disk: the next denial is a first again
+            self._forget(key, opened)
+            raise
+        return self._first_committed(key, opened, committed)
+
+    async def _count_when_committed(self, window: _Open) -> bool:
+        assert window.committed is not None
+        await window.committed.wait()
+        self.repeats += 1
+        self.outbox.count_repeat(window.first_event_id)
+        return False
+
+    async def _first_committed(self, key: str, opened: _Open, committed: Awaitable[str]) -> bool:
+        try:
+            await committed
+        except BaseException:
+            self._forget(key, opened)
             raise
         finally:
             assert opened.committed is not None
             opened.committed.set()
+        return True
+
+    def _forget(self, key: str, opened: _Open) -> None:
+        if self._open.get(key) is opened:
+            del self._open[key]  # not on disk: the next denial is a first again
 
     async def sweep(self) -> int:
         """Close every window that has ended; return how many."""

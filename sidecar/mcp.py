@@ -38,7 +38,7 @@ import json
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 from mcp.shared.inbound import (
@@ -53,7 +53,7 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 
 from sidecar.errors import SidecarError
 from sidecar.httpserver import Request, Response
-from sidecar.upstream import UpstreamError, UpstreamPool, read_all
+from sidecar.upstream import UpstreamError, UpstreamPool
 
 BLOCKED_CODE = -31403
 HEADER_MISMATCH = -32020
@@ -77,11 +77,28 @@ _HOP_BY_HOP = {
 _json = msgspec.json.Decoder()
 _encode = msgspec.json.Encoder()
 
-# (upstream, tool name) -> the decision's JSON-RPC error payload, or None when allowed.
-Gate = Callable[[str, str], Awaitable[dict[str, Any] | None]]
+# The JSON-RPC error payload of a refusal, or None when allowed / forwarded.
+Verdict = dict[str, Any] | None
+# Sync-first callbacks: the verdict now when it can be had without waiting, else an
+# awaitable of it (a trust read, a commit, a handshake).
+MaybeVerdict = Verdict | Awaitable[Verdict]
+# (upstream, tool name) -> the decision's verdict
+Gate = Callable[[str, str], MaybeVerdict]
 ToolFilter = Callable[[str, list[str]], Awaitable[set[str]]]
 # (why the body cannot be classified) -> the error payload when it is refused, None to forward
-Unclassifiable = Callable[[str], Awaitable[dict[str, Any] | None]]
+Unclassifiable = Callable[[str], MaybeVerdict]
+BeforeCall = Callable[["Upstream"], MaybeVerdict]
+
+
+def pending(verdict: MaybeVerdict) -> bool:
+    """Whether a sync-first callback answered with an awaitable (not yet decided)."""
+    return verdict is not None and not isinstance(verdict, dict)
+
+
+async def settled(verdict: MaybeVerdict) -> Verdict:
+    if verdict is None or isinstance(verdict, dict):
+        return verdict
+    return await verdict
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +264,11 @@ def json_response(status: int, body: bytes) -> Response:
     return Response(status, [("content-type", "application/json")], body)
 
 
+def _blocked(message: dict[str, Any], error: dict[str, Any]) -> Response:
+    reason = error.pop("message")
+    return json_response(200, rpc_error(message.get("id"), BLOCKED_CODE, reason, error))
+
+
 @dataclass(eq=False)
 class _Listener:
     """An open server stream a list_changed notification can be injected into."""
@@ -277,7 +299,7 @@ class McpRelay:
         upstreams: dict[str, Upstream],
         gate: Gate,
         allowed_tools: ToolFilter,
-        before_call: Callable[[Upstream], Awaitable[dict[str, Any] | None]],
+        before_call: BeforeCall,
         unclassifiable: Unclassifiable,
     ) -> None:
         self.pools = pools
@@ -303,7 +325,9 @@ class McpRelay:
                 sent += 1
         return sent
 
-    async def handle(self, name: str, request: Request) -> Response:
+    def handle(self, name: str, request: Request) -> Response | Awaitable[Response]:
+        """Sync-first: the answer now when no wait is needed (a refusal, a repeated
+        denial), else an awaitable of it (a relayed call, a first denial's commit)."""
         upstream = self.upstreams.get(name)
         if upstream is None:
             return json_response(404, rpc_error(None, -32601, f"no upstream MCP server {name!r}"))
@@ -312,26 +336,59 @@ class McpRelay:
                 return json_response(
                     400, rpc_error(None, INVALID_REQUEST, f"{request.method} carries no body")
                 )
-            return await self._forward(upstream, request, None)
+            return self._forward(upstream, request, None)
         try:
             classified = classify(request.body)
         except Unparseable as exc:
-            refused = await self.unclassifiable(exc.message)
-            if refused is None:  # permissive / shadow: forwarded, and recorded
-                return await self._forward(upstream, request, None)
-            return json_response(
-                400, rpc_error(request_id(request.body), exc.code, exc.message, refused)
-            )
+            refused = self.unclassifiable(exc.message)
+            if pending(refused):
+                return self._unclassified_later(upstream, request, exc, refused)
+            return self._unclassified(upstream, request, exc, cast(Verdict, refused))
         message = classified.message
         mismatch = header_mismatch(request, message)
         if mismatch is not None:
             return json_response(400, rpc_error(message.get("id"), HEADER_MISMATCH, mismatch))
-        if classified.tool is not None:
-            peer = await self.before_call(upstream)
-            error = peer if peer is not None else await self.gate(upstream.name, classified.tool)
-            if error is not None:
-                reason = error.pop("message")
-                return json_response(200, rpc_error(message.get("id"), BLOCKED_CODE, reason, error))
+        if classified.tool is None:
+            return self._forward(upstream, request, message)
+        peer = self.before_call(upstream)
+        if pending(peer):
+            return self._gated_later(upstream, request, message, classified.tool, peer)
+        error = peer if peer is not None else self.gate(upstream.name, classified.tool)
+        if pending(error):
+            return self._gated_later(upstream, request, message, classified.tool, None, error)
+        if error is not None:
+            return _blocked(message, cast(dict[str, Any], error))
+        return self._forward(upstream, request, message)
+
+    def _unclassified(
+        self, upstream: Upstream, request: Request, exc: Unparseable, refused: Verdict
+    ) -> Response | Awaitable[Response]:
+        if refused is None:  # permissive / shadow: forwarded, and recorded
+            return self._forward(upstream, request, None)
+        return json_response(
+            400, rpc_error(request_id(request.body), exc.code, exc.message, refused)
+        )
+
+    async def _unclassified_later(
+        self, upstream: Upstream, request: Request, exc: Unparseable, refused: MaybeVerdict
+    ) -> Response:
+        outcome = self._unclassified(upstream, request, exc, await settled(refused))
+        return outcome if isinstance(outcome, Response) else await outcome
+
+    async def _gated_later(
+        self,
+        upstream: Upstream,
+        request: Request,
+        message: dict[str, Any],
+        tool: str,
+        peer: MaybeVerdict,
+        error: MaybeVerdict = None,
+    ) -> Response:
+        found = await settled(peer)
+        if found is None:
+            found = await settled(error if error is not None else self.gate(upstream.name, tool))
+        if found is not None:
+            return _blocked(message, found)
         return await self._forward(upstream, request, message)
 
     async def _forward(
@@ -360,7 +417,9 @@ class McpRelay:
             request_id = None if message is None else message.get("id")
             stream = self._relay_sse(reply.body, upstream.name, request_id, lists_tools, listener)
             return Response(reply.status, headers, stream)
-        payload = await read_all(reply.body)
+        payload = reply.read_now()  # a JSON answer usually arrived whole with its head
+        if payload is None:
+            payload = await reply.read()
         if lists_tools and reply.status == 200:
             payload = await self._filter_json(upstream.name, payload)
         return Response(reply.status, headers, payload)

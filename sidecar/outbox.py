@@ -371,7 +371,17 @@ class Outbox:
         """Sign and commit ``event`` through the writer (group commit); return its
         idempotency key once it is on disk. With ``window`` (key, opened at), the
         event opens that aggregation window in the same transaction."""
-        return await self._submit(_Put(event, window, self._future()))
+        return await self.record_nowait(event, window)
+
+    def record_nowait(
+        self, event: PolicyViolation, window: tuple[str, float] | None = None
+    ) -> asyncio.Future[str]:
+        """``record``, queued now: the future resolves once the event is on disk."""
+        op = _Put(event, window, self._future())
+        self._start_writer()
+        self._ops.put(op)
+        assert op.waiter is not None
+        return op.waiter
 
     def count_repeat(self, first_event_id: str) -> None:
         """Count one more denial in the open window whose first violation is

@@ -19,11 +19,11 @@ import base64
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import msgspec
@@ -36,10 +36,18 @@ from ledger.timefmt import format_time, parse_time
 from sidecar.denials import DEFAULT_WINDOW_SECONDS, Denials
 from sidecar.egress import egress, is_proxy_request
 from sidecar.httpserver import Request, Response, Tunnel
-from sidecar.mcp import McpRelay, Upstream
+from sidecar.mcp import MaybeVerdict, McpRelay, Upstream, settled
 from sidecar.outbox import Outbox
-from sidecar.policy import Action, Address, Decision, PolicyWatcher, RateLimiter, decide
-from sidecar.trust import TrustSource
+from sidecar.policy import (
+    Action,
+    Address,
+    Decision,
+    PolicyWatcher,
+    RateLimiter,
+    TrustInfo,
+    decide,
+)
+from sidecar.trust import MISS, TrustSource
 from sidecar.upstream import UpstreamPool
 
 log = logging.getLogger("agentmesh.sidecar")
@@ -171,28 +179,34 @@ class Sidecar:
 
     # -- routing -----------------------------------------------------------------------------
 
-    async def handle(self, request: Request) -> Response | Tunnel:
+    def handle(self, request: Request) -> Response | Tunnel | Awaitable[Response | Tunnel]:
+        """Sync-first (see ``sidecar.httpserver``): the answer now when nothing must be
+        awaited — ``/health``, a refusal, a repeated denial — else an awaitable."""
         if is_proxy_request(request):
-            return await egress(request, self._gate_host, self.egress_client)
+            return egress(request, self._gate_host, self.egress_client)
         path = request.target.split("?", 1)[0]
         if path == "/health" and request.method in ("GET", "HEAD"):
             return self.health()
         if path.startswith("/mcp/"):
             name = path[len("/mcp/") :].strip("/")
-            started = time.perf_counter()
-            response = await self.relay.handle(name, request)
-            if name in self.upstreams:
-                self.metrics.observe_upstream(name, time.perf_counter() - started)
-            return response
+            outcome = self.relay.handle(name, request)
+            if isinstance(outcome, Response) or name not in self.upstreams:
+                return outcome
+            return self._timed(name, outcome)
         if path == WELL_KNOWN and request.method == "POST":
             return self.answer_challenge(request)
         return _problem(404, "not-found", "Not found", f"no route for {request.method} {path}")
 
+    async def _timed(self, name: str, outcome: Awaitable[Response]) -> Response:
+        started = time.perf_counter()
+        response = await outcome
+        self.metrics.observe_upstream(name, time.perf_counter() - started)
+        return response
+
     # -- decisions -------------------------------------------------------------------------------
 
-    async def decide(self, action: Action, *, record: bool = True, note: str = "") -> Decision:
+    def _decide(self, action: Action, trust: TrustInfo | None, record: bool) -> Decision:
         started = time.perf_counter()
-        trust = await self.trust.current()
         limiter = self.limiter if record else RateLimiter()
         decision = decide(self.policy.current, action, trust, self.did, limiter, time.monotonic())
         if record:
@@ -205,23 +219,63 @@ class Sidecar:
                 else "allowed"
             )
             self.metrics.count(self.metrics.decisions, outcome, decision.reason)
-            if not decision.allowed or not decision.enforced:
-                await self._report(action, decision, note)
         return decision
 
-    async def _report(self, action: Action, decision: Decision, note: str = "") -> None:
-        if decision.reason == "allowed":
-            return
-        repeats = self.denials.repeats
-        await self.denials.record(action, decision, note)
-        kind = "repeat" if self.denials.repeats > repeats else "first"
-        self.metrics.count(self.metrics.reports, kind)
+    async def decide(self, action: Action, *, record: bool = True, note: str = "") -> Decision:
+        trust = await self.trust.current()
+        decision = self._decide(action, trust, record)
+        if record and (not decision.allowed or not decision.enforced):
+            await self._report(action, decision, note)
+        return decision
 
-    async def _unclassifiable(self, why: str) -> dict[str, Any] | None:
+    def decide_now(
+        self, action: Action, note: str = ""
+    ) -> tuple[Decision, Awaitable[None] | None] | None:
+        """``decide`` without waiting when the trust cache holds a fresh value: the
+        decision, and what is left to await before answering (a first denial's commit),
+        or None when the trust must be read first (nothing was done then)."""
+        trust = self.trust.cached()
+        if trust is MISS:
+            return None
+        decision = self._decide(action, cast(TrustInfo | None, trust), True)
+        if decision.allowed and decision.enforced:
+            return decision, None
+        return decision, self._report_now(action, decision, note)
+
+    async def _report(self, action: Action, decision: Decision, note: str = "") -> None:
+        wait = self._report_now(action, decision, note)
+        if wait is not None:
+            await wait
+
+    def _report_now(
+        self, action: Action, decision: Decision, note: str = ""
+    ) -> Awaitable[None] | None:
+        if decision.reason == "allowed":
+            return None
+        wait = self.denials.record_now(action, decision, note)
+        if wait is None:
+            self.metrics.count(self.metrics.reports, "repeat")
+            return None
+        return self._counted(wait)
+
+    async def _counted(self, wait: Awaitable[bool]) -> None:
+        first = await wait
+        self.metrics.count(self.metrics.reports, "first" if first else "repeat")
+
+    def _unclassifiable(self, why: str) -> MaybeVerdict:
         """A POST body the relay cannot classify: refused (and recorded) unless the
         policy is permissive or in shadow mode, which forward it and record it."""
+        trust = self.trust.cached()
+        if trust is MISS:
+            return self._unclassifiable_later(why)
+        return self._refuse_unclassifiable(why, cast(TrustInfo | None, trust))
+
+    async def _unclassifiable_later(self, why: str) -> dict[str, Any] | None:
+        refused = self._refuse_unclassifiable(why, await self.trust.current())
+        return await settled(refused)
+
+    def _refuse_unclassifiable(self, why: str, trust: TrustInfo | None) -> MaybeVerdict:
         policy = self.policy.current
-        trust = await self.trust.current()
         enforced = not (policy.shadow or policy.mode == "permissive")
         detail = why if enforced else f"{why} (not enforced: forwarded)"
         decision = Decision(
@@ -238,14 +292,16 @@ class Sidecar:
             detail=detail,
         )
         outcome = "denied" if enforced else "would_deny"
-        self.metrics.decisions.labels(outcome, decision.reason).inc()
+        self.metrics.count(self.metrics.decisions, outcome, decision.reason)
         action = Action("tool", "(unparseable request)")
-        await self._report(action, decision)
-        if not enforced:
-            return None
-        error = self._error(decision, action)
-        error["message"] = f"refused by AgentMesh: {why}"
-        return error
+        error: dict[str, Any] | None = None
+        if enforced:
+            error = self._error(decision, action)
+            error["message"] = f"refused by AgentMesh: {why}"
+        wait = self._report_now(action, decision)
+        if wait is None:
+            return error
+        return _after(wait, error)
 
     @staticmethod
     def _error(decision: Decision, action: Action) -> dict[str, Any]:
@@ -262,12 +318,20 @@ class Sidecar:
             action.kind: action.name,
         }
 
-    async def _gate_tool(self, upstream: str, tool: str) -> dict[str, Any] | None:
+    def _gate_tool(self, upstream: str, tool: str) -> MaybeVerdict:
         action = Action("tool", tool)
         shown = self.shown.get(upstream)
         hidden = shown is not None and tool not in shown
         # Calling a tool tools/list did not show is recorded as the denial it is, and says so.
         note = " (a tool hidden from this agent's tools/list)" if hidden else ""
+        now = self.decide_now(action, note)
+        if now is None:
+            return self._gate_tool_later(action, note)
+        decision, wait = now
+        error = None if decision.allowed else self._error(decision, action)
+        return error if wait is None else _after(wait, error)
+
+    async def _gate_tool_later(self, action: Action, note: str) -> dict[str, Any] | None:
         decision = await self.decide(action, note=note)
         return None if decision.allowed else self._error(decision, action)
 
@@ -318,14 +382,17 @@ class Sidecar:
 
     # -- peer handshakes -----------------------------------------------------------------------
 
-    async def _ensure_peer(self, upstream: Upstream) -> dict[str, Any] | None:
+    def _ensure_peer(self, upstream: Upstream) -> MaybeVerdict:
         """When the upstream is another agent, verify it (challenge/response through
         the API) before the first call and whenever the last verification expired."""
         if upstream.did is None:
             return None
-        peer = self.peers[upstream.name]
-        if time.monotonic() < peer.verified_until:
+        if time.monotonic() < self.peers[upstream.name].verified_until:
             return None
+        return self._verify_peer(upstream)
+
+    async def _verify_peer(self, upstream: Upstream) -> dict[str, Any] | None:
+        peer = self.peers[upstream.name]
         assert peer.lock is not None
         async with peer.lock:
             if time.monotonic() < peer.verified_until:
@@ -451,6 +518,11 @@ class Sidecar:
         for pool in self.pools.values():
             await pool.aclose()
         await self.egress_client.aclose()
+
+
+async def _after(wait: Awaitable[None], verdict: dict[str, Any] | None) -> dict[str, Any] | None:
+    await wait
+    return verdict
 
 
 def _pooled_client() -> httpx.AsyncClient:

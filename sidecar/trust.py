@@ -24,6 +24,13 @@ from sidecar.policy import TrustInfo
 log = logging.getLogger("agentmesh.sidecar.trust")
 
 
+class _Miss:
+    """``TrustSource.cached()`` has no fresh value: read it (``current()``)."""
+
+
+MISS = _Miss()
+
+
 class TrustSource:
     def __init__(
         self,
@@ -67,6 +74,14 @@ class TrustSource:
         self.misses += 1
         await self.refresh()
         return None if self._value is None else self._with_age(self._value)
+
+    def cached(self) -> TrustInfo | _Miss | None:
+        """``current()`` when it needs no read (a cache hit), else ``MISS``."""
+        value = self._value
+        if self._valid and value is not None and (self.age or 0.0) < self.refresh_seconds:
+            self.hits += 1
+            return self._with_age(value)
+        return MISS
 
     def _with_age(self, value: TrustInfo) -> TrustInfo:
         return TrustInfo(
