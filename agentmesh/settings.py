@@ -68,6 +68,13 @@ def _number(text: str) -> float:
     return value
 
 
+def _positive_number(text: str) -> float:
+    value = _number(text)
+    if value == 0:
+        raise ValueError("expected a number above 0 like 60")
+    return value
+
+
 def _choice(*options: str, upper: bool = False) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip().upper() if upper else text.strip().lower()
@@ -386,6 +393,12 @@ class Settings:
         _int(1, 86_400),
         300,
         "Seconds a verified peer handshake is trusted before it is run again.",
+    )
+    sidecar_denial_window: float = _env(
+        "AGENTMESH_SIDECAR_DENIAL_WINDOW",
+        _positive_number,
+        60.0,
+        "Seconds in which repeated identical denials are one violation plus a repeat count.",
     )
     redis_prefix: str = _env(
         "AGENTMESH_REDIS_PREFIX", _text, "agentmesh:", "Key prefix of the projections in Redis."

@@ -16,7 +16,6 @@ from agentmesh.wiring import open_projection_store, trust_config
 from ledger.identity import is_did
 from ledger.timefmt import utc_now
 from projections.readstore import ProjectionReader
-from sidecar.denials import DEFAULT_WINDOW_SECONDS
 from sidecar.httpserver import HttpServer
 from sidecar.mcp import Upstream
 from sidecar.outbox import Outbox
@@ -61,8 +60,12 @@ async def run_sidecar(
     stop: asyncio.Event,
     clock: Callable[[], datetime] = utc_now,
     ready: Callable[[int], None] | None = None,
-    denial_window: float = DEFAULT_WINDOW_SECONDS,
+    denial_window: float | None = None,
 ) -> None:
+    """Run the sidecar until ``stop`` is set. ``denial_window`` (seconds) overrides
+    ``AGENTMESH_SIDECAR_DENIAL_WINDOW`` (``settings.sidecar_denial_window``)."""
+    if denial_window is None:
+        denial_window = settings.sidecar_denial_window
     key = settings.signing_key()
     upstreams = parse_upstreams(settings.upstreams)
     api_url = settings.require_api_url()

@@ -140,7 +140,7 @@ async def running_sidecar(
     staleness: int = 30,
     redis_port: int | None = None,
     policy_text: str | None = None,
-    denial_window: float = 60.0,
+    denial_window: float | None = None,
 ) -> AsyncIterator[RunningSidecar]:
     policy_file = tmp / f"policy-{agent.did[-6:]}.yaml"
     policy_file.write_text(policy_text or POLICY.format(staleness=staleness))
@@ -159,14 +159,12 @@ async def running_sidecar(
         sidecar_outbox_dir=tmp / f"outbox-{agent.did[-6:]}",
         sidecar_health_file=tmp / f"healthy-{agent.did[-6:]}",
         redis_port=redis_port or api.settings.redis_port,
+        # AGENTMESH_SIDECAR_DENIAL_WINDOW: run_sidecar takes it from the settings
+        sidecar_denial_window=denial_window or api.settings.sidecar_denial_window,
     )
     stop = asyncio.Event()
     ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(
-        run_sidecar(
-            settings, stop, clock=api.clock, ready=ready.set_result, denial_window=denial_window
-        )
-    )
+    task = asyncio.create_task(run_sidecar(settings, stop, clock=api.clock, ready=ready.set_result))
     try:
         waiters: list[asyncio.Future[Any]] = [ready, task]
         await asyncio.wait(waiters, timeout=30, return_when=asyncio.FIRST_COMPLETED)

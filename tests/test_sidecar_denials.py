@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from agentmesh.embedded import EmbeddedRedis
+from agentmesh.settings import ConfigError, Settings
 from ledger.identity import SigningKey
 from sidecar.denials import Denials
 from sidecar.mcp import BLOCKED_CODE
@@ -35,6 +36,15 @@ async def api(
 ) -> AsyncIterator[Api]:
     async with running_api(api_settings(database_url, redis_server, ledger_key)) as running:
         yield running
+
+
+def test_the_denial_window_is_a_setting() -> None:
+    assert Settings.from_env({}).sidecar_denial_window == 60.0
+    window = Settings.from_env({"AGENTMESH_SIDECAR_DENIAL_WINDOW": "2.5"})
+    assert window.sidecar_denial_window == 2.5
+    for bad in ("0", "-1", "soon", "inf"):
+        with pytest.raises(ConfigError, match="AGENTMESH_SIDECAR_DENIAL_WINDOW"):
+            Settings.from_env({"AGENTMESH_SIDECAR_DENIAL_WINDOW": bad})
 
 
 async def violations(api: Api, did: str, marker: str, expect: int) -> list[dict[str, Any]]:
