@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -72,7 +73,8 @@ class Tunnel:
 
 
 Outcome = Response | Tunnel
-# Sync-first: the outcome now, or an awaitable of it.
+# Sync-first: the outcome now, or an awaitable of it (an asyncio.Future is answered from
+# its done callback, without a task, when it resolves to a complete Response).
 Handler = Callable[[Request], Outcome | Awaitable[Outcome]]
 
 _INTERNAL = Response(
@@ -268,6 +270,10 @@ class _Connection(asyncio.Protocol):
                 continue
             self.busy = True
             self._flush()
+            if isinstance(outcome, asyncio.Future):
+                # Answered by a callback (a relayed JSON call): no task unless it streams.
+                outcome.add_done_callback(functools.partial(self._settled, request, keep, counted))
+                break
             # Held here: the loop keeps only a weak reference to a task.
             self.task = asyncio.get_running_loop().create_task(
                 self._answer(request, keep, outcome, counted)
@@ -278,6 +284,33 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
         if self.closed_after and not self.busy and not self.queue:
             self._close()
+
+    def _settled(
+        self, request: Request, keep: bool, counted: bool, done: asyncio.Future[Outcome]
+    ) -> None:
+        """A future outcome is there: a complete answer is written now, anything else
+        (a stream, a tunnel, an error) goes on in a task."""
+        try:
+            outcome: Outcome = done.result()
+        except Exception:
+            log.exception("handler_failed")
+            outcome = _INTERNAL
+        if not (isinstance(outcome, Response) and isinstance(outcome.body, bytes)):
+            self.task = asyncio.get_running_loop().create_task(
+                self._answer(request, keep, outcome, counted)
+            )
+            return
+        if counted:
+            self.server._busy -= 1
+        self.busy = False
+        if self.closed:
+            return
+        self._out.append(encode_response(outcome, request.method == "HEAD"))
+        if not keep or self.server._closing or _closes(outcome) or self._upgrade:
+            self._flush()
+            self._close()
+            return
+        self._pump()
 
     def _flush(self) -> None:
         if self._out and self.transport is not None and not self.closed:

@@ -53,7 +53,7 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 
 from sidecar.errors import SidecarError
 from sidecar.httpserver import Request, Response
-from sidecar.upstream import UpstreamError, UpstreamPool
+from sidecar.upstream import StaleConnection, UpstreamError, UpstreamPool, UpstreamResponse
 
 BLOCKED_CODE = -31403
 HEADER_MISMATCH = -32020
@@ -309,6 +309,7 @@ class McpRelay:
         self.before_call = before_call
         self.unclassifiable = unclassifiable
         self._listeners: set[_Listener] = set()
+        self._tasks: set[asyncio.Future[Response]] = set()
 
     @property
     def listeners(self) -> int:
@@ -391,7 +392,69 @@ class McpRelay:
             return _blocked(message, found)
         return await self._forward(upstream, request, message)
 
-    async def _forward(
+    def _forward(
+        self, upstream: Upstream, request: Request, message: dict[str, Any] | None
+    ) -> Awaitable[Response]:
+        """Relay to the upstream. A POST on an idle pooled connection goes out at once and
+        is answered from the connection's callback (an ``asyncio.Future``: no task, no
+        coroutine chain to resume); anything else — a stream, a tools/list to filter, a
+        new connection — goes on in a coroutine."""
+        if request.method != "POST":
+            return self._forward_later(upstream, request, message)
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Response] = loop.create_future()
+
+        def on_head(reply: UpstreamResponse | None, error: Exception | None) -> None:
+            if answer.done():
+                return
+            if reply is None:
+                if isinstance(error, StaleConnection):  # nothing read: send it again
+                    self._chain(self._forward_later(upstream, request, message), answer)
+                else:
+                    answer.set_result(self._unreachable(upstream, message, error))
+                return
+            try:
+                outcome = self._respond(upstream, request, message, reply)
+            except Exception as exc:
+                answer.set_exception(exc)
+                return
+            if isinstance(outcome, Response):
+                answer.set_result(outcome)
+            else:
+                self._chain(outcome, answer)
+
+        pool = self.pools[upstream.name]
+        if not pool.send_now("POST", upstream_headers(request.headers), request.body, on_head):
+            return self._forward_later(upstream, request, message)
+        return answer
+
+    def _chain(self, work: Awaitable[Response], answer: asyncio.Future[Response]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)  # held: the loop keeps only a weak reference
+
+        def done(task: asyncio.Future[Response]) -> None:
+            self._tasks.discard(task)
+            if answer.done():
+                return
+            if task.cancelled():
+                answer.cancel()
+            elif task.exception() is not None:
+                answer.set_exception(cast(BaseException, task.exception()))
+            else:
+                answer.set_result(task.result())
+
+        task.add_done_callback(done)
+
+    @staticmethod
+    def _unreachable(
+        upstream: Upstream, message: dict[str, Any] | None, error: Exception | None
+    ) -> Response:
+        request_id = None if message is None else message.get("id")
+        return json_response(
+            502, rpc_error(request_id, -32603, f"upstream {upstream.name} unreachable: {error}")
+        )
+
+    async def _forward_later(
         self, upstream: Upstream, request: Request, message: dict[str, Any] | None
     ) -> Response:
         pool = self.pools[upstream.name]
@@ -399,10 +462,17 @@ class McpRelay:
         try:
             reply = await pool.request(request.method, upstream_headers(request.headers), body)
         except UpstreamError as exc:
-            request_id = None if message is None else message.get("id")
-            return json_response(
-                502, rpc_error(request_id, -32603, f"upstream {upstream.name} unreachable: {exc}")
-            )
+            return self._unreachable(upstream, message, exc)
+        outcome = self._respond(upstream, request, message, reply)
+        return outcome if isinstance(outcome, Response) else await outcome
+
+    def _respond(
+        self,
+        upstream: Upstream,
+        request: Request,
+        message: dict[str, Any] | None,
+        reply: UpstreamResponse,
+    ) -> Response | Awaitable[Response]:
         headers = forward_headers(reply.headers)
         content_type = next((v for k, v in reply.headers if k == "content-type"), "")
         method = None if message is None else message.get("method")
@@ -418,10 +488,22 @@ class McpRelay:
             stream = self._relay_sse(reply.body, upstream.name, request_id, lists_tools, listener)
             return Response(reply.status, headers, stream)
         payload = reply.read_now()  # a JSON answer usually arrived whole with its head
+        if payload is None or (lists_tools and reply.status == 200):
+            return self._json_later(upstream.name, reply, headers, payload, lists_tools)
+        return Response(reply.status, headers, payload)
+
+    async def _json_later(
+        self,
+        upstream: str,
+        reply: UpstreamResponse,
+        headers: list[tuple[str, str]],
+        payload: bytes | None,
+        lists_tools: bool,
+    ) -> Response:
         if payload is None:
             payload = await reply.read()
         if lists_tools and reply.status == 200:
-            payload = await self._filter_json(upstream.name, payload)
+            payload = await self._filter_json(upstream, payload)
         return Response(reply.status, headers, payload)
 
     async def _filter_json(self, upstream: str, body: bytes) -> bytes:

@@ -42,6 +42,7 @@ from sidecar.policy import (
     Action,
     Address,
     Decision,
+    Policy,
     PolicyWatcher,
     RateLimiter,
     TrustInfo,
@@ -55,6 +56,7 @@ log = logging.getLogger("agentmesh.sidecar")
 WELL_KNOWN = "/.well-known/agentmesh/handshake"
 CHALLENGE_TYPE = "agentmesh.handshake.challenge"
 HANDSHAKE_REQUEST_TYPE = "agentmesh.handshake.request"
+_DECISIONS_KEPT = 4096  # cached tool decisions (cleared when full)
 DECISION_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25)
 
 
@@ -158,6 +160,8 @@ class Sidecar:
         self.metrics = SidecarMetrics(registry)
         self.metrics.outbox_depth.set_function(lambda: float(outbox.depth()))
         self.limiter = RateLimiter()
+        # tool -> (policy, trust stamp, decision): see _decide
+        self._decisions: dict[str, tuple[Policy, tuple[int, float | None], Decision]] = {}
         self.pools = {name: UpstreamPool(u.url) for name, u in upstreams.items()}
         self.egress_client = _pooled_client()
         self.peers: dict[str, _Peer] = {name: _Peer(lock=asyncio.Lock()) for name in upstreams}
@@ -192,6 +196,12 @@ class Sidecar:
             outcome = self.relay.handle(name, request)
             if isinstance(outcome, Response) or name not in self.upstreams:
                 return outcome
+            if isinstance(outcome, asyncio.Future):  # answered from a callback
+                started = time.perf_counter()
+                outcome.add_done_callback(
+                    lambda _: self.metrics.observe_upstream(name, time.perf_counter() - started)
+                )
+                return outcome
             return self._timed(name, outcome)
         if path == WELL_KNOWN and request.method == "POST":
             return self.answer_challenge(request)
@@ -207,8 +217,27 @@ class Sidecar:
 
     def _decide(self, action: Action, trust: TrustInfo | None, record: bool) -> Decision:
         started = time.perf_counter()
-        limiter = self.limiter if record else RateLimiter()
-        decision = decide(self.policy.current, action, trust, self.did, limiter, time.monotonic())
+        policy = self.policy.current
+        # The decision for a tool, cached per (policy, trust read): the same policy object
+        # and the same read of the agent's trust (no invalidation, no re-read since) decide
+        # the same — unless the rule that matches is rate limited (it counts every call) or
+        # the trust was stale (the decision then depends on its age).
+        stamp = self.trust.stamp
+        cached = self._decisions.get(action.name) if action.kind == "tool" else None
+        fresh = trust is not None and trust.age_seconds <= policy.staleness_seconds
+        if cached is not None and cached[0] is policy and cached[1] == stamp and fresh:
+            decision = cached[2]
+        else:
+            limiter = self.limiter if record else RateLimiter()
+            decision = decide(policy, action, trust, self.did, limiter, time.monotonic())
+            if (
+                action.kind == "tool"
+                and fresh
+                and not any(r.rate_limit is not None and r.matches(action) for r in policy.rules)
+            ):
+                if len(self._decisions) >= _DECISIONS_KEPT:
+                    self._decisions.clear()
+                self._decisions[action.name] = (policy, stamp, decision)
         if record:
             self.metrics.decision_seconds.observe(time.perf_counter() - started)
             outcome = (

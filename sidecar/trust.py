@@ -75,6 +75,11 @@ class TrustSource:
         await self.refresh()
         return None if self._value is None else self._with_age(self._value)
 
+    @property
+    def stamp(self) -> tuple[int, float | None]:
+        """Changes whenever the value may have: every invalidation and every read."""
+        return (self._generation, self._read_at)
+
     def cached(self) -> TrustInfo | _Miss | None:
         """``current()`` when it needs no read (a cache hit), else ``MISS``."""
         value = self._value

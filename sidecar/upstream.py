@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -31,8 +31,11 @@ class UpstreamError(SidecarError):
     """The upstream could not be reached or broke the exchange."""
 
 
-class _Stale(Exception):
+class StaleConnection(Exception):
     """A reused connection failed before any byte of the answer: safe to retry."""
+
+
+_Stale = StaleConnection
 
 
 class _Connection(asyncio.Protocol):
@@ -41,6 +44,9 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.lost = False
         self.reused = False
+        # Callback form (``UpstreamPool.send_now``): called from the protocol once the
+        # answer's head arrived (its body too, when it came with it) or the exchange failed.
+        self.on_head: Callable[[], None] | None = None
         self._reset(False)
 
     def _reset(self, head_only: bool) -> None:
@@ -70,6 +76,13 @@ class _Connection(asyncio.Protocol):
             self._fail(ConnectionResetError(f"the upstream broke HTTP: {exc}"))
             if self.transport is not None:
                 self.transport.close()
+        if self.on_head is not None and self.status >= 200:
+            self._call_on_head()
+
+    def _call_on_head(self) -> None:
+        callback, self.on_head = self.on_head, None
+        if callback is not None:
+            callback()
 
     def eof_received(self) -> bool:
         return False
@@ -120,6 +133,7 @@ class _Connection(asyncio.Protocol):
         for future in (self.head, self.waiter):
             if future is not None and not future.done():
                 future.set_exception(error)
+        self._call_on_head()
 
     def take(self) -> bytes:
         chunks, self.chunks, self.buffered = self.chunks, [], 0
@@ -249,6 +263,41 @@ class UpstreamPool:
         except (ConnectionError, _Stale) as exc:
             connection.close()
             raise UpstreamError(f"{self.authority} broke the exchange: {exc}") from exc
+
+    def send_now(
+        self,
+        method: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        on_head: Callable[[UpstreamResponse | None, Exception | None], None],
+    ) -> bool:
+        """``request`` in callback form, without a task: written at once on an idle
+        connection (False, nothing sent, when none is idle). ``on_head`` is called from
+        the protocol callback with the answer (its body may already be whole:
+        ``read_now``), or with the error — ``StaleConnection`` when a reused connection
+        failed before any byte of the answer (safe to send again elsewhere)."""
+        while self._idle:
+            connection = self._idle.pop()
+            if connection.lost or connection.transport is None:
+                continue
+            connection._reset(method == "HEAD")
+
+            def arrived(connection: _Connection = connection) -> None:
+                if connection.status >= 200:
+                    on_head(
+                        UpstreamResponse(connection.status, connection.headers, connection, self),
+                        None,
+                    )
+                    return
+                error = connection.error or ConnectionResetError("no answer")
+                stale = connection.reused and not connection.started
+                connection.close()
+                on_head(None, StaleConnection() if stale else error)
+
+            connection.on_head = arrived
+            connection.transport.write(self._encode(method, headers, body))
+            return True
+        return False
 
     def _encode(self, method: str, headers: list[tuple[str, str]], body: bytes) -> bytes:
         lines = [method, self._start]

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+
+import httpx
 
 from projections.documents import Change
 from sidecar.trust import TrustSource
@@ -49,3 +52,78 @@ async def test_a_change_during_a_read_is_not_lost() -> None:
     current = await source.current()
     assert current is not None
     assert current.score == 790
+
+
+POLICY = """\
+version: 1
+staleness_seconds: 1
+rules:
+  - id: search
+    tools: ["search"]
+    effect: allow
+    min_score: 700
+  - id: limited
+    tools: ["limited"]
+    effect: allow
+    rate_limit: {requests: 2, per_seconds: 60}
+"""
+
+
+async def test_a_cached_decision_never_outlives_its_trust_read(tmp_path: Path) -> None:
+    """Tool decisions are cached per (policy, trust read): a change, a stale read and a
+    rate-limited rule are each decided again."""
+    from prometheus_client import CollectorRegistry
+
+    from ledger.identity import SigningKey
+    from sidecar.outbox import Outbox
+    from sidecar.policy import Action, PolicyWatcher
+    from sidecar.service import Sidecar
+
+    reader = SlowReader()
+    now = [1000.0]
+    key = SigningKey.generate()
+    trust = TrustSource(
+        reader,  # type: ignore[arg-type]
+        key.did,
+        lambda: datetime.now(UTC),
+        refresh_seconds=5,
+        monotonic=lambda: now[0],
+    )
+    await trust.refresh()
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    outbox = Outbox.open(tmp_path / "outbox", "http://127.0.0.1:9", key)
+    sidecar = Sidecar(
+        key=key,
+        trust=trust,
+        policy=PolicyWatcher(tmp_path / "policy.yaml", "strict", False),
+        outbox=outbox,
+        upstreams={},
+        api=httpx.AsyncClient(),
+        registry=CollectorRegistry(),
+        clock=lambda: datetime.now(UTC),
+        handshake_ttl=300,
+        health_file=None,
+    )
+    try:
+        search = Action("tool", "search")
+        assert (await sidecar.decide(search)).allowed
+        assert (await sidecar.decide(search)).allowed  # from the cache
+        reader.score = 650  # a violation, projected: the change invalidates the cache
+        trust.invalidate()
+        decision = await sidecar.decide(search)
+        assert not decision.allowed
+        assert decision.reason == "below_min_score"
+        reader.score = 800
+        trust.invalidate()
+        assert (await sidecar.decide(search)).allowed
+        now[0] += 2  # older than staleness_seconds, not yet re-read: strict denies
+        decision = await sidecar.decide(search)
+        assert not decision.allowed
+        assert decision.reason == "trust_stale"
+        now[0] -= 2
+        limited = Action("tool", "limited")
+        found = [(await sidecar.decide(limited)).allowed for _ in range(3)]
+        assert found == [True, True, False]  # the limiter sees every call
+    finally:
+        await outbox.aclose()
+        await sidecar.close()
