@@ -104,6 +104,10 @@ async def test_impossible_proof_requests_are_400(api: Api) -> None:
         ("/v1/ledger/proofs/consistency", {"first": head, "second": head + 1}),
         ("/v1/ledger/proofs/consistency", {"first": 2, "second": 1}),
         ("/v1/ledger/proofs/consistency", {"first": "x", "second": 1}),
+        # Huge sizes cost no more than small ones (they once recursed through every
+        # missing subtree: an anonymous request could pin a worker).
+        ("/v1/ledger/proofs/inclusion", {"position": 1, "tree_size": 2**62}),
+        ("/v1/ledger/proofs/consistency", {"first": 2**40, "second": 2**63 - 1}),
     ]
     for path, params in cases:
         response = await api.client.get(path, params=params)

@@ -369,7 +369,8 @@ class PostgresLedgerReader:
             if r["level"] < 0:
                 found.setdefault((0, r["idx"]), tlog.entry_leaf(bytes(r["hash"])))
         for lv, ix in sorted(wanted):
-            _compose(found, lv, ix)
+            if lv < tlog.STORED_LEVEL:  # a larger one is stored, or does not exist (yet)
+                _compose(found, lv, ix)
         return found
 
     async def ledger_identity(self) -> VerifyKey | None:
