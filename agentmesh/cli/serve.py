@@ -59,7 +59,12 @@ def sidecar(_: argparse.Namespace, settings: Settings) -> int:
         await run_sidecar(settings, stop_on_signals())
         return 0
 
-    return run(proxy())
+    # The sidecar is one hop in every agent call: uvloop's event loop takes a third
+    # off the relay's added latency and the CPU of a denial (bench/sidecar.py).
+    import uvloop  # lazy: only the sidecar runs on it
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(proxy())
 
 
 def api(args: argparse.Namespace, settings: Settings) -> int:

@@ -41,6 +41,7 @@ import importlib, json, pkgutil, sys
 from importlib import metadata
 before = set(sys.modules)
 import agentmesh.cli, agentmesh.logs, agentmesh.services, agentmesh.sidecar_main, sidecar
+import uvloop  # the sidecar's event loop (agentmesh/cli/serve.py)
 for module in pkgutil.iter_modules(sidecar.__path__):
     importlib.import_module("sidecar." + module.name)
 top = {name.split(".")[0] for name in set(sys.modules) - before}
