@@ -20,6 +20,7 @@ Exceptions::
     SidecarError
     ├── PolicyError    (policy) a policy file is unreadable or invalid (``file:line: what``)
     ├── UpstreamError  (upstream) the upstream could not be reached or broke the exchange
+    │   └── StaleConnection  a reused connection closed before any answer: retried
     ├── OutboxError    (outbox) its local storage failed, is closed, or is held elsewhere
     └── Unparseable    (mcp) a body is not one JSON-RPC message (also a ``ValueError``)
 

@@ -31,8 +31,9 @@ class UpstreamError(SidecarError):
     """The upstream could not be reached or broke the exchange."""
 
 
-class StaleConnection(Exception):
-    """A reused connection failed before any byte of the answer: safe to retry."""
+class StaleConnection(UpstreamError):
+    """A reused connection failed before any byte of the answer: safe to retry (the
+    pool retries it on a fresh connection; it never leaves the pool)."""
 
 
 _Stale = StaleConnection
