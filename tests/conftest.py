@@ -18,6 +18,8 @@ from agentmesh.embedded import EmbeddedPostgres, EmbeddedRedis
 from agentmesh.migrate import upgrade
 from ledger.identity import SigningKey
 from ledger.postgres import PostgresEventStore
+from tests.api_support import Api, api_settings, running_api
+from tests.sidecar_support import RunningSidecar, Upstream, running_sidecar, running_upstream
 
 
 @pytest.fixture(scope="session")
@@ -81,3 +83,30 @@ async def store(database_url: str, ledger_key: SigningKey) -> AsyncIterator[Post
         yield event_store
     finally:
         await event_store.close()
+
+
+# -- servers most API and sidecar tests share (a module may define its own) --------------
+
+
+@pytest.fixture
+async def api(
+    database_url: str, redis_server: EmbeddedRedis, ledger_key: SigningKey
+) -> AsyncIterator[Api]:
+    """The API over real HTTP with its projector, on the test's fresh database."""
+    async with running_api(api_settings(database_url, redis_server, ledger_key)) as running:
+        yield running
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    """A real MCP server (the official SDK's) for a sidecar to relay to."""
+    async with running_upstream() as running:
+        yield running
+
+
+@pytest.fixture
+async def sidecar(api: Api, upstream: Upstream, tmp_path: Path) -> AsyncIterator[RunningSidecar]:
+    """A sidecar for a registered agent (``tools:read``) in front of ``upstream``."""
+    agent = await api.register(("tools:read",))
+    async with running_sidecar(api, agent, tmp_path, f"tools={upstream.url}") as running:
+        yield running

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,27 +21,6 @@ from ledger.identity import SigningKey
 from sidecar.mcp import BLOCKED_CODE
 from tests.api_support import ADMIN, Api, api_settings, running_api
 from tests.sidecar_support import RunningSidecar, Upstream, running_sidecar, running_upstream
-
-
-@pytest.fixture
-async def api(
-    database_url: str, redis_server: EmbeddedRedis, ledger_key: SigningKey
-) -> AsyncIterator[Api]:
-    async with running_api(api_settings(database_url, redis_server, ledger_key)) as running:
-        yield running
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    async with running_upstream() as running:
-        yield running
-
-
-@pytest.fixture
-async def sidecar(api: Api, upstream: Upstream, tmp_path: Path) -> AsyncIterator[RunningSidecar]:
-    agent = await api.register(("tools:read",))
-    async with running_sidecar(api, agent, tmp_path, f"tools={upstream.url}") as running:
-        yield running
 
 
 async def violation(api: Api, did: str, severity: str) -> int:

@@ -8,34 +8,23 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from agentmesh.embedded import EmbeddedRedis
 from agentmesh.settings import ConfigError, Settings
-from ledger.identity import SigningKey
 from sidecar.denials import Denials
 from sidecar.mcp import BLOCKED_CODE
 from sidecar.outbox import Outbox
 from sidecar.policy import Action, RateLimiter, decide, parse_policy
-from tests.api_support import Api, api_settings, running_api
+from tests.api_support import Api
 from tests.sidecar_support import running_sidecar, running_upstream
 from tests.support import Agent, ManualClock
 from tests.test_sidecar_failclosed import MODERN, RawMcp, call, rpc_error
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-async def api(
-    database_url: str, redis_server: EmbeddedRedis, ledger_key: SigningKey
-) -> AsyncIterator[Api]:
-    async with running_api(api_settings(database_url, redis_server, ledger_key)) as running:
-        yield running
 
 
 def test_the_denial_window_is_a_setting() -> None:

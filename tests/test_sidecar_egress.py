@@ -12,10 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from agentmesh.embedded import EmbeddedRedis
-from ledger.identity import SigningKey
 from sidecar.policy import Action, Mode, RateLimiter, TrustInfo, decide, ip_literal, parse_policy
-from tests.api_support import Api, api_settings, running_api
+from tests.api_support import Api
 from tests.sidecar_support import running_sidecar
 
 SPELLINGS = [
@@ -57,14 +55,6 @@ async def origin() -> AsyncIterator[Origin]:
     found.port = server.sockets[0].getsockname()[1]
     async with server:
         yield found
-
-
-@pytest.fixture
-async def api(
-    database_url: str, redis_server: EmbeddedRedis, ledger_key: SigningKey
-) -> AsyncIterator[Api]:
-    async with running_api(api_settings(database_url, redis_server, ledger_key)) as running:
-        yield running
 
 
 def policy(deny: str) -> str:

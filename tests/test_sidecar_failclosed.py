@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,11 +15,9 @@ import httpx
 import pytest
 from mcp.shared.inbound import encode_header_value
 
-from agentmesh.embedded import EmbeddedRedis
-from ledger.identity import SigningKey
 from sidecar.mcp import BLOCKED_CODE, Unparseable, classify
-from tests.api_support import Api, api_settings, running_api
-from tests.sidecar_support import RunningSidecar, Upstream, running_sidecar, running_upstream
+from tests.api_support import Api
+from tests.sidecar_support import RunningSidecar, Upstream, running_sidecar
 
 MODERN = "2026-07-28"
 LEGACY = "2025-11-25"
@@ -30,27 +27,6 @@ META = (
     '"io.modelcontextprotocol/clientCapabilities":{}}'
 )
 BLOCKED_TOOL = "secret_tool"  # no rule allows it: strict denies it
-
-
-@pytest.fixture
-async def api(
-    database_url: str, redis_server: EmbeddedRedis, ledger_key: SigningKey
-) -> AsyncIterator[Api]:
-    async with running_api(api_settings(database_url, redis_server, ledger_key)) as running:
-        yield running
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    async with running_upstream() as running:
-        yield running
-
-
-@pytest.fixture
-async def sidecar(api: Api, upstream: Upstream, tmp_path: Path) -> AsyncIterator[RunningSidecar]:
-    agent = await api.register(("tools:read",))
-    async with running_sidecar(api, agent, tmp_path, f"tools={upstream.url}") as running:
-        yield running
 
 
 @dataclass

@@ -16,10 +16,8 @@ from mcp.shared.exceptions import MCPError
 from mcp.shared.subscriptions import ToolsListChanged
 from mcp_types import ToolListChangedNotification
 
-from agentmesh.embedded import EmbeddedRedis
-from ledger.identity import SigningKey
 from sidecar.mcp import BLOCKED_CODE
-from tests.api_support import ADMIN, Api, api_settings, running_api
+from tests.api_support import ADMIN, Api
 from tests.sidecar_support import RunningSidecar, Upstream, running_sidecar, running_upstream
 
 NON_ASCII_POLICY = """\
@@ -55,14 +53,6 @@ def non_ascii_server(upstream: Upstream) -> MCPServer:
         return "crème brûlée"
 
     return server
-
-
-@pytest.fixture
-async def api(
-    database_url: str, redis_server: EmbeddedRedis, ledger_key: SigningKey
-) -> AsyncIterator[Api]:
-    async with running_api(api_settings(database_url, redis_server, ledger_key)) as running:
-        yield running
 
 
 @pytest.mark.parametrize("mode", ["auto", "legacy"])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
@@ -23,21 +22,13 @@ from hypothesis import strategies as st
 from agentmesh.embedded import EmbeddedRedis
 from ledger.canonical import canonical_bytes
 from ledger.events import AgentKeyRotated, DelegationGranted, PolicyViolation, TrustSignal
-from ledger.identity import SigningKey, b64encode
+from ledger.identity import b64encode
 from ledger.timefmt import format_time
 from projections.store_redis import RedisProjectionStore
-from tests.api_support import ADMIN, Api, api_settings, handshake_request, running_api, signed
+from tests.api_support import ADMIN, Api, handshake_request, signed
 from tests.support import Agent
 
 PROBLEM = "application/problem+json"
-
-
-@pytest.fixture
-async def api(
-    database_url: str, redis_server: EmbeddedRedis, ledger_key: SigningKey
-) -> AsyncIterator[Api]:
-    async with running_api(api_settings(database_url, redis_server, ledger_key)) as running:
-        yield running
 
 
 async def scores(api: Api, *agents: Agent) -> list[int]:

@@ -4,28 +4,19 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
-from agentmesh.embedded import EmbeddedRedis
 from ledger.errors import VerificationError
 from ledger.identity import SigningKey
 from ledger.postgres import PostgresEventStore
 from ledger.timefmt import format_time, is_rfc3339, parse_time
 from ledger.verify import verify_ledger
-from tests.api_support import ADMIN, Api, api_settings, running_api
-
-
-@pytest.fixture
-async def api(
-    database_url: str, redis_server: EmbeddedRedis, ledger_key: SigningKey
-) -> AsyncIterator[Api]:
-    async with running_api(api_settings(database_url, redis_server, ledger_key)) as running:
-        yield running
+from tests.api_support import ADMIN, Api
 
 
 @pytest.fixture(scope="module")
