@@ -35,6 +35,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agentmesh.errors import AgentMeshError
+
 PG_SYSTEM_USER = "agentmesh-pg"
 _SYSTEM_PG = Path("/usr/lib/postgresql/15/bin")
 _LOCATION_FILE = "pgdata-location"
@@ -43,7 +45,7 @@ _LOCATION_FILE = "pgdata-location"
 _TEMP_BASES = (Path("/var/tmp"), Path("/tmp"))  # noqa: S108
 
 
-class EmbeddedError(RuntimeError):
+class EmbeddedError(AgentMeshError, RuntimeError):
     """An embedded server could not be started."""
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from agentmesh.embedded import EmbeddedError, EmbeddedPostgres, EmbeddedRedis, free_port
+from agentmesh.errors import AgentMeshError
 from agentmesh.logs import configure_logging
 from agentmesh.migrate import upgrade
 from agentmesh.settings import ConfigError, Settings
@@ -58,7 +59,7 @@ LOCK_FILE = "up.lock"
 PUBLIC_KEY_FILE = "ledger.pub.pem"
 
 
-class StackError(Exception):
+class StackError(AgentMeshError):
     """`agentmesh up` cannot start (or keep running); the message is one line."""
 
 

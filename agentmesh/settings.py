@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
+from agentmesh.errors import AgentMeshError
 from ledger.errors import SignatureError
 from ledger.identity import SigningKey
 from ledger.postgres.dsn import pooler_of
@@ -29,7 +30,7 @@ LogFormat = Literal["json", "text"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
-class ConfigError(ValueError):
+class ConfigError(AgentMeshError, ValueError):
     """A setting is missing or malformed; the message is one line naming the key."""
 
 

@@ -66,6 +66,7 @@ from typing import Any
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from agentmesh.errors import AgentMeshError
 from ledger.errors import NoteError, ProofError
 from ledger.identity import SigningKey
 from ledger.merkle import EMPTY_ROOT, verify_consistency
@@ -217,7 +218,7 @@ class WitnessState:
         )
 
 
-class StateError(Exception):
+class StateError(AgentMeshError):
     """A state file that cannot be read back as this witness's state for this ledger."""
 
 
@@ -342,7 +343,7 @@ def _b64(data: bytes) -> str:
 # --- the loop: HTTP, state file, metrics ----------------------------------------------
 
 
-class WitnessError(Exception):
+class WitnessError(AgentMeshError):
     """An operational failure to report as one line (exit 1): not an alarm."""
 
 

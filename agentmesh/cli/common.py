@@ -14,6 +14,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+from agentmesh.errors import AgentMeshError
 from agentmesh.settings import Settings
 
 T = TypeVar("T")
@@ -21,7 +22,7 @@ T = TypeVar("T")
 Handler = Callable[[argparse.Namespace, Settings], int]
 
 
-class CliError(Exception):
+class CliError(AgentMeshError):
     """A failure to report as one line and exit 1."""
 
 
