@@ -20,7 +20,7 @@ from agentmesh.settings import Settings
 from agentmesh.wiring import open_history_reader, open_projection_store, trust_config
 from api.app import create_app
 from api.context import ApiContext
-from api.handshakes import HandshakeStore
+from api.handshakes_postgres import PostgresHandshakeStore
 from api.metrics import MetricsServer
 from api.telemetry import setup_tracing
 from ledger.postgres import PostgresEventStore, PostgresLedgerReader
@@ -92,7 +92,7 @@ async def open_api_context(
         ledger=ledger,
         reader=ProjectionReader(cache or store, config),
         cache=cache,
-        handshakes=HandshakeStore(ledger.pool),
+        handshakes=PostgresHandshakeStore(ledger.pool),
         config=config,
         admin_token=settings.admin_token,
         shadow_mode=settings.governance_shadow_mode,

@@ -6,7 +6,9 @@ Modules::
     app         ``create_app``: the application, its routes, OpenAPI and Swagger UI
     context     ``ApiContext``: the clients every handler gets, built once in the lifespan
     routes      thin handlers: parse, authorize, call the ledger or the reader, shape
-    handshakes  challenge/response handshakes with single-use nonces shared by replicas
+    handshakes  challenge/response handshakes: ``Challenge`` and the ``HandshakeStore`` port
+    handshakes_postgres  ``PostgresHandshakeStore``: challenges shared by replicas (adapter)
+    handshakes_memory    ``MemoryHandshakeStore``: one process, for unit tests (adapter)
     schemas     wire types (msgspec structs; the OpenAPI document is built from them)
     errors      RFC 9457 problem details for every error the API returns
     openapi     the OpenAPI document, corrected where Litestar cannot know the truth

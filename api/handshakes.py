@@ -9,6 +9,9 @@
    agents must be active and the responder's score at least
    max(min_score, AGENTMESH_TRUST_MIN_THRESHOLD). Every outcome is appended
    to the ledger as ``handshake.completed`` or ``handshake.failed``.
+
+``HandshakeStore`` is the port the API holds; its adapters are
+``api.handshakes_postgres`` and ``api.handshakes_memory``.
 """
 
 from __future__ import annotations
@@ -18,13 +21,21 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-
-import asyncpg
+from typing import Protocol
 
 from ledger.canonical import canonical_bytes
 from ledger.errors import SignatureError
 from ledger.identity import b64decode
 from ledger.timefmt import format_time
+
+__all__ = [
+    "CHALLENGE_TTL",
+    "CHALLENGE_TYPE",
+    "Challenge",
+    "HandshakeStore",
+    "decode_signature",
+    "new_challenge",
+]
 
 CHALLENGE_TTL = timedelta(seconds=30)
 CHALLENGE_TYPE = "agentmesh.handshake.challenge"
@@ -58,11 +69,12 @@ class Challenge:
         return base64.b64encode(self.signed_bytes()).decode()
 
 
-class HandshakeStore:
-    """Challenges in PostgreSQL, so any replica can answer any handshake."""
+class HandshakeStore(Protocol):
+    """Where challenges are kept, shared by every replica that may answer one.
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self._pool = pool
+    Adapters: ``api.handshakes_postgres`` (production: a table beside the
+    ledger) and ``api.handshakes_memory`` (one process, for unit tests); one
+    contract suite (``tests/test_handshake_store.py``) runs over both."""
 
     async def create(
         self,
@@ -72,70 +84,39 @@ class HandshakeStore:
         now: datetime,
         request_id: str | None = None,
     ) -> Challenge | None:
-        """Store a new challenge; None if this signed request was already used.
+        """Store a new challenge (``new_challenge``); None if this signed request was
+        already used (its handshake id is taken)."""
 
-        A signed start request names its own ``request_id``; the handshake id is
-        derived from it, so replaying the request finds the id taken."""
-        if request_id is None:
-            handshake_id = "hs_" + secrets.token_hex(12)
-        else:
-            digest = hashlib.sha256(f"{initiator} {request_id}".encode()).hexdigest()
-            handshake_id = "hs_" + digest[:24]
-        challenge = Challenge(
-            handshake_id=handshake_id,
-            initiator=initiator,
-            responder=responder,
-            nonce=secrets.token_urlsafe(24),
-            min_score=min_score,
-            expires_at=now + CHALLENGE_TTL,
-        )
-        inserted = await self._pool.fetchval(
-            "INSERT INTO handshakes (id, initiator, responder, nonce, min_score, created_at, "
-            "expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING "
-            "RETURNING 1",
-            challenge.handshake_id,
-            initiator,
-            responder,
-            challenge.nonce,
-            min_score,
-            now,
-            challenge.expires_at,
-        )
-        if inserted is None:
-            return None
-        # Expired challenges are useless after their TTL; sweep them now and then.
-        if secrets.randbelow(100) == 0:
-            await self._pool.execute(
-                "DELETE FROM handshakes WHERE expires_at < $1", now - timedelta(hours=1)
-            )
-        return challenge
-
-    async def get(self, handshake_id: str) -> Challenge | None:
-        row = await self._pool.fetchrow(
-            "SELECT id, initiator, responder, nonce, min_score, expires_at, used_at "
-            "FROM handshakes WHERE id = $1",
-            handshake_id,
-        )
-        if row is None:
-            return None
-        return Challenge(
-            row["id"],
-            row["initiator"],
-            row["responder"],
-            row["nonce"],
-            row["min_score"],
-            row["expires_at"],
-            row["used_at"],
-        )
+    async def get(self, handshake_id: str) -> Challenge | None: ...
 
     async def consume(self, handshake_id: str, now: datetime) -> bool:
-        """Mark the nonce used; False if it was already used (a replay)."""
-        row = await self._pool.fetchval(
-            "UPDATE handshakes SET used_at = $2 WHERE id = $1 AND used_at IS NULL RETURNING 1",
-            handshake_id,
-            now,
-        )
-        return row is not None
+        """Mark the nonce used, atomically; False if it was already used (a replay)."""
+
+
+def new_challenge(
+    initiator: str,
+    responder: str,
+    min_score: int | None,
+    now: datetime,
+    request_id: str | None = None,
+) -> Challenge:
+    """A fresh challenge with a random nonce, expiring ``CHALLENGE_TTL`` after ``now``.
+
+    A signed start request names its own ``request_id``; the handshake id is
+    derived from it, so replaying the request finds the id taken."""
+    if request_id is None:
+        handshake_id = "hs_" + secrets.token_hex(12)
+    else:
+        digest = hashlib.sha256(f"{initiator} {request_id}".encode()).hexdigest()
+        handshake_id = "hs_" + digest[:24]
+    return Challenge(
+        handshake_id=handshake_id,
+        initiator=initiator,
+        responder=responder,
+        nonce=secrets.token_urlsafe(24),
+        min_score=min_score,
+        expires_at=now + CHALLENGE_TTL,
+    )
 
 
 def decode_signature(text: str) -> bytes | None:

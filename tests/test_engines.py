@@ -36,7 +36,7 @@ from agentmesh.retention_job import run_retention
 from agentmesh.services import open_api_context, run_projector
 from agentmesh.settings import ConfigError, Settings
 from agentmesh.wiring import open_history_reader, open_projection_store
-from api.handshakes import HandshakeStore
+from api.handshakes_postgres import PostgresHandshakeStore
 from ledger.identity import SigningKey, b64encode
 from ledger.postgres import PostgresEventStore, PostgresLedgerReader
 from ledger.postgres.dsn import connect_kwargs, sqlalchemy_url
@@ -206,7 +206,7 @@ async def test_the_ledger_appends_reads_proves_and_verifies_through_pgbouncer(
         assert report.entries == head.position
 
         # Handshake challenges live in the ledger's pool: through PgBouncer too.
-        handshakes = HandshakeStore(ledger.pool)
+        handshakes = PostgresHandshakeStore(ledger.pool)
         challenge = await handshakes.create(agents[0].did, agents[1].did, None, clock.now)
         assert challenge is not None
         assert await handshakes.get(challenge.handshake_id) == challenge
