@@ -14,14 +14,17 @@ Pure modules (no I/O, no driver)::
     merkle      RFC 9162 Merkle tree: hashing, frontier, proofs
     note        C2SP signed notes, checkpoints and cosignatures
     tlog        the ledger as a transparency log: leaves, subtrees, signed tree heads
+    anchor      retention anchors checked (digest, ledger signature): ``verify_anchor``
 
 Ports and adapters::
 
-    ports       ``LedgerReader`` / ``LedgerWriter`` / ``Ledger`` Protocols, ``Window``
+    ports       ``LedgerReader`` / ``LedgerWriter`` / ``Ledger`` Protocols, ``Window``;
+                ``RetentionAnchors`` (the anchors a cut leaves) and ``StoredAnchor``
     memory      ``MemoryLedger``: the in-process adapter (unit tests, tools)
     postgres/   the PostgreSQL adapter, the only importer of asyncpg: store.py
                 (``PostgresEventStore``, the writer), reader.py (every SELECT),
-                schema.py (tables, for Alembic), dsn.py (URLs)
+                schema.py (tables, for Alembic), dsn.py (URLs), retention.py
+                (``PostgresRetentionStore``: the anchors)
 
 Through the ports::
 

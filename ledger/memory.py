@@ -348,8 +348,18 @@ class MemoryLedger:
         self._check_tree_size(size)
         return merkle.frontier_at(size, self._hash_at)
 
+    async def tree_nodes(self, wanted: set[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+        """The complete subtrees ``wanted`` ((level, index)) that exist."""
+        return {key: self._nodes[key] for key in wanted if key in self._nodes}
+
     async def latest_tree_head(self) -> str | None:
         return self._tree_heads[max(self._tree_heads)] if self._tree_heads else None
+
+    async def tree_heads(self, after: int = 0) -> dict[int, str]:
+        return {p: note for p, note in sorted(self._tree_heads.items()) if p > after}
+
+    async def ledger_identity(self) -> VerifyKey | None:
+        return self._key.public
 
     def _check_tree_size(self, size: int) -> None:
         if not 0 <= size <= self._frontier.size:

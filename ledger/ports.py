@@ -22,7 +22,14 @@ from ledger.merkle import Frontier
 from ledger.signatures import Signer
 from ledger.signed import SignedEvent
 
-__all__ = ["Ledger", "LedgerReader", "LedgerWriter", "Window"]
+__all__ = [
+    "Ledger",
+    "LedgerReader",
+    "LedgerWriter",
+    "RetentionAnchors",
+    "StoredAnchor",
+    "Window",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +40,30 @@ class Window:
     position: int
     cut_time: datetime
     snapshot: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredAnchor:
+    """A retention anchor as stored, not yet checked (``ledger.anchor.verify_anchor``
+    checks its digest and the ledger's signature)."""
+
+    position: int
+    entry_hash: bytes
+    cut_time: datetime
+    keys: bytes  # canonical JSON {did: base64 raw key}
+    snapshot: bytes  # canonical JSON of every projection's state at ``position``
+    snapshot_digest: bytes
+    signer: str
+    signature: bytes
+    status: str  # anchored | pruned | recorded
+
+
+class RetentionAnchors(Protocol):
+    """The signed anchors retention leaves where it cut (``ledger.retention``); what
+    verification starts from once the history before them is gone."""
+
+    async def latest_anchor(self) -> StoredAnchor | None:
+        """The newest anchor whatever its status; None if retention never ran."""
 
 
 class LedgerReader(Protocol):
@@ -79,6 +110,12 @@ class LedgerReader(Protocol):
 
     async def latest_tree_head(self) -> str | None:
         """The latest checkpoint as a C2SP signed note (None before the first)."""
+
+    async def tree_heads(self, after: int = 0) -> dict[int, str]:
+        """The stored signed tree heads (C2SP notes) after ``after``, by position."""
+
+    async def ledger_identity(self) -> VerifyKey | None:
+        """The ledger's public key as recorded at genesis (None before the first open)."""
 
     async def retention_window(self) -> Window | None:
         """The latest retention cut, or None if nothing was ever cut."""

@@ -31,16 +31,17 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
-import msgspec
 
 from ledger import tlog
+from ledger.anchor import Anchor, verify_anchor
 from ledger.canonical import canonical_bytes
 from ledger.chain import sign_checkpoint
-from ledger.errors import LedgerError, StoreUnavailableError, VerificationError
+from ledger.errors import LedgerError
 from ledger.events import RetentionApplied
-from ledger.identity import SigningKey, VerifyKey, b64decode, b64encode
+from ledger.identity import SigningKey, VerifyKey, b64encode
 from ledger.ports import LedgerReader, Window
 from ledger.postgres import PostgresEventStore, PostgresLedgerReader
+from ledger.postgres.retention import PostgresRetentionStore
 from ledger.postgres.store import store_subtrees
 
 # The anchor's signed bytes live in a pure module: the offline audit verifier checks them.
@@ -57,19 +58,6 @@ _PARTITION = re.compile(r"^events_p\d{8}$")
 
 class RetentionError(LedgerError):
     """Retention refused to run (nothing was removed) or could not finish."""
-
-
-@dataclass(frozen=True, slots=True)
-class Anchor:
-    """A verified retention anchor: where the chain restarts after a cut."""
-
-    position: int
-    entry_hash: bytes
-    cut_time: datetime
-    keys: dict[str, bytes]
-    snapshot: dict[str, Any]
-    snapshot_digest: bytes
-    status: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,38 +91,8 @@ class RetentionPlan:
 
 async def latest_anchor(reader: PostgresLedgerReader, ledger_key: VerifyKey) -> Anchor | None:
     """The newest anchor, its signature and digests verified; None if retention never ran."""
-    try:
-        row = await reader.pool.fetchrow(
-            "SELECT * FROM retention_anchors ORDER BY position DESC LIMIT 1"
-        )
-    except _DRIVER_ERRORS as exc:
-        raise StoreUnavailableError(f"cannot read retention anchors: {exc}") from exc
-    return None if row is None else verify_anchor_row(row, ledger_key)
-
-
-def verify_anchor_row(row: Mapping[str, Any], ledger_key: VerifyKey) -> Anchor:
-    position = row["position"]
-    keys_raw, snapshot_raw = bytes(row["keys"]), bytes(row["snapshot"])
-    digest = bytes(row["snapshot_digest"])
-    if hashlib.sha256(snapshot_raw).digest() != digest:
-        raise VerificationError(position, "retention snapshot does not match its digest")
-    if row["signer"] != ledger_key.did:
-        raise VerificationError(position, f"retention anchor signed by {row['signer']}")
-    message = anchor_signed_bytes(
-        position, bytes(row["entry_hash"]), row["cut_time"], keys_raw, digest
-    )
-    if not ledger_key.is_valid(bytes(row["signature"]), message):
-        raise VerificationError(position, "retention anchor signature is invalid")
-    keys = {did: b64decode(raw, "key") for did, raw in msgspec.json.decode(keys_raw).items()}
-    return Anchor(
-        position,
-        bytes(row["entry_hash"]),
-        row["cut_time"],
-        keys,
-        msgspec.json.decode(snapshot_raw),
-        digest,
-        row["status"],
-    )
+    stored = await PostgresRetentionStore(reader.pool).latest_anchor()
+    return None if stored is None else verify_anchor(stored, ledger_key)
 
 
 # -- planning ------------------------------------------------------------------------------

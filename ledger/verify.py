@@ -24,9 +24,9 @@ import os
 from collections.abc import AsyncIterable, Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any
 
 from ledger import authority, tlog
+from ledger.anchor import Anchor, verify_anchor
 from ledger.authority import AuthorityState
 from ledger.chain import GENESIS_HASH, Checkpoint, Entry, check_link, verify_checkpoint
 from ledger.errors import EventValidationError, LedgerError, SignatureError, VerificationError
@@ -42,7 +42,7 @@ from ledger.identity import VerifyKey
 from ledger.merkle import Frontier
 from ledger.note import Checkpoint as NoteCheckpoint
 from ledger.note import open_checkpoint
-from ledger.postgres import PostgresLedgerReader
+from ledger.ports import LedgerReader, RetentionAnchors
 
 # Re-exported: callers import these three from here too.
 from ledger.signatures import SignatureJob as SignatureJob
@@ -389,16 +389,29 @@ async def verify_entries(
     return await verifier.finish(head[0], head[1])
 
 
-async def _retention_anchor(reader: PostgresLedgerReader, ledger_key: VerifyKey) -> Any:
-    from ledger.retention import latest_anchor  # retention imports the store, like us
-
-    return await latest_anchor(reader, ledger_key)
+async def _retention_anchor(
+    reader: LedgerReader, anchors: RetentionAnchors | None, ledger_key: VerifyKey
+) -> Anchor | None:
+    """The latest retention anchor, verified; None if retention never cut. Without
+    ``anchors`` a ledger retention has cut cannot be verified: that is said."""
+    if anchors is None:
+        window = await reader.retention_window()
+        if window is not None:
+            raise VerificationError(
+                window.position,
+                f"retention cut the ledger at position {window.position}: verifying it "
+                "needs its retention anchors",
+            )
+        return None
+    stored = await anchors.latest_anchor()
+    return None if stored is None else verify_anchor(stored, ledger_key)
 
 
 async def verify_ledger(
-    reader: PostgresLedgerReader,
+    reader: LedgerReader,
     ledger_key: VerifyKey,
     *,
+    anchors: RetentionAnchors | None = None,
     from_position: int = 1,
     executor: Executor | None = None,
     progress: Progress | None = None,
@@ -412,6 +425,10 @@ async def verify_ledger(
     are folded from the registrations and rotations before it. The Merkle tree
     is recomputed along the way and held against every stored signed tree head
     and against ``trusted``, the C2SP note of a checkpoint seen before.
+
+    After a retention cut, verification starts from the latest anchor, read from
+    ``anchors`` (``ledger.postgres.retention.PostgresRetentionStore``) and checked
+    against ``ledger_key``; a cut ledger given without them is refused.
     """
     if from_position < 1:
         raise VerificationError(from_position, "positions start at 1")
@@ -426,7 +443,7 @@ async def verify_ledger(
     head = await reader.head()
     start_hash = GENESIS_HASH
     checkpoints = await reader.checkpoints(after=max(from_position - 2, 0))
-    anchor = await _retention_anchor(reader, ledger_key)
+    anchor = await _retention_anchor(reader, anchors, ledger_key)
     if anchor is not None and from_position <= anchor.position:
         if from_position > 1:
             raise VerificationError(
@@ -486,7 +503,7 @@ async def verify_ledger(
     return await verifier.finish(head.position, head.entry_hash)
 
 
-async def _frontier_before(reader: PostgresLedgerReader, position: int) -> Frontier:
+async def _frontier_before(reader: LedgerReader, position: int) -> Frontier:
     """The tree's right edge just before ``position`` (from its stored subtrees)."""
     if position == 1:
         return Frontier()

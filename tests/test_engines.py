@@ -41,6 +41,7 @@ from ledger.identity import SigningKey, b64encode
 from ledger.postgres import PostgresEventStore, PostgresLedgerReader
 from ledger.postgres.dsn import connect_kwargs, sqlalchemy_url
 from ledger.postgres.reader import create_pool
+from ledger.postgres.retention import PostgresRetentionStore
 from ledger.timefmt import format_time
 from ledger.verify import verify_ledger
 from projections.config import TrustConfig
@@ -202,7 +203,9 @@ async def test_the_ledger_appends_reads_proves_and_verifies_through_pgbouncer(
         proof = await ledger.inclusion_proof(5, head.position)
         assert proof
         assert await ledger.consistency_proof(10, head.position)
-        report = await verify_ledger(ledger, ledger_key.public)
+        report = await verify_ledger(
+            ledger, ledger_key.public, anchors=PostgresRetentionStore(ledger.pool)
+        )
         assert report.entries == head.position
 
         # Handshake challenges live in the ledger's pool: through PgBouncer too.
@@ -319,7 +322,12 @@ async def test_retention_runs_through_pgbouncer(
         first = await reader.first_position()
         assert first is not None
         assert first > 1
-        report = await verify_ledger(reader, ledger_key.public, from_position=first)
+        report = await verify_ledger(
+            reader,
+            ledger_key.public,
+            anchors=PostgresRetentionStore(reader.pool),
+            from_position=first,
+        )
         assert report.last_position == (await reader.head()).position
     finally:
         await reader.close()

@@ -25,6 +25,7 @@ from ledger.errors import (
     ProofError,
     ReplayError,
     SignatureError,
+    VerificationError,
 )
 from ledger.events import (
     AgentKeyRotated,
@@ -325,3 +326,29 @@ async def test_tree_roots_and_proofs_match_the_entries(
     )
     with pytest.raises(NoteError):  # any other key's note is refused
         open_checkpoint(note, [tlog.verifier(SigningKey.generate().public)])
+
+
+async def test_the_ledger_verifies_with_its_tree_heads(
+    store: Ledger, ledger_key: SigningKey
+) -> None:
+    """What ``ledger.verify`` reads through the port: the identity recorded at genesis,
+    the stored signed tree heads, and everything ``verify_ledger`` checks."""
+    from ledger.verify import verify_ledger
+
+    assert await store.ledger_identity() in (None, ledger_key.public)
+    agent = await register(store)
+    for _ in range(20):
+        await store.append([agent.violation()])
+    await store.checkpoint()
+    assert await store.ledger_identity() == ledger_key.public
+    heads = await store.tree_heads()
+    assert list(heads) == [21]
+    head, _ = open_checkpoint(heads[21], [tlog.verifier(ledger_key.public)])
+    assert (head.size, head.root_hash) == (21, await store.tree_root(21))
+    assert await store.tree_heads(after=21) == {}
+    report = await verify_ledger(store, ledger_key.public)
+    assert (report.first_position, report.last_position, report.checkpoints) == (1, 21, 1)
+    tail = await verify_ledger(store, ledger_key.public, from_position=12)
+    assert (tail.first_position, tail.entries) == (12, 10)
+    with pytest.raises(VerificationError, match="ledger key mismatch"):
+        await verify_ledger(store, SigningKey.generate().public)

@@ -19,9 +19,11 @@ from agentmesh.embedded import EmbeddedRedis
 from agentmesh.retention_job import run_retention
 from agentmesh.settings import Settings
 from ledger import merkle, tlog
+from ledger.errors import VerificationError
 from ledger.identity import SigningKey
 from ledger.note import open_checkpoint
 from ledger.postgres import PostgresEventStore
+from ledger.postgres.retention import PostgresRetentionStore
 from ledger.retention import RetentionError, apply_retention, plan_retention
 from ledger.verify import verify_ledger
 from projections.config import TrustConfig
@@ -120,8 +122,12 @@ async def test_retention_cuts_at_the_window_and_verification_and_rebuild_hold(
 
     # 1. The chain still verifies, from the anchor; so does the tree, against a head
     #    taken before the cut, and proofs about what is kept still work.
-    report = await verify_ledger(ledger, ledger_key.public, trusted=kept)
+    report = await verify_ledger(
+        ledger, ledger_key.public, anchors=PostgresRetentionStore(ledger.pool), trusted=kept
+    )
     assert report.first_position == before + 1
+    with pytest.raises(VerificationError, match="needs its retention anchors"):
+        await verify_ledger(ledger, ledger_key.public)  # a cut ledger without its anchors
     await tree_proofs_hold_after_the_cut(ledger, ledger_key, kept, cut=before)
     # 2. The live projection continues; a rebuild from snapshot + remaining equals it.
     await live.catch_up(progress)
@@ -180,7 +186,7 @@ async def test_appends_during_retention_are_kept(
     )
     stored = {r.position for r in await ledger.read(appended[0] - 1, 1000)}
     assert set(appended) <= stored
-    await verify_ledger(ledger, ledger_key.public)
+    await verify_ledger(ledger, ledger_key.public, anchors=PostgresRetentionStore(ledger.pool))
 
 
 async def test_refuses_when_the_snapshot_cannot_be_written(
@@ -219,7 +225,7 @@ async def test_an_interrupted_run_is_finished_by_the_next(
     monkeypatch.setattr(retention, "_prune", real)
     await run_retention(settings_for(database_url, ledger_key), dry_run=False, clock=clock)
     assert (await count_before(database_url, clock))[0] == 0
-    await verify_ledger(ledger, ledger_key.public)
+    await verify_ledger(ledger, ledger_key.public, anchors=PostgresRetentionStore(ledger.pool))
 
 
 async def test_time_travel_before_the_window_is_refused(

@@ -105,6 +105,7 @@ def ledger_public_key(args: argparse.Namespace, settings: Settings) -> VerifyKey
 
 def verify(args: argparse.Namespace, settings: Settings) -> int:
     from ledger.postgres import PostgresLedgerReader  # lazy: asyncpg (module docstring)
+    from ledger.postgres.retention import PostgresRetentionStore  # lazy: asyncpg
     from ledger.verify import make_executor, verify_ledger
 
     key = ledger_public_key(args, settings)
@@ -120,6 +121,7 @@ def verify(args: argparse.Namespace, settings: Settings) -> int:
             report = await verify_ledger(
                 reader,
                 key,
+                anchors=PostgresRetentionStore(reader.pool),
                 from_position=args.from_position,
                 executor=executor,
                 progress=bar.update,
