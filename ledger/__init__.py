@@ -19,12 +19,12 @@ Pure modules (no I/O, no driver)::
 Ports and adapters::
 
     ports       ``LedgerReader`` / ``LedgerWriter`` / ``Ledger`` Protocols, ``Window``;
-                ``RetentionAnchors`` (the anchors a cut leaves) and ``StoredAnchor``
+                ``RetentionAnchors`` / ``RetentionStore`` (a cut, its anchors), ``StoredAnchor``
     memory      ``MemoryLedger``: the in-process adapter (unit tests, tools)
     postgres/   the PostgreSQL adapter, the only importer of asyncpg: store.py
                 (``PostgresEventStore``, the writer), reader.py (every SELECT),
                 schema.py (tables, for Alembic), dsn.py (URLs), retention.py
-                (``PostgresRetentionStore``: the anchors)
+                (``PostgresRetentionStore``: anchors, retention's steps)
 
 Through the ports::
 

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from ledger.chain import AppendResult, Checkpoint, Head, RecordedEvent
 from ledger.events import Event
 from ledger.identity import VerifyKey
-from ledger.merkle import Frontier
+from ledger.merkle import Frontier, Subtree
 from ledger.signatures import Signer
 from ledger.signed import SignedEvent
 
@@ -27,6 +27,7 @@ __all__ = [
     "LedgerReader",
     "LedgerWriter",
     "RetentionAnchors",
+    "RetentionStore",
     "StoredAnchor",
     "Window",
 ]
@@ -64,6 +65,39 @@ class RetentionAnchors(Protocol):
 
     async def latest_anchor(self) -> StoredAnchor | None:
         """The newest anchor whatever its status; None if retention never ran."""
+
+
+class RetentionStore(RetentionAnchors, Protocol):
+    """What a retention run (``ledger.retention``) asks of the stored ledger beyond
+    ``Ledger``: where to cut, what a cut removes, and the anchor it leaves."""
+
+    async def cut_position(self, cut_time: datetime) -> int:
+        """The last position recorded before ``cut_time`` (0 if none)."""
+
+    async def count_entries(self, after: int, upto: int) -> int:
+        """How many entries are stored with ``after < position <= upto``."""
+
+    async def partitions(self, cut_time: datetime) -> tuple[list[str], list[str]]:
+        """The storage units wholly before ``cut_time`` (removed whole) and the one that
+        straddles it (trimmed), by name."""
+
+    async def write_anchor(
+        self,
+        anchor: StoredAnchor,
+        checkpoint: Checkpoint,
+        note: str,
+        edge: Sequence[Subtree],
+        now: datetime,
+    ) -> None:
+        """The anchor, the signed checkpoint and tree head at its position, and the
+        tree's right edge there, atomically: all or nothing."""
+
+    async def prune(self, position: int, cut_time: datetime) -> None:
+        """Remove everything stored at or before ``position`` (recorded before
+        ``cut_time``), keeping the checkpoint at ``position``."""
+
+    async def set_status(self, position: int, status: str) -> None:
+        """Record how far the run at this anchor got: anchored, pruned, recorded."""
 
 
 class LedgerReader(Protocol):

@@ -23,37 +23,28 @@ checkpoint, and the keys it carries replace the removed history.
 from __future__ import annotations
 
 import hashlib
-import logging
-import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
-
-import asyncpg
 
 from ledger import tlog
 from ledger.anchor import Anchor, verify_anchor
 from ledger.canonical import canonical_bytes
 from ledger.chain import sign_checkpoint
-from ledger.errors import LedgerError
+from ledger.errors import LedgerError, StoreUnavailableError
 from ledger.events import RetentionApplied
 from ledger.identity import SigningKey, VerifyKey, b64encode
-from ledger.ports import LedgerReader, Window
+from ledger.ports import LedgerReader, RetentionStore, StoredAnchor, Window
 from ledger.postgres import PostgresEventStore, PostgresLedgerReader
 from ledger.postgres.retention import PostgresRetentionStore
-from ledger.postgres.store import store_subtrees
 
 # The anchor's signed bytes live in a pure module: the offline audit verifier checks them.
 from ledger.signatures import ANCHOR_TYPE as ANCHOR_TYPE
 from ledger.signatures import anchor_signed_bytes as anchor_signed_bytes
 from ledger.timefmt import format_time
 
-log = logging.getLogger("agentmesh.retention")
-
 SnapshotAt = Callable[[int], Awaitable[Mapping[str, Any]]]
-_DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
-_PARTITION = re.compile(r"^events_p\d{8}$")
 
 
 class RetentionError(LedgerError):
@@ -91,8 +82,12 @@ class RetentionPlan:
 
 async def latest_anchor(reader: PostgresLedgerReader, ledger_key: VerifyKey) -> Anchor | None:
     """The newest anchor, its signature and digests verified; None if retention never ran."""
-    stored = await PostgresRetentionStore(reader.pool).latest_anchor()
+    stored = await _store(reader).latest_anchor()
     return None if stored is None else verify_anchor(stored, ledger_key)
+
+
+def _store(reader: PostgresLedgerReader) -> RetentionStore:
+    return PostgresRetentionStore(reader.pool)
 
 
 # -- planning ------------------------------------------------------------------------------
@@ -102,33 +97,13 @@ async def plan_retention(
     reader: PostgresLedgerReader, ledger_key: VerifyKey, now: datetime, days: int
 ) -> RetentionPlan:
     cut_time = now - timedelta(days=days)
-    pool = reader.pool
-    cut = await pool.fetchval(
-        "SELECT coalesce(max(position), 0) FROM events WHERE recorded_at < $1", cut_time
-    )
+    store = _store(reader)
+    cut = await store.cut_position(cut_time)
     anchor = await latest_anchor(reader, ledger_key)
     anchored = 0 if anchor is None or anchor.status != "recorded" else anchor.position
-    drop, straddling = await _partitions(pool, cut_time)
-    rows = await pool.fetchval(
-        "SELECT count(*) FROM events WHERE position <= $1 AND position > $2", cut, anchored
-    )
+    drop, straddling = await store.partitions(cut_time)
+    rows = await store.count_entries(anchored, cut)
     return RetentionPlan(cut_time, max(cut, anchored), anchored, drop, straddling, rows)
-
-
-async def _partitions(pool: asyncpg.Pool, cut_time: datetime) -> tuple[list[str], list[str]]:
-    """Daily partitions wholly before the cut, and the one that straddles it."""
-    names = await pool.fetch(
-        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-        "WHERE i.inhparent = 'events'::regclass ORDER BY 1"
-    )
-    drop, straddling = [], []
-    for (name,) in names:
-        day = datetime.strptime(name.removeprefix("events_p"), "%Y%m%d").replace(tzinfo=UTC)
-        if day + timedelta(days=1) <= cut_time:
-            drop.append(name)
-        elif day < cut_time:
-            straddling.append(name)
-    return drop, straddling
 
 
 # -- applying ------------------------------------------------------------------------------
@@ -149,8 +124,8 @@ async def apply_retention(
     if pending is None:
         pending = await _anchor(store, key, plan, snapshot_at, now)
     if pending.status == "anchored":
-        await _prune(store.pool, pending, plan)
-        pending = await _set_status(store.pool, pending, "pruned")
+        await _prune(_store(store), pending, plan)
+        pending = await _set_status(_store(store), pending, "pruned")
     if pending.status == "pruned":
         await store.append_own(
             RetentionApplied(
@@ -163,7 +138,7 @@ async def apply_retention(
             ),
             idempotency_key=f"retention:{pending.position}",
         )
-        await _set_status(store.pool, pending, "recorded")
+        await _set_status(_store(store), pending, "recorded")
     return (
         f"retention applied: events up to position {pending.position} "
         f"(recorded before {format_time(pending.cut_time)}) removed; "
@@ -205,36 +180,20 @@ async def _anchor(
     # checkpoints at or after the cut, still works once the entries before are gone.
     frontier = await store.frontier_at(position)
     note = tlog.signed_tree_head(key, frontier.size, frontier.root())
-    edge = frontier.subtrees()
+    stored = StoredAnchor(
+        position=position,
+        entry_hash=entry.entry_hash,
+        cut_time=plan.cut_time,
+        keys=keys,
+        snapshot=snapshot,
+        snapshot_digest=digest,
+        signer=key.did,
+        signature=signature,
+        status="anchored",
+    )
     try:
-        async with store.pool.acquire() as conn, conn.transaction():
-            await store_subtrees(conn, edge)
-            await conn.execute(
-                "INSERT INTO retention_anchors (position, entry_hash, cut_time, created_at, keys, "
-                "snapshot, snapshot_digest, signer, signature, status) "
-                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'anchored')",
-                position,
-                entry.entry_hash,
-                plan.cut_time,
-                now,
-                keys,
-                snapshot,
-                digest,
-                key.did,
-                signature,
-            )
-            await conn.execute(
-                "INSERT INTO checkpoints (position, head_hash, time, signer, signature, note) "
-                "VALUES ($1, $2, $3, $4, decode($5, 'base64'), $6) "
-                "ON CONFLICT (position) DO UPDATE SET note = COALESCE(checkpoints.note, $6)",
-                position,
-                entry.entry_hash,
-                now,
-                key.did,
-                checkpoint.signature,
-                note,
-            )
-    except _DRIVER_ERRORS as exc:
+        await _store(store).write_anchor(stored, checkpoint, note, frontier.subtrees(), now)
+    except StoreUnavailableError as exc:
         raise RetentionError(
             f"cannot write the snapshot and anchor; nothing removed: {exc}"
         ) from exc
@@ -244,31 +203,14 @@ async def _anchor(
     return anchor
 
 
-async def _prune(pool: asyncpg.Pool, anchor: Anchor, plan: RetentionPlan) -> None:
+async def _prune(retention: RetentionStore, anchor: Anchor, plan: RetentionPlan) -> None:
     """3. Drop whole partitions before the cut; trim the straddling one."""
-    drop, _ = await _partitions(pool, anchor.cut_time)
-    for name in drop:
-        if not _PARTITION.match(name):
-            raise RetentionError(f"unexpected partition name {name!r}")
-        # DETACH … CONCURRENTLY cannot run in a transaction block, and lets appends go on.
-        await pool.execute(f"ALTER TABLE events DETACH PARTITION {name} CONCURRENTLY")
-        await pool.execute(f"DROP TABLE {name}")
-        log.info("partition_dropped", extra={"partition": name})
-    async with pool.acquire() as conn, conn.transaction():
-        await conn.execute("DELETE FROM events WHERE position <= $1", anchor.position)
-        await conn.execute(
-            "DELETE FROM idempotency_keys WHERE first_position <= $1", anchor.position
-        )
-        # Replays of bodies this old are refused as stale (ledger.authority.MAX_AGE).
-        await conn.execute("DELETE FROM event_ids WHERE position <= $1", anchor.position)
-        await conn.execute("DELETE FROM checkpoints WHERE position < $1", anchor.position)
+    await retention.prune(anchor.position, anchor.cut_time)
     del plan  # the anchor, not the new plan, says what to remove when resuming
 
 
-async def _set_status(pool: asyncpg.Pool, anchor: Anchor, status: str) -> Anchor:
-    await pool.execute(
-        "UPDATE retention_anchors SET status = $2 WHERE position = $1", anchor.position, status
-    )
+async def _set_status(retention: RetentionStore, anchor: Anchor, status: str) -> Anchor:
+    await retention.set_status(anchor.position, status)
     return Anchor(
         anchor.position,
         anchor.entry_hash,

@@ -1,23 +1,37 @@
-"""Retention's reads on PostgreSQL: the anchors a cut leaves (``retention_anchors``).
+"""Retention on PostgreSQL: every statement ``ledger.retention`` runs.
 
-``PostgresRetentionStore`` implements ``ledger.ports.RetentionAnchors`` on a pool
-of the ledger's database, for ``ledger.verify`` and ``ledger.retention``; driver
-errors become ``StoreUnavailableError``.
+``PostgresRetentionStore`` holds the anchors a cut leaves (``retention_anchors``;
+``ledger.ports.RetentionAnchors``, which ``ledger.verify`` reads) and the steps
+of a run: the cut position, the daily partitions, writing the anchor with its
+checkpoint and the tree's edge in one transaction, pruning. Driver errors
+become ``StoreUnavailableError``.
 """
 
 from __future__ import annotations
 
+import logging
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
 import asyncpg
 
+from ledger.chain import Checkpoint
 from ledger.errors import StoreUnavailableError
+from ledger.merkle import Subtree
 from ledger.ports import StoredAnchor
 from ledger.postgres.reader import DRIVER_ERRORS
+from ledger.postgres.store import store_subtrees
+
+log = logging.getLogger("agentmesh.retention")
+_PARTITION = re.compile(r"^events_p\d{8}$")
 
 __all__ = ["PostgresRetentionStore"]
 
 
 class PostgresRetentionStore:
-    """``ledger.ports.RetentionAnchors`` over PostgreSQL."""
+    """``ledger.ports.RetentionAnchors`` over PostgreSQL, and retention's steps."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
@@ -44,3 +58,117 @@ class PostgresRetentionStore:
             signature=bytes(row["signature"]),
             status=row["status"],
         )
+
+    async def cut_position(self, cut_time: datetime) -> int:
+        """The last position recorded before ``cut_time`` (0 if none)."""
+        return int(
+            await self._fetchval(
+                "SELECT coalesce(max(position), 0) FROM events WHERE recorded_at < $1", cut_time
+            )
+        )
+
+    async def count_entries(self, after: int, upto: int) -> int:
+        """How many entries are stored with ``after < position <= upto``."""
+        return int(
+            await self._fetchval(
+                "SELECT count(*) FROM events WHERE position <= $1 AND position > $2", upto, after
+            )
+        )
+
+    async def partitions(self, cut_time: datetime) -> tuple[list[str], list[str]]:
+        """Daily partitions wholly before the cut, and the one that straddles it."""
+        try:
+            names = await self._pool.fetch(
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                "WHERE i.inhparent = 'events'::regclass ORDER BY 1"
+            )
+        except DRIVER_ERRORS as exc:
+            raise StoreUnavailableError(f"cannot list the ledger's partitions: {exc}") from exc
+        drop, straddling = [], []
+        for (name,) in names:
+            day = datetime.strptime(name.removeprefix("events_p"), "%Y%m%d").replace(tzinfo=UTC)
+            if day + timedelta(days=1) <= cut_time:
+                drop.append(name)
+            elif day < cut_time:
+                straddling.append(name)
+        return drop, straddling
+
+    async def write_anchor(
+        self,
+        anchor: StoredAnchor,
+        checkpoint: Checkpoint,
+        note: str,
+        edge: Sequence[Subtree],
+        now: datetime,
+    ) -> None:
+        """The anchor, the signed checkpoint and tree head at its position (both made
+        at ``now``), and the tree's right edge there, in one transaction."""
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await store_subtrees(conn, edge)
+                await conn.execute(
+                    "INSERT INTO retention_anchors (position, entry_hash, cut_time, created_at, "
+                    "keys, snapshot, snapshot_digest, signer, signature, status) "
+                    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                    anchor.position,
+                    anchor.entry_hash,
+                    anchor.cut_time,
+                    now,
+                    anchor.keys,
+                    anchor.snapshot,
+                    anchor.snapshot_digest,
+                    anchor.signer,
+                    anchor.signature,
+                    anchor.status,
+                )
+                await conn.execute(
+                    "INSERT INTO checkpoints (position, head_hash, time, signer, signature, note) "
+                    "VALUES ($1, $2, $3, $4, decode($5, 'base64'), $6) "
+                    "ON CONFLICT (position) DO UPDATE SET note = COALESCE(checkpoints.note, $6)",
+                    checkpoint.position,
+                    bytes.fromhex(checkpoint.head_hash),
+                    now,
+                    checkpoint.signer,
+                    checkpoint.signature,
+                    note,
+                )
+        except DRIVER_ERRORS as exc:
+            raise StoreUnavailableError(str(exc)) from exc
+
+    async def prune(self, position: int, cut_time: datetime) -> None:
+        """Drop the daily partitions wholly before ``cut_time``; delete what is left at
+        or before ``position`` (entries, idempotency keys, event ids, older checkpoints)."""
+        drop, _ = await self.partitions(cut_time)
+        try:
+            for name in drop:
+                if not _PARTITION.match(name):
+                    raise StoreUnavailableError(f"unexpected partition name {name!r}")
+                # DETACH … CONCURRENTLY cannot run in a transaction block; appends go on.
+                await self._pool.execute(f"ALTER TABLE events DETACH PARTITION {name} CONCURRENTLY")
+                await self._pool.execute(f"DROP TABLE {name}")
+                log.info("partition_dropped", extra={"partition": name})
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute("DELETE FROM events WHERE position <= $1", position)
+                await conn.execute(
+                    "DELETE FROM idempotency_keys WHERE first_position <= $1", position
+                )
+                # Replays of bodies this old are refused as stale (ledger.authority.MAX_AGE).
+                await conn.execute("DELETE FROM event_ids WHERE position <= $1", position)
+                await conn.execute("DELETE FROM checkpoints WHERE position < $1", position)
+        except DRIVER_ERRORS as exc:
+            raise StoreUnavailableError(f"cannot remove the history before the cut: {exc}") from exc
+
+    async def set_status(self, position: int, status: str) -> None:
+        """Record how far the run at this anchor got (anchored, pruned, recorded)."""
+        try:
+            await self._pool.execute(
+                "UPDATE retention_anchors SET status = $2 WHERE position = $1", position, status
+            )
+        except DRIVER_ERRORS as exc:
+            raise StoreUnavailableError(f"cannot record the retention status: {exc}") from exc
+
+    async def _fetchval(self, query: str, *args: object) -> Any:
+        try:
+            return await self._pool.fetchval(query, *args)
+        except DRIVER_ERRORS as exc:
+            raise StoreUnavailableError(f"cannot read the ledger: {exc}") from exc
