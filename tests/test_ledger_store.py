@@ -10,10 +10,13 @@ import pytest
 
 from ledger.errors import (
     EventValidationError,
+    NotPermittedError,
+    ReplayError,
     SignatureError,
 )
 from ledger.events import (
     AgentKeyRotated,
+    AgentSuspended,
     PolicyViolation,
 )
 from ledger.identity import SigningKey
@@ -218,3 +221,48 @@ async def test_follow_is_woken_by_notify(store: PostgresEventStore) -> None:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_steady_appends_take_one_guarded_statement_and_still_refuse_replays(
+    store: PostgresEventStore,
+) -> None:
+    """The one-round-trip path (checked against what this process committed last)
+    answers replays and retries exactly as the locked path does."""
+    agent = await register(store)
+    for _ in range(5):
+        await store.append([agent.violation(severity="low")])
+    assert store.commit_paths["fast"] >= 4  # after the first, nothing new to learn
+    event = agent.violation(severity="low")
+    first = await store.append([event], idempotency_key="k-1")
+    head = await store.head()
+    retry = await store.append([event], idempotency_key="k-1")
+    assert retry.duplicate
+    assert retry.positions == first.positions
+    with pytest.raises(ReplayError):
+        await store.append([event])  # the same signed body, no key: a replay
+    assert await store.head() == head
+
+
+async def test_a_suspension_by_another_process_is_not_missed(
+    database_url: str, ledger_key: SigningKey
+) -> None:
+    """A process's memory of the tables is void once another appends: the guarded
+    write finds the head moved and the locked path decides from the tables."""
+    first = await PostgresEventStore.open(database_url, ledger_key)
+    second = await PostgresEventStore.open(database_url, ledger_key)
+    try:
+        agent = await register(first)
+        victim = await register(first)
+        await first.append([agent.violation(severity="low")])
+        await first.append([agent.violation(severity="low")])  # `first` knows agent: active
+        await second.append_own(
+            AgentSuspended(actor=ledger_key.did, occurred_at=format_time(T0), did=agent.did)
+        )
+        head = await first.head()
+        with pytest.raises(NotPermittedError):
+            await first.append([agent.signal(victim.did, "bad")])
+        assert await first.head() == head
+        assert first.commit_paths["locked"] >= 1
+    finally:
+        await first.close()
+        await second.close()

@@ -10,8 +10,20 @@ hand out values that commit out of order and leave gaps on rollback.)
 
 Throughput. Serializing appends holds the lock through each WAL flush, so
 appends are group-committed: concurrent ``append`` calls in one process queue
-up and a single flusher writes everything queued in one transaction (COPY for
-the rows), so many small appends cost one durable commit.
+up and a single flusher writes everything queued in one transaction, so many
+small appends cost one durable commit.
+
+Round trips. The whole write of a batch is one statement (``_WRITE_SQL``),
+guarded by the head it was computed from: it moves the head only if the head is
+still that one, and writes nothing otherwise. While this process is the only
+writer, a batch is checked against what its own last commit left (``_Known``:
+keys, suspensions, stream versions, read once per agent) and committed by that
+one statement alone, with no transaction held across the network (the "fast"
+path). When the guard finds the head moved (another process appended), when a
+check refuses something, or when a single-use id or idempotency key turns out to
+be used already (their unique keys fail the statement), the batch is decided
+again under the lock from the tables themselves (the "locked" path: lock, one
+lookup, the same statement, commit), and the process takes the lock for a while.
 
 Signatures. Each event's signature is checked against its actor's key before
 the transaction (on worker threads: Ed25519 verification releases the GIL),
@@ -23,10 +35,12 @@ retired key through.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -67,7 +81,6 @@ from ledger.identity import SigningKey, VerifyKey
 from ledger.merkle import Frontier, Subtree
 from ledger.postgres.reader import (
     DRIVER_ERRORS,
-    ENTRY_COLUMNS,
     NOTIFY_CHANNEL,
     PostgresLedgerReader,
     create_pool,
@@ -95,6 +108,8 @@ _DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 Clock = Callable[[], datetime]
 # Ed25519 verification releases the GIL: one thread per core.
 _VERIFY_THREADS = max(os.cpu_count() or 1, 1)
+# Up to this many signatures are verified on the event loop (~50 µs each).
+_VERIFY_INLINE = 2
 
 
 @dataclass(slots=True)
@@ -129,13 +144,111 @@ class _BatchState:
     has_any_agent: bool
     versions: dict[str, int]
     done_keys: dict[tuple[str, str], tuple[bytes, AppendResult]]
+    existing_streams: set[str] = field(default_factory=set)
     rows: list[tuple[object, ...]] = field(default_factory=list)
     stream_rows: dict[str, tuple[int, int]] = field(default_factory=dict)
     key_rows: dict[str, tuple[bytes, int, bool]] = field(default_factory=dict)
     idem_rows: list[tuple[object, ...]] = field(default_factory=list)
     id_rows: list[tuple[bytes, int]] = field(default_factory=list)
     leaves: list[bytes] = field(default_factory=list)
+    nodes: list[Subtree] = field(default_factory=list)
+    checkpoint: _CheckpointRow | None = None
     results: list[tuple[_Request, AppendResult | LedgerError]] = field(default_factory=list)
+
+
+# A checkpoint signed with a commit: position, head hash, time, signer, signature
+# (base64), C2SP note.
+_CheckpointRow = tuple[int, bytes, datetime, str, str, str]
+# After the guarded write found the head moved (another process appends), batches take
+# the lock for this long before trying the one-round-trip path again.
+_LOCKED_AFTER_MISS = 1.0
+# Beyond this many agents and streams remembered, start over (they are re-learned).
+_KNOWN_LIMIT = 1_000_000
+
+
+@dataclass(slots=True)
+class _Known:
+    """What the write-side tables held after this process's last commit — keys and
+    suspension of agents, stream versions, whether any agent exists — valid while
+    the ledger head is still ``head``, i.e. nobody else appended since: the premise
+    of ``PostgresEventStore._flush_fast``, which the guarded write re-checks. Learned
+    from lookups and from this process's commits; forgotten whenever another writer
+    shows (a head that is not ``head``)."""
+
+    head: Head | None = None
+    keys: dict[str, tuple[bytes, int, bool] | None] = field(default_factory=dict)
+    versions: dict[str, int | None] = field(default_factory=dict)  # None: no such stream
+    has_any_agent: bool = False
+    locked_until: float = 0.0
+
+    def reset(self, head: Head | None) -> None:
+        self.head = head
+        self.keys.clear()
+        self.versions.clear()
+        self.has_any_agent = False
+
+    def miss(self) -> None:
+        self.reset(None)
+        self.locked_until = time.monotonic() + _LOCKED_AFTER_MISS
+
+    def learn(
+        self, rows: Sequence[asyncpg.Record], dids: Sequence[str], streams: Sequence[str]
+    ) -> None:
+        """Absorb a ``_STATE_SQL`` (or ``_LOOKUP_SQL``) answer for these agents and streams."""
+        if len(self.keys) + len(self.versions) > _KNOWN_LIMIT:
+            self.keys.clear()
+            self.versions.clear()
+        self.keys.update(dict.fromkeys(dids))
+        self.versions.update(dict.fromkeys(streams))
+        for row in rows:
+            kind = row["kind"]
+            if kind == "k":
+                self.keys[row["id"]] = (bytes(row["raw"]), row["a"], bool(row["b"]))
+            elif kind == "s":
+                self.versions[row["id"]] = row["b"]
+            elif kind == "a":
+                self.has_any_agent = True
+
+    def batch_state(
+        self,
+        head: Head,
+        frontier: Frontier,
+        now: datetime,
+        ledger_did: str,
+        dids: set[str],
+        streams: set[str],
+    ) -> _BatchState:
+        state = _BatchState(
+            head=head,
+            frontier=frontier,
+            now=now,
+            ledger_did=ledger_did,
+            keys=dict.fromkeys(dids),
+            key_positions={},
+            suspended_dids={},
+            ids=set(),
+            has_any_agent=self.has_any_agent,
+            versions={},
+            done_keys={},
+        )
+        for did in dids:
+            known = self.keys[did]
+            if known is not None:
+                state.keys[did], state.key_positions[did], state.suspended_dids[did] = known
+        for stream in streams:
+            version = self.versions[stream]
+            if version is not None:
+                state.versions[stream] = version
+                state.existing_streams.add(stream)
+        return state
+
+    def committed(self, state: _BatchState) -> None:
+        self.head = state.head
+        for did, row in state.key_rows.items():
+            self.keys[did] = row
+        for stream, (version, _) in state.stream_rows.items():
+            self.versions[stream] = version
+        self.has_any_agent = self.has_any_agent or state.has_any_agent
 
 
 class _RequestView:
@@ -171,7 +284,9 @@ class _RequestView:
             self.suspended_dids[event.did] = isinstance(event, AgentSuspended)
 
 
-_LOOKUP_SQL = """
+# What the checks of a batch read: keys and suspension of the agents it names, the
+# versions of its streams, and whether any agent is registered ($1, $2).
+_STATE_SQL = """
 SELECT 'k' AS kind, did AS id, public_key AS raw,
        position AS a, suspended::int AS b, NULL::text AS c, NULL::int AS d
   FROM agent_keys WHERE did = ANY($1::text[])
@@ -179,45 +294,80 @@ UNION ALL
 SELECT 's', stream_id, NULL, NULL, version, NULL, NULL
   FROM streams WHERE stream_id = ANY($2::text[])
 UNION ALL
+SELECT 'a', NULL, NULL, NULL, NULL, NULL, NULL WHERE EXISTS (SELECT 1 FROM agent_keys)
+"""
+
+# Under the lock, also the idempotency keys ($3, $4) and single-use event ids ($5)
+# the batch carries, so a retry or a replay is answered rather than refused.
+_LOOKUP_SQL = (
+    _STATE_SQL  # noqa: S608 -- constants only
+    + """UNION ALL
 SELECT 'i', signer || ' ' || key, digest, first_position, count, stream_id, stream_version
   FROM idempotency_keys
  WHERE (signer, key) IN (SELECT * FROM unnest($3::text[], $4::text[]))
 UNION ALL
 SELECT 'e', NULL, key, position, NULL, NULL, NULL
   FROM event_ids WHERE key = ANY($5::bytea[])
-UNION ALL
-SELECT 'a', NULL, NULL, NULL, NULL, NULL, NULL WHERE EXISTS (SELECT 1 FROM agent_keys)
 """
+)
 
-# Everything after the COPY in one statement; data-modifying CTEs always run.
+# The whole write of a batch in one statement, guarded by the head it was computed
+# from: ``h`` moves the head only if it is still ($1, $2); every other part writes
+# only if ``h`` did (data-modifying CTEs always run; each reads ``h``). Without an
+# explicit transaction this is one round trip and one commit; inside the locked
+# path the guard holds by construction. Returns one row when it wrote, none when
+# another writer moved the head first. The single-use ids and idempotency keys are
+# unique keys: a value used before fails the statement, and nothing is written.
 _WRITE_SQL = """
-WITH s AS (
+WITH h AS (
+  UPDATE ledger_head SET position = $3, entry_hash = $4, recorded_at = $5
+   WHERE id = 1 AND position = $1 AND entry_hash = $2
+  RETURNING 1
+), ev AS (
+  INSERT INTO events (position, recorded_at, stream_id, stream_version, event_type, actor,
+                      subjects, body, signature, prev_hash, entry_hash)
+  SELECT u.p, $5, u.s, u.v, u.t, u.a, string_to_array(u.j, ' '), u.b, u.g, u.ph, u.eh
+    FROM unnest($6::bigint[], $7::text[], $8::int[], $9::text[], $10::text[], $11::text[],
+                $12::bytea[], $13::bytea[], $14::bytea[], $15::bytea[])
+         AS u(p, s, v, t, a, j, b, g, ph, eh)
+   WHERE EXISTS (SELECT 1 FROM h)
+), su AS (
+  UPDATE streams SET version = u.v, last_position = u.p
+    FROM unnest($16::text[], $17::int[], $18::bigint[]) AS u(s, v, p)
+   WHERE streams.stream_id = u.s AND EXISTS (SELECT 1 FROM h)
+), si AS (
   INSERT INTO streams (stream_id, version, last_position)
-  SELECT * FROM unnest($1::text[], $2::int[], $3::bigint[])
-  ON CONFLICT (stream_id) DO UPDATE
-  SET version = excluded.version, last_position = excluded.last_position
+  SELECT * FROM unnest($19::text[], $20::int[], $21::bigint[]) WHERE EXISTS (SELECT 1 FROM h)
 ), k AS (
   INSERT INTO agent_keys (did, public_key, position, suspended)
-  SELECT * FROM unnest($4::text[], $5::bytea[], $6::bigint[], $18::bool[])
+  SELECT * FROM unnest($22::text[], $23::bytea[], $24::bigint[], $25::bool[])
+   WHERE EXISTS (SELECT 1 FROM h)
   ON CONFLICT (did) DO UPDATE SET public_key = excluded.public_key,
     position = excluded.position, suspended = excluded.suspended
 ), i AS (
   INSERT INTO idempotency_keys
     (signer, key, first_position, count, stream_id, stream_version, digest, recorded_at)
-  SELECT *, $15::timestamptz
-  FROM unnest($19::text[], $7::text[], $8::bigint[], $9::int[], $10::text[], $11::int[],
-              $12::bytea[])
+  SELECT *, $5::timestamptz
+    FROM unnest($26::text[], $27::text[], $28::bigint[], $29::int[], $30::text[], $31::int[],
+                $32::bytea[])
+   WHERE EXISTS (SELECT 1 FROM h)
 ), e AS (
   INSERT INTO event_ids (key, position)
-  SELECT * FROM unnest($20::bytea[], $21::bigint[])
+  SELECT * FROM unnest($33::bytea[], $34::bigint[]) WHERE EXISTS (SELECT 1 FROM h)
 ), n AS (
   INSERT INTO merkle_nodes (level, idx, hash)
-  SELECT * FROM unnest($22::smallint[], $23::bigint[], $24::bytea[])
+  SELECT * FROM unnest($35::smallint[], $36::bigint[], $37::bytea[])
+   WHERE EXISTS (SELECT 1 FROM h)
   ON CONFLICT (level, idx) DO NOTHING
-), h AS (
-  UPDATE ledger_head SET position = $13, entry_hash = $14, recorded_at = $15 WHERE id = 1
+), c AS (
+  INSERT INTO checkpoints (position, head_hash, time, signer, signature, note)
+  SELECT u.p, u.h, u.t, u.s, decode(u.g, 'base64'), u.n
+    FROM unnest($38::bigint[], $39::bytea[], $40::timestamptz[], $41::text[], $42::text[],
+                $43::text[]) AS u(p, h, t, s, g, n)
+   WHERE EXISTS (SELECT 1 FROM h)
+  ON CONFLICT (position) DO NOTHING
 )
-SELECT pg_notify($16, $17)
+SELECT pg_notify($44, $45) FROM h
 """
 
 
@@ -244,7 +394,10 @@ class PostgresEventStore(PostgresLedgerReader):
         self._incoming: asyncio.Queue[_Request] = asyncio.Queue()
         self._keys: dict[str, bytes] = {}
         self._verify_keys: dict[bytes, VerifyKey] = {}  # parsed once per key, not per event
-        self._partitions: set[str] = set()
+        self._partitions: set[datetime] = set()  # days known to have a partition
+        self._known = _Known()
+        # Commits by path: "fast" (one guarded statement), "locked" (under the head lock).
+        self.commit_paths: collections.Counter[str] = collections.Counter()
         self._frontier: tuple[bytes, Frontier] | None = None  # (head hash, edge) last commit
         self._last_checkpoint: tuple[int, datetime] = (0, clock())
         self._verify_pool = ThreadPoolExecutor(
@@ -468,11 +621,15 @@ class PostgresEventStore(PostgresLedgerReader):
             except LedgerError as exc:
                 request.future.set_exception(exc)
         jobs = [j for j in jobs if not j[0].future.done()]
-        loop = asyncio.get_running_loop()
-        chunks = [jobs[i::_VERIFY_THREADS] for i in range(_VERIFY_THREADS)]
-        results = await asyncio.gather(
-            *(loop.run_in_executor(self._verify_pool, _verify_all, chunk) for chunk in chunks)
-        )
+        if len(jobs) <= _VERIFY_INLINE:
+            # A signature or two: verifying here costs less than the trip to a thread.
+            chunks, results = [jobs], [_verify_all(jobs)]
+        else:
+            loop = asyncio.get_running_loop()
+            chunks = [jobs[i::_VERIFY_THREADS] for i in range(_VERIFY_THREADS)]
+            results = await asyncio.gather(
+                *(loop.run_in_executor(self._verify_pool, _verify_all, chunk) for chunk in chunks)
+            )
         for chunk, valid in zip(chunks, results, strict=True):
             for (request, signed, key), ok in zip(chunk, valid, strict=True):
                 if request.future.done():
@@ -581,14 +738,113 @@ class PostgresEventStore(PostgresLedgerReader):
                 request.future.set_exception(error)
 
     async def _flush(self, batch: list[_Request]) -> None:
+        state = await self._flush_fast(batch)
+        path = "fast"
+        if state is None:
+            state, path = await self._flush_locked(batch), "locked"
+        if state.rows:
+            self.commit_paths[path] += 1
+        self._committed(state)
+
+    async def _flush_fast(self, batch: list[_Request]) -> _BatchState | None:
+        """One round trip, no lock held across the network: check the batch against
+        what this process's own last commit left (``_Known``), then write it in one
+        statement guarded by that head. ``None`` when the locked path must decide:
+        another writer moved the head, a check refused something (refusals are
+        decided under the lock, from the tables), an id or key was used before, or
+        a new day's partition is needed."""
+        known = self._known
+        head = known.head
+        if head is None or time.monotonic() < known.locked_until:
+            return None
+        dids, streams = _needs(batch)
+        missing_dids = [d for d in dids if d not in known.keys]
+        missing_streams = [s for s in streams if s not in known.versions]
+        async with self._pool.acquire() as conn:
+            if missing_dids or missing_streams:
+                # Read without the lock: valid only if the head is still ``head`` when
+                # the guarded write runs, which the write checks.
+                rows = await conn.fetch(_STATE_SQL, missing_dids, missing_streams)
+                known.learn(rows, missing_dids, missing_streams)
+            frontier = await self._frontier_at_head(head)
+            state = known.batch_state(
+                head, frontier, self._now(head), self._ledger_key.did, dids, streams
+            )
+            for request in batch:
+                self._apply(request, state)
+            if any(isinstance(outcome, LedgerError) for _, outcome in state.results):
+                return None
+            if not self._partitions.issuperset(_partitions_of(state)):
+                return None
+            _seal(state)
+            checkpoint = self._due_checkpoint(state)
+            try:
+                wrote = await conn.fetch(_WRITE_SQL, *_write_args(head, state, checkpoint))
+            except asyncpg.UniqueViolationError:
+                return None  # a replay or a retry: the locked path answers it
+        if not wrote:
+            known.miss()  # another process appended: its changes are unknown here
+            return None
+        state.checkpoint = checkpoint
+        return state
+
+    async def _flush_locked(self, batch: list[_Request]) -> _BatchState:
+        """The batch under the head lock, checked against the tables themselves."""
         async with self._pool.acquire() as conn, conn.transaction():
-            state = await self._load_state(conn, batch)
+            # The head row is the ledger's lock: see the module docstring.
+            row = await conn.fetchrow(
+                "SELECT position, entry_hash, recorded_at FROM ledger_head WHERE id = 1 FOR UPDATE"
+            )
+            head = Head(row["position"], bytes(row["entry_hash"]), row["recorded_at"])
+            frontier = await self._frontier_at_head(head)
+            dids, streams = _needs(batch)
+            ids = {
+                event_key(s.actor, s.event.event_id)
+                for r in batch
+                for s in r.events
+                if s.event.event_id is not None
+            }
+            idem = {(r.signer, r.idempotency_key) for r in batch if r.idempotency_key is not None}
+            # One round trip for every lookup; it runs after the lock, so it sees
+            # everything committed by the previous holder.
+            rows = await conn.fetch(
+                _LOOKUP_SQL,
+                list(dids),
+                list(streams),
+                [s for s, _ in idem],
+                [k for _, k in idem],
+                list(ids),
+            )
+            if head != self._known.head:
+                self._known.reset(head)
+            self._known.learn(rows, list(dids), list(streams))
+            state = self._known.batch_state(
+                head, frontier, self._now(head), self._ledger_key.did, dids, streams
+            )
+            for lookup in rows:
+                _load_row(state, lookup)
             for request in batch:
                 self._apply(request, state)
             if state.rows:
-                await self._write(conn, state)
-        # Committed: the tree's edge is now the new head's (see _frontier_at_head).
-        self._frontier = (state.head.entry_hash, state.frontier)
+                _seal(state)
+                await self._ensure_partitions(conn, _partitions_of(state))
+                checkpoint = self._due_checkpoint(state)
+                wrote = await conn.fetch(_WRITE_SQL, *_write_args(head, state, checkpoint))
+                assert wrote, "the head moved under the ledger lock"
+                state.checkpoint = checkpoint
+        return state
+
+    def _committed(self, state: _BatchState) -> None:
+        """After COMMIT (or with nothing to write): remember, then answer."""
+        if state.rows:
+            # The tree's edge is now the new head's (see _frontier_at_head).
+            self._frontier = (state.head.entry_hash, state.frontier)
+            self._known.committed(state)
+            self._partitions.update(_partitions_of(state))
+            for did, (raw, _, _) in state.key_rows.items():
+                self._keys[did] = raw
+            if state.checkpoint is not None:
+                self._last_checkpoint = (state.checkpoint[0], state.checkpoint[2])
         # Only now, after COMMIT, is anything acknowledged.
         for request, outcome in state.results:
             if request.future.done():
@@ -597,52 +853,21 @@ class PostgresEventStore(PostgresLedgerReader):
                 request.future.set_exception(outcome)
             else:
                 request.future.set_result(outcome)
-        for did, (raw, _, _) in state.key_rows.items():
-            self._keys[did] = raw
 
-    async def _load_state(self, conn: asyncpg.Connection, batch: list[_Request]) -> _BatchState:
-        # The head row is the ledger's lock: see the module docstring.
-        head_row = await conn.fetchrow(
-            "SELECT position, entry_hash, recorded_at FROM ledger_head WHERE id = 1 FOR UPDATE"
-        )
-        head = Head(head_row["position"], bytes(head_row["entry_hash"]), head_row["recorded_at"])
-        frontier = await self._frontier_at_head(head)
-        dids: set[str] = set()
-        ids: set[bytes] = set()
-        for request in batch:
-            for signed in request.events:
-                dids.update(_referenced_agents(signed))
-                if signed.event.event_id is not None:
-                    ids.add(event_key(signed.actor, signed.event.event_id))
-        idem = {(r.signer, r.idempotency_key) for r in batch if r.idempotency_key is not None}
-        # One round trip for every lookup; it runs after the lock, so it sees
-        # everything committed by the previous holder.
-        rows = await conn.fetch(
-            _LOOKUP_SQL,
-            list(dids),
-            list({r.stream_id for r in batch}),
-            [s for s, _ in idem],
-            [k for _, k in idem],
-            list(ids),
-        )
+    def _now(self, head: Head) -> datetime:
         # Time never runs backwards in the ledger, whatever the injected clock says.
+        return max(self._clock(), head.recorded_at)
+
+    def _due_checkpoint(self, state: _BatchState) -> _CheckpointRow | None:
+        """The checkpoint this batch's commit signs, when one is due."""
+        head = state.head
+        if not self._checkpoint_due(head):
+            return None
         now = max(self._clock(), head.recorded_at)
-        state = _BatchState(
-            head=head,
-            frontier=frontier,
-            now=now,
-            ledger_did=self._ledger_key.did,
-            keys=dict.fromkeys(dids),
-            key_positions={},
-            suspended_dids={},
-            ids=set(),
-            has_any_agent=False,
-            versions={},
-            done_keys={},
-        )
-        for row in rows:
-            _load_row(state, row)
-        return state
+        checkpoint = sign_checkpoint(self._ledger_key, head.position, head.entry_hash, now)
+        # The same head as a C2SP signed note over the Merkle root, for witnesses.
+        note = tlog.signed_tree_head(self._ledger_key, state.frontier.size, state.frontier.root())
+        return (head.position, head.entry_hash, now, checkpoint.signer, checkpoint.signature, note)
 
     def _apply(self, request: _Request, state: _BatchState) -> None:
         """Check one request against the state so far; stage its rows or its error."""
@@ -769,63 +994,15 @@ class PostgresEventStore(PostgresLedgerReader):
             )
         return result
 
-    async def _write(self, conn: asyncpg.Connection, state: _BatchState) -> None:
-        await self._ensure_partitions(conn, {row[1] for row in state.rows})  # type: ignore[misc]
-        await conn.copy_records_to_table(
-            "events", records=state.rows, columns=ENTRY_COLUMNS.split(", ")
-        )
-        streams = list(state.stream_rows.items())
-        keys = list(state.key_rows.items())
-        idem = state.idem_rows
-        ids = state.id_rows
-        head = state.head
-        frontier, completed = state.frontier.extend_with_subtrees(state.leaves)
-        nodes = [n for n in completed if n.level >= tlog.STORED_LEVEL]
-        await conn.execute(
-            _WRITE_SQL,
-            [s for s, _ in streams],
-            [v for _, (v, _) in streams],
-            [p for _, (_, p) in streams],
-            [d for d, _ in keys],
-            [k for _, (k, _, _) in keys],
-            [p for _, (_, p, _) in keys],
-            [r[1] for r in idem],
-            [r[2] for r in idem],
-            [r[3] for r in idem],
-            [r[4] for r in idem],
-            [r[5] for r in idem],
-            [r[6] for r in idem],
-            head.position,
-            head.entry_hash,
-            head.recorded_at,
-            NOTIFY_CHANNEL,
-            str(head.position),
-            [x for _, (_, _, x) in keys],
-            [r[0] for r in idem],
-            [k for k, _ in ids],
-            [p for _, p in ids],
-            [n.level for n in nodes],
-            [n.index for n in nodes],
-            [n.hash for n in nodes],
-        )
-        state.frontier = frontier
-        if self._checkpoint_due(head):
-            await self._insert_checkpoint(conn, head, frontier)
-
-    async def _ensure_partitions(self, conn: asyncpg.Connection, moments: set[datetime]) -> None:
-        for moment in moments:
-            utc = moment.astimezone(UTC)
-            day = datetime(utc.year, utc.month, utc.day, tzinfo=UTC)
-            name = partition_name(day)
-            if name in self._partitions:
-                continue
-            # Runs under the head lock, so concurrent writers cannot race to create it.
+    async def _ensure_partitions(self, conn: asyncpg.Connection, days: set[datetime]) -> None:
+        """Create the day partitions a batch writes into (under the head lock, so
+        concurrent writers cannot race to create one); remembered after COMMIT."""
+        for day in days - self._partitions:
             low, high = format_time(day), format_time(day + timedelta(days=1))
             await conn.execute(
-                f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF events "
+                f"CREATE TABLE IF NOT EXISTS {partition_name(day)} PARTITION OF events "
                 f"FOR VALUES FROM ('{low}') TO ('{high}')"
             )
-            self._partitions.add(name)
 
     # -- checkpoints -------------------------------------------------------
 
@@ -887,6 +1064,77 @@ class PostgresEventStore(PostgresLedgerReader):
                     await self.checkpoint()
             except LedgerError as exc:
                 log.warning("checkpoint_failed", extra={"error": str(exc)})
+
+
+def _needs(batch: Sequence[_Request]) -> tuple[set[str], set[str]]:
+    """The agents and streams a batch's checks read."""
+    dids: set[str] = set()
+    for request in batch:
+        for signed in request.events:
+            dids.update(_referenced_agents(signed))
+    return dids, {r.stream_id for r in batch}
+
+
+def _partitions_of(state: _BatchState) -> set[datetime]:
+    """The UTC days a batch writes into (one: a batch shares its ``recorded_at``)."""
+    utc = state.now.astimezone(UTC)
+    return {datetime(utc.year, utc.month, utc.day, tzinfo=UTC)} if state.rows else set()
+
+
+def _seal(state: _BatchState) -> None:
+    """Extend the tree by the batch's leaves: its new edge, and the subtrees to keep."""
+    state.frontier, completed = state.frontier.extend_with_subtrees(state.leaves)
+    state.nodes = [n for n in completed if n.level >= tlog.STORED_LEVEL]
+
+
+def _write_args(
+    expected: Head, state: _BatchState, checkpoint: _CheckpointRow | None
+) -> list[object]:
+    """``_WRITE_SQL``'s parameters: the batch's rows as columns."""
+    head = state.head
+    rows = state.rows
+    streams = state.stream_rows.items()
+    updated = [(s, v, p) for s, (v, p) in streams if s in state.existing_streams]
+    created = [(s, v, p) for s, (v, p) in streams if s not in state.existing_streams]
+    keys = list(state.key_rows.items())
+    idem = state.idem_rows
+    checkpoints = [checkpoint] if checkpoint is not None else []
+    return [
+        expected.position,
+        expected.entry_hash,
+        head.position,
+        head.entry_hash,
+        head.recorded_at,
+        [r[0] for r in rows],
+        [r[2] for r in rows],
+        [r[3] for r in rows],
+        [r[4] for r in rows],
+        [r[5] for r in rows],
+        [" ".join(r[6]) for r in rows],  # type: ignore[arg-type]  # DIDs hold no space
+        [r[7] for r in rows],
+        [r[8] for r in rows],
+        [r[9] for r in rows],
+        [r[10] for r in rows],
+        *_columns(updated, 3),
+        *_columns(created, 3),
+        [d for d, _ in keys],
+        [k for _, (k, _, _) in keys],
+        [p for _, (_, p, _) in keys],
+        [x for _, (_, _, x) in keys],
+        *_columns(idem, 7),
+        [k for k, _ in state.id_rows],
+        [p for _, p in state.id_rows],
+        [n.level for n in state.nodes],
+        [n.index for n in state.nodes],
+        [n.hash for n in state.nodes],
+        *_columns(checkpoints, 6),
+        NOTIFY_CHANNEL,
+        str(head.position),
+    ]
+
+
+def _columns(rows: Sequence[tuple[object, ...]], width: int) -> list[list[object]]:
+    return [[row[i] for row in rows] for i in range(width)]
 
 
 def _verify_all(jobs: Sequence[tuple[object, SignedEvent, VerifyKey]]) -> list[bool]:
@@ -963,15 +1211,10 @@ def event_key(actor: str, event_id: str) -> bytes:
 
 
 def _load_row(state: _BatchState, row: asyncpg.Record) -> None:
-    """One row of ``_LOOKUP_SQL`` into the batch state."""
+    """An idempotency key or single-use id row of ``_LOOKUP_SQL`` into the batch
+    state (keys, streams and agents went through ``_Known.learn``)."""
     kind, ident = row["kind"], row["id"]
-    if kind == "k":
-        state.keys[ident] = bytes(row["raw"])
-        state.key_positions[ident] = row["a"]
-        state.suspended_dids[ident] = bool(row["b"])
-    elif kind == "s":
-        state.versions[ident] = row["b"]
-    elif kind == "i":
+    if kind == "i":
         signer, _, key = ident.partition(" ")  # a DID never holds a space
         first = row["a"]
         state.done_keys[(signer, key)] = (
@@ -980,8 +1223,6 @@ def _load_row(state: _BatchState, row: asyncpg.Record) -> None:
         )
     elif kind == "e":
         state.ids.add(bytes(row["raw"]))
-    else:
-        state.has_any_agent = True
 
 
 def _stage_agent_row(state: _BatchState, signed: SignedEvent, position: int) -> None:
