@@ -1,14 +1,21 @@
-"""Ledger append throughput, beside raw COPY and the Ed25519 verify ceiling.
+"""Ledger append throughput, beside raw COPY, a peer event store and the Ed25519 ceiling.
 
-Prints, from one run (medians of ``--repeat`` rounds):
-  * raw COPY of equivalent rows into PostgreSQL (the baseline),
+Prints, from one run (medians of ``--repeat`` rounds, rounds interleaved):
+  * raw COPY of equivalent rows into PostgreSQL (the baseline of the ratios),
   * ledger appends with 1 and with 64 concurrent appenders — agent-signed
     events, each verified, chained and committed (one event per append call),
-  * the 1-core Ed25519 verify ceiling,
-and each figure's ratio to raw COPY.
+  * the peer: the ``eventsourcing`` library's PostgreSQL application recorder
+    (``PostgresApplicationRecorder``, default settings: one ``insert_events``
+    call and one transaction per event, totally ordered notification ids like
+    our positions) on the same PostgreSQL, storing the same signed bodies, with
+    1 and with 64 threads — and the ledger's ratio to it,
+  * WAL bytes per event of each (``pg_current_wal_lsn()`` around the round),
+  * the 1-core Ed25519 verify ceiling.
+Both stores commit durably (``synchronous_commit`` on, fsync on) before a call returns.
 
-Usage: .venv/bin/python bench/append.py [--events 12800] [--repeat 3]
-Uses AGENTMESH_DATABASE_URL when set, else an embedded PostgreSQL.
+Usage: .venv/bin/python bench/append.py [--events 12800] [--repeat 3] [--no-peer]
+Uses AGENTMESH_DATABASE_URL when set, else an embedded PostgreSQL. The peer needs
+the ``eventsourcing`` and ``psycopg`` packages (the ``bench`` extra).
 """
 
 from __future__ import annotations
@@ -19,10 +26,13 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -85,6 +95,70 @@ async def raw_copy(url: str, events: list[SignedEvent]) -> float:
         await conn.close()
 
 
+async def wal_bytes_per_event(
+    url: str, count: int, run: Callable[[], Awaitable[float]]
+) -> tuple[float, float]:
+    """(events/s, WAL bytes per event) of ``run`` — the WAL the whole server wrote."""
+    conn = await asyncpg.connect(url)
+    try:
+        before = await conn.fetchval("SELECT pg_current_wal_lsn()::text")
+        rate = await run()
+        after = await conn.fetchval("SELECT pg_current_wal_lsn()::text")
+        wal = await conn.fetchval(
+            "SELECT pg_wal_lsn_diff($1::text::pg_lsn, $2::text::pg_lsn)", after, before
+        )
+        return rate, float(wal) / count
+    finally:
+        await conn.close()
+
+
+def peer_appends(url: str, concurrency: int, events: list[SignedEvent]) -> float:
+    """The ``eventsourcing`` recorder: one event per ``insert_events`` (one transaction),
+    from ``concurrency`` threads, one aggregate (stream) per signer as in the ledger."""
+    from eventsourcing.persistence import StoredEvent
+    from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
+
+    parts = urlsplit(url)
+    datastore = PostgresDatastore(
+        dbname=parts.path.lstrip("/"),
+        host=parts.hostname or "127.0.0.1",
+        port=parts.port or 5432,
+        user=parts.username or "postgres",
+        password=parts.password or "",
+        pool_size=concurrency,
+    )
+    try:
+        recorder = PostgresApplicationRecorder(datastore, events_table_name="peer_events")
+        recorder.create_table()
+        streams: dict[str, uuid.UUID] = {}
+        versions: dict[uuid.UUID, int] = {}
+        stored = []
+        for event in events:
+            stream = streams.setdefault(event.actor, uuid.uuid4())
+            versions[stream] = versions.get(stream, 0) + 1
+            stored.append(StoredEvent(stream, versions[stream], event.type, event.body))
+        # Each thread owns the streams of its share of signers, as each ledger
+        # appender's events are its own: no version conflicts between threads.
+        shares: list[list[StoredEvent]] = [[] for _ in range(concurrency)]
+        order = {s: i % concurrency for i, s in enumerate(streams.values())}
+        for item in stored:
+            shares[order[item.originator_id]].append(item)  # type: ignore[index]
+
+        def writer(share: list[StoredEvent]) -> None:
+            for item in share:
+                recorder.insert_events([item])
+
+        threads = [threading.Thread(target=writer, args=(s,)) for s in shares]
+        start = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return len(stored) / (time.perf_counter() - start)
+    finally:
+        datastore.close()
+
+
 async def ledger_appends(url: str, concurrency: int, count: int) -> float:
     ledger_key = SigningKey.generate()
     store = await PostgresEventStore.open(url, ledger_key)
@@ -138,28 +212,72 @@ async def main(args: argparse.Namespace) -> None:
     try:
         print(f"cores: {os.cpu_count()}, events per round: {args.events}, rounds: {args.repeat}")
         sample = signed_events([SigningKey.generate()], args.events)
+        one_count = max(args.events // 8, 500)
+        peer_sample = {
+            1: signed_events([SigningKey.generate() for _ in range(8)], one_count),
+            64: signed_events([SigningKey.generate() for _ in range(64)], args.events),
+        }
+        counts = {1: one_count, 64: args.events}
 
-        async def copy_round() -> float:
-            return await raw_copy((await fresh_database(base_url))[0], sample)
+        async def copy_round() -> tuple[float, float]:
+            url = (await fresh_database(base_url))[0]
+            return await wal_bytes_per_event(url, args.events, lambda: raw_copy(url, sample))
 
-        async def ledger_round(concurrency: int, count: int) -> float:
-            return await ledger_appends((await fresh_database(base_url))[0], concurrency, count)
+        async def ledger_round(concurrency: int) -> tuple[float, float]:
+            url = (await fresh_database(base_url))[0]
+            count = counts[concurrency]
+            return await wal_bytes_per_event(
+                url, count, lambda: ledger_appends(url, concurrency, count)
+            )
 
-        copy_rate = await median_of(args.repeat, copy_round)
-        one = await median_of(args.repeat, lambda: ledger_round(1, max(args.events // 8, 500)))
-        many = await median_of(args.repeat, lambda: ledger_round(64, args.events))
+        async def peer_round(concurrency: int) -> tuple[float, float]:
+            url = (await fresh_database(base_url))[0]
+            events = peer_sample[concurrency]
+            return await wal_bytes_per_event(
+                url,
+                len(events),
+                lambda: asyncio.to_thread(peer_appends, url, concurrency, events),
+            )
+
+        measures: dict[str, Callable[[], Awaitable[tuple[float, float]]]] = {
+            "raw COPY (baseline)": copy_round,
+            "ledger append, 1 appender": lambda: ledger_round(1),
+            "ledger append, 64 appenders": lambda: ledger_round(64),
+        }
+        if args.peer:
+            measures["eventsourcing, 1 appender (peer)"] = lambda: peer_round(1)
+            measures["eventsourcing, 64 threads (peer)"] = lambda: peer_round(64)
+        rounds: dict[str, list[tuple[float, float]]] = {name: [] for name in measures}
+        for _ in range(args.repeat):  # interleaved, so drift hits every measure alike
+            for name, run in measures.items():
+                rounds[name].append(await run())
+        results = {
+            name: (
+                statistics.median(r for r, _ in values),
+                statistics.median(w for _, w in values),
+            )
+            for name, values in rounds.items()
+        }
         ceiling = statistics.median(verify_ceiling() for _ in range(args.repeat))
-        rows = [
-            ("raw COPY (baseline)", copy_rate),
-            ("ledger append, 1 appender", one),
-            ("ledger append, 64 appenders", many),
-            ("Ed25519 verify, 1 core", ceiling),
-        ]
-        print(f"{'measure':34} {'events/s':>12} {'x raw COPY':>11}")
-        for name, rate in rows:
-            print(f"{name:34} {rate:12,.0f} {rate / copy_rate:11.3f}")
+        copy_rate = results["raw COPY (baseline)"][0]
+        print(f"{'measure':34} {'events/s':>12} {'x raw COPY':>11} {'WAL B/event':>12}")
+        for name, (rate, wal) in results.items():
+            print(f"{name:34} {rate:12,.0f} {rate / copy_rate:11.3f} {wal:12,.0f}")
+        print(f"{'Ed25519 verify, 1 core':34} {ceiling:12,.0f} {ceiling / copy_rate:11.3f}")
+        many = results["ledger append, 64 appenders"][0]
         target = "met" if many >= 5000 else "NOT met"
         print(f"target >= 5,000 agent-signed events/s with 64 appenders: {target}")
+        if args.peer:
+            for n in (1, 64):
+                ours = results[f"ledger append, {n} appender{'s' if n > 1 else ''}"]
+                label = "1 appender" if n == 1 else "64 threads"
+                peer = results[f"eventsourcing, {label} (peer)"]
+                verdict = "met" if n > 1 or ours[0] >= peer[0] else "NOT met"
+                print(
+                    f"ledger / eventsourcing, {n:2} writer(s): {ours[0] / peer[0]:.2f}x events/s, "
+                    f"{ours[1] / peer[1]:.2f}x WAL bytes per event"
+                    + (f" (target >= 1.0x events/s: {verdict})" if n == 1 else "")
+                )
     finally:
         if server is not None:
             server.stop()
@@ -169,4 +287,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=12_800)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--no-peer", dest="peer", action="store_false", help="skip the eventsourcing peer"
+    )
     asyncio.run(main(parser.parse_args()))
