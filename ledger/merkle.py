@@ -253,8 +253,18 @@ def verify_inclusion(
     leaf: bytes, index: int, size: int, proof: Sequence[bytes], root: bytes
 ) -> None:
     """RFC 9162 §2.1.3.2: return None if ``proof`` puts ``leaf`` at ``index``; raise ProofError."""
-    _require_hash(leaf, "leaf hash")
     _require_hash(root, "root hash")
+    if inclusion_root(leaf, index, size, proof) != root:
+        raise ProofError("inclusion proof does not lead to the root hash")
+
+
+def inclusion_root(leaf: bytes, index: int, size: int, proof: Sequence[bytes]) -> bytes:
+    """RFC 9162 §2.1.3.2 steps 1-5: the root ``proof`` leads to from ``leaf`` at ``index``
+    in a tree of ``size``; ProofError when the proof's length does not fit the path.
+
+    For a verifier that learns the root it must match only later (an audit bundle's
+    signed tree head comes after its events): compare the result with it then."""
+    _require_hash(leaf, "leaf hash")
     _require_proof(proof)
     # 1. The leaf must lie inside the tree.
     if not 0 <= index < size:
@@ -280,8 +290,7 @@ def verify_inclusion(
     # 5.
     if sn != 0:
         raise ProofError("inclusion proof is shorter than the path to the root")
-    if r != root:
-        raise ProofError("inclusion proof does not lead to the root hash")
+    return r
 
 
 def verify_consistency(

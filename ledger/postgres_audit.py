@@ -124,6 +124,9 @@ class PostgresAuditSource:
     async def tree_edge(self, size: int) -> Frontier:
         return await self.reader.frontier_at(size)
 
+    async def tree_nodes(self, wanted: set[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+        return await self.reader.tree_nodes(wanted)
+
     async def store_checkpoint(self, checkpoint: Checkpoint) -> Checkpoint | None:
         # The INSERT happens only if the stored entry has exactly this head hash, so the
         # ledger key never signs (into the table) a chain the database does not hold.

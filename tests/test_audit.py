@@ -210,7 +210,7 @@ def _from_ce(ce: dict[str, Any]) -> dict[str, Any]:
     if ce["amkind"] != "event":
         data: dict[str, Any] = ce["data"]
         return data
-    return {
+    record = {
         "kind": "event",
         "position": ce["amposition"],
         "recorded_at": ce["amrecordedat"],
@@ -223,6 +223,10 @@ def _from_ce(ce: dict[str, Any]) -> dict[str, Any]:
         "prev_hash": ce["amprevhash"],
         "entry_hash": ce["amentryhash"],
     }
+    if "amtreesize" in ce:
+        hashes = ce["amproof"].split(" ") if ce["amproof"] else []
+        record["inclusion"] = {"tree_size": ce["amtreesize"], "hashes": hashes}
+    return record
 
 
 def _to_ce(record: dict[str, Any], ledger_did: str) -> dict[str, Any]:
@@ -237,7 +241,7 @@ def _to_ce(record: dict[str, Any], ledger_did: str) -> dict[str, Any]:
             "data": record,
             "amkind": kind,
         }
-    return {
+    ce = {
         "specversion": "1.0",
         "id": f"{ledger_did}/{record['position']}",
         "source": record["actor"],
@@ -254,6 +258,10 @@ def _to_ce(record: dict[str, Any], ledger_did: str) -> dict[str, Any]:
         "amentryhash": record["entry_hash"],
         "amsignature": record["signature"],
     }
+    if "inclusion" in record:
+        ce["amtreesize"] = record["inclusion"]["tree_size"]
+        ce["amproof"] = " ".join(record["inclusion"]["hashes"])
+    return ce
 
 
 def save(path: Path, records: Records, cloudevents: bool, ledger_did: str) -> None:
@@ -328,8 +336,10 @@ def test_round_trip_verifies(built: Built, flavour: str, executor: ProcessPoolEx
         f"bundle OK: {len(expected)} events (positions {expected[0].position}.."
         f"{expected[-1].position}), {manifest.keys} keys, checkpoint "
         f"{expected[-1].position} signed by {history.key.did}, every entry proven in the "
-        f"signed Merkle tree of {expected[-1].position}"
+        f"signed Merkle tree of {expected[-1].position} ({len(expected)} events by their own "
+        "inclusion proofs)"
     )
+    assert report.proofs == len(expected)
     bundle = read_bundle(path)
     assert bundle.events == expected  # byte for byte what the store holds, subjects too
     assert bundle.manifest == manifest
@@ -846,7 +856,8 @@ async def test_cli_export_and_verify(cli_ledger: History, tmp_path: Path) -> Non
         assert verified.stdout == (
             f"bundle OK: {len(history.in_range)} events (positions {first}..{last}), "
             f"{read_bundle(out).manifest.keys} keys, checkpoint {last} "  # type: ignore[union-attr]
-            f"signed by {key.did}, every entry proven in the signed Merkle tree of {last}\n"
+            f"signed by {key.did}, every entry proven in the signed Merkle tree of {last} "
+            f"({len(history.in_range)} events by their own inclusion proofs)\n"
         )
     pub = tmp_path / "ledger.pub.pem"
     pub.write_text(key.public.pem())

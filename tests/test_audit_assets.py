@@ -22,6 +22,7 @@ def test_the_good_bundle_verifies(name: str) -> None:
     assert (report.events, report.stubs, report.keys, report.signatures) == (3, 0, 2, 3)
     assert (report.manifest.first_position, report.manifest.last_position) == (3, 5)
     assert report.ledger_did == LEDGER_KEY.did
+    assert (report.tree_size, report.proofs) == (5, 3)
 
 
 def test_the_good_bundle_names_another_ledger_key_than_a_pinned_stranger() -> None:
@@ -41,6 +42,19 @@ def test_the_good_bundle_names_another_ledger_key_than_a_pinned_stranger() -> No
             8,
             5,
             "the Merkle root of the bundle's entries differs from the signed tree head",
+        ),
+        (
+            "tampered-proof.jsonl",
+            5,
+            3,
+            "the inclusion proof does not lead to the signed tree head's root",
+        ),
+        ("dropped-proof.jsonl", 6, 4, "no inclusion proof"),
+        (
+            "swapped-proof.jsonl",
+            5,
+            3,
+            "the inclusion proof does not lead to the signed tree head's root",
         ),
     ],
 )

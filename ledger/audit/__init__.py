@@ -7,6 +7,8 @@ Modules:
     cloudevents  -- the CloudEvents 1.0 flavour of the same lines; reading and writing
                     lines in either flavour
     chunks       -- checking a run of entry lines on a worker process
+    proofs       -- per-event inclusion proofs: made batch by batch on export, followed
+                    on verification
     verify       -- ``verify_bundle``: offline verification, naming the first bad line
     reader       -- ``read_bundle``: a bundle's entries, for replay
     export       -- ``export_bundle`` over an ``AuditSource``, signed by a ``Signer``

@@ -6,7 +6,7 @@ A bundle is UTF-8 JSON Lines, one object per line, in this order:
 
 1. header::
 
-     {"kind": "header", "format": "agentmesh-audit-bundle", "format_version": 1,
+     {"kind": "header", "format": "agentmesh-audit-bundle", "format_version": 2,
       "from": T1, "to": T2, "agent": DID | null,
       "ledger_public_key": PEM, "generated_at": RFC 3339}
 
@@ -25,7 +25,10 @@ A bundle is UTF-8 JSON Lines, one object per line, in this order:
    agent's previous key.
 
 3. the entries with ``from <= recorded_at < to``, in position order: ``{"kind":
-   "event", …}`` with the fields of a key entry. With ``agent``, an entry that
+   "event", …}`` with the fields of a key entry and ``"inclusion": {"tree_size",
+   "hashes"}``, the event's RFC 9162 §2.1.3 audit path (base64, bottom-up) in
+   the tree of ``tree_size`` entries, the size of the signed tree head on the
+   checkpoint (below). With ``agent``, an entry that
    the agent neither signed nor is the subject of is a stub, which keeps the
    chain of links continuous without showing the event::
 
@@ -59,8 +62,14 @@ A bundle is UTF-8 JSON Lines, one object per line, in this order:
    first) over the ``size = first_position - 1`` entries before the range.
    With it, the verifier recomputes the root at the checkpoint from the edge
    and every entry's hash (events and stubs alike) and compares it with the
-   signed tree head: one range proof that every entry the bundle shows, at
-   its position, is in the log the ledger signed — a filtered bundle too.
+   signed tree head: one range proof that the whole range, stubs included, is
+   in the log the ledger signed, contiguous; it is also what holds a bundle
+   against a trusted checkpoint of a size inside the range. Each event's own
+   ``inclusion`` proof must lead to the same signed root: an event taken out
+   of the bundle, with the note, still proves itself to any RFC 9162 client.
+
+   Version 1 bundles (before per-event proofs) still verify, by the range
+   proof alone; in version 2 an event without a proof is an error.
 
 The CloudEvents flavour of the same lines is ``ledger.audit.cloudevents``.
 """
@@ -83,7 +92,10 @@ from ledger.signatures import anchor_signed_bytes
 from ledger.timefmt import format_time, parse_time
 
 FORMAT = "agentmesh-audit-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+FORMAT_VERSIONS = (1, 2)
+"""Versions the verifier reads: 1 has no per-event inclusion proofs (the range proof
+only); 2 requires one on every event."""
 MEDIA_TYPE = "application/x-ndjson"
 Flavour = Literal["jsonl", "cloudevents"]
 FLAVOURS: tuple[Flavour, ...] = ("jsonl", "cloudevents")
@@ -157,8 +169,16 @@ class KeyLine(EntryLine, frozen=True, tag="key"):
     pass
 
 
+class Inclusion(msgspec.Struct, frozen=True, kw_only=True):
+    """An event's RFC 9162 §2.1.3 audit path (base64 hashes, bottom-up) in the tree of
+    ``tree_size`` entries: the bundle's signed tree head."""
+
+    tree_size: Annotated[int, msgspec.Meta(ge=1, le=2**53 - 1)]
+    hashes: Annotated[list[str], msgspec.Meta(max_length=64)]
+
+
 class EventLine(EntryLine, frozen=True, tag="event"):
-    pass
+    inclusion: Inclusion | None = None
 
 
 class AnchorLine(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="anchor"):
@@ -269,8 +289,11 @@ json_encoder = msgspec.json.Encoder()
 ENTRY_LINES = (EventLine, StubLine)
 
 
-def entry_line(kind: type[KeyLine] | type[EventLine], record: RecordedEvent) -> Any:
+def entry_line(
+    kind: type[KeyLine] | type[EventLine], record: RecordedEvent, **extra: Inclusion
+) -> Any:
     return kind(
+        **extra,
         position=record.position,
         recorded_at=format_time(record.recorded_at),
         stream_id=record.stream_id,

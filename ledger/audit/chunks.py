@@ -9,6 +9,7 @@ chunks to each other and reads the lines after the entries.
 
 from __future__ import annotations
 
+import binascii
 from dataclasses import dataclass, field, replace
 
 import msgspec
@@ -28,7 +29,8 @@ from ledger.audit.bundle import (
     reason_of,
 )
 from ledger.audit.cloudevents import decode_ce_entry
-from ledger.errors import LedgerError
+from ledger.audit.proofs import RootMemo
+from ledger.errors import LedgerError, ProofError
 from ledger.events import AgentRegistered, subject_agents
 from ledger.signatures import verify_signature_chunk
 from ledger.timefmt import parse_time
@@ -54,6 +56,8 @@ class ChunkTask:
     positions: dict[str, list[int]]
     raws: dict[str, list[bytes]]
     key_hashes: dict[int, str]
+    proofs: bool = True
+    """Whether every event must carry an inclusion proof (format version 2)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +76,11 @@ class ChunkResult:
     lines: int = 0
     leaves: list[bytes] = field(default_factory=list)
     """The Merkle leaf hash of every entry checked, in order (``ledger.tlog``)."""
+    proofs: int = 0
+    roots: dict[tuple[int, bytes], tuple[int, int]] = field(default_factory=dict)
+    """The (tree size, root) the events' inclusion proofs lead to, each with the
+    (line, position) of the first event whose proof leads there; the verifier holds
+    them against the signed tree head, which comes after the entries."""
 
     def shifted(self, delta: int) -> ChunkResult:
         """The same result with line numbers ``delta`` further on."""
@@ -87,6 +96,7 @@ class ChunkResult:
             last=move(self.last),
             error=move(self.error),
             rest=[(number + delta, raw) for number, raw in self.rest],
+            roots={key: (line + delta, pos) for key, (line, pos) in self.roots.items()},
         )
 
 
@@ -117,6 +127,9 @@ class _ChunkCheck:
         self.first: tuple[int, int, str] | None = None
         self.last: tuple[int, int, str] | None = None
         self.leaves: list[bytes] = []
+        self.roots: dict[tuple[int, bytes], tuple[int, int]] = {}
+        self.proofs = 0
+        self.memo = RootMemo()
 
     def run(self) -> ChunkResult:
         rest: list[tuple[int, bytes]] = []
@@ -150,6 +163,8 @@ class _ChunkCheck:
             signatures=len(self.jobs),
             lines=len(lines),
             leaves=self.leaves,
+            proofs=self.proofs,
+            roots=self.roots,
         )
 
     def _entry(self, number: int, item: EventLine | StubLine) -> tuple[int, int, str] | None:
@@ -175,11 +190,30 @@ class _ChunkCheck:
         if problem is not None:
             return number, item.position, problem
         self.last = (number, item.position, item.entry_hash)
-        self.leaves.append(tlog.entry_leaf(bytes.fromhex(item.entry_hash)))
+        leaf = tlog.entry_leaf(bytes.fromhex(item.entry_hash))
+        self.leaves.append(leaf)
         if isinstance(item, EventLine):
+            problem = self._inclusion(number, item, leaf)
+            if problem is not None:
+                return number, item.position, problem
             self.events += 1
         else:
             self.stubs += 1
+        return None
+
+    def _inclusion(self, number: int, item: EventLine, leaf: bytes) -> str | None:
+        """The root the event's audit path leads to, noted for the signed tree head."""
+        proof = item.inclusion
+        if proof is None:
+            return "no inclusion proof" if self.task.proofs else None
+        try:
+            root = self.memo.root(leaf, item.position - 1, proof.tree_size, proof.hashes)
+        except binascii.Error:
+            return "inclusion proof: a hash is not base64"
+        except ProofError as exc:
+            return str(exc)
+        self.roots.setdefault((proof.tree_size, root), (number, item.position))
+        self.proofs += 1
         return None
 
     def _event(self, number: int, item: EventLine) -> str | None:

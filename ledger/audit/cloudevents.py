@@ -8,7 +8,9 @@ CloudEvents 1.0 JSON event: ``specversion`` "1.0", ``id``, ``source``,
 ``<ledger DID>/<position>``, ``data_base64`` the exact canonical body bytes
 and the proof fields as extensions: ``amposition``, ``amrecordedat``,
 ``amstreamid``, ``amstreamversion``, ``amprevhash``, ``amentryhash``,
-``amsignature``. Every other line has ``type`` ``ai.agentmesh.bundle.<kind>``,
+``amsignature``, and its inclusion proof as ``amtreesize`` (integer) and
+``amproof`` (the base64 hashes, bottom-up, separated by single spaces; empty
+in a tree of one entry). Every other line has ``type`` ``ai.agentmesh.bundle.<kind>``,
 ``source`` the ledger's DID and the JSON Lines object in ``data``. One
 verifier checks both.
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -31,6 +33,7 @@ from ledger.audit.bundle import (
     CheckpointLine,
     EventLine,
     Flavour,
+    Inclusion,
     KeyLine,
     Line,
     LineError,
@@ -64,6 +67,8 @@ class _CloudEvent(msgspec.Struct, kw_only=True):
     amprevhash: str | None = None
     amentryhash: str | None = None
     amsignature: str | None = None
+    amtreesize: Annotated[int, msgspec.Meta(ge=1, le=2**53 - 1)] | None = None
+    amproof: str | None = None
 
 
 _ce_decoder = msgspec.json.Decoder(_CloudEvent)
@@ -118,7 +123,19 @@ def from_cloudevent(ce: _CloudEvent) -> Line:
         signature=ce.amsignature,
         prev_hash=ce.amprevhash,
         entry_hash=ce.amentryhash,
+        inclusion=_inclusion(ce),
     )
+
+
+def _inclusion(ce: _CloudEvent) -> Inclusion | None:
+    if ce.amtreesize is None and ce.amproof is None:
+        return None
+    if ce.amtreesize is None or ce.amproof is None:
+        raise LineError("an inclusion proof needs both amtreesize and amproof")
+    hashes = ce.amproof.split(" ") if ce.amproof else []
+    if len(hashes) > 64:
+        raise LineError("an inclusion proof has at most 64 hashes")
+    return Inclusion(tree_size=ce.amtreesize, hashes=hashes)
 
 
 def decode_ce_entry(raw: bytes) -> Line:
@@ -174,7 +191,7 @@ class LineEncoder:
         return f"{self.ledger_did}/bundle/{self.generated_at}/{kind}", self.generated_at
 
     def _event(self, item: EventLine) -> bytes:
-        ce = {
+        ce: dict[str, Any] = {
             "specversion": "1.0",
             "id": f"{self.ledger_did}/{item.position}",
             "source": item.actor,
@@ -191,4 +208,7 @@ class LineEncoder:
             "amentryhash": item.entry_hash,
             "amsignature": item.signature,
         }
+        if item.inclusion is not None:
+            ce["amtreesize"] = item.inclusion.tree_size
+            ce["amproof"] = " ".join(item.inclusion.hashes)
         return json_encoder.encode(ce) + b"\n"

@@ -31,6 +31,7 @@ from ledger.audit.bundle import (
     EventLine,
     Flavour,
     Header,
+    Inclusion,
     KeyHistory,
     KeyLine,
     Manifest,
@@ -42,6 +43,7 @@ from ledger.audit.bundle import (
     parse_flavour,
 )
 from ledger.audit.cloudevents import LineEncoder
+from ledger.audit.proofs import Nodes, RootMemo, batch_proofs
 from ledger.chain import (
     GENESIS_HASH,
     Checkpoint,
@@ -50,7 +52,7 @@ from ledger.chain import (
     sign_checkpoint,
     verify_checkpoint,
 )
-from ledger.errors import LedgerError, VerificationError
+from ledger.errors import LedgerError, ProofError, VerificationError
 from ledger.events import AgentKeyRotated, AgentRegistered, decode_body
 from ledger.identity import b64encode, is_did
 from ledger.merkle import Frontier
@@ -99,6 +101,11 @@ class AuditSource(Protocol):
 
     async def tree_edge(self, size: int) -> Frontier:
         """The Merkle tree's right edge over the first ``size`` entries."""
+
+    async def tree_nodes(self, wanted: set[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+        """The hashes of the complete subtrees ``wanted`` ((level, index), as in
+        ``ledger.merkle``) of the stored tree; one missing from the answer is not
+        available."""
 
     async def store_checkpoint(self, checkpoint: Checkpoint) -> Checkpoint | None:
         """Store ``checkpoint`` if the stored entry at its position has its head hash and
@@ -267,8 +274,13 @@ class BundleExport:
             lines.append(self.encoder.line(item))
         state = _ExportState()
         if self.first is not None:
+            assert self.last is not None
             # The range proof: the tree's edge before the first entry (ledger.tlog).
             state.frontier = await self.source.tree_edge(self.first - 1)
+            # Every event's audit path is checked against the stored tree's root at the
+            # last position as it is made, and that root against the entries' own at the
+            # end, before anything is signed.
+            state.root = (await self.source.tree_edge(self.last)).root()
             edge = TreeLine(
                 size=state.frontier.size, hashes=[b64encode(h) for h in state.frontier.hashes]
             )
@@ -291,15 +303,54 @@ class BundleExport:
         state.prev = await self._anchor()
         async with contextlib.aclosing(self._batches()) as batches:
             async for batch in batches:
-                lines = [self._entry(state, record) for record in batch]
-                state.frontier = state.frontier.extend(
-                    tlog.entry_leaf(record.entry_hash) for record in batch
-                )
+                leaves = [tlog.entry_leaf(record.entry_hash) for record in batch]
+                proofs = await self._proofs(state, batch, leaves)
+                lines = [
+                    self._entry(state, record, proofs.get(record.position)) for record in batch
+                ]
+                state.frontier = state.frontier.extend(leaves)
                 if progress is not None:
                     progress(state.events + state.stubs, total)
                 yield b"".join(lines).decode()
         if state.last_position != self.last:
             raise VerificationError(state.last_position + 1, "missing: the range ends early")
+
+    def _shown(self, record: RecordedEvent) -> bool:
+        return self.agent is None or self.agent in record.subjects
+
+    async def _proofs(
+        self, state: _ExportState, batch: list[RecordedEvent], leaves: list[bytes]
+    ) -> dict[int, Inclusion]:
+        """The audit path of every event of the batch the bundle shows, in the tree of
+        ``last`` entries, each checked against the stored tree's root there."""
+        assert self.last is not None
+        size = self.last
+        shown = [(i, r.position) for i, r in enumerate(batch) if self._shown(r)]
+        try:
+            paths = await batch_proofs(
+                size,
+                state.frontier,
+                leaves,
+                [position - 1 for _, position in shown],
+                state.fetched,
+                self.source.tree_nodes,
+            )
+        except ProofError as exc:
+            failed = shown[0][1] if shown else batch[0].position
+            raise VerificationError(
+                failed, f"the stored Merkle tree gives no inclusion proof: {exc}"
+            ) from None
+        proofs: dict[int, Inclusion] = {}
+        memo = RootMemo()  # per batch: its states are the batch's paths
+        for (i, position), path in zip(shown, paths, strict=True):
+            proof = Inclusion(tree_size=size, hashes=[b64encode(h) for h in path])
+            # followed as the verifier will (ledger.audit.proofs.RootMemo)
+            if memo.root(leaves[i], position - 1, size, proof.hashes) != state.root:
+                raise VerificationError(
+                    position, "the stored Merkle tree's inclusion proof does not lead to its root"
+                )
+            proofs[position] = proof
+        return proofs
 
     async def _batches(self) -> AsyncGenerator[list[RecordedEvent], None]:
         """Entries first..last, the next batch read while this one is written."""
@@ -344,11 +395,14 @@ class BundleExport:
             )
         return before.entry_hash
 
-    def _entry(self, state: _ExportState, record: RecordedEvent) -> bytes:
+    def _entry(
+        self, state: _ExportState, record: RecordedEvent, inclusion: Inclusion | None
+    ) -> bytes:
         # 1. the link, recomputed from the very texts written (never sign what was not
         #    checked); the same checks, in the same order, as ledger.chain.check_link
         assert self.first is not None
-        line: EventLine = entry_line(EventLine, record)
+        extra = {} if inclusion is None else {"inclusion": inclusion}
+        line: EventLine = entry_line(EventLine, record, **extra)
         expected = state.last_position + 1 if state.last_position else self.first
         if record.position != expected:
             raise VerificationError(
@@ -371,7 +425,7 @@ class BundleExport:
             state.first_prev = record.prev_hash
         state.prev, state.last_position = record.entry_hash, record.position
         # 2. the line
-        if self.agent is None or self.agent in record.subjects:
+        if inclusion is not None:
             state.events += 1
             return self.encoder.line(line)
         state.stubs += 1
@@ -386,7 +440,13 @@ class BundleExport:
         if self.first is not None:
             assert state.prev is not None
             checkpoint = await self._covering_checkpoint(state.last_position, state.prev)
-            # The entries' own hashes, folded onto the edge: what the ledger key signs.
+            # The entries' own hashes, folded onto the edge: what the ledger key signs;
+            # the events' audit paths were checked against the stored tree's root.
+            if state.frontier.root() != state.root:
+                raise VerificationError(
+                    state.last_position,
+                    "the stored Merkle tree's root differs from the one of the entries",
+                )
             tree_head = tlog.signed_tree_head(self.key, state.frontier.size, state.frontier.root())
             lines.append(
                 self.encoder.line(
@@ -451,6 +511,8 @@ class _ExportState:
     events: int = 0
     stubs: int = 0
     frontier: Frontier = field(default_factory=Frontier)
+    root: bytes = b""
+    fetched: Nodes = field(default_factory=dict)
 
 
 def _did_of(record: RecordedEvent) -> str | None:

@@ -28,7 +28,7 @@ from typing import BinaryIO, TypeAlias
 from ledger import tlog
 from ledger.audit.bundle import (
     FORMAT,
-    FORMAT_VERSION,
+    FORMAT_VERSIONS,
     AnchorLine,
     BundleVerificationError,
     CheckpointLine,
@@ -75,6 +75,8 @@ class BundleReport:
     root the checkpoint's signed tree head commits to."""
     trusted_size: int | None = None
     """Set when the bundle was held against a checkpoint seen before, of this size."""
+    proofs: int = 0
+    """Events whose own inclusion proof led to the signed tree head's root."""
 
     @property
     def ledger_did(self) -> str:
@@ -94,6 +96,8 @@ class BundleReport:
         tree = ""
         if self.tree_size is not None:
             tree = f", every entry proven in the signed Merkle tree of {self.tree_size}"
+            if self.proofs:
+                tree += f" ({self.proofs} events by their own inclusion proofs)"
         if self.trusted_size is not None:
             tree += f", consistent with the trusted checkpoint of {self.trusted_size}"
         return (
@@ -192,6 +196,11 @@ class _BundleVerifier:
         self.manifest: Manifest | None = None
         self.lines_seen = 0
         self.next_line = 0  # the number of the next region's first line
+        self.version = 0
+        self.proofs = 0
+        # (tree size, root) each event's inclusion proof leads to, with the (line,
+        # position) of the first such event: held against the signed tree head
+        self.proof_roots: dict[tuple[int, bytes], tuple[int, int]] = {}
 
     # 1. header and key entries, in this process
     def run(self, source: Source) -> BundleReport:
@@ -259,10 +268,10 @@ class _BundleVerifier:
         item = self._decode(number, raw)
         if not isinstance(item, Header):
             raise BundleVerificationError(number, 0, "the first line is not a bundle header")
-        if item.format != FORMAT or item.format_version != FORMAT_VERSION:
-            raise BundleVerificationError(
-                number, 0, f"not a {FORMAT} version {FORMAT_VERSION} header"
-            )
+        if item.format != FORMAT or item.format_version not in FORMAT_VERSIONS:
+            versions = " or ".join(str(v) for v in FORMAT_VERSIONS)
+            raise BundleVerificationError(number, 0, f"not a {FORMAT} version {versions} header")
+        self.version = item.format_version
         for name, text in (("from", item.from_), ("to", item.to)):
             if not is_ledger_time(text):
                 raise BundleVerificationError(number, 0, f"{name} is not a ledger time: {text!r}")
@@ -391,6 +400,7 @@ class _BundleVerifier:
             positions=self.keys.positions if with_keys else {},
             raws=self.keys.raws if with_keys else {},
             key_hashes=self.keys.hashes,
+            proofs=self.version >= 2,
         )
 
     def _submit(
@@ -414,6 +424,9 @@ class _BundleVerifier:
             raise BundleVerificationError(*result.error)
         if self.frontier is not None and result.first is not None:
             self._grow(result.first[0], result.leaves)
+        for key, where in result.roots.items():
+            self.proof_roots.setdefault(key, where)
+        self.proofs += result.proofs
         self.events += result.events
         self.stubs += result.stubs
         self.signatures_done += result.signatures
@@ -503,6 +516,10 @@ class _BundleVerifier:
                 )
         if item.note is not None:
             self._tree_head(number, item)
+        elif self.proof_roots or (self.version >= 2 and self.last is not None):
+            raise BundleVerificationError(
+                number, item.position, "no signed tree head for the inclusion proofs"
+            )
         self.checkpoint = checkpoint
 
     def _tree_head(self, number: int, item: CheckpointLine) -> None:
@@ -529,6 +546,24 @@ class _BundleVerifier:
                 "the Merkle root of the bundle's entries differs from the signed tree head",
             )
         self.tree_size = head.size
+        self._inclusion_proofs(head.size, head.root_hash)
+
+    def _inclusion_proofs(self, size: int, root: bytes) -> None:
+        """Every event's audit path must lead to the signed tree head's root; the first
+        event (by line) whose path does not is named."""
+        wrong = sorted(where for key, where in self.proof_roots.items() if key != (size, root))
+        if not wrong:
+            return
+        line, position = wrong[0]
+        found = next(key for key, where in self.proof_roots.items() if where == wrong[0])
+        if found[0] != size:
+            reason = (
+                f"the inclusion proof is for a tree of {found[0]} entries, the signed tree "
+                f"head's has {size}"
+            )
+        else:
+            reason = "the inclusion proof does not lead to the signed tree head's root"
+        raise BundleVerificationError(line, position, reason)
 
     def _manifest(self, number: int, item: Manifest) -> None:
         assert self.header is not None
@@ -538,7 +573,7 @@ class _BundleVerifier:
             header.from_,
             header.to,
             header.agent,
-            FORMAT_VERSION,
+            self.version,
         ):
             raise BundleVerificationError(number, 0, "the manifest's range differs from the header")
         if first is not None and item.first_position != first[1]:
@@ -636,4 +671,5 @@ class _BundleVerifier:
             signatures_checked=self.signatures,
             tree_size=self.tree_size,
             trusted_size=None if self.trusted is None else self.trusted.size,
+            proofs=self.proofs,
         )

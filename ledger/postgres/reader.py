@@ -341,6 +341,12 @@ class PostgresLedgerReader:
             raise ProofError(f"subtree ({level}, {index}) is not available")
         return result
 
+    async def tree_nodes(self, wanted: set[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+        """The hashes of the complete subtrees ``wanted`` ((level, index)) that exist,
+        in one round trip (an audit export's inclusion proofs, batch by batch)."""
+        found = await self._tree_nodes(wanted)
+        return {key: found[key] for key in wanted if key in found}
+
     async def _tree_nodes(self, wanted: set[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
         """The hashes of ``wanted`` subtrees: stored ones (16+ leaves, and the tree's edge
         kept at a retention cut) read in one query; smaller ones rebuilt from stored

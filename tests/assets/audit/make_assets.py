@@ -19,6 +19,15 @@ with one thing changed:
     one event line left out of the middle of the range
 ``resigned-manifest.jsonl``
     the manifest signed by another key (its ``signer`` and ``signature``)
+``altered-edge.jsonl``
+    one hash of the tree's edge before the range changed (the range proof broken)
+``tampered-proof.jsonl``
+    one hash of the first event's inclusion proof changed
+``dropped-proof.jsonl``
+    the middle event's inclusion proof left out
+``swapped-proof.jsonl``
+    the first event carries the inclusion proof of the second (a proof that the
+    event is in the log at another position)
 """
 
 from __future__ import annotations
@@ -138,6 +147,9 @@ class MemorySource:
     async def tree_edge(self, size: int) -> Frontier:
         return await self.ledger.frontier_at(size)
 
+    async def tree_nodes(self, wanted: set[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+        return await self.ledger.tree_nodes(wanted)
+
     async def store_checkpoint(self, checkpoint: Checkpoint) -> Checkpoint | None:
         entry = await self.ledger.entry_at(checkpoint.position)
         if entry is None or entry.entry_hash.hex() != checkpoint.head_hash:
@@ -212,6 +224,37 @@ def altered_edge(lines: list[str]) -> list[str]:
     return [*lines[:index], _dump(tree), *lines[index + 1 :]]
 
 
+def _event_lines(lines: list[str]) -> list[int]:
+    return [i for i, line in enumerate(lines) if json.loads(line)["kind"] == "event"]
+
+
+def tampered_proof(lines: list[str]) -> list[str]:
+    """One bit of the first event's inclusion proof flipped."""
+    index = _event_lines(lines)[0]
+    item = json.loads(lines[index])
+    first = bytearray(base64.b64decode(item["inclusion"]["hashes"][0]))
+    first[0] ^= 1
+    item["inclusion"]["hashes"][0] = base64.b64encode(bytes(first)).decode()
+    return [*lines[:index], _dump(item), *lines[index + 1 :]]
+
+
+def dropped_proof(lines: list[str]) -> list[str]:
+    """The middle event's inclusion proof left out."""
+    events = _event_lines(lines)
+    index = events[len(events) // 2]
+    item = json.loads(lines[index])
+    del item["inclusion"]
+    return [*lines[:index], _dump(item), *lines[index + 1 :]]
+
+
+def swapped_proof(lines: list[str]) -> list[str]:
+    """The first event with the second's inclusion proof."""
+    first, second = _event_lines(lines)[:2]
+    item = json.loads(lines[first])
+    item["inclusion"] = json.loads(lines[second])["inclusion"]
+    return [*lines[:first], _dump(item), *lines[first + 1 :]]
+
+
 def resigned_manifest(lines: list[str]) -> list[str]:
     """The manifest signed by ``OTHER_KEY`` (content unchanged, signer replaced)."""
     manifest = msgspec.json.decode(lines[-1], type=Manifest)
@@ -246,6 +289,9 @@ def build() -> dict[str, str]:
         "dropped-line.jsonl": dropped_line(lines),
         "resigned-manifest.jsonl": resigned_manifest(lines),
         "altered-edge.jsonl": altered_edge(lines),
+        "tampered-proof.jsonl": tampered_proof(lines),
+        "dropped-proof.jsonl": dropped_proof(lines),
+        "swapped-proof.jsonl": swapped_proof(lines),
     }
     return {name: "\n".join(content) + "\n" for name, content in files.items()}
 
