@@ -396,6 +396,9 @@ class PostgresEventStore(PostgresLedgerReader):
         self._verify_keys: dict[bytes, VerifyKey] = {}  # parsed once per key, not per event
         self._partitions: set[datetime] = set()  # days known to have a partition
         self._known = _Known()
+        self._conn: asyncpg.Connection | None = None  # the flusher's (see _writer)
+        self._flush_lock = asyncio.Lock()  # whoever holds it commits (see _submit)
+        self._in_flight = 0  # appends submitted and not yet answered
         # Commits by path: "fast" (one guarded statement), "locked" (under the head lock).
         self.commit_paths: collections.Counter[str] = collections.Counter()
         self._frontier: tuple[bytes, Frontier] | None = None  # (head hash, edge) last commit
@@ -498,6 +501,8 @@ class PostgresEventStore(PostgresLedgerReader):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        async with self._flush_lock:  # a commit from a caller's task may be running
+            await self._drop_writer()
         await self._pool.close()
         self._verify_pool.shutdown(wait=False)
 
@@ -539,15 +544,56 @@ class PostgresEventStore(PostgresLedgerReader):
         request = self._request(events, expected_version, idempotency_key)
         request.bootstrap = bootstrap
         if not _tracing():
-            self._incoming.put_nowait(request)
-            return await request.future
+            return await self._submit(request)
         with _tracer.start_as_current_span("ledger.append") as span:
             span.set_attribute("ledger.events", len(request.events))
             span.set_attribute("ledger.stream_id", request.stream_id)
-            self._incoming.put_nowait(request)
-            result = await request.future
+            result = await self._submit(request)
             span.set_attribute("ledger.position", result.positions[-1])
             return result
+
+    async def _submit(self, request: _Request) -> AppendResult:
+        """Queue a request for the verifier and the flusher; or, when it is the only
+        append in flight and its signatures are quick to check, commit it from the
+        caller's own task (no hand-off between tasks: a lone appender waits for its
+        commit, nothing else). Concurrent appends always queue, so they share commits."""
+        self._in_flight += 1
+        try:
+            if (
+                self._in_flight == 1
+                and not self._flush_lock.locked()
+                and self._verified_here(request)
+            ):
+                async with self._flush_lock:
+                    try:
+                        await self._flush_isolated([request])
+                    except Exception as exc:  # as the flusher: never leave the caller hanging
+                        log.exception("ledger_flusher_error")
+                        self._fail([request], StoreUnavailableError(f"append not committed: {exc}"))
+            else:
+                self._incoming.put_nowait(request)
+            return await request.future
+        finally:
+            self._in_flight -= 1
+
+    def _verified_here(self, request: _Request) -> bool:
+        """Verify a small request on the loop when every signer's key is known here;
+        False sends it the long way (key lookups, re-checks, error answers)."""
+        if len(request.events) > _VERIFY_INLINE:
+            return False
+        keys = {}
+        for signed in request.events:
+            if signed.actor not in self._keys and signed.actor != self._ledger_key.did:
+                return False
+            try:
+                key = self._believed_key(signed)
+            except LedgerError:
+                return False
+            if not key.is_valid(signed.signature, signed.body):
+                return False
+            keys[signed.actor] = key.raw
+        request.keys_used.update(keys)
+        return True
 
     async def append_own(
         self,
@@ -701,7 +747,8 @@ class PostgresEventStore(PostgresLedgerReader):
         while True:
             batch = await self._next_batch()
             try:
-                await self._flush_isolated(batch)
+                async with self._flush_lock:  # one flush at a time (see _submit)
+                    await self._flush_isolated(batch)
             except Exception as exc:  # never let the flusher die with callers waiting
                 log.exception("ledger_flusher_error")
                 self._fail(batch, StoreUnavailableError(f"append not committed: {exc}"))
@@ -738,10 +785,14 @@ class PostgresEventStore(PostgresLedgerReader):
                 request.future.set_exception(error)
 
     async def _flush(self, batch: list[_Request]) -> None:
-        state = await self._flush_fast(batch)
-        path = "fast"
-        if state is None:
-            state, path = await self._flush_locked(batch), "locked"
+        try:
+            state = await self._flush_fast(batch)
+            path = "fast"
+            if state is None:
+                state, path = await self._flush_locked(batch), "locked"
+        except BaseException:
+            await self._drop_writer()  # a broken connection is not reused
+            raise
         if state.rows:
             self.commit_paths[path] += 1
         self._committed(state)
@@ -760,28 +811,28 @@ class PostgresEventStore(PostgresLedgerReader):
         dids, streams = _needs(batch)
         missing_dids = [d for d in dids if d not in known.keys]
         missing_streams = [s for s in streams if s not in known.versions]
-        async with self._pool.acquire() as conn:
-            if missing_dids or missing_streams:
-                # Read without the lock: valid only if the head is still ``head`` when
-                # the guarded write runs, which the write checks.
-                rows = await conn.fetch(_STATE_SQL, missing_dids, missing_streams)
-                known.learn(rows, missing_dids, missing_streams)
-            frontier = await self._frontier_at_head(head)
-            state = known.batch_state(
-                head, frontier, self._now(head), self._ledger_key.did, dids, streams
-            )
-            for request in batch:
-                self._apply(request, state)
-            if any(isinstance(outcome, LedgerError) for _, outcome in state.results):
-                return None
-            if not self._partitions.issuperset(_partitions_of(state)):
-                return None
-            _seal(state)
-            checkpoint = self._due_checkpoint(state)
-            try:
-                wrote = await conn.fetch(_WRITE_SQL, *_write_args(head, state, checkpoint))
-            except asyncpg.UniqueViolationError:
-                return None  # a replay or a retry: the locked path answers it
+        conn = await self._writer()
+        if missing_dids or missing_streams:
+            # Read without the lock: valid only if the head is still ``head`` when
+            # the guarded write runs, which the write checks.
+            rows = await conn.fetch(_STATE_SQL, missing_dids, missing_streams)
+            known.learn(rows, missing_dids, missing_streams)
+        frontier = await self._frontier_at_head(head)
+        state = known.batch_state(
+            head, frontier, self._now(head), self._ledger_key.did, dids, streams
+        )
+        for request in batch:
+            self._apply(request, state)
+        if any(isinstance(outcome, LedgerError) for _, outcome in state.results):
+            return None
+        if not self._partitions.issuperset(_partitions_of(state)):
+            return None
+        _seal(state)
+        checkpoint = self._due_checkpoint(state)
+        try:
+            wrote = await conn.fetch(_WRITE_SQL, *_write_args(head, state, checkpoint))
+        except asyncpg.UniqueViolationError:
+            return None  # a replay or a retry: the locked path answers it
         if not wrote:
             known.miss()  # another process appended: its changes are unknown here
             return None
@@ -790,7 +841,8 @@ class PostgresEventStore(PostgresLedgerReader):
 
     async def _flush_locked(self, batch: list[_Request]) -> _BatchState:
         """The batch under the head lock, checked against the tables themselves."""
-        async with self._pool.acquire() as conn, conn.transaction():
+        conn = await self._writer()
+        async with conn.transaction():
             # The head row is the ledger's lock: see the module docstring.
             row = await conn.fetchrow(
                 "SELECT position, entry_hash, recorded_at FROM ledger_head WHERE id = 1 FOR UPDATE"
@@ -833,6 +885,19 @@ class PostgresEventStore(PostgresLedgerReader):
                 assert wrote, "the head moved under the ledger lock"
                 state.checkpoint = checkpoint
         return state
+
+    async def _writer(self) -> asyncpg.Connection:
+        """The flusher's own connection, held between batches: no pool round trip
+        (asyncpg resets a released connection with a query) per commit."""
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await self._pool.acquire()
+        return self._conn
+
+    async def _drop_writer(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(*_DRIVER_ERRORS):
+                await self._pool.release(conn)
 
     def _committed(self, state: _BatchState) -> None:
         """After COMMIT (or with nothing to write): remember, then answer."""
