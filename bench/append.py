@@ -10,10 +10,15 @@ Prints, from one run (medians of ``--repeat`` rounds, rounds interleaved):
     our positions) on the same PostgreSQL, storing the same signed bodies, with
     1 and with 64 threads — and the ledger's ratio to it,
   * WAL bytes per event of each (``pg_current_wal_lsn()`` around the round),
+  * several processes appending to one ledger at once (``--processes 1,2,4``):
+    each a separate ``PostgresEventStore`` (as separate API replicas or workers)
+    with 32 concurrent appenders, started together; the total events/s beside
+    one process's in the same run,
   * the 1-core Ed25519 verify ceiling.
 Both stores commit durably (``synchronous_commit`` on, fsync on) before a call returns.
 
 Usage: .venv/bin/python bench/append.py [--events 12800] [--repeat 3] [--no-peer]
+           [--processes 1,2,4]
 Uses AGENTMESH_DATABASE_URL when set, else an embedded PostgreSQL. The peer needs
 the ``eventsourcing`` and ``psycopg`` packages (the ``bench`` extra).
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import sys
@@ -45,6 +51,8 @@ from ledger.identity import SigningKey
 from ledger.postgres import PostgresEventStore
 from ledger.signed import SignedEvent
 from ledger.timefmt import format_time
+
+_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 def signed_events(agents: list[SigningKey], count: int) -> list[SignedEvent]:
@@ -187,6 +195,94 @@ async def ledger_appends(url: str, concurrency: int, count: int) -> float:
         await store.close()
 
 
+# One of several appending processes: open the ledger with the shared key, sign this
+# process's events, say "ready", wait for "go", append, print start and end times.
+_PROCESS_CHILD = """
+import asyncio, json, sys, time
+sys.path.insert(0, sys.argv[1])
+from bench.append import signed_events
+from ledger.identity import SigningKey
+from ledger.postgres import PostgresEventStore
+
+async def main() -> None:
+    url, count, concurrency = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    ledger_key = SigningKey.from_pem(sys.stdin.readline().replace("|", "\\n"))
+    agents = [SigningKey.from_pem(line.replace("|", "\\n")) for line in sys.argv[5:]]
+    store = await PostgresEventStore.open(url, ledger_key)
+    try:
+        events = iter(signed_events(agents, count))
+        print("ready", flush=True)
+        sys.stdin.readline()
+
+        async def appender() -> None:
+            for event in events:
+                await store.append([event])
+
+        start = time.time()
+        await asyncio.gather(*(appender() for _ in range(concurrency)))
+        print(json.dumps([start, time.time()]), flush=True)
+    finally:
+        await store.close()
+
+asyncio.run(main())
+"""
+
+
+async def process_appends(url: str, processes: int, count: int, concurrency: int = 32) -> float:
+    """Total events/s of ``processes`` processes appending ``count`` events in all."""
+    ledger_key = SigningKey.generate()
+    store = await PostgresEventStore.open(url, ledger_key)
+    agents = [SigningKey.generate() for _ in range(concurrency * processes)]
+    try:
+        for agent in agents:
+            await store.append_own(
+                AgentRegistered(
+                    actor=ledger_key.did,
+                    occurred_at=format_time(datetime.now(UTC)),
+                    did=agent.did,
+                    public_key=agent.public.pem(),
+                )
+            )
+    finally:
+        await store.close()
+    children = []
+    for index in range(processes):
+        own = agents[index * concurrency : (index + 1) * concurrency]
+        pems = [a.private_key_pem().replace("\n", "|") for a in own]
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _PROCESS_CHILD,
+            _ROOT,
+            url,
+            str(count // processes),
+            str(concurrency),
+            *pems,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert child.stdin is not None
+        child.stdin.write(ledger_key.private_key_pem().replace("\n", "|").encode() + b"\n")
+        children.append(child)
+    for child in children:
+        assert child.stdout is not None
+        ready = await child.stdout.readline()
+        if ready.strip() != b"ready":
+            raise RuntimeError(f"an appending process failed to start: {ready!r}")
+    for child in children:
+        assert child.stdin is not None
+        child.stdin.write(b"go\n")
+        await child.stdin.drain()
+    spans: list[tuple[float, float]] = []
+    for child in children:
+        assert child.stdout is not None
+        start, end = json.loads(await child.stdout.readline())
+        spans.append((float(start), float(end)))
+        await child.wait()
+    elapsed = max(end for _, end in spans) - min(start for start, _ in spans)
+    return (count // processes) * processes / elapsed
+
+
 def verify_ceiling(seconds: float = 1.0) -> float:
     key = SigningKey.generate()
     body = b'{"actor":"did:mesh:00","type":"policy.violation"}' * 4
@@ -239,11 +335,21 @@ async def main(args: argparse.Namespace) -> None:
                 lambda: asyncio.to_thread(peer_appends, url, concurrency, events),
             )
 
+        async def processes_round(processes: int) -> tuple[float, float]:
+            url = (await fresh_database(base_url))[0]
+            return await wal_bytes_per_event(
+                url, args.events, lambda: process_appends(url, processes, args.events)
+            )
+
         measures: dict[str, Callable[[], Awaitable[tuple[float, float]]]] = {
             "raw COPY (baseline)": copy_round,
             "ledger append, 1 appender": lambda: ledger_round(1),
             "ledger append, 64 appenders": lambda: ledger_round(64),
         }
+        for n in args.processes:
+            measures[f"ledger append, {n} process{'es' if n > 1 else ''} x 32"] = (
+                lambda n=n: processes_round(n)  # type: ignore[misc]
+            )
         if args.peer:
             measures["eventsourcing, 1 appender (peer)"] = lambda: peer_round(1)
             measures["eventsourcing, 64 threads (peer)"] = lambda: peer_round(64)
@@ -267,6 +373,18 @@ async def main(args: argparse.Namespace) -> None:
         many = results["ledger append, 64 appenders"][0]
         target = "met" if many >= 5000 else "NOT met"
         print(f"target >= 5,000 agent-signed events/s with 64 appenders: {target}")
+        if len(args.processes) > 1:
+            one = results[
+                f"ledger append, {args.processes[0]} process"
+                f"{'es' if args.processes[0] > 1 else ''} x 32"
+            ][0]
+            for n in args.processes[1:]:
+                total = results[f"ledger append, {n} processes x 32"][0]
+                verdict = "met" if total >= one else "NOT met"
+                print(
+                    f"{n} processes / {args.processes[0]}: {total / one:.2f}x events/s "
+                    f"(target: never below one process's: {verdict})"
+                )
         if args.peer:
             for n in (1, 64):
                 ours = results[f"ledger append, {n} appender{'s' if n > 1 else ''}"]
@@ -289,5 +407,11 @@ if __name__ == "__main__":
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument(
         "--no-peer", dest="peer", action="store_false", help="skip the eventsourcing peer"
+    )
+    parser.add_argument(
+        "--processes",
+        type=lambda text: [int(n) for n in text.split(",") if n],
+        default=[1, 2, 4],
+        help="appending processes to measure, comma-separated ('' for none)",
     )
     asyncio.run(main(parser.parse_args()))
