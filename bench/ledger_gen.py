@@ -3,8 +3,14 @@
 Appending a million events through ``PostgresEventStore.append`` (verify,
 chain, commit) takes minutes. This writes the same rows directly:
 
-1. every event is signed with ``SignedEvent.create`` on worker processes
-   (Ed25519 signing and canonical JSON dominate: one process per core);
+1. every event is signed on worker processes, one per core, as
+   ``SignedEvent.create`` would (a fresh event id, the RFC 8785 body, one
+   Ed25519 signature) but about twice as fast: the body is written by msgspec
+   with sorted keys, which is RFC 8785 for these flat ASCII bodies (the first
+   16 of every chunk are compared with ``encode_event``, a non-ASCII one takes
+   the reference path) and not parsed back; DIDs are computed once per key.
+   No signature is reused: every body is single-use (its event id), so every
+   entry verifies on its own. Signing is then about half the work;
 2. in position order, this process chains them with ``envelope_bytes`` and
    ``entry_hash`` and COPYs them into ``events`` (daily partitions created
    first, as ``PostgresEventStore._ensure_partitions`` does);
@@ -34,21 +40,27 @@ from datetime import UTC, datetime, timedelta
 from multiprocessing import get_context
 
 import asyncpg
+import msgspec
 
+from ledger.canonical import canonical_bytes
 from ledger.chain import GENESIS_HASH, Checkpoint, entry_hash, envelope_bytes, sign_checkpoint
 from ledger.events import (
     AgentRegistered,
+    AnyEvent,
     DelegationGranted,
     Event,
     HandshakeCompleted,
     PolicyViolation,
     TrustSignal,
+    body_of,
+    encode_event,
+    event_type,
+    new_event_id,
     stream_of,
     subject_agents,
 )
-from ledger.identity import SigningKey, b64decode
+from ledger.identity import SigningKey, VerifyKey, b64decode
 from ledger.postgres import PostgresLedgerReader, partition_name
-from ledger.signed import SignedEvent
 from ledger.timefmt import format_time
 from ledger.verify import KeyRing, LedgerVerifier, verify_ledger
 
@@ -115,37 +127,77 @@ class GeneratedLedger:
 
 @dataclass(frozen=True, slots=True)
 class _WorkerKeys:
-    ledger: SigningKey
-    agents: list[SigningKey]
+    ledger: _Key
+    agents: list[_Key]
     caps: list[tuple[str, ...]]
 
 
 _worker: list[_WorkerKeys] = []  # set once per worker process by _init_worker
 
 
+@dataclass(frozen=True, slots=True)
+class _Key:
+    """A signing key with its DID computed once (the worker reads it three times an
+    event)."""
+
+    key: SigningKey
+    did: str
+    public: VerifyKey
+
+    @classmethod
+    def from_pem(cls, pem: str) -> _Key:
+        key = SigningKey.from_pem(pem)
+        return cls(key, key.did, key.public)
+
+    def sign(self, body: bytes) -> bytes:
+        return self.key.sign(body)
+
+
 def _init_worker(ledger_pem: str, agent_pems: list[str], caps: list[tuple[str, ...]]) -> None:
-    keys = [SigningKey.from_pem(p) for p in agent_pems]
-    _worker.append(_WorkerKeys(SigningKey.from_pem(ledger_pem), keys, caps))
+    keys = [_Key.from_pem(p) for p in agent_pems]
+    _worker.append(_WorkerKeys(_Key.from_pem(ledger_pem), keys, caps))
+
+
+_sorted_json = msgspec.json.Encoder(order="sorted")
+CHECKED_BODIES = 16
+"""Bodies per chunk also made the slow, reference way and compared."""
+
+
+def canonical_body(event: Event) -> bytes:
+    """``ledger.events.encode_event(event)`` (RFC 8785), about 5x faster.
+
+    For a flat object of ASCII strings, integers and lists of them, RFC 8785 is
+    what msgspec writes with sorted keys (same escapes, no whitespace, ASCII key
+    order = UTF-16 order); anything else takes the reference path."""
+    body = _sorted_json.encode(body_of(event))
+    return body if body.isascii() else canonical_bytes(body_of(event))
 
 
 def _sign_chunk(plan: Plan, first: int, count: int) -> list[Signed]:
-    """Sign events ``first .. first + count - 1`` (0-based indexes) of the plan."""
+    """Sign events ``first .. first + count - 1`` (0-based indexes) of the plan.
+
+    What ``SignedEvent.create`` does, without re-parsing the body it just wrote:
+    the canonical body (checked against ``encode_event`` for the first
+    ``CHECKED_BODIES`` of every chunk), a fresh event id, one Ed25519 signature."""
     ledger, agents, caps = _worker[0].ledger, _worker[0].agents, _worker[0].caps
     rng = random.Random(f"{plan.seed}:{first}")
     out: list[Signed] = []
     for index in range(first, first + count):
         event, key = _event(plan, index, rng, ledger, agents, caps)
-        signed = SignedEvent.create(event, key)
-        subjects = set(subject_agents(signed.event))
-        if signed.actor != ledger.did:
-            subjects.add(signed.actor)
+        event = msgspec.structs.replace(event, event_id=new_event_id())
+        body = canonical_body(event)
+        if index - first < CHECKED_BODIES and body != encode_event(event):
+            raise AssertionError(f"event {index}: the fast body is not the canonical one")
+        subjects = set(subject_agents(event))
+        if event.actor != ledger.did:
+            subjects.add(event.actor)
         out.append(
             (
-                signed.body,
-                signed.signature,
-                signed.type,
-                signed.actor,
-                stream_of(signed.event),
+                body,
+                key.sign(body),
+                event_type(event),
+                event.actor,
+                stream_of(event),
                 sorted(subjects),
             )
         )
@@ -156,10 +208,10 @@ def _event(
     plan: Plan,
     index: int,
     rng: random.Random,
-    ledger: SigningKey,
-    agents: list[SigningKey],
+    ledger: _Key,
+    agents: list[_Key],
     caps: list[tuple[str, ...]],
-) -> tuple[Event, SigningKey]:
+) -> tuple[AnyEvent, _Key]:
     moment = plan.recorded_at(index + 1)
     now = format_time(moment)
     if index < plan.agents:
