@@ -287,26 +287,29 @@ class _RequestView:
 # What the checks of a batch read: keys and suspension of the agents it names, the
 # versions of its streams, and whether any agent is registered ($1, $2).
 _STATE_SQL = """
-SELECT 'k' AS kind, did AS id, public_key AS raw,
-       position AS a, suspended::int AS b, NULL::text AS c, NULL::int AS d
+SELECT 'k' AS kind, did AS id, public_key AS raw, position AS a, suspended::int AS b,
+       NULL::text AS c, NULL::int AS d, NULL::timestamptz AS t
   FROM agent_keys WHERE did = ANY($1::text[])
 UNION ALL
-SELECT 's', stream_id, NULL, NULL, version, NULL, NULL
+SELECT 's', stream_id, NULL, NULL, version, NULL, NULL, NULL
   FROM streams WHERE stream_id = ANY($2::text[])
 UNION ALL
-SELECT 'a', NULL, NULL, NULL, NULL, NULL, NULL WHERE EXISTS (SELECT 1 FROM agent_keys)
+SELECT 'a', NULL, NULL, NULL, NULL, NULL, NULL, NULL WHERE EXISTS (SELECT 1 FROM agent_keys)
 """
 
-# Under the lock, also the idempotency keys ($3, $4) and single-use event ids ($5)
-# the batch carries, so a retry or a replay is answered rather than refused.
+# Under the lock, also the head, and the idempotency keys ($3, $4) and single-use
+# event ids ($5) the batch carries, so a retry or a replay is answered, not refused.
 _LOOKUP_SQL = (
     _STATE_SQL  # noqa: S608 -- constants only
     + """UNION ALL
-SELECT 'i', signer || ' ' || key, digest, first_position, count, stream_id, stream_version
+SELECT 'h', NULL, entry_hash, position, NULL, NULL, NULL, recorded_at
+  FROM ledger_head WHERE id = 1
+UNION ALL
+SELECT 'i', signer || ' ' || key, digest, first_position, count, stream_id, stream_version, NULL
   FROM idempotency_keys
  WHERE (signer, key) IN (SELECT * FROM unnest($3::text[], $4::text[]))
 UNION ALL
-SELECT 'e', NULL, key, position, NULL, NULL, NULL
+SELECT 'e', NULL, key, position, NULL, NULL, NULL, NULL
   FROM event_ids WHERE key = ANY($5::bytea[])
 """
 )
@@ -748,7 +751,7 @@ class PostgresEventStore(PostgresLedgerReader):
             batch = await self._next_batch()
             try:
                 async with self._flush_lock:  # one flush at a time (see _submit)
-                    await self._flush_isolated(batch)
+                    await self._flush_isolated(batch, top_up=True)
             except Exception as exc:  # never let the flusher die with callers waiting
                 log.exception("ledger_flusher_error")
                 self._fail(batch, StoreUnavailableError(f"append not committed: {exc}"))
@@ -756,11 +759,11 @@ class PostgresEventStore(PostgresLedgerReader):
                 for _ in batch:
                     self._queue.task_done()
 
-    async def _flush_isolated(self, batch: list[_Request]) -> None:
+    async def _flush_isolated(self, batch: list[_Request], *, top_up: bool = False) -> None:
         """Flush a group commit; if the database refuses its *data*, flush each
         request alone, so one request's bad bytes never fail another's append."""
         try:
-            await self._flush(batch)
+            await self._flush(batch, top_up=top_up)
         except _DATA_ERRORS as exc:
             if len(batch) == 1:
                 log.warning("ledger_append_refused", extra={"error": str(exc)})
@@ -784,12 +787,12 @@ class PostgresEventStore(PostgresLedgerReader):
             if not request.future.done():
                 request.future.set_exception(error)
 
-    async def _flush(self, batch: list[_Request]) -> None:
+    async def _flush(self, batch: list[_Request], *, top_up: bool = False) -> None:
         try:
             state = await self._flush_fast(batch)
             path = "fast"
             if state is None:
-                state, path = await self._flush_locked(batch), "locked"
+                state, path = await self._flush_locked(batch, top_up=top_up), "locked"
         except BaseException:
             await self._drop_writer()  # a broken connection is not reused
             raise
@@ -839,16 +842,19 @@ class PostgresEventStore(PostgresLedgerReader):
         state.checkpoint = checkpoint
         return state
 
-    async def _flush_locked(self, batch: list[_Request]) -> _BatchState:
-        """The batch under the head lock, checked against the tables themselves."""
+    async def _flush_locked(self, batch: list[_Request], *, top_up: bool = False) -> _BatchState:
+        """The batch under the head lock, checked against the tables themselves:
+        four round trips (begin and lock, lookup, write, commit). With ``top_up``
+        (the flusher's own batch), what queued while the lock was awaited — another
+        process held it — joins this commit: contention makes commits larger."""
         conn = await self._writer()
-        async with conn.transaction():
-            # The head row is the ledger's lock: see the module docstring.
-            row = await conn.fetchrow(
-                "SELECT position, entry_hash, recorded_at FROM ledger_head WHERE id = 1 FOR UPDATE"
-            )
-            head = Head(row["position"], bytes(row["entry_hash"]), row["recorded_at"])
-            frontier = await self._frontier_at_head(head)
+        # BEGIN and the ledger's lock (the head row: see the module docstring) in one
+        # message; the lookup after it takes its snapshot once the lock is held, so it
+        # sees everything the previous holder committed.
+        await conn.execute("BEGIN; SELECT 1 FROM ledger_head WHERE id = 1 FOR UPDATE")
+        try:
+            while top_up and len(batch) < self._max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())  # the flush loop counts them done
             dids, streams = _needs(batch)
             ids = {
                 event_key(s.actor, s.event.event_id)
@@ -857,8 +863,6 @@ class PostgresEventStore(PostgresLedgerReader):
                 if s.event.event_id is not None
             }
             idem = {(r.signer, r.idempotency_key) for r in batch if r.idempotency_key is not None}
-            # One round trip for every lookup; it runs after the lock, so it sees
-            # everything committed by the previous holder.
             rows = await conn.fetch(
                 _LOOKUP_SQL,
                 list(dids),
@@ -867,6 +871,9 @@ class PostgresEventStore(PostgresLedgerReader):
                 [k for _, k in idem],
                 list(ids),
             )
+            found = next(r for r in rows if r["kind"] == "h")
+            head = Head(found["a"], bytes(found["raw"]), found["t"])
+            frontier = await self._frontier_at_head(head)
             if head != self._known.head:
                 self._known.reset(head)
             self._known.learn(rows, list(dids), list(streams))
@@ -884,6 +891,11 @@ class PostgresEventStore(PostgresLedgerReader):
                 wrote = await conn.fetch(_WRITE_SQL, *_write_args(head, state, checkpoint))
                 assert wrote, "the head moved under the ledger lock"
                 state.checkpoint = checkpoint
+            await conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(*_DRIVER_ERRORS):
+                await conn.execute("ROLLBACK")
+            raise
         return state
 
     async def _writer(self) -> asyncpg.Connection:
