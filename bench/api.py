@@ -5,6 +5,13 @@ Prints, from one run (medians of ``--repeat`` rounds), for each ``--workers`` co
     ``--concurrency`` (keep-alive connections, no pipelining), cycling over the
     registered agents, beside ``GET /health`` on the same server with the same
     client and concurrency (the baseline), and the ratio trust / health;
+  * one agent-signed ``policy.violation`` per ``POST /v1/violations`` (what a
+    sidecar sends; each with its idempotency key, signed before timing): closed
+    loop at ``--single-connections`` (64) beside ``GET /health`` at as many
+    connections, and the ratio; then open loop (``open_loop``: wrk2-style, each
+    request due at ``start + i / rate``, its latency counted from when it was due,
+    so a stall shows in every request it held back) at ``--open-rate`` (1,000/s)
+    beside ``GET /health`` at the same rate, p50/p99 ack;
   * agent-signed ``policy.violation`` reports/s through ``POST /v1/reports:batch``
     (batches of ``--batch-size``, ``--in-flight`` batches at once, each report with
     its own idempotency key; everything is signed and encoded before timing:
@@ -15,8 +22,13 @@ Prints, from one run (medians of ``--repeat`` rounds), for each ``--workers`` co
 
 The stack is real: embedded PostgreSQL and Redis, migrations, then
 ``python -m agentmesh serve api --workers N`` and ``python -m agentmesh serve
-projector`` as processes. ``--agents`` agents are registered through
-``POST /v1/agents`` and read until their trust answers 200. Between measures the
+projector`` as processes. ``--agents`` agents are registered (``--seed store``,
+the default: the same ledger-signed ``agent.registered`` events ``POST
+/v1/agents`` appends, appended through ``PostgresEventStore.append`` by 64
+appenders in this process — verified, chained, committed — and folded by the
+projector; ``--seed http``: through ``POST /v1/agents``, minutes at 100,000),
+then the projector is waited for and a sample of them is read until their trust
+answers 200. Between measures the
 projector is let catch up with the ledger, so each measure starts from the same
 quiet state. The API's in-process read cache is on, as by default (``--cache off``
 makes every trust read go to Redis).
@@ -27,12 +39,14 @@ the projector, PostgreSQL, Redis, this client with wrk, and "other" (the rest of
 the machine: how much a noisy neighbour took). Targets are reported as met or
 not, never enforced.
 
-Load generator for the GETs: ``wrk`` when it is on PATH (``apt-get install wrk``),
-else a Python asyncio HTTP/1.1 keep-alive client; the same one for trust and for
-health. The reports are sent by the Python client (a few large requests).
+Load generator for the closed loops: ``wrk`` when it is on PATH (``apt-get install
+wrk``), else a Python asyncio HTTP/1.1 keep-alive client; the same one for a
+measure and its /health baseline. The open loops and the batches are sent by
+the Python client.
 
 Usage: .venv/bin/python bench/api.py [--repeat 3] [--workers 1 [2 ...]]
-           [--concurrency 32] [--duration 10] [--agents 300] [--reports 20000]
+           [--concurrency 32] [--duration 10] [--agents 300] [--seed store|http]
+           [--single-connections 64] [--open-rate 1000] [--reports 20000 (0: skip)]
            [--in-flight 4] [--cache on|off] [--client auto|wrk|python]
 Uses AGENTMESH_DATABASE_URL (a fresh database is created on that server) and
 AGENTMESH_REDIS_HOST/AGENTMESH_REDIS_PORT when set, else embedded servers.
@@ -69,7 +83,7 @@ from agentmesh.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from agentmesh.migrate import upgrade
 from bench.common import positive
 from ledger.canonical import canonical_bytes
-from ledger.events import PolicyViolation, body_of
+from ledger.events import AgentRegistered, PolicyViolation, body_of, new_event_id
 from ledger.identity import SigningKey, b64encode
 from ledger.postgres import PostgresEventStore
 from ledger.signed import SignedEvent
@@ -78,6 +92,9 @@ from projections.store_redis import RedisProjectionStore
 
 HOST = "127.0.0.1"
 TRUST_TARGET = 0.6  # trust req/s over health req/s
+TRUST_P99_MS = 20.0
+SINGLE_TARGET = 0.6  # single signed reports/s over health req/s, same connections
+OPEN_P99_MS = 25.0  # p99 ack of single reports at --open-rate, open loop
 REPORTS_TARGET = 5000.0  # signed reports/s through the batch endpoint
 DIRECT_APPENDERS = 64
 
@@ -180,6 +197,11 @@ class PythonClient:
 
     async def run(self, port: int, paths: list[str], concurrency: int, seconds: float) -> Load:
         requests = [http_request(port, "GET", p) for p in paths]
+        return await self.run_requests(port, requests, concurrency, seconds)
+
+    async def run_requests(
+        self, port: int, requests: list[bytes], concurrency: int, seconds: float
+    ) -> Load:
         conns = [await HttpConnection.open(port) for _ in range(concurrency)]
         latencies: list[float] = []
         errors = 0
@@ -193,7 +215,7 @@ class PythonClient:
                 started = clock()
                 status, _ = await conn.exchange(requests[index % len(requests)])
                 record(clock() - started)
-                if status != 200:
+                if status not in (200, 201):
                     errors += 1
                 index += concurrency
 
@@ -245,9 +267,14 @@ class WrkClient:
     async def run(self, port: int, paths: list[str], concurrency: int, seconds: float) -> Load:
         script = self.workdir / f"wrk-{uuid.uuid4().hex[:8]}.lua"
         script.write_text(WRK_SCRIPT % ", ".join(json.dumps(p) for p in paths))
+        return await self.run_script(port, script, concurrency, seconds)
+
+    async def run_script(
+        self, port: int, script: Path, concurrency: int, seconds: float, threads: int = 0
+    ) -> Load:
         command = [
             self.executable,
-            f"-t{min(self.threads, concurrency)}",
+            f"-t{min(threads or self.threads, concurrency)}",
             f"-c{concurrency}",
             f"-d{max(round(seconds), 1)}s",
             "--timeout",
@@ -261,7 +288,7 @@ class WrkClient:
                 subprocess.run, command, capture_output=True, text=True, timeout=seconds + 60
             )
         finally:
-            script.unlink(missing_ok=True)
+            await asyncio.to_thread(script.unlink, True)
         lines = [x for x in done.stdout.splitlines() if x.startswith("BENCH ")]
         if done.returncode != 0 or not lines:
             raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
@@ -272,6 +299,84 @@ class WrkClient:
             p99_ms=found["p99_us"] / 1000,
             errors=found["errors"],
         )
+
+
+WRK_POST_SCRIPT = """
+local bodies = {}
+for line in io.lines(%s) do bodies[#bodies + 1] = line end
+local headers = {["Content-Type"] = "application/json"}
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format("POST", %s, headers, bodies[((n - 1) %% #bodies) + 1])
+end
+""" + WRK_SCRIPT.split("end\n", 1)[1]
+
+
+async def posts(
+    client: Client, port: int, path: str, bodies: list[bytes], concurrency: int, seconds: float
+) -> Load:
+    """``POST path`` with each of ``bodies`` once (closed loop: every one of the
+    ``concurrency`` connections sends its next request when its answer is in).
+    wrk runs them on one thread: each of its threads would send the same bodies."""
+    if isinstance(client, PythonClient):
+        requests = [http_request(port, "POST", path, b) for b in bodies]
+        return await client.run_requests(port, requests, concurrency, seconds)
+    data = client.workdir / f"bodies-{uuid.uuid4().hex[:8]}.jsonl"
+    data.write_bytes(b"\n".join(bodies) + b"\n")
+    script = client.workdir / f"wrk-{uuid.uuid4().hex[:8]}.lua"
+    script.write_text(WRK_POST_SCRIPT % (json.dumps(str(data)), json.dumps(path)))
+    try:
+        return await client.run_script(port, script, concurrency, seconds, threads=1)
+    finally:
+        data.unlink(missing_ok=True)
+
+
+async def open_loop(
+    port: int, requests: list[bytes], rate: float, connections: int, ok: int
+) -> Load:
+    """Open loop: request ``i`` is due at ``start + i / rate`` whatever happened to the
+    others (wrk2-style constant rate), sent on a free keep-alive connection, and its
+    latency counts from when it was *due*, not from when it went out: a slow answer
+    that holds back the next sends shows in their latencies (no coordinated
+    omission). All ``connections`` busy: the request waits for one, on the clock."""
+    conns: asyncio.Queue[HttpConnection] = asyncio.Queue()
+    for _ in range(connections):
+        conns.put_nowait(await HttpConnection.open(port))
+    latencies: list[float] = []
+    errors = 0
+    clock = time.perf_counter
+
+    async def send(request: bytes, due: float) -> None:
+        nonlocal errors
+        conn = await conns.get()
+        try:
+            status, _ = await conn.exchange(request)
+        finally:
+            conns.put_nowait(conn)
+        latencies.append(clock() - due)
+        if status != ok:
+            errors += 1
+
+    tasks = []
+    start = clock() + 0.05
+    for index, request in enumerate(requests):
+        due = start + index / rate
+        wait = due - clock()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        tasks.append(asyncio.create_task(send(request, due)))
+    await asyncio.gather(*tasks)
+    elapsed = clock() - start
+    while not conns.empty():
+        await conns.get_nowait().close()
+    latencies.sort()
+    return Load(
+        rate=len(latencies) / elapsed,
+        p50_ms=percentile(latencies, 0.50) * 1000,
+        p99_ms=percentile(latencies, 0.99) * 1000,
+        errors=errors,
+    )
 
 
 Client = PythonClient | WrkClient
@@ -501,6 +606,42 @@ async def register_agents(port: int, stack: Stack, count: int) -> list[SigningKe
     return keys
 
 
+async def seed_agents(stack: Stack, count: int) -> list[SigningKey]:
+    """``count`` agents appended straight through ``PostgresEventStore.append`` in
+    this process: the same ``agent.registered`` event ``POST /v1/agents`` appends
+    (signed by the ledger key, verified, chained and committed by the writer; one
+    event per call, 64 appenders sharing group commits), folded by the projector
+    like any other. Only the HTTP hop is skipped: at 100,000 agents it takes minutes."""
+    keys = [SigningKey.generate() for _ in range(count)]
+    store = await PostgresEventStore.open(stack.database_url, stack.ledger_key)
+    try:
+        pending = iter(keys)
+        stamp = format_time(datetime.now(UTC))
+
+        async def appender() -> None:
+            for key in pending:
+                event = AgentRegistered(
+                    actor=store.ledger_did,
+                    occurred_at=stamp,
+                    did=key.did,
+                    public_key=key.public.pem(),
+                )
+                await store.append([store.sign_own(event)])
+
+        await asyncio.gather(*(appender() for _ in range(DIRECT_APPENDERS)))
+    finally:
+        await store.close()
+    return keys
+
+
+async def check_projected(port: int, stack: Stack, dids: list[str], sample: int = 500) -> None:
+    """The projector has folded the whole ledger, and a sample of the agents' trust
+    answers 200 through the API (every one of them, when there are few)."""
+    await settle(stack)
+    step = max(1, len(dids) // sample)
+    await wait_projected(port, dids[::step])
+
+
 async def wait_projected(port: int, dids: list[str], seconds: float = 120) -> None:
     """Until every agent's trust answers 200 (the projector has folded it)."""
     deadline = time.monotonic() + seconds
@@ -552,6 +693,7 @@ def violations(agents: list[SigningKey], count: int, tag: str) -> Iterator[Polic
         key = agents[index % len(agents)]
         yield PolicyViolation(
             actor=key.did,
+            event_id=new_event_id(),  # what SignedEvent.create fills in: single-use bodies
             occurred_at=now,
             agent=agents[(index + 1) % len(agents)].did,
             severity="low",
@@ -574,6 +716,19 @@ def report_batches(agents: list[SigningKey], count: int, size: int, tag: str) ->
             }
         )
     return [msgspec.json.encode({"reports": reports[i : i + size]}) for i in range(0, count, size)]
+
+
+def single_reports(agents: list[SigningKey], count: int, tag: str) -> list[bytes]:
+    """``POST /v1/violations`` bodies: one signed report each, with its idempotency
+    key (what a sidecar sends), signed before timing."""
+    keys = {a.did: a for a in agents}
+    bodies = []
+    for index, event in enumerate(violations(agents, count, tag)):
+        body = body_of(event)
+        signature = b64encode(keys[event.actor].sign(canonical_bytes(body)))
+        report = {"body": body, "signature": signature, "idempotency_key": f"{tag}-{index}"}
+        bodies.append(msgspec.json.encode(report))
+    return bodies
 
 
 @dataclass(frozen=True)
@@ -647,6 +802,10 @@ MEASURES = (
     "GET /v1/agents/{did}/trust",
     "direct append, 64 appenders (baseline)",
     "POST /v1/reports:batch",
+    "GET /health, 64 connections (baseline)",
+    "POST /v1/violations, 64 connections",
+    "GET /health, open loop (baseline)",
+    "POST /v1/violations, open loop",
 )
 
 
@@ -654,6 +813,10 @@ MEASURES = (
 class Figures:
     health: list[Load] = field(default_factory=list)
     trust: list[Load] = field(default_factory=list)
+    health64: list[Load] = field(default_factory=list)
+    singles: list[Load] = field(default_factory=list)
+    open_health: list[Load] = field(default_factory=list)
+    open_singles: list[Load] = field(default_factory=list)
     reports: list[float] = field(default_factory=list)
     direct: list[float] = field(default_factory=list)
     cores: dict[str, list[dict[str, float]]] = field(default_factory=dict)
@@ -693,6 +856,9 @@ async def measure(
                 f"p99 {load.p99_ms:6.2f} ms  errors {load.errors}  cores: {busy(cores)}"
             )
         tag = f"w{workers}r{number}-{uuid.uuid4().hex[:8]}"
+        await single_measures(args, stack, client, meter, port, agents, figures, number, tag)
+        if not args.reports:
+            continue
         bodies = report_batches(agents, args.reports, args.batch_size, f"http-{tag}")
         await settle(stack)
         before = meter.snapshot()
@@ -720,14 +886,79 @@ async def measure(
     return figures
 
 
+async def single_measures(
+    args: argparse.Namespace,
+    stack: Stack,
+    client: Client,
+    meter: CpuMeter,
+    port: int,
+    agents: list[SigningKey],
+    figures: Figures,
+    number: int,
+    tag: str,
+) -> None:
+    """One signed ``policy.violation`` per ``POST /v1/violations``: closed loop at
+    ``--single-connections`` beside ``GET /health`` at as many, then open loop at
+    ``--open-rate`` per second beside ``GET /health`` at the same rate."""
+    conns, seconds = args.single_connections, args.duration
+    budget = round(args.single_max_rate * seconds)
+    warm = single_reports(agents, round(args.single_max_rate * args.warmup), f"w-{tag}")
+    timed = single_reports(agents, budget, f"s-{tag}")
+    pairs: list[tuple[str, str, list[Load]]] = [
+        ("health64", MEASURES[4], figures.health64),
+        ("singles", MEASURES[5], figures.singles),
+    ]
+    for name, title, loads in pairs if number % 2 else pairs[::-1]:
+        await settle(stack)
+        if name == "health64":
+            await client.run(port, ["/health"], conns, args.warmup)
+        else:
+            await posts(client, port, "/v1/violations", warm, conns, args.warmup)
+        before = meter.snapshot()
+        if name == "health64":
+            load = await client.run(port, ["/health"], conns, seconds)
+        else:
+            load = await posts(client, port, "/v1/violations", timed, conns, seconds)
+        cores = meter.cores(before, meter.snapshot())
+        if name == "singles" and load.rate * seconds > len(timed):
+            print(f"  (more than {len(timed):,} reports: raise --single-max-rate)")
+        loads.append(load)
+        figures.cores.setdefault(title, []).append(cores)
+        print(
+            f"  round {number} {name:8} {load.rate:9,.0f} /s  p50 {load.p50_ms:6.2f} ms  "
+            f"p99 {load.p99_ms:6.2f} ms  errors {load.errors}  cores: {busy(cores)}"
+        )
+    count = round(args.open_rate * seconds)
+    health = [http_request(port, "GET", "/health")] * count
+    reports = [
+        http_request(port, "POST", "/v1/violations", b)
+        for b in single_reports(agents, count, f"o-{tag}")
+    ]
+    opens: list[tuple[str, str, list[bytes], int, list[Load]]] = [
+        ("open health", MEASURES[6], health, 200, figures.open_health),
+        ("open singles", MEASURES[7], reports, 201, figures.open_singles),
+    ]
+    for name, title, requests, ok, loads in opens if number % 2 else opens[::-1]:
+        await settle(stack)
+        before = meter.snapshot()
+        load = await open_loop(port, requests, args.open_rate, conns, ok)
+        cores = meter.cores(before, meter.snapshot())
+        loads.append(load)
+        figures.cores.setdefault(title, []).append(cores)
+        print(
+            f"  round {number} {name:12} {load.rate:7,.0f} /s  p50 {load.p50_ms:6.2f} ms  "
+            f"p99 {load.p99_ms:6.2f} ms  errors {load.errors}  cores: {busy(cores)}"
+        )
+
+
 def med(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def report(args: argparse.Namespace, workers: int, figures: Figures) -> tuple[bool, bool]:
+def report(args: argparse.Namespace, workers: int, figures: Figures) -> list[tuple[str, bool]]:
+    """The table of medians and each target, met or not (never asserted)."""
     health = med([x.rate for x in figures.health])
     trust = med([x.rate for x in figures.trust])
-    reports, direct = med(figures.reports), med(figures.direct)
     print()
     print(f"serve api --workers {workers}: medians of {args.repeat} round(s)")
 
@@ -740,11 +971,29 @@ def report(args: argparse.Namespace, workers: int, figures: Figures) -> tuple[bo
         print(f"{name:50} {rate:9,.0f} {p50:>7} {p99:>7} {errors:>6} {ratio:6.3f}")
 
     print(f"{'measure':50} {'per s':>9} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} {'ratio':>6}")
-    row(MEASURES[0], health, 1.0, figures.health)
-    row(MEASURES[1], trust, trust / health, figures.trust)
-    row(MEASURES[2], direct, 1.0)
-    batch = f"{args.batch_size:,}/batch, {args.in_flight} in flight"
-    row(f"{MEASURES[3]} ({batch})", reports, reports / direct)
+    c = args.concurrency
+    row(f"{MEASURES[0]}, {c} conns", health, 1.0, figures.health)
+    row(f"{MEASURES[1]}, {c} conns", trust, trust / health, figures.trust)
+    health64 = med([x.rate for x in figures.health64])
+    singles = med([x.rate for x in figures.singles])
+    row(MEASURES[4].replace("64", str(args.single_connections)), health64, 1.0, figures.health64)
+    row(
+        MEASURES[5].replace("64", str(args.single_connections)),
+        singles,
+        singles / health64,
+        figures.singles,
+    )
+    rate = f"{args.open_rate:,.0f}/s"
+    open_health = med([x.rate for x in figures.open_health])
+    open_singles = med([x.rate for x in figures.open_singles])
+    row(f"{MEASURES[6]} at {rate}", open_health, 1.0, figures.open_health)
+    row(f"{MEASURES[7]} at {rate}", open_singles, open_singles / open_health, figures.open_singles)
+    reports = direct = 0.0
+    if figures.reports:
+        reports, direct = med(figures.reports), med(figures.direct)
+        row(MEASURES[2], direct, 1.0)
+        batch = f"{args.batch_size:,}/batch, {args.in_flight} in flight"
+        row(f"{MEASURES[3]} ({batch})", reports, reports / direct)
     if any(figures.cores.get(m) and figures.cores[m][0] for m in MEASURES):
         print(f"\ncores busy during each measure, of {os.cpu_count()} (medians)")
         print(f"{'measure':40}" + "".join(f" {g:>9}" for g in CpuMeter.GROUPS))
@@ -763,17 +1012,30 @@ def report(args: argparse.Namespace, workers: int, figures: Figures) -> tuple[bo
                 "the measures: absolute figures are low, ratios less so"
             )
     print()
-    trust_met = trust / health >= TRUST_TARGET
-    reports_met = reports >= REPORTS_TARGET
-    print(
-        f"target trust/health >= {TRUST_TARGET}: {'met' if trust_met else 'NOT met'} "
-        f"({trust / health:.3f})"
-    )
-    print(
-        f"target >= {REPORTS_TARGET:,.0f} signed reports/s: "
-        f"{'met' if reports_met else 'NOT met'} ({reports:,.0f})"
-    )
-    return trust_met, reports_met
+    trust_p99 = med([x.p99_ms for x in figures.trust])
+    open_p99 = med([x.p99_ms for x in figures.open_singles])
+    verdicts = [
+        (f"trust/health >= {TRUST_TARGET} ({trust / health:.3f})", trust / health >= TRUST_TARGET),
+        (f"trust p99 <= {TRUST_P99_MS:g} ms ({trust_p99:.2f})", trust_p99 <= TRUST_P99_MS),
+        (
+            f"single reports/health >= {SINGLE_TARGET} ({singles / health64:.3f})",
+            singles / health64 >= SINGLE_TARGET,
+        ),
+        (
+            f"open-loop report p99 <= {OPEN_P99_MS:g} ms at {rate} ({open_p99:.2f})",
+            open_p99 <= OPEN_P99_MS,
+        ),
+    ]
+    if figures.reports:
+        verdicts.append(
+            (
+                f">= {REPORTS_TARGET:,.0f} batched reports/s ({reports:,.0f})",
+                reports >= REPORTS_TARGET,
+            )
+        )
+    for text, met in verdicts:
+        print(f"target {text}: {'met' if met else 'NOT met'}")
+    return verdicts
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -848,14 +1110,18 @@ async def main(args: argparse.Namespace) -> None:
             print(f"\nserve api --workers {workers} (pid {api.pid}) on :{port}")
             if not agents:
                 started = time.perf_counter()
-                agents = await register_agents(port, stack, args.agents)
-                await wait_projected(port, [a.did for a in agents])
+                if args.seed == "http":
+                    agents = await register_agents(port, stack, args.agents)
+                else:
+                    agents = await seed_agents(stack, args.agents)
+                await check_projected(port, stack, [a.did for a in agents])
+                how = "POST /v1/agents" if args.seed == "http" else "PostgresEventStore.append"
                 print(
-                    f"  registered {len(agents)} agents and read their trust in "
-                    f"{time.perf_counter() - started:.1f} s"
+                    f"  registered {len(agents):,} agents ({how}), projected them and read "
+                    f"their trust in {time.perf_counter() - started:.1f} s"
                 )
             else:
-                await wait_projected(port, [a.did for a in agents])
+                await check_projected(port, stack, [a.did for a in agents])
             figures = await measure(args, stack, client, meter, port, agents, workers)
             projector.check()
             api.check()
@@ -864,12 +1130,9 @@ async def main(args: argparse.Namespace) -> None:
             verdicts.append((workers, report(args, workers, figures)))
         if len(verdicts) > 1:
             print()
-            for workers, (trust_met, reports_met) in verdicts:
-                print(
-                    f"workers {workers}: trust/health target "
-                    f"{'met' if trust_met else 'NOT met'}, reports target "
-                    f"{'met' if reports_met else 'NOT met'}"
-                )
+            for workers, found in verdicts:
+                for text, met in found:
+                    print(f"workers {workers}: target {text}: {'met' if met else 'NOT met'}")
     finally:
         for service in reversed(services):
             service.stop()
@@ -890,7 +1153,27 @@ if __name__ == "__main__":
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per GET measure")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before each measure")
     parser.add_argument("--agents", type=positive, default=300)
-    parser.add_argument("--reports", type=positive, default=20_000, help="reports per round")
+    parser.add_argument(
+        "--seed",
+        choices=["store", "http"],
+        default="store",
+        help="register the agents through PostgresEventStore.append (default) or POST /v1/agents",
+    )
+    parser.add_argument(
+        "--reports", type=int, default=20_000, help="batched reports per round (0: skip)"
+    )
+    parser.add_argument(
+        "--single-connections", type=positive, default=64, help="POST /v1/violations conns"
+    )
+    parser.add_argument(
+        "--single-max-rate",
+        type=positive,
+        default=5000,
+        help="single reports signed per second of a closed-loop measure (an upper bound)",
+    )
+    parser.add_argument(
+        "--open-rate", type=float, default=1000.0, help="open-loop reports (and /health) per s"
+    )
     parser.add_argument("--batch-size", type=positive, default=1000)
     parser.add_argument("--in-flight", type=positive, default=4, help="batches sent at once")
     parser.add_argument(
