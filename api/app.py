@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from litestar import Litestar, Router
 from litestar._openapi.plugin import OpenAPIPlugin
 from litestar.di import Provide
+from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import OpenAPIRenderPlugin, SwaggerRenderPlugin
 from litestar.static_files import create_static_files_router
 
 from api.context import MAX_BODY_BYTES, ApiContext
 from api.errors import handle
+from api.fastlane import TrustReadLane
 from api.openapi import document
 from api.routes import ROUTES
 from api.telemetry import TelemetryMiddleware
@@ -36,6 +39,7 @@ def create_app(open_context: ContextFactory, close_context: ContextCloser) -> Li
         holder["ctx"] = ctx
         if ctx.cache is not None:
             ctx.background.append(asyncio.create_task(ctx.cache.watch(), name="cache-watch"))
+        _freeze_startup_objects()
         try:
             yield
         finally:
@@ -52,7 +56,8 @@ def create_app(open_context: ContextFactory, close_context: ContextCloser) -> Li
         lifespan=[lifespan],
         dependencies={"ctx": Provide(provide_ctx, sync_to_thread=False)},
         exception_handlers={Exception: handle},
-        middleware=[TelemetryMiddleware],
+        # Outermost first: the telemetry times the fast lane's answers too.
+        middleware=[TelemetryMiddleware, DefineMiddleware(TrustReadLane, context=provide_ctx)],
         request_max_body_size=MAX_BODY_BYTES,
         openapi_config=OpenAPIConfig(
             title="AgentMesh trust ledger",
@@ -67,6 +72,18 @@ def create_app(open_context: ContextFactory, close_context: ContextCloser) -> Li
     # The dict is cached and served as is, so correcting it once here is enough.
     document(app.plugins.get(OpenAPIPlugin).provide_openapi_schema())
     return app
+
+
+def _freeze_startup_objects() -> None:
+    """Move what start-up built (modules, the app, its routes, the clients: hundreds
+    of thousands of objects) out of the garbage collector's sight. Requests in
+    flight when a young collection runs get promoted to the oldest generation, so
+    under load the collector ran a full collection every few seconds, walking all
+    of start-up's objects each time: 80-200 ms with every request held behind it,
+    the whole p99 of the trust read. Frozen objects are never collected, and none
+    of these is garbage while the process runs."""
+    gc.collect()
+    gc.freeze()
 
 
 ASSETS = "/schema/assets"

@@ -13,7 +13,10 @@ Two kinds:
   severity) — are read from the projections by the metrics server itself, so
   they are the same whichever worker or replica is scraped. They are refreshed
   every 5 seconds (``MetricsServer.interval``), so a scrape may lag the ledger
-  by up to that long.
+  by up to that long; on a registry so large that reading it takes more than
+  half a second of CPU, every ten times that instead (``MetricsServer.pause``:
+  about 9 s at 100,000 agents), so the refresh never keeps more than a tenth of
+  a core busy beside the requests.
 
 ``agentmesh_policy_violation_count`` is exposed under exactly that name, as
 the deployment guide's alert selects it (a plain prometheus-client Counter
@@ -28,6 +31,7 @@ import logging
 import math
 import os
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -38,9 +42,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from projections.documents import decode
+from api.trustread import decode_trust
 from projections.readstore import ProjectionReader, ReadStoreError
-from projections.trust import TIERS
+from projections.trust import TIERS, to_micros
 
 log = logging.getLogger("agentmesh.metrics")
 
@@ -76,13 +80,14 @@ async def read_stats(reader: ProjectionReader, now: datetime) -> MeshStats:
         violations=dict.fromkeys(("low", "medium", "high", "critical"), 0),
     )
     scores: list[int] = []
+    config, now_us = reader.config, to_micros(now)
     async for raw in reader.store.all_agent_docs():
-        doc = decode(raw)
-        view = reader._view(doc, now)
-        stats.tiers[view.tier] += 1
-        if doc["registry"]["status"] == "active":
-            scores.append(view.score)
-        for severity, count in doc["trust"]["violations"].items():
+        doc = decode_trust(raw)
+        score, tier = doc.score_and_tier(config, now_us)
+        stats.tiers[tier] += 1
+        if doc.active:
+            scores.append(score)
+        for severity, count in doc.trust.violations.items():
             stats.violations[severity] = stats.violations.get(severity, 0) + count
     stats.registry_size = await reader.registry_size()
     stats.mean_score = sum(scores) / len(scores) if scores else None
@@ -185,18 +190,29 @@ class MetricsServer:
         try:
             while not self._stop.is_set():
                 current = reader or self._attached
+                spent = 0.0
                 if current is not None:
+                    started = time.thread_time()
                     try:
                         self.collector.stats = await read_stats(current, self.clock())
                     except ReadStoreError as exc:
                         log.warning("metrics_refresh_failed", extra={"error": str(exc)})
                         self.collector.stats.ok = False
+                    spent = time.thread_time() - started
                 await asyncio.get_running_loop().run_in_executor(
-                    None, self._stop.wait, self.interval
+                    None, self._stop.wait, self.pause(spent)
                 )
         finally:
             if reader is not None:
                 await reader.store.close()
+
+    def pause(self, spent: float) -> float:
+        """Seconds until the next refresh: ``interval``, or longer when a read of every
+        agent took more than a tenth of that CPU time, so the refresh never keeps
+        more than a tenth of a core (and of the API's interpreter lock) busy."""
+        return max(self.interval, spent * self.BUDGET)
+
+    BUDGET = 10  # wait at least this many times the CPU time the last refresh took
 
     def stop(self) -> None:
         self._stop.set()

@@ -16,6 +16,7 @@ from api.context import ApiContext
 from api.errors import ProblemError, bad_request, not_found
 from api.handshakes import decode_signature
 from api.metrics import HANDSHAKES
+from api.trustread import decode_trust
 from ledger import tlog
 from ledger.canonical import canonical_bytes
 from ledger.chain import AppendResult
@@ -36,6 +37,7 @@ from ledger.identity import VerifyKey, b64encode, is_did
 from ledger.signed import SignedEvent
 from ledger.timefmt import format_time, parse_time
 from projections.delegation import is_active, validate_grant, validate_revocation
+from projections.documents import agent_record, decode
 from projections.history import state_at
 from projections.start import Start, ledger_start
 
@@ -185,10 +187,11 @@ async def list_agents(
 @get("/v1/agents/{did:str}", tags=["agents"])
 async def get_agent(ctx: Ctx, did: FromPath[str]) -> s.AgentWithTrust:
     now = ctx.now()
-    record = await ctx.reader.agent(_did(did))
-    view = await ctx.reader.trust(did, now)
-    if record is None or view is None:
+    (raw,) = await ctx.reader.store.agent_docs([_did(did)])  # one read: record and trust
+    if raw is None:
         raise not_found(f"agent {did} is not registered")
+    view = decode_trust(raw).view(ctx.reader.config, now)
+    record = agent_record(decode(raw))
     return s.AgentWithTrust(agent=s.agent_out(record), trust=s.trust_out(view, format_time(now)))
 
 
@@ -200,10 +203,10 @@ async def get_trust(ctx: Ctx, did: FromPath[str], at: FromQuery[str | None] = No
     _did(did)
     if at is None:
         now = ctx.now()
-        view = await ctx.reader.trust(did, now)
-        if view is None:
+        (raw,) = await ctx.reader.store.agent_docs([did])
+        if raw is None:
             raise not_found(f"agent {did} is not registered")
-        return s.trust_out(view, format_time(now))
+        return s.trust_out(decode_trust(raw).view(ctx.reader.config, now), format_time(now))
     moment = _time(at, ctx)
     start = await _retained_start(ctx, moment)
     state = await state_at(

@@ -1,0 +1,225 @@
+"""The API's hot paths (issue 15): the same answers as the general paths they shortcut.
+
+* ``GET /v1/agents/{did}/trust`` is answered by ``api.fastlane.TrustReadLane``
+  below Litestar's handler machinery, from ``api.trustread``'s narrow decoding:
+  byte for byte what the routed handler answers and what
+  ``ProjectionReader.trust`` computes, for fresh, penalised, decayed and
+  suspended agents; everything else falls through to the handler.
+* Single-agent reads from Redis are merged into one script call per turn of the
+  event loop: each reader still gets its own agent's document (or None), and a
+  failing Redis reaches every one of them as ``ReadStoreError``.
+* The metrics refresh reads every agent through the same narrow decoding and
+  still gives the reader's scores and tiers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import msgspec
+import pytest
+
+from agentmesh.embedded import EmbeddedRedis, free_port
+from agentmesh.wiring import trust_config
+from api.metrics import MetricsServer, read_stats
+from api.schemas import trust_out
+from api.trustread import decode_trust, micros
+from ledger.events import PolicyViolation
+from ledger.timefmt import format_time, parse_time
+from projections.config import TrustConfig
+from projections.documents import Batch, Meta, encode
+from projections.readstore import ProjectionReader, ReadStoreError
+from projections.store_redis import RedisProjectionStore
+from projections.trust import to_micros
+from tests.api_support import ADMIN, Api, signed
+
+
+def _reader(api: Api) -> ProjectionReader:
+    settings = api.settings
+    assert settings.redis_host is not None
+    store = RedisProjectionStore.connect(
+        settings.redis_host, settings.redis_port, prefix=settings.redis_prefix
+    )
+    return ProjectionReader(store, trust_config(settings))
+
+
+async def test_the_trust_fast_lane_answers_what_the_handler_and_the_reader_answer(
+    api: Api,
+) -> None:
+    fresh, reporter, penalised, suspended = [await api.register() for _ in range(4)]
+    report = PolicyViolation(
+        actor=reporter.did,
+        occurred_at=format_time(api.clock.now),
+        agent=penalised.did,
+        severity="high",
+        rule="r",
+    )
+    posted = await api.client.post("/v1/violations", json=signed(report, reporter.key))
+    assert posted.status_code == 201, posted.text
+    await api.projected(penalised.did, posted.json()["position"])
+    stopped = await api.client.post(f"/v1/agents/{suspended.did}/suspend", headers=ADMIN)
+    await api.projected(suspended.did, stopped.json()["position"])
+    api.clock.advance(hours=7, microseconds=123)  # decay due, at a moment with microseconds
+    reader = _reader(api)
+    try:
+        for agent in (fresh, reporter, penalised, suspended):
+            path = f"/v1/agents/{agent.did}/trust"
+            lane = await api.client.get(path)
+            # Any query string goes to the routed handler.
+            routed = await api.client.get(path, params={"via": "handler"})
+            view = await reader.trust(agent.did, api.clock.now)
+            assert view is not None
+            expected = msgspec.json.encode(trust_out(view, format_time(api.clock.now)))
+            assert lane.status_code == routed.status_code == 200
+            assert lane.content == routed.content == expected
+            assert lane.headers["content-type"] == routed.headers["content-type"]
+            assert lane.headers["content-length"] == routed.headers["content-length"]
+        assert (await api.client.get(f"/v1/agents/{suspended.did}/trust")).json()[
+            "tier"
+        ] == "suspended"
+    finally:
+        await reader.store.close()
+
+
+async def test_what_the_fast_lane_does_not_answer_the_handler_does(api: Api) -> None:
+    unknown = "did:mesh:" + "0" * 32
+    missing = await api.client.get(f"/v1/agents/{unknown}/trust")
+    assert missing.status_code == 404
+    assert missing.headers["content-type"] == "application/problem+json"
+    malformed = await api.client.get("/v1/agents/did:mesh:XYZ/trust")
+    assert malformed.status_code == 400
+    assert malformed.headers["content-type"] == "application/problem+json"
+    agent = await api.register()
+    at = await api.client.get(
+        f"/v1/agents/{agent.did}/trust", params={"at": format_time(api.clock.now)}
+    )
+    assert at.status_code == 200
+    assert at.json()["score"] == 800
+
+
+async def test_the_agent_record_and_its_trust_come_from_one_read(api: Api) -> None:
+    agent = await api.register(("tools:read",))
+    both = (await api.client.get(f"/v1/agents/{agent.did}")).json()
+    trust = (await api.client.get(f"/v1/agents/{agent.did}/trust")).json()
+    assert both["agent"]["did"] == agent.did
+    assert both["agent"]["capabilities"] == ["tools:read"]
+    assert both["trust"] == trust
+
+
+def test_stored_times_are_read_as_the_ledger_parser_reads_them() -> None:
+    for text in (
+        "2026-11-30T10:25:21.510599Z",
+        "1970-01-01T00:00:00.000000Z",
+        "0001-01-01T00:00:00.000001Z",
+        "2026-11-30T10:25:21Z",  # not the canonical form: the general parser
+        "2026-11-30T11:25:21.5+01:00",
+    ):
+        assert micros(text) == to_micros(parse_time(text)), text
+
+
+def _doc(did: str, index: int, status: str = "active") -> bytes:
+    base_at = format_time(datetime(2026, 11, 1, 12, index % 60, tzinfo=UTC))
+    return encode(
+        {
+            "grants_in": [],
+            "registry": {"did": did, "status": status, "detail": "é" * (index % 7)},
+            "trust": {
+                "base_at": base_at,
+                "base_milli": 500_000 + index * 997 % 400_000,
+                "decay_from": base_at,
+                "did": did,
+                "handshakes_completed": index % 3,
+                "handshakes_failed": 0,
+                "partners": {},
+                "peers": {},
+                "position": index,
+                "positives": index % 5,
+                "violations": {"low": index % 2, "medium": 0, "high": 0, "critical": 0},
+            },
+        }
+    )
+
+
+@pytest.fixture
+async def redis_store(redis_server: EmbeddedRedis) -> AsyncIterator[RedisProjectionStore]:
+    store = RedisProjectionStore.connect(
+        redis_server.host, redis_server.port, prefix=f"hot{uuid.uuid4().hex[:8]}:"
+    )
+    yield store
+    await store.flush_for_tests()
+    await store.close()
+
+
+def _batch(docs: dict[str, bytes]) -> Batch:
+    meta = Meta(
+        generation="g1",
+        position=len(docs),
+        recorded_at=None,
+        registry_size=len(docs),
+        updated_at="2026-11-30T00:00:00.000000Z",
+        config={},
+    )
+    return Batch(agents=docs, grants={}, meta=meta)
+
+
+async def test_concurrent_single_reads_each_get_their_own_document(
+    redis_store: RedisProjectionStore,
+) -> None:
+    docs = {f"did:mesh:{i:032x}": _doc(f"did:mesh:{i:032x}", i) for i in range(50)}
+    await redis_store.replace_all(_batch(docs))
+    asked = [*docs, "did:mesh:" + "f" * 32, *list(docs)[:10]]  # an unknown one, repeats
+    answers = await asyncio.gather(*(redis_store.agent_docs([did]) for did in asked))
+    assert answers == [[docs.get(did)] for did in asked]
+    # Several at once still go as one read.
+    assert await redis_store.agent_docs(list(docs)[:3]) == [docs[d] for d in list(docs)[:3]]
+
+
+async def test_a_failing_redis_reaches_every_merged_reader() -> None:
+    store = RedisProjectionStore.connect("127.0.0.1", free_port(), prefix="gone:")
+    try:
+        results = await asyncio.gather(
+            *(store.agent_docs([f"did:mesh:{i:032x}"]) for i in range(5)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, ReadStoreError) for r in results), results
+    finally:
+        await store.close()
+
+
+async def test_a_full_scan_returns_every_document_exactly(
+    redis_store: RedisProjectionStore,
+) -> None:
+    docs = {f"did:mesh:{i:032x}": _doc(f"did:mesh:{i:032x}", i) for i in range(2_345)}
+    await redis_store.replace_all(_batch(docs))
+    scanned = [doc async for doc in redis_store.all_agent_docs()]
+    assert sorted(scanned) == sorted(docs.values())
+
+
+async def test_the_metrics_refresh_gives_the_readers_scores_and_tiers(
+    redis_store: RedisProjectionStore,
+) -> None:
+    docs = {f"did:mesh:{i:032x}": _doc(f"did:mesh:{i:032x}", i) for i in range(40)}
+    suspended = "did:mesh:" + "e" * 32
+    docs[suspended] = _doc(suspended, 3, status="suspended")
+    await redis_store.replace_all(_batch(docs))
+    reader = ProjectionReader(redis_store, TrustConfig())
+    now = datetime(2026, 11, 30, 8, 30, 0, 250, tzinfo=UTC)
+    stats = await read_stats(reader, now)
+    views = [await reader.trust(did, now) for did in docs]
+    active = [v.score for did, v in zip(docs, views, strict=True) if v and did != suspended]
+    assert stats.mean_score == sum(active) / len(active)
+    tiers = [v.tier for v in views if v]
+    assert stats.tiers == {tier: tiers.count(tier) for tier in stats.tiers}
+    assert stats.tiers["suspended"] == 1
+    assert stats.violations["low"] == sum(
+        decode_trust(d).trust.violations["low"] for d in docs.values()
+    )
+
+
+def test_a_refresh_of_a_large_registry_waits_longer() -> None:
+    server = MetricsServer(0, make_reader=None, clock=datetime.now)  # type: ignore[arg-type]
+    assert server.pause(0.01) == 5.0  # the interval
+    assert server.pause(0.9) == pytest.approx(9.0)  # ten times the CPU it took
