@@ -80,7 +80,7 @@ def api(args: argparse.Namespace, settings: Settings) -> int:
 async def _check_ledger_key(url: str, key: SigningKey) -> None:
     """Refuse, in one line, to serve a ledger with another key than its own."""
     from ledger.postgres import PostgresLedgerReader  # lazy: module docstring
-    from ledger.postgres.store import claim_identity
+    from ledger.postgres.identity import claim_identity
 
     reader = await PostgresLedgerReader.connect(url, pool_size=1)
     try:

@@ -1,8 +1,11 @@
 """The ledger on PostgreSQL: the only package that imports the driver.
 
 ``reader`` (every SELECT, the row mapping), ``store`` (the group-committing
-writer), ``schema`` (table metadata for Alembic), ``dsn`` (URL handling, no
-driver). Driver errors are translated once, here, into ``ledger.errors``.
+writer), ``batch`` (what one commit checks and writes, pure), ``signers`` (the
+signature checks before it), ``identity`` (the ledger's key, recorded at
+genesis), ``tree`` (stored Merkle subtrees), ``retention`` (the cut's SQL),
+``schema`` (table metadata for Alembic), ``dsn`` (URL handling, no driver).
+Driver errors are translated once, here, into ``ledger.errors``.
 
 The names in ``__all__`` are loaded on first use, so ``ledger.postgres.dsn``
 (which ``agentmesh.settings`` reads for every command) does not load asyncpg.

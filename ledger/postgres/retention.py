@@ -22,7 +22,7 @@ from ledger.errors import StoreUnavailableError
 from ledger.merkle import Subtree
 from ledger.ports import StoredAnchor
 from ledger.postgres.reader import DRIVER_ERRORS
-from ledger.postgres.store import store_subtrees
+from ledger.postgres.tree import store_subtrees
 
 log = logging.getLogger("agentmesh.retention")
 _PARTITION = re.compile(r"^events_p\d{8}$")

@@ -13,10 +13,10 @@ appends are group-committed: concurrent ``append`` calls in one process queue
 up and a single flusher writes everything queued in one transaction, so many
 small appends cost one durable commit.
 
-Round trips. The whole write of a batch is one statement (``_WRITE_SQL``),
+Round trips. The whole write of a batch is one statement (``WRITE_SQL``),
 guarded by the head it was computed from: it moves the head only if the head is
 still that one, and writes nothing otherwise. While this process is the only
-writer, a batch is checked against what its own last commit left (``_Known``:
+writer, a batch is checked against what its own last commit left (``Known``:
 keys, suspensions, stream versions, read once per agent) and committed by that
 one statement alone, with no transaction held across the network (the "fast"
 path). When the guard finds the head moved (another process appended), when a
@@ -25,11 +25,9 @@ be used already (their unique keys fail the statement), the batch is decided
 again under the lock from the tables themselves (the "locked" path: lock, one
 lookup, the same statement, commit), and the process takes the lock for a while.
 
-Signatures. Each event's signature is checked against its actor's key before
-the transaction (on worker threads: Ed25519 verification releases the GIL),
-and the key used is compared with the actor's *current* key inside the
-transaction, under the lock, so a rotation racing the append cannot let a
-retired key through.
+Signatures are checked before the commit (``ledger.postgres.signers``); the
+rules of who may sign what, and the rows a batch writes, are the pure
+``ledger.postgres.batch``.
 """
 
 from __future__ import annotations
@@ -39,56 +37,61 @@ import collections
 import contextlib
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import asyncpg
 from opentelemetry import trace
 
-from ledger import authority, tlog
+from ledger import tlog
 from ledger.chain import (
     AppendResult,
     Checkpoint,
     Head,
-    entry_hash,
-    envelope_bytes,
     sign_checkpoint,
 )
 from ledger.errors import (
-    ConcurrencyError,
     EventValidationError,
-    IdempotencyConflictError,
     LedgerError,
-    LedgerKeyMismatchError,
-    NotPermittedError,
-    SignatureError,
     StoreUnavailableError,
 )
 from ledger.events import (
-    AgentKeyRotated,
-    AgentRegistered,
-    AgentReinstated,
-    AgentSuspended,
     Event,
     stream_of,
-    subject_agents,
 )
 from ledger.identity import SigningKey, VerifyKey
-from ledger.merkle import Frontier, Subtree
+from ledger.merkle import Frontier
+from ledger.postgres.batch import (
+    LOOKUP_SQL,
+    STATE_SQL,
+    WRITE_SQL,
+    BatchState,
+    CheckpointRow,
+    Known,
+    Request,
+    apply,
+    event_key,
+    load_row,
+    needs,
+    partitions_of,
+    seal,
+    write_args,
+)
+from ledger.postgres.identity import claim_identity
 from ledger.postgres.reader import (
     DRIVER_ERRORS,
-    NOTIFY_CHANNEL,
     PostgresLedgerReader,
     create_pool,
     partition_name,
 )
+from ledger.postgres.signers import Signers
+from ledger.postgres.tree import build_frontier
 from ledger.signatures import Signer
 from ledger.signed import SignedEvent
 from ledger.timefmt import format_time, parse_time, utc_now
+
+__all__ = ["PostgresEventStore", "event_key"]  # event_key: the single-use index's key
 
 log = logging.getLogger("agentmesh.ledger")
 # A no-op unless the process configured an OpenTelemetry tracer provider.
@@ -106,272 +109,6 @@ _DRIVER_ERRORS = DRIVER_ERRORS
 _DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 
 Clock = Callable[[], datetime]
-# Ed25519 verification releases the GIL: one thread per core.
-_VERIFY_THREADS = max(os.cpu_count() or 1, 1)
-# Up to this many signatures are verified on the event loop (~50 µs each).
-_VERIFY_INLINE = 2
-
-
-@dataclass(slots=True)
-class _Request:
-    events: tuple[SignedEvent, ...]
-    stream_id: str
-    expected_version: int | None
-    idempotency_key: str | None
-    digest: bytes
-    keys_used: dict[str, bytes]
-    future: asyncio.Future[AppendResult]
-    bootstrap: bool = False
-
-    @property
-    def signer(self) -> str:
-        """Whose idempotency keys this request's key is one of."""
-        return self.events[0].actor
-
-
-@dataclass(slots=True)
-class _BatchState:
-    """What the transaction learned and changed so far, request by request."""
-
-    head: Head
-    frontier: Frontier
-    now: datetime
-    ledger_did: str
-    keys: dict[str, bytes | None]
-    key_positions: dict[str, int]
-    suspended_dids: dict[str, bool]
-    ids: set[bytes]
-    has_any_agent: bool
-    versions: dict[str, int]
-    done_keys: dict[tuple[str, str], tuple[bytes, AppendResult]]
-    existing_streams: set[str] = field(default_factory=set)
-    rows: list[tuple[object, ...]] = field(default_factory=list)
-    stream_rows: dict[str, tuple[int, int]] = field(default_factory=dict)
-    key_rows: dict[str, tuple[bytes, int, bool]] = field(default_factory=dict)
-    idem_rows: list[tuple[object, ...]] = field(default_factory=list)
-    id_rows: list[tuple[bytes, int]] = field(default_factory=list)
-    leaves: list[bytes] = field(default_factory=list)
-    nodes: list[Subtree] = field(default_factory=list)
-    checkpoint: _CheckpointRow | None = None
-    results: list[tuple[_Request, AppendResult | LedgerError]] = field(default_factory=list)
-
-
-# A checkpoint signed with a commit: position, head hash, time, signer, signature
-# (base64), C2SP note.
-_CheckpointRow = tuple[int, bytes, datetime, str, str, str]
-# After the guarded write found the head moved (another process appends), batches take
-# the lock for this long before trying the one-round-trip path again.
-_LOCKED_AFTER_MISS = 1.0
-# Beyond this many agents and streams remembered, start over (they are re-learned).
-_KNOWN_LIMIT = 1_000_000
-
-
-@dataclass(slots=True)
-class _Known:
-    """What the write-side tables held after this process's last commit — keys and
-    suspension of agents, stream versions, whether any agent exists — valid while
-    the ledger head is still ``head``, i.e. nobody else appended since: the premise
-    of ``PostgresEventStore._flush_fast``, which the guarded write re-checks. Learned
-    from lookups and from this process's commits; forgotten whenever another writer
-    shows (a head that is not ``head``)."""
-
-    head: Head | None = None
-    keys: dict[str, tuple[bytes, int, bool] | None] = field(default_factory=dict)
-    versions: dict[str, int | None] = field(default_factory=dict)  # None: no such stream
-    has_any_agent: bool = False
-    locked_until: float = 0.0
-
-    def reset(self, head: Head | None) -> None:
-        self.head = head
-        self.keys.clear()
-        self.versions.clear()
-        self.has_any_agent = False
-
-    def miss(self) -> None:
-        self.reset(None)
-        self.locked_until = time.monotonic() + _LOCKED_AFTER_MISS
-
-    def learn(
-        self, rows: Sequence[asyncpg.Record], dids: Sequence[str], streams: Sequence[str]
-    ) -> None:
-        """Absorb a ``_STATE_SQL`` (or ``_LOOKUP_SQL``) answer for these agents and streams."""
-        if len(self.keys) + len(self.versions) > _KNOWN_LIMIT:
-            self.keys.clear()
-            self.versions.clear()
-        self.keys.update(dict.fromkeys(dids))
-        self.versions.update(dict.fromkeys(streams))
-        for row in rows:
-            kind = row["kind"]
-            if kind == "k":
-                self.keys[row["id"]] = (bytes(row["raw"]), row["a"], bool(row["b"]))
-            elif kind == "s":
-                self.versions[row["id"]] = row["b"]
-            elif kind == "a":
-                self.has_any_agent = True
-
-    def batch_state(
-        self,
-        head: Head,
-        frontier: Frontier,
-        now: datetime,
-        ledger_did: str,
-        dids: set[str],
-        streams: set[str],
-    ) -> _BatchState:
-        state = _BatchState(
-            head=head,
-            frontier=frontier,
-            now=now,
-            ledger_did=ledger_did,
-            keys=dict.fromkeys(dids),
-            key_positions={},
-            suspended_dids={},
-            ids=set(),
-            has_any_agent=self.has_any_agent,
-            versions={},
-            done_keys={},
-        )
-        for did in dids:
-            known = self.keys[did]
-            if known is not None:
-                state.keys[did], state.key_positions[did], state.suspended_dids[did] = known
-        for stream in streams:
-            version = self.versions[stream]
-            if version is not None:
-                state.versions[stream] = version
-                state.existing_streams.add(stream)
-        return state
-
-    def committed(self, state: _BatchState) -> None:
-        self.head = state.head
-        for did, row in state.key_rows.items():
-            self.keys[did] = row
-        for stream, (version, _) in state.stream_rows.items():
-            self.versions[stream] = version
-        self.has_any_agent = self.has_any_agent or state.has_any_agent
-
-
-class _RequestView:
-    """``authority.WriteView`` over the batch so far plus one request's own changes,
-    which are dropped if any event of the request is refused (all or nothing)."""
-
-    def __init__(self, state: _BatchState) -> None:
-        self.state = state
-        self.ledger_did = state.ledger_did
-        self.keys: dict[str, bytes] = {}
-        self.suspended_dids: dict[str, bool] = {}
-        self.ids: set[bytes] = set()
-
-    def key(self, did: str) -> bytes | None:
-        return self.keys[did] if did in self.keys else self.state.keys.get(did)
-
-    def suspended(self, did: str) -> bool:
-        return self.suspended_dids.get(did, self.state.suspended_dids.get(did, False))
-
-    def has_agents(self) -> bool:
-        return bool(self.keys) or self.state.has_any_agent
-
-    def seen(self, actor: str, event_id: str) -> bool:
-        key = event_key(actor, event_id)
-        return key in self.ids or key in self.state.ids
-
-    def advance(self, event: Event) -> None:
-        if event.event_id is not None:
-            self.ids.add(event_key(event.actor, event.event_id))
-        if isinstance(event, AgentRegistered | AgentKeyRotated):
-            self.keys[event.did] = VerifyKey.from_pem(event.public_key).raw
-        elif isinstance(event, AgentSuspended | AgentReinstated):
-            self.suspended_dids[event.did] = isinstance(event, AgentSuspended)
-
-
-# What the checks of a batch read: keys and suspension of the agents it names, the
-# versions of its streams, and whether any agent is registered ($1, $2).
-_STATE_SQL = """
-SELECT 'k' AS kind, did AS id, public_key AS raw, position AS a, suspended::int AS b,
-       NULL::text AS c, NULL::int AS d, NULL::timestamptz AS t
-  FROM agent_keys WHERE did = ANY($1::text[])
-UNION ALL
-SELECT 's', stream_id, NULL, NULL, version, NULL, NULL, NULL
-  FROM streams WHERE stream_id = ANY($2::text[])
-UNION ALL
-SELECT 'a', NULL, NULL, NULL, NULL, NULL, NULL, NULL WHERE EXISTS (SELECT 1 FROM agent_keys)
-"""
-
-# Under the lock, also the head, and the idempotency keys ($3, $4) and single-use
-# event ids ($5) the batch carries, so a retry or a replay is answered, not refused.
-_LOOKUP_SQL = (
-    _STATE_SQL  # noqa: S608 -- constants only
-    + """UNION ALL
-SELECT 'h', NULL, entry_hash, position, NULL, NULL, NULL, recorded_at
-  FROM ledger_head WHERE id = 1
-UNION ALL
-SELECT 'i', signer || ' ' || key, digest, first_position, count, stream_id, stream_version, NULL
-  FROM idempotency_keys
- WHERE (signer, key) IN (SELECT * FROM unnest($3::text[], $4::text[]))
-UNION ALL
-SELECT 'e', NULL, key, position, NULL, NULL, NULL, NULL
-  FROM event_ids WHERE key = ANY($5::bytea[])
-"""
-)
-
-# The whole write of a batch in one statement, guarded by the head it was computed
-# from: ``h`` moves the head only if it is still ($1, $2); every other part writes
-# only if ``h`` did (data-modifying CTEs always run; each reads ``h``). Without an
-# explicit transaction this is one round trip and one commit; inside the locked
-# path the guard holds by construction. Returns one row when it wrote, none when
-# another writer moved the head first. The single-use ids and idempotency keys are
-# unique keys: a value used before fails the statement, and nothing is written.
-_WRITE_SQL = """
-WITH h AS (
-  UPDATE ledger_head SET position = $3, entry_hash = $4, recorded_at = $5
-   WHERE id = 1 AND position = $1 AND entry_hash = $2
-  RETURNING 1
-), ev AS (
-  INSERT INTO events (position, recorded_at, stream_id, stream_version, event_type, actor,
-                      subjects, body, signature, prev_hash, entry_hash)
-  SELECT u.p, $5, u.s, u.v, u.t, u.a, string_to_array(u.j, ' '), u.b, u.g, u.ph, u.eh
-    FROM unnest($6::bigint[], $7::text[], $8::int[], $9::text[], $10::text[], $11::text[],
-                $12::bytea[], $13::bytea[], $14::bytea[], $15::bytea[])
-         AS u(p, s, v, t, a, j, b, g, ph, eh)
-   WHERE EXISTS (SELECT 1 FROM h)
-), su AS (
-  UPDATE streams SET version = u.v, last_position = u.p
-    FROM unnest($16::text[], $17::int[], $18::bigint[]) AS u(s, v, p)
-   WHERE streams.stream_id = u.s AND EXISTS (SELECT 1 FROM h)
-), si AS (
-  INSERT INTO streams (stream_id, version, last_position)
-  SELECT * FROM unnest($19::text[], $20::int[], $21::bigint[]) WHERE EXISTS (SELECT 1 FROM h)
-), k AS (
-  INSERT INTO agent_keys (did, public_key, position, suspended)
-  SELECT * FROM unnest($22::text[], $23::bytea[], $24::bigint[], $25::bool[])
-   WHERE EXISTS (SELECT 1 FROM h)
-  ON CONFLICT (did) DO UPDATE SET public_key = excluded.public_key,
-    position = excluded.position, suspended = excluded.suspended
-), i AS (
-  INSERT INTO idempotency_keys
-    (signer, key, first_position, count, stream_id, stream_version, digest, recorded_at)
-  SELECT *, $5::timestamptz
-    FROM unnest($26::text[], $27::text[], $28::bigint[], $29::int[], $30::text[], $31::int[],
-                $32::bytea[])
-   WHERE EXISTS (SELECT 1 FROM h)
-), e AS (
-  INSERT INTO event_ids (key, position)
-  SELECT * FROM unnest($33::bytea[], $34::bigint[]) WHERE EXISTS (SELECT 1 FROM h)
-), n AS (
-  INSERT INTO merkle_nodes (level, idx, hash)
-  SELECT * FROM unnest($35::smallint[], $36::bigint[], $37::bytea[])
-   WHERE EXISTS (SELECT 1 FROM h)
-  ON CONFLICT (level, idx) DO NOTHING
-), c AS (
-  INSERT INTO checkpoints (position, head_hash, time, signer, signature, note)
-  SELECT u.p, u.h, u.t, u.s, decode(u.g, 'base64'), u.n
-    FROM unnest($38::bigint[], $39::bytea[], $40::timestamptz[], $41::text[], $42::text[],
-                $43::text[]) AS u(p, h, t, s, g, n)
-   WHERE EXISTS (SELECT 1 FROM h)
-  ON CONFLICT (position) DO NOTHING
-)
-SELECT pg_notify($44, $45) FROM h
-"""
 
 
 class PostgresEventStore(PostgresLedgerReader):
@@ -393,12 +130,11 @@ class PostgresEventStore(PostgresLedgerReader):
         self._checkpoint_every = checkpoint_every
         self._checkpoint_interval = timedelta(seconds=checkpoint_interval)
         self._max_batch = max_batch
-        self._queue: asyncio.Queue[_Request] = asyncio.Queue()
-        self._incoming: asyncio.Queue[_Request] = asyncio.Queue()
-        self._keys: dict[str, bytes] = {}
-        self._verify_keys: dict[bytes, VerifyKey] = {}  # parsed once per key, not per event
+        self._queue: asyncio.Queue[Request] = asyncio.Queue()
+        self._incoming: asyncio.Queue[Request] = asyncio.Queue()
+        self._signers = Signers(pool, ledger_key)
         self._partitions: set[datetime] = set()  # days known to have a partition
-        self._known = _Known()
+        self._known = Known()
         self._conn: asyncpg.Connection | None = None  # the flusher's (see _writer)
         self._flush_lock = asyncio.Lock()  # whoever holds it commits (see _submit)
         self._in_flight = 0  # appends submitted and not yet answered
@@ -406,9 +142,6 @@ class PostgresEventStore(PostgresLedgerReader):
         self.commit_paths: collections.Counter[str] = collections.Counter()
         self._frontier: tuple[bytes, Frontier] | None = None  # (head hash, edge) last commit
         self._last_checkpoint: tuple[int, datetime] = (0, clock())
-        self._verify_pool = ThreadPoolExecutor(
-            max_workers=_VERIFY_THREADS, thread_name_prefix="ed25519"
-        )
         self._verifier: asyncio.Task[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
@@ -486,7 +219,7 @@ class PostgresEventStore(PostgresLedgerReader):
                         f"the ledger starts at position {first} (cut by retention before it had "
                         "a Merkle tree): its tree cannot be built from the entries left"
                     )
-                frontier = await _build_frontier(conn, row["position"])
+                frontier = await build_frontier(conn, row["position"])
                 await conn.execute("UPDATE ledger_head SET merkle_built = true WHERE id = 1")
                 log.info("merkle_tree_built", extra={"size": frontier.size})
         except _DRIVER_ERRORS as exc:
@@ -507,7 +240,7 @@ class PostgresEventStore(PostgresLedgerReader):
         async with self._flush_lock:  # a commit from a caller's task may be running
             await self._drop_writer()
         await self._pool.close()
-        self._verify_pool.shutdown(wait=False)
+        self._signers.close()
 
     @property
     def ledger_key(self) -> VerifyKey:
@@ -555,7 +288,7 @@ class PostgresEventStore(PostgresLedgerReader):
             span.set_attribute("ledger.position", result.positions[-1])
             return result
 
-    async def _submit(self, request: _Request) -> AppendResult:
+    async def _submit(self, request: Request) -> AppendResult:
         """Queue a request for the verifier and the flusher; or, when it is the only
         append in flight and its signatures are quick to check, commit it from the
         caller's own task (no hand-off between tasks: a lone appender waits for its
@@ -565,7 +298,7 @@ class PostgresEventStore(PostgresLedgerReader):
             if (
                 self._in_flight == 1
                 and not self._flush_lock.locked()
-                and self._verified_here(request)
+                and self._signers.verified_here(request)
             ):
                 async with self._flush_lock:
                     try:
@@ -578,25 +311,6 @@ class PostgresEventStore(PostgresLedgerReader):
             return await request.future
         finally:
             self._in_flight -= 1
-
-    def _verified_here(self, request: _Request) -> bool:
-        """Verify a small request on the loop when every signer's key is known here;
-        False sends it the long way (key lookups, re-checks, error answers)."""
-        if len(request.events) > _VERIFY_INLINE:
-            return False
-        keys = {}
-        for signed in request.events:
-            if signed.actor not in self._keys and signed.actor != self._ledger_key.did:
-                return False
-            try:
-                key = self._believed_key(signed)
-            except LedgerError:
-                return False
-            if not key.is_valid(signed.signature, signed.body):
-                return False
-            keys[signed.actor] = key.raw
-        request.keys_used.update(keys)
-        return True
 
     async def append_own(
         self,
@@ -619,7 +333,7 @@ class PostgresEventStore(PostgresLedgerReader):
         events: Sequence[SignedEvent],
         expected_version: int | None,
         idempotency_key: str | None,
-    ) -> _Request:
+    ) -> Request:
         if not events:
             raise EventValidationError("an append needs at least one event")
         streams = {stream_of(e.event) for e in events}
@@ -627,7 +341,7 @@ class PostgresEventStore(PostgresLedgerReader):
             raise EventValidationError(f"one append writes one stream, got {sorted(streams)}")
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= 200:
             raise EventValidationError("an idempotency key is 1 to 200 characters")
-        return _Request(
+        return Request(
             events=tuple(events),
             stream_id=streams.pop(),
             expected_version=expected_version,
@@ -650,7 +364,7 @@ class PostgresEventStore(PostgresLedgerReader):
             while not self._incoming.empty():
                 batch.append(self._incoming.get_nowait())
             try:
-                await self._verify_batch(batch)
+                await self._signers.verify(batch)
             except LedgerError as exc:
                 self._fail(batch, exc)
             except Exception as exc:  # never let the verifier die with callers waiting
@@ -660,89 +374,6 @@ class PostgresEventStore(PostgresLedgerReader):
                 if not request.future.done():
                     self._queue.put_nowait(request)
                 self._incoming.task_done()
-
-    async def _verify_batch(self, batch: list[_Request]) -> None:
-        await self._load_keys({e.actor for r in batch for e in r.events})
-        jobs: list[tuple[_Request, SignedEvent, VerifyKey]] = []
-        for request in batch:
-            try:
-                jobs.extend((request, e, self._believed_key(e)) for e in request.events)
-            except LedgerError as exc:
-                request.future.set_exception(exc)
-        jobs = [j for j in jobs if not j[0].future.done()]
-        if len(jobs) <= _VERIFY_INLINE:
-            # A signature or two: verifying here costs less than the trip to a thread.
-            chunks, results = [jobs], [_verify_all(jobs)]
-        else:
-            loop = asyncio.get_running_loop()
-            chunks = [jobs[i::_VERIFY_THREADS] for i in range(_VERIFY_THREADS)]
-            results = await asyncio.gather(
-                *(loop.run_in_executor(self._verify_pool, _verify_all, chunk) for chunk in chunks)
-            )
-        for chunk, valid in zip(chunks, results, strict=True):
-            for (request, signed, key), ok in zip(chunk, valid, strict=True):
-                if request.future.done():
-                    continue
-                if not ok:
-                    fresh = await self._recheck(signed)
-                    if fresh is None:
-                        request.future.set_exception(
-                            SignatureError(
-                                f"{signed.type}: signature by {signed.actor} does not verify"
-                            )
-                        )
-                        continue
-                    key = fresh
-                request.keys_used[signed.actor] = key.raw
-
-    async def _recheck(self, signed: SignedEvent) -> VerifyKey | None:
-        """Our cached key may be stale (rotated by another process): ask once more."""
-        if signed.actor == self._ledger_key.did or isinstance(signed.event, AgentRegistered):
-            return None
-        fresh = await self._fetch_key(signed.actor)
-        if fresh is None or not VerifyKey.from_raw(fresh).is_valid(signed.signature, signed.body):
-            return None
-        return VerifyKey.from_raw(fresh)
-
-    async def _load_keys(self, dids: set[str]) -> None:
-        missing = [d for d in dids if d not in self._keys and d != self._ledger_key.did]
-        if not missing:
-            return
-        try:
-            rows = await self._pool.fetch(
-                "SELECT did, public_key FROM agent_keys WHERE did = ANY($1::text[])", missing
-            )
-        except _DRIVER_ERRORS as exc:
-            raise StoreUnavailableError(f"cannot read agent keys: {exc}") from exc
-        for row in rows:
-            self._keys[row["did"]] = bytes(row["public_key"])
-
-    def _believed_key(self, signed: SignedEvent) -> VerifyKey:
-        event = signed.event
-        if signed.actor == self._ledger_key.did:
-            return self._ledger_key.public
-        if isinstance(event, AgentRegistered) and event.actor == event.did:
-            # Self-registration proves possession of the key being registered.
-            return VerifyKey.from_pem(event.public_key)
-        raw = self._keys.get(signed.actor)
-        if raw is None:
-            raise SignatureError(f"{signed.type}: unknown signer {signed.actor}")
-        key = self._verify_keys.get(raw)
-        if key is None:
-            key = self._verify_keys[raw] = VerifyKey.from_raw(raw)
-        return key
-
-    async def _fetch_key(self, did: str) -> bytes | None:
-        try:
-            value = await self._pool.fetchval(
-                "SELECT public_key FROM agent_keys WHERE did = $1", did
-            )
-        except _DRIVER_ERRORS as exc:
-            raise StoreUnavailableError(f"cannot read agent keys: {exc}") from exc
-        if value is not None:
-            self._keys[did] = bytes(value)
-            return bytes(value)
-        return None
 
     # -- the flusher: one transaction per batch ------------------------------
 
@@ -759,7 +390,7 @@ class PostgresEventStore(PostgresLedgerReader):
                 for _ in batch:
                     self._queue.task_done()
 
-    async def _flush_isolated(self, batch: list[_Request], *, top_up: bool = False) -> None:
+    async def _flush_isolated(self, batch: list[Request], *, top_up: bool = False) -> None:
         """Flush a group commit; if the database refuses its *data*, flush each
         request alone, so one request's bad bytes never fail another's append."""
         try:
@@ -775,19 +406,19 @@ class PostgresEventStore(PostgresLedgerReader):
             log.warning("ledger_append_failed", extra={"error": str(exc)})
             self._fail(batch, StoreUnavailableError(f"append not committed: {exc}"))
 
-    async def _next_batch(self) -> list[_Request]:
+    async def _next_batch(self) -> list[Request]:
         batch = [await self._queue.get()]
         while len(batch) < self._max_batch and not self._queue.empty():
             batch.append(self._queue.get_nowait())
         return batch
 
     @staticmethod
-    def _fail(batch: list[_Request], error: LedgerError) -> None:
+    def _fail(batch: list[Request], error: LedgerError) -> None:
         for request in batch:
             if not request.future.done():
                 request.future.set_exception(error)
 
-    async def _flush(self, batch: list[_Request], *, top_up: bool = False) -> None:
+    async def _flush(self, batch: list[Request], *, top_up: bool = False) -> None:
         try:
             state = await self._flush_fast(batch)
             path = "fast"
@@ -800,9 +431,9 @@ class PostgresEventStore(PostgresLedgerReader):
             self.commit_paths[path] += 1
         self._committed(state)
 
-    async def _flush_fast(self, batch: list[_Request]) -> _BatchState | None:
+    async def _flush_fast(self, batch: list[Request]) -> BatchState | None:
         """One round trip, no lock held across the network: check the batch against
-        what this process's own last commit left (``_Known``), then write it in one
+        what this process's own last commit left (``Known``), then write it in one
         statement guarded by that head. ``None`` when the locked path must decide:
         another writer moved the head, a check refused something (refusals are
         decided under the lock, from the tables), an id or key was used before, or
@@ -811,29 +442,29 @@ class PostgresEventStore(PostgresLedgerReader):
         head = known.head
         if head is None or time.monotonic() < known.locked_until:
             return None
-        dids, streams = _needs(batch)
+        dids, streams = needs(batch)
         missing_dids = [d for d in dids if d not in known.keys]
         missing_streams = [s for s in streams if s not in known.versions]
         conn = await self._writer()
         if missing_dids or missing_streams:
             # Read without the lock: valid only if the head is still ``head`` when
             # the guarded write runs, which the write checks.
-            rows = await conn.fetch(_STATE_SQL, missing_dids, missing_streams)
+            rows = await conn.fetch(STATE_SQL, missing_dids, missing_streams)
             known.learn(rows, missing_dids, missing_streams)
         frontier = await self._frontier_at_head(head)
         state = known.batch_state(
             head, frontier, self._now(head), self._ledger_key.did, dids, streams
         )
         for request in batch:
-            self._apply(request, state)
+            apply(request, state)
         if any(isinstance(outcome, LedgerError) for _, outcome in state.results):
             return None
-        if not self._partitions.issuperset(_partitions_of(state)):
+        if not self._partitions.issuperset(partitions_of(state)):
             return None
-        _seal(state)
+        seal(state)
         checkpoint = self._due_checkpoint(state)
         try:
-            wrote = await conn.fetch(_WRITE_SQL, *_write_args(head, state, checkpoint))
+            wrote = await conn.fetch(WRITE_SQL, *write_args(head, state, checkpoint))
         except asyncpg.UniqueViolationError:
             return None  # a replay or a retry: the locked path answers it
         if not wrote:
@@ -842,7 +473,7 @@ class PostgresEventStore(PostgresLedgerReader):
         state.checkpoint = checkpoint
         return state
 
-    async def _flush_locked(self, batch: list[_Request], *, top_up: bool = False) -> _BatchState:
+    async def _flush_locked(self, batch: list[Request], *, top_up: bool = False) -> BatchState:
         """The batch under the head lock, checked against the tables themselves:
         four round trips (begin and lock, lookup, write, commit). With ``top_up``
         (the flusher's own batch), what queued while the lock was awaited — another
@@ -855,7 +486,7 @@ class PostgresEventStore(PostgresLedgerReader):
         try:
             while top_up and len(batch) < self._max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())  # the flush loop counts them done
-            dids, streams = _needs(batch)
+            dids, streams = needs(batch)
             ids = {
                 event_key(s.actor, s.event.event_id)
                 for r in batch
@@ -864,7 +495,7 @@ class PostgresEventStore(PostgresLedgerReader):
             }
             idem = {(r.signer, r.idempotency_key) for r in batch if r.idempotency_key is not None}
             rows = await conn.fetch(
-                _LOOKUP_SQL,
+                LOOKUP_SQL,
                 list(dids),
                 list(streams),
                 [s for s, _ in idem],
@@ -881,14 +512,14 @@ class PostgresEventStore(PostgresLedgerReader):
                 head, frontier, self._now(head), self._ledger_key.did, dids, streams
             )
             for lookup in rows:
-                _load_row(state, lookup)
+                load_row(state, lookup)
             for request in batch:
-                self._apply(request, state)
+                apply(request, state)
             if state.rows:
-                _seal(state)
-                await self._ensure_partitions(conn, _partitions_of(state))
+                seal(state)
+                await self._ensure_partitions(conn, partitions_of(state))
                 checkpoint = self._due_checkpoint(state)
-                wrote = await conn.fetch(_WRITE_SQL, *_write_args(head, state, checkpoint))
+                wrote = await conn.fetch(WRITE_SQL, *write_args(head, state, checkpoint))
                 assert wrote, "the head moved under the ledger lock"
                 state.checkpoint = checkpoint
             await conn.execute("COMMIT")
@@ -911,15 +542,15 @@ class PostgresEventStore(PostgresLedgerReader):
             with contextlib.suppress(*_DRIVER_ERRORS):
                 await self._pool.release(conn)
 
-    def _committed(self, state: _BatchState) -> None:
+    def _committed(self, state: BatchState) -> None:
         """After COMMIT (or with nothing to write): remember, then answer."""
         if state.rows:
             # The tree's edge is now the new head's (see _frontier_at_head).
             self._frontier = (state.head.entry_hash, state.frontier)
             self._known.committed(state)
-            self._partitions.update(_partitions_of(state))
+            self._partitions.update(partitions_of(state))
             for did, (raw, _, _) in state.key_rows.items():
-                self._keys[did] = raw
+                self._signers.keys[did] = raw
             if state.checkpoint is not None:
                 self._last_checkpoint = (state.checkpoint[0], state.checkpoint[2])
         # Only now, after COMMIT, is anything acknowledged.
@@ -935,7 +566,7 @@ class PostgresEventStore(PostgresLedgerReader):
         # Time never runs backwards in the ledger, whatever the injected clock says.
         return max(self._clock(), head.recorded_at)
 
-    def _due_checkpoint(self, state: _BatchState) -> _CheckpointRow | None:
+    def _due_checkpoint(self, state: BatchState) -> CheckpointRow | None:
         """The checkpoint this batch's commit signs, when one is due."""
         head = state.head
         if not self._checkpoint_due(head):
@@ -945,131 +576,6 @@ class PostgresEventStore(PostgresLedgerReader):
         # The same head as a C2SP signed note over the Merkle root, for witnesses.
         note = tlog.signed_tree_head(self._ledger_key, state.frontier.size, state.frontier.root())
         return (head.position, head.entry_hash, now, checkpoint.signer, checkpoint.signature, note)
-
-    def _apply(self, request: _Request, state: _BatchState) -> None:
-        """Check one request against the state so far; stage its rows or its error."""
-        key = request.idempotency_key
-        if key is not None and (request.signer, key) in state.done_keys:
-            digest, original = state.done_keys[(request.signer, key)]
-            if digest != request.digest:
-                state.results.append(
-                    (
-                        request,
-                        IdempotencyConflictError(
-                            f"idempotency key {key!r} was used for different events"
-                        ),
-                    )
-                )
-            else:
-                state.results.append((request, original))
-            return
-        try:
-            view = self._check_request(request, state)
-        except LedgerError as exc:
-            state.results.append((request, exc))
-            return
-        state.results.append((request, self._stage(request, state, view)))
-
-    def _check_request(self, request: _Request, state: _BatchState) -> _RequestView:
-        version = state.versions.get(request.stream_id, 0)
-        if request.expected_version is not None and request.expected_version != version:
-            raise ConcurrencyError(request.stream_id, request.expected_version, version)
-        if request.bootstrap and state.has_any_agent:
-            raise NotPermittedError(
-                "the ledger already holds a registration: registering needs the admin token"
-            )
-        # The request's own changes live in the view until every event passed.
-        view = _RequestView(state)
-        for signed in request.events:
-            self._check_event(signed, request.keys_used, view, state.now)
-            view.advance(signed.event)
-        return view
-
-    def _check_event(
-        self,
-        signed: SignedEvent,
-        keys_used: dict[str, bytes],
-        view: _RequestView,
-        now: datetime,
-    ) -> None:
-        event, actor = signed.event, signed.actor
-        authority.check(event, signed.body, now, view)
-        if actor == view.ledger_did or isinstance(event, AgentRegistered):
-            return
-        # The signature was checked against the key believed before the lock; a
-        # rotation committed since then must not let a retired key through.
-        current = view.key(actor)
-        assert current is not None  # authority.check refused unknown signers
-        if current != keys_used.get(actor) and not VerifyKey.from_raw(current).is_valid(
-            signed.signature, signed.body
-        ):
-            raise SignatureError(f"{signed.type}: not signed by {actor}'s current key")
-
-    def _stage(self, request: _Request, state: _BatchState, view: _RequestView) -> AppendResult:
-        version = state.versions.get(request.stream_id, 0)
-        positions: list[int] = []
-        prev = state.head.entry_hash
-        position = state.head.position
-        for signed in request.events:
-            position += 1
-            version += 1
-            envelope = envelope_bytes(
-                position=position,
-                recorded_at=state.now,
-                stream_id=request.stream_id,
-                stream_version=version,
-                body=signed.body,
-                signature=signed.signature,
-            )
-            digest = entry_hash(prev, envelope)
-            subjects = {*subject_agents(signed.event)}
-            if signed.actor != self._ledger_key.did:
-                subjects.add(signed.actor)
-            state.rows.append(
-                (
-                    position,
-                    state.now,
-                    request.stream_id,
-                    version,
-                    signed.type,
-                    signed.actor,
-                    sorted(subjects),
-                    signed.body,
-                    signed.signature,
-                    prev,
-                    digest,
-                )
-            )
-            _stage_agent_row(state, signed, position)
-            state.leaves.append(tlog.entry_leaf(digest))
-            if signed.event.event_id is not None:
-                state.id_rows.append((event_key(signed.actor, signed.event.event_id), position))
-            positions.append(position)
-            prev = digest
-        state.head = Head(position, prev, state.now)
-        state.versions[request.stream_id] = version
-        state.stream_rows[request.stream_id] = (version, position)
-        state.ids |= view.ids
-        state.has_any_agent = state.has_any_agent or bool(view.keys)
-        result = AppendResult(tuple(positions), request.stream_id, version)
-        if request.idempotency_key is not None:
-            state.idem_rows.append(
-                (
-                    request.signer,
-                    request.idempotency_key,
-                    positions[0],
-                    len(positions),
-                    request.stream_id,
-                    version,
-                    request.digest,
-                    state.now,
-                )
-            )
-            state.done_keys[(request.signer, request.idempotency_key)] = (
-                request.digest,
-                AppendResult(result.positions, result.stream_id, version, duplicate=True),
-            )
-        return result
 
     async def _ensure_partitions(self, conn: asyncpg.Connection, days: set[datetime]) -> None:
         """Create the day partitions a batch writes into (under the head lock, so
@@ -1141,179 +647,3 @@ class PostgresEventStore(PostgresLedgerReader):
                     await self.checkpoint()
             except LedgerError as exc:
                 log.warning("checkpoint_failed", extra={"error": str(exc)})
-
-
-def _needs(batch: Sequence[_Request]) -> tuple[set[str], set[str]]:
-    """The agents and streams a batch's checks read."""
-    dids: set[str] = set()
-    for request in batch:
-        for signed in request.events:
-            dids.update(_referenced_agents(signed))
-    return dids, {r.stream_id for r in batch}
-
-
-def _partitions_of(state: _BatchState) -> set[datetime]:
-    """The UTC days a batch writes into (one: a batch shares its ``recorded_at``)."""
-    utc = state.now.astimezone(UTC)
-    return {datetime(utc.year, utc.month, utc.day, tzinfo=UTC)} if state.rows else set()
-
-
-def _seal(state: _BatchState) -> None:
-    """Extend the tree by the batch's leaves: its new edge, and the subtrees to keep."""
-    state.frontier, completed = state.frontier.extend_with_subtrees(state.leaves)
-    state.nodes = [n for n in completed if n.level >= tlog.STORED_LEVEL]
-
-
-def _write_args(
-    expected: Head, state: _BatchState, checkpoint: _CheckpointRow | None
-) -> list[object]:
-    """``_WRITE_SQL``'s parameters: the batch's rows as columns."""
-    head = state.head
-    rows = state.rows
-    streams = state.stream_rows.items()
-    updated = [(s, v, p) for s, (v, p) in streams if s in state.existing_streams]
-    created = [(s, v, p) for s, (v, p) in streams if s not in state.existing_streams]
-    keys = list(state.key_rows.items())
-    idem = state.idem_rows
-    checkpoints = [checkpoint] if checkpoint is not None else []
-    return [
-        expected.position,
-        expected.entry_hash,
-        head.position,
-        head.entry_hash,
-        head.recorded_at,
-        [r[0] for r in rows],
-        [r[2] for r in rows],
-        [r[3] for r in rows],
-        [r[4] for r in rows],
-        [r[5] for r in rows],
-        [" ".join(r[6]) for r in rows],  # type: ignore[arg-type]  # DIDs hold no space
-        [r[7] for r in rows],
-        [r[8] for r in rows],
-        [r[9] for r in rows],
-        [r[10] for r in rows],
-        *_columns(updated, 3),
-        *_columns(created, 3),
-        [d for d, _ in keys],
-        [k for _, (k, _, _) in keys],
-        [p for _, (_, p, _) in keys],
-        [x for _, (_, _, x) in keys],
-        *_columns(idem, 7),
-        [k for k, _ in state.id_rows],
-        [p for _, p in state.id_rows],
-        [n.level for n in state.nodes],
-        [n.index for n in state.nodes],
-        [n.hash for n in state.nodes],
-        *_columns(checkpoints, 6),
-        NOTIFY_CHANNEL,
-        str(head.position),
-    ]
-
-
-def _columns(rows: Sequence[tuple[object, ...]], width: int) -> list[list[object]]:
-    return [[row[i] for row in rows] for i in range(width)]
-
-
-def _verify_all(jobs: Sequence[tuple[object, SignedEvent, VerifyKey]]) -> list[bool]:
-    return [key.is_valid(signed.signature, signed.body) for _, signed, key in jobs]
-
-
-def _referenced_agents(signed: SignedEvent) -> set[str]:
-    dids = {signed.actor, *subject_agents(signed.event)}
-    if isinstance(signed.event, AgentRegistered) and signed.event.sponsor is not None:
-        dids.add(signed.event.sponsor)
-    return dids
-
-
-async def claim_identity(pool: asyncpg.Pool, key: SigningKey, now: datetime) -> None:
-    """Record the ledger's key at genesis; refuse any other key afterwards.
-
-    A second "ledger key" would sign checkpoints and ledger events that no verifier
-    of this ledger accepts: the ledger would never verify again. So a process
-    holding another key than the one recorded (or than the latest checkpoint's
-    signer, for a ledger older than the record) raises ``LedgerKeyMismatchError``."""
-    try:
-        async with pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "INSERT INTO ledger_identity (id, did, public_key, recorded_at) "
-                "VALUES (1, $1, $2, $3) ON CONFLICT (id) DO NOTHING",
-                key.did,
-                key.public.raw,
-                now,
-            )
-            recorded = await conn.fetchval("SELECT did FROM ledger_identity WHERE id = 1")
-            signer = await conn.fetchval(
-                "SELECT signer FROM checkpoints ORDER BY position DESC LIMIT 1"
-            )
-    except _DRIVER_ERRORS as exc:
-        raise StoreUnavailableError(f"cannot read the ledger's identity: {exc}") from exc
-    for owner in (recorded, signer):
-        if owner is not None and owner != key.did:
-            raise LedgerKeyMismatchError(
-                f"this ledger's key is {owner} (recorded at genesis), but this process holds "
-                f"{key.did}: start it with the ledger's own key (AGENTMESH_AGENT_PRIVATE_KEY)"
-            )
-
-
-async def _build_frontier(conn: asyncpg.Connection, head: int) -> Frontier:
-    frontier, after = Frontier(), 0
-    while rows := await conn.fetch(
-        "SELECT position, entry_hash FROM events WHERE position > $1 AND position <= $2 "
-        "ORDER BY position LIMIT 10000",
-        after,
-        head,
-    ):
-        leaves = [tlog.entry_leaf(bytes(r["entry_hash"])) for r in rows]
-        frontier, completed = frontier.extend_with_subtrees(leaves)
-        await store_subtrees(conn, [n for n in completed if n.level >= tlog.STORED_LEVEL])
-        after = rows[-1]["position"]
-    return frontier
-
-
-async def store_subtrees(conn: asyncpg.Connection, subtrees: Sequence[Subtree]) -> None:
-    """Keep these complete subtrees of the tree (idempotent: a subtree never changes)."""
-    await conn.execute(
-        "INSERT INTO merkle_nodes (level, idx, hash) "
-        "SELECT * FROM unnest($1::smallint[], $2::bigint[], $3::bytea[]) "
-        "ON CONFLICT (level, idx) DO NOTHING",
-        [n.level for n in subtrees],
-        [n.index for n in subtrees],
-        [n.hash for n in subtrees],
-    )
-
-
-def event_key(actor: str, event_id: str) -> bytes:
-    """The single-use index's key of an event: 16 bytes of SHA-256(actor ‖ 0 ‖ id)."""
-    return hashlib.sha256(f"{actor}\x00{event_id}".encode()).digest()[:16]
-
-
-def _load_row(state: _BatchState, row: asyncpg.Record) -> None:
-    """An idempotency key or single-use id row of ``_LOOKUP_SQL`` into the batch
-    state (keys, streams and agents went through ``_Known.learn``)."""
-    kind, ident = row["kind"], row["id"]
-    if kind == "i":
-        signer, _, key = ident.partition(" ")  # a DID never holds a space
-        first = row["a"]
-        state.done_keys[(signer, key)] = (
-            bytes(row["raw"]),
-            AppendResult(tuple(range(first, first + row["b"])), row["c"], row["d"], duplicate=True),
-        )
-    elif kind == "e":
-        state.ids.add(bytes(row["raw"]))
-
-
-def _stage_agent_row(state: _BatchState, signed: SignedEvent, position: int) -> None:
-    """Key changes and suspensions update ``agent_keys`` in the same commit."""
-    event = signed.event
-    if isinstance(event, AgentRegistered | AgentKeyRotated):
-        raw = VerifyKey.from_pem(event.public_key).raw
-        suspended = state.suspended_dids.get(event.did, False)
-        state.keys[event.did] = raw
-        state.key_positions[event.did] = position
-        state.key_rows[event.did] = (raw, position, suspended)
-    elif isinstance(event, AgentSuspended | AgentReinstated):
-        suspended = isinstance(event, AgentSuspended)
-        state.suspended_dids[event.did] = suspended
-        raw_key = state.keys[event.did]
-        assert raw_key is not None  # authority.check: the subject is registered
-        state.key_rows[event.did] = (raw_key, state.key_positions[event.did], suspended)
