@@ -43,7 +43,6 @@ events = Table(
     Column("prev_hash", LargeBinary, nullable=False),
     Column("entry_hash", LargeBinary, nullable=False),
     Index("events_subjects_idx", "subjects", postgresql_using="gin"),
-    Index("events_stream_idx", "stream_id", "stream_version"),
     postgresql_partition_by="RANGE (recorded_at)",
 )
 
