@@ -565,7 +565,14 @@ async def http_figures(
         built.url, host, port, prefix, built.ledger.ledger_key, secrets.token_hex(16), logs
     )
     stack.cache = False
-    api, api_port = await start_api(stack, args.workers)
+    for attempt in range(3):  # start_api waits 90 s; a busy machine can take longer
+        try:
+            api, api_port = await start_api(stack, args.workers)
+            break
+        except RuntimeError as exc:
+            say(f"  the API did not start (attempt {attempt + 1}): {str(exc)[-500:]}")
+    else:
+        raise RuntimeError("the API did not start in three attempts")
     try:
         await http_measures(args, built, api, api_port, root, size)
     finally:
@@ -791,11 +798,21 @@ async def one_size(
         size.add("bytes", total / built.head)
         parts = ", ".join(f"{k} {v / built.head:,.0f}" for k, v in found.items() if v >= built.head)
         say(f"  disk: {total / 1e9:,.2f} GB, {total / built.head:,.0f} B/event ({parts})")
-        await rebuild_figures(args, built, host, port, prefix, size)
-        await http_figures(args, built, host, port, prefix, root, size)
-        await sidecar_figures(args, built, host, port, prefix, size)
-        await audit_figures(args, built, root, size)
-        await retention_figures(built, size)
+        # A phase that fails is reported and the run goes on: a 10M build is too dear
+        # to lose to one refused connection.
+        phases: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            ("rebuild", lambda: rebuild_figures(args, built, host, port, prefix, size)),
+            ("http", lambda: http_figures(args, built, host, port, prefix, root, size)),
+            ("sidecar", lambda: sidecar_figures(args, built, host, port, prefix, size)),
+            ("audit", lambda: audit_figures(args, built, root, size)),
+            ("retention", lambda: retention_figures(built, size)),
+        ]
+        for name, phase in phases:
+            try:
+                await phase()
+            except Exception as exc:  # reported; the other phases still run
+                say(f"  {name} FAILED: {type(exc).__name__}: {str(exc)[-2000:]}")
+                size.notes.append(f"{name} failed ({type(exc).__name__})")
     finally:
         store = RedisProjectionStore.connect(host, port, prefix=prefix)
         await store.flush_for_tests()
