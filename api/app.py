@@ -21,7 +21,7 @@ from litestar.static_files import create_static_files_router
 
 from api.context import MAX_BODY_BYTES, ApiContext
 from api.errors import handle
-from api.fastlane import TrustReadLane
+from api.fastlane import SignedReportLane, TrustReadLane
 from api.openapi import document
 from api.routes import ROUTES
 from api.telemetry import TelemetryMiddleware
@@ -57,7 +57,11 @@ def create_app(open_context: ContextFactory, close_context: ContextCloser) -> Li
         dependencies={"ctx": Provide(provide_ctx, sync_to_thread=False)},
         exception_handlers={Exception: handle},
         # Outermost first: the telemetry times the fast lane's answers too.
-        middleware=[TelemetryMiddleware, DefineMiddleware(TrustReadLane, context=provide_ctx)],
+        middleware=[
+            TelemetryMiddleware,
+            DefineMiddleware(TrustReadLane, context=provide_ctx),
+            DefineMiddleware(SignedReportLane, context=provide_ctx),
+        ],
         request_max_body_size=MAX_BODY_BYTES,
         openapi_config=OpenAPIConfig(
             title="AgentMesh trust ledger",

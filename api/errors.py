@@ -70,6 +70,19 @@ def problem(
     return Response(body, status_code=status, media_type=MEDIA_TYPE, headers=headers or None)
 
 
+def ledger_problem(exc: LedgerError, instance: str) -> tuple[int, dict[str, Any]]:
+    """The status and problem document ``handle`` answers for a ledger error."""
+    status, slug, title = _ledger(exc)
+    body = {
+        "type": PROBLEM_TYPE_BASE + slug,
+        "title": title,
+        "status": status,
+        "detail": str(exc),
+        "instance": instance,
+    }
+    return status, body
+
+
 def _ledger(exc: LedgerError) -> tuple[int, str, str]:
     match exc:
         case SignatureError():

@@ -10,6 +10,11 @@
   failing Redis reaches every one of them as ``ReadStoreError``.
 * The metrics refresh reads every agent through the same narrow decoding and
   still gives the reader's scores and tiers.
+* One signed report per ``POST /v1/violations`` or ``/v1/signals`` is appended
+  by ``api.fastlane.SignedReportLane``: answered as the routed handler answers
+  (201, a retry's duplicate, a replay's 409, a forgery's 422), and what it does
+  not take (bad JSON, another event type, an admin call, an oversized body)
+  goes to the handler with its body intact.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
+import httpx
 import msgspec
 import pytest
 
@@ -27,7 +33,7 @@ from agentmesh.wiring import trust_config
 from api.metrics import MetricsServer, read_stats
 from api.schemas import trust_out
 from api.trustread import decode_trust, micros
-from ledger.events import PolicyViolation
+from ledger.events import PolicyViolation, TrustSignal
 from ledger.timefmt import format_time, parse_time
 from projections.config import TrustConfig
 from projections.documents import Batch, Meta, encode
@@ -223,3 +229,74 @@ def test_a_refresh_of_a_large_registry_waits_longer() -> None:
     server = MetricsServer(0, make_reader=None, clock=datetime.now)  # type: ignore[arg-type]
     assert server.pause(0.01) == 5.0  # the interval
     assert server.pause(0.9) == pytest.approx(9.0)  # ten times the CPU it took
+
+
+# -- one signed report per request: api.fastlane.SignedReportLane ----------------------
+
+_HANDLER = {"content-type": "application/json; charset=utf-8"}  # not the lane's: the handler
+
+
+async def _both(api: Api, path: str, body: bytes) -> tuple[httpx.Response, httpx.Response]:
+    """The same request through the lane (``application/json``) and the handler."""
+    lane = await api.client.post(path, content=body, headers={"content-type": "application/json"})
+    routed = await api.client.post(path, content=body, headers=_HANDLER)
+    return lane, routed
+
+
+def _same_problem(lane: httpx.Response, routed: httpx.Response, status: int | None) -> None:
+    assert lane.status_code == routed.status_code, (lane.text, routed.text)
+    assert lane.status_code == status if status else 400 <= lane.status_code < 500
+    assert lane.headers["content-type"] == routed.headers["content-type"]
+    assert lane.content == routed.content
+
+
+async def test_signed_reports_through_the_lane_are_answered_as_the_handler_answers(
+    api: Api,
+) -> None:
+    reporter, subject, stranger = [await api.register() for _ in range(3)]
+    now = format_time(api.clock.now)
+
+    def report(path: str) -> PolicyViolation | TrustSignal:
+        if path == "/v1/violations":
+            return PolicyViolation(
+                actor=reporter.did, occurred_at=now, agent=subject.did, severity="low", rule="r"
+            )
+        return TrustSignal(actor=reporter.did, occurred_at=now, agent=subject.did, signal="good")
+
+    for path in ("/v1/violations", "/v1/signals"):
+        # Appended, then retried with its key: the original position, duplicate.
+        body = msgspec.json.encode(signed(report(path), reporter.key, idempotency_key=path))
+        lane, routed = await _both(api, path, body)
+        assert lane.status_code == routed.status_code == 201, (lane.text, routed.text)
+        assert lane.headers["content-type"] == routed.headers["content-type"]
+        first, again = lane.json(), routed.json()
+        assert again == {**first, "duplicate": True}
+        assert sorted(first) == ["duplicate", "position", "stream_id", "stream_version"]
+        # Each through its own path, a fresh report appends.
+        for headers in ({"content-type": "application/json"}, _HANDLER):
+            fresh = msgspec.json.encode(signed(report(path), reporter.key))
+            answer = await api.client.post(path, content=fresh, headers=headers)
+            assert answer.status_code == 201
+            assert not answer.json()["duplicate"]
+        # A replayed body (no key) is refused alike.
+        replayed = msgspec.json.encode(signed(report(path), reporter.key))
+        assert (await api.client.post(path, content=replayed, headers=_HANDLER)).status_code == 201
+        _same_problem(*await _both(api, path, replayed), 409)
+        # Signed by a key that is not the actor's: 422 alike, nothing appended.
+        forged = msgspec.json.encode(signed(report(path), stranger.key))
+        head = await api.head()
+        _same_problem(*await _both(api, path, forged), 422)
+        assert await api.head() == head
+    other = msgspec.json.encode(signed(report("/v1/signals"), reporter.key))
+    for bad in (b"{", b"[]", b'{"body": {}, "signature": "x"}', other):  # the handler's 4xx
+        _same_problem(*await _both(api, "/v1/violations", bad), None)
+    too_big = b'{"body": {}, "signature": "' + b"A" * (3 * 1024 * 1024) + b'"}'
+    _same_problem(*await _both(api, "/v1/violations", too_big), 413)
+    admin = msgspec.json.encode({"agent": subject.did, "severity": "low", "rule": "r"})
+    for headers in ({"content-type": "application/json"}, _HANDLER):
+        unauthorised = await api.client.post("/v1/violations", content=admin, headers=headers)
+        assert unauthorised.status_code == 401
+        answer = await api.client.post(
+            "/v1/violations", content=admin, headers={**headers, **ADMIN}
+        )
+        assert answer.status_code == 201, answer.text
