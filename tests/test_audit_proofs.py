@@ -14,6 +14,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import msgspec
 import pytest
 
@@ -22,7 +23,7 @@ from ledger import merkle, tlog
 from ledger.audit import BundleVerificationError, export_bundle, verify_bundle
 from ledger.audit.bundle import Manifest
 from ledger.audit.proofs import RootMemo, batch_proofs
-from ledger.errors import ProofError
+from ledger.errors import ProofError, VerificationError
 from ledger.identity import b64encode
 from ledger.note import open_checkpoint
 from ledger.postgres import PostgresEventStore
@@ -250,3 +251,28 @@ def test_a_version_1_bundle_still_verifies_by_its_range_proof(tmp_path: Path) ->
     save(path, lines)
     with pytest.raises(BundleVerificationError, match="no inclusion proof"):
         verify_bundle(path, workers=0)
+
+
+async def test_export_refuses_a_stored_tree_that_disagrees_with_the_entries(
+    generated: tuple[str, GeneratedLedger],
+) -> None:
+    """A subtree row changed in the database (leaves 2048..4095, a right sibling the
+    first export batch reads from the store): the proofs made from it would not lead to
+    the root of the entries; the export stops before the ledger key signs anything."""
+    url, ledger = generated
+    conn = await asyncpg.connect(url)
+    try:
+        changed = await conn.execute(
+            "UPDATE merkle_nodes SET hash = sha256(hash) WHERE level = 11 AND idx = 1"
+        )
+        assert changed == "UPDATE 1"
+        checkpoints = await conn.fetchval("SELECT count(*) FROM checkpoints")
+    finally:
+        await conn.close()
+    with pytest.raises(VerificationError, match="stored Merkle tree"):
+        await export(url, ledger, ledger.agents[3].did)
+    conn = await asyncpg.connect(url)
+    try:  # no covering checkpoint was signed and stored either
+        assert await conn.fetchval("SELECT count(*) FROM checkpoints") == checkpoints
+    finally:
+        await conn.close()

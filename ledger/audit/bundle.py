@@ -289,11 +289,8 @@ json_encoder = msgspec.json.Encoder()
 ENTRY_LINES = (EventLine, StubLine)
 
 
-def entry_line(
-    kind: type[KeyLine] | type[EventLine], record: RecordedEvent, **extra: Inclusion
-) -> Any:
+def entry_line(kind: type[KeyLine] | type[EventLine], record: RecordedEvent) -> Any:
     return kind(
-        **extra,
         position=record.position,
         recorded_at=format_time(record.recorded_at),
         stream_id=record.stream_id,

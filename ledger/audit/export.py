@@ -303,11 +303,10 @@ class BundleExport:
         state.prev = await self._anchor()
         async with contextlib.aclosing(self._batches()) as batches:
             async for batch in batches:
+                checked = [self._check(state, record) for record in batch]
                 leaves = [tlog.entry_leaf(record.entry_hash) for record in batch]
                 proofs = await self._proofs(state, batch, leaves)
-                lines = [
-                    self._entry(state, record, proofs.get(record.position)) for record in batch
-                ]
+                lines = [self._line(state, line, proofs.get(line.position)) for line in checked]
                 state.frontier = state.frontier.extend(leaves)
                 if progress is not None:
                     progress(state.events + state.stubs, total)
@@ -395,14 +394,11 @@ class BundleExport:
             )
         return before.entry_hash
 
-    def _entry(
-        self, state: _ExportState, record: RecordedEvent, inclusion: Inclusion | None
-    ) -> bytes:
-        # 1. the link, recomputed from the very texts written (never sign what was not
-        #    checked); the same checks, in the same order, as ledger.chain.check_link
+    def _check(self, state: _ExportState, record: RecordedEvent) -> EventLine:
+        """The link, recomputed from the very texts written (never sign what was not
+        checked); the same checks, in the same order, as ledger.chain.check_link."""
         assert self.first is not None
-        extra = {} if inclusion is None else {"inclusion": inclusion}
-        line: EventLine = entry_line(EventLine, record, **extra)
+        line: EventLine = entry_line(EventLine, record)
         expected = state.last_position + 1 if state.last_position else self.first
         if record.position != expected:
             raise VerificationError(
@@ -424,10 +420,13 @@ class BundleExport:
         if state.first_prev is None:
             state.first_prev = record.prev_hash
         state.prev, state.last_position = record.entry_hash, record.position
-        # 2. the line
+        return line
+
+    def _line(self, state: _ExportState, line: EventLine, inclusion: Inclusion | None) -> bytes:
+        """A checked entry as an event with its inclusion proof, or else a stub."""
         if inclusion is not None:
             state.events += 1
-            return self.encoder.line(line)
+            return self.encoder.line(msgspec.structs.replace(line, inclusion=inclusion))
         state.stubs += 1
         stub = StubLine(
             position=line.position, prev_hash=line.prev_hash, entry_hash=line.entry_hash
