@@ -27,7 +27,8 @@ from ledger.postgres import PostgresEventStore, PostgresLedgerReader
 from ledger.timefmt import utc_now
 from projections.cache import CachedStore
 from projections.config import TrustConfig
-from projections.projector import Projector, ProjectorMetrics, append_wakeups
+from projections.leader_postgres import append_wakeups, project_while_leader
+from projections.projector import Projector, ProjectorMetrics
 from projections.readstore import ProjectionReader, ProjectionStore
 
 log = logging.getLogger("agentmesh")
@@ -57,7 +58,7 @@ async def run_projector(settings: Settings) -> int:
     store = await open_projection_store(settings)
     try:
         projector = Projector(reader, store, trust_config(settings), metrics=metrics)
-        await projector.run(direct, stop)
+        await project_while_leader(projector, direct, stop)
     finally:
         await store.close()
         await reader.close()

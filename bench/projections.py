@@ -58,6 +58,7 @@ from ledger.signed import SignedEvent
 from ledger.timefmt import format_time
 from projections.config import TrustConfig
 from projections.documents import Batch
+from projections.leader_postgres import project_while_leader
 from projections.projector import Projector
 from projections.readstore import ProjectionStore
 from projections.store_memory import MemoryProjectionStore
@@ -246,7 +247,9 @@ class ProjectorRunner:
         store = await self.ctx.store(self.backend)
         self.resources = [store, reader]
         projector = Projector(reader, store, CONFIG)
-        self.task = asyncio.create_task(projector.run(self.ctx.url, self.stop_event))
+        self.task = asyncio.create_task(
+            project_while_leader(projector, self.ctx.url, self.stop_event)
+        )
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTMESH_")}

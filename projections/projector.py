@@ -9,8 +9,9 @@
   the holder projects, and when it dies its session ends, the lock is freed
   and a standby takes over. The compare-and-set also fences a leader that
   lost its lock but has not noticed yet. The lock and the LISTEN wake-ups
-  live on one direct session (``run``'s URL): neither passes through a
-  transaction pooler, while the ledger reads and store writes may.
+  live on one direct session (``projections.leader_postgres``, the adapter):
+  neither passes through a transaction pooler, while the ledger reads and store
+  writes may.
 * Self-healing: an emptied read store (Redis flushed or restarted without
   persistence) or one folded under another trust configuration is rebuilt
   from the ledger without being asked.
@@ -20,22 +21,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol
 
-import asyncpg
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ledger.chain import RecordedEvent
-from ledger.errors import LedgerError, StoreUnavailableError
+from ledger.errors import LedgerError
 from ledger.events import decode_body
-from ledger.postgres import PostgresLedgerReader
-from ledger.postgres.dsn import connect_kwargs, pooler_of
-from ledger.postgres.reader import NOTIFY_CHANNEL
+from ledger.ports import LedgerReader
 from ledger.timefmt import format_time, utc_now
 from projections.config import TrustConfig
 from projections.documents import (
@@ -52,9 +50,6 @@ from projections.start import state_at_position
 from projections.state import MeshState
 
 log = logging.getLogger("agentmesh.projector")
-
-# Session advisory lock key of the projector leader ("AMPROJ" in ASCII).
-LEADER_LOCK = 0x414D50524F4A
 
 Progress = Callable[[int], None]
 
@@ -100,12 +95,19 @@ class _Progress:
     generation: str
 
 
+class FollowedLedger(LedgerReader, Protocol):
+    """A ledger whose appends can be awaited (``PostgresLedgerReader``: LISTEN)."""
+
+    def listener(self) -> contextlib.AbstractAsyncContextManager[asyncio.Event]: ...
+
+
 class Projector:
-    """Folds the ledger into ``store``. ``run`` projects while holding leadership."""
+    """Folds the ledger into ``store``; ``project`` runs it while leadership lasts
+    (``projections.leader_postgres.project_while_leader`` competes for it)."""
 
     def __init__(
         self,
-        ledger: PostgresLedgerReader,
+        ledger: FollowedLedger,
         store: ProjectionStore,
         config: TrustConfig,
         *,
@@ -234,7 +236,7 @@ class Projector:
                             log.warning("read_store_rebuild", extra={"reason": "emptied"})
                             progress = None
                             continue
-                        await _wait_any(stop, wake, self.poll_interval)
+                        await wait_any(stop, wake, self.poll_interval)
                 except StaleWriteError as exc:
                     log.warning("read_store_moved", extra={"error": str(exc)})
                     progress = None
@@ -243,96 +245,15 @@ class Projector:
                     # state: nothing half-applied survives, thanks to the compare-and-set.
                     log.warning("projection_failed", extra={"error": str(exc)})
                     progress = None
-                    await _wait_any(stop, asyncio.Event(), self.poll_interval)
+                    await wait_any(stop, asyncio.Event(), self.poll_interval)
 
-    async def run(
-        self, database_url: str, stop: asyncio.Event, retry_interval: float = 1.0
-    ) -> None:
-        """Compete for leadership; project while leader; stand by otherwise.
-
-        ``database_url`` must reach PostgreSQL directly (not through a transaction
-        pooler): the leader lock is a session advisory lock, and the wake-ups are a
-        LISTEN on that same session. The ledger and the store may be read and
-        written through a pooler."""
-        if pooler_of(database_url) == "transaction":
-            raise ValueError(
-                "the projector's leader lock and LISTEN need a direct session: give it "
-                "a URL without pooler=transaction (AGENTMESH_DATABASE_DIRECT_URL)"
-            )
-        while not stop.is_set():
-            try:
-                conn = await asyncpg.connect(**connect_kwargs(database_url))
-            except (asyncpg.PostgresError, OSError) as exc:
-                log.warning("database_unreachable", extra={"error": str(exc)})
-                await _wait_any(stop, asyncio.Event(), retry_interval)
-                continue
-            try:
-                wake = asyncio.Event()
-                try:
-                    leader = await conn.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK)
-                    if leader:
-                        await conn.add_listener(NOTIFY_CHANNEL, _waker(wake))
-                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-                    log.warning("leader_lock_failed", extra={"error": str(exc)})
-                    leader = False
-                if leader:
-                    log.info("projector_leader")
-                    self._set_leader(True)
-                    await self.project(stop, functools.partial(_alive, conn), wake)
-                else:
-                    await _wait_any(stop, asyncio.Event(), retry_interval)
-            finally:
-                self._set_leader(False)
-                with contextlib.suppress(asyncpg.PostgresError, OSError):
-                    await conn.close()
-
-    def _set_leader(self, value: bool) -> None:
+    def set_leader(self, value: bool) -> None:
+        """Report leadership (the ``leader`` gauge)."""
         if self.metrics is not None:
             self.metrics.leader.set(1 if value else 0)
 
 
-@contextlib.asynccontextmanager
-async def append_wakeups(database_url: str | None) -> AsyncIterator[asyncio.Event]:
-    """An event set whenever an append commits: LISTEN on a session of its own on
-    ``database_url`` (a direct URL). With None, an event nobody sets: the reader
-    then relies on its poll alone (what a transaction pooler leaves)."""
-    wake = asyncio.Event()
-    if database_url is None:
-        yield wake
-        return
-    if pooler_of(database_url) == "transaction":
-        raise ValueError("LISTEN needs a direct URL, not one with pooler=transaction")
-    try:
-        conn = await asyncpg.connect(**connect_kwargs(database_url))
-        await conn.add_listener(NOTIFY_CHANNEL, _waker(wake))
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-        raise StoreUnavailableError(f"cannot listen for appends: {exc}") from exc
-    try:
-        yield wake
-    finally:
-        with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-            await conn.close()
-
-
-def _waker(wake: asyncio.Event) -> Callable[..., None]:
-    """A LISTEN callback that sets ``wake`` (the payload does not matter)."""
-
-    def on_notify(*_: object) -> None:
-        wake.set()
-
-    return on_notify
-
-
-async def _alive(conn: asyncpg.Connection) -> bool:
-    """Whether the session holding the leader lock still exists."""
-    try:
-        await asyncio.wait_for(conn.fetchval("SELECT 1"), 5)
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
-        return False
-    return True
-
-
-async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, seconds: float) -> None:
+async def wait_any(stop: asyncio.Event, wake: asyncio.Event, seconds: float) -> None:
     waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())]
     try:
         await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)

@@ -46,6 +46,7 @@ from ledger.timefmt import format_time
 from ledger.verify import verify_ledger
 from projections.config import TrustConfig
 from projections.documents import Change
+from projections.leader_postgres import project_while_leader
 from projections.projector import Projector
 from projections.readstore import ProjectionStore, ReadStoreError
 from projections.store_memory import MemoryProjectionStore
@@ -239,7 +240,7 @@ async def test_the_projector_writes_the_postgres_store_through_pgbouncer(
     stop = asyncio.Event()
     # A poll of an hour: only the LISTEN on the direct session can wake it in this test.
     projector = Projector(reader, store, CONFIG, poll_interval=3600)
-    task = asyncio.create_task(projector.run(database_url, stop))
+    task = asyncio.create_task(project_while_leader(projector, database_url, stop))
     changes = store.changes()
     try:
         agents = await random_history(ledger, clock, seed=3, steps=40)
@@ -276,7 +277,7 @@ async def test_what_needs_a_session_refuses_a_pooled_url(
     try:
         projector = Projector(reader, store, CONFIG)
         with pytest.raises(ValueError, match="direct session"):
-            await projector.run(pooled_url, asyncio.Event())
+            await project_while_leader(projector, pooled_url, asyncio.Event())
         with pytest.raises(ReadStoreError, match="AGENTMESH_DATABASE_DIRECT_URL"):
             await anext(store.changes())
         with pytest.raises(ValueError, match="direct connection"):
