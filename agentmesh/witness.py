@@ -12,6 +12,14 @@ root). Then the witness cosigns it (C2SP ``tlog-cosignature``,
 ``bad_signature``  not signed by the pinned ledger key
 ``malformed``      not a signed note, not a checkpoint, or not this ledger's
 
+The ledger's key may change by a ``ledger.key_rotated`` entry. A checkpoint
+under another key than the trusted one is accepted only with proof
+(``GET /v1/ledger/keys?tree_size=N``): every rotation after the accepted tree,
+signed by the key trusted so far with the new key's proof, and proven in the
+offered tree (``ledger.keyhistory.cross``). The state then names the new key
+(``ledger_vkey``) and the keys crossed from (``rotated_from``), so a restart
+with the originally pinned key carries on. Without that proof: ``bad_signature``.
+
 On an alarm the old state is kept, one log line names both checkpoints, and
 the process exits 3 (1 stays "the operation failed", e.g. an unreachable
 API). A witness that saw a fork does not keep going. The evidence (the
@@ -58,7 +66,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -67,8 +75,10 @@ import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from agentmesh.errors import AgentMeshError
-from ledger.errors import NoteError, ProofError
-from ledger.identity import SigningKey
+from ledger import keyhistory, tlog
+from ledger.chain import Entry
+from ledger.errors import LedgerError, NoteError, ProofError
+from ledger.identity import SigningKey, VerifyKey
 from ledger.merkle import EMPTY_ROOT, verify_consistency
 from ledger.note import (
     Checkpoint,
@@ -80,7 +90,9 @@ from ledger.note import (
     cosignature_timestamp,
     open_note,
     parse_note,
+    parse_vkey,
 )
+from ledger.timefmt import parse_time
 
 STATE_FORMAT = "agentmesh.witness.state/v1"
 EVIDENCE_FORMAT = "agentmesh.witness.alarm/v1"
@@ -149,6 +161,8 @@ class WitnessState:
     note: Note  # checkpoint text; the ledger's signature, then the witness's cosignature
     cosignature: NoteSignature
     cosigned_at: int  # POSIX seconds, as stated in the cosignature
+    ledger: Ed25519Verifier | None = field(default=None, compare=False)  # accepted under
+    rotated_from: tuple[str, ...] = ()  # vkeys of the ledger keys crossed from, oldest first
 
     @property
     def size(self) -> int:
@@ -170,6 +184,7 @@ class WitnessState:
             "size": self.checkpoint.size,
             "root_hash": _b64(self.checkpoint.root_hash),
             "ledger_vkey": ledger.vkey(),
+            "rotated_from": list(self.rotated_from),
             "witness_vkey": witness.vkey(),
             "cosigned_at": self.cosigned_at,
             "checkpoint": self.note_text(),
@@ -187,6 +202,15 @@ class WitnessState:
             raise StateError(f"state is not JSON: {exc}") from None
         if not isinstance(document, dict) or document.get("format") != STATE_FORMAT:
             raise StateError(f"state is not a {STATE_FORMAT} document")
+        rotated_from = document.get("rotated_from") or []
+        if not isinstance(rotated_from, list) or not all(isinstance(v, str) for v in rotated_from):
+            raise StateError("state's rotated_from is not a list of vkeys")
+        if document.get("ledger_vkey") != ledger.vkey() and ledger.vkey() in rotated_from:
+            # Crossed a rotation since the key was pinned: the state names the new key.
+            current = parse_vkey(str(document.get("ledger_vkey")))
+            if not isinstance(current, Ed25519Verifier):
+                raise StateError("state's ledger_vkey is not an Ed25519 note key")
+            ledger = current
         if document.get("ledger_vkey") != ledger.vkey():
             raise StateError(
                 f"state was accepted under ledger key {document.get('ledger_vkey')!r}, "
@@ -215,6 +239,8 @@ class WitnessState:
             Note(by_ledger.text, (*by_ledger.verified, cosignature)),
             cosignature,
             cosignature_timestamp(cosignature),
+            ledger,
+            tuple(rotated_from),
         )
 
 
@@ -298,11 +324,38 @@ def decide(
     return check_consistency(previous, opened, proof)
 
 
-def cosign(accepted: SignedCheckpoint, signer: CosignatureSigner) -> WitnessState:
+def cosign(
+    accepted: SignedCheckpoint,
+    signer: CosignatureSigner,
+    ledger: Ed25519Verifier | None = None,
+    rotated_from: tuple[str, ...] = (),
+) -> WitnessState:
     """The new state: ``accepted`` with this witness's ``cosignature/v1`` appended."""
     note = accepted.note.signed(signer)
     cosignature = note.signatures[-1]
-    return WitnessState(accepted.checkpoint, note, cosignature, signer.timestamp)
+    return WitnessState(
+        accepted.checkpoint, note, cosignature, signer.timestamp, ledger, rotated_from
+    )
+
+
+def cross_rotation(
+    trusted: Ed25519Verifier,
+    accepted_size: int,
+    data: str | bytes,
+    offered: Checkpoint,
+    proven: Sequence[keyhistory.ProvenRotation],
+) -> SignedCheckpoint | Alarm:
+    """A checkpoint under a key other than ``trusted``: accepted only if the rotations
+    after the accepted tree lead from ``trusted`` to its signer, each signed by the key
+    before with the new key's proof and proven in the offered tree."""
+    try:
+        key = keyhistory.cross(trusted.key, accepted_size, offered.root_hash, offered.size, proven)
+    except LedgerError as exc:
+        return Alarm(AlarmKind.BAD_SIGNATURE, f"ledger key rotation: {exc}", None, offered)
+    if key.raw == trusted.key.raw:
+        reason = "not signed by the pinned ledger key, and no rotation of it is proven"
+        return Alarm(AlarmKind.BAD_SIGNATURE, reason, None, offered)
+    return open_ledger_checkpoint(data, tlog.verifier(key))
 
 
 def evidence_json(
@@ -475,6 +528,42 @@ async def _fetch_proof(
         raise WitnessError(f"{url}: a proof hash is not base64") from None
 
 
+async def _fetch_rotations(
+    client: httpx.AsyncClient, base: str, tree_size: int
+) -> list[keyhistory.ProvenRotation]:
+    """The ledger's rotations with inclusion proofs in the tree of ``tree_size``."""
+    url = f"{base}/v1/ledger/keys"
+    response = await _get(client, url, tree_size=tree_size)
+    try:
+        body: Any = response.json()
+        if body.get("tree_size") != tree_size:
+            raise ValueError(f"the answer is for tree size {body.get('tree_size')}")
+        return [
+            keyhistory.ProvenRotation(
+                Entry(
+                    position=int(item["position"]),
+                    recorded_at=parse_time(item["recorded_at"]),
+                    stream_id=str(item["stream_id"]),
+                    stream_version=int(item["stream_version"]),
+                    body=base64.b64decode(item["body"], validate=True),
+                    signature=base64.b64decode(item["signature"], validate=True),
+                    prev_hash=base64.b64decode(item["prev_hash"], validate=True),
+                    entry_hash=base64.b64decode(item["entry_hash"], validate=True),
+                ),
+                tree_size,
+                tuple(base64.b64decode(h, validate=True) for h in item["hashes"]),
+            )
+            for item in body["rotations"]
+        ]
+    except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
+        raise WitnessError(f"{url}: not the ledger's key rotations: {exc}") from None
+
+
+def _keys(proven: Sequence[keyhistory.ProvenRotation]) -> list[VerifyKey]:
+    """The new keys the (already checked) rotations install."""
+    return [VerifyKey.from_pem(keyhistory.rotation_of(p.entry).public_key) for p in proven]
+
+
 class Witness:
     """One witness over one ledger: the state in memory and on disk, and the metrics."""
 
@@ -489,13 +578,26 @@ class Witness:
         self.clock = clock
         self.base = config.url.rstrip("/")
         self.state = load_state(config)
+        self.ledger = config.ledger  # the ledger key trusted now (rotations move it)
+        self.rotated_from: tuple[str, ...] = ()
         if self.state is not None:
             metrics.checkpoint_size.set(self.state.size)
+            self.ledger = self.state.ledger or config.ledger
+            self.rotated_from = self.state.rotated_from
 
     async def step(self, client: httpx.AsyncClient) -> Decision:
         """Fetch, judge, and cosign-and-save or count the alarm. Raise WitnessError on I/O."""
         response = await _get(client, f"{self.base}/v1/ledger/checkpoint")
-        opened = open_ledger_checkpoint(response.content, self.config.ledger)
+        opened = open_ledger_checkpoint(response.content, self.ledger)
+        ledger = self.ledger
+        if isinstance(opened, Alarm) and opened.kind is AlarmKind.BAD_SIGNATURE and opened.new:
+            size = self.state.size if self.state is not None else 0
+            proven = await _fetch_rotations(client, self.base, opened.new.size)
+            opened = cross_rotation(self.ledger, size, response.content, opened.new, proven)
+            if not isinstance(opened, Alarm):
+                ledger = tlog.verifier(
+                    next(k for k in _keys(proven) if tlog.origin(k.did) == opened.checkpoint.origin)
+                )
         if isinstance(opened, Alarm):
             old = self.state.checkpoint if self.state is not None else None
             alarm = Alarm(opened.kind, opened.reason, old, opened.new)
@@ -507,19 +609,27 @@ class Witness:
         decision = check_consistency(self.state, opened, proof)
         if isinstance(decision, Alarm):
             return self._alarm(decision, response.content, proof)
-        self._accept(decision)
+        self._accept(decision, ledger)
         return decision
 
-    def _accept(self, accepted: Accepted) -> None:
+    def _accept(self, accepted: Accepted, ledger: Ed25519Verifier) -> None:
         now = self.clock()
         signer = CosignatureSigner(self.config.name, self.config.key, int(now))
-        state = cosign(accepted.signed, signer)
-        content = state.to_json(self.config.ledger, self.config.witness_verifier())
+        rotated_from = self.rotated_from
+        if ledger.vkey() != self.ledger.vkey():
+            rotated_from = (*rotated_from, self.ledger.vkey())
+            logger.warning(
+                f"ledger key rotated: now trusting {ledger.vkey()} (proven from "
+                f"{self.ledger.vkey()})"
+            )
+        state = cosign(accepted.signed, signer, ledger, rotated_from)
+        content = state.to_json(ledger, self.config.witness_verifier())
         try:
             write_state(self.config.state_path, content)
         except OSError as exc:
             raise WitnessError(f"cannot write {self.config.state_path}: {exc.strerror}") from None
         previous, self.state = self.state, state
+        self.ledger, self.rotated_from = ledger, rotated_from
         self.metrics.checkpoint_size.set(state.size)
         self.metrics.last_success.set(now)
         checkpoint = accepted.checkpoint

@@ -730,6 +730,44 @@ async def consistency_proof(
     return s.ConsistencyProofOut(first=first, second=second, hashes=[b64encode(h) for h in hashes])
 
 
+@get("/v1/ledger/keys", tags=["ledger"])
+async def ledger_keys(
+    ctx: Ctx,
+    tree_size: Annotated[int | None, QueryParameter(ge=1, le=2**63 - 1)] = None,
+) -> s.LedgerKeysOut:
+    """The ledger's key rotations up to ``tree_size`` (default: the head), each entry with
+    its inclusion proof in the tree of ``tree_size``: what a witness that pinned an
+    older key needs to accept checkpoints signed by the new one."""
+    size = tree_size if tree_size is not None else (await ctx.ledger.head()).position
+    every = await ctx.ledger.ledger_rotations()
+    rotations = [r for r in every if r.position <= size]
+    out = []
+    for entry in rotations:
+        hashes = await ctx.ledger.inclusion_proof(entry.position, size)
+        out.append(
+            s.LedgerRotationOut(
+                position=entry.position,
+                recorded_at=format_time(entry.recorded_at),
+                stream_id=entry.stream_id,
+                stream_version=entry.stream_version,
+                body=b64encode(entry.body),
+                signature=b64encode(entry.signature),
+                prev_hash=b64encode(entry.prev_hash),
+                entry_hash=b64encode(entry.entry_hash),
+                did=str(msgspec.json.decode(entry.body)["did"]),
+                hashes=[b64encode(h) for h in hashes],
+            )
+        )
+    # The key in force at ``size``: the last rotation's, else the one the first replaced.
+    current = await ctx.ledger.ledger_identity() or ctx.ledger.ledger_key
+    if rotations or every:
+        last = msgspec.json.decode((rotations or every)[-1 if rotations else 0].body)
+        current = VerifyKey.from_pem(last["public_key" if rotations else "previous_key"])
+    return s.LedgerKeysOut(
+        tree_size=size, ledger_did=current.did, public_key=current.pem(), rotations=out
+    )
+
+
 @get("/v1/ledger/checkpoints/latest", tags=["ledger"])
 async def latest_checkpoint(ctx: Ctx) -> s.CheckpointOut:
     """The latest signed checkpoint, with the bytes signed and the ledger's public key."""
@@ -841,6 +879,7 @@ ROUTES = [
     tree_vkey,
     inclusion_proof,
     consistency_proof,
+    ledger_keys,
     ledger_events,
     audit_export,
 ]

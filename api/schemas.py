@@ -116,6 +116,31 @@ class ConsistencyProofOut(Struct):
     hashes: list[str]
 
 
+class LedgerRotationOut(Struct):
+    """One ``ledger.key_rotated`` entry as stored (enough to recompute its entry hash)
+    and its RFC 9162 inclusion proof in the tree of ``tree_size``; bytes in base64."""
+
+    position: int
+    recorded_at: str
+    stream_id: str
+    stream_version: int
+    body: str
+    signature: str
+    prev_hash: str
+    entry_hash: str
+    did: str  # the ledger's DID from this position on
+    hashes: list[str]
+
+
+class LedgerKeysOut(Struct):
+    """The ledger's key history: genesis key and every rotation, proven in one tree."""
+
+    tree_size: int
+    ledger_did: str
+    public_key: str  # PEM, the key in force at ``tree_size``
+    rotations: list[LedgerRotationOut]
+
+
 class HandshakeAnswer(Struct):
     signature: Signature
 

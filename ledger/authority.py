@@ -31,6 +31,10 @@ The rules (numbered as the README's trust model table):
 7. ``trust.signal`` about oneself is refused: no agent raises its own score.
 8. ``delegation.granted`` is signed by its delegator.
 9. Every agent an event is about is registered.
+10. ``ledger.key_rotated`` is signed by the current ledger key (``previous_key`` is
+    that key) and carries ``proof`` by the new key; the new DID is no agent's. From
+    then on ``ledger_did`` is the new key's DID for every rule: the old key is an
+    unknown signer, so it can sign nothing.
 
 How much a *recorded* report moves a score (peer weighting, per-pair caps,
 handshake reward windows) is the fold's business: ``projections.state``.
@@ -62,6 +66,7 @@ from ledger.events import (
     DelegationGranted,
     HandshakeCompleted,
     HandshakeFailed,
+    LedgerKeyRotated,
     PolicyViolation,
     RetentionApplied,
     TrustSignal,
@@ -81,6 +86,7 @@ LEDGER_ONLY: tuple[type, ...] = (
     HandshakeCompleted,
     HandshakeFailed,
     RetentionApplied,
+    LedgerKeyRotated,
 )
 
 
@@ -123,6 +129,8 @@ def check(event: AnyEvent, body: bytes, recorded_at: datetime, view: WriteView) 
             raise NotPermittedError(
                 f"{actor} is suspended and can write nothing but violations about itself"
             )
+    if isinstance(event, LedgerKeyRotated) and view.key(event.did) is not None:  # 10.
+        raise AppendRejectedError(f"ledger.key_rotated: {event.did} is a registered agent")
     # 9. Subjects exist.
     for did in subject_agents(event):
         if view.key(did) is None:
@@ -142,6 +150,8 @@ def check_static(event: AnyEvent, body: bytes, recorded_at: datetime, ledger_did
         if actor != event.did:
             raise NotPermittedError("a key rotation is signed by the agent's current key")
         check_rotation_proof(event, body)
+    if isinstance(event, LedgerKeyRotated):  # 10.
+        check_ledger_rotation(event, body)
     if isinstance(event, TrustSignal) and actor == event.agent:  # 7.
         raise NotPermittedError("an agent cannot signal trust in itself")
     if isinstance(event, DelegationGranted) and actor != event.delegator:  # 8.
@@ -209,17 +219,30 @@ def rotation_message(body: dict[str, object]) -> bytes:
     return canonical_bytes({k: v for k, v in body.items() if k != "proof"})
 
 
-def check_rotation_proof(event: AgentKeyRotated, body: bytes) -> None:
+def check_rotation_proof(event: AgentKeyRotated | LedgerKeyRotated, body: bytes) -> None:
     """Return None if ``proof`` is the new key's signature over ``body`` (the signed
     canonical bytes) without ``proof``; raise ``SignatureError`` otherwise."""
+    kind = _type(event)
     if event.proof is None:
         raise SignatureError(
-            "agent.key_rotated needs proof: the new key's signature over the body without proof"
+            f"{kind} needs proof: the new key's signature over the body without proof"
         )
     key = _pem_key(event.public_key)
     message = rotation_message(msgspec.json.decode(body))
     if not key.is_valid(b64decode(event.proof, "proof"), message):
-        raise SignatureError("agent.key_rotated: proof does not verify with the new key")
+        raise SignatureError(f"{kind}: proof does not verify with the new key")
+
+
+def check_ledger_rotation(event: LedgerKeyRotated, body: bytes) -> None:
+    """The parts of rule 10 one event shows: ``previous_key`` is the signer's (the
+    actor's) key, ``public_key`` is ``did``'s and another key, and the new key's proof."""
+    if _pem_key(event.previous_key).did != event.actor:
+        raise NotPermittedError("ledger.key_rotated: previous_key is not the signer's key")
+    if _pem_key(event.public_key).did != event.did:
+        raise AppendRejectedError(f"ledger.key_rotated: public key does not belong to {event.did}")
+    if event.did == event.actor:
+        raise AppendRejectedError("ledger.key_rotated: the new key is the current key")
+    check_rotation_proof(event, body)
 
 
 def _pem_key(pem: str) -> VerifyKey:
@@ -267,6 +290,8 @@ class AuthorityState:
                 self.suspended_dids.add(event.did)
             case AgentReinstated():
                 self.suspended_dids.discard(event.did)
+            case LedgerKeyRotated():
+                self.ledger_did = event.did
 
 
 def _type(event: AnyEvent) -> str:

@@ -152,6 +152,18 @@ class RetentionApplied(Event, tag="ledger.retention_applied", frozen=True):
     snapshot_digest: Sha256Hex
 
 
+class LedgerKeyRotated(Event, tag="ledger.key_rotated", frozen=True):
+    """The ledger's own key changes. Signed by the current ledger key (``actor``, whose
+    public key is ``previous_key``); ``proof`` is the *new* key's base64 signature over
+    this body without ``proof``. From this position on the ledger's DID is ``did`` (the
+    new key's) for every rule, checkpoint and note, and the old key signs nothing."""
+
+    did: Did
+    public_key: Annotated[str, msgspec.Meta(max_length=1000)]
+    previous_key: Annotated[str, msgspec.Meta(max_length=1000)]
+    proof: Annotated[str, msgspec.Meta(max_length=200)] | None = None
+
+
 AnyEvent = (
     AgentRegistered
     | AgentKeyRotated
@@ -164,6 +176,7 @@ AnyEvent = (
     | DelegationGranted
     | DelegationRevoked
     | RetentionApplied
+    | LedgerKeyRotated
 )
 
 EVENT_TYPES: dict[str, type[Event]] = {
@@ -180,6 +193,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         DelegationGranted,
         DelegationRevoked,
         RetentionApplied,
+        LedgerKeyRotated,
     )
 }
 
@@ -261,7 +275,7 @@ def stream_of(event: AnyEvent) -> str:
             return f"handshake:{event.handshake_id}"
         case DelegationGranted() | DelegationRevoked():
             return f"delegation:{event.grant_id}"
-        case RetentionApplied():
+        case RetentionApplied() | LedgerKeyRotated():
             return "ledger"
     raise EventValidationError(f"no stream for {type(event).__name__}")
 

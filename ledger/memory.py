@@ -29,6 +29,7 @@ from ledger.errors import (
     ConcurrencyError,
     EventValidationError,
     IdempotencyConflictError,
+    LedgerKeyMismatchError,
     NotPermittedError,
     ProofError,
     SignatureError,
@@ -39,6 +40,7 @@ from ledger.events import (
     AgentReinstated,
     AgentSuspended,
     Event,
+    LedgerKeyRotated,
     decode_body,
     stream_of,
     subject_agents,
@@ -84,8 +86,11 @@ class _Overlay:
             self.scratch.keys[event.did] = VerifyKey.from_pem(event.public_key).raw
         elif isinstance(event, AgentSuspended | AgentReinstated):
             self.suspended_changes[event.did] = isinstance(event, AgentSuspended)
+        elif isinstance(event, LedgerKeyRotated):
+            self.ledger_did = event.did  # the old key signs nothing after this
 
     def commit(self) -> None:
+        self.state.ledger_did = self.ledger_did
         self.state.keys.update(self.scratch.keys)
         self.state.ids |= self.scratch.ids
         for did, suspended in self.suspended_changes.items():
@@ -110,6 +115,7 @@ class MemoryLedger:
         self._checkpoint_every = checkpoint_every
         self._entries: list[RecordedEvent] = []
         self._state = AuthorityState(ledger_key.did)
+        self._identity = ledger_key.public  # the ledger's key: genesis, then each rotation's
         self._versions: dict[str, int] = {}
         self._idempotency: dict[tuple[str, str], tuple[bytes, AppendResult]] = {}
         self._checkpoints: dict[int, Checkpoint] = {}
@@ -132,6 +138,24 @@ class MemoryLedger:
     def ledger_key(self) -> VerifyKey:
         return self._key.public
 
+    def use_key(self, key: SigningKey) -> None:
+        """Hold ``key`` from now on: what restarting a PostgreSQL writer with the key a
+        rotation installed is. Any other key is refused (``LedgerKeyMismatchError``)."""
+        if key.did != self._state.ledger_did:
+            raise LedgerKeyMismatchError(
+                f"this ledger's key is {self._state.ledger_did}, not {key.did}"
+            )
+        self._key = key
+
+    def _check_key(self) -> None:
+        """A ledger whose key was rotated away from ours: refuse, never fork."""
+        if self._state.ledger_did != self._key.did:
+            raise LedgerKeyMismatchError(
+                f"the ledger's key was rotated to {self._state.ledger_did}; this process holds "
+                f"the retired key {self._key.did}: restart it with the new key "
+                "(AGENTMESH_AGENT_PRIVATE_KEY)"
+            )
+
     async def append(
         self,
         events: Sequence[SignedEvent],
@@ -144,6 +168,7 @@ class MemoryLedger:
         stream = _one_stream(events, idempotency_key)
         digest = hashlib.sha256(b"\n".join(e.body for e in events)).digest()
         async with self._lock:
+            self._check_key()
             scope = (events[0].actor, idempotency_key or "")
             if idempotency_key is not None and scope in self._idempotency:
                 stored, result = self._idempotency[scope]
@@ -184,6 +209,9 @@ class MemoryLedger:
             authority.check(signed.event, signed.body, now, overlay)
             overlay.advance(signed.event)
         overlay.commit()
+        for signed in events:
+            if isinstance(signed.event, LedgerKeyRotated):
+                self._identity = VerifyKey.from_pem(signed.event.public_key)
         positions = [
             self._record(signed, stream, version + index, now)
             for index, signed in enumerate(events, start=1)
@@ -192,7 +220,11 @@ class MemoryLedger:
         self._frontier, completed = self._frontier.extend_with_subtrees(leaves)
         self._nodes.update({(n.level, n.index): n.hash for n in completed})
         self._versions[stream] = version + len(events)
-        if self._head().position - max(self._checkpoints, default=0) >= self._checkpoint_every:
+        rotated = self._state.ledger_did != self._key.did  # the new key signs the next one
+        if (
+            not rotated
+            and self._head().position - max(self._checkpoints, default=0) >= self._checkpoint_every
+        ):
             self._sign_head()
         return AppendResult(tuple(positions), stream, version + len(events))
 
@@ -257,7 +289,11 @@ class MemoryLedger:
     async def checkpoint(self) -> Checkpoint:
         async with self._lock:
             head = self._head()
-            return self._checkpoints.get(head.position) or self._sign_head()
+            existing = self._checkpoints.get(head.position)
+            if existing is not None:
+                return existing
+            self._check_key()
+            return self._sign_head()
 
     def _sign_head(self) -> Checkpoint:
         head = self._head()
@@ -359,7 +395,10 @@ class MemoryLedger:
         return {p: note for p, note in sorted(self._tree_heads.items()) if p > after}
 
     async def ledger_identity(self) -> VerifyKey | None:
-        return self._key.public
+        return self._identity
+
+    async def ledger_rotations(self) -> list[RecordedEvent]:
+        return [e for e in self._entries if e.event_type == "ledger.key_rotated"]
 
     def _check_tree_size(self, size: int) -> None:
         if not 0 <= size <= self._frontier.size:

@@ -149,7 +149,12 @@ class LedgerReader(Protocol):
         """The stored signed tree heads (C2SP notes) after ``after``, by position."""
 
     async def ledger_identity(self) -> VerifyKey | None:
-        """The ledger's public key as recorded at genesis (None before the first open)."""
+        """The ledger's current public key: recorded at genesis, replaced by each
+        ``ledger.key_rotated`` (None before the first open)."""
+
+    async def ledger_rotations(self) -> list[RecordedEvent]:
+        """Every ``ledger.key_rotated`` entry, by position: the ledger's key history
+        (``ledger.keyhistory``)."""
 
     async def retention_window(self) -> Window | None:
         """The latest retention cut, or None if nothing was ever cut."""

@@ -14,6 +14,7 @@ from ledger.events import (
     AgentKeyRotated,
     AnyEvent,
     Event,
+    LedgerKeyRotated,
     body_of,
     event_type,
     new_event_id,
@@ -64,7 +65,9 @@ class SignedEvent:
         return cls(body=body, signature=key.sign(body), event=parsed)
 
     @classmethod
-    def rotation(cls, event: AgentKeyRotated, current: SigningKey, new: SigningKey) -> SignedEvent:
+    def rotation(
+        cls, event: AgentKeyRotated | LedgerKeyRotated, current: SigningKey, new: SigningKey
+    ) -> SignedEvent:
         """A key rotation signed by both keys: ``new`` signs the body without
         ``proof`` (possession of the new key), ``current`` signs the whole body."""
         if event.event_id is None:

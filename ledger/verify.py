@@ -25,7 +25,7 @@ from collections.abc import AsyncIterable, Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-from ledger import authority, tlog
+from ledger import authority, keyhistory, tlog
 from ledger.anchor import Anchor, verify_anchor
 from ledger.authority import AuthorityState
 from ledger.chain import GENESIS_HASH, Checkpoint, Entry, check_link, verify_checkpoint
@@ -34,11 +34,13 @@ from ledger.events import (
     AgentKeyRotated,
     AgentRegistered,
     AnyEvent,
+    LedgerKeyRotated,
     decode_body,
     event_type,
     subject_agents,
 )
 from ledger.identity import VerifyKey
+from ledger.keyhistory import LedgerKeys
 from ledger.merkle import Frontier
 from ledger.note import Checkpoint as NoteCheckpoint
 from ledger.note import open_checkpoint
@@ -113,6 +115,8 @@ class KeyRing:
     def advance(self, position: int, event: AnyEvent) -> None:
         if isinstance(event, AgentRegistered | AgentKeyRotated):
             _raw_key(position, event.public_key)  # a malformed key names its position
+        if isinstance(event, LedgerKeyRotated):  # from here on, the new key is the ledger's
+            self.ledger_key = VerifyKey.from_raw(_raw_key(position, event.public_key))
         self.authority.advance(event)
 
 
@@ -170,8 +174,6 @@ class LedgerVerifier:
             if self.column_check:
                 _check_columns(entry.position, event, event_type_col, actor_col)
                 _check_subjects(entry.position, event, subjects_col, self.ring.ledger_key.did)
-            if self.tree is not None:
-                self.tree.add(entry)
             self.ring.check(entry, event)
             self.jobs.append(
                 (
@@ -182,6 +184,9 @@ class LedgerVerifier:
                 )
             )
             self.ring.advance(entry.position, event)
+            # Checkpoints and tree heads of this size: by the key in force here.
+            if self.tree is not None:
+                self.tree.add(entry, self.ring.ledger_key)
             self._check_checkpoint(entry)
         except VerificationError as exc:
             await self._fail_at(exc)
@@ -282,24 +287,24 @@ class TreeCheck:
 
     def __init__(
         self,
-        ledger_key: VerifyKey,
         frontier: Frontier,
         notes: dict[int, str],
         trusted: NoteCheckpoint | None = None,
     ) -> None:
-        self.verifier = tlog.verifier(ledger_key)
         self.frontier = frontier
         self.notes = notes
         self.trusted = trusted
         self.heads_checked = 0
 
-    def add(self, entry: Entry) -> None:
+    def add(self, entry: Entry, ledger_key: VerifyKey) -> None:
+        """Extend the tree by ``entry``; a tree head of this size must be signed by
+        ``ledger_key``, the key in force at it."""
         self.frontier = self.frontier.append(tlog.entry_leaf(entry.entry_hash))
         position = entry.position
         note = self.notes.get(position)
         if note is not None:
             try:
-                head, _ = open_checkpoint(note, [self.verifier])
+                head, _ = open_checkpoint(note, [tlog.verifier(ledger_key)])
             except LedgerError as exc:
                 raise VerificationError(position, f"signed tree head: {exc}") from exc
             self._compare(position, head, "the signed tree head stored at this position")
@@ -324,13 +329,27 @@ class TreeCheck:
             )
 
 
-def trusted_checkpoint(note: str, ledger_key: VerifyKey) -> NoteCheckpoint:
-    """A checkpoint kept outside the database: its C2SP note, signed by the ledger key."""
+def trusted_checkpoint(note: str, ledger_key: VerifyKey | LedgerKeys) -> NoteCheckpoint:
+    """A checkpoint kept outside the database: its C2SP note, signed by the ledger key
+    in force at its size (any key of the history, held to its place in it)."""
+    keys = ledger_key if isinstance(ledger_key, LedgerKeys) else LedgerKeys(ledger_key)
+    for key in keys.all():
+        try:
+            checkpoint, _ = open_checkpoint(note, [tlog.verifier(key)])
+        except LedgerError:
+            continue
+        if keys.at(checkpoint.size).raw != key.raw:
+            raise VerificationError(
+                checkpoint.size,
+                f"the trusted checkpoint is signed by {key.did}, not the ledger key in force "
+                f"at size {checkpoint.size} ({keys.at(checkpoint.size).did})",
+            )
+        return checkpoint
     try:
-        checkpoint, _ = open_checkpoint(note, [tlog.verifier(ledger_key)])
+        open_checkpoint(note, [tlog.verifier(keys.current)])
     except LedgerError as exc:
         raise VerificationError(0, f"the trusted checkpoint does not verify: {exc}") from exc
-    return checkpoint
+    raise VerificationError(0, "the trusted checkpoint does not verify")
 
 
 def _check_subjects(
@@ -390,7 +409,7 @@ async def verify_entries(
 
 
 async def _retention_anchor(
-    reader: LedgerReader, anchors: RetentionAnchors | None, ledger_key: VerifyKey
+    reader: LedgerReader, anchors: RetentionAnchors | None, keys: LedgerKeys
 ) -> Anchor | None:
     """The latest retention anchor, verified; None if retention never cut. Without
     ``anchors`` a ledger retention has cut cannot be verified: that is said."""
@@ -404,7 +423,15 @@ async def _retention_anchor(
             )
         return None
     stored = await anchors.latest_anchor()
-    return None if stored is None else verify_anchor(stored, ledger_key)
+    if stored is None:
+        return None
+    # Signed by the key the ledger held when retention ran: one of its keys.
+    for key in reversed(keys.all()[1:]):
+        try:
+            return verify_anchor(stored, key)
+        except VerificationError:
+            continue
+    return verify_anchor(stored, keys.genesis)
 
 
 async def verify_ledger(
@@ -432,18 +459,12 @@ async def verify_ledger(
     """
     if from_position < 1:
         raise VerificationError(from_position, "positions start at 1")
-    recorded = await reader.ledger_identity()
-    if recorded is not None and recorded.raw != ledger_key.raw:
-        raise VerificationError(
-            0,
-            f"ledger key mismatch: the ledger recorded {recorded.did} at genesis, "
-            f"the key given is {ledger_key.did}",
-        )
-    pinned = None if trusted is None else trusted_checkpoint(trusted, ledger_key)
+    keys = await ledger_keys(reader, ledger_key)
+    pinned = None if trusted is None else trusted_checkpoint(trusted, keys)
     head = await reader.head()
     start_hash = GENESIS_HASH
     checkpoints = await reader.checkpoints(after=max(from_position - 2, 0))
-    anchor = await _retention_anchor(reader, anchors, ledger_key)
+    anchor = await _retention_anchor(reader, anchors, keys)
     if anchor is not None and from_position <= anchor.position:
         if from_position > 1:
             raise VerificationError(
@@ -467,13 +488,13 @@ async def verify_ledger(
             raise VerificationError(from_position - 1, "no entry to start verifying from")
         start = next((c for c in checkpoints if c.position == from_position - 1), None)
         if start is not None:
-            verify_checkpoint(start, ledger_key)
+            verify_checkpoint(start, keys.at(start.position))
             if start.head_hash != start_hash.hex():
                 raise VerificationError(start.position, "entry_hash differs from its checkpoint")
         elif anchor is not None and anchor.position == from_position - 1:
             raise VerificationError(anchor.position, "the retention anchor has no checkpoint")
     ring = KeyRing(
-        ledger_key,
+        keys.at(from_position - 1),
         await reader.keys_before(from_position),
         await reader.suspended_before(from_position),
         complete=from_position == 1,
@@ -483,7 +504,6 @@ async def verify_ledger(
             pinned.size, "the trusted checkpoint is before the range verified: verify from 1"
         )
     tree = TreeCheck(
-        ledger_key,
         await _frontier_before(reader, from_position),
         await reader.tree_heads(after=from_position - 1),
         pinned,
@@ -501,6 +521,25 @@ async def verify_ledger(
         if progress is not None and record.position % CHUNK == 0:
             progress(record.position)
     return await verifier.finish(head.position, head.entry_hash)
+
+
+async def ledger_keys(reader: LedgerReader, pinned: VerifyKey) -> LedgerKeys:
+    """The ledger's key history (its rotation entries, each checked, linked and ending
+    at the recorded key), which must hold ``pinned``: a key got out of band, the
+    genesis key or any later one (the rotations link them all)."""
+    recorded = await reader.ledger_identity()
+    rotations = await reader.ledger_rotations()
+    if not rotations:
+        if recorded is not None and recorded.raw != pinned.raw:
+            raise VerificationError(
+                0,
+                f"ledger key mismatch: the ledger recorded {recorded.did} at genesis, "
+                f"the key given is {pinned.did}",
+            )
+        return LedgerKeys(pinned)
+    keys = keyhistory.history(rotations, recorded)
+    keys.require(pinned)
+    return keys
 
 
 async def _frontier_before(reader: LedgerReader, position: int) -> Frontier:

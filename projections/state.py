@@ -33,6 +33,7 @@ from ledger.events import (
     DelegationRevoked,
     HandshakeCompleted,
     HandshakeFailed,
+    LedgerKeyRotated,
     PolicyViolation,
     RetentionApplied,
     TrustSignal,
@@ -364,9 +365,13 @@ def _revoked(
 
 
 def _retention(
-    state: MeshState, event: RetentionApplied, at: int, moment: datetime, position: int
+    state: MeshState,
+    event: RetentionApplied | LedgerKeyRotated,
+    at: int,
+    moment: datetime,
+    position: int,
 ) -> frozenset[str]:
-    return _NOTHING
+    return _NOTHING  # the ledger's own business: no agent's state changes
 
 
 def _known(state: MeshState, *dids: str) -> frozenset[str]:
@@ -385,6 +390,7 @@ _HANDLERS: dict[type, Handler] = {
     DelegationGranted: _granted,
     DelegationRevoked: _revoked,
     RetentionApplied: _retention,
+    LedgerKeyRotated: _retention,
 }
 
 

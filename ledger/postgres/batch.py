@@ -24,6 +24,7 @@ from ledger.errors import (
     ConcurrencyError,
     IdempotencyConflictError,
     LedgerError,
+    LedgerKeyMismatchError,
     NotPermittedError,
     SignatureError,
 )
@@ -33,6 +34,7 @@ from ledger.events import (
     AgentReinstated,
     AgentSuspended,
     Event,
+    LedgerKeyRotated,
     subject_agents,
 )
 from ledger.identity import VerifyKey
@@ -82,6 +84,7 @@ class BatchState:
     leaves: list[bytes] = field(default_factory=list)
     nodes: list[Subtree] = field(default_factory=list)
     checkpoint: CheckpointRow | None = None
+    identity_row: tuple[str, bytes] | None = None  # a rotation's new ledger DID and key
     results: list[tuple[Request, AppendResult | LedgerError]] = field(default_factory=list)
 
 
@@ -109,9 +112,11 @@ class Known:
     versions: dict[str, int | None] = field(default_factory=dict)  # None: no such stream
     has_any_agent: bool = False
     locked_until: float = 0.0
+    ledger_did: str | None = None  # the ledger's DID (``ledger_identity``) as of ``head``
 
     def reset(self, head: Head | None) -> None:
         self.head = head
+        self.ledger_did = None
         self.keys.clear()
         self.versions.clear()
         self.has_any_agent = False
@@ -137,6 +142,8 @@ class Known:
                 self.versions[row["id"]] = row["b"]
             elif kind == "a":
                 self.has_any_agent = True
+            elif kind == "l":
+                self.ledger_did = row["id"]
 
     def batch_state(
         self,
@@ -173,6 +180,7 @@ class Known:
 
     def committed(self, state: BatchState) -> None:
         self.head = state.head
+        self.ledger_did = state.ledger_did
         for did, row in state.key_rows.items():
             self.keys[did] = row
         for stream, (version, _) in state.stream_rows.items():
@@ -211,6 +219,19 @@ class RequestView:
             self.keys[event.did] = VerifyKey.from_pem(event.public_key).raw
         elif isinstance(event, AgentSuspended | AgentReinstated):
             self.suspended_dids[event.did] = isinstance(event, AgentSuspended)
+        elif isinstance(event, LedgerKeyRotated):
+            self.ledger_did = event.did  # the old key signs nothing after this
+
+
+def retired(ledger_did: str | None, own_did: str) -> LedgerKeyMismatchError | None:
+    """The refusal of a process whose key is no longer the ledger's (another process
+    rotated it): it appends and signs nothing, rather than fork the ledger."""
+    if ledger_did is None or ledger_did == own_did:
+        return None
+    return LedgerKeyMismatchError(
+        f"the ledger's key was rotated to {ledger_did}; this process holds the retired key "
+        f"{own_did}: restart it with the new key (AGENTMESH_AGENT_PRIVATE_KEY)"
+    )
 
 
 # What the checks of a batch read: keys and suspension of the agents it names, the
@@ -226,13 +247,16 @@ UNION ALL
 SELECT 'a', NULL, NULL, NULL, NULL, NULL, NULL, NULL WHERE EXISTS (SELECT 1 FROM agent_keys)
 """
 
-# Under the lock, also the head, and the idempotency keys ($3, $4) and single-use
-# event ids ($5) the batch carries, so a retry or a replay is answered, not refused.
+# Under the lock, also the head, the ledger's DID (a rotation by another process
+# retires this one's key), and the idempotency keys ($3, $4) and single-use event ids
+# ($5) the batch carries, so a retry or a replay is answered, not refused.
 LOOKUP_SQL = (
     STATE_SQL  # noqa: S608 -- constants only
     + """UNION ALL
 SELECT 'h', NULL, entry_hash, position, NULL, NULL, NULL, recorded_at
   FROM ledger_head WHERE id = 1
+UNION ALL
+SELECT 'l', did, NULL, NULL, NULL, NULL, NULL, NULL FROM ledger_identity WHERE id = 1
 UNION ALL
 SELECT 'i', signer || ' ' || key, digest, first_position, count, stream_id, stream_version, NULL
   FROM idempotency_keys
@@ -246,7 +270,8 @@ SELECT 'e', NULL, key, position, NULL, NULL, NULL, NULL
 # The whole write of a batch in one statement, guarded by the head it was computed
 # from: ``h`` moves the head only if it is still ($1, $2); every other part writes
 # only if ``h`` did (data-modifying CTEs always run; each reads ``h``). Without an
-# explicit transaction this is one round trip and one commit; inside the locked
+# explicit transaction this is one round trip and one commit; ``li`` records a rotated
+# ledger key ($46, $47) in the commit that appends its rotation; inside the locked
 # path the guard holds by construction. Returns one row when it wrote, none when
 # another writer moved the head first. The single-use ids and idempotency keys are
 # unique keys: a value used before fails the statement, and nothing is written.
@@ -298,6 +323,9 @@ WITH h AS (
                 $43::text[]) AS u(p, h, t, s, g, n)
    WHERE EXISTS (SELECT 1 FROM h)
   ON CONFLICT (position) DO NOTHING
+), li AS (
+  UPDATE ledger_identity SET did = $46, public_key = $47, recorded_at = $5
+   WHERE id = 1 AND $46::text IS NOT NULL AND EXISTS (SELECT 1 FROM h)
 )
 SELECT pg_notify($44, $45) FROM h
 """
@@ -409,6 +437,7 @@ def _stage(request: Request, state: BatchState, view: RequestView) -> AppendResu
     state.versions[request.stream_id] = version
     state.stream_rows[request.stream_id] = (version, position)
     state.ids |= view.ids
+    state.ledger_did = view.ledger_did  # after a rotation, the new key's DID
     state.has_any_agent = state.has_any_agent or bool(view.keys)
     result = AppendResult(tuple(positions), request.stream_id, version)
     if request.idempotency_key is not None:
@@ -493,6 +522,8 @@ def write_args(expected: Head, state: BatchState, checkpoint: CheckpointRow | No
         *_columns(checkpoints, 6),
         NOTIFY_CHANNEL,
         str(head.position),
+        None if state.identity_row is None else state.identity_row[0],
+        None if state.identity_row is None else state.identity_row[1],
     ]
 
 
@@ -536,6 +567,8 @@ def _stage_agent_row(state: BatchState, signed: SignedEvent, position: int) -> N
         state.keys[event.did] = raw
         state.key_positions[event.did] = position
         state.key_rows[event.did] = (raw, position, suspended)
+    elif isinstance(event, LedgerKeyRotated):
+        state.identity_row = (event.did, VerifyKey.from_pem(event.public_key).raw)
     elif isinstance(event, AgentSuspended | AgentReinstated):
         suspended = isinstance(event, AgentSuspended)
         state.suspended_dids[event.did] = suspended

@@ -380,9 +380,19 @@ class PostgresLedgerReader:
         return found
 
     async def ledger_identity(self) -> VerifyKey | None:
-        """The ledger's public key as recorded at genesis (None before the first open)."""
+        """The ledger's public key: recorded at genesis, replaced by each rotation (None
+        before the first open)."""
         row = await self._fetchrow("SELECT public_key FROM ledger_identity WHERE id = 1")
         return None if row is None else VerifyKey.from_raw(bytes(row["public_key"]))
+
+    async def ledger_rotations(self) -> list[RecordedEvent]:
+        """Every ``ledger.key_rotated`` entry (the ledger's key history), by position:
+        they are on the ``ledger`` stream, so its index finds them."""
+        rows = await self._fetch(
+            f"SELECT {ENTRY_COLUMNS} FROM events WHERE stream_id = 'ledger' "  # noqa: S608
+            "AND event_type = 'ledger.key_rotated' ORDER BY position"
+        )
+        return [record_from_row(r) for r in rows]
 
     async def retention_window(self) -> Window | None:
         """The latest recorded retention anchor's snapshot, digest-checked; None if

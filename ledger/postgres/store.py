@@ -75,6 +75,7 @@ from ledger.postgres.batch import (
     load_row,
     needs,
     partitions_of,
+    retired,
     seal,
     write_args,
 )
@@ -419,6 +420,10 @@ class PostgresEventStore(PostgresLedgerReader):
                 request.future.set_exception(error)
 
     async def _flush(self, batch: list[Request], *, top_up: bool = False) -> None:
+        refusal = retired(self._known.ledger_did, self._ledger_key.did)
+        if refusal is not None:  # this process committed a rotation of its own key
+            self._fail(batch, refusal)
+            return
         try:
             state = await self._flush_fast(batch)
             path = "fast"
@@ -513,8 +518,12 @@ class PostgresEventStore(PostgresLedgerReader):
             )
             for lookup in rows:
                 load_row(state, lookup)
-            for request in batch:
-                apply(request, state)
+            refusal = retired(self._known.ledger_did, self._ledger_key.did)
+            for request in batch:  # another process rotated the ledger key: refuse all
+                if refusal is None:
+                    apply(request, state)
+                else:
+                    state.results.append((request, refusal))
             if state.rows:
                 seal(state)
                 await self._ensure_partitions(conn, partitions_of(state))
@@ -569,8 +578,8 @@ class PostgresEventStore(PostgresLedgerReader):
     def _due_checkpoint(self, state: BatchState) -> CheckpointRow | None:
         """The checkpoint this batch's commit signs, when one is due."""
         head = state.head
-        if not self._checkpoint_due(head):
-            return None
+        if state.ledger_did != self._ledger_key.did or not self._checkpoint_due(head):
+            return None  # a rotation in this batch: the new key signs the next checkpoint
         now = max(self._clock(), head.recorded_at)
         checkpoint = sign_checkpoint(self._ledger_key, head.position, head.entry_hash, now)
         # The same head as a C2SP signed note over the Merkle root, for witnesses.
@@ -622,13 +631,19 @@ class PostgresEventStore(PostgresLedgerReader):
         """Sign the current head now (idempotent per position) and return the checkpoint."""
         try:
             async with self._pool.acquire() as conn, conn.transaction():
+                # The head and the ledger's key in one snapshot: a retired key never
+                # signs a head that includes its rotation.
                 row = await conn.fetchrow(
-                    "SELECT position, entry_hash, recorded_at FROM ledger_head WHERE id = 1"
+                    "SELECT position, entry_hash, h.recorded_at, did FROM ledger_head h, "
+                    "ledger_identity i WHERE h.id = 1 AND i.id = 1"
                 )
                 head = Head(row["position"], bytes(row["entry_hash"]), row["recorded_at"])
                 existing = await self._checkpoint_at(conn, head.position)
                 if existing is not None:
                     return existing
+                refusal = retired(row["did"], self._ledger_key.did)
+                if refusal is not None:
+                    raise refusal
                 frontier = await self.frontier_at(head.position)
                 return await self._insert_checkpoint(conn, head, frontier)
         except _DRIVER_ERRORS as exc:
