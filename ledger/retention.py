@@ -26,7 +26,7 @@ import hashlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from ledger import tlog
 from ledger.anchor import Anchor, verify_anchor
@@ -35,9 +35,7 @@ from ledger.chain import sign_checkpoint
 from ledger.errors import LedgerError, StoreUnavailableError
 from ledger.events import RetentionApplied
 from ledger.identity import SigningKey, VerifyKey, b64encode
-from ledger.ports import LedgerReader, RetentionStore, StoredAnchor, Window
-from ledger.postgres import PostgresEventStore, PostgresLedgerReader
-from ledger.postgres.retention import PostgresRetentionStore
+from ledger.ports import Ledger, LedgerReader, RetentionStore, StoredAnchor, Window
 
 # The anchor's signed bytes live in a pure module: the offline audit verifier checks them.
 from ledger.signatures import ANCHOR_TYPE as ANCHOR_TYPE
@@ -45,6 +43,17 @@ from ledger.signatures import anchor_signed_bytes as anchor_signed_bytes
 from ledger.timefmt import format_time
 
 SnapshotAt = Callable[[int], Awaitable[Mapping[str, Any]]]
+
+
+class RetainedReader(LedgerReader, Protocol):
+    """A ledger that can say where its retention statements run
+    (``PostgresLedgerReader.retention_store``: ``ledger.postgres.retention``)."""
+
+    def retention_store(self) -> RetentionStore: ...
+
+
+class RetainedLedger(Ledger, RetainedReader, Protocol):
+    """What a retention run holds: the ledger (it appends the record) and its store."""
 
 
 class RetentionError(LedgerError):
@@ -80,21 +89,21 @@ class RetentionPlan:
 # -- reading anchors -----------------------------------------------------------------
 
 
-async def latest_anchor(reader: PostgresLedgerReader, ledger_key: VerifyKey) -> Anchor | None:
+async def latest_anchor(reader: RetainedReader, ledger_key: VerifyKey) -> Anchor | None:
     """The newest anchor, its signature and digests verified; None if retention never ran."""
     stored = await _store(reader).latest_anchor()
     return None if stored is None else verify_anchor(stored, ledger_key)
 
 
-def _store(reader: PostgresLedgerReader) -> RetentionStore:
-    return PostgresRetentionStore(reader.pool)
+def _store(reader: RetainedReader) -> RetentionStore:
+    return reader.retention_store()
 
 
 # -- planning ------------------------------------------------------------------------------
 
 
 async def plan_retention(
-    reader: PostgresLedgerReader, ledger_key: VerifyKey, now: datetime, days: int
+    reader: RetainedReader, ledger_key: VerifyKey, now: datetime, days: int
 ) -> RetentionPlan:
     cut_time = now - timedelta(days=days)
     store = _store(reader)
@@ -110,7 +119,7 @@ async def plan_retention(
 
 
 async def apply_retention(
-    store: PostgresEventStore,
+    store: RetainedLedger,
     key: SigningKey,
     plan: RetentionPlan,
     snapshot_at: SnapshotAt,
@@ -146,13 +155,13 @@ async def apply_retention(
     )
 
 
-async def _pending_anchor(store: PostgresEventStore, key: SigningKey) -> Anchor | None:
+async def _pending_anchor(store: RetainedLedger, key: SigningKey) -> Anchor | None:
     anchor = await latest_anchor(store, key.public)
     return None if anchor is None or anchor.status == "recorded" else anchor
 
 
 async def _anchor(
-    store: PostgresEventStore,
+    store: RetainedLedger,
     key: SigningKey,
     plan: RetentionPlan,
     snapshot_at: SnapshotAt,

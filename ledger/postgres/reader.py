@@ -30,7 +30,7 @@ from ledger.events import (
 )
 from ledger.identity import VerifyKey, b64decode
 from ledger.merkle import Frontier
-from ledger.ports import Window
+from ledger.ports import RetentionStore, Window
 from ledger.postgres.dsn import connect_kwargs
 from ledger.timefmt import format_time
 
@@ -151,6 +151,12 @@ class PostgresLedgerReader:
         """The agent's current key, or None if it is not registered."""
         row = await self._fetchrow("SELECT public_key FROM agent_keys WHERE did = $1", did)
         return None if row is None else VerifyKey.from_raw(bytes(row["public_key"]))
+
+    def retention_store(self) -> RetentionStore:
+        """Retention's statements on this database (``ledger.retention``'s port)."""
+        from ledger.postgres.retention import PostgresRetentionStore  # it imports this module
+
+        return PostgresRetentionStore(self.pool)
 
     @contextlib.asynccontextmanager
     async def listener(self) -> AsyncIterator[asyncio.Event]:
