@@ -23,6 +23,7 @@ from sqlalchemy import (
     SmallInteger,
     Table,
     Text,
+    text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 
@@ -43,6 +44,12 @@ events = Table(
     Column("prev_hash", LargeBinary, nullable=False),
     Column("entry_hash", LargeBinary, nullable=False),
     Index("events_subjects_idx", "subjects", postgresql_using="gin"),
+    # The ledger's key history: its rotations alone (see migration 0007).
+    Index(
+        "events_ledger_key_idx",
+        "position",
+        postgresql_where=text("event_type = 'ledger.key_rotated'"),
+    ),
     postgresql_partition_by="RANGE (recorded_at)",
 )
 
