@@ -283,6 +283,67 @@ async def process_appends(url: str, processes: int, count: int, concurrency: int
     return (count // processes) * processes / elapsed
 
 
+def check_costs(repeat: int) -> dict[str, float]:
+    """Microseconds of CPU per event of each check the write path runs, beside one
+    Ed25519 verification in the same run (best of ``repeat`` timings of 5,000)."""
+    import timeit
+
+    from ledger import authority, tlog
+    from ledger.chain import entry_hash, envelope_bytes
+    from ledger.merkle import Frontier
+    from ledger.postgres.batch import event_key
+
+    key = SigningKey.generate()
+    now = datetime.now(UTC)
+    signed = signed_events([key], 1)[0]
+    event_id = signed.event.event_id
+    assert event_id is not None
+
+    class View:  # an active agent, its key known, nothing seen before
+        ledger_did = SigningKey.generate().did
+
+        def key(self, did: str) -> bytes | None:
+            return key.public.raw
+
+        def suspended(self, did: str) -> bool:
+            return False
+
+        def has_agents(self) -> bool:
+            return True
+
+        def seen(self, actor: str, event_id: str) -> bool:
+            return False
+
+    view, frontier = View(), Frontier()
+
+    def envelope() -> bytes:
+        body = envelope_bytes(
+            position=1,
+            recorded_at=now,
+            stream_id="agent:x",
+            stream_version=1,
+            body=signed.body,
+            signature=signed.signature,
+        )
+        return entry_hash(bytes(32), body)
+
+    measures: dict[str, Callable[[], object]] = {
+        "Ed25519 verify (baseline)": lambda: key.public.is_valid(signed.signature, signed.body),
+        "authority rules (ledger/authority.py)": lambda: authority.check(
+            signed.event, signed.body, now, view
+        ),
+        "single-use key, SHA-256(actor, event_id)": lambda: event_key(signed.actor, event_id),
+        "chain: canonical envelope + SHA-256": envelope,
+        "Merkle leaf + frontier": lambda: frontier.extend_with_subtrees(
+            [tlog.entry_leaf(bytes(32))]
+        ),
+    }
+    return {
+        name: min(timeit.repeat(run, number=5000, repeat=repeat)) / 5000 * 1e6
+        for name, run in measures.items()
+    }
+
+
 def verify_ceiling(seconds: float = 1.0) -> float:
     key = SigningKey.generate()
     body = b'{"actor":"did:mesh:00","type":"policy.violation"}' * 4
@@ -370,6 +431,11 @@ async def main(args: argparse.Namespace) -> None:
         for name, (rate, wal) in results.items():
             print(f"{name:34} {rate:12,.0f} {rate / copy_rate:11.3f} {wal:12,.0f}")
         print(f"{'Ed25519 verify, 1 core':34} {ceiling:12,.0f} {ceiling / copy_rate:11.3f}")
+        costs = check_costs(max(args.repeat, 3))
+        base = costs["Ed25519 verify (baseline)"]
+        print(f"{'per-event check (CPU, best of rounds)':42} {'us':>8} {'x verify':>9}")
+        for name, micros in costs.items():
+            print(f"{name:42} {micros:8.2f} {micros / base:9.3f}")
         many = results["ledger append, 64 appenders"][0]
         target = "met" if many >= 5000 else "NOT met"
         print(f"target >= 5,000 agent-signed events/s with 64 appenders: {target}")
