@@ -11,7 +11,7 @@ parser and the handlers it names::
                     write_atomically
     identity        identity generate|show
     db              db upgrade
-    ledger          ledger verify|prove|vkey|checkpoint|head
+    ledger          ledger verify|prove|vkey|checkpoint|head|rotate-key
     serve           serve projector|sidecar|api|injector
     projections     projections rebuild|status
     retention       retention run

@@ -1,4 +1,4 @@
-"""``agentmesh ledger verify|prove|vkey|checkpoint|head``: the event ledger.
+"""``agentmesh ledger verify|prove|vkey|checkpoint|head|rotate-key``: the event ledger.
 
 The PostgreSQL adapter (and with it asyncpg, ~50 ms) is imported inside the
 handlers: ``agentmesh`` loads every command group to build its parser, and
@@ -18,8 +18,10 @@ from agentmesh.cli.common import CliError, ProgressBar, positive_int, print_json
 from agentmesh.settings import Settings
 from ledger import tlog
 from ledger.errors import SignatureError
-from ledger.identity import VerifyKey, b64encode
-from ledger.timefmt import format_time
+from ledger.events import LedgerKeyRotated, stamp
+from ledger.identity import SigningKey, VerifyKey, b64encode
+from ledger.signed import SignedEvent
+from ledger.timefmt import format_time, utc_now
 
 
 def register(commands: Any) -> None:
@@ -77,6 +79,18 @@ def register(commands: Any) -> None:
     checkpoint_.set_defaults(handler=checkpoint, local_stack="sign")
     head_ = sub.add_parser("head", help="print the head position and hash")
     head_.set_defaults(handler=head, local_stack="read")
+    rotate_ = sub.add_parser(
+        "rotate-key", help="rotate the ledger's own key (a signed ledger.key_rotated)"
+    )
+    rotate_.add_argument(
+        "--new-key",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="PEM Ed25519 private key to become the ledger's (agentmesh identity generate "
+        "--out FILE); the current key is AGENTMESH_AGENT_PRIVATE_KEY's",
+    )
+    rotate_.set_defaults(handler=rotate_key, local_stack="sign")
 
 
 def ledger_public_key(args: argparse.Namespace, settings: Settings) -> VerifyKey:
@@ -224,3 +238,61 @@ def head(_: argparse.Namespace, settings: Settings) -> int:
         return 0
 
     return run(read_head())
+
+
+def read_new_key(path: Path) -> SigningKey:
+    """The key to rotate to, read from ``path`` (errors never quote the file)."""
+    try:
+        pem = path.read_bytes()
+    except OSError as exc:
+        raise CliError(f"--new-key: cannot read {path}: {exc.strerror}") from None
+    try:
+        return SigningKey.from_pem(pem)
+    except SignatureError as exc:
+        raise CliError(f"--new-key: {path}: {exc}") from None
+
+
+def rotate_key(args: argparse.Namespace, settings: Settings) -> int:
+    """Append ``ledger.key_rotated`` (signed by the current key, with the new key's
+    proof), then sign a checkpoint with the new key. Every input is checked before
+    anything is written; the current key must be the ledger's (the store refuses to
+    open otherwise)."""
+    from ledger.postgres import PostgresEventStore  # lazy: asyncpg (module docstring)
+
+    url = settings.require_database_url()
+    current = settings.signing_key()
+    new = read_new_key(args.new_key)
+    if new.public.raw == current.public.raw:
+        raise CliError(
+            f"--new-key: {args.new_key} holds the ledger's current key ({current.did}): "
+            "generate another (agentmesh identity generate --out FILE)"
+        )
+
+    async def rotate() -> int:
+        store = await PostgresEventStore.open(url, current)
+        try:
+            await store.checkpoint()  # the retiring key's last tree head
+            event = LedgerKeyRotated(
+                actor=current.did,
+                occurred_at=stamp(utc_now()),
+                did=new.did,
+                public_key=new.public.pem(),
+                previous_key=current.public.pem(),
+            )
+            [position] = (await store.append([SignedEvent.rotation(event, current, new)])).positions
+        finally:
+            await store.close()
+        renewed = await PostgresEventStore.open(url, new)
+        try:
+            signed = await renewed.checkpoint()
+        finally:
+            await renewed.close()
+        print(
+            f"ledger key rotated at position {position}: {current.did} -> {new.did}; "
+            f"checkpoint {signed.position} signed by the new key. Next: restart every API "
+            "process (and the projector, retention and export jobs) with the new key as "
+            "AGENTMESH_AGENT_PRIVATE_KEY: the old key now appends and signs nothing"
+        )
+        return 0
+
+    return run(rotate())
