@@ -247,7 +247,7 @@ async def test_a_suspension_by_another_process_is_not_missed(
     database_url: str, ledger_key: SigningKey
 ) -> None:
     """A process's memory of the tables is void once another appends: the guarded
-    write finds the head moved and the locked path decides from the tables."""
+    write finds the head moved and the batch is decided again from the tables."""
     first = await PostgresEventStore.open(database_url, ledger_key)
     second = await PostgresEventStore.open(database_url, ledger_key)
     try:
@@ -262,7 +262,29 @@ async def test_a_suspension_by_another_process_is_not_missed(
         with pytest.raises(NotPermittedError):
             await first.append([agent.signal(victim.did, "bad")])
         assert await first.head() == head
-        assert first.commit_paths["locked"] >= 1
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_a_missed_guard_is_decided_again_from_a_fresh_lookup(
+    database_url: str, ledger_key: SigningKey
+) -> None:
+    """Another process appended: the one-round-trip write finds the head moved and
+    writes nothing; the batch is checked again against a fresh lookup and committed
+    by the same guarded statement, without taking the lock."""
+    first = await PostgresEventStore.open(database_url, ledger_key)
+    second = await PostgresEventStore.open(database_url, ledger_key)
+    try:
+        agent = await register(first)
+        await first.append([agent.violation(severity="low")])
+        await second.append([agent.violation(severity="low")])  # the head moves
+        before = dict(first.commit_paths)
+        result = await first.append([agent.violation(severity="low")])
+        assert first.commit_paths["optimistic"] == before.get("optimistic", 0) + 1
+        assert first.commit_paths["locked"] == before.get("locked", 0)
+        assert (await first.head()).position == result.positions[-1]
+        assert await positions(database_url) == list(range(1, result.positions[-1] + 1))
     finally:
         await first.close()
         await second.close()

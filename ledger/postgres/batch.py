@@ -91,8 +91,8 @@ class BatchState:
 # A checkpoint signed with a commit: position, head hash, time, signer, signature
 # (base64), C2SP note.
 CheckpointRow = tuple[int, bytes, datetime, str, str, str]
-# After the guarded write found the head moved (another process appends), batches take
-# the lock for this long before trying the one-round-trip path again.
+# After the guarded write found the head moved (another process appends), batches skip
+# the one-round-trip path for this long (it would miss again).
 LOCKED_AFTER_MISS = 1.0
 # Beyond this many agents and streams remembered, start over (they are re-learned).
 _KNOWN_LIMIT = 1_000_000
@@ -111,7 +111,7 @@ class Known:
     keys: dict[str, tuple[bytes, int, bool] | None] = field(default_factory=dict)
     versions: dict[str, int | None] = field(default_factory=dict)  # None: no such stream
     has_any_agent: bool = False
-    locked_until: float = 0.0
+    contended_until: float = 0.0
     ledger_did: str | None = None  # the ledger's DID (``ledger_identity``) as of ``head``
 
     def reset(self, head: Head | None) -> None:
@@ -123,7 +123,7 @@ class Known:
 
     def miss(self) -> None:
         self.reset(None)
-        self.locked_until = time.monotonic() + LOCKED_AFTER_MISS
+        self.contended_until = time.monotonic() + LOCKED_AFTER_MISS
 
     def learn(
         self, rows: Sequence[Mapping[str, Any]], dids: Sequence[str], streams: Sequence[str]

@@ -22,8 +22,11 @@ one statement alone, with no transaction held across the network (the "fast"
 path). When the guard finds the head moved (another process appended), when a
 check refuses something, or when a single-use id or idempotency key turns out to
 be used already (their unique keys fail the statement), the batch is decided
-again under the lock from the tables themselves (the "locked" path: lock, one
-lookup, the same statement, commit), and the process takes the lock for a while.
+again from one fresh lookup of the tables, then the same guarded statement (the
+"optimistic" path: two round trips, still no lock held across the network, so
+two processes prepare their next commits while one commits); after a few lost
+races it takes the lock on the head row and decides there ("locked": lock,
+lookup, write, commit), which always makes progress.
 
 Signatures are checked before the commit (``ledger.postgres.signers``); the
 rules of who may sign what, and the rows a batch writes, are the pure
@@ -92,7 +95,10 @@ from ledger.signatures import Signer
 from ledger.signed import SignedEvent
 from ledger.timefmt import format_time, parse_time, utc_now
 
-__all__ = ["PostgresEventStore", "event_key"]  # event_key: the single-use index's key
+__all__ = ["PostgresEventStore", "event_key"]
+
+# Attempts of the two-round-trip path before a batch takes the head lock.
+_OPTIMISTIC_TRIES = 3  # event_key: the single-use index's key
 
 log = logging.getLogger("agentmesh.ledger")
 # A no-op unless the process configured an OpenTelemetry tracer provider.
@@ -139,7 +145,8 @@ class PostgresEventStore(PostgresLedgerReader):
         self._conn: asyncpg.Connection | None = None  # the flusher's (see _writer)
         self._flush_lock = asyncio.Lock()  # whoever holds it commits (see _submit)
         self._in_flight = 0  # appends submitted and not yet answered
-        # Commits by path: "fast" (one guarded statement), "locked" (under the head lock).
+        # Commits by path: "fast" (one guarded statement), "optimistic" (a fresh lookup,
+        # then the guarded statement), "locked" (under the head lock).
         self.commit_paths: collections.Counter[str] = collections.Counter()
         self._frontier: tuple[bytes, Frontier] | None = None  # (head hash, edge) last commit
         self._last_checkpoint: tuple[int, datetime] = (0, clock())
@@ -427,6 +434,11 @@ class PostgresEventStore(PostgresLedgerReader):
         try:
             state = await self._flush_fast(batch)
             path = "fast"
+            for _ in range(_OPTIMISTIC_TRIES if state is None else 0):
+                state = await self._flush_optimistic(batch, top_up=top_up)
+                if state is not None:
+                    path = "optimistic"
+                    break
             if state is None:
                 state, path = await self._flush_locked(batch, top_up=top_up), "locked"
         except BaseException:
@@ -445,7 +457,7 @@ class PostgresEventStore(PostgresLedgerReader):
         a new day's partition is needed."""
         known = self._known
         head = known.head
-        if head is None or time.monotonic() < known.locked_until:
+        if head is None or time.monotonic() < known.contended_until:
             return None
         dids, streams = needs(batch)
         missing_dids = [d for d in dids if d not in known.keys]
@@ -478,54 +490,40 @@ class PostgresEventStore(PostgresLedgerReader):
         state.checkpoint = checkpoint
         return state
 
+    async def _flush_optimistic(
+        self, batch: list[Request], *, top_up: bool = False
+    ) -> BatchState | None:
+        """The batch checked against one fresh lookup of the tables (no lock held),
+        then the guarded statement: two round trips. ``None`` when another writer
+        committed in between (the guard or a unique key says so): try again."""
+        conn = await self._writer()
+        head, state = await self._decide(conn, batch, top_up=top_up)
+        if not state.rows:
+            return state  # every request refused, from a consistent snapshot
+        if not self._partitions.issuperset(partitions_of(state)):
+            return None  # a new day's partition is created under the lock
+        checkpoint = self._due_checkpoint(state)
+        try:
+            wrote = await conn.fetch(WRITE_SQL, *write_args(head, state, checkpoint))
+        except asyncpg.UniqueViolationError:
+            return None  # an id or key committed by another writer since the lookup
+        if not wrote:
+            return None
+        state.checkpoint = checkpoint
+        return state
+
     async def _flush_locked(self, batch: list[Request], *, top_up: bool = False) -> BatchState:
         """The batch under the head lock, checked against the tables themselves:
-        four round trips (begin and lock, lookup, write, commit). With ``top_up``
-        (the flusher's own batch), what queued while the lock was awaited — another
-        process held it — joins this commit: contention makes commits larger."""
+        four round trips (begin and lock, lookup, write, commit); always makes
+        progress, whatever other writers do."""
         conn = await self._writer()
         # BEGIN and the ledger's lock (the head row: see the module docstring) in one
         # message; the lookup after it takes its snapshot once the lock is held, so it
         # sees everything the previous holder committed.
         await conn.execute("BEGIN; SELECT 1 FROM ledger_head WHERE id = 1 FOR UPDATE")
         try:
-            while top_up and len(batch) < self._max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())  # the flush loop counts them done
-            dids, streams = needs(batch)
-            ids = {
-                event_key(s.actor, s.event.event_id)
-                for r in batch
-                for s in r.events
-                if s.event.event_id is not None
-            }
-            idem = {(r.signer, r.idempotency_key) for r in batch if r.idempotency_key is not None}
-            rows = await conn.fetch(
-                LOOKUP_SQL,
-                list(dids),
-                list(streams),
-                [s for s, _ in idem],
-                [k for _, k in idem],
-                list(ids),
-            )
-            found = next(r for r in rows if r["kind"] == "h")
-            head = Head(found["a"], bytes(found["raw"]), found["t"])
-            frontier = await self._frontier_at_head(head)
-            if head != self._known.head:
-                self._known.reset(head)
-            self._known.learn(rows, list(dids), list(streams))
-            state = self._known.batch_state(
-                head, frontier, self._now(head), self._ledger_key.did, dids, streams
-            )
-            for lookup in rows:
-                load_row(state, lookup)
-            refusal = retired(self._known.ledger_did, self._ledger_key.did)
-            for request in batch:  # another process rotated the ledger key: refuse all
-                if refusal is None:
-                    apply(request, state)
-                else:
-                    state.results.append((request, refusal))
+            head, state = await self._decide(conn, batch, top_up=top_up)
             if state.rows:
-                seal(state)
                 await self._ensure_partitions(conn, partitions_of(state))
                 checkpoint = self._due_checkpoint(state)
                 wrote = await conn.fetch(WRITE_SQL, *write_args(head, state, checkpoint))
@@ -537,6 +535,52 @@ class PostgresEventStore(PostgresLedgerReader):
                 await conn.execute("ROLLBACK")
             raise
         return state
+
+    async def _decide(
+        self, conn: asyncpg.Connection, batch: list[Request], *, top_up: bool
+    ) -> tuple[Head, BatchState]:
+        """Look the batch up (head, keys, streams, idempotency keys, single-use ids:
+        one round trip, one snapshot) and apply every request to it. With ``top_up``
+        (the flusher's own batch), what queued meanwhile joins first: while another
+        process holds the ledger, this one's commits grow rather than multiply."""
+        while top_up and len(batch) < self._max_batch and not self._queue.empty():
+            batch.append(self._queue.get_nowait())  # the flush loop counts them done
+        dids, streams = needs(batch)
+        ids = {
+            event_key(s.actor, s.event.event_id)
+            for r in batch
+            for s in r.events
+            if s.event.event_id is not None
+        }
+        idem = {(r.signer, r.idempotency_key) for r in batch if r.idempotency_key is not None}
+        rows = await conn.fetch(
+            LOOKUP_SQL,
+            list(dids),
+            list(streams),
+            [s for s, _ in idem],
+            [k for _, k in idem],
+            list(ids),
+        )
+        found = next(r for r in rows if r["kind"] == "h")
+        head = Head(found["a"], bytes(found["raw"]), found["t"])
+        frontier = await self._frontier_at_head(head)
+        if head != self._known.head:
+            self._known.reset(head)
+        self._known.learn(rows, list(dids), list(streams))
+        state = self._known.batch_state(
+            head, frontier, self._now(head), self._ledger_key.did, dids, streams
+        )
+        for lookup in rows:
+            load_row(state, lookup)
+        refusal = retired(self._known.ledger_did, self._ledger_key.did)
+        for request in batch:  # another process rotated the ledger key: refuse all
+            if refusal is None:
+                apply(request, state)
+            else:
+                state.results.append((request, refusal))
+        if state.rows:
+            seal(state)
+        return head, state
 
     async def _writer(self) -> asyncpg.Connection:
         """The flusher's own connection, held between batches: no pool round trip
