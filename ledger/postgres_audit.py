@@ -83,6 +83,9 @@ class PostgresAuditSource:
             args.append(agent)
         return [row["actor"] for row in await self._fetch(query, *args)]
 
+    async def ledger_rotations(self) -> list[RecordedEvent]:
+        return await self.reader.ledger_rotations()
+
     async def key_entries(self, dids: Sequence[str], last: int) -> list[RecordedEvent]:
         rows = await self._fetch(
             f"SELECT {ENTRY_COLUMNS} FROM events "  # noqa: S608 -- a constant column list

@@ -83,10 +83,17 @@ from typing import Annotated, Any, Literal, TypeAlias
 
 import msgspec
 
+from ledger import keyhistory
 from ledger.canonical import canonical_bytes, canonical_envelope
-from ledger.chain import Checkpoint, RecordedEvent, entry_hash
+from ledger.chain import Checkpoint, Entry, RecordedEvent, entry_hash
 from ledger.errors import LedgerError, VerificationError
-from ledger.events import AgentKeyRotated, AgentRegistered, AnyEvent, decode_body, event_type
+from ledger.events import (
+    AgentKeyRotated,
+    AgentRegistered,
+    AnyEvent,
+    decode_body,
+    event_type,
+)
 from ledger.identity import VerifyKey, b64decode, b64encode
 from ledger.signatures import anchor_signed_bytes
 from ledger.timefmt import format_time, parse_time
@@ -365,13 +372,29 @@ class KeyHistory:
     """Every agent's keys by position, folded from the bundle's key entries."""
 
     def __init__(self, ledger_key: VerifyKey, signatures: bool = True) -> None:
-        self.ledger_key = ledger_key
+        self.ledger_key = ledger_key  # the header's: the exporter's, the ledger's latest
         self.signatures = signatures
         self.positions: dict[str, list[int]] = {}
         self.raws: dict[str, list[bytes]] = {}
         self.hashes: dict[int, str] = {}
         self.last = 0
         self.count = 0
+        # The ledger's own key history: its ledger.key_rotated entries come first among
+        # the key entries (every one, also after the range: they link the header's key
+        # to the key in force at each position), then the agents' keys.
+        self.rotations: list[Entry] = []
+        self.ledger = keyhistory.LedgerKeys(ledger_key)
+
+    def ledger_at(self, position: int) -> VerifyKey:
+        """The ledger key in force at ``position`` (checkpoints and tree heads of that
+        size; an event at ``position`` is signed by the key at ``position - 1``)."""
+        return self.ledger.at(position)
+
+    def ledger_segments(self) -> tuple[tuple[int, str, bytes], ...]:
+        """(from position, DID, raw key) of each ledger key, for the chunk workers."""
+        keys = self.ledger
+        later = [(position, key.did, key.raw) for position, key in keys.rotations]
+        return ((0, keys.genesis.did, keys.genesis.raw), *later)
 
     def add(self, line: int, item: KeyLine) -> None:
         try:
@@ -396,6 +419,9 @@ class KeyHistory:
         self.last = item.position
 
     def _add(self, item: KeyLine) -> None:
+        if item.type == "ledger.key_rotated":
+            self._ledger_rotation(item)
+            return
         # 1. in position order, each entry's own hash recomputes
         if item.position <= self.last:
             raise LineError("key entries are not in position order")
@@ -412,8 +438,9 @@ class KeyHistory:
             return  # which key is whose matters only to signatures
         # 2. a registration or a rotation, signed by the right key
         if isinstance(event, AgentRegistered):
-            key = self._registration(event)
-            signer = self.ledger_key if event.actor == self.ledger_key.did else key
+            key = self._registration(event, item.position)
+            ledger = self.ledger_at(item.position - 1)
+            signer = ledger if event.actor == ledger.did else key
         else:
             key = raw_key(event.public_key)
             signer = self._rotation(event, item.position)
@@ -423,13 +450,54 @@ class KeyHistory:
         self.positions.setdefault(event.did, []).append(item.position)
         self.raws.setdefault(event.did, []).append(key.raw)
 
-    def _registration(self, event: AgentRegistered) -> VerifyKey:
+    def _ledger_rotation(self, item: KeyLine) -> None:
+        """A rotation of the ledger's key: before every agent key entry, in position
+        order, its hash recomputed; linked to the ones before it and, with the last,
+        to the header's key (``ledger.keyhistory.history``)."""
+        if self.positions or self.last or (self.rotations and item.position <= self.last_rotation):
+            raise LineError("the ledger's key rotations come first, in position order")
+        problem = check_hash(item)
+        if problem is not None:
+            raise LineError(problem)
+        self.hashes[item.position] = item.entry_hash
+        self.count += 1
+        self.rotations.append(
+            Entry(
+                position=item.position,
+                recorded_at=parse_time(item.recorded_at),
+                stream_id=item.stream_id,
+                stream_version=item.stream_version,
+                body=item.body.encode(),
+                signature=entry_signature(item),
+                prev_hash=bytes.fromhex(item.prev_hash),
+                entry_hash=bytes.fromhex(item.entry_hash),
+            )
+        )
+        # Checked with or without signatures: which key is in force decides every
+        # checkpoint. The header's key must be the last one installed.
+        self.ledger = keyhistory.history(self.rotations)
+        self.ledger.require(self.ledger_key)
+
+    @property
+    def last_rotation(self) -> int:
+        return self.rotations[-1].position if self.rotations else 0
+
+    def sealed(self) -> None:
+        """After the key entries: the header's key is the ledger's latest."""
+        if self.ledger.current.raw != self.ledger_key.raw:
+            raise VerificationError(
+                self.last_rotation,
+                f"ledger key mismatch: the bundle is signed by {self.ledger_key.did}, the "
+                f"ledger's last key rotation installed {self.ledger.current.did}",
+            )
+
+    def _registration(self, event: AgentRegistered, position: int) -> VerifyKey:
         key = raw_key(event.public_key)
         if key.did != event.did:
             raise LineError(f"the public key belongs to {key.did}, not {event.did}")
         if event.did in self.positions:
             raise LineError(f"{event.did} is registered twice")
-        if event.actor not in (event.did, self.ledger_key.did):
+        if event.actor not in (event.did, self.ledger_at(position - 1).did):
             raise LineError("an agent is registered by the ledger or by itself")
         return key
 

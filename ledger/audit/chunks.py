@@ -52,7 +52,7 @@ class ChunkTask:
     signatures: bool
     span: tuple[str, str]
     agent: str | None
-    ledger: tuple[str, bytes]
+    ledger: tuple[tuple[int, str, bytes], ...]  # (from position, DID, raw key), in order
     positions: dict[str, list[int]]
     raws: dict[str, list[bytes]]
     key_hashes: dict[int, str]
@@ -236,7 +236,7 @@ class _ChunkCheck:
         agent = self.task.agent
         if agent is not None and agent != event.actor and agent not in subject_agents(event):
             raise LineError(f"neither signed by nor about {agent}")
-        ledger_did, ledger_raw = self.task.ledger
+        ledger_did, ledger_raw = ledger_before(self.task.ledger, item.position)
         if event.actor == ledger_did:
             key = ledger_raw
         elif isinstance(event, AgentRegistered) and event.actor == event.did:
@@ -263,3 +263,14 @@ class _ChunkCheck:
             return error
         index = next(i for i, job in enumerate(self.jobs) if job[0] == min(bad))
         return self.job_lines[index], min(bad), "signature does not verify"
+
+
+def ledger_before(segments: tuple[tuple[int, str, bytes], ...], position: int) -> tuple[str, bytes]:
+    """The ledger's DID and key that sign the entry at ``position``: the key in force
+    at ``position - 1`` (a rotation is signed by the key it retires)."""
+    did, raw = segments[0][1], segments[0][2]
+    for start, next_did, next_raw in segments[1:]:
+        if start > position - 1:
+            break
+        did, raw = next_did, next_raw
+    return did, raw

@@ -22,7 +22,7 @@ from typing import Protocol
 
 import msgspec
 
-from ledger import tlog
+from ledger import keyhistory, tlog
 from ledger.audit.bundle import (
     FORMAT,
     FORMAT_VERSION,
@@ -53,7 +53,7 @@ from ledger.chain import (
     verify_checkpoint,
 )
 from ledger.errors import LedgerError, ProofError, VerificationError
-from ledger.events import AgentKeyRotated, AgentRegistered, decode_body
+from ledger.events import AgentKeyRotated, AgentRegistered, LedgerKeyRotated, decode_body
 from ledger.identity import b64encode, is_did
 from ledger.merkle import Frontier
 from ledger.signatures import Signer
@@ -82,6 +82,10 @@ class AuditSource(Protocol):
         """The distinct actors of the entries ``first..last`` inside the time range,
         except ``exclude`` (the ledger); with ``agent``, only of the entries that
         agent signed or is a subject of."""
+
+    async def ledger_rotations(self) -> list[RecordedEvent]:
+        """Every ``ledger.key_rotated`` entry (the ledger's key history), by position."""
+        ...
 
     async def key_entries(self, dids: Sequence[str], last: int) -> list[RecordedEvent]:
         """The registrations and key rotations about any of ``dids`` up to position
@@ -198,6 +202,7 @@ class BundleExport:
         self.first: int | None = None
         self.last: int | None = None
         self.key_records: list[RecordedEvent] = []
+        self.rotations: list[RecordedEvent] = []
         self.stored: dict[int, str] = {}
         self.manifest: Manifest | None = None
 
@@ -213,18 +218,38 @@ class BundleExport:
         if found is None:
             return
         self.first, self.last = found
+        await self._ledger_keys(self.last)
         actors = await self._signers()
         if actors:
             self.key_records = await self._key_records(actors)
         self.stored = await self._stored_checkpoints()
 
+    async def _ledger_keys(self, last: int) -> None:
+        """The ledger's rotations, carried by the bundle (all of them: they link the key
+        in force at ``last`` to ours); refuse a range whose checkpoint ours cannot sign."""
+        self.rotations = await self.source.ledger_rotations()
+        if not self.rotations:
+            return
+        keys = keyhistory.history(self.rotations, self.key.public)
+        in_force = keys.at(last)
+        if in_force.raw != self.key.public.raw:
+            since = next(p for p, k in keys.rotations if k.raw == self.key.public.raw)
+            raise VerificationError(
+                last,
+                f"the range ends at position {last}, under the ledger's earlier key "
+                f"{in_force.did}: {self.key.did} signs no checkpoint before its rotation at "
+                f"{since}; export a range that ends after position {since}",
+            )
+
     async def _signers(self) -> list[str]:
         """Every agent (not the ledger) who signed an event that will be exported."""
         assert self.first is not None
         assert self.last is not None
-        return await self.source.entry_signers(
+        ledger = {self.key.did, *(_rotated(r).actor for r in self.rotations)}
+        found = await self.source.entry_signers(
             self.first, self.last, *self.bounds, exclude=self.key.did, agent=self.agent
         )
+        return [actor for actor in found if actor not in ledger]
 
     async def _key_records(self, actors: list[str]) -> list[RecordedEvent]:
         assert self.last is not None
@@ -268,7 +293,8 @@ class BundleExport:
         if anchor is not None:
             keys.add_anchor(2, anchor)  # verify before writing, like the key entries
             lines.append(self.encoder.line(anchor))
-        for number, record in enumerate(self.key_records, start=3 if anchor else 2):
+        records = [*self.rotations, *self.key_records]  # the ledger's keys first
+        for number, record in enumerate(records, start=3 if anchor else 2):
             item = entry_line(KeyLine, record)
             keys.add(number, item)  # the key section must verify before it is written
             lines.append(self.encoder.line(item))
@@ -512,6 +538,12 @@ class _ExportState:
     frontier: Frontier = field(default_factory=Frontier)
     root: bytes = b""
     fetched: Nodes = field(default_factory=dict)
+
+
+def _rotated(record: RecordedEvent) -> LedgerKeyRotated:
+    event = decode_body(record.body)
+    assert isinstance(event, LedgerKeyRotated)  # ledger_rotations() reads nothing else
+    return event
 
 
 def _did_of(record: RecordedEvent) -> str | None:

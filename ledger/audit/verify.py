@@ -5,8 +5,11 @@ It checks the chain from the first entry (each event's hash recomputed, every
 consecutive, times inside the range), every event signature against its
 signer's key at that position (on a process pool) and the append rules one
 event shows by itself (``ledger.authority.check_static``), the checkpoint and
-manifest signatures by the header's ledger key, and header, manifest and
-content against each other. Blank lines are ignored. The header names the
+its tree head by the ledger key in force at their size, the manifest by the
+header's ledger key, and header, manifest and content against each other. The
+ledger's key history is the bundle's ``ledger.key_rotated`` key lines (first
+among the key lines, every rotation: ``ledger.keyhistory``); it must end at the
+header's key. Blank lines are ignored. The header names the
 ledger key; pin the one you expect with ``ledger_key``, or compare the DID
 the report prints.
 
@@ -53,6 +56,7 @@ from ledger.merkle import Frontier
 from ledger.note import Checkpoint as NoteCheckpoint
 from ledger.note import open_checkpoint
 from ledger.signatures import make_executor
+from ledger.verify import trusted_checkpoint
 
 Source: TypeAlias = str | os.PathLike[str] | Iterable[str | bytes]
 Progress = Callable[[int], None]
@@ -195,6 +199,7 @@ class _BundleVerifier:
         self.checkpoint: Checkpoint | None = None
         self.manifest: Manifest | None = None
         self.lines_seen = 0
+        self.sealed = False  # the key entries are read
         self.next_line = 0  # the number of the next region's first line
         self.version = 0
         self.proofs = 0
@@ -250,10 +255,13 @@ class _BundleVerifier:
             assert self.keys is not None
             self.keys.add(number, item)
         elif isinstance(item, TreeLine) and self.frontier is None and self.checkpoint is None:
+            self._keys_read(number)
             self._tree(number, item)
         elif isinstance(item, EventLine | StubLine):
+            self._keys_read(number)
             return True
         else:
+            self._keys_read(number)
             self._tail(number, item)
         return False
 
@@ -290,12 +298,24 @@ class _BundleVerifier:
             )
         self.header = item
         self.keys = KeyHistory(key, self.signatures)
+
+    def _keys_read(self, number: int) -> None:
+        """After the key entries: the ledger's key history ends at the header's key, and
+        a trusted checkpoint is signed by the key in force at its size."""
+        assert self.keys is not None
+        if self.sealed:
+            return
+        self.sealed = True
+        try:
+            self.keys.sealed()
+        except VerificationError as exc:
+            raise BundleVerificationError(number, exc.position, exc.reason) from None
         if self.trusted_note is not None:
             try:
-                self.trusted, _ = open_checkpoint(self.trusted_note, [tlog.verifier(key)])
+                self.trusted = trusted_checkpoint(self.trusted_note, self.keys.ledger)
             except LedgerError as exc:
                 raise BundleVerificationError(
-                    0, 0, f"the trusted checkpoint does not verify with the bundle's key: {exc}"
+                    0, 0, f"the trusted checkpoint does not verify with the bundle's keys: {exc}"
                 ) from None
 
     def _tree(self, number: int, item: TreeLine) -> None:
@@ -386,7 +406,6 @@ class _BundleVerifier:
     ) -> ChunkTask:
         assert self.header is not None
         assert self.keys is not None
-        ledger = self.keys.ledger_key
         with_keys = self.signatures
         return ChunkTask(
             lines=batch,
@@ -396,7 +415,7 @@ class _BundleVerifier:
             signatures=self.signatures,
             span=(self.header.from_, self.header.to),
             agent=self.header.agent,
-            ledger=(ledger.did, ledger.raw),
+            ledger=self.keys.ledger_segments(),
             positions=self.keys.positions if with_keys else {},
             raws=self.keys.raws if with_keys else {},
             key_hashes=self.keys.hashes,
@@ -491,7 +510,7 @@ class _BundleVerifier:
         try:
             if item.origin != CHECKPOINT_ORIGIN:
                 raise VerificationError(item.position, f"origin is not {CHECKPOINT_ORIGIN}")
-            verify_checkpoint(checkpoint, self.keys.ledger_key)
+            verify_checkpoint(checkpoint, self.keys.ledger_at(item.position))
         except VerificationError as exc:
             raise BundleVerificationError(number, item.position, exc.reason) from None
         if self.last is not None:
@@ -526,7 +545,8 @@ class _BundleVerifier:
         """The signed tree head: the root of the edge and every entry's hash."""
         assert self.keys is not None
         try:
-            head, _ = open_checkpoint(item.note or "", [tlog.verifier(self.keys.ledger_key)])
+            at = self.keys.ledger_at(item.position)  # the key in force at its size
+            head, _ = open_checkpoint(item.note or "", [tlog.verifier(at)])
         except LedgerError as exc:
             raise BundleVerificationError(
                 number, item.position, f"signed tree head: {exc}"

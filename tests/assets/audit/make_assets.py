@@ -124,6 +124,9 @@ class MemorySource:
             }
         )
 
+    async def ledger_rotations(self) -> list[RecordedEvent]:
+        return [e for e in await self._all() if e.event_type == "ledger.key_rotated"]
+
     async def key_entries(self, dids: Sequence[str], last: int) -> list[RecordedEvent]:
         kinds = ("agent.registered", "agent.key_rotated")
         return [
