@@ -1,19 +1,27 @@
 """``agentmesh ledger rotate-key --new-key FILE`` as a real process, against real
 PostgreSQL (issue 12 item 5). Refusals first: each leaves the head, the ledger's key
-and its checkpoints as they were, says one line, and quotes no key."""
+and its checkpoints as they were, says one line, and quotes no key. Last, end to end:
+a running API, a witness that crosses the rotation, and one that alarms on a fresh key."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import asyncpg
 import pytest
 
+from agentmesh.witness import EXIT_ALARM, AlarmKind, WitnessConfig, WitnessMetrics, run_witness
+from ledger import tlog
 from ledger.identity import SigningKey
+from ledger.note import Checkpoint as NoteCheckpoint
+from ledger.note import parse_note
 from ledger.postgres import PostgresEventStore, PostgresLedgerReader
 from ledger.verify import verify_ledger
+from tests.api_support import Api
 from tests.support import register
 
 
@@ -164,3 +172,67 @@ async def test_rotate_key_appends_the_rotation_and_the_new_key_signs_next(
     assert again.returncode == 1
     assert "this ledger's key is" in again.stderr
     assert await snapshot(ledger) == before
+
+
+# --- end to end: a running API, a witness, a rotation through the CLI ----------------------
+
+
+async def test_a_witness_crosses_a_cli_rotation_and_alarms_on_a_fresh_key(
+    api: Api, ledger_key: SigningKey, database_url: str, tmp_path: Path
+) -> None:
+    witness_key = SigningKey.generate()
+
+    def witness(state: Path) -> WitnessConfig:
+        return WitnessConfig(
+            url=api.url,
+            ledger=tlog.verifier(ledger_key.public),  # pinned before the rotation
+            state_path=state,
+            key=witness_key,
+            name="agentmesh.witness/rotation-test",
+            once=True,
+        )
+
+    await api.register()
+    await api.register()
+    first, second = witness(tmp_path / "a.json"), witness(tmp_path / "b.json")
+    assert await run_witness(first) == 0
+    second.state_path.write_bytes(first.state_path.read_bytes())  # the same past
+    accepted = json.loads(first.state_path.read_text())["size"]
+
+    new = SigningKey.generate()
+    result = rotate_cli(database_url, ledger_key, key_file(tmp_path / "new.pem", new), tmp_path)
+    assert result.returncode == 0, result.stderr
+
+    # The next checkpoint is the new key's: crossed with the rotation's proof, no alarm.
+    metrics = WitnessMetrics()
+    assert await run_witness(first, metrics) == 0
+    state = json.loads(first.state_path.read_text())
+    assert state["size"] > accepted
+    assert state["ledger_vkey"] == tlog.verifier(new.public).vkey()
+    assert state["rotated_from"] == [tlog.verifier(ledger_key.public).vkey()]
+    assert all(
+        metrics.registry.get_sample_value("agentmesh_witness_alarms_total", {"kind": k}) == 0
+        for k in AlarmKind
+    )
+    assert await run_witness(first) == 0  # and again, from the state it saved
+
+    # A database writer serves the same tree head signed by a fresh key: the ledger's
+    # rotations lead to the new key, not to it. Both witnesses alarm.
+    size, note = state["size"], state["checkpoint"]
+    root = NoteCheckpoint.parse(parse_note(note).text).root_hash
+    forged = tlog.signed_tree_head(SigningKey.generate(), size, root)
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("UPDATE checkpoints SET note = $1 WHERE position = $2", forged, size)
+    finally:
+        await conn.close()
+    assert (await api.client.get("/v1/ledger/checkpoint")).text == forged
+    for config in (second, first):
+        before = config.state_path.read_bytes()
+        metrics = WitnessMetrics()
+        assert await run_witness(config, metrics) == EXIT_ALARM
+        alarms = metrics.registry.get_sample_value(
+            "agentmesh_witness_alarms_total", {"kind": AlarmKind.BAD_SIGNATURE}
+        )
+        assert alarms == 1
+        assert config.state_path.read_bytes() == before
