@@ -118,9 +118,14 @@ async def test_impossible_proof_requests_are_400(api: Api) -> None:
 # -- a database writer without the ledger key: what verification catches ----------------
 
 
+# The ledger's clock in these tests: noon of the day the tests run (no midnight between
+# an entry and the same entry moved back an hour).
+NOON = T0.replace(hour=12, minute=0, second=0)
+
+
 @pytest.fixture
 async def ledger(database_url: str, ledger_key: SigningKey) -> AsyncIterator[PostgresEventStore]:
-    clock = ManualClock(now=T0.replace(hour=12, minute=0, second=0))
+    clock = ManualClock(now=NOON)
     store = await PostgresEventStore.open(database_url, ledger_key, clock=clock)
     try:
         yield store
@@ -129,15 +134,22 @@ async def ledger(database_url: str, ledger_key: SigningKey) -> AsyncIterator[Pos
 
 
 async def _history(ledger: PostgresEventStore) -> tuple[list[Agent], str]:
-    """Twelve entries, then a checkpoint someone kept outside the database, then more."""
-    agents = [await register(ledger) for _ in range(3)]
+    """Twelve entries, then a checkpoint someone kept outside the database, then more.
+
+    Signed two hours before the ledger's clock, whatever the time of day the tests
+    run at: moving an entry back an hour keeps its times valid, so what catches the
+    rewrite is the kept checkpoint, not the freshness rule."""
+    at = NOON - timedelta(hours=2)
+    agents = [await register(ledger, at=at) for _ in range(3)]
     for index in range(9):
-        await ledger.append([agents[index % 3].violation(subject=agents[(index + 1) % 3].did)])
+        subject = agents[(index + 1) % 3].did
+        await ledger.append([agents[index % 3].violation(subject=subject, at=at)])
     await ledger.checkpoint()
     note = await ledger.latest_tree_head()
     assert note is not None
     for index in range(4):
-        await ledger.append([agents[index % 3].violation(subject=agents[(index + 2) % 3].did)])
+        subject = agents[(index + 2) % 3].did
+        await ledger.append([agents[index % 3].violation(subject=subject, at=at)])
     await ledger.checkpoint()
     return agents, note
 
