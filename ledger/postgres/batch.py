@@ -22,6 +22,7 @@ from ledger import authority, tlog
 from ledger.chain import AppendResult, Head, entry_hash, envelope_bytes
 from ledger.errors import (
     ConcurrencyError,
+    EventValidationError,
     IdempotencyConflictError,
     LedgerError,
     LedgerKeyMismatchError,
@@ -35,6 +36,7 @@ from ledger.events import (
     AgentSuspended,
     Event,
     LedgerKeyRotated,
+    stream_of,
     subject_agents,
 )
 from ledger.identity import VerifyKey
@@ -58,6 +60,31 @@ class Request:
     def signer(self) -> str:
         """Whose idempotency keys this request's key is one of."""
         return self.events[0].actor
+
+
+def new_request(
+    events: Sequence[SignedEvent],
+    expected_version: int | None,
+    idempotency_key: str | None,
+) -> Request:
+    """An append's request, its shape checked (one stream, a sane key), its future
+    on the running loop."""
+    if not events:
+        raise EventValidationError("an append needs at least one event")
+    streams = {stream_of(e.event) for e in events}
+    if len(streams) != 1:
+        raise EventValidationError(f"one append writes one stream, got {sorted(streams)}")
+    if idempotency_key is not None and not 1 <= len(idempotency_key) <= 200:
+        raise EventValidationError("an idempotency key is 1 to 200 characters")
+    return Request(
+        events=tuple(events),
+        stream_id=streams.pop(),
+        expected_version=expected_version,
+        idempotency_key=idempotency_key,
+        digest=hashlib.sha256(b"\n".join(e.body for e in events)).digest(),
+        keys_used={},
+        future=asyncio.get_running_loop().create_future(),
+    )
 
 
 @dataclass(slots=True)

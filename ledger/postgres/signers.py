@@ -11,8 +11,9 @@ the append cannot let a retired key through.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import asyncpg
@@ -23,6 +24,8 @@ from ledger.identity import SigningKey, VerifyKey
 from ledger.postgres.batch import Request
 from ledger.postgres.reader import DRIVER_ERRORS as _DRIVER_ERRORS
 from ledger.signed import SignedEvent
+
+log = logging.getLogger("agentmesh.ledger")
 
 # Ed25519 verification releases the GIL: one thread per core.
 _VERIFY_THREADS = max(os.cpu_count() or 1, 1)
@@ -41,6 +44,33 @@ class Signers:
         self._threads = ThreadPoolExecutor(
             max_workers=_VERIFY_THREADS, thread_name_prefix="ed25519"
         )
+
+    async def verify_loop(
+        self,
+        incoming: asyncio.Queue[Request],
+        verified: asyncio.Queue[Request],
+        fail: Callable[[list[Request], LedgerError], None],
+    ) -> None:
+        """Verify queued appends in bulk, then hand them to the flusher.
+
+        One thread hand-off per batch rather than per append: per-call
+        hand-offs convoy on the GIL and starve group commit of large batches.
+        """
+        while True:
+            batch = [await incoming.get()]
+            while not incoming.empty():
+                batch.append(incoming.get_nowait())
+            try:
+                await self.verify(batch)
+            except LedgerError as exc:
+                fail(batch, exc)
+            except Exception as exc:  # never let the verifier die with callers waiting
+                log.exception("ledger_verifier_error")
+                fail(batch, StoreUnavailableError(f"append not verified: {exc}"))
+            for request in batch:
+                if not request.future.done():
+                    verified.put_nowait(request)
+                incoming.task_done()
 
     def close(self) -> None:
         self._threads.shutdown(wait=False)

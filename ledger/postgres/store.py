@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -47,12 +46,10 @@ from datetime import datetime, timedelta
 import asyncpg
 from opentelemetry import trace
 
-from ledger import tlog
 from ledger.chain import (
     AppendResult,
     Checkpoint,
     Head,
-    sign_checkpoint,
 )
 from ledger.errors import (
     EventValidationError,
@@ -61,7 +58,6 @@ from ledger.errors import (
 )
 from ledger.events import (
     Event,
-    stream_of,
 )
 from ledger.identity import SigningKey, VerifyKey
 from ledger.merkle import Frontier
@@ -70,18 +66,19 @@ from ledger.postgres.batch import (
     STATE_SQL,
     WRITE_SQL,
     BatchState,
-    CheckpointRow,
     Known,
     Request,
     apply,
     event_key,
     load_row,
     needs,
+    new_request,
     partitions_of,
     retired,
     seal,
     write_args,
 )
+from ledger.postgres.checkpoints import CheckpointPolicy
 from ledger.postgres.identity import claim_identity
 from ledger.postgres.reader import (
     DRIVER_ERRORS,
@@ -90,7 +87,7 @@ from ledger.postgres.reader import (
     partition_name,
 )
 from ledger.postgres.signers import Signers
-from ledger.postgres.tree import build_frontier
+from ledger.postgres.tree import build_tree
 from ledger.signatures import Signer
 from ledger.signed import SignedEvent
 from ledger.timefmt import format_time, parse_time, utc_now
@@ -134,8 +131,9 @@ class PostgresEventStore(PostgresLedgerReader):
         super().__init__(pool)
         self._ledger_key = ledger_key
         self._clock = clock
-        self._checkpoint_every = checkpoint_every
-        self._checkpoint_interval = timedelta(seconds=checkpoint_interval)
+        self._checkpoints = CheckpointPolicy(
+            ledger_key, clock, checkpoint_every, timedelta(seconds=checkpoint_interval)
+        )
         self._max_batch = max_batch
         self._queue: asyncio.Queue[Request] = asyncio.Queue()
         self._incoming: asyncio.Queue[Request] = asyncio.Queue()
@@ -149,7 +147,6 @@ class PostgresEventStore(PostgresLedgerReader):
         # then the guarded statement), "locked" (under the head lock).
         self.commit_paths: collections.Counter[str] = collections.Counter()
         self._frontier: tuple[bytes, Frontier] | None = None  # (head hash, edge) last commit
-        self._last_checkpoint: tuple[int, datetime] = (0, clock())
         self._verifier: asyncio.Task[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
@@ -185,11 +182,14 @@ class PostgresEventStore(PostgresLedgerReader):
 
     async def _start(self) -> None:
         await self._claim_identity()
-        await self._build_tree()
+        await build_tree(self._pool)
         latest = await self.latest_checkpoint()
         if latest is not None:
-            self._last_checkpoint = (latest.position, parse_time(latest.time))
-        self._verifier = asyncio.create_task(self._verify_loop(), name="ledger-verifier")
+            self._checkpoints.signed(latest.position, parse_time(latest.time))
+        self._verifier = asyncio.create_task(
+            self._signers.verify_loop(self._incoming, self._queue, self._fail),
+            name="ledger-verifier",
+        )
         self._flusher = asyncio.create_task(self._flush_loop(), name="ledger-flusher")
         self._ticker = asyncio.create_task(self._checkpoint_ticker(), name="ledger-checkpoints")
 
@@ -210,28 +210,6 @@ class PostgresEventStore(PostgresLedgerReader):
             if frontier.size == head.position and entry_hash == head.entry_hash:
                 return frontier
         return await self.frontier_at(head.position)
-
-    async def _build_tree(self) -> None:
-        """Build the Merkle tree over the entries appended before it existed (once;
-        a ledger created since has its frontier from the first append on)."""
-        try:
-            async with self._pool.acquire() as conn, conn.transaction():
-                row = await conn.fetchrow(
-                    "SELECT position, merkle_built FROM ledger_head WHERE id = 1 FOR UPDATE"
-                )
-                if row["merkle_built"]:
-                    return
-                first = await conn.fetchval("SELECT min(position) FROM events")
-                if first not in (None, 1):
-                    raise StoreUnavailableError(
-                        f"the ledger starts at position {first} (cut by retention before it had "
-                        "a Merkle tree): its tree cannot be built from the entries left"
-                    )
-                frontier = await build_frontier(conn, row["position"])
-                await conn.execute("UPDATE ledger_head SET merkle_built = true WHERE id = 1")
-                log.info("merkle_tree_built", extra={"size": frontier.size})
-        except _DRIVER_ERRORS as exc:
-            raise StoreUnavailableError(f"cannot build the Merkle tree: {exc}") from exc
 
     async def close(self) -> None:
         """Finish every queued append, then release connections."""
@@ -285,7 +263,7 @@ class PostgresEventStore(PostgresLedgerReader):
         """
         if self._closed:
             raise StoreUnavailableError("the event store is closed")
-        request = self._request(events, expected_version, idempotency_key)
+        request = new_request(events, expected_version, idempotency_key)
         request.bootstrap = bootstrap
         if not _tracing():
             return await self._submit(request)
@@ -336,52 +314,7 @@ class PostgresEventStore(PostgresLedgerReader):
     def sign_own(self, event: Event) -> SignedEvent:
         return SignedEvent.create(event, self._ledger_key)
 
-    def _request(
-        self,
-        events: Sequence[SignedEvent],
-        expected_version: int | None,
-        idempotency_key: str | None,
-    ) -> Request:
-        if not events:
-            raise EventValidationError("an append needs at least one event")
-        streams = {stream_of(e.event) for e in events}
-        if len(streams) != 1:
-            raise EventValidationError(f"one append writes one stream, got {sorted(streams)}")
-        if idempotency_key is not None and not 1 <= len(idempotency_key) <= 200:
-            raise EventValidationError("an idempotency key is 1 to 200 characters")
-        return Request(
-            events=tuple(events),
-            stream_id=streams.pop(),
-            expected_version=expected_version,
-            idempotency_key=idempotency_key,
-            digest=hashlib.sha256(b"\n".join(e.body for e in events)).digest(),
-            keys_used={},
-            future=asyncio.get_running_loop().create_future(),
-        )
-
     # -- the verifier: signatures of everything queued, on worker threads ------
-
-    async def _verify_loop(self) -> None:
-        """Verify queued appends in bulk, then hand them to the flusher.
-
-        One thread hand-off per batch rather than per append: per-call
-        hand-offs convoy on the GIL and starve group commit of large batches.
-        """
-        while True:
-            batch = [await self._incoming.get()]
-            while not self._incoming.empty():
-                batch.append(self._incoming.get_nowait())
-            try:
-                await self._signers.verify(batch)
-            except LedgerError as exc:
-                self._fail(batch, exc)
-            except Exception as exc:  # never let the verifier die with callers waiting
-                log.exception("ledger_verifier_error")
-                self._fail(batch, StoreUnavailableError(f"append not verified: {exc}"))
-            for request in batch:
-                if not request.future.done():
-                    self._queue.put_nowait(request)
-                self._incoming.task_done()
 
     # -- the flusher: one transaction per batch ------------------------------
 
@@ -479,7 +412,7 @@ class PostgresEventStore(PostgresLedgerReader):
         if not self._partitions.issuperset(partitions_of(state)):
             return None
         seal(state)
-        checkpoint = self._due_checkpoint(state)
+        checkpoint = self._checkpoints.for_batch(state)
         try:
             wrote = await conn.fetch(WRITE_SQL, *write_args(head, state, checkpoint))
         except asyncpg.UniqueViolationError:
@@ -502,7 +435,7 @@ class PostgresEventStore(PostgresLedgerReader):
             return state  # every request refused, from a consistent snapshot
         if not self._partitions.issuperset(partitions_of(state)):
             return None  # a new day's partition is created under the lock
-        checkpoint = self._due_checkpoint(state)
+        checkpoint = self._checkpoints.for_batch(state)
         try:
             wrote = await conn.fetch(WRITE_SQL, *write_args(head, state, checkpoint))
         except asyncpg.UniqueViolationError:
@@ -525,7 +458,7 @@ class PostgresEventStore(PostgresLedgerReader):
             head, state = await self._decide(conn, batch, top_up=top_up)
             if state.rows:
                 await self._ensure_partitions(conn, partitions_of(state))
-                checkpoint = self._due_checkpoint(state)
+                checkpoint = self._checkpoints.for_batch(state)
                 wrote = await conn.fetch(WRITE_SQL, *write_args(head, state, checkpoint))
                 assert wrote, "the head moved under the ledger lock"
                 state.checkpoint = checkpoint
@@ -605,7 +538,7 @@ class PostgresEventStore(PostgresLedgerReader):
             for did, (raw, _, _) in state.key_rows.items():
                 self._signers.keys[did] = raw
             if state.checkpoint is not None:
-                self._last_checkpoint = (state.checkpoint[0], state.checkpoint[2])
+                self._checkpoints.signed(state.checkpoint[0], state.checkpoint[2])
         # Only now, after COMMIT, is anything acknowledged.
         for request, outcome in state.results:
             if request.future.done():
@@ -619,17 +552,6 @@ class PostgresEventStore(PostgresLedgerReader):
         # Time never runs backwards in the ledger, whatever the injected clock says.
         return max(self._clock(), head.recorded_at)
 
-    def _due_checkpoint(self, state: BatchState) -> CheckpointRow | None:
-        """The checkpoint this batch's commit signs, when one is due."""
-        head = state.head
-        if state.ledger_did != self._ledger_key.did or not self._checkpoint_due(head):
-            return None  # a rotation in this batch: the new key signs the next checkpoint
-        now = max(self._clock(), head.recorded_at)
-        checkpoint = sign_checkpoint(self._ledger_key, head.position, head.entry_hash, now)
-        # The same head as a C2SP signed note over the Merkle root, for witnesses.
-        note = tlog.signed_tree_head(self._ledger_key, state.frontier.size, state.frontier.root())
-        return (head.position, head.entry_hash, now, checkpoint.signer, checkpoint.signature, note)
-
     async def _ensure_partitions(self, conn: asyncpg.Connection, days: set[datetime]) -> None:
         """Create the day partitions a batch writes into (under the head lock, so
         concurrent writers cannot race to create one); remembered after COMMIT."""
@@ -642,33 +564,21 @@ class PostgresEventStore(PostgresLedgerReader):
 
     # -- checkpoints -------------------------------------------------------
 
-    def _checkpoint_due(self, head: Head) -> bool:
-        last_position, last_time = self._last_checkpoint
-        if head.position <= last_position:
-            return False
-        return (
-            head.position - last_position >= self._checkpoint_every
-            or head.recorded_at - last_time >= self._checkpoint_interval
-        )
-
     async def _insert_checkpoint(
         self, conn: asyncpg.Connection, head: Head, frontier: Frontier
     ) -> Checkpoint:
-        now = max(self._clock(), head.recorded_at)
-        checkpoint = sign_checkpoint(self._ledger_key, head.position, head.entry_hash, now)
-        # The same head as a C2SP signed note over the Merkle root, for witnesses.
-        note = tlog.signed_tree_head(self._ledger_key, frontier.size, frontier.root())
+        checkpoint, note = self._checkpoints.sign(head, frontier)
         await conn.execute(
             "INSERT INTO checkpoints (position, head_hash, time, signer, signature, note) "
             "VALUES ($1, $2, $3, $4, decode($5, 'base64'), $6) ON CONFLICT (position) DO NOTHING",
             checkpoint.position,
             head.entry_hash,
-            now,
+            parse_time(checkpoint.time),
             checkpoint.signer,
             checkpoint.signature,
             note,
         )
-        self._last_checkpoint = (head.position, now)
+        self._checkpoints.signed(head.position, parse_time(checkpoint.time))
         return checkpoint
 
     async def checkpoint(self) -> Checkpoint:
@@ -695,12 +605,12 @@ class PostgresEventStore(PostgresLedgerReader):
 
     async def _checkpoint_ticker(self) -> None:
         """Sign the head every ``checkpoint_interval`` when it moved and nobody did."""
-        seconds = max(self._checkpoint_interval.total_seconds(), 0.05)
+        seconds = max(self._checkpoints.interval.total_seconds(), 0.05)
         while True:
             await asyncio.sleep(seconds)
             try:
                 head = await self.head()
-                if head.position > self._last_checkpoint[0] and self._checkpoint_due(
+                if head.position > self._checkpoints.last[0] and self._checkpoints.due(
                     Head(head.position, head.entry_hash, max(self._clock(), head.recorded_at))
                 ):
                     await self.checkpoint()

@@ -3,12 +3,17 @@ keeps the edge at a cut)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import asyncpg
 
 from ledger import tlog
+from ledger.errors import StoreUnavailableError
 from ledger.merkle import Frontier, Subtree
+from ledger.postgres.reader import DRIVER_ERRORS
+
+log = logging.getLogger("agentmesh.ledger")
 
 
 async def build_frontier(conn: asyncpg.Connection, head: int) -> Frontier:
@@ -36,3 +41,26 @@ async def store_subtrees(conn: asyncpg.Connection, subtrees: Sequence[Subtree]) 
         [n.index for n in subtrees],
         [n.hash for n in subtrees],
     )
+
+
+async def build_tree(pool: asyncpg.Pool) -> None:
+    """Build the Merkle tree over the entries appended before it existed (once;
+    a ledger created since has its frontier from the first append on)."""
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT position, merkle_built FROM ledger_head WHERE id = 1 FOR UPDATE"
+            )
+            if row["merkle_built"]:
+                return
+            first = await conn.fetchval("SELECT min(position) FROM events")
+            if first not in (None, 1):
+                raise StoreUnavailableError(
+                    f"the ledger starts at position {first} (cut by retention before it had "
+                    "a Merkle tree): its tree cannot be built from the entries left"
+                )
+            frontier = await build_frontier(conn, row["position"])
+            await conn.execute("UPDATE ledger_head SET merkle_built = true WHERE id = 1")
+            log.info("merkle_tree_built", extra={"size": frontier.size})
+    except DRIVER_ERRORS as exc:
+        raise StoreUnavailableError(f"cannot build the Merkle tree: {exc}") from exc
