@@ -821,10 +821,18 @@ async def audit_export(
     the first bytes ends the stream early, and a truncated bundle fails verification."""
     from litestar.response import Stream
 
-    from ledger.audit import MEDIA_TYPE, parse_flavour, prepare_export
+    from ledger.audit import MEDIA_TYPE, Exportable, parse_flavour, prepare_export
     from ledger.errors import VerificationError
 
     ctx.require_admin(authorization)
+    ledger = ctx.ledger
+    if not isinstance(ledger, Exportable):
+        raise ProblemError(
+            501,
+            "audit-export-unavailable",
+            "Audit export unavailable",
+            "audit export reads the ledger's PostgreSQL tables; this ledger has none",
+        )
     if from_ is None or to is None:
         raise bad_request("from and to are required: RFC 3339 times like 2026-11-26T12:00:00Z")
     try:
@@ -833,7 +841,7 @@ async def audit_export(
         # The covering checkpoint and the manifest are signed by the ledger key, through
         # the ledger's narrow Signer (DID, public key, sign).
         export = await prepare_export(
-            ctx.ledger,
+            ledger,
             ctx.ledger.signer,
             start=start,
             end=end,

@@ -31,7 +31,6 @@ Through the ports::
     verify          full-ledger verification, signatures spread over all cores
     retention       remove events older than the audit window, keeping the proofs
     audit/          audit bundles: bundle, cloudevents, chunks, verify, reader, export
-    postgres_audit  the audit exporter's source over PostgreSQL
 
 Exceptions (all under ``LedgerError``; ``ledger.errors`` unless named)::
 

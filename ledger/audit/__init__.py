@@ -14,10 +14,10 @@ Modules:
     export       -- ``export_bundle`` over an ``AuditSource``, signed by a ``Signer``
 
 The package imports no database driver. ``export_bundle`` and ``prepare_export``
-below take a ledger (``ledger.ports.LedgerReader``, PostgreSQL only) and a
-``ledger.signatures.Signer``: they are ``ledger.postgres_audit``'s, loaded on
-first use so that importing the verifier never loads the driver; the ones over
-any ``AuditSource`` are ``ledger.audit.export``'s.
+below take a ledger that names its audit source (``Exportable``: on PostgreSQL,
+``PostgresLedgerReader.audit_source()``, ``ledger/postgres/audit.py``) and a
+``ledger.signatures.Signer``; the ones over any ``AuditSource`` are
+``ledger.audit.export``'s.
 
 Errors (all under ``ledger.errors.LedgerError``)::
 
@@ -34,7 +34,8 @@ database fails; verification raises ``OSError`` when a path cannot be read.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from datetime import datetime
+from typing import Protocol, runtime_checkable
 
 from ledger.audit.bundle import (
     MEDIA_TYPE,
@@ -44,17 +45,21 @@ from ledger.audit.bundle import (
     parse_flavour,
 )
 from ledger.audit.cloudevents import CE_PREFIX
+from ledger.audit.export import AuditSource, BundleExport, Clock, ExportProgress, Writer
+from ledger.audit.export import export_bundle as export_from_source
+from ledger.audit.export import prepare_export as prepare_from_source
 from ledger.audit.reader import read_bundle
 from ledger.audit.verify import BundleReport, verify_bundle
-
-if TYPE_CHECKING:
-    from ledger.postgres_audit import export_bundle, prepare_export
+from ledger.ports import LedgerReader
+from ledger.signatures import Signer
+from ledger.timefmt import utc_now
 
 __all__ = [
     "CE_PREFIX",
     "MEDIA_TYPE",
     "BundleReport",
     "BundleVerificationError",
+    "Exportable",
     "Flavour",
     "Manifest",
     "export_bundle",
@@ -64,13 +69,51 @@ __all__ = [
     "verify_bundle",
 ]
 
-_POSTGRES = ("export_bundle", "prepare_export")
+
+@runtime_checkable
+class Exportable(LedgerReader, Protocol):
+    """A ledger whose audit queries exist (``PostgresLedgerReader``)."""
+
+    def audit_source(self) -> AuditSource: ...
 
 
-def __getattr__(name: str) -> object:
-    """``export_bundle`` and ``prepare_export`` over PostgreSQL, imported on first use."""
-    if name in _POSTGRES:
-        from ledger import postgres_audit  # the driver loads only for an export
+async def export_bundle(
+    ledger: Exportable,
+    signer: Signer,
+    out: Writer,
+    *,
+    start: datetime,
+    end: datetime,
+    agent: str | None = None,
+    fmt: Flavour = "jsonl",
+    progress: ExportProgress | None = None,
+    clock: Clock = utc_now,
+) -> Manifest:
+    """``ledger.audit.export.export_bundle`` over ``ledger``'s audit source."""
+    return await export_from_source(
+        ledger.audit_source(),
+        signer,
+        out,
+        start=start,
+        end=end,
+        agent=agent,
+        fmt=fmt,
+        progress=progress,
+        clock=clock,
+    )
 
-        return getattr(postgres_audit, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+async def prepare_export(
+    ledger: Exportable,
+    signer: Signer,
+    *,
+    start: datetime,
+    end: datetime,
+    agent: str | None = None,
+    fmt: Flavour = "jsonl",
+    clock: Clock = utc_now,
+) -> BundleExport:
+    """``ledger.audit.export.prepare_export`` over ``ledger``'s audit source."""
+    return await prepare_from_source(
+        ledger.audit_source(), signer, start=start, end=end, agent=agent, fmt=fmt, clock=clock
+    )

@@ -6,7 +6,7 @@ every stored checkpoint inside it) before the ledger key signs anything: the
 covering checkpoint, when none is stored at the last position (it is then
 stored; an earlier one wins), and the manifest.
 
-The exporter reads the ledger through ``AuditSource`` (``ledger.postgres_audit``
+The exporter reads the ledger through ``AuditSource`` (``ledger/postgres/audit.py``
 implements it over PostgreSQL) and signs through ``ledger.signatures.Signer``;
 it imports no driver.
 """

@@ -3,7 +3,8 @@
 ``reader`` (every SELECT, the row mapping), ``store`` (the group-committing
 writer), ``batch`` (what one commit checks and writes, pure), ``signers`` (the
 signature checks before it), ``identity`` (the ledger's key, recorded at
-genesis), ``tree`` (stored Merkle subtrees), ``retention`` (the cut's SQL),
+genesis), ``tree`` (stored Merkle subtrees), ``checkpoints`` (when a commit
+signs one), ``retention`` (the cut's SQL), ``audit`` (the exporter's queries),
 ``schema`` (table metadata for Alembic), ``dsn`` (URL handling, no driver).
 Driver errors are translated once, here, into ``ledger.errors``.
 

@@ -13,7 +13,7 @@ import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import asyncpg
 import msgspec
@@ -32,6 +32,9 @@ from ledger.identity import VerifyKey, b64decode
 from ledger.merkle import Frontier
 from ledger.ports import RetentionStore, Window
 from ledger.postgres.dsn import connect_kwargs
+
+if TYPE_CHECKING:
+    from ledger.audit.export import AuditSource
 from ledger.timefmt import format_time
 
 log = logging.getLogger("agentmesh.ledger")
@@ -151,6 +154,12 @@ class PostgresLedgerReader:
         """The agent's current key, or None if it is not registered."""
         row = await self._fetchrow("SELECT public_key FROM agent_keys WHERE did = $1", did)
         return None if row is None else VerifyKey.from_raw(bytes(row["public_key"]))
+
+    def audit_source(self) -> AuditSource:
+        """The audit exporter's reads on this database (``ledger.audit``'s port)."""
+        from ledger.postgres.audit import PostgresAuditSource  # it imports this module
+
+        return PostgresAuditSource(self)
 
     def retention_store(self) -> RetentionStore:
         """Retention's statements on this database (``ledger.retention``'s port)."""

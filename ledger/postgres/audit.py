@@ -1,12 +1,8 @@
 """The audit exporter's source over PostgreSQL: ``PostgresAuditSource`` runs the
 SELECTs ``ledger.audit.export.AuditSource`` names (and the one checkpoint
-INSERT) on a ``PostgresLedgerReader``'s pool.
-
-``export_bundle`` and ``prepare_export`` here take a ledger (a
-``PostgresLedgerReader`` or ``PostgresEventStore``, typed as the
-``ledger.ports.LedgerReader`` it is) and find its audit source with
-``audit_source``; ``ledger.audit`` re-exports them under the names its callers
-have always used. Driver errors become ``StoreUnavailableError``.
+INSERT) on a ``PostgresLedgerReader``'s pool; ``PostgresLedgerReader.audit_source()``
+hands it to ``ledger.audit``'s exporter. Driver errors become
+``StoreUnavailableError``.
 """
 
 from __future__ import annotations
@@ -17,20 +13,10 @@ from typing import Any
 
 import msgspec
 
-from ledger.audit.bundle import AnchorLine, Flavour, Manifest
-from ledger.audit.export import (
-    AuditSource,
-    BundleExport,
-    Clock,
-    ExportProgress,
-    Writer,
-)
-from ledger.audit.export import export_bundle as export_from_source
-from ledger.audit.export import prepare_export as prepare_from_source
+from ledger.audit.bundle import AnchorLine
 from ledger.chain import Checkpoint, RecordedEvent
 from ledger.errors import StoreUnavailableError
 from ledger.merkle import Frontier
-from ledger.ports import LedgerReader
 from ledger.postgres.reader import (
     DRIVER_ERRORS,
     ENTRY_COLUMNS,
@@ -38,10 +24,9 @@ from ledger.postgres.reader import (
     checkpoint_from_row,
     record_from_row,
 )
-from ledger.signatures import Signer
-from ledger.timefmt import format_time, parse_time, utc_now
+from ledger.timefmt import format_time, parse_time
 
-__all__ = ["PostgresAuditSource", "audit_source", "export_bundle", "prepare_export"]
+__all__ = ["PostgresAuditSource"]
 
 _KEY_TYPES = ("agent.registered", "agent.key_rotated")
 
@@ -167,53 +152,3 @@ class PostgresAuditSource:
             return await self.reader.pool.fetchrow(query, *args)
         except DRIVER_ERRORS as exc:
             raise StoreUnavailableError(f"cannot read the ledger: {exc}") from exc
-
-
-def audit_source(ledger: LedgerReader) -> AuditSource:
-    """The exporter's source for ``ledger``. The audit queries exist on PostgreSQL
-    only: another ledger raises TypeError."""
-    if not isinstance(ledger, PostgresLedgerReader):
-        raise TypeError(f"audit export needs a PostgreSQL ledger, not {type(ledger).__name__}")
-    return PostgresAuditSource(ledger)
-
-
-async def export_bundle(
-    reader: LedgerReader,
-    signer: Signer,
-    out: Writer,
-    *,
-    start: datetime,
-    end: datetime,
-    agent: str | None = None,
-    fmt: Flavour = "jsonl",
-    progress: ExportProgress | None = None,
-    clock: Clock = utc_now,
-) -> Manifest:
-    """``ledger.audit.export.export_bundle`` over ``reader``'s database."""
-    return await export_from_source(
-        audit_source(reader),
-        signer,
-        out,
-        start=start,
-        end=end,
-        agent=agent,
-        fmt=fmt,
-        progress=progress,
-        clock=clock,
-    )
-
-
-async def prepare_export(
-    reader: LedgerReader,
-    signer: Signer,
-    *,
-    start: datetime,
-    end: datetime,
-    agent: str | None = None,
-    fmt: Flavour = "jsonl",
-    clock: Clock = utc_now,
-) -> BundleExport:
-    """``ledger.audit.export.prepare_export`` over ``reader``'s database."""
-    return await prepare_from_source(
-        audit_source(reader), signer, start=start, end=end, agent=agent, fmt=fmt, clock=clock
-    )
