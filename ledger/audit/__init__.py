@@ -10,6 +10,7 @@ Modules:
     proofs       -- per-event inclusion proofs: made batch by batch on export, followed
                     on verification
     verify       -- ``verify_bundle``: offline verification, naming the first bad line
+    report       -- ``BundleReport``: what a verified bundle holds
     reader       -- ``read_bundle``: a bundle's entries, for replay
     export       -- ``export_bundle`` over an ``AuditSource``, signed by a ``Signer``
 
@@ -49,7 +50,8 @@ from ledger.audit.export import AuditSource, BundleExport, Clock, ExportProgress
 from ledger.audit.export import export_bundle as export_from_source
 from ledger.audit.export import prepare_export as prepare_from_source
 from ledger.audit.reader import read_bundle
-from ledger.audit.verify import BundleReport, verify_bundle
+from ledger.audit.report import BundleReport
+from ledger.audit.verify import verify_bundle
 from ledger.ports import LedgerReader
 from ledger.signatures import Signer
 from ledger.timefmt import utc_now
