@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import asyncpg
 import pytest
 
+from ledger.chain import verify_checkpoint
 from ledger.errors import (
     EventValidationError,
     NotPermittedError,
@@ -288,3 +289,28 @@ async def test_a_missed_guard_is_decided_again_from_a_fresh_lookup(
     finally:
         await first.close()
         await second.close()
+
+
+async def test_a_checkpoint_is_stored_with_the_time_it_signed(
+    database_url: str, ledger_key: SigningKey
+) -> None:
+    """With a clock that moves between two readings, the stored checkpoint still
+    verifies: its row holds the time its signature covers."""
+    ticks = iter(range(10**6))
+
+    def moving_clock() -> datetime:
+        return T0 + timedelta(microseconds=next(ticks) * 7)
+
+    store = await PostgresEventStore.open(
+        database_url, ledger_key, clock=moving_clock, checkpoint_every=2
+    )
+    try:
+        agent = await register(store, at=T0)
+        for _ in range(4):
+            await store.append([agent.violation(severity="low", at=T0)])
+        checkpoints = await store.checkpoints()
+        assert checkpoints
+        for checkpoint in checkpoints:
+            verify_checkpoint(checkpoint, ledger_key.public)
+    finally:
+        await store.close()

@@ -17,6 +17,7 @@ from ledger.chain import Checkpoint, Head, sign_checkpoint
 from ledger.identity import SigningKey
 from ledger.merkle import Frontier
 from ledger.postgres.batch import BatchState, CheckpointRow
+from ledger.timefmt import parse_time
 
 __all__ = ["CheckpointPolicy"]
 
@@ -56,8 +57,15 @@ class CheckpointPolicy:
         if state.ledger_did != self.key.did or not self.due(head):
             return None  # a rotation in this batch: the new key signs the next checkpoint
         checkpoint, note = self.sign(head, state.frontier)
-        now = max(self.clock(), head.recorded_at)
-        return (head.position, head.entry_hash, now, checkpoint.signer, checkpoint.signature, note)
+        signed_at = parse_time(checkpoint.time)  # the time signed, not a second reading
+        return (
+            head.position,
+            head.entry_hash,
+            signed_at,
+            checkpoint.signer,
+            checkpoint.signature,
+            note,
+        )
 
     def signed(self, position: int, time: datetime) -> None:
         self.last = (position, time)
