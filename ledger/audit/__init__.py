@@ -15,10 +15,9 @@ Modules:
     export       -- ``export_bundle`` over an ``AuditSource``, signed by a ``Signer``
 
 The package imports no database driver. ``export_bundle`` and ``prepare_export``
-below take a ledger that names its audit source (``Exportable``: on PostgreSQL,
-``PostgresLedgerReader.audit_source()``, ``ledger/postgres/audit.py``) and a
-``ledger.signatures.Signer``; the ones over any ``AuditSource`` are
-``ledger.audit.export``'s.
+take an ``AuditSource``, or a ledger that names its own (``Exportable``: on
+PostgreSQL, ``PostgresLedgerReader.audit_source()``, ``ledger/postgres/audit.py``),
+and a ``ledger.signatures.Signer``.
 
 Errors (all under ``ledger.errors.LedgerError``)::
 
@@ -35,9 +34,6 @@ database fails; verification raises ``OSError`` when a path cannot be read.
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Protocol, runtime_checkable
-
 from ledger.audit.bundle import (
     MEDIA_TYPE,
     BundleVerificationError,
@@ -46,15 +42,10 @@ from ledger.audit.bundle import (
     parse_flavour,
 )
 from ledger.audit.cloudevents import CE_PREFIX
-from ledger.audit.export import AuditSource, BundleExport, Clock, ExportProgress, Writer
-from ledger.audit.export import export_bundle as export_from_source
-from ledger.audit.export import prepare_export as prepare_from_source
+from ledger.audit.export import Exportable, export_bundle, prepare_export
 from ledger.audit.reader import read_bundle
 from ledger.audit.report import BundleReport
 from ledger.audit.verify import verify_bundle
-from ledger.ports import LedgerReader
-from ledger.signatures import Signer
-from ledger.timefmt import utc_now
 
 __all__ = [
     "CE_PREFIX",
@@ -70,52 +61,3 @@ __all__ = [
     "read_bundle",
     "verify_bundle",
 ]
-
-
-@runtime_checkable
-class Exportable(LedgerReader, Protocol):
-    """A ledger whose audit queries exist (``PostgresLedgerReader``)."""
-
-    def audit_source(self) -> AuditSource: ...
-
-
-async def export_bundle(
-    ledger: Exportable,
-    signer: Signer,
-    out: Writer,
-    *,
-    start: datetime,
-    end: datetime,
-    agent: str | None = None,
-    fmt: Flavour = "jsonl",
-    progress: ExportProgress | None = None,
-    clock: Clock = utc_now,
-) -> Manifest:
-    """``ledger.audit.export.export_bundle`` over ``ledger``'s audit source."""
-    return await export_from_source(
-        ledger.audit_source(),
-        signer,
-        out,
-        start=start,
-        end=end,
-        agent=agent,
-        fmt=fmt,
-        progress=progress,
-        clock=clock,
-    )
-
-
-async def prepare_export(
-    ledger: Exportable,
-    signer: Signer,
-    *,
-    start: datetime,
-    end: datetime,
-    agent: str | None = None,
-    fmt: Flavour = "jsonl",
-    clock: Clock = utc_now,
-) -> BundleExport:
-    """``ledger.audit.export.prepare_export`` over ``ledger``'s audit source."""
-    return await prepare_from_source(
-        ledger.audit_source(), signer, start=start, end=end, agent=agent, fmt=fmt, clock=clock
-    )

@@ -18,7 +18,7 @@ import contextlib
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import msgspec
 
@@ -125,8 +125,15 @@ ExportProgress = Callable[[int, int], None]  # (entries written, entries in the 
 Clock = Callable[[], datetime]
 
 
+@runtime_checkable
+class Exportable(Protocol):
+    """A ledger that names its audit source (``PostgresLedgerReader.audit_source()``)."""
+
+    def audit_source(self) -> AuditSource: ...
+
+
 async def export_bundle(
-    source: AuditSource,
+    source: AuditSource | Exportable,
     signer: Signer,
     out: Writer,
     *,
@@ -156,7 +163,7 @@ async def export_bundle(
 
 
 async def prepare_export(
-    source: AuditSource,
+    source: AuditSource | Exportable,
     signer: Signer,
     *,
     start: datetime,
@@ -165,7 +172,10 @@ async def prepare_export(
     fmt: Flavour = "jsonl",
     clock: Clock = utc_now,
 ) -> BundleExport:
-    """Check the arguments and find the range; ``chunks()`` then streams the bundle."""
+    """Check the arguments and find the range; ``chunks()`` then streams the bundle.
+    ``source`` is the audit source, or a ledger that names its own."""
+    if isinstance(source, Exportable):
+        source = source.audit_source()
     parse_flavour(fmt)
     if agent is not None and not is_did(agent):
         raise ValueError(f"{agent!r} is not a DID like did:mesh:<32 hex>")
