@@ -267,7 +267,7 @@ def quantile(values: list[float], q: float) -> float:
 
 
 async def main(args: argparse.Namespace) -> None:
-    sizes = [int(x) for x in args.entries.split(",")]
+    sizes = [int(x) for x in args.entries.split(",") if x]  # "" : the append ratio alone
     directory = Path(tempfile.mkdtemp(prefix="agentmesh-bench-"))
     with servers(directory) as (base_url, _, _):
         print(f"appends: {args.events} events x {args.repeat} rounds, 64 appenders")
