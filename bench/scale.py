@@ -159,6 +159,8 @@ MEASURES = (
     Measure("health", "GET /health (context: machine load)", "req/s", None),
     Measure("trust", "GET /v1/agents/{did}/trust, cache off", "req/s", True),
     Measure("trust_p99", "  … p99", "ms", False),
+    Measure("trust_health", "  … trust / health, same round", "x", True),
+    Measure("appends_health", "  … appends / health, same round", "x", True),
     Measure("decide_miss_p50", "sidecar decision, trust-cache miss p50", "µs", False),
     Measure("decide_miss_p99", "  … p99", "µs", False),
     Measure("decide_hit_p50", "sidecar decision, cache hit p50", "µs", False),
@@ -617,6 +619,9 @@ async def http_measures(
         load = await closed_loop(port, bodies, conns, seconds, root, threads=1)
         size.add("appends", load.rate)
         size.add("appends_p99", load.p99_ms)
+        # The same round's /health: what is left of a ratio once the machine's load is out.
+        size.add("trust_health", size.values["trust"][-1] / size.values["health"][-1])
+        size.add("appends_health", load.rate / size.values["health"][-1])
         wrapped = " (more requests than bodies: raise --max-report-rate)" * (
             load.requests > len(bodies)
         )
