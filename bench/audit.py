@@ -9,7 +9,9 @@ events written in bulk by ``bench/ledger_gen.py`` (real signatures, real chain):
   * offline verification of the chain and checkpoint only —
     ``verify_bundle(signatures=False)``: events/s; baseline: SHA-256 of the same
     bytes (``prev_hash ‖ envelope`` of every event) on one core; target
-    >= 300,000 events/s;
+    >= 300,000 events/s, set for format-1 bundles: since format 2 the chain
+    check also follows every event's inclusion proof (~15 SHA-256 more per
+    event at 10M entries), so this figure now measures that larger work;
   * offline verification with every event signature — ``verify_bundle``:
     events/s; baseline: Ed25519 verification of the same (key, signature, body)
     jobs with ``verify_signature_chunk`` on a process pool of one worker per
@@ -225,7 +227,8 @@ def report(figures: Figures, events: int) -> None:
         value = rate(f"chain {flavour}")
         met = "met" if value >= SHA_TARGET else "NOT met"
         ratio = f"{value / rate('sha256'):.2f}"
-        row(f"verify chain+checkpoint, {flavour}", value, ratio, f"target >= 300,000/s: {met}")
+        note = f"target >= 300,000/s (format 1; now with proofs): {met}"
+        row(f"verify chain+checkpoint+proofs, {flavour}", value, ratio, note)
     row("Ed25519 verify, all cores (baseline)", rate("ed25519"))
     for flavour in FLAVOURS:
         value = rate(f"signed {flavour}")
