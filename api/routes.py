@@ -20,7 +20,7 @@ from api.trustread import decode_trust
 from ledger import tlog
 from ledger.canonical import canonical_bytes
 from ledger.chain import AppendResult
-from ledger.errors import LedgerError, SignatureError, StoreUnavailableError
+from ledger.errors import LedgerError, ProofError, SignatureError, StoreUnavailableError
 from ledger.events import (
     AgentKeyRotated,
     AgentRegistered,
@@ -738,7 +738,10 @@ async def ledger_keys(
     """The ledger's key rotations up to ``tree_size`` (default: the head), each entry with
     its inclusion proof in the tree of ``tree_size``: what a witness that pinned an
     older key needs to accept checkpoints signed by the new one."""
-    size = tree_size if tree_size is not None else (await ctx.ledger.head()).position
+    head = (await ctx.ledger.head()).position
+    if tree_size is not None and tree_size > head:
+        raise ProofError(f"tree_size {tree_size} is past the head ({head} entries)")
+    size = tree_size if tree_size is not None else head
     every = await ctx.ledger.ledger_rotations()
     rotations = [r for r in every if r.position <= size]
     out = []

@@ -108,6 +108,10 @@ async def test_impossible_proof_requests_are_400(api: Api) -> None:
         # missing subtree: an anonymous request could pin a worker).
         ("/v1/ledger/proofs/inclusion", {"position": 1, "tree_size": 2**62}),
         ("/v1/ledger/proofs/consistency", {"first": 2**40, "second": 2**63 - 1}),
+        # The key history of a tree past the head is not the ledger's to give.
+        ("/v1/ledger/keys", {"tree_size": head + 1}),
+        ("/v1/ledger/keys", {"tree_size": 0}),
+        ("/v1/ledger/keys", {"tree_size": "x"}),
     ]
     for path, params in cases:
         response = await api.client.get(path, params=params)
