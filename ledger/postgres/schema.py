@@ -99,6 +99,13 @@ idempotency_keys = Table(
     Column("stream_version", Integer, nullable=False),
     Column("digest", LargeBinary, nullable=False),
     Column("recorded_at", DateTime(timezone=True), nullable=False),
+    # Retention deletes by position; rows arrive in position order (migration 0007).
+    Index(
+        "idempotency_keys_position_brin",
+        "first_position",
+        postgresql_using="brin",
+        postgresql_with={"autosummarize": "on"},
+    ),
 )
 
 agent_keys = Table(
@@ -115,6 +122,12 @@ event_ids = Table(
     metadata,
     Column("key", LargeBinary, primary_key=True),
     Column("position", BigInteger, nullable=False),
+    Index(
+        "event_ids_position_brin",
+        "position",
+        postgresql_using="brin",
+        postgresql_with={"autosummarize": "on"},
+    ),
 )
 
 checkpoints = Table(
