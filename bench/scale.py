@@ -99,6 +99,7 @@ import ledger.retention as retention
 from bench.api import HOST, HttpConnection, Service, Stack, http_request, percentile, start_api
 from bench.common import drop_database, fresh_database, positive, servers
 from bench.ledger_gen import GeneratedLedger, generate_ledger, verify_sample
+from bench.retention import timed
 from ledger.audit import export_bundle, verify_bundle
 from ledger.events import AgentRegistered, PolicyViolation, body_of, new_event_id
 from ledger.identity import SigningKey, b64encode
@@ -736,19 +737,6 @@ async def audit_figures(args: argparse.Namespace, built: Built, root: Path, size
 
 
 # -- retention ---------------------------------------------------------------------------------
-
-
-def timed(
-    phases: dict[str, float], name: str, function: Callable[..., Awaitable[Any]]
-) -> Callable[..., Awaitable[Any]]:
-    async def wrapper(*args: Any, **kwargs: Any) -> Any:
-        started = time.perf_counter()
-        try:
-            return await function(*args, **kwargs)
-        finally:
-            phases[name] = phases.get(name, 0.0) + time.perf_counter() - started
-
-    return wrapper
 
 
 async def retention_figures(built: Built, size: Size) -> None:
