@@ -188,6 +188,7 @@ class Load:
     p50_ms: float
     p99_ms: float
     errors: int  # answers other than 200, plus socket errors and timeouts
+    requests: int = 0  # answered requests in the measure (wrk counts them)
 
 
 class PythonClient:
@@ -298,6 +299,7 @@ class WrkClient:
             p50_ms=found["p50_us"] / 1000,
             p99_ms=found["p99_us"] / 1000,
             errors=found["errors"],
+            requests=found["requests"],
         )
 
 

@@ -79,7 +79,6 @@ import random
 import secrets
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -96,7 +95,17 @@ import msgspec
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ledger.retention as retention
-from bench.api import HOST, HttpConnection, Service, Stack, http_request, percentile, start_api
+from bench.api import (
+    WRK_SCRIPT,
+    HttpConnection,
+    Load,
+    Service,
+    Stack,
+    WrkClient,
+    http_request,
+    percentile,
+    start_api,
+)
 from bench.common import drop_database, fresh_database, positive, servers
 from bench.ledger_gen import GeneratedLedger, generate_ledger, verify_sample
 from bench.retention import timed
@@ -413,24 +422,7 @@ request = function()
   n = n + 1
   return requests[((n - 1) %% #requests) + 1]
 end
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    "BENCH {\\"requests\\": %%d, \\"duration_us\\": %%d, \\"p50_us\\": %%d, \\"p99_us\\": %%d, "
-    .. "\\"errors\\": %%d}\\n",
-    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
-    e.connect + e.read + e.write + e.status + e.timeout))
-end
-"""
-
-
-@dataclass(frozen=True)
-class Load:
-    rate: float
-    p50_ms: float
-    p99_ms: float
-    requests: int
-    errors: int
+""" + WRK_SCRIPT.split("end\n", 1)[1]
 
 
 async def closed_loop(
@@ -451,35 +443,10 @@ async def closed_loop(
     script = workdir / f"wrk-{uuid.uuid4().hex[:8]}.lua"
     data.write_text("\n".join(lines) + "\n")
     script.write_text(WRK_LUA % json.dumps(str(data)))
-    command = [
-        wrk,
-        f"-t{min(threads, connections)}",
-        f"-c{connections}",
-        f"-d{max(round(seconds), 1)}s",
-        "--timeout",
-        "10s",
-        "-s",
-        str(script),
-        f"http://{HOST}:{port}",
-    ]
     try:
-        done = await asyncio.to_thread(
-            subprocess.run, command, capture_output=True, text=True, timeout=seconds + 120
-        )
+        return await WrkClient(wrk, threads, workdir).run_script(port, script, connections, seconds)
     finally:
         data.unlink(missing_ok=True)
-        script.unlink(missing_ok=True)
-    found = [x for x in done.stdout.splitlines() if x.startswith("BENCH ")]
-    if done.returncode != 0 or not found:
-        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
-    result = json.loads(found[-1][len("BENCH ") :])
-    return Load(
-        rate=result["requests"] / (result["duration_us"] / 1e6),
-        p50_ms=result["p50_us"] / 1000,
-        p99_ms=result["p99_us"] / 1000,
-        requests=result["requests"],
-        errors=result["errors"],
-    )
 
 
 def as_request(port: int, line: str) -> bytes:
@@ -511,11 +478,11 @@ async def python_loop(port: int, lines: list[str], connections: int, seconds: fl
         await asyncio.gather(*(c.close() for c in conns))
     latencies.sort()
     return Load(
-        len(latencies) / elapsed,
-        percentile(latencies, 0.5) * 1000,
-        percentile(latencies, 0.99) * 1000,
-        len(latencies),
-        errors,
+        rate=len(latencies) / elapsed,
+        p50_ms=percentile(latencies, 0.5) * 1000,
+        p99_ms=percentile(latencies, 0.99) * 1000,
+        errors=errors,
+        requests=len(latencies),
     )
 
 
