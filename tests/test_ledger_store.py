@@ -70,6 +70,39 @@ async def test_concurrent_appenders_get_gap_free_positions_in_commit_order(
             await store.close()
 
 
+async def test_processes_take_turns_and_never_race_for_the_head(
+    database_url: str, ledger_key: SigningKey
+) -> None:
+    """Two stores appending at once take turns on the ledger (an advisory lock): each
+    turn's batches pass the head guard — none is written in vain — and both get turns;
+    an idle holder lets go, so a lone append of the other never waits for long."""
+    stores = [await PostgresEventStore.open(database_url, ledger_key) for _ in range(2)]
+    try:
+        agents = [await register(stores[0]) for _ in range(8)]
+
+        async def appender(index: int) -> None:
+            store, agent = stores[index % 2], agents[index]
+            for _ in range(150):
+                await store.append([agent.violation(severity="low")])
+
+        await asyncio.gather(*(appender(i) for i in range(8)))
+        assert [s.turn_counts["missed"] for s in stores] == [0, 0]
+        assert sum(s.turn_counts["waited"] for s in stores) > 0
+        assert sum(s.turn_counts["caught_up"] for s in stores) > 0
+        print([(dict(s.commit_paths), dict(s.turn_counts)) for s in stores])
+        # A process's first commit of the day takes the lock (it makes sure of the day's
+        # partition); none other needs it.
+        assert all(s.commit_paths["locked"] <= 1 for s in stores), [s.commit_paths for s in stores]
+        # Both idle now: whichever held the ledger lets go, and each can append alone.
+        for store in stores:
+            await asyncio.wait_for(store.append([agents[0].violation(severity="low")]), 10)
+        total = (await stores[0].head()).position
+        assert await positions(database_url) == list(range(1, total + 1))
+    finally:
+        for store in stores:
+            await store.close()
+
+
 def test_missing_and_malformed_signatures_are_rejected_on_the_wire() -> None:
     agent = Agent()
     body = {
@@ -263,6 +296,10 @@ async def test_a_suspension_by_another_process_is_not_missed(
         with pytest.raises(NotPermittedError):
             await first.append([agent.signal(victim.did, "bad")])
         assert await first.head() == head
+        # `first` waited for its turn and caught up on the suspension (it did not
+        # forget everything it knew, nor learn it from a lost race).
+        assert first.turn_counts["caught_up"] >= 1
+        assert first.turn_counts["missed"] == 0
     finally:
         await first.close()
         await second.close()
@@ -275,7 +312,9 @@ async def test_a_missed_guard_is_decided_again_from_a_fresh_lookup(
     writes nothing; the batch is checked again against a fresh lookup and committed
     by the same guarded statement, without taking the lock."""
     first = await PostgresEventStore.open(database_url, ledger_key)
-    second = await PostgresEventStore.open(database_url, ledger_key)
+    # Behind a transaction pooler a process cannot take turns (no session locks), so
+    # `second` writes while `first` holds its turn.
+    second = await PostgresEventStore.open(database_url + "?pooler=transaction", ledger_key)
     try:
         agent = await register(first)
         await first.append([agent.violation(severity="low")])
@@ -284,6 +323,8 @@ async def test_a_missed_guard_is_decided_again_from_a_fresh_lookup(
         result = await first.append([agent.violation(severity="low")])
         assert first.commit_paths["optimistic"] == before.get("optimistic", 0) + 1
         assert first.commit_paths["locked"] == before.get("locked", 0)
+        assert first.turn_counts["missed"] == 1
+        assert second.turn_counts["waited"] == 0  # it never asked for a turn
         assert (await first.head()).position == result.positions[-1]
         assert await positions(database_url) == list(range(1, result.positions[-1] + 1))
     finally:

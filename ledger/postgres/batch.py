@@ -123,6 +123,13 @@ CheckpointRow = tuple[int, bytes, datetime, str, str, str]
 LOCKED_AFTER_MISS = 1.0
 # Beyond this many agents and streams remembered, start over (they are re-learned).
 _KNOWN_LIMIT = 1_000_000
+# Events that change a row of ``agent_keys`` (a key, or a suspension).
+_KEY_EVENTS = frozenset(
+    {"agent.registered", "agent.key_rotated", "agent.suspended", "agent.reinstated"}
+)
+# Catching up on another process's turn reads at most this many entries; past it,
+# what this process knew is forgotten and read again as needed.
+CATCH_UP_LIMIT = 10_000
 
 
 @dataclass(slots=True)
@@ -204,6 +211,33 @@ class Known:
                 state.versions[stream] = version
                 state.existing_streams.add(stream)
         return state
+
+    def catch_up(self, rows: Sequence[Mapping[str, Any]]) -> Head | None:
+        """Absorb what other writers appended after ``head`` (``CATCH_UP_SQL``'s rows,
+        in position order): stream versions are taken, agents whose key or suspension
+        an event changed are forgotten (read again when next named). The new head, or
+        None when the rows do not continue ``head`` gap-free (everything forgotten)."""
+        head = self.head
+        if head is None or not rows:
+            return head
+        if rows[0]["position"] != head.position + 1 or rows[-1]["position"] != (
+            head.position + len(rows)
+        ):
+            self.reset(None)
+            return None
+        for row in rows:
+            kind = row["event_type"]
+            self.versions[row["stream_id"]] = row["stream_version"]
+            if kind in _KEY_EVENTS:
+                for did in (row["actor"], *row["subjects"]):
+                    self.keys.pop(did, None)
+                self.has_any_agent = self.has_any_agent or kind == "agent.registered"
+            elif kind == "ledger.key_rotated":
+                self.reset(None)  # the ledger's identity is read again, with everything
+                return None
+        last = rows[-1]
+        self.head = Head(last["position"], bytes(last["entry_hash"]), last["recorded_at"])
+        return self.head
 
     def committed(self, state: BatchState) -> None:
         self.head = state.head
@@ -293,6 +327,14 @@ SELECT 'e', NULL, key, position, NULL, NULL, NULL, NULL
   FROM event_ids WHERE key = ANY($5::bytea[])
 """
 )
+
+# What other writers appended after this process's last commit ($1, recorded at or
+# after $2: time never runs backwards in the ledger, so only the newest partitions
+# are read), for ``Known.catch_up``; at most $3 rows.
+CATCH_UP_SQL = """
+SELECT position, entry_hash, recorded_at, event_type, stream_id, stream_version, actor, subjects
+  FROM events WHERE position > $1 AND recorded_at >= $2 ORDER BY position LIMIT $3
+"""
 
 # The whole write of a batch in one statement, guarded by the head it was computed
 # from: ``h`` moves the head only if it is still ($1, $2); every other part writes

@@ -28,6 +28,21 @@ two processes prepare their next commits while one commits); after a few lost
 races it takes the lock on the head row and decides there ("locked": lock,
 lookup, write, commit), which always makes progress.
 
+Turns. Processes appending to one ledger take turns rather than race: a session
+advisory lock on the writer connection (``pg_advisory_lock``) is held for up to
+``TURN_SECONDS`` of commits while a process has work, then handed to a process
+waiting for it (``pg_advisory_unlock`` wakes the first waiter, which the lock
+manager grants at once, so the releaser's ``pg_try_advisory_lock`` in the same
+statement fails) or kept when none waits; an idle holder lets go within one turn
+(``_turn_keeper``). During its turn a process is the only writer, so its batches
+stay on the one-round-trip path; taking the ledger back, it first reads the
+entries appended since its own last commit (``Known.catch_up``: stream versions
+taken, agents whose key or suspension changed forgotten, the tree's edge carried
+over them), one round trip per turn. Turns are an economy, never the guarantee: every
+commit is still the guarded statement, so a writer that does not take turns (one
+behind a transaction pooler, ``?pooler=transaction``, where session locks do not
+exist, and which therefore never takes them) only costs retries.
+
 Signatures are checked before the commit (``ledger.postgres.signers``); the
 rules of who may sign what, and the rows a batch writes, are the pure
 ``ledger.postgres.batch``.
@@ -46,6 +61,7 @@ from datetime import datetime, timedelta
 import asyncpg
 from opentelemetry import trace
 
+from ledger import tlog
 from ledger.chain import (
     AppendResult,
     Checkpoint,
@@ -62,6 +78,8 @@ from ledger.events import (
 from ledger.identity import SigningKey, VerifyKey
 from ledger.merkle import Frontier
 from ledger.postgres.batch import (
+    CATCH_UP_LIMIT,
+    CATCH_UP_SQL,
     LOOKUP_SQL,
     STATE_SQL,
     WRITE_SQL,
@@ -79,6 +97,7 @@ from ledger.postgres.batch import (
     write_args,
 )
 from ledger.postgres.checkpoints import CheckpointPolicy
+from ledger.postgres.dsn import pooler_of
 from ledger.postgres.identity import claim_identity
 from ledger.postgres.reader import (
     DRIVER_ERRORS,
@@ -96,6 +115,10 @@ __all__ = ["PostgresEventStore", "event_key"]
 
 # Attempts of the two-round-trip path before a batch takes the head lock.
 _OPTIMISTIC_TRIES = 3  # event_key: the single-use index's key
+# The advisory lock processes appending to one database take turns on (see "Turns"),
+# and the longest a process keeps the ledger while another waits for it.
+TURN_LOCK = 0x61676D6C6564676  # "agmledg"
+TURN_SECONDS = 0.025
 
 log = logging.getLogger("agentmesh.ledger")
 # A no-op unless the process configured an OpenTelemetry tracer provider.
@@ -127,6 +150,7 @@ class PostgresEventStore(PostgresLedgerReader):
         checkpoint_every: int = 1000,
         checkpoint_interval: float = 60.0,
         max_batch: int = 2000,
+        turns: bool = True,
     ) -> None:
         super().__init__(pool)
         self._ledger_key = ledger_key
@@ -146,10 +170,16 @@ class PostgresEventStore(PostgresLedgerReader):
         # Commits by path: "fast" (one guarded statement), "optimistic" (a fresh lookup,
         # then the guarded statement), "locked" (under the head lock).
         self.commit_paths: collections.Counter[str] = collections.Counter()
+        # "waited": turns this process waited for (another process had the ledger);
+        # "missed": guarded writes that found the head moved (a writer not taking turns).
+        self.turn_counts: collections.Counter[str] = collections.Counter()
         self._frontier: tuple[bytes, Frontier] | None = None  # (head hash, edge) last commit
         self._verifier: asyncio.Task[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._turns = turns  # take turns with other processes (see "Turns")
+        self._turn_ends: float | None = None  # when this process's turn ends; None: not its turn
+        self._keeper: asyncio.Task[None] | None = None
         self._closed = False
 
     # -- lifecycle ---------------------------------------------------------
@@ -172,6 +202,7 @@ class PostgresEventStore(PostgresLedgerReader):
             clock=clock,
             checkpoint_every=checkpoint_every,
             checkpoint_interval=checkpoint_interval,
+            turns=pooler_of(url) == "none",  # no session locks through a transaction pooler
         )
         try:
             await store._start()
@@ -192,6 +223,8 @@ class PostgresEventStore(PostgresLedgerReader):
         )
         self._flusher = asyncio.create_task(self._flush_loop(), name="ledger-flusher")
         self._ticker = asyncio.create_task(self._checkpoint_ticker(), name="ledger-checkpoints")
+        if self._turns:
+            self._keeper = asyncio.create_task(self._turn_keeper(), name="ledger-turns")
 
     async def _claim_identity(self) -> None:
         await claim_identity(self._pool, self._ledger_key, self._clock())
@@ -218,7 +251,7 @@ class PostgresEventStore(PostgresLedgerReader):
         self._closed = True
         await self._incoming.join()
         await self._queue.join()
-        for task in (self._verifier, self._flusher, self._ticker):
+        for task in (self._verifier, self._flusher, self._ticker, self._keeper):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -365,6 +398,7 @@ class PostgresEventStore(PostgresLedgerReader):
             self._fail(batch, refusal)
             return
         try:
+            await self._take_turn()
             state = await self._flush_fast(batch)
             path = "fast"
             for _ in range(_OPTIMISTIC_TRIES if state is None else 0):
@@ -419,6 +453,7 @@ class PostgresEventStore(PostgresLedgerReader):
             return None  # a replay or a retry: the locked path answers it
         if not wrote:
             known.miss()  # another process appended: its changes are unknown here
+            self.turn_counts["missed"] += 1
             return None
         state.checkpoint = checkpoint
         return state
@@ -523,10 +558,82 @@ class PostgresEventStore(PostgresLedgerReader):
         return self._conn
 
     async def _drop_writer(self) -> None:
-        conn, self._conn = self._conn, None
+        self._turn_ends = None  # a session lock ends with its session (asyncpg's reset
+        conn, self._conn = self._conn, None  # query unlocks it on a pooled one)
         if conn is not None:
             with contextlib.suppress(*_DRIVER_ERRORS):
                 await self._pool.release(conn)
+
+    # -- turns (see the module docstring) ----------------------------------
+
+    async def _take_turn(self) -> None:
+        """Make sure it is this process's turn to write (called under the flush lock)."""
+        if not self._turns:
+            return
+        now = time.monotonic()
+        if self._turn_ends is not None and now < self._turn_ends:
+            return
+        conn = await self._writer()
+        if self._turn_ends is not None:
+            # The turn is over: hand the ledger to a process waiting for it, if any.
+            row = await conn.fetchrow(
+                "SELECT pg_advisory_unlock($1) AS released, pg_try_advisory_lock($1) AS kept",
+                TURN_LOCK,
+            )
+            if row["released"] and row["kept"]:
+                self._turn_ends = now + TURN_SECONDS  # nobody was waiting: nothing to catch up
+                return
+            self._turn_ends = None
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", TURN_LOCK):
+            # Another process's turn: wait for it to end.
+            await conn.execute("SELECT pg_advisory_lock($1)", TURN_LOCK)
+            self.turn_counts["waited"] += 1
+        self._turn_ends = time.monotonic() + TURN_SECONDS
+        # Others may have appended since this process last held the ledger.
+        await self._catch_up(conn)
+
+    async def _catch_up(self, conn: asyncpg.Connection) -> None:
+        """Read the entries appended since this process's last commit (one round trip)
+        and carry ``Known`` and the tree's edge over them, so the turn's batches stay
+        on the one-round-trip path; the guarded write checks the result, as always.
+        When there is nothing to carry over, the first batch looks the tables up."""
+        known, edge = self._known, self._frontier
+        head = known.head
+        if head is None or edge is None or edge[0] != head.entry_hash:
+            known.reset(None)
+            return
+        rows = await conn.fetch(CATCH_UP_SQL, head.position, head.recorded_at, CATCH_UP_LIMIT + 1)
+        if len(rows) > CATCH_UP_LIMIT:
+            known.reset(None)
+            return
+        new_head = known.catch_up(rows)
+        if new_head is None:
+            return
+        if new_head != head:
+            frontier = edge[1].extend(tlog.entry_leaf(bytes(r["entry_hash"])) for r in rows)
+            self._frontier = (new_head.entry_hash, frontier)
+        self.turn_counts["caught_up"] += len(rows)
+
+    async def _turn_keeper(self) -> None:
+        """Let go of the ledger once a turn is over and nothing is waiting to be
+        appended here, so an idle process never holds up the others."""
+        while True:
+            ends = self._turn_ends
+            delay = TURN_SECONDS if ends is None else max(ends - time.monotonic(), 0.0)
+            await asyncio.sleep(delay + 0.001)
+            if self._turn_ends is None or time.monotonic() < self._turn_ends:
+                continue
+            if self._in_flight or not self._queue.empty() or self._flush_lock.locked():
+                continue  # the next flush hands over or keeps the turn
+            async with self._flush_lock:
+                if self._turn_ends is None or self._conn is None:
+                    continue
+                try:
+                    await self._conn.execute("SELECT pg_advisory_unlock($1)", TURN_LOCK)
+                    self._turn_ends = None
+                except _DRIVER_ERRORS as exc:
+                    log.warning("ledger_turn_release_failed", extra={"error": str(exc)})
+                    await self._drop_writer()
 
     def _committed(self, state: BatchState) -> None:
         """After COMMIT (or with nothing to write): remember, then answer."""
