@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import statistics
@@ -196,7 +197,8 @@ async def ledger_appends(url: str, concurrency: int, count: int) -> float:
 
 
 # One of several appending processes: open the ledger with the shared key, sign this
-# process's events, say "ready", wait for "go", append, print start and end times.
+# process's events, say "ready", wait for "go", append, print start and end times and
+# how its commits went (commits by path, turns waited, guard misses).
 _PROCESS_CHILD = """
 import asyncio, json, sys, time
 sys.path.insert(0, sys.argv[1])
@@ -220,7 +222,8 @@ async def main() -> None:
 
         start = time.time()
         await asyncio.gather(*(appender() for _ in range(concurrency)))
-        print(json.dumps([start, time.time()]), flush=True)
+        end = time.time()
+        print(json.dumps([start, end, store.commit_paths, store.turn_counts]), flush=True)
     finally:
         await store.close()
 
@@ -228,8 +231,13 @@ asyncio.run(main())
 """
 
 
+# Per number of processes: their commits by path and turn counters, summed over rounds.
+PROCESS_COUNTS: dict[int, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+
+
 async def process_appends(url: str, processes: int, count: int, concurrency: int = 32) -> float:
-    """Total events/s of ``processes`` processes appending ``count`` events in all."""
+    """Total events/s of ``processes`` processes appending ``count`` events in all
+    (their commits and turns are added to ``PROCESS_COUNTS[processes]``)."""
     ledger_key = SigningKey.generate()
     store = await PostgresEventStore.open(url, ledger_key)
     agents = [SigningKey.generate() for _ in range(concurrency * processes)]
@@ -276,8 +284,11 @@ async def process_appends(url: str, processes: int, count: int, concurrency: int
     spans: list[tuple[float, float]] = []
     for child in children:
         assert child.stdout is not None
-        start, end = json.loads(await child.stdout.readline())
+        start, end, paths, turns = json.loads(await child.stdout.readline())
         spans.append((float(start), float(end)))
+        PROCESS_COUNTS[processes].update(paths)
+        PROCESS_COUNTS[processes].update(turns)
+        PROCESS_COUNTS[processes]["events"] += count // processes
         await child.wait()
     elapsed = max(end for _, end in spans) - min(start for start, _ in spans)
     return (count // processes) * processes / elapsed
@@ -450,6 +461,15 @@ async def main(args: argparse.Namespace) -> None:
                 print(
                     f"{n} processes / {args.processes[0]}: {total / one:.2f}x events/s "
                     f"(target: never below one process's: {verdict})"
+                )
+            for n in args.processes:  # how the processes shared the ledger
+                c = PROCESS_COUNTS[n]
+                commits = c["fast"] + c["optimistic"] + c["locked"]
+                print(
+                    f"  {n} process{'es' if n > 1 else ''}: {c['events'] / max(commits, 1):.1f} "
+                    f"events/commit; commits fast {c['fast']}, optimistic {c['optimistic']}, "
+                    f"locked {c['locked']}; turns waited {c['waited']}, entries caught up "
+                    f"{c['caught_up']}, guard misses {c['missed']} (all rounds)"
                 )
         if args.peer:
             for n in (1, 64):

@@ -44,6 +44,11 @@ class VerifyKey:
 
     raw: bytes
     _key: Ed25519PublicKey = field(repr=False, compare=False)
+    _did: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Derived once: the write path asks for the ledger's DID per batch.
+        object.__setattr__(self, "_did", did_for_raw_public_key(self.raw))
 
     @classmethod
     def from_raw(cls, raw: bytes) -> VerifyKey:
@@ -67,7 +72,7 @@ class VerifyKey:
 
     @property
     def did(self) -> str:
-        return did_for_raw_public_key(self.raw)
+        return self._did
 
     def pem(self) -> str:
         return self._key.public_bytes(

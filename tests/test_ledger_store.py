@@ -89,7 +89,6 @@ async def test_processes_take_turns_and_never_race_for_the_head(
         assert [s.turn_counts["missed"] for s in stores] == [0, 0]
         assert sum(s.turn_counts["waited"] for s in stores) > 0
         assert sum(s.turn_counts["caught_up"] for s in stores) > 0
-        print([(dict(s.commit_paths), dict(s.turn_counts)) for s in stores])
         # A process's first commit of the day takes the lock (it makes sure of the day's
         # partition); none other needs it.
         assert all(s.commit_paths["locked"] <= 1 for s in stores), [s.commit_paths for s in stores]
@@ -311,10 +310,11 @@ async def test_a_missed_guard_is_decided_again_from_a_fresh_lookup(
     """Another process appended: the one-round-trip write finds the head moved and
     writes nothing; the batch is checked again against a fresh lookup and committed
     by the same guarded statement, without taking the lock."""
-    first = await PostgresEventStore.open(database_url, ledger_key)
-    # Behind a transaction pooler a process cannot take turns (no session locks), so
-    # `second` writes while `first` holds its turn.
-    second = await PostgresEventStore.open(database_url + "?pooler=transaction", ledger_key)
+    # Behind a transaction pooler processes cannot take turns (no session locks), so
+    # nothing tells `first` that `second` wrote but the guard.
+    pooled = database_url + "?pooler=transaction"
+    first = await PostgresEventStore.open(pooled, ledger_key)
+    second = await PostgresEventStore.open(pooled, ledger_key)
     try:
         agent = await register(first)
         await first.append([agent.violation(severity="low")])

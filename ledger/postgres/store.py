@@ -33,12 +33,13 @@ advisory lock on the writer connection (``pg_advisory_lock``) is held for up to
 ``TURN_SECONDS`` of commits while a process has work, then handed to a process
 waiting for it (``pg_advisory_unlock`` wakes the first waiter, which the lock
 manager grants at once, so the releaser's ``pg_try_advisory_lock`` in the same
-statement fails) or kept when none waits; an idle holder lets go within one turn
-(``_turn_keeper``). During its turn a process is the only writer, so its batches
-stay on the one-round-trip path; taking the ledger back, it first reads the
-entries appended since its own last commit (``Known.catch_up``: stream versions
-taken, agents whose key or suspension changed forgotten, the tree's edge carried
-over them), one round trip per turn. Turns are an economy, never the guarantee: every
+statement fails) or kept when none waits; a holder with nothing left to append
+lets go after ``TURN_IDLE_SECONDS`` (``_release_when_idle``). During its turn
+a process is the only writer, so its batches stay on the one-round-trip path;
+taking the ledger back, it first reads the entries appended since its own last
+commit (``Known.catch_up``: stream versions taken, agents whose key or
+suspension changed forgotten, the tree's edge carried over them), one round trip
+per turn. Turns are an economy, never the guarantee: every
 commit is still the guarded statement, so a writer that does not take turns (one
 behind a transaction pooler, ``?pooler=transaction``, where session locks do not
 exist, and which therefore never takes them) only costs retries.
@@ -119,6 +120,8 @@ _OPTIMISTIC_TRIES = 3  # event_key: the single-use index's key
 # and the longest a process keeps the ledger while another waits for it.
 TURN_LOCK = 0x61676D6C6564676  # "agmledg"
 TURN_SECONDS = 0.025
+# A process that has had nothing to append for this long lets the others have the ledger.
+TURN_IDLE_SECONDS = 0.005
 
 log = logging.getLogger("agentmesh.ledger")
 # A no-op unless the process configured an OpenTelemetry tracer provider.
@@ -179,7 +182,8 @@ class PostgresEventStore(PostgresLedgerReader):
         self._ticker: asyncio.Task[None] | None = None
         self._turns = turns  # take turns with other processes (see "Turns")
         self._turn_ends: float | None = None  # when this process's turn ends; None: not its turn
-        self._keeper: asyncio.Task[None] | None = None
+        self._idle_check: asyncio.TimerHandle | None = None
+        self._keeper: asyncio.Task[None] | None = None  # the latest idle release
         self._closed = False
 
     # -- lifecycle ---------------------------------------------------------
@@ -223,8 +227,6 @@ class PostgresEventStore(PostgresLedgerReader):
         )
         self._flusher = asyncio.create_task(self._flush_loop(), name="ledger-flusher")
         self._ticker = asyncio.create_task(self._checkpoint_ticker(), name="ledger-checkpoints")
-        if self._turns:
-            self._keeper = asyncio.create_task(self._turn_keeper(), name="ledger-turns")
 
     async def _claim_identity(self) -> None:
         await claim_identity(self._pool, self._ledger_key, self._clock())
@@ -251,6 +253,8 @@ class PostgresEventStore(PostgresLedgerReader):
         self._closed = True
         await self._incoming.join()
         await self._queue.join()
+        if self._idle_check is not None:
+            self._idle_check.cancel()
         for task in (self._verifier, self._flusher, self._ticker, self._keeper):
             if task is not None:
                 task.cancel()
@@ -325,6 +329,7 @@ class PostgresEventStore(PostgresLedgerReader):
                     except Exception as exc:  # as the flusher: never leave the caller hanging
                         log.exception("ledger_flusher_error")
                         self._fail([request], StoreUnavailableError(f"append not committed: {exc}"))
+                self._release_when_idle()
             else:
                 self._incoming.put_nowait(request)
             return await request.future
@@ -363,6 +368,7 @@ class PostgresEventStore(PostgresLedgerReader):
             finally:
                 for _ in batch:
                     self._queue.task_done()
+            self._release_when_idle()
 
     async def _flush_isolated(self, batch: list[Request], *, top_up: bool = False) -> None:
         """Flush a group commit; if the database refuses its *data*, flush each
@@ -614,26 +620,36 @@ class PostgresEventStore(PostgresLedgerReader):
             self._frontier = (new_head.entry_hash, frontier)
         self.turn_counts["caught_up"] += len(rows)
 
-    async def _turn_keeper(self) -> None:
-        """Let go of the ledger once a turn is over and nothing is waiting to be
-        appended here, so an idle process never holds up the others."""
-        while True:
-            ends = self._turn_ends
-            delay = TURN_SECONDS if ends is None else max(ends - time.monotonic(), 0.0)
-            await asyncio.sleep(delay + 0.001)
-            if self._turn_ends is None or time.monotonic() < self._turn_ends:
-                continue
-            if self._in_flight or not self._queue.empty() or self._flush_lock.locked():
-                continue  # the next flush hands over or keeps the turn
-            async with self._flush_lock:
-                if self._turn_ends is None or self._conn is None:
-                    continue
-                try:
-                    await self._conn.execute("SELECT pg_advisory_unlock($1)", TURN_LOCK)
-                    self._turn_ends = None
-                except _DRIVER_ERRORS as exc:
-                    log.warning("ledger_turn_release_failed", extra={"error": str(exc)})
-                    await self._drop_writer()
+    def _release_when_idle(self) -> None:
+        """After a flush: once this process has had nothing to append for
+        ``TURN_IDLE_SECONDS``, let go of the ledger, so an idle process never holds
+        up the others (a busy one hands over at the end of its turn instead)."""
+        if self._turn_ends is None or self._closed:
+            return
+        if self._idle_check is not None:
+            self._idle_check.cancel()
+        self._idle_check = asyncio.get_running_loop().call_later(
+            TURN_IDLE_SECONDS, self._idle_release
+        )
+
+    def _idle(self) -> bool:
+        return not self._in_flight and self._queue.empty() and not self._flush_lock.locked()
+
+    def _idle_release(self) -> None:
+        self._idle_check = None
+        if self._turn_ends is not None and not self._closed and self._idle():
+            self._keeper = asyncio.create_task(self._release_turn(), name="ledger-turn-release")
+
+    async def _release_turn(self) -> None:
+        async with self._flush_lock:
+            if self._turn_ends is None or self._conn is None or self._in_flight:
+                return  # appends came in meanwhile: the turn goes on
+            try:
+                await self._conn.execute("SELECT pg_advisory_unlock($1)", TURN_LOCK)
+                self._turn_ends = None
+            except _DRIVER_ERRORS as exc:
+                log.warning("ledger_turn_release_failed", extra={"error": str(exc)})
+                await self._drop_writer()
 
     def _committed(self, state: BatchState) -> None:
         """After COMMIT (or with nothing to write): remember, then answer."""
