@@ -50,7 +50,8 @@ class SignedEvent:
         raw_signature = b64decode(signature, "signature")
         if len(raw_signature) != 64:
             raise SignatureError("an Ed25519 signature is 64 bytes")
-        return cls(body=canonical_bytes(dict(body)), signature=raw_signature, event=event)
+        plain = body if type(body) is dict else dict(body)
+        return cls(body=canonical_bytes(plain), signature=raw_signature, event=event)
 
     @classmethod
     def create(cls, event: Event, key: SigningKey) -> SignedEvent:

@@ -23,17 +23,20 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 import msgspec
 import pytest
+import rfc8785
 
 from agentmesh.embedded import EmbeddedRedis, free_port
 from agentmesh.wiring import trust_config
 from api.metrics import MetricsServer, read_stats
 from api.schemas import trust_out
 from api.trustread import decode_trust, micros
-from ledger.events import PolicyViolation, TrustSignal
+from ledger.events import PolicyViolation, TrustSignal, new_event_id
+from ledger.identity import b64encode
 from ledger.timefmt import format_time, parse_time
 from projections.config import TrustConfig
 from projections.documents import Batch, Meta, encode
@@ -300,3 +303,43 @@ async def test_signed_reports_through_the_lane_are_answered_as_the_handler_answe
             "/v1/violations", content=admin, headers={**headers, **ADMIN}
         )
         assert answer.status_code == 201, answer.text
+
+
+async def test_a_report_signed_over_the_reference_encoding_is_taken_through_both_paths(
+    api: Api,
+) -> None:
+    """The client signs ``rfc8785.dumps`` of its body (any JCS library would do); the
+    server's canonical bytes, which come from the C encoder for plain values, are the
+    same bytes, so the signature verifies: escapes, non-ASCII text, characters beyond
+    the BMP, and members in the client's own order."""
+    reporter, subject = await api.register(), await api.register()
+    detail = 'quote " backslash \\ tab \t nl \n ctl \x01\x1f del \x7f é \u2028 \ufeff \U0001f600'
+    for path, headers in (
+        ("/v1/violations", {"content-type": "application/json"}),  # the lane
+        ("/v1/violations", _HANDLER),
+        ("/v1/signals", {"content-type": "application/json"}),
+        ("/v1/signals", _HANDLER),
+    ):
+        body: dict[str, Any] = {
+            "detail": detail,
+            "agent": subject.did,
+            "type": "policy.violation" if path == "/v1/violations" else "trust.signal",
+            "occurred_at": format_time(api.clock.now),
+            "event_id": new_event_id(),
+            "actor": reporter.did,
+        }
+        body.update(
+            {"severity": "high", "rule": "r/é"} if path == "/v1/violations" else {"signal": "ok"}
+        )
+        signature = b64encode(reporter.key.sign(rfc8785.dumps(body)))
+        raw = msgspec.json.encode({"body": body, "signature": signature})
+        answer = await api.client.post(path, content=raw, headers=headers)
+        assert answer.status_code == 201, answer.text
+        events = await api.client.get(
+            "/v1/ledger/events",
+            params={"after": answer.json()["position"] - 1, "limit": 1},
+            headers=ADMIN,
+        )
+        (stored,) = events.json()["items"]
+        assert stored["body"] == body
+        assert stored["signature"] == signature
