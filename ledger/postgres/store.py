@@ -118,7 +118,7 @@ __all__ = ["PostgresEventStore", "event_key"]
 _OPTIMISTIC_TRIES = 3  # event_key: the single-use index's key
 # The advisory lock processes appending to one database take turns on (see "Turns"),
 # and the longest a process keeps the ledger while another waits for it.
-TURN_LOCK = 0x61676D6C6564676  # "agmledg"
+TURN_LOCK = 0x414D4C454447  # "AMLEDG" in ASCII (the projector leader's is "AMPROJ")
 TURN_SECONDS = 0.025
 # A process that has had nothing to append for this long lets the others have the ledger.
 TURN_IDLE_SECONDS = 0.005
