@@ -308,6 +308,7 @@ class BundleExport:
             item = entry_line(KeyLine, record)
             keys.add(number, item)  # the key section must verify before it is written
             lines.append(self.encoder.line(item))
+        keys.check_signatures()
         state = _ExportState()
         if self.first is not None:
             assert self.last is not None
@@ -377,8 +378,10 @@ class BundleExport:
             ) from None
         proofs: dict[int, Inclusion] = {}
         memo = RootMemo()  # per batch: its states are the batch's paths
+        texts: dict[bytes, str] = {}  # the paths share most of their nodes: encode each once
         for (i, position), path in zip(shown, paths, strict=True):
-            proof = Inclusion(tree_size=size, hashes=[b64encode(h) for h in path])
+            hashes = [texts.get(h) or texts.setdefault(h, b64encode(h)) for h in path]
+            proof = Inclusion(tree_size=size, hashes=hashes)
             # followed as the verifier will (ledger.audit.proofs.RootMemo)
             if memo.root(leaves[i], position - 1, size, proof.hashes) != state.root:
                 raise VerificationError(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import binascii
 from collections.abc import Awaitable, Callable, Sequence
+from typing import cast
 
 from ledger import merkle
 from ledger.errors import ProofError
@@ -35,9 +36,19 @@ class BatchProver:
 
     ``before`` is the tree's edge over the leaves before the batch, ``leaves`` the
     batch's leaf hashes in order. Subtrees fetched from the store are kept in
-    ``fetched`` (shared between batches: the big right siblings recur)."""
+    ``fetched`` (shared between batches: the big right siblings recur).
+
+    The path of leaf ``i`` is, bottom-up, the node ``(level, (i >> level) ^ 1)`` of
+    every level at which that sibling exists (RFC 9162 §2.1.3.1 read on the
+    left-balanced tree: node ``(level, j)`` covers leaves ``j << level`` up to
+    ``(j + 1) << level`` or the tree's end, and a node without a right child is its
+    left child). Every node is worked out once per batch and the batch's paths share
+    them, so a path costs one dictionary look-up per level, not a walk from the root.
+    """
 
     def __init__(self, tree_size: int, before: Frontier, leaves: Sequence[bytes], fetched: Nodes):
+        if not 0 <= tree_size <= 2**63 - 1:
+            raise ProofError(f"tree size {tree_size} is not a size")
         self.tree_size = tree_size
         self.start = before.size
         self.end = before.size + len(leaves)
@@ -47,54 +58,74 @@ class BatchProver:
             self.local[(level, index)] = before.hashes[len(self.local)]
         for offset, leaf in enumerate(leaves):
             self.local[(0, self.start + offset)] = leaf
+        self.missing: set[tuple[int, int]] | None = None  # collects, on a dry run
+        self.paths: dict[int, list[bytes]] = {}  # the dry run's paths that came out whole
+        last = tree_size - 1
+        self.limits = [last >> level for level in range(last.bit_length())]
 
-    def _compose(self, level: int, index: int) -> bytes | None:
-        """Subtree (level, index) from the batch and the edge before it, if it lies
-        within them; memoised."""
+    def _node(self, level: int, index: int) -> bytes | None:
+        """Node (level, index) of the tree: from the batch and the edge before it where
+        it lies within them, else from ``fetched``; None (noted in ``missing``) when
+        the store must supply it. Memoised."""
         key = (level, index)
         known = self.local.get(key)
-        if known is not None or level == 0:
+        if known is not None:
             return known
         high = (index + 1) << level
-        if high > self.end or high <= self.start:
-            return None  # past the batch, or wholly before it and not on the edge
-        left = self._compose(level - 1, 2 * index)
-        right = None if left is None else self._compose(level - 1, 2 * index + 1)
-        if left is None or right is None:
-            return None
-        value = merkle.node_hash(left, right)
-        self.local[key] = value
+        if high > self.tree_size:  # the rightmost node, incomplete: built from its children
+            value = self._node(level - 1, 2 * index)
+            if (2 * index + 1) << (level - 1) < self.tree_size:  # it has a right child
+                right = self._node(level - 1, 2 * index + 1)  # (asked for on a dry run too)
+                value = None if value is None or right is None else merkle.node_hash(value, right)
+        elif level == 0 or high > self.end or high <= self.start:
+            # a leaf past the batch, a subtree reaching past it, or one wholly before it
+            # and not on the edge: the store's
+            value = self.fetched.get(key)
+            if value is None and self.missing is not None:
+                self.missing.add(key)
+            return value
+        else:  # within the batch and the edge before it
+            left = self._node(level - 1, 2 * index)
+            right = self._node(level - 1, 2 * index + 1)
+            value = None if left is None or right is None else merkle.node_hash(left, right)
+        if value is not None:
+            self.local[key] = value
         return value
+
+    def _path(self, leaf_index: int) -> list[bytes | None]:
+        if not 0 <= leaf_index < self.tree_size:
+            raise ProofError(f"leaf index {leaf_index} is not in a tree of size {self.tree_size}")
+        local, node = self.local, self._node
+        path: list[bytes | None] = []
+        for level, limit in enumerate(self.limits):
+            sibling = (leaf_index >> level) ^ 1
+            if sibling <= limit:
+                path.append(local.get((level, sibling)) or node(level, sibling))
+        return path
 
     def needed(self, leaf_indexes: Sequence[int]) -> set[tuple[int, int]]:
         """The subtrees the paths of ``leaf_indexes`` need from the store."""
-        wanted: set[tuple[int, int]] = set()
-
-        def probe(level: int, index: int) -> bytes:
-            value = self._compose(level, index)
-            if value is None:
-                value = self.fetched.get((level, index))
-            if value is None:
-                wanted.add((level, index))
-                return bytes(32)
-            return value
-
-        for index in leaf_indexes:
-            merkle.inclusion_proof(index, self.tree_size, probe)
-        return wanted
+        self.missing = set()
+        try:
+            for index in leaf_indexes:
+                path = self._path(index)
+                if None not in path:
+                    self.paths[index] = cast(list[bytes], path)
+            return self.missing
+        finally:
+            self.missing = None
 
     def proof(self, leaf_index: int) -> list[bytes]:
         """The audit path of leaf ``leaf_index``; ProofError if a subtree is missing."""
-
-        def hash_at(level: int, index: int) -> bytes:
-            value = self._compose(level, index)
-            if value is None:
-                value = self.fetched.get((level, index))
-            if value is None:
-                raise ProofError(f"subtree ({level}, {index}) is not available")
-            return value
-
-        return merkle.inclusion_proof(leaf_index, self.tree_size, hash_at)
+        known = self.paths.get(leaf_index)
+        if known is not None:
+            return known
+        path = self._path(leaf_index)
+        if None in path:
+            wanted = self.needed([leaf_index])
+            level, index = min(wanted)
+            raise ProofError(f"subtree ({level}, {index}) is not available")
+        return cast(list[bytes], path)
 
 
 async def batch_proofs(

@@ -31,6 +31,11 @@ __all__ = ["PostgresAuditSource"]
 _KEY_TYPES = ("agent.registered", "agent.key_rotated")
 
 
+def _registers(row: Any, did: str) -> bool:
+    """Whether the entry ``row`` is the registration of ``did``."""
+    return bool(row["event_type"] == "agent.registered" and did in row["subjects"])
+
+
 class PostgresAuditSource:
     """``AuditSource`` over PostgreSQL: the reader's own reads, plus the audit queries."""
 
@@ -72,6 +77,44 @@ class PostgresAuditSource:
         return await self.reader.ledger_rotations()
 
     async def key_entries(self, dids: Sequence[str], last: int) -> list[RecordedEvent]:
+        """The key entries of ``dids`` up to ``last``, found through ``agent_keys``.
+
+        Matching ``subjects`` against tens of thousands of DIDs (every signer of a large
+        export) scans the whole events table (5 s at 2M entries, growing with it), and
+        no index holds key entries alone. ``agent_keys`` holds each agent's latest key
+        entry (written in the same commit): when that is its registration, at or before
+        ``last``, it is the agent's only key entry (an agent is registered once and a
+        rotation follows its registration), read by position. When it is not there, or
+        is a rotation, or lies after ``last``, the agent's entries are matched by
+        subject as before: only for those agents. One whose latest key entry retention
+        removed has none left (the retention anchor carries its key).
+        """
+        latest = await self._fetch(
+            "SELECT did, position FROM agent_keys WHERE did = ANY($1::text[])", list(dids)
+        )
+        rows = await self._fetch(
+            f"SELECT {ENTRY_COLUMNS} FROM events "  # noqa: S608 -- a constant column list
+            "WHERE position = ANY($1::bigint[]) AND position <= $2",
+            sorted({row["position"] for row in latest}),
+            last,
+        )
+        by_position = {row["position"]: row for row in rows}
+        kept = await self._fetchrow("SELECT min(position) AS first FROM events")
+        first = kept["first"] if kept is not None and kept["first"] is not None else 1
+        found: list[RecordedEvent] = []
+        rest = set(dids)
+        for row in latest:
+            entry = by_position.get(row["position"])
+            if entry is not None and _registers(entry, row["did"]):
+                found.append(record_from_row(entry))
+                rest.discard(row["did"])
+            elif row["position"] < first:  # retention removed it, and every earlier one
+                rest.discard(row["did"])
+        if rest:
+            found += await self._key_entries_by_subject(sorted(rest), last)
+        return sorted(found, key=lambda record: record.position)
+
+    async def _key_entries_by_subject(self, dids: Sequence[str], last: int) -> list[RecordedEvent]:
         rows = await self._fetch(
             f"SELECT {ENTRY_COLUMNS} FROM events "  # noqa: S608 -- a constant column list
             "WHERE event_type = ANY($1::text[]) AND position <= $2 AND subjects && $3::text[] "
