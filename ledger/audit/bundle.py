@@ -79,6 +79,8 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, Literal, TypeAlias
 
 import msgspec
@@ -95,7 +97,7 @@ from ledger.events import (
     event_type,
 )
 from ledger.identity import VerifyKey, b64decode, b64encode
-from ledger.signatures import anchor_signed_bytes
+from ledger.signatures import SignatureJob, anchor_signed_bytes, verify_signature_chunk
 from ledger.timefmt import format_time, parse_time
 
 FORMAT = "agentmesh-audit-bundle"
@@ -106,6 +108,7 @@ only); 2 requires one on every event."""
 MEDIA_TYPE = "application/x-ndjson"
 Flavour = Literal["jsonl", "cloudevents"]
 FLAVOURS: tuple[Flavour, ...] = ("jsonl", "cloudevents")
+_THREADED_KEYS = 256  # key entries' signatures are checked on threads from this many on
 
 
 def parse_flavour(text: str) -> Flavour:
@@ -384,6 +387,9 @@ class KeyHistory:
         # to the key in force at each position), then the agents' keys.
         self.rotations: list[Entry] = []
         self.ledger = keyhistory.LedgerKeys(ledger_key)
+        # Key entries' signatures, (line, job), checked together (check_signatures):
+        # a bundle of tens of thousands of signers has as many key entries.
+        self.unchecked: list[tuple[int, SignatureJob]] = []
 
     def ledger_at(self, position: int) -> VerifyKey:
         """The ledger key in force at ``position`` (checkpoints and tree heads of that
@@ -397,10 +403,31 @@ class KeyHistory:
         return ((0, keys.genesis.did, keys.genesis.raw), *later)
 
     def add(self, line: int, item: KeyLine) -> None:
+        """Fold a key entry in; its signature is checked by ``check_signatures``."""
         try:
-            self._add(item)
+            self._add(line, item)
         except LedgerError as exc:
+            self.check_signatures()  # a bad signature on an earlier line is named first
             raise BundleVerificationError(line, item.position, reason_of(exc)) from exc
+
+    def check_signatures(self) -> None:
+        """Check the signatures of the key entries added so far, on one thread per core
+        (Ed25519 verification releases the GIL); BundleVerificationError names the
+        first line whose signature does not verify."""
+        pending, self.unchecked = self.unchecked, []
+        jobs = [job for _, job in pending]
+        if len(jobs) < _THREADED_KEYS:
+            bad = set(verify_signature_chunk(jobs))
+        else:
+            workers = os.cpu_count() or 1
+            with ThreadPoolExecutor(max_workers=workers) as threads:
+                parts = threads.map(
+                    verify_signature_chunk, [jobs[i::workers] for i in range(workers)]
+                )
+                bad = {position for part in parts for position in part}
+        for line, job in pending:
+            if job[0] in bad:
+                raise BundleVerificationError(line, job[0], "signature does not verify")
 
     def add_anchor(self, line: int, item: AnchorLine) -> None:
         """Keys as of a retention cut, trusted only under the ledger's signature."""
@@ -418,7 +445,7 @@ class KeyHistory:
             raise BundleVerificationError(line, item.position, reason_of(exc)) from exc
         self.last = item.position
 
-    def _add(self, item: KeyLine) -> None:
+    def _add(self, line: int, item: KeyLine) -> None:
         if item.type == "ledger.key_rotated":
             self._ledger_rotation(item)
             return
@@ -444,9 +471,9 @@ class KeyHistory:
         else:
             key = raw_key(event.public_key)
             signer = self._rotation(event, item.position)
-        if not signer.is_valid(entry_signature(item), item.body.encode()):
-            raise LineError("signature does not verify")
-        # 3. fold
+        signature = entry_signature(item)
+        self.unchecked.append((line, (item.position, signer.raw, signature, item.body.encode())))
+        # 3. fold (a bad signature fails the bundle in check_signatures, before any entry)
         self.positions.setdefault(event.did, []).append(item.position)
         self.raws.setdefault(event.did, []).append(key.raw)
 

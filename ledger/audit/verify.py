@@ -220,6 +220,8 @@ class _BundleVerifier:
         try:
             return decode_line(raw, self.cloudevents)
         except LineError as exc:
+            if self.keys is not None and not self.sealed:
+                self.keys.check_signatures()  # a bad key entry before it is named first
             raise BundleVerificationError(number, 0, str(exc)) from None
 
     def _header(self, number: int, raw: bytes) -> None:
@@ -257,6 +259,7 @@ class _BundleVerifier:
         if self.sealed:
             return
         self.sealed = True
+        self.keys.check_signatures()
         try:
             self.keys.sealed()
         except VerificationError as exc:
