@@ -20,7 +20,17 @@ events written in bulk by ``bench/ledger_gen.py`` (real signatures, real chain):
 Both verifications get the same warmed process pool as their baselines (one
 worker per core), so pool start-up is in neither.
 
+With ``--scale 100000,2000000`` it measures instead what the scale run's audit rows
+measure (``bench/scale.py``), at each of those ledger sizes (agents: size /
+``--events-per-agent``, as the scale run keeps the events per agent): the export
+of the newest ``--export-events`` events (jsonl, every event with its inclusion
+proof) — events/s, and the seconds before the first line (the range and the key
+entries) — and the offline verification of that bundle with every signature
+(``verify_bundle`` on a warmed pool, one worker per core), with the ratio of each
+size's figure to the first size's: the scale target is a ratio >= 0.8.
+
 Usage: .venv/bin/python bench/audit.py [--events 200000] [--agents 1000] [--repeat 3]
+       .venv/bin/python bench/audit.py --scale 100000,2000000 [--export-events 50000]
 Uses AGENTMESH_DATABASE_URL (a fresh database is created on that server) when
 set, else an embedded PostgreSQL.
 """
@@ -46,12 +56,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agentmesh.embedded import EmbeddedPostgres
-from bench.common import drop_database, fresh_database
+from bench.common import drop_database, fresh_database, positive
 from bench.ledger_gen import GeneratedLedger, generate_ledger
 from ledger.audit import Flavour, export_bundle, read_bundle, verify_bundle
+from ledger.audit.export import prepare_export
 from ledger.events import decode_body
 from ledger.identity import VerifyKey
 from ledger.postgres import PostgresLedgerReader
+from ledger.postgres.tree import build_tree
 from ledger.verify import CHUNK, KeyRing, SignatureJob, make_executor, verify_signature_chunk
 
 FLAVOURS: tuple[Flavour, ...] = ("jsonl", "cloudevents")
@@ -240,14 +252,145 @@ def report(figures: Figures, events: int) -> None:
 # -- main ---------------------------------------------------------------------------------
 
 
-async def build(args: argparse.Namespace, url: str, root: Path, figures: Figures) -> int:
-    ledger = await generate_ledger(url, events=args.events, agents=args.agents)
+def sizes(text: str) -> list[int]:
+    """argparse type: comma-separated positive integers (underscores allowed)."""
+    return [positive(part.strip()) for part in text.split(",") if part.strip()]
+
+
+async def generate(url: str, events: int, agents: int) -> GeneratedLedger:
+    """A ledger written in bulk, with its Merkle tree built (as at the store's first open)."""
+    ledger = await generate_ledger(url, events=events, agents=agents)
+    started = time.perf_counter()
+    reader = await PostgresLedgerReader.connect(url)
+    try:
+        await build_tree(reader.pool)
+    finally:
+        await reader.close()
     print(
-        f"generated {ledger.head_position:,} events in {ledger.seconds:.1f} s: "
+        f"generated {ledger.head_position:,} events in {ledger.seconds:.1f} s "
+        f"(Merkle tree {time.perf_counter() - started:.1f} s): "
         f"{len(ledger.agents):,} agents, {ledger.checkpoints:,} checkpoints"
     )
+    return ledger
+
+
+async def build(args: argparse.Namespace, url: str, root: Path, figures: Figures) -> int:
+    ledger = await generate(url, args.events, args.agents)
     await export_figures(url, ledger, root, args.repeat, figures)
     return ledger.head_position
+
+
+# -- scale: the newest events of ledgers of growing size -------------------------------
+
+
+@dataclass
+class ScaleFigures:
+    """One size's rounds: export and verify in events/s, the export's seconds before
+    its first entry line (range, key entries, header), the bundle's bytes and keys."""
+
+    events: int
+    export: list[float]
+    prelude: list[float]
+    verify: list[float]
+    keys: int = 0
+    size: int = 0
+
+
+async def newest_span(
+    reader: PostgresLedgerReader, first: int, last: int
+) -> tuple[datetime, datetime]:
+    """The recorded_at range of positions first..last (the scale run's export range)."""
+    low = await reader.pool.fetchval("SELECT recorded_at FROM events WHERE position = $1", first)
+    high = await reader.pool.fetchval("SELECT recorded_at FROM events WHERE position = $1", last)
+    return low, high + timedelta(microseconds=1)
+
+
+async def scale_export(
+    url: str, ledger: GeneratedLedger, count: int, path: Path, rounds: int, out: ScaleFigures
+) -> None:
+    reader = await PostgresLedgerReader.connect(url)
+    try:
+        span = await newest_span(reader, ledger.head_position - count + 1, ledger.head_position)
+        for _ in range(rounds):
+            start = time.perf_counter()
+            export = await prepare_export(reader, ledger.ledger_key, start=span[0], end=span[1])
+            with path.open("w", encoding="utf-8") as handle:
+                chunks = export.chunks()
+                handle.write(await anext(chunks))  # header, key entries, the tree's edge
+                out.prelude.append(time.perf_counter() - start)
+                async for text in chunks:
+                    handle.write(text)
+                out.size = handle.tell()
+            elapsed = time.perf_counter() - start
+            assert export.manifest is not None
+            assert export.manifest.count == count
+            out.export.append(count / elapsed)
+            out.keys = export.manifest.keys
+    finally:
+        await reader.close()
+
+
+def scale_verify(
+    path: Path, executor: Executor, count: int, rounds: int, out: ScaleFigures
+) -> None:
+    for _ in range(rounds):
+        out.verify.append(verify_rate(path, executor, True, count))
+
+
+async def scale_size(
+    args: argparse.Namespace, server_url: str, root: Path, events: int, executor: Executor
+) -> ScaleFigures:
+    agents = max(2, events // args.events_per_agent)
+    print(f"\n{events:,} events, {agents:,} agents")
+    url, name = await fresh_database(server_url)
+    out = ScaleFigures(events=events, export=[], prelude=[], verify=[])
+    path = root / f"scale-{events}.jsonl"
+    try:
+        ledger = await generate(url, events, agents)
+        count = min(args.export_events, ledger.head_position)
+        await scale_export(url, ledger, count, path, args.repeat, out)
+        await asyncio.to_thread(scale_verify, path, executor, count, args.repeat, out)
+    finally:
+        path.unlink(missing_ok=True)
+        if "AGENTMESH_DATABASE_URL" in os.environ:
+            await drop_database(server_url, name)
+    median = statistics.median
+    print(
+        f"  export {median(out.export):,.0f} events/s (rounds "
+        f"{', '.join(f'{r:,.0f}' for r in out.export)}; first line after "
+        f"{median(out.prelude):.2f} s), verify {median(out.verify):,.0f} events/s (rounds "
+        f"{', '.join(f'{r:,.0f}' for r in out.verify)}); {out.keys:,} key entries, "
+        f"{out.size / count:,.0f} B/event"
+    )
+    return out
+
+
+def scale_report(sizes: list[ScaleFigures], export_events: int) -> None:
+    median = statistics.median
+    base = sizes[0]
+    print(f"\nthe newest {export_events:,} events (medians of rounds; ratio to {base.events:,})")
+    print(
+        f"{'ledger size':>12} {'export/s':>10} {'ratio':>6} {'prelude s':>10} "
+        f"{'verify/s':>10} {'ratio':>6} {'keys':>8}"
+    )
+    for size in sizes:
+        export, verify = median(size.export), median(size.verify)
+        print(
+            f"{size.events:>12,} {export:>10,.0f} {export / median(base.export):>6.2f} "
+            f"{median(size.prelude):>10.2f} {verify:>10,.0f} "
+            f"{verify / median(base.verify):>6.2f} {size.keys:>8,}"
+        )
+
+
+async def scale(args: argparse.Namespace, server_url: str, root: Path) -> None:
+    workers = os.cpu_count() or 1
+    executor = make_executor(workers)
+    try:
+        list(executor.map(abs, range(2 * workers)))  # start every worker first
+        sizes = [await scale_size(args, server_url, root, n, executor) for n in args.scale]
+    finally:
+        executor.shutdown()
+    scale_report(sizes, args.export_events)
 
 
 async def with_database(args: argparse.Namespace, server_url: str, root: Path) -> None:
@@ -270,7 +413,10 @@ def main(args: argparse.Namespace) -> None:
     )
     try:
         with server(root) as server_url:
-            asyncio.run(with_database(args, server_url, root))
+            if args.scale:
+                asyncio.run(scale(args, server_url, root))
+            else:
+                asyncio.run(with_database(args, server_url, root))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
@@ -281,4 +427,13 @@ if __name__ == "__main__":
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--agents", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--scale",
+        type=sizes,
+        default=None,
+        help="ledger sizes, comma-separated (e.g. 100000,2000000): the newest events' "
+        "export and verification at each",
+    )
+    parser.add_argument("--export-events", type=positive, default=50_000)
+    parser.add_argument("--events-per-agent", type=positive, default=100)
     main(parser.parse_args())

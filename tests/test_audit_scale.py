@@ -1,0 +1,180 @@
+"""What keeps an export of the newest events of a large ledger as fast as of a small one,
+checked for what it must not change: the batch prover's paths are RFC 9162's, and it asks
+the store only for subtrees past the batch; the key entries found through ``agent_keys``
+are the ones a match by subject finds; the key entries' signatures, checked together, still
+fail a bundle at the first bad line."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.ledger_gen import generate_ledger
+from ledger import merkle
+from ledger.audit import BundleVerificationError, export_bundle, verify_bundle
+from ledger.audit.proofs import BatchProver, batch_proofs
+from ledger.errors import ProofError
+from ledger.events import AgentRegistered
+from ledger.identity import SigningKey
+from ledger.postgres import PostgresEventStore
+from ledger.postgres.audit import PostgresAuditSource
+from ledger.timefmt import format_time, parse_time
+from tests.support import Agent, ManualClock
+from tests.test_audit import rehash, rotate, self_register
+from tests.test_audit_proofs import tree
+
+# -- the batch prover against ledger.merkle, every size up to 160 -------------------------
+
+
+@pytest.mark.parametrize("size", [*range(1, 161), 511, 512, 513, 1000, 4097])
+async def test_every_batch_split_gives_the_rfc_paths(size: int) -> None:
+    nodes = tree(size)
+
+    def hash_at(level: int, index: int) -> bytes:
+        return nodes[(level, index)]
+
+    rng = random.Random(size)
+    fetched: dict[tuple[int, int], bytes] = {}
+    start = rng.randint(0, size - 1)
+    while start < size:
+        end = min(size, start + rng.choice([1, 2, 3, 7, 16, 33, rng.randint(1, size)]))
+        before = merkle.frontier_at(start, hash_at)
+
+        async def fetch(wanted: set[tuple[int, int]], end: int = end) -> dict[Any, bytes]:
+            assert all(((ix + 1) << lv) > end for lv, ix in wanted), "asked for the batch's own"
+            return {key: nodes[key] for key in wanted}
+
+        leaves = [nodes[(0, i)] for i in range(start, end)]
+        shown = list(range(start, end))
+        paths = await batch_proofs(size, before, leaves, shown, fetched, fetch)
+        assert paths == [merkle.inclusion_proof(i, size, hash_at) for i in shown]
+        start = end
+
+
+async def test_a_subtree_the_store_lacks_is_named() -> None:
+    size = 100
+    nodes = tree(size)
+    before = merkle.frontier_at(10, lambda lv, ix: nodes[(lv, ix)])
+    prover = BatchProver(size, before, [nodes[(0, i)] for i in range(10, 20)], {})
+    # past the batch: two complete subtrees, then the tree's ragged right edge
+    assert prover.needed([12]) == {(4, 1), (5, 1), (5, 2), (2, 24)}
+    with pytest.raises(ProofError, match=r"subtree \(2, 24\) is not available"):
+        prover.proof(12)
+    with pytest.raises(ProofError, match="not in a tree of size 100"):
+        prover.proof(100)
+
+
+# -- key entries through agent_keys --------------------------------------------------------
+
+
+async def register(store: PostgresEventStore, agent: Agent, clock: ManualClock) -> None:
+    event = AgentRegistered(
+        actor=store.ledger_did,
+        occurred_at=format_time(clock.now),
+        did=agent.did,
+        public_key=agent.key.public.pem(),
+    )
+    await store.append([store.sign_own(event)])
+
+
+async def test_key_entries_through_agent_keys_are_those_a_match_by_subject_finds(
+    database_url: str, ledger_key: SigningKey
+) -> None:
+    clock = ManualClock()
+    store = await PostgresEventStore.open(database_url, ledger_key, clock=clock)
+    try:
+        plain, later, unknown = Agent(), Agent(), Agent()
+        rotated = [await self_register(store, clock), Agent()]
+        await register(store, plain, clock)  # only a registration
+        await register(store, rotated[1], clock)
+        await rotate(store, rotated, 0, clock)  # a registration, then a rotation
+        await store.append([plain.violation(subject=rotated[0].did, at=clock.now)])
+        last = (await store.head()).position
+        await rotate(store, rotated, 1, clock)  # its latest key entry lies after `last`
+        await register(store, later, clock)  # registered after `last`: none
+        dids = [plain.did, rotated[0].did, rotated[1].did, later.did, unknown.did]
+        source = store.audit_source()
+        assert isinstance(source, PostgresAuditSource)
+        found = await source.key_entries(dids, last)
+        assert found == await source._key_entries_by_subject(dids, last)
+        assert [(r.position, r.event_type) for r in found] == [
+            (1, "agent.registered"),
+            (2, "agent.registered"),
+            (3, "agent.registered"),
+            (4, "agent.key_rotated"),
+        ]
+    finally:
+        await store.close()
+
+
+# -- many key entries: their signatures checked together, the first bad line named -----------
+
+
+@pytest.fixture
+async def many_keys(database_url: str, tmp_path: Path) -> list[dict[str, Any]]:
+    """A bundle with 300 key entries (more than are checked on one thread)."""
+    ledger = await generate_ledger(database_url, events=1500, agents=300, workers=2)
+    store = await PostgresEventStore.open(database_url, ledger.ledger_key)  # builds the tree
+    try:
+        out = io.StringIO()
+        await export_bundle(
+            store,
+            ledger.ledger_key,
+            out,
+            start=parse_time("2000-01-01T00:00:00.000000Z"),
+            end=parse_time("2100-01-01T00:00:00.000000Z"),
+        )
+    finally:
+        await store.close()
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert sum(x["kind"] == "key" for x in lines) >= 256
+    return lines
+
+
+def fails_at(path: Path, lines: list[dict[str, Any]], at: int, reason: str) -> None:
+    path.write_text("".join(json.dumps(x, separators=(",", ":")) + "\n" for x in lines))
+    for options in ({"workers": 0}, {"workers": 2, "chunk": 64}):
+        with pytest.raises(BundleVerificationError) as caught:
+            verify_bundle(path, **options)  # type: ignore[arg-type]
+        assert (caught.value.line, caught.value.position) == (at + 1, lines[at]["position"])
+        assert caught.value.reason == reason
+
+
+async def test_a_bad_key_signature_is_named_at_its_line_among_many(
+    many_keys: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    path = tmp_path / "bundle.jsonl"
+    path.write_text("".join(json.dumps(x, separators=(",", ":")) + "\n" for x in many_keys))
+    assert verify_bundle(path).keys == sum(x["kind"] == "key" for x in many_keys)
+    keys = [i for i, x in enumerate(many_keys) if x["kind"] == "key"]
+    first, second = keys[100], keys[200]
+
+    resigned = json.loads(json.dumps(many_keys))  # another entry's signature, rehashed
+    resigned[first]["signature"] = many_keys[keys[101]]["signature"]
+    rehash(resigned[first])
+    fails_at(path, resigned, first, "signature does not verify")
+
+    # a later line that fails by itself does not hide the earlier bad signature
+    later_bad = json.loads(json.dumps(resigned))
+    later_bad[second]["body"] = later_bad[second]["body"].replace("did:mesh:", "did:mesh:0", 1)
+    fails_at(path, later_bad, first, "signature does not verify")
+    later_bad[second + 1] = "not a line"  # nor does a line that does not decode
+    path.write_text(
+        "".join(
+            (x if isinstance(x, str) else json.dumps(x, separators=(",", ":"))) + "\n"
+            for x in later_bad
+        )
+    )
+    with pytest.raises(BundleVerificationError) as caught:
+        verify_bundle(path, workers=0)
+    assert caught.value.line == first + 1
+
+    # an earlier line that fails by itself is named before a later bad signature
+    earlier_bad = json.loads(json.dumps(resigned))
+    earlier_bad[keys[50]]["recorded_at"] = "2001-01-01T00:00:00.000000Z"
+    fails_at(path, earlier_bad, keys[50], "entry_hash does not match the entry's content")
