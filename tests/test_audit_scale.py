@@ -17,6 +17,7 @@ import pytest
 from bench.ledger_gen import generate_ledger
 from ledger import merkle
 from ledger.audit import BundleVerificationError, export_bundle, verify_bundle
+from ledger.audit import verify as verify_module
 from ledger.audit.proofs import BatchProver, batch_proofs
 from ledger.errors import ProofError
 from ledger.events import AgentRegistered
@@ -145,9 +146,12 @@ def fails_at(path: Path, lines: list[dict[str, Any]], at: int, reason: str) -> N
         assert caught.value.reason == reason
 
 
+@pytest.mark.parametrize("pooled", [False, True], ids=["threads", "pool"])
 async def test_a_bad_key_signature_is_named_at_its_line_among_many(
-    many_keys: list[dict[str, Any]], tmp_path: Path
+    many_keys: list[dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pooled: bool
 ) -> None:
+    if pooled:  # as with thousands of key entries: sent to the pool, 64 at a time
+        monkeypatch.setattr(verify_module, "_KEY_CHUNK", 64)
     path = tmp_path / "bundle.jsonl"
     path.write_text("".join(json.dumps(x, separators=(",", ":")) + "\n" for x in many_keys))
     assert verify_bundle(path).keys == sum(x["kind"] == "key" for x in many_keys)

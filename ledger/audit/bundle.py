@@ -414,7 +414,7 @@ class KeyHistory:
         """Check the signatures of the key entries added so far, on one thread per core
         (Ed25519 verification releases the GIL); BundleVerificationError names the
         first line whose signature does not verify."""
-        pending, self.unchecked = self.unchecked, []
+        pending = self.take_unchecked()
         jobs = [job for _, job in pending]
         if len(jobs) < _THREADED_KEYS:
             bad = set(verify_signature_chunk(jobs))
@@ -425,9 +425,13 @@ class KeyHistory:
                     verify_signature_chunk, [jobs[i::workers] for i in range(workers)]
                 )
                 bad = {position for part in parts for position in part}
-        for line, job in pending:
-            if job[0] in bad:
-                raise BundleVerificationError(line, job[0], "signature does not verify")
+        raise_first_bad(pending, bad)
+
+    def take_unchecked(self) -> list[tuple[int, SignatureJob]]:
+        """The (line, signature job) of the key entries added since the last call; the
+        caller checks them (``verify_signature_chunk``, then ``raise_first_bad``)."""
+        pending, self.unchecked = self.unchecked, []
+        return pending
 
     def add_anchor(self, line: int, item: AnchorLine) -> None:
         """Keys as of a retention cut, trusted only under the ledger's signature."""
@@ -539,6 +543,14 @@ class KeyHistory:
     def key_at(self, did: str, position: int) -> bytes | None:
         """The agent's key just before ``position``."""
         return key_before(self.positions, self.raws, did, position)
+
+
+def raise_first_bad(pending: list[tuple[int, SignatureJob]], bad: set[int]) -> None:
+    """BundleVerificationError at the first of ``pending`` (line, job) whose position is
+    in ``bad`` (the signatures that did not verify), if any."""
+    for line, job in pending:
+        if job[0] in bad:
+            raise BundleVerificationError(line, job[0], "signature does not verify")
 
 
 def key_before(

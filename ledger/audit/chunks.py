@@ -10,6 +10,9 @@ chunks to each other and reads the lines after the entries.
 from __future__ import annotations
 
 import binascii
+import os
+import pickle
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import msgspec
@@ -36,6 +39,50 @@ from ledger.signatures import verify_signature_chunk
 from ledger.timefmt import parse_time
 
 
+class SignerKeys:
+    """The agents' keys by position (``positions``, ``raws``: ``KeyHistory``'s) and the
+    key entries' hashes by position, as every chunk needs them.
+
+    A bundle of the newest events of a large ledger has a key entry per signer (39k at
+    10M entries): pickled with every task, these tables cost more than the task's own
+    lines (0.3 s a task at 39k). They are pickled once per verification instead, and
+    a worker process unpickles each verification's tables once (``_received``)."""
+
+    __slots__ = ("_wire", "hashes", "positions", "raws")
+
+    def __init__(
+        self,
+        positions: dict[str, list[int]],
+        raws: dict[str, list[bytes]],
+        hashes: dict[int, str],
+    ) -> None:
+        self.positions = positions
+        self.raws = raws
+        self.hashes = hashes
+        self._wire: tuple[bytes, bytes] | None = None
+
+    def __reduce__(self) -> tuple[Callable[[bytes, bytes], SignerKeys], tuple[bytes, bytes]]:
+        if self._wire is None:  # the tables do not change once the key section is read
+            tables = (self.positions, self.raws, self.hashes)
+            self._wire = (os.urandom(16), pickle.dumps(tables, pickle.HIGHEST_PROTOCOL))
+        return _received, self._wire
+
+
+_RECEIVED: dict[bytes, SignerKeys] = {}  # in a worker: the tables of the latest verification
+
+
+def _received(token: bytes, tables: bytes) -> SignerKeys:
+    found = _RECEIVED.get(token)
+    if found is None:
+        # The bytes come from the verifying process through the pool's own pickle pipe
+        # (as every task does), never from a file or the bundle.
+        positions, raws, hashes = pickle.loads(tables)  # noqa: S301
+        found = SignerKeys(positions, raws, hashes)
+        _RECEIVED.clear()
+        _RECEIVED[token] = found
+    return found
+
+
 @dataclass(frozen=True, slots=True)
 class ChunkTask:
     """A run of lines to check, with everything the check needs (picklable).
@@ -53,9 +100,7 @@ class ChunkTask:
     span: tuple[str, str]
     agent: str | None
     ledger: tuple[tuple[int, str, bytes], ...]  # (from position, DID, raw key), in order
-    positions: dict[str, list[int]]
-    raws: dict[str, list[bytes]]
-    key_hashes: dict[int, str]
+    keys: SignerKeys
     proofs: bool = True
     """Whether every event must carry an inclusion proof (format version 2)."""
 
@@ -184,7 +229,7 @@ class _ChunkCheck:
             self.first = (number, item.position, item.prev_hash)
         # 2. the entry itself
         problem = self._event(number, item) if isinstance(item, EventLine) else None
-        known = self.task.key_hashes.get(item.position)
+        known = self.task.keys.hashes.get(item.position)
         if problem is None and known is not None and known != item.entry_hash:
             problem = "differs from the key entry at this position"
         if problem is not None:
@@ -242,7 +287,8 @@ class _ChunkCheck:
         elif isinstance(event, AgentRegistered) and event.actor == event.did:
             key = raw_key(event.public_key).raw
         else:
-            found = key_before(self.task.positions, self.task.raws, event.actor, item.position)
+            keys = self.task.keys
+            found = key_before(keys.positions, keys.raws, event.actor, item.position)
             if found is None:
                 raise LineError(f"signed by {event.actor}, which has no key entry before it")
             key = found
