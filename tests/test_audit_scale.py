@@ -12,17 +12,18 @@ import random
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
-from bench.ledger_gen import generate_ledger
+from bench.ledger_gen import GeneratedLedger, generate_ledger
 from ledger import merkle
 from ledger.audit import BundleVerificationError, export_bundle, verify_bundle
 from ledger.audit import verify as verify_module
 from ledger.audit.proofs import BatchProver, batch_proofs
 from ledger.errors import ProofError
 from ledger.events import AgentRegistered
-from ledger.identity import SigningKey
-from ledger.postgres import PostgresEventStore
+from ledger.identity import SigningKey, b64encode
+from ledger.postgres import PostgresEventStore, PostgresLedgerReader
 from ledger.postgres.audit import PostgresAuditSource
 from ledger.timefmt import format_time, parse_time
 from tests.support import Agent, ManualClock
@@ -117,21 +118,32 @@ async def test_key_entries_through_agent_keys_are_those_a_match_by_subject_finds
 
 
 @pytest.fixture
-async def many_keys(database_url: str, tmp_path: Path) -> list[dict[str, Any]]:
-    """A bundle with 300 key entries (more than are checked on one thread)."""
+async def many_signers(database_url: str) -> tuple[str, GeneratedLedger]:
+    """A ledger of 300 agents, registered by the ledger at positions 1..300."""
     ledger = await generate_ledger(database_url, events=1500, agents=300, workers=2)
     store = await PostgresEventStore.open(database_url, ledger.ledger_key)  # builds the tree
+    await store.close()
+    return database_url, ledger
+
+
+async def export_after(url: str, ledger: GeneratedLedger, position: int, out: io.StringIO) -> None:
+    """Export the entries after ``position`` (by their times) into ``out``."""
+    reader = await PostgresLedgerReader.connect(url)
     try:
-        out = io.StringIO()
-        await export_bundle(
-            store,
-            ledger.ledger_key,
-            out,
-            start=parse_time("2000-01-01T00:00:00.000000Z"),
-            end=parse_time("2100-01-01T00:00:00.000000Z"),
+        start = await reader.pool.fetchval(
+            "SELECT recorded_at FROM events WHERE position = $1", position + 1
         )
+        end = parse_time("2100-01-01T00:00:00.000000Z")
+        await export_bundle(reader, ledger.ledger_key, out, start=start, end=end)
     finally:
-        await store.close()
+        await reader.close()
+
+
+@pytest.fixture
+async def many_keys(many_signers: tuple[str, GeneratedLedger]) -> list[dict[str, Any]]:
+    """A bundle with ~300 key entries (more than are checked on one thread)."""
+    out = io.StringIO()
+    await export_after(*many_signers, 300, out)
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert sum(x["kind"] == "key" for x in lines) >= 256
     return lines
@@ -182,3 +194,36 @@ async def test_a_bad_key_signature_is_named_at_its_line_among_many(
     earlier_bad = json.loads(json.dumps(resigned))
     earlier_bad[keys[50]]["recorded_at"] = "2001-01-01T00:00:00.000000Z"
     fails_at(path, earlier_bad, keys[50], "entry_hash does not match the entry's content")
+
+
+async def test_the_exporter_signs_nothing_over_a_key_entry_whose_signature_fails(
+    many_signers: tuple[str, GeneratedLedger],
+) -> None:
+    url, ledger = many_signers
+    conn = await asyncpg.connect(url)
+    try:  # a registration before the range given another's signature, its hash recomputed
+        row = await conn.fetchrow("SELECT * FROM events WHERE position = 100")
+        other = await conn.fetchval("SELECT signature FROM events WHERE position = 101")
+        record = {
+            "position": 100,
+            "recorded_at": format_time(row["recorded_at"]),
+            "stream_id": row["stream_id"],
+            "stream_version": row["stream_version"],
+            "body": bytes(row["body"]).decode(),
+            "signature": b64encode(bytes(other)),
+            "prev_hash": bytes(row["prev_hash"]).hex(),
+        }
+        rehash(record)
+        await conn.execute(
+            "UPDATE events SET signature = $1, entry_hash = $2 WHERE position = 100",
+            other,
+            bytes.fromhex(record["entry_hash"]),
+        )
+    finally:
+        await conn.close()
+    out = io.StringIO()
+    with pytest.raises(BundleVerificationError) as caught:
+        await export_after(url, ledger, 300, out)
+    assert (caught.value.position, caught.value.reason) == (100, "signature does not verify")
+    assert '"kind":"manifest"' not in out.getvalue()
+    assert '"kind":"checkpoint"' not in out.getvalue()
