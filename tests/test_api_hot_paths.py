@@ -32,7 +32,7 @@ import rfc8785
 
 from agentmesh.embedded import EmbeddedRedis, free_port
 from agentmesh.wiring import trust_config
-from api.metrics import MetricsServer, read_stats
+from api.metrics import REQUEST_DURATION, MetricsServer, read_stats
 from api.schemas import trust_out
 from api.trustread import decode_trust, micros
 from ledger.events import PolicyViolation, TrustSignal, new_event_id
@@ -343,3 +343,32 @@ async def test_a_report_signed_over_the_reference_encoding_is_taken_through_both
         (stored,) = events.json()["items"]
         assert stored["body"] == body
         assert stored["signature"] == signature
+
+
+def _timed(route: str, status: str) -> float:
+    """How many ``POST route`` answers with ``status`` the request histogram counted."""
+    labels = {"method": "POST", "route": route, "status": status}
+    (metric,) = REQUEST_DURATION.collect()
+    found = [m.value for m in metric.samples if m.name.endswith("_count") and m.labels == labels]
+    return found[0] if found else 0.0
+
+
+async def test_the_lanes_answers_are_timed_by_route_template(api: Api) -> None:
+    """``TelemetryMiddleware`` times every answer, the lane's and the handler's refusals
+    alike, by route template — with no tracer provider configured, when it starts no
+    span."""
+    reporter, subject = await api.register(), await api.register()
+    event = PolicyViolation(
+        actor=reporter.did,
+        occurred_at=format_time(api.clock.now),
+        agent=subject.did,
+        severity="low",
+        rule="r",
+    )
+    body = msgspec.json.encode(signed(event, reporter.key))
+    appended, refused = _timed("/v1/violations", "201"), _timed("/v1/violations", "409")
+    lane = {"content-type": "application/json"}
+    assert (await api.client.post("/v1/violations", content=body, headers=lane)).status_code == 201
+    assert (await api.client.post("/v1/violations", content=body, headers=lane)).status_code == 409
+    assert _timed("/v1/violations", "201") == appended + 1
+    assert _timed("/v1/violations", "409") == refused + 1
