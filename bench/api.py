@@ -36,8 +36,10 @@ makes every trust read go to Redis).
 With /proc, it also prints the cores each process tree kept busy during each
 measure: the API with its workers (and, of that, its event-loop threads alone),
 the projector, PostgreSQL, Redis, this client with wrk, and "other" (the rest of
-the machine: how much a noisy neighbour took). Targets are reported as met or
-not, never enforced.
+the machine: how much a noisy neighbour took), and each server process's CPU per
+request answered (steadier than a rate on a shared machine; for a signed report
+it includes the projector folding it). Targets are reported as met or not, never
+enforced.
 
 Load generator for the closed loops: ``wrk`` when it is on PATH (``apt-get install
 wrk``), else a Python asyncio HTTP/1.1 keep-alive client; the same one for a
@@ -957,6 +959,37 @@ def med(values: list[float]) -> float:
     return statistics.median(values)
 
 
+SERVER_GROUPS = ("api", "api loop", "projector", "postgres", "redis")
+
+
+def cpu_per_request(figures: Figures) -> None:
+    """Each server process's CPU per request answered (µs; medians of the rounds):
+    steadier than a rate on a shared machine, and it shows what a request costs the
+    whole stack, not only the API's event loop ("all": the API, projector, PostgreSQL
+    and Redis together)."""
+    rates: dict[str, list[float]] = {
+        MEASURES[0]: [x.rate for x in figures.health],
+        MEASURES[1]: [x.rate for x in figures.trust],
+        MEASURES[2]: figures.direct,
+        MEASURES[3]: figures.reports,
+        MEASURES[4]: [x.rate for x in figures.health64],
+        MEASURES[5]: [x.rate for x in figures.singles],
+        MEASURES[6]: [x.rate for x in figures.open_health],
+        MEASURES[7]: [x.rate for x in figures.open_singles],
+    }
+    print("\nCPU per request answered, µs (medians)")
+    print(f"{'measure':40}" + "".join(f" {g:>9}" for g in (*SERVER_GROUPS, "all")))
+    for name in MEASURES:
+        rounds = zip(figures.cores.get(name, []), rates[name], strict=True)  # one per round
+        pairs = [(c, r) for c, r in rounds if c and r]
+        if not pairs:
+            continue
+        cells = [med([c.get(g, 0.0) / r * 1e6 for c, r in pairs]) for g in SERVER_GROUPS]
+        ours = [g for g in SERVER_GROUPS if g != "api loop"]  # the loop is part of "api"
+        total = med([sum(c.get(g, 0.0) for g in ours) / r * 1e6 for c, r in pairs])
+        print(f"{name:40}" + "".join(f" {v:9.0f}" for v in (*cells, total)))
+
+
 def report(args: argparse.Namespace, workers: int, figures: Figures) -> list[tuple[str, bool]]:
     """The table of medians and each target, met or not (never asserted)."""
     health = med([x.rate for x in figures.health])
@@ -1004,6 +1037,7 @@ def report(args: argparse.Namespace, workers: int, figures: Figures) -> list[tup
             if rounds:
                 cells = [med([c.get(g, 0.0) for c in rounds]) for g in CpuMeter.GROUPS]
                 print(f"{name:40}" + "".join(f" {v:9.2f}" for v in cells))
+        cpu_per_request(figures)
         noise = max(
             med([c.get("other", 0.0) for c in figures.cores.get(m, []) if c] or [0.0])
             for m in MEASURES
