@@ -9,6 +9,7 @@ Pure core (no I/O, no clock reads; time is always a parameter)::
     registry    ``AgentRecord``: registered agents, keys, status
     delegation  grants, capability coverage, delegation rules and queries
     state       ``MeshState``: the fold, change sets, snapshots
+    bodies      stored event bodies decoded into the fields the fold reads
     documents   how folded state is laid out as read-store documents
     replay      the mesh at any moment, for incident review (``agentmesh replay``)
 

@@ -17,21 +17,27 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 
 from ledger.events import AnyEvent, DelegationGranted, DelegationRevoked
-from projections.config import TrustConfig
+from ledger.timefmt import format_time, parse_time
+from projections.config import SEVERITIES, TrustConfig
 from projections.delegation import DelegationGraph, Grant
-from projections.registry import AgentRecord
+from projections.registry import AgentRecord, AgentStatus
 from projections.state import SNAPSHOT_FORMAT, MeshState
-from projections.trust import TrustState
+from projections.trust import TrustState, from_micros, to_micros
 
 _encoder = msgspec.json.Encoder(order="sorted")
 # Fields of a grant document that are derived from the graph, not part of the Grant.
 _DERIVED = ("chain", "children")
 _decoder = msgspec.json.Decoder(dict[str, Any])
+# Encodes dicts in the order they were built: for documents built in sorted key order.
+_as_built = msgspec.json.Encoder()
+_SORTED_SEVERITIES = tuple(sorted(SEVERITIES))
+_NONE: list[str] = []
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,11 +113,43 @@ def decode(data: bytes | str) -> dict[str, Any]:
 
 
 def agent_document(state: MeshState, did: str) -> bytes:
-    return encode(
+    """The agent's document: ``{"grants_in", "registry", "trust"}`` with the
+    ``to_dict`` forms, keys sorted at every level.
+
+    Built here in sorted key order and encoded as built, rather than through
+    ``to_dict`` and a sorting encoder: a rebuild encodes every agent, and the
+    windows (``peers``) — most of a busy agent's document — are then neither
+    copied nor sorted twice. ``tests/test_rebuild.py`` holds the bytes equal to
+    the ``to_dict`` form."""
+    record, trust = state.agents[did], state.trust[did]
+    peers, partners = trust.peers, trust.partners
+    return _as_built.encode(
         {
-            "grants_in": list(state.delegations.by_delegatee.get(did, ())),
-            "registry": state.agents[did].to_dict(),
-            "trust": state.trust[did].to_dict(),
+            "grants_in": state.delegations.by_delegatee.get(did, _NONE),
+            "registry": {
+                "capabilities": record.capabilities,
+                "did": record.did,
+                "metadata": dict(sorted(record.metadata.items())),
+                "position": record.position,
+                "public_key": record.public_key,
+                "registered_at": format_time(record.registered_at),
+                "sponsor": record.sponsor,
+                "status": record.status,
+                "status_reason": record.status_reason,
+            },
+            "trust": {
+                "base_at": format_time(from_micros(trust.base_at)),
+                "base_milli": trust.base_milli,
+                "decay_from": format_time(from_micros(trust.decay_from)),
+                "did": trust.did,
+                "handshakes_completed": trust.handshakes_completed,
+                "handshakes_failed": trust.handshakes_failed,
+                "partners": {d: partners[d] for d in sorted(partners)},
+                "peers": {d: peers[d] for d in sorted(peers)},
+                "position": trust.position,
+                "positives": trust.positives,
+                "violations": {s: trust.violations[s] for s in _SORTED_SEVERITIES},
+            },
         }
     )
 
@@ -189,6 +227,91 @@ class PartialContext:
         grant = Grant.from_dict(data)
         if grant.grant_id not in self.delegations.grants:
             self.delegations.add(grant)
+
+
+class _ListedRegistry(msgspec.Struct, gc=False):
+    did: str
+    public_key: str
+    sponsor: str | None
+    capabilities: tuple[str, ...]
+    metadata: dict[str, str]
+    registered_at: str
+    status: AgentStatus
+    status_reason: str
+    position: int
+
+
+class _ListedTrust(msgspec.Struct, gc=False):
+    did: str
+    base_milli: int
+    base_at: str
+    decay_from: str
+    violations: dict[str, int]
+    positives: int
+    handshakes_completed: int
+    handshakes_failed: int
+    position: int
+
+
+class ListedAgent(msgspec.Struct, gc=False):
+    """What the registry listing reads of an agent document: the record and the trust
+    scalars. The peer and partner windows — most of a busy agent's document, and read
+    by the fold alone — are skipped by the decoder, never built."""
+
+    registry: _ListedRegistry
+    trust: _ListedTrust
+
+    @property
+    def suspended(self) -> bool:
+        return self.registry.status == "suspended"
+
+    def record(self) -> AgentRecord:
+        """``agent_record`` of the document."""
+        r = self.registry
+        return AgentRecord(
+            did=r.did,
+            public_key=r.public_key,
+            sponsor=r.sponsor,
+            capabilities=r.capabilities,
+            metadata=r.metadata,
+            registered_at=stored_time(r.registered_at),
+            status=r.status,
+            status_reason=r.status_reason,
+            position=r.position,
+        )
+
+    def trust_state(self) -> TrustState:
+        """``trust_state`` of the document, without the windows (no view reads them)."""
+        t = self.trust
+        return TrustState(
+            did=t.did,
+            base_milli=t.base_milli,
+            base_at=to_micros(stored_time(t.base_at)),
+            decay_from=to_micros(stored_time(t.decay_from)),
+            violations={s: t.violations[s] for s in SEVERITIES},
+            positives=t.positives,
+            handshakes_completed=t.handshakes_completed,
+            handshakes_failed=t.handshakes_failed,
+            position=t.position,
+        )
+
+
+_listed_decoder = msgspec.json.Decoder(ListedAgent)
+
+
+def decode_listed(data: bytes) -> ListedAgent:
+    return _listed_decoder.decode(data)
+
+
+def stored_time(text: str) -> datetime:
+    """A time as the projections store it (``format_time``'s form, read by the C ISO
+    parser), or any RFC 3339 time (``parse_time``)."""
+    if len(text) == 27 and text[26] == "Z" and text[10] == "T" and text[19] == ".":
+        try:
+            return datetime.fromisoformat(text[:26]).replace(tzinfo=UTC)
+        except ValueError:
+            pass
+    return parse_time(text)
 
 
 def trust_state(doc: Mapping[str, Any]) -> TrustState:

@@ -24,6 +24,7 @@ from projections.documents import (
     PartialContext,
     agent_record,
     decode,
+    decode_listed,
     trust_state,
 )
 from projections.errors import ProjectionError
@@ -132,10 +133,10 @@ class ProjectionReader:
             page = await self.store.agent_page(cursor, page_size)
             for index, (did, raw) in enumerate(page):
                 cursor = did
-                doc = decode(raw)
-                view = self._view(doc, now)
+                doc = decode_listed(raw)
+                view = trust_at(doc.trust_state(), self.config, now, suspended=doc.suspended)
                 if tier is None or view.tier == tier:
-                    found.append(AgentSummary(agent_record(doc), view))
+                    found.append(AgentSummary(doc.record(), view))
                 if len(found) == limit:
                     # More may follow unless this was the store's last row.
                     last = index == len(page) - 1 and len(page) < page_size

@@ -37,9 +37,16 @@ from ledger.events import (
     PolicyViolation,
     RetentionApplied,
     TrustSignal,
-    decode_body,
 )
 from ledger.timefmt import format_time, parse_time
+from projections.bodies import (
+    FailedHandshakeBody,
+    FoldEvent,
+    HandshakeBody,
+    ReportBody,
+    SignalBody,
+    decode_for_fold,
+)
 from projections.config import MAX_SCORE, SEVERITIES, TrustConfig
 from projections.delegation import (
     DelegationGraph,
@@ -56,8 +63,10 @@ from projections.trust import (
     TrustView,
     new_trust,
     penalize_milli,
+    points,
     reward,
     reward_milli,
+    score_milli_at,
     to_micros,
     trust_at,
 )
@@ -86,8 +95,9 @@ class MeshState:
 
     # -- folding ---------------------------------------------------------------
 
-    def apply(self, event: AnyEvent, position: int, recorded_at: datetime) -> frozenset[str]:
-        """Fold one event; return the DIDs whose projected state changed."""
+    def apply(self, event: FoldEvent, position: int, recorded_at: datetime) -> frozenset[str]:
+        """Fold one event (a full struct, or the lean one ``projections.bodies`` decodes
+        a stored body into); return the DIDs whose projected state changed."""
         if position <= self.position:
             return _NOTHING
         changed = _HANDLERS[type(event)](self, event, to_micros(recorded_at), recorded_at, position)
@@ -99,8 +109,26 @@ class MeshState:
         return changed
 
     def apply_recorded(self, record: RecordedEvent) -> frozenset[str]:
-        """Decode a stored entry's body and fold it."""
-        return self.apply(decode_body(record.body), record.position, record.recorded_at)
+        """Decode a stored entry's body (the fields the fold reads) and fold it."""
+        return self.apply(decode_for_fold(record.body), record.position, record.recorded_at)
+
+    def fold_records(self, records: Iterable[RecordedEvent]) -> None:
+        """Fold stored entries in order, as ``apply_recorded`` does one at a time, without
+        collecting what changed (a rebuild writes every document anyway)."""
+        # ``apply`` inlined: a rebuild runs this loop once per event of the ledger.
+        agents, trust, handlers, decode = self.agents, self.trust, _HANDLERS, decode_for_fold
+        for record in records:
+            event = decode(record.body)
+            position = record.position
+            if position <= self.position:
+                continue
+            moment = record.recorded_at
+            changed = handlers[type(event)](self, event, to_micros(moment), moment, position)
+            self.position = position
+            self.recorded_at = moment
+            for did in changed:
+                agents[did].position = position
+                trust[did].position = position
 
     def apply_all(self, items: Iterable[tuple[AnyEvent, int, datetime]]) -> frozenset[str]:
         """Fold ``(event, position, recorded_at)`` triples; return every changed DID."""
@@ -247,7 +275,11 @@ def _set_status(state: MeshState, did: str, status: AgentStatus, reason: str) ->
 
 
 def _handshake_completed(
-    state: MeshState, event: HandshakeCompleted, at: int, moment: datetime, position: int
+    state: MeshState,
+    event: HandshakeCompleted | HandshakeBody,
+    at: int,
+    moment: datetime,
+    position: int,
 ) -> frozenset[str]:
     """Both parties count the handshake; each earns the reward at most once per
     partner per window, so two agents cannot farm points by shaking hands in a loop.
@@ -266,7 +298,11 @@ def _handshake_completed(
 
 
 def _handshake_failed(
-    state: MeshState, event: HandshakeFailed, at: int, moment: datetime, position: int
+    state: MeshState,
+    event: HandshakeFailed | FailedHandshakeBody,
+    at: int,
+    moment: datetime,
+    position: int,
 ) -> frozenset[str]:
     """Counted, never penalised: no failure reason (a bad or missing answer, an
     expired challenge, a low score) can be attributed to the responder, since anyone
@@ -278,13 +314,13 @@ def _handshake_failed(
 
 
 def _violation(
-    state: MeshState, event: PolicyViolation, at: int, moment: datetime, position: int
+    state: MeshState, event: PolicyViolation | ReportBody, at: int, moment: datetime, position: int
 ) -> frozenset[str]:
     trust = state.trust.get(event.agent)
     if trust is None or event.repeat_of is not None:  # repeats are evidence, not penalties
         return _NOTHING
     full = state.config.penalties[event.severity] * MILLI
-    cost = _peer_effect(state, event.actor, trust, full, 1, at, moment)
+    cost = _peer_effect(state, event.actor, trust, full, 1, at)
     if cost == 0:
         return _NOTHING
     penalize_milli(trust, state.config, cost, at)
@@ -293,14 +329,12 @@ def _violation(
 
 
 def _signal(
-    state: MeshState, event: TrustSignal, at: int, moment: datetime, position: int
+    state: MeshState, event: TrustSignal | SignalBody, at: int, moment: datetime, position: int
 ) -> frozenset[str]:
     trust = state.trust.get(event.agent)
     if trust is None or event.actor == event.agent:  # nobody raises its own score
         return _NOTHING
-    gain = _peer_effect(
-        state, event.actor, trust, state.config.reward_signal * MILLI, 2, at, moment
-    )
+    gain = _peer_effect(state, event.actor, trust, state.config.reward_signal * MILLI, 2, at)
     if gain == 0:
         return _NOTHING
     reward_milli(trust, state.config, gain, at)
@@ -314,7 +348,6 @@ def _peer_effect(
     full: int,
     slot: int,
     at: int,
-    moment: datetime,
 ) -> int:
     """Milli-points a report by ``reporter`` moves ``target`` by (``full`` at most).
 
@@ -328,18 +361,29 @@ def _peer_effect(
     peer = state.trust.get(reporter)
     if peer is None or reporter == target.did:  # 1. (an actor the fold does not know is
         return full  # the ledger: the append rules admit no other unregistered signer)
-    view = state.trust_view(reporter, moment)
-    assert view is not None
-    if view.tier in ("suspended", "untrusted"):  # 2.
+    score = _standing(state, peer, at)
+    if score is None:  # 2.
         return 0
-    weighted = full * view.score // MAX_SCORE
+    weighted = full * score // MAX_SCORE
     window = target.peers.get(reporter)
     if window is None or at - window[0] >= PAIR_WINDOW_US:  # 3.
         window = target.peers[reporter] = [at, 0, 0]
     cap = state.config.penalties["critical"] * MILLI if slot == 1 else full
-    effect = max(min(weighted, cap * view.score // MAX_SCORE - window[slot]), 0)
+    effect = max(min(weighted, cap * score // MAX_SCORE - window[slot]), 0)
     window[slot] += effect
     return effect
+
+
+def _standing(state: MeshState, trust: TrustState, at: int) -> int | None:
+    """The score ``trust_view`` gives the agent of ``trust`` at ``at`` (µs), or None
+    when its tier is suspended or untrusted (``tier_for``), without building the view:
+    a peer's standing is read for every report it files."""
+    if state.agents[trust.did].status == "suspended":
+        return None
+    config = state.config
+    milli = score_milli_at(trust, config.decay_rate_milli, config.decay_floor * MILLI, at)
+    score = points(milli)
+    return None if score < config.min_threshold else score
 
 
 def _granted(
@@ -391,6 +435,11 @@ _HANDLERS: dict[type, Handler] = {
     DelegationRevoked: _revoked,
     RetentionApplied: _retention,
     LedgerKeyRotated: _retention,
+    # What projections.bodies decodes a stored report, signal or handshake into.
+    ReportBody: _violation,
+    SignalBody: _signal,
+    HandshakeBody: _handshake_completed,
+    FailedHandshakeBody: _handshake_failed,
 }
 
 

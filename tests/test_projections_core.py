@@ -8,11 +8,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ledger.chain import RecordedEvent
+from ledger.errors import EventValidationError
 from ledger.events import (
     AgentKeyRotated,
     AgentRegistered,
@@ -29,6 +31,13 @@ from ledger.events import (
     encode_event,
 )
 from ledger.timefmt import format_time
+from projections.bodies import (
+    FailedHandshakeBody,
+    HandshakeBody,
+    ReportBody,
+    SignalBody,
+    decode_for_fold,
+)
 from projections.config import SEVERITIES, Severity, TrustConfig
 from projections.delegation import (
     Grant,
@@ -42,8 +51,8 @@ from projections.delegation import (
     validate_revocation,
 )
 from projections.errors import DelegationError, SnapshotError
-from projections.state import MeshState, fold
-from projections.trust import HOUR_US, tier_for
+from projections.state import MeshState, _standing, fold
+from projections.trust import HOUR_US, tier_for, to_micros
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 STAMP = format_time(T0)  # occurred_at: the fold never reads it
@@ -744,6 +753,94 @@ def test_fold_of_prefix_then_rest_equals_fold_of_all(
     assert prefix.snapshot() == whole.snapshot()
     assert restored.snapshot() == whole.snapshot()
     assert restored == whole
+
+
+def _as_record(event: AnyEvent, position: int, moment: datetime) -> RecordedEvent:
+    return RecordedEvent(
+        position=position,
+        recorded_at=moment,
+        stream_id="s",
+        stream_version=position,
+        body=encode_event(event),
+        signature=b"",
+        prev_hash=b"",
+        entry_hash=b"",
+        event_type="",
+        actor=event.actor,
+        subjects=(),
+    )
+
+
+def _by_peers(
+    items: list[tuple[AnyEvent, int, datetime]], data: st.DataObject
+) -> list[tuple[AnyEvent, int, datetime]]:
+    """The history with each report and signal filed by a drawn agent, the ledger or
+    the subject itself: peer windows, weighting by standing and self-reports."""
+    found = []
+    for event, position, moment in items:
+        if isinstance(event, PolicyViolation | TrustSignal):
+            actor = data.draw(st.sampled_from([LEDGER, event.agent, *AGENTS]))
+            repeat = data.draw(st.sampled_from([None, None, None, "earlier-event-0001"]))
+            event = msgspec.structs.replace(event, actor=actor)
+            if isinstance(event, PolicyViolation):
+                event = msgspec.structs.replace(event, repeat_of=repeat)
+        found.append((event, position, moment))
+    return found
+
+
+@settings(max_examples=100, deadline=None)
+@given(histories(), st.data())
+def test_folding_stored_bodies_equals_folding_the_full_events(
+    items: list[tuple[AnyEvent, int, datetime]], data: st.DataObject
+) -> None:
+    """The lean decode of ``projections.bodies`` (``apply_recorded``, ``fold_records``)
+    folds to exactly what the full event structs fold to."""
+    items = _by_peers(items, data)
+    records = [_as_record(*item) for item in items]
+    whole = fold(items).snapshot()
+    one_by_one = MeshState()
+    for record in records:
+        one_by_one.apply_recorded(record)
+    in_bulk = MeshState()
+    cut = data.draw(st.integers(0, len(records)))
+    in_bulk.fold_records(records[:cut])
+    in_bulk.fold_records(records[cut:])
+    assert one_by_one.snapshot() == whole
+    assert in_bulk.snapshot() == whole
+
+
+@settings(max_examples=100, deadline=None)
+@given(histories(), st.data(), st.integers(0, 400 * HOUR_US))
+def test_a_peers_standing_is_its_trust_view(
+    items: list[tuple[AnyEvent, int, datetime]], data: st.DataObject, later: int
+) -> None:
+    state = fold(_by_peers(items, data))
+    now = T0 + timedelta(microseconds=later)
+    for agent, trust in state.trust.items():
+        view = state.trust_view(agent, now)
+        assert view is not None
+        standing = view.tier not in ("suspended", "untrusted")
+        assert _standing(state, trust, to_micros(now)) == (view.score if standing else None)
+
+
+def test_lean_bodies_for_reports_and_handshakes_full_events_for_the_rest() -> None:
+    lean = {
+        violation(A): ReportBody,
+        signal(A): SignalBody,
+        completed(A, B): HandshakeBody,
+        failed(A, B, "expired"): FailedHandshakeBody,
+    }
+    for event, kind in lean.items():
+        decoded = decode_for_fold(encode_event(event))
+        assert type(decoded) is kind
+        for name in msgspec.structs.fields(kind):
+            assert getattr(decoded, name.name) == getattr(event, name.name)
+    for event in (registered(A, "tools:*"), suspended(A), reinstated(A), revoked("g-000001")):
+        assert decode_for_fold(encode_event(event)) == event
+    assert decode_for_fold(encode_event(retention())) == retention()
+    for bad in (b"{", b'{"type": "no.such"}', b'{"type": "policy.violation", "actor": 1}'):
+        with pytest.raises(EventValidationError):
+            decode_for_fold(bad)
 
 
 trust_events = st.lists(
