@@ -407,8 +407,9 @@ async def with_database(args: argparse.Namespace, server_url: str, root: Path) -
 
 def main(args: argparse.Namespace) -> None:
     root = Path(tempfile.mkdtemp(prefix="agentmesh-bench-"))
+    events = ", ".join(f"{n:,}" for n in args.scale) if args.scale else f"{args.events:,}"
     print(
-        f"cores: {os.cpu_count()}, events: {args.events:,}, rounds: {args.repeat}, "
+        f"cores: {os.cpu_count()}, events: {events}, rounds: {args.repeat}, "
         f"load average: {os.getloadavg()[0]:.2f}"
     )
     try:
