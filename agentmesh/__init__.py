@@ -15,7 +15,7 @@ the handshake store) and connects them::
     embedded       PostgreSQL and Redis from PyPI wheels
     injector       ``serve injector``: the Kubernetes admission webhook
     migrate        Alembic, programmatically
-    nodelay        TCP_NODELAY for the single-worker HTTP server
+    nodelay        TCP_NODELAY for the multi-worker HTTP server (httptools or h11)
     logs           one log style: an event name with fields
     asgi           ``uvicorn --factory agentmesh.asgi:create``
 

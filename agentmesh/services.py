@@ -15,7 +15,7 @@ from prometheus_client import start_http_server
 
 from agentmesh.logs import configure_logging
 from agentmesh.migrate import head_revision
-from agentmesh.nodelay import NoDelayH11Protocol
+from agentmesh.nodelay import http_protocol
 from agentmesh.settings import Settings
 from agentmesh.wiring import open_history_reader, open_projection_store, trust_config
 from api.app import create_app
@@ -201,7 +201,7 @@ def serve_api(settings: Settings) -> int:
         else:
             uvicorn.run(
                 "agentmesh.asgi:create",
-                http=NoDelayH11Protocol,
+                http=http_protocol(),
                 factory=True,
                 host=settings.api_host,
                 port=settings.api_port,

@@ -44,7 +44,7 @@ def test_scale_run_prints_every_figure_at_both_sizes(
         "single-report appends",
         "GET /v1/agents/{did}/trust, cache off",
         "sidecar decision, trust-cache miss p50",
-        "GET /v1/agents page",
+        "GET /v1/agents deep full page",
         "?at=",
         "projection rebuild into redis",
         "audit export",
