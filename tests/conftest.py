@@ -18,6 +18,10 @@ from agentmesh.embedded import EmbeddedPostgres, EmbeddedRedis
 from agentmesh.migrate import upgrade
 from ledger.identity import SigningKey
 from ledger.postgres import PostgresEventStore
+from projections.readstore import ProjectionStore
+from projections.store_memory import MemoryProjectionStore
+from projections.store_postgres import PostgresProjectionStore
+from projections.store_redis import RedisProjectionStore
 from tests.api_support import Api, api_settings, running_api
 from tests.sidecar_support import RunningSidecar, Upstream, running_sidecar, running_upstream
 
@@ -83,6 +87,26 @@ async def store(database_url: str, ledger_key: SigningKey) -> AsyncIterator[Post
         yield event_store
     finally:
         await event_store.close()
+
+
+@pytest.fixture(params=["memory", "redis", "postgres"])
+async def read_store(
+    request: pytest.FixtureRequest, redis_server: EmbeddedRedis, database_url: str
+) -> AsyncIterator[ProjectionStore]:
+    """Each projection read store in turn, empty, on its own keys or schema."""
+    store: ProjectionStore
+    if request.param == "memory":
+        store = MemoryProjectionStore()
+    elif request.param == "redis":
+        store = RedisProjectionStore.connect(
+            redis_server.host, redis_server.port, prefix=f"t{uuid.uuid4().hex[:8]}:"
+        )
+    else:
+        store = await PostgresProjectionStore.connect(database_url, uuid.uuid4().hex[:8])
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
 # -- servers most API and sidecar tests share (a module may define its own) --------------

@@ -8,7 +8,6 @@ byte; writes are exactly-once (compare-and-set); changes are published.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -16,7 +15,6 @@ from typing import Any
 import msgspec
 import pytest
 
-from agentmesh.embedded import EmbeddedRedis
 from ledger.identity import SigningKey
 from ledger.postgres import PostgresEventStore
 from projections.config import TrustConfig
@@ -32,26 +30,6 @@ from projections.store_redis import RedisProjectionStore
 from tests.support import ManualClock, random_history
 
 CONFIG = TrustConfig()
-BACKENDS = ["memory", "redis", "postgres"]
-
-
-@pytest.fixture(params=BACKENDS)
-async def read_store(
-    request: pytest.FixtureRequest, redis_server: EmbeddedRedis, database_url: str
-) -> AsyncIterator[ProjectionStore]:
-    store: ProjectionStore
-    if request.param == "memory":
-        store = MemoryProjectionStore()
-    elif request.param == "redis":
-        store = RedisProjectionStore.connect(
-            redis_server.host, redis_server.port, prefix=f"t{uuid.uuid4().hex[:8]}:"
-        )
-    else:
-        store = await PostgresProjectionStore.connect(database_url, uuid.uuid4().hex[:8])
-    try:
-        yield store
-    finally:
-        await store.close()
 
 
 @pytest.fixture

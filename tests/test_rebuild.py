@@ -11,14 +11,12 @@ decoded.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 import projections.start as start
-from agentmesh.embedded import EmbeddedRedis
 from ledger.chain import RecordedEvent
 from ledger.errors import StoreUnavailableError
 from ledger.events import (
@@ -37,9 +35,6 @@ from projections.projector import Projector
 from projections.readstore import ProjectionReader, ProjectionStore
 from projections.start import state_at_position
 from projections.state import MeshState, fold
-from projections.store_memory import MemoryProjectionStore
-from projections.store_postgres import PostgresProjectionStore
-from projections.store_redis import RedisProjectionStore
 from tests.support import ManualClock, random_history
 
 CONFIG = TrustConfig()
@@ -57,25 +52,6 @@ async def ledger(
     database_url: str, ledger_key: SigningKey, clock: ManualClock
 ) -> AsyncIterator[PostgresEventStore]:
     store = await PostgresEventStore.open(database_url, ledger_key, clock=clock)
-    try:
-        yield store
-    finally:
-        await store.close()
-
-
-@pytest.fixture(params=["memory", "redis", "postgres"])
-async def read_store(
-    request: pytest.FixtureRequest, redis_server: EmbeddedRedis, database_url: str
-) -> AsyncIterator[ProjectionStore]:
-    store: ProjectionStore
-    if request.param == "memory":
-        store = MemoryProjectionStore()
-    elif request.param == "redis":
-        store = RedisProjectionStore.connect(
-            redis_server.host, redis_server.port, prefix=f"t{uuid.uuid4().hex[:8]}:"
-        )
-    else:
-        store = await PostgresProjectionStore.connect(database_url, uuid.uuid4().hex[:8])
     try:
         yield store
     finally:
