@@ -183,6 +183,10 @@ class PostgresEventStore(PostgresLedgerReader):
         self._turns = turns  # take turns with other processes (see "Turns")
         self._turn_ends: float | None = None  # when this process's turn ends; None: not its turn
         self._idle_check: asyncio.TimerHandle | None = None
+        self._last_flush = 0.0  # the loop's time when the last flush ended
+        # Whether appends are traced, decided once (a tracer provider is configured
+        # before the ledger is opened; asking OpenTelemetry reads the environment).
+        self._traced = _tracing()
         self._keeper: asyncio.Task[None] | None = None  # the latest idle release
         self._closed = False
 
@@ -302,7 +306,7 @@ class PostgresEventStore(PostgresLedgerReader):
             raise StoreUnavailableError("the event store is closed")
         request = new_request(events, expected_version, idempotency_key)
         request.bootstrap = bootstrap
-        if not _tracing():
+        if not self._traced:
             return await self._submit(request)
         with _tracer.start_as_current_span("ledger.append") as span:
             span.set_attribute("ledger.events", len(request.events))
@@ -623,21 +627,31 @@ class PostgresEventStore(PostgresLedgerReader):
     def _release_when_idle(self) -> None:
         """After a flush: once this process has had nothing to append for
         ``TURN_IDLE_SECONDS``, let go of the ledger, so an idle process never holds
-        up the others (a busy one hands over at the end of its turn instead)."""
+        up the others (a busy one hands over at the end of its turn instead). One
+        timer at a time: it looks at when the last flush ended when it fires."""
         if self._turn_ends is None or self._closed:
             return
-        if self._idle_check is not None:
-            self._idle_check.cancel()
-        self._idle_check = asyncio.get_running_loop().call_later(
-            TURN_IDLE_SECONDS, self._idle_release
-        )
+        loop = asyncio.get_running_loop()
+        self._last_flush = loop.time()
+        if self._idle_check is None:
+            self._idle_check = loop.call_at(
+                self._last_flush + TURN_IDLE_SECONDS, self._idle_release
+            )
 
     def _idle(self) -> bool:
         return not self._in_flight and self._queue.empty() and not self._flush_lock.locked()
 
     def _idle_release(self) -> None:
         self._idle_check = None
-        if self._turn_ends is not None and not self._closed and self._idle():
+        if self._turn_ends is None or self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._last_flush + TURN_IDLE_SECONDS:  # flushed since: wait on
+            self._idle_check = loop.call_at(
+                self._last_flush + TURN_IDLE_SECONDS, self._idle_release
+            )
+            return
+        if self._idle():
             self._keeper = asyncio.create_task(self._release_turn(), name="ledger-turn-release")
 
     async def _release_turn(self) -> None:
