@@ -13,7 +13,8 @@ Prints, from one run (medians of ``--repeat`` rounds, rounds interleaved):
   * several processes appending to one ledger at once (``--processes 1,2,4``):
     each a separate ``PostgresEventStore`` (as separate API replicas or workers)
     with 32 concurrent appenders, started together; the total events/s beside
-    one process's in the same run,
+    one process's in the same run, and how they shared the ledger (events per
+    commit, commits by path, turns waited, entries caught up, guard misses),
   * the 1-core Ed25519 verify ceiling.
 Both stores commit durably (``synchronous_commit`` on, fsync on) before a call returns.
 
