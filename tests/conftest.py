@@ -24,6 +24,7 @@ from projections.store_postgres import PostgresProjectionStore
 from projections.store_redis import RedisProjectionStore
 from tests.api_support import Api, api_settings, running_api
 from tests.sidecar_support import RunningSidecar, Upstream, running_sidecar, running_upstream
+from tests.support import ManualClock
 
 
 @pytest.fixture(scope="session")
@@ -87,6 +88,24 @@ async def store(database_url: str, ledger_key: SigningKey) -> AsyncIterator[Post
         yield event_store
     finally:
         await event_store.close()
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    """A clock a test moves by hand (tests.support.ManualClock)."""
+    return ManualClock()
+
+
+@pytest.fixture
+async def ledger(
+    database_url: str, ledger_key: SigningKey, clock: ManualClock
+) -> AsyncIterator[PostgresEventStore]:
+    """The event store on the test's database, on the test's manual clock."""
+    store = await PostgresEventStore.open(database_url, ledger_key, clock=clock)
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
 @pytest.fixture(params=["memory", "redis", "postgres"])

@@ -8,14 +8,12 @@ byte; writes are exactly-once (compare-and-set); changes are published.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
 import msgspec
 import pytest
 
-from ledger.identity import SigningKey
 from ledger.postgres import PostgresEventStore
 from projections.config import TrustConfig
 from projections.delegation import delegation_chain, effective_capabilities
@@ -30,22 +28,6 @@ from projections.store_redis import RedisProjectionStore
 from tests.support import ManualClock, random_history
 
 CONFIG = TrustConfig()
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
-
-
-@pytest.fixture
-async def ledger(
-    database_url: str, ledger_key: SigningKey, clock: ManualClock
-) -> AsyncIterator[PostgresEventStore]:
-    store = await PostgresEventStore.open(database_url, ledger_key, clock=clock)
-    try:
-        yield store
-    finally:
-        await store.close()
 
 
 async def full_replay(ledger: PostgresEventStore) -> MeshState:

@@ -11,7 +11,6 @@ decoded.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -26,7 +25,6 @@ from ledger.events import (
     PolicyViolation,
     decode_body,
 )
-from ledger.identity import SigningKey
 from ledger.postgres import PostgresEventStore
 from ledger.timefmt import format_time
 from projections.config import TrustConfig
@@ -40,22 +38,6 @@ from tests.support import ManualClock, random_history
 CONFIG = TrustConfig()
 LEDGER = f"did:mesh:{'f' * 32}"
 PEERS = [f"did:mesh:{n:032x}" for n in (7, 3, 9, 1, 8, 2)]
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
-
-
-@pytest.fixture
-async def ledger(
-    database_url: str, ledger_key: SigningKey, clock: ManualClock
-) -> AsyncIterator[PostgresEventStore]:
-    store = await PostgresEventStore.open(database_url, ledger_key, clock=clock)
-    try:
-        yield store
-    finally:
-        await store.close()
 
 
 def reference(records: list[RecordedEvent], upto: int | None = None) -> MeshState:

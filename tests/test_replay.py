@@ -15,7 +15,6 @@ import os
 import random
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -55,22 +54,6 @@ from tests.support import T0, ManualClock, random_history, register
 CONFIG = TrustConfig()
 SEEDS = [1, 2, 3, 4]
 MICRO = timedelta(microseconds=1)
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
-
-
-@pytest.fixture
-async def ledger(
-    database_url: str, ledger_key: SigningKey, clock: ManualClock
-) -> AsyncIterator[PostgresEventStore]:
-    store = await PostgresEventStore.open(database_url, ledger_key, clock=clock)
-    try:
-        yield store
-    finally:
-        await store.close()
 
 
 async def entries(ledger: PostgresEventStore) -> list[RecordedEvent]:

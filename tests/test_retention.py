@@ -7,7 +7,6 @@ import base64
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -37,22 +36,6 @@ from tests.test_read_stores import as_bytes, store_answers
 
 CONFIG = TrustConfig()
 DAYS = 90
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
-
-
-@pytest.fixture
-async def ledger(
-    database_url: str, ledger_key: SigningKey, clock: ManualClock
-) -> AsyncIterator[PostgresEventStore]:
-    store = await PostgresEventStore.open(database_url, ledger_key, clock=clock)
-    try:
-        yield store
-    finally:
-        await store.close()
 
 
 async def long_history(ledger: PostgresEventStore, clock: ManualClock) -> list[Agent]:
