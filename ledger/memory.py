@@ -27,7 +27,6 @@ from ledger.chain import (
 )
 from ledger.errors import (
     ConcurrencyError,
-    EventValidationError,
     IdempotencyConflictError,
     LedgerKeyMismatchError,
     NotPermittedError,
@@ -42,14 +41,13 @@ from ledger.events import (
     Event,
     LedgerKeyRotated,
     decode_body,
-    stream_of,
     subject_agents,
 )
 from ledger.identity import SigningKey, VerifyKey
 from ledger.merkle import Frontier
 from ledger.ports import Window
 from ledger.signatures import Signer
-from ledger.signed import SignedEvent
+from ledger.signed import SignedEvent, append_stream
 from ledger.timefmt import utc_now
 
 __all__ = ["MemoryLedger"]
@@ -165,7 +163,7 @@ class MemoryLedger:
         bootstrap: bool = False,
     ) -> AppendResult:
         """Append events of one stream atomically, by the same rules as PostgreSQL."""
-        stream = _one_stream(events, idempotency_key)
+        stream = append_stream(events, idempotency_key)
         digest = hashlib.sha256(b"\n".join(e.body for e in events)).digest()
         async with self._lock:
             self._check_key()
@@ -412,14 +410,3 @@ class MemoryLedger:
 
     async def schema_revision(self) -> str | None:
         return None
-
-
-def _one_stream(events: Sequence[SignedEvent], idempotency_key: str | None) -> str:
-    if not events:
-        raise EventValidationError("an append needs at least one event")
-    streams = {stream_of(e.event) for e in events}
-    if len(streams) != 1:
-        raise EventValidationError(f"one append writes one stream, got {sorted(streams)}")
-    if idempotency_key is not None and not 1 <= len(idempotency_key) <= 200:
-        raise EventValidationError("an idempotency key is 1 to 200 characters")
-    return streams.pop()

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
 from ledger.canonical import canonical_bytes
-from ledger.errors import SignatureError
+from ledger.errors import EventValidationError, SignatureError
 from ledger.events import (
     AgentKeyRotated,
     AnyEvent,
@@ -19,6 +19,7 @@ from ledger.events import (
     event_type,
     new_event_id,
     parse_event,
+    stream_of,
 )
 from ledger.identity import SigningKey, VerifyKey, b64decode, b64encode
 
@@ -84,3 +85,16 @@ class SignedEvent:
         hashes to the actor's DID; the caller chooses it from the ledger.
         """
         key.verify(self.signature, self.body)
+
+
+def append_stream(events: Sequence[SignedEvent], idempotency_key: str | None) -> str:
+    """The one stream an append writes, its shape checked (events of one stream, an
+    idempotency key of 1 to 200 characters): the same for every ledger adapter."""
+    if not events:
+        raise EventValidationError("an append needs at least one event")
+    streams = {stream_of(e.event) for e in events}
+    if len(streams) != 1:
+        raise EventValidationError(f"one append writes one stream, got {sorted(streams)}")
+    if idempotency_key is not None and not 1 <= len(idempotency_key) <= 200:
+        raise EventValidationError("an idempotency key is 1 to 200 characters")
+    return streams.pop()

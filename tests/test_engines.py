@@ -91,23 +91,6 @@ def pooled_url(pgbouncer: PgBouncer, database_url: str) -> str:
     return pgbouncer.url(_name(database_url))
 
 
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
-
-
-@pytest.fixture
-async def ledger(
-    database_url: str, ledger_key: SigningKey, clock: ManualClock
-) -> AsyncIterator[PostgresEventStore]:
-    """The ledger, directly (the Redis tests), on the test's clock."""
-    opened = await PostgresEventStore.open(database_url, ledger_key, clock=clock)
-    try:
-        yield opened
-    finally:
-        await opened.close()
-
-
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
     return make_tls(tmp_path_factory.mktemp("tls"))

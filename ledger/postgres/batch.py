@@ -22,7 +22,6 @@ from ledger import authority, tlog
 from ledger.chain import AppendResult, Head, entry_hash, envelope_bytes
 from ledger.errors import (
     ConcurrencyError,
-    EventValidationError,
     IdempotencyConflictError,
     LedgerError,
     LedgerKeyMismatchError,
@@ -36,13 +35,12 @@ from ledger.events import (
     AgentSuspended,
     Event,
     LedgerKeyRotated,
-    stream_of,
     subject_agents,
 )
 from ledger.identity import VerifyKey
 from ledger.merkle import Frontier, Subtree
 from ledger.postgres.reader import NOTIFY_CHANNEL
-from ledger.signed import SignedEvent
+from ledger.signed import SignedEvent, append_stream
 
 
 @dataclass(slots=True)
@@ -69,16 +67,10 @@ def new_request(
 ) -> Request:
     """An append's request, its shape checked (one stream, a sane key), its future
     on the running loop."""
-    if not events:
-        raise EventValidationError("an append needs at least one event")
-    streams = {stream_of(e.event) for e in events}
-    if len(streams) != 1:
-        raise EventValidationError(f"one append writes one stream, got {sorted(streams)}")
-    if idempotency_key is not None and not 1 <= len(idempotency_key) <= 200:
-        raise EventValidationError("an idempotency key is 1 to 200 characters")
+    stream = append_stream(events, idempotency_key)
     return Request(
         events=tuple(events),
-        stream_id=streams.pop(),
+        stream_id=stream,
         expected_version=expected_version,
         idempotency_key=idempotency_key,
         digest=hashlib.sha256(b"\n".join(e.body for e in events)).digest(),
