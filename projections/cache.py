@@ -126,8 +126,10 @@ class CachedStore:
     def all_grant_docs(self) -> AsyncIterator[bytes]:
         return self.inner.all_grant_docs()
 
-    async def commit(self, batch: Batch, expected: tuple[str, int]) -> None:
-        await self.inner.commit(batch, expected)
+    async def commit(
+        self, batch: Batch, expected: tuple[str, int], change: Change | None = None
+    ) -> None:
+        await self.inner.commit(batch, expected, change)
 
     async def replace_all(self, batch: Batch) -> None:
         await self.inner.replace_all(batch)

@@ -22,8 +22,9 @@ from typing import Any
 
 import msgspec
 
-from ledger.events import AnyEvent, DelegationGranted, DelegationRevoked
+from ledger.events import DelegationGranted, DelegationRevoked
 from ledger.timefmt import format_time, parse_time
+from projections.bodies import FoldEvent
 from projections.config import SEVERITIES, TrustConfig
 from projections.delegation import DelegationGraph, Grant
 from projections.registry import AgentRecord, AgentStatus
@@ -162,7 +163,7 @@ def grant_document(state: MeshState, grant_id: str) -> bytes:
     return encode(doc)
 
 
-def grants_touched(event: AnyEvent) -> tuple[str, ...]:
+def grants_touched(event: FoldEvent) -> tuple[str, ...]:
     """Grant documents an event can change: the grant itself, and a new grant's
     parent (its list of children). A revocation marks only its own grant;
     descendants fall through their chain."""

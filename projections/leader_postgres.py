@@ -19,7 +19,7 @@ import asyncpg
 from ledger.errors import StoreUnavailableError
 from ledger.postgres.dsn import connect_kwargs, pooler_of
 from ledger.postgres.reader import NOTIFY_CHANNEL
-from projections.projector import Projector, wait_any
+from projections.projector import Projector, Wakeup, wait_any
 
 __all__ = ["LEADER_LOCK", "append_wakeups", "project_while_leader"]
 
@@ -51,7 +51,7 @@ async def project_while_leader(
             await wait_any(stop, asyncio.Event(), retry_interval)
             continue
         try:
-            wake = asyncio.Event()
+            wake = Wakeup()
             try:
                 leader = await conn.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK)
                 if leader:
@@ -76,7 +76,7 @@ async def append_wakeups(database_url: str | None) -> AsyncIterator[asyncio.Even
     """An event set whenever an append commits: LISTEN on a session of its own on
     ``database_url`` (a direct URL). With None, an event nobody sets: the reader
     then relies on its poll alone (what a transaction pooler leaves)."""
-    wake = asyncio.Event()
+    wake = Wakeup()
     if database_url is None:
         yield wake
         return
@@ -94,11 +94,11 @@ async def append_wakeups(database_url: str | None) -> AsyncIterator[asyncio.Even
             await conn.close()
 
 
-def _waker(wake: asyncio.Event) -> Callable[..., None]:
-    """A LISTEN callback that sets ``wake`` (the payload does not matter)."""
+def _waker(wake: Wakeup) -> Callable[..., None]:
+    """A LISTEN callback that sets ``wake`` with the head the commit left (the payload)."""
 
-    def on_notify(*_: object) -> None:
-        wake.set()
+    def on_notify(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+        wake.notify(payload)
 
     return on_notify
 

@@ -58,7 +58,12 @@ class ProjectionStore(Protocol):
 
     def all_grant_docs(self) -> AsyncIterator[bytes]: ...
 
-    async def commit(self, batch: Batch, expected: tuple[str, int]) -> None: ...
+    async def commit(
+        self, batch: Batch, expected: tuple[str, int], change: Change | None = None
+    ) -> None:
+        """Write ``batch`` if the store is at ``expected`` (generation, position), else
+        raise ``StaleWriteError``; with ``change``, publish it in the same step (as
+        ``publish`` would, and only if the write took place)."""
 
     async def replace_all(self, batch: Batch) -> None: ...
 

@@ -52,11 +52,15 @@ class MemoryProjectionStore:
         for doc in list(self._current.grants.values()) if self._current else []:
             yield doc
 
-    async def commit(self, batch: Batch, expected: tuple[str, int]) -> None:
+    async def commit(
+        self, batch: Batch, expected: tuple[str, int], change: Change | None = None
+    ) -> None:
         current = self._current
         if current is None or (current.meta.generation, current.meta.position) != expected:
             raise StaleWriteError(f"memory store is not at {expected}")
         _put(current, batch)
+        if change is not None:
+            await self.publish(change)
 
     async def replace_all(self, batch: Batch) -> None:
         generation = _Generation(meta=batch.meta)

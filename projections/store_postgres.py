@@ -117,7 +117,9 @@ class PostgresProjectionStore:
     def all_grant_docs(self) -> AsyncIterator[bytes]:
         return self._scan("g")
 
-    async def commit(self, batch: Batch, expected: tuple[str, int]) -> None:
+    async def commit(
+        self, batch: Batch, expected: tuple[str, int], change: Change | None = None
+    ) -> None:
         try:
             async with self._pool.acquire() as conn, conn.transaction():
                 moved = await conn.fetchval(
@@ -133,6 +135,9 @@ class PostgresProjectionStore:
                 if moved is None:
                     raise StaleWriteError(f"postgres read store is not at {expected}")
                 await self._upsert(conn, expected[0], batch)
+                if change is not None:
+                    # Delivered when the transaction commits, and only then.
+                    await conn.execute("SELECT pg_notify($1, $2)", *self._notification(change))
         except _DRIVER_ERRORS as exc:
             raise ReadStoreError(f"postgres read store: {exc}") from exc
 
@@ -185,13 +190,15 @@ class PostgresProjectionStore:
         except _DRIVER_ERRORS as exc:
             raise ReadStoreError(f"postgres read store: {exc}") from exc
 
-    async def publish(self, change: Change) -> None:
+    def _notification(self, change: Change) -> tuple[str, str]:
+        """The channel and payload of ``change`` (too many agents for a payload: all)."""
         if change.agents is not None and len(change.agents) > _MAX_NOTIFY_AGENTS:
             change = Change(change.position, None)
+        return f"{CHANNEL}_{self._name}", change.encode().decode()
+
+    async def publish(self, change: Change) -> None:
         try:
-            await self._pool.execute(
-                "SELECT pg_notify($1, $2)", f"{CHANNEL}_{self._name}", change.encode().decode()
-            )
+            await self._pool.execute("SELECT pg_notify($1, $2)", *self._notification(change))
         except _DRIVER_ERRORS as exc:
             raise ReadStoreError(f"postgres read store: {exc}") from exc
 

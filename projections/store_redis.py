@@ -98,6 +98,7 @@ for _ = 1, grants do
   i = i + 2
 end
 redis.call('HSET', base .. 'meta', 'position', ARGV[4], 'json', ARGV[5])
+if ARGV[i] ~= '' then redis.call('PUBLISH', ARGV[1] .. 'changes', ARGV[i]) end
 return 1
 """
 
@@ -328,7 +329,9 @@ class RedisProjectionStore:
             except (RedisError, OSError) as exc:
                 raise ReadStoreError(f"redis sentinel unavailable: {exc}") from exc
 
-    async def commit(self, batch: Batch, expected: tuple[str, int]) -> None:
+    async def commit(
+        self, batch: Batch, expected: tuple[str, int], change: Change | None = None
+    ) -> None:
         await self._follow_master()
         args: list[Any] = [
             expected[0],
@@ -342,6 +345,9 @@ class RedisProjectionStore:
         args.append(len(batch.grants))
         for gid, doc in batch.grants.items():
             args += [gid, doc]
+        # The change is published by the same script: one round trip, and never a
+        # change without its write (nor a write whose change is lost in between).
+        args.append(b"" if change is None else change.encode())
         await self._call(self._commit_script, args)
 
     async def replace_all(self, batch: Batch) -> None:
