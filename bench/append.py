@@ -38,7 +38,7 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -323,7 +323,7 @@ def check_costs(repeat: int) -> dict[str, float]:
         def has_agents(self) -> bool:
             return True
 
-        def seen(self, actor: str, event_id: str) -> bool:
+        def seen(self, actor: str, event_id: str, day: date) -> bool:
             return False
 
     view, frontier = View(), Frontier()

@@ -11,12 +11,15 @@ transaction, the verifiers from an ``AuthorityState`` they fold as they go.
 The rules (numbered as the README's trust model table):
 
 1. Every event carries an ``event_id`` chosen by its signer; ``(actor,
-   event_id)`` is unique in the ledger. A signed body is single-use: a
-   replay is refused (``ReplayError``), never appended twice.
+   event_id)`` is unique among the events that occurred on the same UTC day
+   (``single_use_day``). A signed body is single-use: a replay carries the
+   same ``occurred_at``, so it is refused (``ReplayError``), never appended
+   twice.
 2. Every timestamp in a body is a real RFC 3339 time; ``occurred_at`` lies
    within ``MAX_FUTURE_SKEW`` after and ``MAX_AGE`` before the ledger's own
    clock at append (``recorded_at``). Replays of bodies older than
-   ``MAX_AGE`` are stale, so the replay index only needs that window.
+   ``MAX_AGE`` are stale, so the replay index only needs the days that are
+   not (``single_use_horizon``): a store drops older days whole.
 3. Only the ledger signs what the server decides: suspensions,
    reinstatements, handshake outcomes, retention markers.
 4. A signer other than the ledger is a registered, active agent: a
@@ -44,7 +47,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Protocol
 
 import msgspec
@@ -64,6 +67,7 @@ from ledger.events import (
     AgentSuspended,
     AnyEvent,
     DelegationGranted,
+    Event,
     HandshakeCompleted,
     HandshakeFailed,
     LedgerKeyRotated,
@@ -79,6 +83,30 @@ MAX_FUTURE_SKEW = timedelta(minutes=5)
 """How far ahead of the ledger's clock a signer's ``occurred_at`` may be."""
 MAX_AGE = timedelta(days=7)
 """How old a signed body may be when it reaches the ledger (an outbox's backlog)."""
+
+
+def single_use_day(event: Event) -> date | None:
+    """The UTC day ``occurred_at`` falls on (None when it is not a time: such an
+    event is refused). Single-use ids and idempotency keys are unique per signer
+    and this day (rule 1): a replay or a retry resends the same bodies, so it
+    meets what it repeats."""
+    text = event.occurred_at
+    try:
+        if text[-1:] in ("Z", "z"):  # UTC already: the day is the date as written
+            return date.fromisoformat(text[:10])
+        return parse_time(text).date()
+    except (ValueError, OverflowError):
+        return None
+
+
+def single_use_horizon(ledger_now: datetime) -> date:
+    """The oldest UTC day whose single-use ids and idempotency keys a store must
+    still hold when its clock (the head's ``recorded_at``; it never runs back)
+    reads ``ledger_now``: a body that occurred on an earlier day is stale (rule
+    2) by a margin of at least a day, so a replay of it is refused without the
+    index."""
+    return (ledger_now - MAX_AGE - timedelta(days=1)).date()
+
 
 LEDGER_ONLY: tuple[type, ...] = (
     AgentSuspended,
@@ -104,8 +132,9 @@ class WriteView(Protocol):
     def has_agents(self) -> bool:
         """Whether any agent has ever been registered."""
 
-    def seen(self, actor: str, event_id: str) -> bool:
-        """Whether an event with this id by this signer is already recorded."""
+    def seen(self, actor: str, event_id: str, day: date) -> bool:
+        """Whether an event with this id by this signer, occurred on this UTC day, is
+        already recorded."""
 
 
 def check(event: AnyEvent, body: bytes, recorded_at: datetime, view: WriteView) -> None:
@@ -116,7 +145,9 @@ def check(event: AnyEvent, body: bytes, recorded_at: datetime, view: WriteView) 
     actor, is_ledger = event.actor, event.actor == view.ledger_did
     # 1. Single use.
     assert event.event_id is not None  # check_static refused it otherwise
-    if view.seen(actor, event.event_id):
+    day = single_use_day(event)
+    assert day is not None  # check_static refused it otherwise
+    if view.seen(actor, event.event_id, day):
         raise ReplayError(f"event {event.event_id} by {actor} is already in the ledger")
     # 4-5. Who signs, as of now.
     if isinstance(event, AgentRegistered):
@@ -264,7 +295,7 @@ class AuthorityState:
     ledger_did: str
     keys: dict[str, bytes] = field(default_factory=dict)
     suspended_dids: set[str] = field(default_factory=set)
-    ids: set[tuple[str, str]] = field(default_factory=set)
+    ids: set[tuple[str, str, date]] = field(default_factory=set)
     complete: bool = True
 
     def key(self, did: str) -> bytes | None:
@@ -276,13 +307,14 @@ class AuthorityState:
     def has_agents(self) -> bool:
         return bool(self.keys) or not self.complete
 
-    def seen(self, actor: str, event_id: str) -> bool:
-        return (actor, event_id) in self.ids
+    def seen(self, actor: str, event_id: str, day: date) -> bool:
+        return (actor, event_id, day) in self.ids
 
     def advance(self, event: AnyEvent) -> None:
         """Fold an accepted event into the state."""
-        if event.event_id is not None:
-            self.ids.add((event.actor, event.event_id))
+        day = single_use_day(event)
+        if event.event_id is not None and day is not None:
+            self.ids.add((event.actor, event.event_id, day))
         match event:
             case AgentRegistered() | AgentKeyRotated():
                 self.keys[event.did] = _pem_key(event.public_key).raw

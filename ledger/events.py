@@ -54,7 +54,8 @@ class Event(
 
     ``event_id`` is chosen by the signer (``SignedEvent.create`` fills in a
     random one) and the ledger refuses a second event with the same
-    ``(actor, event_id)``: a signed body can be appended once, never replayed.
+    ``(actor, event_id)`` that occurred on the same UTC day: a signed body can be
+    appended once, never replayed (``ledger.authority``, rule 1).
     It is optional in the schema only so that bodies stored before it existed
     still decode; the append rules (``ledger.authority``) require it.
     """

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Callable, Sequence
-from datetime import datetime
+from datetime import date, datetime
 
 from ledger import authority, merkle, tlog
 from ledger.authority import AuthorityState
@@ -74,12 +74,13 @@ class _Overlay:
     def has_agents(self) -> bool:
         return bool(self.scratch.keys) or self.state.has_agents()
 
-    def seen(self, actor: str, event_id: str) -> bool:
-        return self.scratch.seen(actor, event_id) or self.state.seen(actor, event_id)
+    def seen(self, actor: str, event_id: str, day: date) -> bool:
+        return self.scratch.seen(actor, event_id, day) or self.state.seen(actor, event_id, day)
 
     def advance(self, event: Event) -> None:
-        if event.event_id is not None:
-            self.scratch.ids.add((event.actor, event.event_id))
+        day = authority.single_use_day(event)
+        if event.event_id is not None and day is not None:
+            self.scratch.ids.add((event.actor, event.event_id, day))
         if isinstance(event, AgentRegistered | AgentKeyRotated):
             self.scratch.keys[event.did] = VerifyKey.from_pem(event.public_key).raw
         elif isinstance(event, AgentSuspended | AgentReinstated):
@@ -115,7 +116,8 @@ class MemoryLedger:
         self._state = AuthorityState(ledger_key.did)
         self._identity = ledger_key.public  # the ledger's key: genesis, then each rotation's
         self._versions: dict[str, int] = {}
-        self._idempotency: dict[tuple[str, str], tuple[bytes, AppendResult]] = {}
+        # (signer, key, the first event's single_use_day): a retry resends the same events
+        self._idempotency: dict[tuple[str, str, date | None], tuple[bytes, AppendResult]] = {}
         self._checkpoints: dict[int, Checkpoint] = {}
         self._tree_heads: dict[int, str] = {}
         self._frontier = Frontier()
@@ -167,7 +169,11 @@ class MemoryLedger:
         digest = hashlib.sha256(b"\n".join(e.body for e in events)).digest()
         async with self._lock:
             self._check_key()
-            scope = (events[0].actor, idempotency_key or "")
+            scope = (
+                events[0].actor,
+                idempotency_key or "",
+                authority.single_use_day(events[0].event),
+            )
             if idempotency_key is not None and scope in self._idempotency:
                 stored, result = self._idempotency[scope]
                 if stored != digest:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any, Protocol
 
 from ledger.chain import AppendResult, Checkpoint, Head, RecordedEvent
@@ -95,6 +95,13 @@ class RetentionStore(RetentionAnchors, Protocol):
     async def prune(self, position: int, cut_time: datetime) -> None:
         """Remove everything stored at or before ``position`` (recorded before
         ``cut_time``), keeping the checkpoint at ``position``."""
+
+    async def stale_partitions(self, before: date) -> list[str]:
+        """The storage units of single-use ids and idempotency keys of bodies that
+        occurred before ``before`` (``ledger.authority.single_use_horizon``), by name."""
+
+    async def drop_partitions(self, names: Sequence[str]) -> None:
+        """Remove these storage units whole."""
 
     async def set_status(self, position: int, status: str) -> None:
         """Record how far the run at this anchor got: anchored, pruned, recorded."""

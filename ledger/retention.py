@@ -11,10 +11,14 @@ that dies at any point is finished by the next one:
    plus a signed checkpoint at P. If this cannot be written, nothing is removed.
 3. Prune: whole daily partitions entirely before the cut are detached
    (CONCURRENTLY, so appends go on) and dropped; the rest of a partition that
-   straddles the cut is deleted row by row; idempotency keys and checkpoints
-   of removed positions go too.
+   straddles the cut is deleted row by row; checkpoints of removed positions go
+   too.
 4. Record: ``ledger.retention_applied`` is appended, naming the cut, the
    anchor hash and the snapshot digest.
+
+Every run, whatever the cut, also drops the single-use ids' and idempotency keys'
+partitions of days whose bodies are stale (``authority.single_use_horizon`` of the
+ledger's clock): they can match nothing that may still be appended (trust rule 2).
 
 Afterwards verification starts from the latest anchor: its signature, its
 checkpoint, and the keys it carries replace the removed history.
@@ -24,11 +28,11 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from ledger import tlog
+from ledger import authority, tlog
 from ledger.anchor import Anchor, verify_anchor
 from ledger.canonical import canonical_bytes
 from ledger.chain import sign_checkpoint
@@ -68,21 +72,27 @@ class RetentionPlan:
     drop: list[str]
     straddling: list[str]
     rows: int
+    stale: list[str] = field(default_factory=list)  # single-use days past the horizon
 
     @property
     def nothing_to_do(self) -> bool:
         return self.cut_position <= self.anchored
 
     def summary(self) -> str:
+        stale = (
+            f"; drop {len(self.stale)} stale single-use partitions ({', '.join(self.stale)})"
+            if self.stale
+            else ""
+        )
         if self.nothing_to_do:
             return (
                 f"retention: nothing before {format_time(self.cut_time)} left to remove "
-                f"(anchored at position {self.anchored})"
+                f"(anchored at position {self.anchored}){stale}"
             )
         return (
             f"retention: cut at {format_time(self.cut_time)} = position "
             f"{self.cut_position}; {self.rows} events; drop {len(self.drop)} partitions "
-            f"({', '.join(self.drop) or '-'}); trim {', '.join(self.straddling) or '-'}"
+            f"({', '.join(self.drop) or '-'}); trim {', '.join(self.straddling) or '-'}{stale}"
         )
 
 
@@ -112,7 +122,9 @@ async def plan_retention(
     anchored = 0 if anchor is None or anchor.status != "recorded" else anchor.position
     drop, straddling = await store.partitions(cut_time)
     rows = await store.count_entries(anchored, cut)
-    return RetentionPlan(cut_time, max(cut, anchored), anchored, drop, straddling, rows)
+    horizon = authority.single_use_horizon((await reader.head()).recorded_at)
+    stale = await store.stale_partitions(horizon)
+    return RetentionPlan(cut_time, max(cut, anchored), anchored, drop, straddling, rows, stale)
 
 
 # -- applying ------------------------------------------------------------------------------
@@ -126,6 +138,7 @@ async def apply_retention(
     now: datetime,
 ) -> str:
     """Carry out ``plan`` (see the module docstring for the numbered steps)."""
+    await _store(store).drop_partitions(plan.stale)
     # 1. Resume an interrupted run first, whatever the new cut.
     pending = await _pending_anchor(store, key)
     if pending is None and plan.nothing_to_do:
@@ -152,6 +165,7 @@ async def apply_retention(
         f"retention applied: events up to position {pending.position} "
         f"(recorded before {format_time(pending.cut_time)}) removed; "
         f"anchor {pending.entry_hash.hex()}, snapshot {pending.snapshot_digest.hex()}"
+        + (f"; {len(plan.stale)} stale single-use partitions dropped" if plan.stale else "")
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -19,6 +20,7 @@ from ledger import merkle, tlog
 from ledger.errors import (
     AppendRejectedError,
     ConcurrencyError,
+    EventValidationError,
     IdempotencyConflictError,
     NoteError,
     NotPermittedError,
@@ -42,7 +44,7 @@ from ledger.ports import Ledger
 from ledger.postgres import PostgresEventStore
 from ledger.signed import SignedEvent
 from ledger.timefmt import format_time
-from tests.support import T0, Agent, register
+from tests.support import T0, Agent, ManualClock, register
 
 
 @pytest.fixture(params=["memory", "postgres"])
@@ -352,3 +354,94 @@ async def test_the_ledger_verifies_with_its_tree_heads(
     assert (tail.first_position, tail.entries) == (12, 10)
     with pytest.raises(VerificationError, match="ledger key mismatch"):
         await verify_ledger(store, SigningKey.generate().public)
+
+
+# -- single use and idempotency, days apart ---------------------------------------------
+
+
+@pytest.fixture(params=["memory", "postgres"])
+async def clocked(
+    request: pytest.FixtureRequest, ledger_key: SigningKey, database_url: str, clock: ManualClock
+) -> AsyncIterator[Ledger]:
+    """Each adapter on the test's manual clock."""
+    adapter: Ledger
+    if request.param == "memory":
+        adapter = MemoryLedger(ledger_key, clock=clock)
+    else:
+        adapter = await PostgresEventStore.open(database_url, ledger_key, clock=clock)
+    try:
+        yield adapter
+    finally:
+        await adapter.close()
+
+
+def report_with_id(agent: Agent, subject: str, event_id: str, at: datetime) -> SignedEvent:
+    event = PolicyViolation(
+        actor=agent.did,
+        occurred_at=format_time(at),
+        event_id=event_id,
+        agent=subject,
+        severity="low",
+        rule="tool-deny",
+        detail=at.isoformat(),
+    )
+    return SignedEvent.create(event, agent.key)
+
+
+async def test_a_replay_days_later_is_refused_then_stale(
+    clocked: Ledger, clock: ManualClock
+) -> None:
+    agent, other = await register(clocked), await register(clocked)
+    report = agent.violation(subject=other.did, at=clock.now)
+    await clocked.append([report])
+    head = await clocked.head()
+    clock.advance(days=6, hours=23)
+    with pytest.raises(ReplayError, match="already in the ledger"):
+        await clocked.append([report])
+    clock.advance(hours=2)  # over MAX_AGE: the same body is stale, whatever the index holds
+    with pytest.raises(EventValidationError, match="stale"):
+        await clocked.append([report], idempotency_key="a-new-key")
+    assert await clocked.head() == head
+
+
+async def test_an_event_id_is_single_use_per_signer_and_day(
+    clocked: Ledger, clock: ManualClock
+) -> None:
+    agent, other = await register(clocked), await register(clocked)
+    today = clock.now
+    await clocked.append([report_with_id(agent, other.did, "the-same-id-0001", today)])
+    head = await clocked.head()
+    again = report_with_id(agent, other.did, "the-same-id-0001", today + timedelta(seconds=1))
+    with pytest.raises(ReplayError):  # another body, the same id and day
+        await clocked.append([again])
+    assert await clocked.head() == head
+    # Another signer's id, and the signer's own id on another day, are other events.
+    await clocked.append([report_with_id(other, agent.did, "the-same-id-0001", today)])
+    clock.advance(days=1)
+    await clocked.append(
+        [report_with_id(agent, other.did, "the-same-id-0001", today + timedelta(days=1))]
+    )
+    assert (await clocked.head()).position == head.position + 2
+
+
+async def test_an_idempotent_retry_days_later_gets_the_original(
+    clocked: Ledger, clock: ManualClock
+) -> None:
+    agent, other = await register(clocked), await register(clocked)
+    key, report = "k-1", agent.violation(subject=other.did, at=clock.now)
+    first = await clocked.append([report], idempotency_key=key)
+    earlier = clock.now
+    clock.advance(days=5)
+    retried = await clocked.append([report], idempotency_key=key)  # the same events
+    assert retried.duplicate
+    assert retried.positions == first.positions
+    with pytest.raises(IdempotencyConflictError):  # other events, the first of the same day
+        await clocked.append(
+            [agent.violation(subject=other.did, severity="high", at=earlier)], idempotency_key=key
+        )
+    # A key is scoped by the day its request's first event occurred on (as an id is).
+    fresh = await clocked.append(
+        [agent.violation(subject=other.did, at=clock.now)], idempotency_key=key
+    )
+    assert not fresh.duplicate
+    assert fresh.positions[0] > first.positions[0]

@@ -18,7 +18,7 @@ from agentmesh.embedded import EmbeddedRedis
 from agentmesh.retention_job import run_retention
 from agentmesh.settings import Settings
 from ledger import merkle, tlog
-from ledger.errors import VerificationError
+from ledger.errors import EventValidationError, ReplayError, VerificationError
 from ledger.identity import SigningKey
 from ledger.note import open_checkpoint
 from ledger.postgres import PostgresEventStore
@@ -31,7 +31,7 @@ from projections.readstore import ProjectionReader
 from projections.state import fold_recorded
 from projections.store_memory import MemoryProjectionStore
 from tests.api_support import api_settings, running_api
-from tests.support import Agent, ManualClock, random_history
+from tests.support import Agent, ManualClock, random_history, register
 from tests.test_read_stores import as_bytes, store_answers
 
 CONFIG = TrustConfig()
@@ -298,3 +298,56 @@ async def test_bundles_after_a_cut_carry_the_anchor_keys_and_verify(
     bundle.write_text("\n".join(lines) + "\n")
     with pytest.raises(BundleVerificationError, match="anchor"):
         verify_bundle(bundle)
+
+
+async def _single_use_partitions(url: str) -> set[str]:
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "WHERE i.inhparent IN ('event_ids'::regclass, 'idempotency_keys'::regclass)"
+        )
+    finally:
+        await conn.close()
+    return {r["relname"] for r in rows}
+
+
+async def test_a_run_drops_the_single_use_days_whose_bodies_are_stale(
+    ledger: PostgresEventStore, database_url: str, ledger_key: SigningKey, clock: ManualClock
+) -> None:
+    agent, other = await register(ledger, at=clock.now), await register(ledger, at=clock.now)
+    old = agent.violation(subject=other.did, at=clock.now)
+    await ledger.append([old], idempotency_key="old")
+    old_day = f"{clock.now:%Y%m%d}"
+    clock.advance(days=4)
+    recent = agent.violation(subject=other.did, at=clock.now)
+    first_recent = await ledger.append([recent], idempotency_key="recent")
+    recent_day = f"{clock.now:%Y%m%d}"
+    clock.advance(days=5)  # the old day is 9 days back now: past the horizon (MAX_AGE + 1)
+    await ledger.append([agent.violation(subject=other.did, at=clock.now)])
+    stale = {f"event_ids_p{old_day}", f"idempotency_keys_p{old_day}"}
+    kept = {f"event_ids_p{recent_day}", f"idempotency_keys_p{recent_day}"}
+    assert stale | kept <= await _single_use_partitions(database_url)
+    settings = settings_for(database_url, ledger_key)
+
+    dry = await run_retention(settings, dry_run=True, clock=clock)
+    assert "nothing before" in dry  # 9 days of a 90-day window: no cut
+    assert f"drop 2 stale single-use partitions (event_ids_p{old_day}" in dry
+    assert stale <= await _single_use_partitions(database_url)
+    await run_retention(settings, dry_run=False, clock=clock)
+    left = await _single_use_partitions(database_url)
+    assert not stale & left
+    assert kept <= left
+
+    # Nothing replays: the old body is stale, the recent one is still in the index.
+    head = await ledger.head()
+    with pytest.raises(EventValidationError, match="stale"):
+        await ledger.append([old], idempotency_key="old")
+    with pytest.raises(ReplayError):
+        await ledger.append([recent])
+    retried = await ledger.append([recent], idempotency_key="recent")
+    assert retried.duplicate
+    assert retried.positions == first_recent.positions
+    assert await ledger.head() == head
+    report = await verify_ledger(ledger, ledger_key.public)
+    assert report.entries == head.position  # every entry is still there, and verifies

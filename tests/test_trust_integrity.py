@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import msgspec
@@ -20,10 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agentmesh.embedded import EmbeddedRedis
+from ledger.authority import single_use_day
 from ledger.canonical import canonical_bytes
 from ledger.events import AgentKeyRotated, DelegationGranted, PolicyViolation, TrustSignal
 from ledger.identity import b64encode
-from ledger.timefmt import format_time
+from ledger.timefmt import format_time, parse_time
 from projections.store_redis import RedisProjectionStore
 from tests.api_support import ADMIN, Api, handshake_request, signed
 from tests.support import Agent
@@ -501,3 +502,29 @@ async def test_any_sequence_of_anonymous_calls_moves_no_score(
         )
         assert 400 <= response.status_code < 500, (path, response.text)
     assert await unchanged(api, a, b) == before
+
+
+_OFFSETS = (-720, -480, -1, 1, 330, 840)
+
+
+@given(
+    moment=st.datetimes(
+        min_value=datetime(1970, 1, 2),
+        max_value=datetime(9999, 12, 30),
+        timezones=st.sampled_from([UTC, *(timezone(timedelta(minutes=m)) for m in _OFFSETS)]),
+    ),
+    zulu=st.sampled_from(["Z", "z"]),
+)
+def test_the_single_use_day_is_the_utc_day_of_occurred_at(moment: datetime, zulu: str) -> None:
+    """Rule 1's day, read from the text as written when it is UTC, is the UTC day of
+    the parsed time, whatever the offset (what the index and verify both key on)."""
+    for text in (moment.isoformat(), format_time(moment)[:-1] + zulu):
+        event = PolicyViolation(
+            actor="did:mesh:" + "a" * 32,
+            occurred_at=text,
+            agent="did:mesh:" + "b" * 32,
+            severity="low",
+            rule="r",
+            detail="",
+        )
+        assert single_use_day(event) == parse_time(text).date() == moment.astimezone(UTC).date()

@@ -15,7 +15,7 @@ import hashlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from ledger import authority, tlog
@@ -53,11 +53,20 @@ class Request:
     keys_used: dict[str, bytes]
     future: asyncio.Future[AppendResult]
     bootstrap: bool = False
+    # The idempotency key's day: its first event's ``authority.single_use_day`` (a
+    # retry resends the same events); None when that is no time (refused anyway).
+    day: date | None = None
 
     @property
     def signer(self) -> str:
         """Whose idempotency keys this request's key is one of."""
         return self.events[0].actor
+
+    @property
+    def scope(self) -> tuple[str, str, date | None] | None:
+        """Where its idempotency key is unique: signer, key, day (None without a key)."""
+        key = self.idempotency_key
+        return None if key is None else (self.events[0].actor, key, self.day)
 
 
 def new_request(
@@ -76,6 +85,7 @@ def new_request(
         digest=hashlib.sha256(b"\n".join(e.body for e in events)).digest(),
         keys_used={},
         future=asyncio.get_running_loop().create_future(),
+        day=authority.single_use_day(events[0].event),
     )
 
 
@@ -90,16 +100,16 @@ class BatchState:
     keys: dict[str, bytes | None]
     key_positions: dict[str, int]
     suspended_dids: dict[str, bool]
-    ids: set[bytes]
+    ids: set[tuple[bytes, date]]  # single-use ids taken: (event_key, single_use_day)
     has_any_agent: bool
     versions: dict[str, int]
-    done_keys: dict[tuple[str, str], tuple[bytes, AppendResult]]
+    done_keys: dict[tuple[str, str, date | None], tuple[bytes, AppendResult]]
     existing_streams: set[str] = field(default_factory=set)
     rows: list[tuple[object, ...]] = field(default_factory=list)
     stream_rows: dict[str, tuple[int, int]] = field(default_factory=dict)
     key_rows: dict[str, tuple[bytes, int, bool]] = field(default_factory=dict)
     idem_rows: list[tuple[object, ...]] = field(default_factory=list)
-    id_rows: list[tuple[bytes, int]] = field(default_factory=list)
+    id_rows: list[tuple[bytes, date, int]] = field(default_factory=list)
     leaves: list[bytes] = field(default_factory=list)
     nodes: list[Subtree] = field(default_factory=list)
     checkpoint: CheckpointRow | None = None
@@ -250,7 +260,7 @@ class RequestView:
         self.ledger_did = state.ledger_did
         self.keys: dict[str, bytes] = {}
         self.suspended_dids: dict[str, bool] = {}
-        self.ids: set[bytes] = set()
+        self.ids: set[tuple[bytes, date]] = set()
 
     def key(self, did: str) -> bytes | None:
         return self.keys[did] if did in self.keys else self.state.keys.get(did)
@@ -261,13 +271,14 @@ class RequestView:
     def has_agents(self) -> bool:
         return bool(self.keys) or self.state.has_any_agent
 
-    def seen(self, actor: str, event_id: str) -> bool:
-        key = event_key(actor, event_id)
+    def seen(self, actor: str, event_id: str, day: date) -> bool:
+        key = (event_key(actor, event_id), day)
         return key in self.ids or key in self.state.ids
 
     def advance(self, event: Event) -> None:
-        if event.event_id is not None:
-            self.ids.add(event_key(event.actor, event.event_id))
+        day = authority.single_use_day(event)
+        if event.event_id is not None and day is not None:
+            self.ids.add((event_key(event.actor, event.event_id), day))
         if isinstance(event, AgentRegistered | AgentKeyRotated):
             self.keys[event.did] = VerifyKey.from_pem(event.public_key).raw
         elif isinstance(event, AgentSuspended | AgentReinstated):
@@ -301,8 +312,10 @@ SELECT 'a', NULL, NULL, NULL, NULL, NULL, NULL, NULL WHERE EXISTS (SELECT 1 FROM
 """
 
 # Under the lock, also the head, the ledger's DID (a rotation by another process
-# retires this one's key), and the idempotency keys ($3, $4) and single-use event ids
-# ($5) the batch carries, so a retry or a replay is answered, not refused.
+# retires this one's key), and the idempotency keys ($3-$5: signer, key, day) and
+# single-use event ids ($6, $7: key, day) the batch carries, so a retry or a replay is
+# answered, not refused. Both tables are partitioned by that day (the bodies'
+# ``occurred_at``, ``authority.single_use_day``), so each probe reads one partition.
 LOOKUP_SQL = (
     STATE_SQL  # noqa: S608 -- constants only
     + """UNION ALL
@@ -311,12 +324,13 @@ SELECT 'h', NULL, entry_hash, position, NULL, NULL, NULL, recorded_at
 UNION ALL
 SELECT 'l', did, NULL, NULL, NULL, NULL, NULL, NULL FROM ledger_identity WHERE id = 1
 UNION ALL
-SELECT 'i', signer || ' ' || key, digest, first_position, count, stream_id, stream_version, NULL
+SELECT 'i', signer || ' ' || key, digest, first_position, count, stream_id, stream_version,
+       day::timestamp AT TIME ZONE 'UTC'
   FROM idempotency_keys
- WHERE (signer, key) IN (SELECT * FROM unnest($3::text[], $4::text[]))
+ WHERE (signer, key, day) IN (SELECT * FROM unnest($3::text[], $4::text[], $5::date[]))
 UNION ALL
-SELECT 'e', NULL, key, position, NULL, NULL, NULL, NULL
-  FROM event_ids WHERE key = ANY($5::bytea[])
+SELECT 'e', NULL, key, position, NULL, NULL, NULL, day::timestamp AT TIME ZONE 'UTC'
+  FROM event_ids WHERE (key, day) IN (SELECT * FROM unnest($6::bytea[], $7::date[]))
 """
 )
 
@@ -335,7 +349,8 @@ SELECT position, entry_hash, recorded_at, event_type, stream_id, stream_version,
 # ledger key ($46, $47) in the commit that appends its rotation; inside the locked
 # path the guard holds by construction. Returns one row when it wrote, none when
 # another writer moved the head first. The single-use ids and idempotency keys are
-# unique keys: a value used before fails the statement, and nothing is written.
+# unique keys (per day, $48/$49: what a replay or a retry repeats falls on the same
+# day): a value used before fails the statement, and nothing is written.
 WRITE_SQL = """
 WITH h AS (
   UPDATE ledger_head SET position = $3, entry_hash = $4, recorded_at = $5
@@ -364,14 +379,14 @@ WITH h AS (
     position = excluded.position, suspended = excluded.suspended
 ), i AS (
   INSERT INTO idempotency_keys
-    (signer, key, first_position, count, stream_id, stream_version, digest, recorded_at)
+    (signer, key, first_position, count, stream_id, stream_version, digest, day, recorded_at)
   SELECT *, $5::timestamptz
     FROM unnest($26::text[], $27::text[], $28::bigint[], $29::int[], $30::text[], $31::int[],
-                $32::bytea[])
+                $32::bytea[], $48::date[])
    WHERE EXISTS (SELECT 1 FROM h)
 ), e AS (
-  INSERT INTO event_ids (key, position)
-  SELECT * FROM unnest($33::bytea[], $34::bigint[]) WHERE EXISTS (SELECT 1 FROM h)
+  INSERT INTO event_ids (key, day, position)
+  SELECT * FROM unnest($33::bytea[], $49::date[], $34::bigint[]) WHERE EXISTS (SELECT 1 FROM h)
 ), n AS (
   INSERT INTO merkle_nodes (level, idx, hash)
   SELECT * FROM unnest($35::smallint[], $36::bigint[], $37::bytea[])
@@ -394,9 +409,9 @@ SELECT pg_notify($44, $45) FROM h
 
 def apply(request: Request, state: BatchState) -> None:
     """Check one request against the state so far; stage its rows or its error."""
-    key = request.idempotency_key
-    if key is not None and (request.signer, key) in state.done_keys:
-        digest, original = state.done_keys[(request.signer, key)]
+    key, scope = request.idempotency_key, request.scope
+    if scope is not None and scope in state.done_keys:
+        digest, original = state.done_keys[scope]
         if digest != request.digest:
             state.results.append(
                 (
@@ -490,8 +505,9 @@ def _stage(request: Request, state: BatchState, view: RequestView) -> AppendResu
         )
         _stage_agent_row(state, signed, position)
         state.leaves.append(tlog.entry_leaf(digest))
-        if signed.event.event_id is not None:
-            state.id_rows.append((event_key(signed.actor, signed.event.event_id), position))
+        day = authority.single_use_day(signed.event)
+        if signed.event.event_id is not None and day is not None:  # checked: both are
+            state.id_rows.append((event_key(signed.actor, signed.event.event_id), day, position))
         positions.append(position)
         prev = digest
     state.head = Head(position, prev, state.now)
@@ -501,7 +517,8 @@ def _stage(request: Request, state: BatchState, view: RequestView) -> AppendResu
     state.ledger_did = view.ledger_did  # after a rotation, the new key's DID
     state.has_any_agent = state.has_any_agent or bool(view.keys)
     result = AppendResult(tuple(positions), request.stream_id, version)
-    if request.idempotency_key is not None:
+    scope = request.scope
+    if scope is not None:
         state.idem_rows.append(
             (
                 request.signer,
@@ -511,10 +528,10 @@ def _stage(request: Request, state: BatchState, view: RequestView) -> AppendResu
                 request.stream_id,
                 version,
                 request.digest,
-                state.now,
+                request.day,
             )
         )
-        state.done_keys[(request.signer, request.idempotency_key)] = (
+        state.done_keys[scope] = (
             request.digest,
             AppendResult(result.positions, result.stream_id, version, duplicate=True),
         )
@@ -530,10 +547,19 @@ def needs(batch: Sequence[Request]) -> tuple[set[str], set[str]]:
     return dids, {r.stream_id for r in batch}
 
 
-def partitions_of(state: BatchState) -> set[datetime]:
-    """The UTC days a batch writes into (one: a batch shares its ``recorded_at``)."""
-    utc = state.now.astimezone(UTC)
-    return {datetime(utc.year, utc.month, utc.day, tzinfo=UTC)} if state.rows else set()
+# A day partition: the partitioned table and the UTC day.
+Partition = tuple[str, date]
+
+
+def partitions_of(state: BatchState) -> set[Partition]:
+    """The day partitions a batch writes into: ``events`` of its ``recorded_at`` (one:
+    a batch shares it), ``event_ids`` and ``idempotency_keys`` of its bodies' days."""
+    if not state.rows:
+        return set()
+    days = {("events", state.now.astimezone(UTC).date())}
+    days.update(("event_ids", day) for _, day, _ in state.id_rows)
+    days.update(("idempotency_keys", row[7]) for row in state.idem_rows)  # type: ignore[misc]
+    return days
 
 
 def seal(state: BatchState) -> None:
@@ -575,8 +601,8 @@ def write_args(expected: Head, state: BatchState, checkpoint: CheckpointRow | No
         [p for _, (_, p, _) in keys],
         [x for _, (_, _, x) in keys],
         *_columns(idem, 7),
-        [k for k, _ in state.id_rows],
-        [p for _, p in state.id_rows],
+        [k for k, _, _ in state.id_rows],
+        [p for _, _, p in state.id_rows],
         [n.level for n in state.nodes],
         [n.index for n in state.nodes],
         [n.hash for n in state.nodes],
@@ -585,6 +611,8 @@ def write_args(expected: Head, state: BatchState, checkpoint: CheckpointRow | No
         str(head.position),
         None if state.identity_row is None else state.identity_row[0],
         None if state.identity_row is None else state.identity_row[1],
+        [row[7] for row in idem],
+        [d for _, d, _ in state.id_rows],
     ]
 
 
@@ -611,12 +639,12 @@ def load_row(state: BatchState, row: Mapping[str, Any]) -> None:
     if kind == "i":
         signer, _, key = ident.partition(" ")  # a DID never holds a space
         first = row["a"]
-        state.done_keys[(signer, key)] = (
+        state.done_keys[(signer, key, row["t"].astimezone(UTC).date())] = (
             bytes(row["raw"]),
             AppendResult(tuple(range(first, first + row["b"])), row["c"], row["d"], duplicate=True),
         )
     elif kind == "e":
-        state.ids.add(bytes(row["raw"]))
+        state.ids.add((bytes(row["raw"]), row["t"].astimezone(UTC).date()))
 
 
 def _stage_agent_row(state: BatchState, signed: SignedEvent, position: int) -> None:

@@ -11,8 +11,9 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime
+from datetime import date, datetime, timedelta
 from typing import TYPE_CHECKING, TypeVar
 
 import asyncpg
@@ -65,8 +66,38 @@ def record_from_row(row: asyncpg.Record) -> RecordedEvent:
     )
 
 
-def partition_name(day: datetime) -> str:
-    return f"events_p{day:%Y%m%d}"
+def partition_name(day: datetime | date, table: str = "events") -> str:
+    """The name of ``table``'s partition for a UTC day: ``events_p20261130``."""
+    return f"{table}_p{day:%Y%m%d}"
+
+
+# The tables kept in one partition per UTC day: ``events`` by ``recorded_at``, the
+# single-use ids and idempotency keys by the day their bodies occurred on.
+DAY_PARTITIONED = ("events", "event_ids", "idempotency_keys")
+_DAY_PARTITION = re.compile(r"^(events|event_ids|idempotency_keys)_p(\d{8})$")
+
+
+def partition_ddl(table: str, day: date) -> str:
+    """``CREATE TABLE IF NOT EXISTS`` of ``table``'s partition for ``day``."""
+    if table not in DAY_PARTITIONED:
+        raise ValueError(f"{table} is not partitioned by day")
+    low, high = day, day + timedelta(days=1)
+    if table == "events":  # a timestamptz range; the others are ranges of dates
+        bounds = f"'{low.isoformat()}T00:00:00Z') TO ('{high.isoformat()}T00:00:00Z'"
+    else:
+        bounds = f"'{low.isoformat()}') TO ('{high.isoformat()}'"
+    return (
+        f"CREATE TABLE IF NOT EXISTS {partition_name(day, table)} PARTITION OF {table} "
+        f"FOR VALUES FROM ({bounds})"
+    )
+
+
+def partition_day(name: str) -> tuple[str, date] | None:
+    """The table and UTC day of a day partition's name; None for any other name."""
+    found = _DAY_PARTITION.match(name)
+    if found is None:
+        return None
+    return found.group(1), datetime.strptime(found.group(2), "%Y%m%d").date()
 
 
 class PostgresLedgerReader:

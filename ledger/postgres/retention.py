@@ -10,9 +10,8 @@ become ``StoreUnavailableError``.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -21,11 +20,10 @@ from ledger.chain import Checkpoint
 from ledger.errors import StoreUnavailableError
 from ledger.merkle import Subtree
 from ledger.ports import StoredAnchor
-from ledger.postgres.reader import DRIVER_ERRORS
+from ledger.postgres.reader import DRIVER_ERRORS, partition_day
 from ledger.postgres.tree import store_subtrees
 
 log = logging.getLogger("agentmesh.retention")
-_PARTITION = re.compile(r"^events_p\d{8}$")
 
 __all__ = ["PostgresRetentionStore"]
 
@@ -77,21 +75,56 @@ class PostgresRetentionStore:
 
     async def partitions(self, cut_time: datetime) -> tuple[list[str], list[str]]:
         """Daily partitions wholly before the cut, and the one that straddles it."""
-        try:
-            names = await self._pool.fetch(
-                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-                "WHERE i.inhparent = 'events'::regclass ORDER BY 1"
-            )
-        except DRIVER_ERRORS as exc:
-            raise StoreUnavailableError(f"cannot list the ledger's partitions: {exc}") from exc
         drop, straddling = [], []
-        for (name,) in names:
-            day = datetime.strptime(name.removeprefix("events_p"), "%Y%m%d").replace(tzinfo=UTC)
+        for name, midnight in await self._days("events"):
+            day = datetime.combine(midnight, datetime.min.time(), UTC)
             if day + timedelta(days=1) <= cut_time:
                 drop.append(name)
             elif day < cut_time:
                 straddling.append(name)
         return drop, straddling
+
+    async def stale_partitions(self, before: date) -> list[str]:
+        """The single-use ids' and idempotency keys' partitions of days before
+        ``before`` (``ledger.authority.single_use_horizon``): bodies that occurred
+        then are stale, so these rows can match nothing that may still be appended."""
+        stale = []
+        for table in ("event_ids", "idempotency_keys"):
+            stale += [name for name, day in await self._days(table) if day < before]
+        return stale
+
+    async def drop_partitions(self, names: Sequence[str]) -> None:
+        """Detach (CONCURRENTLY: appends go on) and drop these day partitions."""
+        try:
+            for name in names:
+                found = partition_day(name)
+                if found is None:
+                    raise StoreUnavailableError(f"unexpected partition name {name!r}")
+                await self._pool.execute(
+                    f"ALTER TABLE {found[0]} DETACH PARTITION {name} CONCURRENTLY"
+                )
+                await self._pool.execute(f"DROP TABLE {name}")
+                log.info("partition_dropped", extra={"partition": name})
+        except DRIVER_ERRORS as exc:
+            raise StoreUnavailableError(f"cannot drop a partition: {exc}") from exc
+
+    async def _days(self, table: str) -> list[tuple[str, date]]:
+        """``table``'s day partitions (name, UTC day), oldest first."""
+        try:
+            rows = await self._pool.fetch(
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                "WHERE i.inhparent = $1::regclass ORDER BY 1",
+                table,
+            )
+        except DRIVER_ERRORS as exc:
+            raise StoreUnavailableError(f"cannot list the ledger's partitions: {exc}") from exc
+        days = []
+        for (name,) in rows:
+            found = partition_day(name)
+            if found is None or found[0] != table:
+                raise StoreUnavailableError(f"unexpected partition {name!r} of {table}")
+            days.append((name, found[1]))
+        return days
 
     async def write_anchor(
         self,
@@ -137,23 +170,14 @@ class PostgresRetentionStore:
 
     async def prune(self, position: int, cut_time: datetime) -> None:
         """Drop the daily partitions wholly before ``cut_time``; delete what is left at
-        or before ``position`` (entries, idempotency keys, event ids, older checkpoints)."""
+        or before ``position`` (entries of the straddling day, older checkpoints). The
+        single-use ids and idempotency keys go by their own days (``stale_partitions``):
+        those of fresh bodies stay whatever the cut, or a replay would get through."""
         drop, _ = await self.partitions(cut_time)
+        await self.drop_partitions(drop)
         try:
-            for name in drop:
-                if not _PARTITION.match(name):
-                    raise StoreUnavailableError(f"unexpected partition name {name!r}")
-                # DETACH … CONCURRENTLY cannot run in a transaction block; appends go on.
-                await self._pool.execute(f"ALTER TABLE events DETACH PARTITION {name} CONCURRENTLY")
-                await self._pool.execute(f"DROP TABLE {name}")
-                log.info("partition_dropped", extra={"partition": name})
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.execute("DELETE FROM events WHERE position <= $1", position)
-                await conn.execute(
-                    "DELETE FROM idempotency_keys WHERE first_position <= $1", position
-                )
-                # Replays of bodies this old are refused as stale (ledger.authority.MAX_AGE).
-                await conn.execute("DELETE FROM event_ids WHERE position <= $1", position)
                 await conn.execute("DELETE FROM checkpoints WHERE position < $1", position)
         except DRIVER_ERRORS as exc:
             raise StoreUnavailableError(f"cannot remove the history before the cut: {exc}") from exc

@@ -6,7 +6,9 @@ must include the partition key, so global uniqueness of ``position`` and of
 ``(stream_id, stream_version)`` is kept by the writer, which serializes every
 append on the single ``ledger_head`` row; the small side tables (``streams``,
 ``idempotency_keys``, ``agent_keys``, ``event_ids``) hold the write-side constraints and are
-updated in the same transaction.
+updated in the same transaction. ``event_ids`` and ``idempotency_keys`` are partitioned
+by the UTC day their bodies occurred on: a replay or a retry meets its original in the
+same partition, and days whose bodies are stale are dropped whole.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Date,
     DateTime,
     Index,
     Integer,
@@ -93,19 +96,16 @@ idempotency_keys = Table(
     metadata,
     Column("signer", Text, primary_key=True),
     Column("key", Text, primary_key=True),
+    # The UTC day the request's first event occurred on (a retry resends it); one
+    # partition per day, dropped whole once such bodies are stale (migration 0008).
+    Column("day", Date, primary_key=True),
     Column("first_position", BigInteger, nullable=False),
     Column("count", Integer, nullable=False),
     Column("stream_id", Text, nullable=False),
     Column("stream_version", Integer, nullable=False),
     Column("digest", LargeBinary, nullable=False),
     Column("recorded_at", DateTime(timezone=True), nullable=False),
-    # Retention deletes by position; rows arrive in position order (migration 0007).
-    Index(
-        "idempotency_keys_position_brin",
-        "first_position",
-        postgresql_using="brin",
-        postgresql_with={"autosummarize": "on"},
-    ),
+    postgresql_partition_by="RANGE (day)",
 )
 
 agent_keys = Table(
@@ -121,13 +121,9 @@ event_ids = Table(
     "event_ids",
     metadata,
     Column("key", LargeBinary, primary_key=True),
+    Column("day", Date, primary_key=True),  # the body's occurred_at, as above
     Column("position", BigInteger, nullable=False),
-    Index(
-        "event_ids_position_brin",
-        "position",
-        postgresql_using="brin",
-        postgresql_with={"autosummarize": "on"},
-    ),
+    postgresql_partition_by="RANGE (day)",
 )
 
 checkpoints = Table(

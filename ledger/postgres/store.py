@@ -62,7 +62,7 @@ from datetime import datetime, timedelta
 import asyncpg
 from opentelemetry import trace
 
-from ledger import tlog
+from ledger import authority, tlog
 from ledger.chain import (
     AppendResult,
     Checkpoint,
@@ -86,6 +86,7 @@ from ledger.postgres.batch import (
     WRITE_SQL,
     BatchState,
     Known,
+    Partition,
     Request,
     apply,
     event_key,
@@ -104,13 +105,13 @@ from ledger.postgres.reader import (
     DRIVER_ERRORS,
     PostgresLedgerReader,
     create_pool,
-    partition_name,
+    partition_ddl,
 )
 from ledger.postgres.signers import Signers
 from ledger.postgres.tree import build_tree
 from ledger.signatures import Signer
 from ledger.signed import SignedEvent
-from ledger.timefmt import format_time, parse_time, utc_now
+from ledger.timefmt import parse_time, utc_now
 
 __all__ = ["PostgresEventStore", "event_key"]
 
@@ -165,7 +166,7 @@ class PostgresEventStore(PostgresLedgerReader):
         self._queue: asyncio.Queue[Request] = asyncio.Queue()
         self._incoming: asyncio.Queue[Request] = asyncio.Queue()
         self._signers = Signers(pool, ledger_key)
-        self._partitions: set[datetime] = set()  # days known to have a partition
+        self._partitions: set[Partition] = set()  # day partitions known to exist
         self._known = Known()
         self._conn: asyncpg.Connection | None = None  # the flusher's (see _writer)
         self._flush_lock = asyncio.Lock()  # whoever holds it commits (see _submit)
@@ -525,19 +526,22 @@ class PostgresEventStore(PostgresLedgerReader):
             batch.append(self._queue.get_nowait())  # the flush loop counts them done
         dids, streams = needs(batch)
         ids = {
-            event_key(s.actor, s.event.event_id)
+            (event_key(s.actor, s.event.event_id), day)
             for r in batch
             for s in r.events
             if s.event.event_id is not None
+            and (day := authority.single_use_day(s.event)) is not None
         }
-        idem = {(r.signer, r.idempotency_key) for r in batch if r.idempotency_key is not None}
+        idem = {r.scope for r in batch if r.scope is not None and r.day is not None}
         rows = await conn.fetch(
             LOOKUP_SQL,
             list(dids),
             list(streams),
-            [s for s, _ in idem],
-            [k for _, k in idem],
-            list(ids),
+            [s for s, _, _ in idem],
+            [k for _, k, _ in idem],
+            [d for _, _, d in idem],
+            [k for k, _ in ids],
+            [d for _, d in ids],
         )
         found = next(r for r in rows if r["kind"] == "h")
         head = Head(found["a"], bytes(found["raw"]), found["t"])
@@ -689,15 +693,11 @@ class PostgresEventStore(PostgresLedgerReader):
         # Time never runs backwards in the ledger, whatever the injected clock says.
         return max(self._clock(), head.recorded_at)
 
-    async def _ensure_partitions(self, conn: asyncpg.Connection, days: set[datetime]) -> None:
+    async def _ensure_partitions(self, conn: asyncpg.Connection, days: set[Partition]) -> None:
         """Create the day partitions a batch writes into (under the head lock, so
         concurrent writers cannot race to create one); remembered after COMMIT."""
-        for day in days - self._partitions:
-            low, high = format_time(day), format_time(day + timedelta(days=1))
-            await conn.execute(
-                f"CREATE TABLE IF NOT EXISTS {partition_name(day)} PARTITION OF events "
-                f"FOR VALUES FROM ('{low}') TO ('{high}')"
-            )
+        for table, day in sorted(days - self._partitions):
+            await conn.execute(partition_ddl(table, day))
 
     # -- checkpoints -------------------------------------------------------
 
