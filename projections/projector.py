@@ -309,6 +309,10 @@ class Projector:
         async with contextlib.AsyncExitStack() as stack:
             if wake is None:
                 wake = await stack.enter_async_context(self.ledger.listener())
+            # ``stop`` also sets ``wake``, so an idle wait waits on ``wake`` alone: one
+            # future and a timer per wait, not two tasks, a wait and their cancellation.
+            waker = asyncio.ensure_future(_set_when(stop, wake))
+            stack.callback(waker.cancel)
             confirmed = -math.inf  # when the lock was last confirmed
             intact = -math.inf  # when the store was last seen holding this generation
             while not stop.is_set():
@@ -353,7 +357,10 @@ class Projector:
                 wake.clear()
             if wake.is_set():
                 return True
-            if not await wait_any(stop, wake, self.poll_interval):
+            try:
+                async with asyncio.timeout(self.poll_interval):
+                    await wake.wait()
+            except TimeoutError:
                 return False
         return True
 
@@ -361,6 +368,11 @@ class Projector:
         """Report leadership (the ``leader`` gauge)."""
         if self.metrics is not None:
             self.metrics.leader.set(1 if value else 0)
+
+
+async def _set_when(stop: asyncio.Event, wake: asyncio.Event) -> None:
+    await stop.wait()
+    wake.set()
 
 
 async def wait_any(stop: asyncio.Event, wake: asyncio.Event, seconds: float) -> bool:
