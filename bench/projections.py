@@ -18,7 +18,8 @@ Prints, from one run (medians of ``--repeat`` rounds):
     — while appending 1,000 events/s for ``--lag-seconds``, with the
     projector as an ``agentmesh serve projector`` process (redis, postgres)
     and inside this process (redis); baseline: a bare ``store.meta()`` round
-    trip (p50).
+    trip (p50); with /proc, the projector process's CPU per event appended (the
+    live tail's cost: a few events per wake-up).
 
 The ledger is written in bulk by ``bench/ledger_gen.py`` (real signatures,
 real chain; a sample is verified and the result printed), once per run.
@@ -248,6 +249,7 @@ class LagRound:
     unseen: int
     early: int  # seen before append() returned to us (counted as 0)
     rate: float  # appends/s achieved
+    cpu_us: float | None = None  # the projector process's CPU per event appended
 
 
 @dataclass
@@ -259,6 +261,7 @@ class LagFigures:
     unseen: int = 0
     early: int = 0
     rates: list[float] = field(default_factory=list)
+    cpu_us: list[float] = field(default_factory=list)
 
 
 def percentile(ordered: list[float], q: float) -> float:
@@ -319,6 +322,16 @@ class ProjectorRunner:
         self.task = asyncio.create_task(
             project_while_leader(projector, self.ctx.url, self.stop_event)
         )
+
+    def cpu_seconds(self) -> float | None:
+        """The projector process's CPU time so far (None in process, or without /proc)."""
+        if self.process is None:
+            return None
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTMESH_")}
@@ -424,11 +437,16 @@ async def lag_round(ctx: Context, backend: str, mode: str, seconds: float, seed:
     runner = ProjectorRunner(ctx, backend, mode)
     seen: list[tuple[int, float]] = []
     watcher = asyncio.create_task(watch(watcher_store, seen))
+    cpu: tuple[float, float] | None = None
     try:
         await runner.start()
         await warm_up(ledger, warm, seen)
+        before = runner.cpu_seconds()
         committed, rate = await paced_appends(ledger, events)
         await wait_seen(seen, max(p for p, _ in committed), 30)
+        after = runner.cpu_seconds()
+        if before is not None and after is not None:
+            cpu = (before, after)
     finally:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -438,6 +456,8 @@ async def lag_round(ctx: Context, backend: str, mode: str, seconds: float, seed:
         await ledger.close()
     result = lags_of(committed, seen)
     result.rate = rate
+    if cpu is not None:
+        result.cpu_us = (cpu[1] - cpu[0]) / len(events) * 1e6
     return result
 
 
@@ -463,13 +483,15 @@ async def lag_figures(ctx: Context, repeat: int, seconds: float) -> None:
             fig.unseen += result.unseen
             fig.early += result.early
             fig.rates.append(result.rate)
+            if result.cpu_us is not None:
+                fig.cpu_us.append(result.cpu_us)
     print(
         f"\nprojection lag, commit -> visible in the read store, {RATE:,} appends/s "
         f"for {seconds:g} s, median of {repeat}"
     )
     print(
         f"{'measure':40} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'events':>8} "
-        f"{'appends/s':>10} {'p50 x meta':>11} {'p99 x meta':>11}"
+        f"{'appends/s':>10} {'p50 x meta':>11} {'p99 x meta':>11} {'CPU µs/ev':>10}"
     )
     for backend, times in baselines.items():
         p50, p99 = percentile(times, 50), percentile(times, 99)
@@ -482,10 +504,11 @@ async def lag_figures(ctx: Context, repeat: int, seconds: float) -> None:
             continue
         p50, p99 = statistics.median(fig.p50), statistics.median(fig.p99)
         name = f"{backend}, projector {mode}"
+        cpu = f"{statistics.median(fig.cpu_us):10.0f}" if fig.cpu_us else f"{'-':>10}"
         print(
             f"{name:40} {p50 * 1e3:8.2f} {p99 * 1e3:8.2f} {max(fig.worst) * 1e3:8.2f} "
             f"{fig.events:8,} {statistics.median(fig.rates):10,.0f} "
-            f"{p50 / base:11.1f} {p99 / base:11.1f}"
+            f"{p50 / base:11.1f} {p99 / base:11.1f} {cpu}"
         )
         if fig.unseen or fig.early:
             print(f"  ({fig.unseen} never seen, {fig.early} seen before append() returned)")
