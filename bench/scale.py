@@ -140,7 +140,7 @@ rules:
     tools: ["search"]
     effect: allow
 """
-# The ledger tables whose size is "the ledger on disk" (events: every partition).
+# The ledger tables whose size is "the ledger on disk" (every partition of each).
 SIDE_TABLES = (
     "event_ids",
     "merkle_nodes",
@@ -314,8 +314,14 @@ async def disk_bytes(url: str) -> dict[str, int]:
                 )
             )
         }
-        for table in SIDE_TABLES:
-            found[table] = int(await conn.fetchval(f"SELECT pg_total_relation_size('{table}')"))
+        for table in SIDE_TABLES:  # event_ids and idempotency_keys: every partition too
+            found[table] = int(
+                await conn.fetchval(
+                    "SELECT coalesce(sum(pg_total_relation_size(relid)), 0) "
+                    "FROM pg_partition_tree($1::regclass)",
+                    table,
+                )
+            )
         return found
     finally:
         await conn.close()

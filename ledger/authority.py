@@ -290,13 +290,17 @@ class AuthorityState:
     ``complete`` is False when verification starts after the ledger's first
     entry (``--from``, or after a retention cut): ids recorded before the start
     are unknown, so replays are detected within the verified range only.
+    ``ids`` holds ``(actor, event_id)`` per ``single_use_day``; ``forget_stale``
+    lets go of the days no fresh body can fall on (what a store drops), so a
+    verifier's memory is bounded by the freshness window, not the ledger.
     """
 
     ledger_did: str
     keys: dict[str, bytes] = field(default_factory=dict)
     suspended_dids: set[str] = field(default_factory=set)
-    ids: set[tuple[str, str, date]] = field(default_factory=set)
+    ids: dict[date, set[tuple[str, str]]] = field(default_factory=dict)
     complete: bool = True
+    horizon: date = date.min  # days before it were forgotten
 
     def key(self, did: str) -> bytes | None:
         return self.keys.get(did)
@@ -308,13 +312,36 @@ class AuthorityState:
         return bool(self.keys) or not self.complete
 
     def seen(self, actor: str, event_id: str, day: date) -> bool:
-        return (actor, event_id, day) in self.ids
+        found = self.ids.get(day)
+        return found is not None and (actor, event_id) in found
+
+    def remember(self, actor: str, event_id: str, day: date) -> None:
+        if day not in self.ids:
+            self.ids[day] = set()
+        self.ids[day].add((actor, event_id))
+
+    def merge_ids(self, other: AuthorityState) -> None:
+        """Take ``other``'s ids as well (an append's scratch state, once it passed)."""
+        for day, found in other.ids.items():
+            self.ids.setdefault(day, set()).update(found)
+
+    def forget_stale(self, ledger_now: datetime) -> None:
+        """Forget the ids of days before ``single_use_horizon(ledger_now)``: a body of
+        those days is stale from ``ledger_now`` on (rule 2), so none can be a replay
+        still to catch — provided the ledger's clock never runs back (a verifier
+        checks that first)."""
+        horizon = single_use_horizon(ledger_now)
+        if horizon <= self.horizon:
+            return
+        self.horizon = horizon
+        for day in [d for d in self.ids if d < horizon]:
+            del self.ids[day]
 
     def advance(self, event: AnyEvent) -> None:
         """Fold an accepted event into the state."""
         day = single_use_day(event)
         if event.event_id is not None and day is not None:
-            self.ids.add((event.actor, event.event_id, day))
+            self.remember(event.actor, event.event_id, day)
         match event:
             case AgentRegistered() | AgentKeyRotated():
                 self.keys[event.did] = _pem_key(event.public_key).raw

@@ -80,7 +80,7 @@ class _Overlay:
     def advance(self, event: Event) -> None:
         day = authority.single_use_day(event)
         if event.event_id is not None and day is not None:
-            self.scratch.ids.add((event.actor, event.event_id, day))
+            self.scratch.remember(event.actor, event.event_id, day)
         if isinstance(event, AgentRegistered | AgentKeyRotated):
             self.scratch.keys[event.did] = VerifyKey.from_pem(event.public_key).raw
         elif isinstance(event, AgentSuspended | AgentReinstated):
@@ -91,7 +91,7 @@ class _Overlay:
     def commit(self) -> None:
         self.state.ledger_did = self.ledger_did
         self.state.keys.update(self.scratch.keys)
-        self.state.ids |= self.scratch.ids
+        self.state.merge_ids(self.scratch)
         for did, suspended in self.suspended_changes.items():
             if suspended:
                 self.state.suspended_dids.add(did)

@@ -24,6 +24,7 @@ import os
 from collections.abc import AsyncIterable, Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from datetime import datetime
 
 from ledger import authority, keyhistory, tlog
 from ledger.anchor import Anchor, verify_anchor
@@ -50,6 +51,7 @@ from ledger.ports import LedgerReader, RetentionAnchors
 from ledger.signatures import SignatureJob as SignatureJob
 from ledger.signatures import make_executor as make_executor
 from ledger.signatures import verify_signature_chunk as verify_signature_chunk
+from ledger.timefmt import format_time
 
 CHUNK = 2000
 Progress = Callable[[int], None]
@@ -94,9 +96,22 @@ class KeyRing:
             complete=not keys if complete is None else complete,
         )
         self.keys = self.authority.keys
+        self.recorded_at: datetime | None = None  # the entry before's: time never runs back
 
     def check(self, entry: Entry, event: AnyEvent) -> None:
-        """The authority rules, as append applied them at this entry's ``recorded_at``."""
+        """The authority rules, as append applied them at this entry's ``recorded_at``
+        (which is never earlier than the entry before's: the store's clock never runs
+        back, and the single-use days, retention and partitions rely on it)."""
+        before, now = self.recorded_at, entry.recorded_at
+        if before is not None and now < before:
+            raise VerificationError(
+                entry.position,
+                f"recorded_at {format_time(now)} is before the previous entry's "
+                f"{format_time(before)}: the ledger's clock never runs back",
+            )
+        if before is None or now.date() != before.date():
+            self.authority.forget_stale(now)
+        self.recorded_at = now
         try:
             authority.check(event, entry.body, entry.recorded_at, self.authority)
         except LedgerError as exc:

@@ -113,7 +113,9 @@ async def test_bad_input_is_one_line_and_appends_nothing(
         held = current or SigningKey.generate()
         result = rotate_cli(ledger, held, path, tmp_path)
         assert result.returncode == 1, (what, result.stdout, result.stderr)
-        [line] = result.stderr.splitlines()
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1, (what, result.stderr)
+        [line] = lines
         assert line.startswith("agentmesh: error:"), (what, line)
         assert words in line, (what, line)
         assert result.stdout == "", what

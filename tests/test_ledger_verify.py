@@ -8,7 +8,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ledger.authority import single_use_horizon
 from ledger.chain import GENESIS_HASH, Entry, entry_hash
 from ledger.errors import VerificationError
 from ledger.identity import SigningKey
@@ -242,14 +243,15 @@ async def test_cli_checkpoint_and_head(
 # -- property: a chain verifies iff nothing was altered ----------------------------
 
 
-def _entries(signed_events: list[Any]) -> list[Entry]:
+def _entries(signed_events: list[Any], times: list[datetime] | None = None) -> list[Entry]:
     """A well-chained, well-signed chain of exactly these events, as a database
-    writer without the rules (but with the agents' keys) could write it."""
+    writer without the rules (but with the agents' keys) could write it; recorded
+    at ``times`` (all at T0 by default)."""
     entries, prev = [], GENESIS_HASH
     for position, signed in enumerate(signed_events, start=1):
         entry = Entry(
             position=position,
-            recorded_at=T0,
+            recorded_at=T0 if times is None else times[position - 1],
             stream_id="x",
             stream_version=position,
             body=signed.body,
@@ -383,3 +385,65 @@ async def test_verification_replays_the_append_rules(case: str) -> None:
     with pytest.raises(VerificationError, match=reason) as caught:
         await run
     assert caught.value.position == len(entries)  # the entry that broke a rule
+
+
+# -- the ledger's clock, and the single-use days a verifier keeps ------------------------
+
+
+def _two_agents() -> tuple[list[Any], Agent, Agent]:
+    from ledger.events import AgentRegistered
+    from ledger.signed import SignedEvent
+    from ledger.timefmt import format_time
+
+    alice, bob = Agent(), Agent()
+    start = [
+        SignedEvent.create(
+            AgentRegistered(
+                actor=LEDGER.did,
+                occurred_at=format_time(T0),
+                did=agent.did,
+                public_key=agent.key.public.pem(),
+            ),
+            LEDGER,
+        )
+        for agent in (alice, bob)
+    ]
+    return start, alice, bob
+
+
+async def _verify(entries: list[Entry], ring: KeyRing | None = None) -> None:
+    await verify_entries(
+        _aiter(entries),
+        ring or KeyRing(LEDGER.public),
+        start_position=1,
+        start_hash=GENESIS_HASH,
+        checkpoints=[],
+        head=(len(entries), entries[-1].entry_hash),
+    )
+
+
+async def test_a_clock_that_runs_back_is_named_at_its_entry() -> None:
+    start, alice, bob = _two_agents()
+    events = [*start, alice.violation(subject=bob.did), alice.violation(subject=bob.did)]
+    entries = _entries(events, [T0, T0, T0 + timedelta(hours=1), T0 + timedelta(minutes=59)])
+    with pytest.raises(VerificationError, match="clock never runs back") as caught:
+        await _verify(entries)
+    assert caught.value.position == 4
+
+
+async def test_a_replay_days_later_is_caught_and_old_days_are_let_go() -> None:
+    start, alice, bob = _two_agents()
+    report = alice.violation(subject=bob.did)
+    later = T0 + timedelta(days=6, hours=23)
+    with pytest.raises(VerificationError, match="already in the ledger") as caught:
+        await _verify(_entries([*start, report, report], [T0, T0, T0, later]))
+    assert caught.value.position == 4
+    # Three weeks of one report a day: the verifier ends up holding the days a fresh
+    # body can still fall on (the horizon's), not every day it read.
+    days = [T0 + timedelta(days=n) for n in range(21)]
+    reports = [alice.violation(subject=bob.did, at=day) for day in days]
+    ring = KeyRing(LEDGER.public)
+    await _verify(_entries([*start, *reports], [T0, T0, *days]), ring)
+    horizon = single_use_horizon(days[-1])
+    assert min(ring.authority.ids) == horizon
+    assert sorted(ring.authority.ids) == sorted({d.date() for d in days if d.date() >= horizon})
