@@ -4,8 +4,9 @@ Pure (no I/O): the store (``ledger.postgres.store``) reads with ``STATE_SQL`` /
 ``LOOKUP_SQL``, builds a ``BatchState`` (from ``Known``, what the process's last
 commit left, plus the lookup), runs ``apply`` over each request — the trust
 model's rules (``ledger.authority``), then the staged rows, chained and added to
-the Merkle tree — and writes everything with ``WRITE_SQL`` and ``write_args``: one
-statement guarded by the head the batch was computed from.
+the Merkle tree — and writes everything with ``write_statement``: one statement
+guarded by the head the batch was computed from, holding only the parts the batch
+writes.
 """
 
 from __future__ import annotations
@@ -343,68 +344,241 @@ SELECT position, entry_hash, recorded_at, event_type, stream_id, stream_version,
 """
 
 # The whole write of a batch in one statement, guarded by the head it was computed
-# from: ``h`` moves the head only if it is still ($1, $2); every other part writes
-# only if ``h`` did (data-modifying CTEs always run; each reads ``h``). Without an
-# explicit transaction this is one round trip and one commit; ``li`` records a rotated
-# ledger key ($46, $47) in the commit that appends its rotation; inside the locked
-# path the guard holds by construction. Returns one row when it wrote, none when
-# another writer moved the head first. The single-use ids and idempotency keys are
-# unique keys (per day, $48/$49: what a replay or a retry repeats falls on the same
-# day): a value used before fails the statement, and nothing is written.
-WRITE_SQL = """
-WITH h AS (
+# from: ``h`` moves the head only if it is still ($1, $2) and sets the new one ($3-$5:
+# position, hash, time); every other part writes only if ``h`` did (data-modifying
+# CTEs always run; each reads ``h``). Without an explicit transaction this is one
+# round trip and one commit; ``li`` records a rotated ledger key in the commit that
+# appends its rotation; inside the locked path the guard holds by construction.
+# Returns one row when it wrote, none when another writer moved the head first. The
+# single-use ids and idempotency keys are unique keys (per day: what a replay or a
+# retry repeats falls on the same day): a value used before fails the statement, and
+# nothing is written.
+#
+# A statement holds only the parts its batch writes (``write_statement``): a part with
+# no rows would write nothing, so leaving it out changes nothing but what PostgreSQL
+# plans and runs and what the driver encodes. A batch of one event (the lone
+# appender's) passes each part's row as scalars; a larger batch passes columns, as
+# arrays unnested. ``{name}`` is a parameter of the part, numbered from $6 in the
+# order the parts appear (``_statement_text``).
+_WRITE_HEAD = """WITH h AS (
   UPDATE ledger_head SET position = $3, entry_hash = $4, recorded_at = $5
    WHERE id = 1 AND position = $1 AND entry_hash = $2
   RETURNING 1
-), ev AS (
+)"""
+# Per part: (its parameters, in the order of its rows' fields; its text with one row
+# as scalars; its text with the rows as arrays). A part with one text has one form.
+_WRITE_PARTS: dict[str, tuple[tuple[str, ...], str | None, str | None]] = {
+    "ev": (
+        ("p", "s", "v", "t", "a", "j", "b", "g", "ph", "eh"),
+        """ev AS (
+  INSERT INTO events (position, recorded_at, stream_id, stream_version, event_type, actor,
+                      subjects, body, signature, prev_hash, entry_hash)
+  SELECT {p}::bigint, $5, {s}::text, {v}::int, {t}::text, {a}::text, {j}::text[],
+         {b}::bytea, {g}::bytea, {ph}::bytea, {eh}::bytea FROM h
+)""",
+        """ev AS (
   INSERT INTO events (position, recorded_at, stream_id, stream_version, event_type, actor,
                       subjects, body, signature, prev_hash, entry_hash)
   SELECT u.p, $5, u.s, u.v, u.t, u.a, string_to_array(u.j, ' '), u.b, u.g, u.ph, u.eh
-    FROM unnest($6::bigint[], $7::text[], $8::int[], $9::text[], $10::text[], $11::text[],
-                $12::bytea[], $13::bytea[], $14::bytea[], $15::bytea[])
+    FROM unnest({p}::bigint[], {s}::text[], {v}::int[], {t}::text[], {a}::text[],
+                {j}::text[], {b}::bytea[], {g}::bytea[], {ph}::bytea[], {eh}::bytea[])
          AS u(p, s, v, t, a, j, b, g, ph, eh)
    WHERE EXISTS (SELECT 1 FROM h)
-), su AS (
+)""",
+    ),
+    "su": (
+        ("s", "v", "p"),
+        """su AS (
+  UPDATE streams SET version = {v}::int, last_position = {p}::bigint
+   WHERE stream_id = {s}::text AND EXISTS (SELECT 1 FROM h)
+)""",
+        """su AS (
   UPDATE streams SET version = u.v, last_position = u.p
-    FROM unnest($16::text[], $17::int[], $18::bigint[]) AS u(s, v, p)
+    FROM unnest({s}::text[], {v}::int[], {p}::bigint[]) AS u(s, v, p)
    WHERE streams.stream_id = u.s AND EXISTS (SELECT 1 FROM h)
-), si AS (
+)""",
+    ),
+    "si": (
+        ("s", "v", "p"),
+        """si AS (
   INSERT INTO streams (stream_id, version, last_position)
-  SELECT * FROM unnest($19::text[], $20::int[], $21::bigint[]) WHERE EXISTS (SELECT 1 FROM h)
-), k AS (
+  SELECT {s}::text, {v}::int, {p}::bigint FROM h
+)""",
+        """si AS (
+  INSERT INTO streams (stream_id, version, last_position)
+  SELECT * FROM unnest({s}::text[], {v}::int[], {p}::bigint[]) WHERE EXISTS (SELECT 1 FROM h)
+)""",
+    ),
+    "k": (
+        ("d", "k", "p", "x"),
+        """k AS (
   INSERT INTO agent_keys (did, public_key, position, suspended)
-  SELECT * FROM unnest($22::text[], $23::bytea[], $24::bigint[], $25::bool[])
+  SELECT {d}::text, {k}::bytea, {p}::bigint, {x}::bool FROM h
+  ON CONFLICT (did) DO UPDATE SET public_key = excluded.public_key,
+    position = excluded.position, suspended = excluded.suspended
+)""",
+        """k AS (
+  INSERT INTO agent_keys (did, public_key, position, suspended)
+  SELECT * FROM unnest({d}::text[], {k}::bytea[], {p}::bigint[], {x}::bool[])
    WHERE EXISTS (SELECT 1 FROM h)
   ON CONFLICT (did) DO UPDATE SET public_key = excluded.public_key,
     position = excluded.position, suspended = excluded.suspended
-), i AS (
+)""",
+    ),
+    "i": (
+        ("signer", "key", "first", "count", "s", "v", "digest", "day"),
+        """i AS (
+  INSERT INTO idempotency_keys
+    (signer, key, first_position, count, stream_id, stream_version, digest, day, recorded_at)
+  SELECT {signer}::text, {key}::text, {first}::bigint, {count}::int, {s}::text, {v}::int,
+         {digest}::bytea, {day}::date, $5 FROM h
+)""",
+        """i AS (
   INSERT INTO idempotency_keys
     (signer, key, first_position, count, stream_id, stream_version, digest, day, recorded_at)
   SELECT *, $5::timestamptz
-    FROM unnest($26::text[], $27::text[], $28::bigint[], $29::int[], $30::text[], $31::int[],
-                $32::bytea[], $48::date[])
+    FROM unnest({signer}::text[], {key}::text[], {first}::bigint[], {count}::int[],
+                {s}::text[], {v}::int[], {digest}::bytea[], {day}::date[])
    WHERE EXISTS (SELECT 1 FROM h)
-), e AS (
+)""",
+    ),
+    "e": (
+        ("k", "d", "p"),
+        """e AS (
+  INSERT INTO event_ids (key, day, position) SELECT {k}::bytea, {d}::date, {p}::bigint FROM h
+)""",
+        """e AS (
   INSERT INTO event_ids (key, day, position)
-  SELECT * FROM unnest($33::bytea[], $49::date[], $34::bigint[]) WHERE EXISTS (SELECT 1 FROM h)
-), n AS (
+  SELECT * FROM unnest({k}::bytea[], {d}::date[], {p}::bigint[]) WHERE EXISTS (SELECT 1 FROM h)
+)""",
+    ),
+    "n": (  # a single leaf may complete subtrees at several levels: always arrays
+        ("l", "i", "h"),
+        None,
+        """n AS (
   INSERT INTO merkle_nodes (level, idx, hash)
-  SELECT * FROM unnest($35::smallint[], $36::bigint[], $37::bytea[])
+  SELECT * FROM unnest({l}::smallint[], {i}::bigint[], {h}::bytea[])
    WHERE EXISTS (SELECT 1 FROM h)
   ON CONFLICT (level, idx) DO NOTHING
-), c AS (
+)""",
+    ),
+    "c": (  # at most one checkpoint a batch
+        ("p", "h", "t", "s", "g", "n"),
+        """c AS (
   INSERT INTO checkpoints (position, head_hash, time, signer, signature, note)
-  SELECT u.p, u.h, u.t, u.s, decode(u.g, 'base64'), u.n
-    FROM unnest($38::bigint[], $39::bytea[], $40::timestamptz[], $41::text[], $42::text[],
-                $43::text[]) AS u(p, h, t, s, g, n)
-   WHERE EXISTS (SELECT 1 FROM h)
+  SELECT {p}::bigint, {h}::bytea, {t}::timestamptz, {s}::text, decode({g}::text, 'base64'),
+         {n}::text FROM h
   ON CONFLICT (position) DO NOTHING
-), li AS (
-  UPDATE ledger_identity SET did = $46, public_key = $47, recorded_at = $5
-   WHERE id = 1 AND $46::text IS NOT NULL AND EXISTS (SELECT 1 FROM h)
-)
-SELECT pg_notify($44, $45) FROM h
-"""
+)""",
+        None,
+    ),
+    "li": (  # at most one rotation of the ledger's key a batch
+        ("d", "k"),
+        """li AS (
+  UPDATE ledger_identity SET did = {d}::text, public_key = {k}::bytea, recorded_at = $5
+   WHERE id = 1 AND EXISTS (SELECT 1 FROM h)
+)""",
+        None,
+    ),
+}
+# The parts a batch may lack (``ev``, the entries, it always has), in statement order.
+OPTIONAL_PARTS = ("su", "si", "k", "i", "e", "n", "c", "li")
+_WRITE_TAIL = f"\nSELECT pg_notify('{NOTIFY_CHANNEL}', $3::text) FROM h\n"
+# A write's shape: whether its batch is one event (scalars), and the parts it has.
+WriteShape = tuple[bool, tuple[str, ...]]
+_write_texts: dict[WriteShape, str] = {}
+
+
+def write_shapes() -> list[WriteShape]:
+    """Every shape ``write_statement`` can produce (each its own prepared statement)."""
+    subsets: list[tuple[str, ...]] = [()]
+    for part in OPTIONAL_PARTS:
+        subsets += [(*subset, part) for subset in subsets]
+    order = {p: i for i, p in enumerate(OPTIONAL_PARTS)}
+    return [
+        (one, ("ev", *sorted(subset, key=order.__getitem__)))
+        for one in (True, False)
+        for subset in subsets
+    ]
+
+
+def _scalar(one: bool, part: str) -> bool:
+    _, scalars, arrays = _WRITE_PARTS[part]
+    return arrays is None or (one and scalars is not None)
+
+
+def write_text(shape: WriteShape) -> str:
+    """The statement of a shape (made once, then kept)."""
+    text = _write_texts.get(shape)
+    if text is None:
+        one, parts = shape
+        number = 6
+        ctes = [_WRITE_HEAD]
+        for part in parts:
+            names, scalars, arrays = _WRITE_PARTS[part]
+            template = scalars if _scalar(one, part) else arrays
+            assert template is not None
+            ctes.append(template.format(**{n: f"${number + i}" for i, n in enumerate(names)}))
+            number += len(names)
+        text = _write_texts[shape] = ", ".join(ctes) + _WRITE_TAIL
+    return text
+
+
+def write_rows(
+    state: BatchState, checkpoint: CheckpointRow | None
+) -> tuple[WriteShape, list[Sequence[Sequence[object]]]]:
+    """A batch's shape and, per part of it, its rows (fields in the part's order)."""
+    rows = state.rows
+    assert rows, "a write appends at least one entry"
+    one = len(rows) == 1
+    parts: list[str] = ["ev"]
+    values: list[Sequence[Sequence[object]]] = [
+        [
+            (r[0], r[2], r[3], r[4], r[5], r[6] if one else " ".join(r[6]), *r[7:])  # type: ignore[arg-type]  # DIDs hold no space
+            for r in rows
+        ]
+    ]
+    existing = state.existing_streams
+    updated = [(s, v, p) for s, (v, p) in state.stream_rows.items() if s in existing]
+    created = [(s, v, p) for s, (v, p) in state.stream_rows.items() if s not in existing]
+    optional: tuple[tuple[str, Sequence[Sequence[object]]], ...] = (
+        ("su", updated),
+        ("si", created),
+        ("k", [(d, *row) for d, row in state.key_rows.items()]),
+        ("i", state.idem_rows),
+        ("e", state.id_rows),
+        ("n", [(n.level, n.index, n.hash) for n in state.nodes]),
+        ("c", [checkpoint] if checkpoint is not None else []),
+        ("li", [state.identity_row] if state.identity_row is not None else []),
+    )
+    for part, part_rows in optional:
+        if part_rows:
+            parts.append(part)
+            values.append(part_rows)
+    return (one, tuple(parts)), values
+
+
+def write_statement(
+    expected: Head, state: BatchState, checkpoint: CheckpointRow | None
+) -> tuple[str, list[object]]:
+    """The guarded write of a batch computed from head ``expected``: the statement of
+    its shape and the parameters."""
+    shape, values = write_rows(state, checkpoint)
+    head = state.head
+    args: list[object] = [
+        expected.position,
+        expected.entry_hash,
+        head.position,
+        head.entry_hash,
+        head.recorded_at,
+    ]
+    one = shape[0]
+    for part, part_rows in zip(shape[1], values, strict=True):
+        if _scalar(one, part):
+            args.extend(part_rows[0])
+        else:
+            args.extend([list(column) for column in zip(*part_rows, strict=True)])
+    return write_text(shape), args
 
 
 def apply(request: Request, state: BatchState) -> None:
@@ -566,58 +740,6 @@ def seal(state: BatchState) -> None:
     """Extend the tree by the batch's leaves: its new edge, and the subtrees to keep."""
     state.frontier, completed = state.frontier.extend_with_subtrees(state.leaves)
     state.nodes = [n for n in completed if n.level >= tlog.STORED_LEVEL]
-
-
-def write_args(expected: Head, state: BatchState, checkpoint: CheckpointRow | None) -> list[object]:
-    """``WRITE_SQL``'s parameters: the batch's rows as columns."""
-    head = state.head
-    rows = state.rows
-    streams = state.stream_rows.items()
-    updated = [(s, v, p) for s, (v, p) in streams if s in state.existing_streams]
-    created = [(s, v, p) for s, (v, p) in streams if s not in state.existing_streams]
-    keys = list(state.key_rows.items())
-    idem = state.idem_rows
-    checkpoints = [checkpoint] if checkpoint is not None else []
-    return [
-        expected.position,
-        expected.entry_hash,
-        head.position,
-        head.entry_hash,
-        head.recorded_at,
-        [r[0] for r in rows],
-        [r[2] for r in rows],
-        [r[3] for r in rows],
-        [r[4] for r in rows],
-        [r[5] for r in rows],
-        [" ".join(r[6]) for r in rows],  # type: ignore[arg-type]  # DIDs hold no space
-        [r[7] for r in rows],
-        [r[8] for r in rows],
-        [r[9] for r in rows],
-        [r[10] for r in rows],
-        *_columns(updated, 3),
-        *_columns(created, 3),
-        [d for d, _ in keys],
-        [k for _, (k, _, _) in keys],
-        [p for _, (_, p, _) in keys],
-        [x for _, (_, _, x) in keys],
-        *_columns(idem, 7),
-        [k for k, _, _ in state.id_rows],
-        [p for _, _, p in state.id_rows],
-        [n.level for n in state.nodes],
-        [n.index for n in state.nodes],
-        [n.hash for n in state.nodes],
-        *_columns(checkpoints, 6),
-        NOTIFY_CHANNEL,
-        str(head.position),
-        None if state.identity_row is None else state.identity_row[0],
-        None if state.identity_row is None else state.identity_row[1],
-        [row[7] for row in idem],
-        [d for _, d, _ in state.id_rows],
-    ]
-
-
-def _columns(rows: Sequence[tuple[object, ...]], width: int) -> list[list[object]]:
-    return [[row[i] for row in rows] for i in range(width)]
 
 
 def referenced_agents(signed: SignedEvent) -> set[str]:

@@ -13,7 +13,7 @@ appends are group-committed: concurrent ``append`` calls in one process queue
 up and a single flusher writes everything queued in one transaction, so many
 small appends cost one durable commit.
 
-Round trips. The whole write of a batch is one statement (``WRITE_SQL``),
+Round trips. The whole write of a batch is one statement (``write_statement``),
 guarded by the head it was computed from: it moves the head only if the head is
 still that one, and writes nothing otherwise. While this process is the only
 writer, a batch is checked against what its own last commit left (``Known``:
@@ -83,7 +83,6 @@ from ledger.postgres.batch import (
     CATCH_UP_SQL,
     LOOKUP_SQL,
     STATE_SQL,
-    WRITE_SQL,
     BatchState,
     Known,
     Partition,
@@ -96,7 +95,7 @@ from ledger.postgres.batch import (
     partitions_of,
     retired,
     seal,
-    write_args,
+    write_statement,
 )
 from ledger.postgres.checkpoints import CheckpointPolicy
 from ledger.postgres.dsn import pooler_of
@@ -459,7 +458,8 @@ class PostgresEventStore(PostgresLedgerReader):
         seal(state)
         checkpoint = self._checkpoints.for_batch(state)
         try:
-            wrote = await conn.fetch(WRITE_SQL, *write_args(head, state, checkpoint))
+            sql, args = write_statement(head, state, checkpoint)
+            wrote = await conn.fetch(sql, *args)
         except asyncpg.UniqueViolationError:
             return None  # a replay or a retry: the locked path answers it
         if not wrote:
@@ -483,7 +483,8 @@ class PostgresEventStore(PostgresLedgerReader):
             return None  # a new day's partition is created under the lock
         checkpoint = self._checkpoints.for_batch(state)
         try:
-            wrote = await conn.fetch(WRITE_SQL, *write_args(head, state, checkpoint))
+            sql, args = write_statement(head, state, checkpoint)
+            wrote = await conn.fetch(sql, *args)
         except asyncpg.UniqueViolationError:
             return None  # an id or key committed by another writer since the lookup
         if not wrote:
@@ -505,7 +506,8 @@ class PostgresEventStore(PostgresLedgerReader):
             if state.rows:
                 await self._ensure_partitions(conn, partitions_of(state))
                 checkpoint = self._checkpoints.for_batch(state)
-                wrote = await conn.fetch(WRITE_SQL, *write_args(head, state, checkpoint))
+                sql, args = write_statement(head, state, checkpoint)
+                wrote = await conn.fetch(sql, *args)
                 assert wrote, "the head moved under the ledger lock"
                 state.checkpoint = checkpoint
             await conn.execute("COMMIT")

@@ -1,0 +1,224 @@
+"""The guarded write of a batch, in every shape ``write_statement`` produces, against
+a real PostgreSQL: with the head it was computed from it writes every part; with any
+other head it writes nothing; a single-use id or idempotency key used before fails the
+whole statement."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from ledger.chain import Head
+from ledger.merkle import Frontier, Subtree
+from ledger.postgres.batch import (
+    BatchState,
+    CheckpointRow,
+    WriteShape,
+    write_rows,
+    write_shapes,
+    write_statement,
+)
+from ledger.postgres.reader import partition_ddl
+
+NOW = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=5)
+DAY = NOW.date()
+OLD_STREAMS = ("old-a", "old-b")  # streams that exist before each write
+
+
+def test_shapes_are_every_subset_of_the_optional_parts_in_both_forms() -> None:
+    shapes = write_shapes()
+    assert len(shapes) == len(set(shapes)) == 2 * 2**8
+    assert all(parts[0] == "ev" for _, parts in shapes)
+
+
+def batch(shape: WriteShape, base: Head, tag: bytes) -> tuple[BatchState, CheckpointRow | None]:
+    """A batch of this shape continuing ``base`` (rows need not make sense, only be
+    distinct per ``tag`` where a unique key needs it)."""
+    one, parts = shape
+    count = 1 if one else 2
+    state = BatchState(
+        head=base,
+        frontier=Frontier(),
+        now=NOW,
+        ledger_did="did:mesh:ledger",
+        keys={},
+        key_positions={},
+        suspended_dids={},
+        ids=set(),
+        has_any_agent=True,
+        versions={},
+        done_keys={},
+    )
+    prev = base.entry_hash
+    for i in range(count):
+        position = base.position + 1 + i
+        digest = bytes([i + 1]) * 31 + tag[:1]
+        state.rows.append(
+            (
+                position,
+                NOW,
+                f"stream-{i}",
+                7 + i,
+                "policy.violation",
+                f"did:mesh:actor{i}",
+                sorted({f"did:mesh:actor{i}", "did:mesh:subject"}),
+                b'{"body":%d}' % i,
+                bytes(64),
+                prev,
+                digest,
+            )
+        )
+        prev = digest
+    last = base.position + count
+    state.head = Head(last, prev, NOW)
+    if "su" in parts:
+        for i in range(count):
+            state.stream_rows[OLD_STREAMS[i]] = (10 + i, last)
+            state.existing_streams.add(OLD_STREAMS[i])
+    if "si" in parts:
+        for i in range(count):
+            state.stream_rows[f"new-{i}-{tag.hex()}"] = (1 + i, last)
+    if "k" in parts:
+        for i in range(count):
+            state.key_rows[f"did:mesh:key{i}"] = (bytes([i]) * 32, last, bool(i))
+    if "i" in parts:
+        for i in range(count):
+            state.idem_rows.append(
+                ("did:mesh:signer", f"key-{i}-" + tag.hex(), last, 1, f"stream-{i}", 7, b"d", DAY)
+            )
+    if "e" in parts:
+        for i in range(count):
+            state.id_rows.append((tag + bytes([i]) * 15, DAY, last))
+    if "n" in parts:
+        state.nodes = [Subtree(4 + i, i, bytes([9]) * 32) for i in range(count)]
+    if "li" in parts:
+        state.identity_row = ("did:mesh:rotated", bytes([5]) * 32)
+    checkpoint = None
+    if "c" in parts:
+        checkpoint = (last, prev, NOW, "did:mesh:ledger", "c2lnbmF0dXJl", "note")
+    return state, checkpoint
+
+
+async def snapshot(conn: asyncpg.Connection) -> tuple[object, ...]:
+    row = await conn.fetchrow(
+        """SELECT (SELECT position FROM ledger_head), (SELECT did FROM ledger_identity),
+                  (SELECT count(*) FROM events), (SELECT array_agg(version ORDER BY stream_id)
+                  FROM streams), (SELECT count(*) FROM agent_keys),
+                  (SELECT count(*) FROM idempotency_keys), (SELECT count(*) FROM event_ids),
+                  (SELECT count(*) FROM merkle_nodes), (SELECT count(*) FROM checkpoints)"""
+    )
+    return tuple(row)
+
+
+async def written(
+    conn: asyncpg.Connection, state: BatchState, checkpoint: CheckpointRow | None
+) -> None:
+    """Every row of the batch is in the tables, as staged."""
+    head = await conn.fetchrow("SELECT position, entry_hash, recorded_at FROM ledger_head")
+    assert Head(head[0], bytes(head[1]), head[2]) == state.head
+    events = await conn.fetch(
+        "SELECT position, recorded_at, stream_id, stream_version, event_type, actor, subjects, "
+        "body, signature, prev_hash, entry_hash FROM events WHERE position > $1 ORDER BY position",
+        state.rows[0][0] - 1,  # type: ignore[operator]
+    )
+    assert [tuple(bytes(v) if isinstance(v, bytes) else v for v in r) for r in events] == [
+        tuple(r) for r in state.rows
+    ]
+    streams = await conn.fetch("SELECT stream_id, version, last_position FROM streams")
+    assert {s: (v, p) for s, v, p in streams}.items() >= state.stream_rows.items()
+    keys = await conn.fetch("SELECT did, public_key, position, suspended FROM agent_keys")
+    assert {d: (bytes(k), p, x) for d, k, p, x in keys} == state.key_rows
+    idem = await conn.fetch(
+        "SELECT signer, key, first_position, count, stream_id, stream_version, digest, day, "
+        "recorded_at FROM idempotency_keys ORDER BY key"
+    )
+    assert [(*r[:6], bytes(r[6]), r[7]) for r in idem] == sorted(
+        state.idem_rows,
+        key=lambda r: r[1],  # type: ignore[arg-type,return-value]
+    )
+    assert all(r[8] == NOW for r in idem)
+    ids = await conn.fetch("SELECT key, day, position FROM event_ids ORDER BY key")
+    assert [(bytes(k), d, p) for k, d, p in ids] == sorted(state.id_rows)
+    nodes = await conn.fetch("SELECT level, idx, hash FROM merkle_nodes ORDER BY level")
+    assert [(lv, i, bytes(h)) for lv, i, h in nodes] == [
+        (n.level, n.index, n.hash) for n in state.nodes
+    ]
+    checkpoints = await conn.fetch(
+        "SELECT position, head_hash, time, signer, encode(signature, 'base64'), note "
+        "FROM checkpoints"
+    )
+    expected = [checkpoint] if checkpoint is not None else []
+    assert [(p, bytes(h), t, s, g, n) for p, h, t, s, g, n in checkpoints] == expected
+    identity = await conn.fetchrow("SELECT did, public_key, recorded_at FROM ledger_identity")
+    if state.identity_row is not None:
+        assert (identity[0], bytes(identity[1]), identity[2]) == (*state.identity_row, NOW)
+    else:
+        assert identity[0] != "did:mesh:rotated"
+
+
+@pytest.fixture
+async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(database_url)
+    for table in ("events", "event_ids", "idempotency_keys"):
+        await conn.execute(partition_ddl(table, DAY))
+    await conn.execute(
+        "INSERT INTO ledger_identity (id, did, public_key, recorded_at) "
+        "VALUES (1, 'did:mesh:ledger', '\\x00', now()) ON CONFLICT (id) DO NOTHING"
+    )
+    await conn.executemany(
+        "INSERT INTO streams (stream_id, version, last_position) VALUES ($1, 1, 0)",
+        [(s,) for s in OLD_STREAMS],
+    )
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def test_every_shape_writes_all_of_its_parts_or_nothing(conn: asyncpg.Connection) -> None:
+    row = await conn.fetchrow("SELECT position, entry_hash, recorded_at FROM ledger_head")
+    base = Head(row[0], bytes(row[1]), row[2])
+    for shape in write_shapes():
+        state, checkpoint = batch(shape, base, b"\x01")
+        assert write_rows(state, checkpoint)[0] == shape
+        transaction = conn.transaction()
+        await transaction.start()
+        try:
+            before = await snapshot(conn)
+            # Another writer moved the head: nothing is written.
+            moved = Head(base.position, b"\xff" * 32, base.recorded_at)
+            assert await conn.fetch(*_statement(moved, state, checkpoint)) == []
+            assert await snapshot(conn) == before
+            moved = Head(base.position + 1, base.entry_hash, base.recorded_at)
+            assert await conn.fetch(*_statement(moved, state, checkpoint)) == []
+            assert await snapshot(conn) == before
+            # The head it was computed from: all of it, in one row naming the position.
+            assert len(await conn.fetch(*_statement(base, state, checkpoint))) == 1
+            await written(conn, state, checkpoint)
+            after = await snapshot(conn)
+            # A single-use id or idempotency key used before fails the statement whole,
+            # the rest of the next batch (fresh positions, fresh other keys) unwritten.
+            for part in ("e", "i"):
+                if part not in shape[1]:
+                    continue
+                again, again_checkpoint = batch(shape, state.head, b"\x02")
+                if part == "e":
+                    again.id_rows = state.id_rows
+                else:
+                    again.idem_rows = state.idem_rows
+                with pytest.raises(asyncpg.UniqueViolationError):
+                    async with conn.transaction():  # a savepoint
+                        await conn.fetch(*_statement(state.head, again, again_checkpoint))
+                assert await snapshot(conn) == after
+        finally:
+            await transaction.rollback()
+
+
+def _statement(
+    expected: Head, state: BatchState, checkpoint: CheckpointRow | None
+) -> tuple[str, ...]:
+    sql, args = write_statement(expected, state, checkpoint)
+    return (sql, *args)  # type: ignore[arg-type]
