@@ -13,7 +13,9 @@ Every read and write is one Lua script, so it sees one generation and is
 atomic. A write compares (generation, position) before applying: the
 projector's position is stored in the same atomic step as the state derived
 from it (exactly-once), and a second writer or a swapped-in rebuild turns a
-stale write into ``StaleWriteError`` instead of a silent overwrite. A rebuild
+stale write into ``StaleWriteError`` instead of a silent overwrite. The same
+script publishes the write's change notification: one round trip, and no
+change announced without its write. A rebuild
 fills a fresh generation (its keys expire unless swapped in, so a crashed
 rebuild leaves nothing behind) and swaps ``current`` in one step.
 """
