@@ -83,11 +83,16 @@ def new_request(
         stream_id=stream,
         expected_version=expected_version,
         idempotency_key=idempotency_key,
-        digest=hashlib.sha256(b"\n".join(e.body for e in events)).digest(),
+        # What a retry under the same key must repeat; nothing to compare without a key.
+        digest=b"" if idempotency_key is None else _digest(events),
         keys_used={},
         future=asyncio.get_running_loop().create_future(),
         day=authority.single_use_day(events[0].event),
     )
+
+
+def _digest(events: Sequence[SignedEvent]) -> bytes:
+    return hashlib.sha256(b"\n".join(e.body for e in events)).digest()
 
 
 @dataclass(slots=True)
@@ -262,6 +267,13 @@ class RequestView:
         self.keys: dict[str, bytes] = {}
         self.suspended_dids: dict[str, bool] = {}
         self.ids: set[tuple[bytes, date]] = set()
+        self._id_keys: dict[tuple[str, str], bytes] = {}  # event_key, once per event
+
+    def id_key(self, actor: str, event_id: str) -> bytes:
+        found = self._id_keys.get((actor, event_id))
+        if found is None:
+            found = self._id_keys[actor, event_id] = event_key(actor, event_id)
+        return found
 
     def key(self, did: str) -> bytes | None:
         return self.keys[did] if did in self.keys else self.state.keys.get(did)
@@ -273,13 +285,13 @@ class RequestView:
         return bool(self.keys) or self.state.has_any_agent
 
     def seen(self, actor: str, event_id: str, day: date) -> bool:
-        key = (event_key(actor, event_id), day)
+        key = (self.id_key(actor, event_id), day)
         return key in self.ids or key in self.state.ids
 
     def advance(self, event: Event) -> None:
         day = authority.single_use_day(event)
         if event.event_id is not None and day is not None:
-            self.ids.add((event_key(event.actor, event.event_id), day))
+            self.ids.add((self.id_key(event.actor, event.event_id), day))
         if isinstance(event, AgentRegistered | AgentKeyRotated):
             self.keys[event.did] = VerifyKey.from_pem(event.public_key).raw
         elif isinstance(event, AgentSuspended | AgentReinstated):
@@ -532,29 +544,40 @@ def write_rows(
     assert rows, "a write appends at least one entry"
     one = len(rows) == 1
     parts: list[str] = ["ev"]
+    # An entry's fields but its time ($5); as columns, subjects joined (a DID holds no space).
     values: list[Sequence[Sequence[object]]] = [
-        [
-            (r[0], r[2], r[3], r[4], r[5], r[6] if one else " ".join(r[6]), *r[7:])  # type: ignore[arg-type]  # DIDs hold no space
-            for r in rows
-        ]
+        [(r[0], *r[2:6], r[6] if one else " ".join(r[6]), *r[7:]) for r in rows]  # type: ignore[arg-type]
     ]
-    existing = state.existing_streams
-    updated = [(s, v, p) for s, (v, p) in state.stream_rows.items() if s in existing]
-    created = [(s, v, p) for s, (v, p) in state.stream_rows.items() if s not in existing]
-    optional: tuple[tuple[str, Sequence[Sequence[object]]], ...] = (
-        ("su", updated),
-        ("si", created),
-        ("k", [(d, *row) for d, row in state.key_rows.items()]),
-        ("i", state.idem_rows),
-        ("e", state.id_rows),
-        ("n", [(n.level, n.index, n.hash) for n in state.nodes]),
-        ("c", [checkpoint] if checkpoint is not None else []),
-        ("li", [state.identity_row] if state.identity_row is not None else []),
-    )
-    for part, part_rows in optional:
-        if part_rows:
-            parts.append(part)
-            values.append(part_rows)
+    if state.stream_rows:
+        updated: list[tuple[str, int, int]] = []
+        created: list[tuple[str, int, int]] = []
+        for stream, (version, position) in state.stream_rows.items():
+            rows_of = updated if stream in state.existing_streams else created
+            rows_of.append((stream, version, position))
+        if updated:
+            parts.append("su")
+            values.append(updated)
+        if created:
+            parts.append("si")
+            values.append(created)
+    if state.key_rows:
+        parts.append("k")
+        values.append([(did, *row) for did, row in state.key_rows.items()])
+    if state.idem_rows:
+        parts.append("i")
+        values.append(state.idem_rows)
+    if state.id_rows:
+        parts.append("e")
+        values.append(state.id_rows)
+    if state.nodes:
+        parts.append("n")
+        values.append([(n.level, n.index, n.hash) for n in state.nodes])
+    if checkpoint is not None:
+        parts.append("c")
+        values.append([checkpoint])
+    if state.identity_row is not None:
+        parts.append("li")
+        values.append([state.identity_row])
     return (one, tuple(parts)), values
 
 
@@ -681,7 +704,7 @@ def _stage(request: Request, state: BatchState, view: RequestView) -> AppendResu
         state.leaves.append(tlog.entry_leaf(digest))
         day = authority.single_use_day(signed.event)
         if signed.event.event_id is not None and day is not None:  # checked: both are
-            state.id_rows.append((event_key(signed.actor, signed.event.event_id), day, position))
+            state.id_rows.append((view.id_key(signed.actor, signed.event.event_id), day, position))
         positions.append(position)
         prev = digest
     state.head = Head(position, prev, state.now)
