@@ -334,10 +334,21 @@ async def test_a_run_drops_the_single_use_days_whose_bodies_are_stale(
     assert "nothing before" in dry  # 9 days of a 90-day window: no cut
     assert f"drop 2 stale single-use partitions (event_ids_p{old_day}" in dry
     assert stale <= await _single_use_partitions(database_url)
-    await run_retention(settings, dry_run=False, clock=clock)
-    left = await _single_use_partitions(database_url)
-    assert not stale & left
-    assert kept <= left
+    # As if a run had died between detaching one stale day and dropping it.
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(f"ALTER TABLE event_ids DETACH PARTITION event_ids_p{old_day}")
+        assert f"event_ids_p{old_day}" in await run_retention(settings, dry_run=True, clock=clock)
+        await run_retention(settings, dry_run=False, clock=clock)
+        left = await _single_use_partitions(database_url)
+        assert not stale & left
+        assert kept <= left
+        orphans = await conn.fetchval(
+            "SELECT count(*) FROM pg_class WHERE relname = ANY($1::text[])", sorted(stale)
+        )
+        assert orphans == 0  # the detached one was dropped too
+    finally:
+        await conn.close()
 
     # Nothing replays: the old body is stale, the recent one is still in the index.
     head = await ledger.head()

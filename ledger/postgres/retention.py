@@ -27,6 +27,24 @@ log = logging.getLogger("agentmesh.retention")
 
 __all__ = ["PostgresRetentionStore"]
 
+# The day tables of ``$1`` (``<table>_pYYYYMMDD``) in the ledger's schema: its
+# partitions, and any such table no longer attached to it (a run that died between
+# detaching and dropping).
+_DAY_TABLES = """
+SELECT c.relname
+  FROM pg_class c LEFT JOIN pg_inherits i ON i.inhrelid = c.oid
+ WHERE c.relkind = 'r' AND c.relnamespace = current_schema()::regnamespace
+   AND c.relname ~ ('^' || $1 || '_p[0-9]{8}$')
+   AND (i.inhparent IS NULL OR i.inhparent = $1::regclass)
+ ORDER BY 1
+"""
+# Whether the table ``$1`` is still a partition, and whether a detach is pending.
+_PARTITION_STATE = """
+SELECT i.inhparent IS NOT NULL AS attached, coalesce(i.inhdetachpending, false) AS pending
+  FROM pg_class c LEFT JOIN pg_inherits i ON i.inhrelid = c.oid
+ WHERE c.oid = to_regclass($1)
+"""
+
 
 class PostgresRetentionStore:
     """``ledger.ports.RetentionAnchors`` over PostgreSQL, and retention's steps."""
@@ -94,28 +112,32 @@ class PostgresRetentionStore:
         return stale
 
     async def drop_partitions(self, names: Sequence[str]) -> None:
-        """Detach (CONCURRENTLY: appends go on) and drop these day partitions."""
+        """Detach (CONCURRENTLY: appends go on) and drop these day partitions. A run
+        that died half-way is finished: a detach left pending is finalized, a table
+        detached but not dropped is dropped, one already gone is skipped."""
         try:
             for name in names:
                 found = partition_day(name)
                 if found is None:
                     raise StoreUnavailableError(f"unexpected partition name {name!r}")
-                await self._pool.execute(
-                    f"ALTER TABLE {found[0]} DETACH PARTITION {name} CONCURRENTLY"
-                )
-                await self._pool.execute(f"DROP TABLE {name}")
+                state = await self._pool.fetchrow(_PARTITION_STATE, name)
+                if state is None:
+                    continue  # dropped by an earlier run
+                if state["attached"]:
+                    how = "FINALIZE" if state["pending"] else "CONCURRENTLY"
+                    await self._pool.execute(
+                        f"ALTER TABLE {found[0]} DETACH PARTITION {name} {how}"
+                    )
+                await self._pool.execute(f"DROP TABLE IF EXISTS {name}")
                 log.info("partition_dropped", extra={"partition": name})
         except DRIVER_ERRORS as exc:
             raise StoreUnavailableError(f"cannot drop a partition: {exc}") from exc
 
     async def _days(self, table: str) -> list[tuple[str, date]]:
-        """``table``'s day partitions (name, UTC day), oldest first."""
+        """``table``'s day partitions (name, UTC day), oldest first: attached, or left
+        detached by a run that died before dropping them."""
         try:
-            rows = await self._pool.fetch(
-                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-                "WHERE i.inhparent = $1::regclass ORDER BY 1",
-                table,
-            )
+            rows = await self._pool.fetch(_DAY_TABLES, table)
         except DRIVER_ERRORS as exc:
             raise StoreUnavailableError(f"cannot list the ledger's partitions: {exc}") from exc
         days = []
