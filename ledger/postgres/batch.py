@@ -369,9 +369,11 @@ SELECT position, entry_hash, recorded_at, event_type, stream_id, stream_version,
 # A statement holds only the parts its batch writes (``write_statement``): a part with
 # no rows would write nothing, so leaving it out changes nothing but what PostgreSQL
 # plans and runs and what the driver encodes. A batch of one event (the lone
-# appender's) passes each part's row as scalars; a larger batch passes columns, as
-# arrays unnested. ``{name}`` is a parameter of the part, numbered from $6 in the
-# order the parts appear (``_statement_text``).
+# appender's) passes each part's row as scalars (``SELECT … FROM h``: one row when
+# ``h`` moved the head, none otherwise); a larger batch passes columns, as arrays
+# unnested. ``{name}`` is a parameter of the part, numbered from $6 in the order the
+# parts appear (``write_text``). Every shape runs against PostgreSQL in
+# tests/test_write_statement.py.
 _WRITE_HEAD = """WITH h AS (
   UPDATE ledger_head SET position = $3, entry_hash = $4, recorded_at = $5
    WHERE id = 1 AND position = $1 AND entry_hash = $2
