@@ -108,7 +108,9 @@ class PostgresLedgerReader:
 
     @classmethod
     async def connect(cls, url: str, pool_size: int = 4) -> PostgresLedgerReader:
-        return cls(await create_pool(url, pool_size))
+        """A reader on its own pool, whose connections go back without a reset query
+        (``create_pool(reader=True)``: a reader takes no session state)."""
+        return cls(await create_pool(url, pool_size, reader=True))
 
     async def close(self) -> None:
         await self._pool.close()
@@ -214,8 +216,10 @@ class PostgresLedgerReader:
         try:
             yield wake
         finally:
-            with contextlib.suppress(*DRIVER_ERRORS):
-                await conn.remove_listener(NOTIFY_CHANNEL, on_notify)
+            try:
+                await conn.remove_listener(NOTIFY_CHANNEL, on_notify)  # sends UNLISTEN
+            except DRIVER_ERRORS:
+                conn.terminate()  # still listening, maybe: not for another acquirer
             await self._pool.release(conn)
 
     async def follow(
@@ -470,13 +474,28 @@ class PostgresLedgerReader:
         return None if row is None else row["first"]
 
 
-async def create_pool(url: str, size: int) -> asyncpg.Pool:
+async def create_pool(url: str, size: int, *, reader: bool = False) -> asyncpg.Pool:
     """A pool on ``url``; behind a transaction pooler (``?pooler=transaction``) its
-    connections keep no prepared statements between calls (``ledger.postgres.dsn``)."""
+    connections keep no prepared statements between calls (``ledger.postgres.dsn``).
+
+    A released connection is reset by asyncpg with a query (advisory locks, cursors,
+    LISTEN, settings): one more round trip per read. ``reader`` pools skip it
+    (``_reader_release``); the writer's pool keeps it (its turn lock is a session
+    advisory lock)."""
+    reset = _reader_release if reader else None
     try:
-        return await asyncpg.create_pool(**connect_kwargs(url), min_size=1, max_size=size)
+        return await asyncpg.create_pool(
+            **connect_kwargs(url), min_size=1, max_size=size, reset=reset
+        )
     except DRIVER_ERRORS as exc:
         raise StoreUnavailableError(f"cannot connect to PostgreSQL: {exc}") from exc
+
+
+async def _reader_release(conn: asyncpg.Connection) -> None:
+    """What a reader's connection needs on release beyond what asyncpg always does
+    (roll back an open transaction, drop listener callbacks): nothing. A reader takes
+    no session state — no SET, no session advisory lock, no cursor outside a
+    transaction; ``listener`` undoes its LISTEN itself (or closes the connection)."""
 
 
 def checkpoint_from_row(row: asyncpg.Record) -> Checkpoint:
