@@ -77,6 +77,17 @@ class TrustConfig:
         fold reads it for nearly every event)."""
         return round(self.decay_rate * 1000)
 
+    @functools.cached_property
+    def decay_floor_milli(self) -> int:
+        """``decay_floor`` in milli-points (the fold reads it for nearly every event)."""
+        return self.decay_floor * 1000
+
+    @functools.cached_property
+    def penalty_milli(self) -> dict[str, int]:
+        """Penalties by severity in milli-points: a plain dict the fold indexes per
+        report (``penalties`` is a read-only view, slower to index)."""
+        return {severity: points * 1000 for severity, points in self.penalties.items()}
+
     def as_dict(self) -> dict[str, int]:
         """The parameters the fold uses, ints only (stored in snapshots)."""
         result = {

@@ -16,7 +16,7 @@ a known, unrevoked grant is applied.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from datetime import datetime
 from typing import Annotated, Any, Final
 
@@ -57,16 +57,15 @@ from projections.delegation import (
 from projections.errors import DelegationError, SnapshotError
 from projections.registry import AgentRecord, AgentStatus, registry_size
 from projections.trust import (
+    HOUR_US,
     MILLI,
     TIERS,
     TrustState,
     TrustView,
     new_trust,
     penalize_milli,
-    points,
     reward,
     reward_milli,
-    score_milli_at,
     to_micros,
     trust_at,
 )
@@ -77,7 +76,9 @@ PAIR_WINDOW_US: Final = 24 * 3_600_000_000
 bounded per window of 24 hours (see ``_peer_effect`` and ``_handshake_completed``)."""
 _NOTHING: frozenset[str] = frozenset()
 
-Handler = Callable[["MeshState", Any, int, datetime, int], frozenset[str]]
+Handler = Callable[["MeshState", Any, int, datetime, int], Collection[str]]
+"""A handler folds one event: it stamps ``position`` on the record and the trust of every
+agent whose projected state it changed, and returns their DIDs."""
 
 
 class MeshState:
@@ -103,10 +104,7 @@ class MeshState:
         changed = _HANDLERS[type(event)](self, event, to_micros(recorded_at), recorded_at, position)
         self.position = position
         self.recorded_at = recorded_at
-        for did in changed:
-            self.agents[did].position = position
-            self.trust[did].position = position
-        return changed
+        return frozenset(changed)
 
     def apply_recorded(self, record: RecordedEvent) -> frozenset[str]:
         """Decode a stored entry's body (the fields the fold reads) and fold it."""
@@ -115,20 +113,18 @@ class MeshState:
     def fold_records(self, records: Iterable[RecordedEvent]) -> None:
         """Fold stored entries in order, as ``apply_recorded`` does one at a time, without
         collecting what changed (a rebuild writes every document anyway)."""
-        # ``apply`` inlined: a rebuild runs this loop once per event of the ledger.
-        agents, trust, handlers, decode = self.agents, self.trust, _HANDLERS, decode_for_fold
+        # ``apply`` inlined: a rebuild runs this loop once per event of the ledger. The
+        # handlers stamp the positions of what they change themselves.
+        handlers, decode = _HANDLERS, decode_for_fold
         for record in records:
             event = decode(record.body)
             position = record.position
             if position <= self.position:
                 continue
             moment = record.recorded_at
-            changed = handlers[type(event)](self, event, to_micros(moment), moment, position)
+            handlers[type(event)](self, event, to_micros(moment), moment, position)
             self.position = position
             self.recorded_at = moment
-            for did in changed:
-                agents[did].position = position
-                trust[did].position = position
 
     def apply_all(self, items: Iterable[tuple[AnyEvent, int, datetime]]) -> frozenset[str]:
         """Fold ``(event, position, recorded_at)`` triples; return every changed DID."""
@@ -223,11 +219,24 @@ def fold_recorded(records: Iterable[RecordedEvent], config: TrustConfig | None =
 
 
 # -- event handlers: (state, event, at µs, at datetime, position) -> changed DIDs ------------
+#
+# Each handler stamps ``position`` on the documents it changes (``_stamp``) and returns
+# their DIDs. The reports, signals and handshakes — 99 % of a ledger — do so inline
+# and return a tuple: a rebuild runs them once per event and reads nothing they return.
+
+
+def _stamp(state: MeshState, dids: Collection[str], position: int) -> frozenset[str]:
+    """Stamp ``position`` on the record and the trust of each of ``dids``; their set."""
+    agents, trust = state.agents, state.trust
+    for did in dids:
+        agents[did].position = position
+        trust[did].position = position
+    return frozenset(dids)
 
 
 def _registered(
     state: MeshState, event: AgentRegistered, at: int, moment: datetime, position: int
-) -> frozenset[str]:
+) -> Collection[str]:
     if event.did in state.agents:
         return _NOTHING
     state.agents[event.did] = AgentRecord(
@@ -239,39 +248,41 @@ def _registered(
         registered_at=moment,
     )
     state.trust[event.did] = new_trust(event.did, state.config, at)
-    return frozenset((event.did,))
+    return _stamp(state, (event.did,), position)
 
 
 def _key_rotated(
     state: MeshState, event: AgentKeyRotated, at: int, moment: datetime, position: int
-) -> frozenset[str]:
+) -> Collection[str]:
     agent = state.agents.get(event.did)
     if agent is None:
         return _NOTHING
     agent.public_key = event.public_key
-    return frozenset((event.did,))
+    return _stamp(state, (event.did,), position)
 
 
 def _suspended(
     state: MeshState, event: AgentSuspended, at: int, moment: datetime, position: int
-) -> frozenset[str]:
-    return _set_status(state, event.did, "suspended", event.reason)
+) -> Collection[str]:
+    return _set_status(state, event.did, "suspended", event.reason, position)
 
 
 def _reinstated(
     state: MeshState, event: AgentReinstated, at: int, moment: datetime, position: int
-) -> frozenset[str]:
-    return _set_status(state, event.did, "active", event.reason)
+) -> Collection[str]:
+    return _set_status(state, event.did, "active", event.reason, position)
 
 
-def _set_status(state: MeshState, did: str, status: AgentStatus, reason: str) -> frozenset[str]:
+def _set_status(
+    state: MeshState, did: str, status: AgentStatus, reason: str, position: int
+) -> Collection[str]:
     agent = state.agents.get(did)
     if agent is None:
         return _NOTHING
     agent.status = status
     agent.status_reason = reason
     # What this agent delegated is silenced (or restored) with it.
-    return frozenset({did, *state.delegations.downstream_of(did)})
+    return _stamp(state, {did, *state.delegations.downstream_of(did)}, position)
 
 
 def _handshake_completed(
@@ -280,21 +291,33 @@ def _handshake_completed(
     at: int,
     moment: datetime,
     position: int,
-) -> frozenset[str]:
+) -> Collection[str]:
     """Both parties count the handshake; each earns the reward at most once per
     partner per window, so two agents cannot farm points by shaking hands in a loop.
     A self-handshake (refused by the API) earns nothing."""
-    parties = _known(state, event.initiator, event.responder)
-    config = state.config
-    for did in parties:
-        trust = state.trust[did]
+    initiator, responder = event.initiator, event.responder
+    trusts, agents, config = state.trust, state.agents, state.config
+    first, second = trusts.get(initiator), trusts.get(responder)
+    if initiator == responder:  # one party, who earns nothing
+        if first is None:
+            return _NOTHING
+        first.handshakes_completed += 1
+        first.position = position
+        agents[initiator].position = position
+        return (initiator,)
+    changed: tuple[str, ...] = ()
+    for trust, did, partner in ((first, initiator, responder), (second, responder, initiator)):
+        if trust is None:
+            continue
         trust.handshakes_completed += 1
-        partner = event.responder if did == event.initiator else event.initiator
         last = trust.partners.get(partner)
-        if partner != did and (last is None or at - last >= PAIR_WINDOW_US):
+        if last is None or at - last >= PAIR_WINDOW_US:
             reward(trust, config, config.reward_handshake, at)
             trust.partners[partner] = at
-    return parties
+        trust.position = position
+        agents[did].position = position
+        changed += (did,)
+    return changed
 
 
 def _handshake_failed(
@@ -303,42 +326,52 @@ def _handshake_failed(
     at: int,
     moment: datetime,
     position: int,
-) -> frozenset[str]:
+) -> Collection[str]:
     """Counted, never penalised: no failure reason (a bad or missing answer, an
     expired challenge, a low score) can be attributed to the responder, since anyone
     can answer a challenge with garbage or start one the responder never sees."""
     parties = _known(state, event.initiator, event.responder)
     for did in parties:
         state.trust[did].handshakes_failed += 1
-    return parties
+    return _stamp(state, parties, position)
 
 
 def _violation(
     state: MeshState, event: PolicyViolation | ReportBody, at: int, moment: datetime, position: int
-) -> frozenset[str]:
-    trust = state.trust.get(event.agent)
+) -> Collection[str]:
+    agent = event.agent
+    trust = state.trust.get(agent)
     if trust is None or event.repeat_of is not None:  # repeats are evidence, not penalties
         return _NOTHING
-    full = state.config.penalties[event.severity] * MILLI
-    cost = _peer_effect(state, event.actor, trust, full, 1, at)
+    config = state.config
+    penalties = config.penalty_milli
+    full = penalties[event.severity]
+    cost = _peer_effect(state, event.actor, trust, full, penalties["critical"], 1, at)
     if cost == 0:
         return _NOTHING
-    penalize_milli(trust, state.config, cost, at)
+    penalize_milli(trust, config, cost, at)
     trust.violations[event.severity] += 1
-    return frozenset((event.agent,))
+    trust.position = position
+    state.agents[agent].position = position
+    return (agent,)
 
 
 def _signal(
     state: MeshState, event: TrustSignal | SignalBody, at: int, moment: datetime, position: int
-) -> frozenset[str]:
-    trust = state.trust.get(event.agent)
-    if trust is None or event.actor == event.agent:  # nobody raises its own score
+) -> Collection[str]:
+    agent, actor = event.agent, event.actor
+    trust = state.trust.get(agent)
+    if trust is None or actor == agent:  # nobody raises its own score
         return _NOTHING
-    gain = _peer_effect(state, event.actor, trust, state.config.reward_signal * MILLI, 2, at)
+    config = state.config
+    full = config.reward_signal * MILLI
+    gain = _peer_effect(state, actor, trust, full, full, 2, at)
     if gain == 0:
         return _NOTHING
-    reward_milli(trust, state.config, gain, at)
-    return frozenset((event.agent,))
+    reward_milli(trust, config, gain, at)
+    trust.position = position
+    state.agents[agent].position = position
+    return (agent,)
 
 
 def _peer_effect(
@@ -346,6 +379,7 @@ def _peer_effect(
     reporter: str,
     target: TrustState,
     full: int,
+    cap: int,
     slot: int,
     at: int,
 ) -> int:
@@ -354,9 +388,9 @@ def _peer_effect(
     1. The ledger (an admin) and the agent's own key (its sidecar) count in full.
     2. A peer counts by its own standing at that moment: ``full * score // 1000``;
        a suspended or untrusted peer counts zero (its report stays recorded).
-    3. One peer moves one agent by at most one critical penalty (``slot`` 1) or one
-       signal's reward (``slot`` 2) per 24-hour window, however many it files,
-       weighed the same way.
+    3. One peer moves one agent by at most ``cap`` — one critical penalty (``slot``
+       1) or one signal's reward (``slot`` 2) — per 24-hour window, however many it
+       files, weighed the same way.
     """
     peer = state.trust.get(reporter)
     if peer is None or reporter == target.did:  # 1. (an actor the fold does not know is
@@ -365,11 +399,14 @@ def _peer_effect(
     if score is None:  # 2.
         return 0
     weighted = full * score // MAX_SCORE
-    window = target.peers.get(reporter)
+    peers = target.peers
+    window = peers.get(reporter)
     if window is None or at - window[0] >= PAIR_WINDOW_US:  # 3.
-        window = target.peers[reporter] = [at, 0, 0]
-    cap = state.config.penalties["critical"] * MILLI if slot == 1 else full
-    effect = max(min(weighted, cap * score // MAX_SCORE - window[slot]), 0)
+        window = peers[reporter] = [at, 0, 0]
+    room = cap * score // MAX_SCORE - window[slot]
+    effect = weighted if weighted < room else room
+    if effect <= 0:
+        return 0
     window[slot] += effect
     return effect
 
@@ -381,31 +418,39 @@ def _standing(state: MeshState, trust: TrustState, at: int) -> int | None:
     if state.agents[trust.did].status == "suspended":
         return None
     config = state.config
-    milli = score_milli_at(trust, config.decay_rate_milli, config.decay_floor * MILLI, at)
-    score = points(milli)
+    milli = base = trust.base_milli
+    base_at = trust.base_at
+    if at > base_at:  # ``score_milli_at``, inline
+        floor = config.decay_floor_milli
+        if base > floor:
+            rate, start = config.decay_rate_milli, trust.decay_from
+            due = rate * (at - start) // HOUR_US - rate * (base_at - start) // HOUR_US
+            milli = base - due if base - due > floor else floor
+    score = (milli + MILLI // 2) // MILLI  # ``points``
     return None if score < config.min_threshold else score
 
 
 def _granted(
     state: MeshState, event: DelegationGranted, at: int, moment: datetime, position: int
-) -> frozenset[str]:
+) -> Collection[str]:
     try:
         validate_grant(state, event, moment)
     except DelegationError:
         return _NOTHING
     state.delegations.add(grant_from_event(state, event, moment, position))
-    return frozenset((event.delegator, event.delegatee))
+    return _stamp(state, (event.delegator, event.delegatee), position)
 
 
 def _revoked(
     state: MeshState, event: DelegationRevoked, at: int, moment: datetime, position: int
-) -> frozenset[str]:
+) -> Collection[str]:
     graph = state.delegations
     grant = graph.grants.get(event.grant_id)
     if grant is None or grant.revoked:
         return _NOTHING
     graph.revoke(event.grant_id, moment, position, event.reason)
-    return frozenset({grant.delegator, *(g.delegatee for g in graph.subtree(event.grant_id))})
+    changed = {grant.delegator, *(g.delegatee for g in graph.subtree(event.grant_id))}
+    return _stamp(state, changed, position)
 
 
 def _retention(
@@ -414,7 +459,7 @@ def _retention(
     at: int,
     moment: datetime,
     position: int,
-) -> frozenset[str]:
+) -> Collection[str]:
     return _NOTHING  # the ledger's own business: no agent's state changes
 
 

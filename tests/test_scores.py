@@ -12,10 +12,15 @@ from hypothesis import strategies as st
 from projections.config import TrustConfig
 from projections.replay import first_time_below
 from projections.trust import (
+    MAX_MILLI,
     MILLI,
+    TrustState,
+    _materialize,
     new_trust,
+    penalize_milli,
     points,
     record_violation,
+    reward_milli,
     score_milli_at,
     tier_for,
     to_micros,
@@ -74,3 +79,41 @@ def test_decay_crossings_are_found_at_the_rounded_boundary(start: int, boundary:
     assert points(score_milli_at(state, rate, floor, crossed)) < boundary
     if crossed - 1 > state.base_at:
         assert points(score_milli_at(state, rate, floor, crossed - 1)) >= boundary
+
+
+_CONFIGS = st.builds(
+    TrustConfig,
+    initial_score=st.integers(100, 1000),
+    decay_rate=st.integers(0, 50_000).map(lambda r: r / 1000),
+    decay_floor=st.integers(0, 100),
+)
+
+
+@given(
+    _CONFIGS,
+    st.integers(0, MAX_MILLI),
+    st.integers(0, 10**12),
+    st.integers(-(10**12), 10**12),
+    st.integers(0, MAX_MILLI),
+)
+def test_the_inline_decay_of_a_reward_or_penalty_is_materialize(
+    config: TrustConfig, base: int, since: int, step: int, milli: int
+) -> None:
+    """``reward_milli`` and ``penalize_milli`` fold the decay due in inline (the fold
+    calls them for nearly every event): the same as ``_materialize`` and then the
+    reward or the penalty, also for a clock that steps back."""
+    decay_from = to_micros(T0)
+    base_at = decay_from + since
+    at = base_at + step
+    for apply in (reward_milli, penalize_milli):
+        fast = TrustState(DID, base, base_at, decay_from)
+        apply(fast, config, milli, at)
+        slow = TrustState(DID, base, base_at, decay_from)
+        _materialize(slow, config, at)
+        if apply is reward_milli:
+            slow.base_milli = min(slow.base_milli + milli, MAX_MILLI)
+            slow.decay_from = slow.base_at
+            slow.positives += 1
+        else:
+            slow.base_milli = max(slow.base_milli - milli, 0)
+        assert fast == slow
