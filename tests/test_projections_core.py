@@ -810,6 +810,28 @@ def test_folding_stored_bodies_equals_folding_the_full_events(
 
 
 @settings(max_examples=100, deadline=None)
+@given(histories(), st.data())
+def test_what_apply_returns_is_what_changed_each_stamped_with_its_position(
+    items: list[tuple[AnyEvent, int, datetime]], data: st.DataObject
+) -> None:
+    """The handlers stamp the position on what they change themselves: the DIDs
+    ``apply`` returns are exactly the agents whose record or trust changed, and each
+    of them (record and trust) carries the event's position; nobody else moved."""
+    state = MeshState()
+    for event, position, moment in _by_peers(items, data):
+        before = {did: state.snapshot()["agents"][did] for did in state.agents}
+        changed = state.apply(event, position, moment)
+        after = state.snapshot()["agents"]
+        moved = {did for did in after if after[did] != before.get(did)}
+        # A refused event can still stamp nothing and change nothing; a changed agent's
+        # documents differ at least by their position.
+        assert changed == moved
+        for did in changed:
+            assert after[did]["registry"]["position"] == position
+            assert after[did]["trust"]["position"] == position
+
+
+@settings(max_examples=100, deadline=None)
 @given(histories(), st.data(), st.integers(0, 400 * HOUR_US))
 def test_a_peers_standing_is_its_trust_view(
     items: list[tuple[AnyEvent, int, datetime]], data: st.DataObject, later: int
