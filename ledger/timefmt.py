@@ -26,6 +26,19 @@ def format_time(moment: datetime) -> str:
 
 def parse_time(text: str) -> datetime:
     """Parse an RFC 3339 timestamp (any offset, up to nanoseconds) to aware UTC."""
+    if _is_canonical_shape(text):
+        # ``format_time``'s own form (nearly every stored or signed time): Python's
+        # parser takes it as is (its "Z" is UTC), a tenth of the general path's cost.
+        # Anything it refuses goes the general way, which names the problem.
+        try:
+            return datetime.fromisoformat(text)
+        except ValueError:
+            pass
+    return _parse_general(text)
+
+
+def _parse_general(text: str) -> datetime:
+    """``parse_time`` for any RFC 3339 form (and the error for anything else)."""
     if not _RFC3339.match(text):
         raise ValueError(f"{text!r} is not an RFC 3339 timestamp like 2026-11-26T12:00:00Z")
     normalized = text.replace("z", "Z").replace("t", "T")
@@ -36,6 +49,19 @@ def parse_time(text: str) -> datetime:
         frac = digits.group(0)
         normalized = f"{head}.{(frac + '000000')[:6]}{rest[len(frac) :]}"
     return datetime.fromisoformat(normalized.replace("Z", "+00:00")).astimezone(UTC)
+
+
+def _is_canonical_shape(text: str) -> bool:
+    """``YYYY-MM-DDTHH:MM:SS.ffffffZ`` by its separators (the digits are the parser's
+    to check: it takes ASCII digits only, and nothing else at these places)."""
+    return (
+        len(text) == 27
+        and text[26] == "Z"
+        and text[19] == "."
+        and text[10] == "T"
+        and text[4] == text[7] == "-"
+        and text[13] == text[16] == ":"
+    )
 
 
 def is_rfc3339(text: str) -> bool:

@@ -24,7 +24,7 @@ from ledger.authority import single_use_day
 from ledger.canonical import canonical_bytes
 from ledger.events import AgentKeyRotated, DelegationGranted, PolicyViolation, TrustSignal
 from ledger.identity import b64encode
-from ledger.timefmt import format_time, parse_time
+from ledger.timefmt import _parse_general, format_time, parse_time
 from projections.store_redis import RedisProjectionStore
 from tests.api_support import ADMIN, Api, handshake_request, signed
 from tests.support import Agent
@@ -528,3 +528,31 @@ def test_the_single_use_day_is_the_utc_day_of_occurred_at(moment: datetime, zulu
             detail="",
         )
         assert single_use_day(event) == parse_time(text).date() == moment.astimezone(UTC).date()
+
+
+_CANONICAL_CHARS = st.sampled_from(list("0123456789-T:.Z+ W,٦z\x00"))
+
+
+@given(
+    moment=st.datetimes(timezones=st.just(UTC)),
+    noise=st.lists(st.tuples(st.integers(0, 26), _CANONICAL_CHARS), max_size=3),
+)
+def test_parse_time_reads_the_canonical_form_as_the_general_parser_does(
+    moment: datetime, noise: list[tuple[int, str]]
+) -> None:
+    """The fast path for ``format_time``'s form gives what the general RFC 3339 path
+    gives — the same time, or a ValueError with the general path's message."""
+    chars = list(format_time(moment))
+    for index, char in noise:
+        chars[index] = char
+    text = "".join(chars)
+    try:
+        expected: datetime | str = _parse_general(text)
+    except ValueError as exc:
+        expected = str(exc)
+    try:
+        found: datetime | str = parse_time(text)
+    except ValueError as exc:
+        found = str(exc)
+    assert found == expected
+    assert not isinstance(found, datetime) or found.tzinfo is UTC
