@@ -45,7 +45,7 @@ from ledger.events import (
 )
 from ledger.identity import SigningKey, VerifyKey
 from ledger.merkle import Frontier
-from ledger.ports import Window
+from ledger.ports import StoredBody, Window
 from ledger.signatures import Signer
 from ledger.signed import SignedEvent, append_stream
 from ledger.timefmt import utc_now
@@ -323,6 +323,11 @@ class MemoryLedger:
 
     async def head(self) -> Head:
         return self._head()
+
+    async def read_bodies(self, after: int = 0, limit: int = 1000) -> list[StoredBody]:
+        return [
+            StoredBody(e.position, e.recorded_at, e.body) for e in await self.read(after, limit)
+        ]
 
     async def read(self, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
         return self._entries[max(after, 0) : max(after, 0) + limit]

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from ledger.chain import AppendResult, Checkpoint, Head, RecordedEvent
 from ledger.events import Event
@@ -105,6 +105,24 @@ class RetentionStore(RetentionAnchors, Protocol):
 
     async def set_status(self, position: int, status: str) -> None:
         """Record how far the run at this anchor got: anchored, pruned, recorded."""
+
+
+class StoredBody(NamedTuple):
+    """What a fold reads of an entry: its position, when it was recorded, its body."""
+
+    position: int
+    recorded_at: datetime
+    body: bytes
+
+
+@runtime_checkable
+class BodyReader(Protocol):
+    """A ledger that can read entries' bodies alone (``PostgresLedgerReader``,
+    ``MemoryLedger``): a rebuild or a snapshot folds nothing else, and the other
+    columns cost most of a full read."""
+
+    async def read_bodies(self, after: int = 0, limit: int = 1000) -> list[StoredBody]:
+        """``StoredBody`` of the entries with position > ``after``, at most ``limit``."""
 
 
 class LedgerReader(Protocol):

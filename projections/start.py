@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from ledger.chain import RecordedEvent
-from ledger.ports import LedgerReader
+from ledger.ports import BodyReader, LedgerReader
 from projections.config import TrustConfig
 from projections.errors import SnapshotError
-from projections.state import MeshState
+from projections.state import Folded, MeshState
 
 __all__ = ["Start", "ledger_start", "state_at_position"]
 
@@ -120,13 +119,18 @@ class _Prefetched:
 
     def __init__(self, ledger: LedgerReader, after: int, upto: int | None) -> None:
         self._ledger = ledger
+        # Bodies alone where the ledger can read them so (``ports.BodyReader``): the
+        # fold reads nothing else, and the other columns cost most of a full read.
+        self._bodies = ledger if isinstance(ledger, BodyReader) else None
         self._upto = upto
-        self._pending: asyncio.Future[list[RecordedEvent]] | None = self._read(after)
+        self._pending: asyncio.Future[Sequence[Folded]] | None = self._read(after)
 
-    def _read(self, after: int) -> asyncio.Future[list[RecordedEvent]]:
+    def _read(self, after: int) -> asyncio.Future[Sequence[Folded]]:
+        if self._bodies is not None:
+            return asyncio.ensure_future(self._bodies.read_bodies(after, BATCH))
         return asyncio.ensure_future(self._ledger.read(after, BATCH))
 
-    async def next(self) -> list[RecordedEvent]:
+    async def next(self) -> Sequence[Folded]:
         """The next batch, or an empty list at the end."""
         if self._pending is None:
             return []

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Mapping
 from datetime import datetime
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Protocol
 
 import msgspec
 
@@ -81,6 +81,20 @@ Handler = Callable[["MeshState", Any, int, datetime, int], Collection[str]]
 agent whose projected state it changed, and returns their DIDs."""
 
 
+class Folded(Protocol):
+    """What ``MeshState.fold_records`` reads of a stored entry: a ``RecordedEvent``,
+    or a ``ledger.ports.StoredBody`` (the body alone, for a rebuild)."""
+
+    @property
+    def position(self) -> int: ...
+
+    @property
+    def recorded_at(self) -> datetime: ...
+
+    @property
+    def body(self) -> bytes: ...
+
+
 class MeshState:
     """Registry, trust and delegation state folded from the ledger up to ``position``."""
 
@@ -110,7 +124,7 @@ class MeshState:
         """Decode a stored entry's body (the fields the fold reads) and fold it."""
         return self.apply(decode_for_fold(record.body), record.position, record.recorded_at)
 
-    def fold_records(self, records: Iterable[RecordedEvent]) -> None:
+    def fold_records(self, records: Iterable[Folded]) -> None:
         """Fold stored entries in order, as ``apply_recorded`` does one at a time, without
         collecting what changed (a rebuild writes every document anyway)."""
         # ``apply`` inlined: a rebuild runs this loop once per event of the ledger. The

@@ -40,7 +40,7 @@ from ledger.identity import SigningKey
 from ledger.memory import MemoryLedger
 from ledger.merkle import Frontier
 from ledger.note import open_checkpoint
-from ledger.ports import Ledger
+from ledger.ports import BodyReader, Ledger, StoredBody
 from ledger.postgres import PostgresEventStore
 from ledger.signed import SignedEvent
 from ledger.timefmt import format_time
@@ -445,3 +445,17 @@ async def test_an_idempotent_retry_days_later_gets_the_original(
     )
     assert not fresh.duplicate
     assert fresh.positions[0] > first.positions[0]
+
+
+async def test_bodies_alone_are_the_entries_bodies(store: Ledger) -> None:
+    """``read_bodies`` (``ports.BodyReader``: what a rebuild folds) gives each entry's
+    position, time and body as ``read`` does, in the same batches."""
+    agent, other = await register(store), await register(store)
+    for _ in range(5):
+        await store.append([agent.violation(subject=other.did)])
+    assert isinstance(store, BodyReader)
+    for after, limit in ((0, 1000), (2, 3), (6, 10), (7, 10)):
+        entries = await store.read(after, limit)
+        bodies = await store.read_bodies(after, limit)
+        assert bodies == [StoredBody(e.position, e.recorded_at, e.body) for e in entries]
+        assert all(isinstance(b.body, bytes) for b in bodies)

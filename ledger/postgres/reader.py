@@ -31,7 +31,7 @@ from ledger.events import (
 )
 from ledger.identity import VerifyKey, b64decode
 from ledger.merkle import Frontier
-from ledger.ports import RetentionStore, Window
+from ledger.ports import RetentionStore, StoredBody, Window
 from ledger.postgres.dsn import connect_kwargs
 
 if TYPE_CHECKING:
@@ -161,6 +161,18 @@ class PostgresLedgerReader:
             limit,
         )
         return [record_from_row(r) for r in rows]
+
+    async def read_bodies(self, after: int = 0, limit: int = 1000) -> list[StoredBody]:
+        """``ports.BodyReader``: position, time and body of the entries after ``after``
+        (a quarter of a full read's CPU: no hashes, signature, subjects or dataclass)."""
+        rows = await self._fetch(
+            "SELECT position, recorded_at, body FROM events WHERE position > $1 "
+            "ORDER BY position LIMIT $2",
+            after,
+            limit,
+        )
+        make = tuple.__new__
+        return [make(StoredBody, row) for row in rows]
 
     async def read_agent(self, did: str, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
         """Entries an agent signed or is the subject of, in position order."""
