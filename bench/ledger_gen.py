@@ -60,7 +60,8 @@ from ledger.events import (
     subject_agents,
 )
 from ledger.identity import SigningKey, VerifyKey, b64decode
-from ledger.postgres import PostgresLedgerReader, partition_name
+from ledger.postgres import PostgresLedgerReader
+from ledger.postgres.reader import partition_ddl
 from ledger.timefmt import format_time
 from ledger.verify import KeyRing, LedgerVerifier, verify_ledger
 
@@ -399,13 +400,9 @@ async def _sign_chain_copy(
 
 async def _create_partitions(conn: asyncpg.Connection, plan: Plan) -> None:
     first, last = plan.recorded_at(1), plan.recorded_at(plan.events)
-    day = datetime(first.year, first.month, first.day, tzinfo=UTC)
-    while day <= last:
-        low, high = format_time(day), format_time(day + timedelta(days=1))
-        await conn.execute(
-            f"CREATE TABLE IF NOT EXISTS {partition_name(day)} PARTITION OF events "
-            f"FOR VALUES FROM ('{low}') TO ('{high}')"
-        )
+    day = first.astimezone(UTC).date()
+    while day <= last.astimezone(UTC).date():
+        await conn.execute(partition_ddl("events", day))
         day += timedelta(days=1)
 
 

@@ -57,7 +57,6 @@ from projections.delegation import (
 from projections.errors import DelegationError, SnapshotError
 from projections.registry import AgentRecord, AgentStatus, registry_size
 from projections.trust import (
-    HOUR_US,
     MILLI,
     TIERS,
     TrustState,
@@ -66,6 +65,7 @@ from projections.trust import (
     penalize_milli,
     reward,
     reward_milli,
+    score_milli_at,
     to_micros,
     trust_at,
 )
@@ -432,14 +432,7 @@ def _standing(state: MeshState, trust: TrustState, at: int) -> int | None:
     if state.agents[trust.did].status == "suspended":
         return None
     config = state.config
-    milli = base = trust.base_milli
-    base_at = trust.base_at
-    if at > base_at:  # ``score_milli_at``, inline
-        floor = config.decay_floor_milli
-        if base > floor:
-            rate, start = config.decay_rate_milli, trust.decay_from
-            due = rate * (at - start) // HOUR_US - rate * (base_at - start) // HOUR_US
-            milli = base - due if base - due > floor else floor
+    milli = score_milli_at(trust, config.decay_rate_milli, config.decay_floor_milli, at)
     score = (milli + MILLI // 2) // MILLI  # ``points``
     return None if score < config.min_threshold else score
 

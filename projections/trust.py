@@ -157,8 +157,7 @@ def score_milli_at(state: TrustState, rate_milli: int, floor_milli: int, at: int
 def _materialize(state: TrustState, config: TrustConfig, at: int) -> None:
     """Fold the decay due at ``at`` into the base (``score_milli_at``), and move ``base_at``
     there. A clock that steps back between batches must not undo decay: time only
-    moves on. ``reward_milli`` and ``penalize_milli`` spell this out inline (the fold
-    runs them for nearly every event); ``tests/test_scores.py`` holds them to it."""
+    moves on."""
     at = max(at, state.base_at)
     state.base_milli = score_milli_at(state, config.decay_rate_milli, config.decay_floor_milli, at)
     state.base_at = at
@@ -171,17 +170,9 @@ def reward(state: TrustState, config: TrustConfig, points: int, at: int) -> None
 
 def reward_milli(state: TrustState, config: TrustConfig, milli: int, at: int) -> None:
     """``reward`` in milli-points (a weighted peer signal earns a fraction of a point)."""
-    base, base_at = state.base_milli, state.base_at
-    if at > base_at:  # ``_materialize``, inline
-        floor = config.decay_floor_milli
-        if base > floor:
-            rate, start = config.decay_rate_milli, state.decay_from
-            due = rate * (at - start) // HOUR_US - rate * (base_at - start) // HOUR_US
-            base = base - due if base - due > floor else floor
-        state.base_at = base_at = at
-    base += milli
-    state.base_milli = base if base < MAX_MILLI else MAX_MILLI
-    state.decay_from = base_at
+    _materialize(state, config, at)
+    state.base_milli = min(state.base_milli + milli, MAX_MILLI)
+    state.decay_from = state.base_at
     state.positives += 1
 
 
@@ -192,15 +183,8 @@ def penalize(state: TrustState, config: TrustConfig, points: int, at: int) -> No
 
 def penalize_milli(state: TrustState, config: TrustConfig, milli: int, at: int) -> None:
     """``penalize`` in milli-points (a weighted peer report costs a fraction)."""
-    base, base_at = state.base_milli, state.base_at
-    if at > base_at:  # ``_materialize``, inline
-        floor = config.decay_floor_milli
-        if base > floor:
-            rate, start = config.decay_rate_milli, state.decay_from
-            due = rate * (at - start) // HOUR_US - rate * (base_at - start) // HOUR_US
-            base = base - due if base - due > floor else floor
-        state.base_at = at
-    state.base_milli = base - milli if base > milli else 0
+    _materialize(state, config, at)
+    state.base_milli = max(state.base_milli - milli, 0)
 
 
 def record_violation(state: TrustState, config: TrustConfig, severity: str, at: int) -> None:

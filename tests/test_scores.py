@@ -99,7 +99,7 @@ _CONFIGS = st.builds(
 def test_the_inline_decay_of_a_reward_or_penalty_is_materialize(
     config: TrustConfig, base: int, since: int, step: int, milli: int
 ) -> None:
-    """``reward_milli`` and ``penalize_milli`` fold the decay due in inline (the fold
+    """``reward_milli`` and ``penalize_milli`` fold the decay due in first (the fold
     calls them for nearly every event): the same as ``_materialize`` and then the
     reward or the penalty, also for a clock that steps back."""
     decay_from = to_micros(T0)
