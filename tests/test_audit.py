@@ -426,6 +426,13 @@ def edit_and_rechain(records: Records, _: SigningKey) -> Expected:
     body = json.loads(records[i]["body"])
     body["detail"] = "nothing happened"
     records[i]["body"] = canonical_bytes(body).decode()
+    _rechain_from(records, i)
+    return i + 1, records[i]["position"], "signature does not verify"
+
+
+def _rechain_from(records: Records, i: int) -> None:
+    """Recompute the hashes of entry ``i`` and of every entry after it (an insider who
+    rewrote entry ``i`` and kept the chain whole)."""
     for j in range(i, len(records)):
         if records[j]["kind"] not in ("event", "stub"):
             break
@@ -433,7 +440,27 @@ def edit_and_rechain(records: Records, _: SigningKey) -> Expected:
             records[j]["prev_hash"] = records[j - 1]["entry_hash"]
         if records[j]["kind"] == "event":
             rehash(records[j])
-    return i + 1, records[i]["position"], "signature does not verify"
+
+
+def clock_runs_back(records: Records, _: SigningKey) -> Expected:
+    """An event recorded a microsecond before the event ahead of it, chain kept whole:
+    the ledger's clock never runs back (retention, freshness and the single-use days
+    rely on it), so the bundle must not either."""
+    events = indexes(records, "event")
+    i = events[3]
+    before = parse_time(records[events[2]]["recorded_at"])
+    records[i]["recorded_at"] = format_time(before - timedelta(microseconds=1))
+    _rechain_from(records, i)
+    return i + 1, records[i]["position"], "the ledger's clock never runs back"
+
+
+def time_not_in_the_ledgers_form(records: Records, _: SigningKey) -> Expected:
+    """The same moment written another way (which orders differently as text)."""
+    i = indexes(records, "event")[2]
+    moment = parse_time(records[i]["recorded_at"])
+    records[i]["recorded_at"] = moment.isoformat()  # ...+00:00
+    _rechain_from(records, i)
+    return i + 1, records[i]["position"], "is not a ledger time"
 
 
 def lie_about_the_actor(records: Records, _: SigningKey) -> Expected:
@@ -596,6 +623,8 @@ def header_not_first(records: Records, _: SigningKey) -> Expected:
 TAMPERS: list[Tamper] = [
     edit_body,
     edit_and_rechain,
+    clock_runs_back,
+    time_not_in_the_ledgers_form,
     lie_about_the_actor,
     drop_event,
     drop_first_event,
@@ -634,6 +663,37 @@ def test_tampering_is_named_at_its_first_bad_line(
     assert reason in error.reason, str(error)
     assert isinstance(error, VerificationError)
     assert str(error).startswith(f"line {line}")
+
+
+def test_a_clock_running_back_is_caught_across_chunks(
+    built: Built, tmp_path: Path, executor: ProcessPoolExecutor
+) -> None:
+    """Each chunk checks its own events' times; where one chunk ends and the next
+    begins, the verifier does: with one line a chunk, every pair of events is a chunk
+    boundary. An event recorded before the one ahead of it is named wherever it is,
+    even when its signature no longer verifies either (the time is checked first)."""
+    records, _ = load(built.paths["jsonl", False])
+    events = indexes(records, "event")
+    for nth in (1, len(events) // 2, len(events) - 1):
+        tampered = copy.deepcopy(records)
+        i = events[nth]
+        before = parse_time(tampered[events[nth - 1]]["recorded_at"])
+        tampered[i]["recorded_at"] = format_time(before - timedelta(microseconds=1))
+        tampered[i]["signature"] = tampered[events[0]]["signature"]  # and a bad signature
+        _rechain_from(tampered, i)
+        lines = [json.dumps(r, separators=(",", ":")) for r in tampered]
+        outcomes = []
+        for options in ({"workers": 0}, {"executor": executor, "chunk": 1}):
+            with pytest.raises(BundleVerificationError) as caught:
+                verify_bundle(lines, **options)
+            outcomes.append((caught.value.line, caught.value.position, caught.value.reason))
+        assert outcomes[0] == outcomes[1]
+        assert outcomes[0][:2] == (i + 1, tampered[i]["position"])
+        assert "the ledger's clock never runs back" in outcomes[0][2]
+    # Equal times (one batch shares its recorded_at) are not a clock running back.
+    times = [records[i]["recorded_at"] for i in events]
+    assert len(set(times)) < len(times), "the history should hold events of one batch"
+    assert verify_bundle([json.dumps(r) for r in records], executor=executor, chunk=1).events
 
 
 def test_every_single_line_removal_fails(built: Built, tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from ledger.audit.bundle import (
     check_hash,
     decode_event,
     entry_signature,
+    is_ledger_time,
     jsonl_decoder,
     key_before,
     raw_key,
@@ -126,6 +127,12 @@ class ChunkResult:
     """The (tree size, root) the events' inclusion proofs lead to, each with the
     (line, position) of the first event whose proof leads there; the verifier holds
     them against the signed tree head, which comes after the entries."""
+    first_time: tuple[int, int, str] | None = None
+    """(line, position, recorded_at) of the chunk's first event, once its time was
+    found to be a ledger time inside the range: the verifier holds it against the
+    previous chunk's ``last_time`` (the ledger's clock never runs back)."""
+    last_time: str | None = None
+    """The recorded_at of the chunk's last event checked."""
 
     def shifted(self, delta: int) -> ChunkResult:
         """The same result with line numbers ``delta`` further on."""
@@ -140,6 +147,7 @@ class ChunkResult:
             first=move(self.first),
             last=move(self.last),
             error=move(self.error),
+            first_time=move(self.first_time),
             rest=[(number + delta, raw) for number, raw in self.rest],
             roots={key: (line + delta, pos) for key, (line, pos) in self.roots.items()},
         )
@@ -175,6 +183,8 @@ class _ChunkCheck:
         self.roots: dict[tuple[int, bytes], tuple[int, int]] = {}
         self.proofs = 0
         self.memo = RootMemo()
+        self.first_time: tuple[int, int, str] | None = None
+        self.last_time: str | None = None  # the previous event's recorded_at
 
     def run(self) -> ChunkResult:
         rest: list[tuple[int, bytes]] = []
@@ -210,6 +220,8 @@ class _ChunkCheck:
             leaves=self.leaves,
             proofs=self.proofs,
             roots=self.roots,
+            first_time=self.first_time,
+            last_time=self.last_time,
         )
 
     def _entry(self, number: int, item: EventLine | StubLine) -> tuple[int, int, str] | None:
@@ -263,8 +275,18 @@ class _ChunkCheck:
 
     def _event(self, number: int, item: EventLine) -> str | None:
         low, high = self.task.span
-        if not low <= item.recorded_at < high:
-            return f"recorded_at {item.recorded_at} is outside the bundle's range"
+        recorded_at = item.recorded_at
+        # The ledger's own form (fixed width, UTC): its texts order as its times do.
+        if not is_ledger_time(recorded_at):
+            return f"recorded_at {recorded_at!r} is not a ledger time"
+        if not low <= recorded_at < high:
+            return f"recorded_at {recorded_at} is outside the bundle's range"
+        before = self.last_time
+        if before is None:
+            self.first_time = (number, item.position, recorded_at)
+        elif recorded_at < before:
+            return clock_ran_back(recorded_at, before)
+        self.last_time = recorded_at
         problem = check_hash(item)
         if problem is not None or not self.task.signatures:
             return problem
@@ -309,6 +331,14 @@ class _ChunkCheck:
             return error
         index = next(i for i, job in enumerate(self.jobs) if job[0] == min(bad))
         return self.job_lines[index], min(bad), "signature does not verify"
+
+
+def clock_ran_back(recorded_at: str, before: str) -> str:
+    """The reason for an event recorded before the event ahead of it in the bundle."""
+    return (
+        f"recorded_at {recorded_at} is before the previous event's {before}: the "
+        "ledger's clock never runs back"
+    )
 
 
 def ledger_before(segments: tuple[tuple[int, str, bytes], ...], position: int) -> tuple[str, bytes]:

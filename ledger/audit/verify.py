@@ -2,7 +2,8 @@
 
 It checks the chain from the first entry (each event's hash recomputed, every
 ``prev_hash`` equal to the previous entry's hash, stubs included, positions
-consecutive, times inside the range), every event signature against its
+consecutive, times in the ledger's form, inside the range and never running
+back from one event to the next), every event signature against its
 signer's key at that position (on a process pool) and the append rules one
 event shows by itself (``ledger.authority.check_static``), the checkpoint and
 its tree head by the ledger key in force at their size, the manifest by the
@@ -47,7 +48,7 @@ from ledger.audit.bundle import (
     raise_first_bad,
     signature_bytes,
 )
-from ledger.audit.chunks import ChunkResult, ChunkTask, SignerKeys, check_chunk
+from ledger.audit.chunks import ChunkResult, ChunkTask, SignerKeys, check_chunk, clock_ran_back
 from ledger.audit.cloudevents import decode_line, is_cloudevents
 from ledger.audit.report import BundleReport
 from ledger.chain import CHECKPOINT_ORIGIN, Checkpoint, verify_checkpoint
@@ -153,6 +154,7 @@ class _BundleVerifier:
         self.signatures_done = 0
         self.first: tuple[int, int, str] | None = None
         self.last: tuple[int, int, str] | None = None
+        self.last_time: str | None = None  # the last event's recorded_at
         self.checkpoint: Checkpoint | None = None
         self.manifest: Manifest | None = None
         self.lines_seen = 0
@@ -436,6 +438,7 @@ class _BundleVerifier:
             self.lines_seen = self.next_line - 1
         if result.first is not None:
             self._link(result.first)
+        self._clock(result)
         if result.error is not None:
             raise BundleVerificationError(*result.error)
         if self.frontier is not None and result.first is not None:
@@ -451,6 +454,18 @@ class _BundleVerifier:
         for number, raw in result.rest:
             if raw.strip():
                 self._tail(number, self._decode(number, raw))
+
+    def _clock(self, result: ChunkResult) -> None:
+        """The chunk's first event is not recorded before the previous chunk's last
+        (each chunk checks its own events): its line comes before any error the chunk
+        found after it, and the time is checked before that event's hash and signature."""
+        first, before = result.first_time, self.last_time
+        if first is not None and before is not None and first[2] < before:
+            number, position, recorded_at = first
+            if result.error is None or result.error[0] >= number:
+                raise BundleVerificationError(number, position, clock_ran_back(recorded_at, before))
+        if result.last_time is not None:
+            self.last_time = result.last_time
 
     def _link(self, first: tuple[int, int, str]) -> None:
         number, position, prev_hash = first
