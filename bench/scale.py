@@ -27,12 +27,15 @@ real chain and a real Merkle tree, then measures on it:
   * audit export (``export_bundle``, jsonl, every event with its inclusion proof)
     of the newest ``--export-events`` generated events and offline verification
     of that bundle (``verify_bundle``, every signature, one worker per core):
-    events/s;
+    events/s, and lines/s counting the bundle's key entries too (one per signer
+    of its events, each with a signature checked on export and on verify: at a
+    fixed number of events the big ledger's bundle has far more signers);
   * retention of one day's partition: a cut at the end of the oldest day
     (``ledger.retention.apply_retention`` as ``agentmesh retention run`` calls
-    it), the prune (detach + drop the day's partition, delete its event ids,
-    idempotency keys and checkpoints) timed apart from the snapshot and anchor;
-    target <= 1 s;
+    it), the prune (detach + drop the day's partition, delete its checkpoints)
+    timed apart from the snapshot and anchor, target <= 1 s; then dropping that
+    day's single-use ids and idempotency keys (their own day partitions), as
+    every run drops the days no fresh body can fall on;
   * disk bytes per event: ``pg_total_relation_size`` of every ledger table (all
     partitions of ``events`` with their indexes, ``event_ids``, ``merkle_nodes``,
     ``checkpoints``, …) over the events stored.
@@ -183,7 +186,10 @@ MEASURES = (
     Measure("rebuild", "projection rebuild into redis", "events/s", True),
     Measure("rebuild_ratio", "  … rebuild / raw read (target >= 0.8)", "x", True),
     Measure("export", "audit export (jsonl, with proofs)", "events/s", True),
+    Measure("export_lines", "  … events + key entries written", "lines/s", True),
     Measure("verify", "offline verify (every signature)", "events/s", True),
+    Measure("verify_lines", "  … events + key entries checked", "lines/s", True),
+    Measure("keys", "  key entries in the bundle (its signers)", "entries", None),
     Measure("prune", "retention: one day's partition (target <= 1 s)", "s", False),
     Measure("forget", "  … one stale day of single-use ids and keys", "s", False),
     Measure("retention_total", "  … whole run incl. snapshot at the cut", "s", None),
@@ -713,10 +719,16 @@ async def audit_figures(args: argparse.Namespace, built: Built, root: Path, size
                     start=low,
                     end=high + timedelta(microseconds=1),
                 )
-            rate = manifest.count / (time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            rate = manifest.count / elapsed
             assert manifest.count == count, manifest
             size.add("export", rate)
-            say(f"  round {number} export {rate:,.0f} events/s ({count:,} events)")
+            size.add("export_lines", (manifest.count + manifest.keys) / elapsed)
+            size.add("keys", manifest.keys)
+            say(
+                f"  round {number} export {rate:,.0f} events/s ({count:,} events and "
+                f"{manifest.keys:,} key entries: {(count + manifest.keys) / elapsed:,.0f} lines/s)"
+            )
     finally:
         await reader.close()
     workers = os.cpu_count() or 1
@@ -726,10 +738,15 @@ async def audit_figures(args: argparse.Namespace, built: Built, root: Path, size
         for number in range(1, args.repeat + 1):
             started = time.perf_counter()
             report = await asyncio.to_thread(verify_bundle, path, executor=executor)
-            rate = report.events / (time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            rate = report.events / elapsed
             assert report.events == count, report
             size.add("verify", rate)
-            say(f"  round {number} offline verify {rate:,.0f} events/s")
+            size.add("verify_lines", (report.events + report.keys) / elapsed)
+            say(
+                f"  round {number} offline verify {rate:,.0f} events/s "
+                f"({(report.events + report.keys) / elapsed:,.0f} lines/s, key entries included)"
+            )
     finally:
         executor.shutdown()
         path.unlink(missing_ok=True)
