@@ -51,7 +51,7 @@ from bench.common import drop_database, fresh_database, servers
 from bench.ledger_gen import generate_ledger
 from ledger import merkle, tlog
 from ledger.audit import export_bundle, verify_bundle
-from ledger.audit.bundle import Manifest
+from ledger.audit.bundle import FORMAT_VERSION, Manifest
 from ledger.audit.proofs import RootMemo
 from ledger.chain import Head
 from ledger.identity import SigningKey, b64encode
@@ -179,10 +179,12 @@ def without_proofs(text: str, key: SigningKey) -> str:
             del item["inclusion"]
             line = json.dumps(item, separators=(",", ":"), ensure_ascii=False)
         elif number == 0:
-            line = line.replace('"format_version":2', '"format_version":1', 1)
+            line = line.replace(f'"format_version":{FORMAT_VERSION}', '"format_version":1', 1)
         elif number == len(lines) - 1:
             manifest = msgspec.json.decode(line, type=Manifest)
-            unsigned = msgspec.structs.replace(manifest, format_version=1, signature="")
+            unsigned = msgspec.structs.replace(
+                manifest, format_version=1, signature="", keys_digest=None
+            )
             signed = msgspec.structs.replace(
                 unsigned, signature=b64encode(key.sign(unsigned.signed_bytes()))
             )

@@ -536,6 +536,15 @@ def swap_rotated_key_and_rehash(records: Records, _: SigningKey) -> Expected:
     return i + 1, records[i]["position"], "signature does not verify"
 
 
+def key_time_edited_and_rehashed(records: Records, _: SigningKey) -> Expected:
+    """A key entry before the range recorded years earlier, at another position, its
+    hash recomputed: no signature covers those fields, the manifest's keys_digest does."""
+    i = indexes(records, "key", "agent.registered")[0]
+    records[i]["recorded_at"] = "2001-01-01T00:00:00.000000Z"
+    rehash(records[i])
+    return len(records), 0, "keys_digest differs"
+
+
 def drop_key(records: Records, _: SigningKey) -> Expected:
     """Without the rotation, the events signed with the new key fail."""
     i = indexes(records, "key", "agent.key_rotated")[0]
@@ -634,6 +643,7 @@ TAMPERS: list[Tamper] = [
     swap_key,
     swap_key_and_rehash,
     swap_rotated_key_and_rehash,
+    key_time_edited_and_rehashed,
     drop_key,
     key_after_events,
     forge_checkpoint_signature,

@@ -5,12 +5,15 @@ bundle format has not drifted)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from ledger.audit import BundleVerificationError, verify_bundle
-from ledger.identity import SigningKey
+from ledger.audit.bundle import Manifest
+from ledger.identity import SigningKey, b64encode
 from tests.assets.audit.make_assets import LEDGER_KEY, build
 
 ASSETS = Path(__file__).parent / "assets" / "audit"
@@ -51,6 +54,13 @@ def test_the_good_bundle_names_another_ledger_key_than_a_pinned_stranger() -> No
         ),
         ("dropped-proof.jsonl", 6, 4, "no inclusion proof"),
         (
+            "edited-key-time.jsonl",
+            9,
+            0,
+            "the key entries are not the ones the manifest signs (keys_digest differs): "
+            "a key line was edited",
+        ),
+        (
             "swapped-proof.jsonl",
             5,
             3,
@@ -73,3 +83,37 @@ def test_a_tampered_bundle_fails_where_and_why_expected(
 def test_the_assets_are_what_the_script_writes() -> None:
     for name, text in build().items():
         assert (ASSETS / name).read_text(encoding="utf-8") == text, f"{name} differs"
+
+
+def _as_version_2(lines: list[str]) -> list[str]:
+    """The same bundle as format version 2: no ``keys_digest``, the manifest re-signed."""
+    manifest = msgspec.json.decode(lines[-1], type=Manifest)
+    unsigned = msgspec.structs.replace(manifest, format_version=2, signature="", keys_digest=None)
+    signed = msgspec.structs.replace(
+        unsigned, signature=b64encode(LEDGER_KEY.sign(unsigned.signed_bytes()))
+    )
+    header = lines[0].replace('"format_version":3', '"format_version":2', 1)
+    return [header, *lines[1:-1], msgspec.json.encode(signed).decode()]
+
+
+def test_a_version_2_bundle_still_verifies_without_keys_digest(tmp_path: Path) -> None:
+    """Bundles exported before ``keys_digest``: their manifests' signed bytes are what
+    they were, so they still verify; and a version 3 manifest must carry the digest, a
+    version 2 one must not (neither can be passed off as the other)."""
+    good = (ASSETS / "good.jsonl").read_text(encoding="utf-8").splitlines()
+    assert json.loads(good[-1])["keys_digest"]
+    assert '"format_version":3' in good[0]
+    path = tmp_path / "v2.jsonl"
+    path.write_text("\n".join(_as_version_2(good)) + "\n", encoding="utf-8")
+    report = verify_bundle(path, workers=0, ledger_key=LEDGER_KEY.public)
+    assert (report.events, report.keys, report.manifest.keys_digest) == (3, 2, None)
+    # What version 2 could not see: the same edited key entry verifies there.
+    edited = (ASSETS / "edited-key-time.jsonl").read_text(encoding="utf-8").splitlines()
+    path.write_text("\n".join(_as_version_2(edited)) + "\n", encoding="utf-8")
+    assert verify_bundle(path, workers=0).events == 3
+    # A version 3 header with a manifest that drops the digest (re-signed): refused.
+    downgraded = _as_version_2(good)
+    downgraded[0] = good[0]
+    path.write_text("\n".join(downgraded) + "\n", encoding="utf-8")
+    with pytest.raises(BundleVerificationError, match="the manifest's range differs"):
+        verify_bundle(path, workers=0)

@@ -6,7 +6,7 @@ A bundle is UTF-8 JSON Lines, one object per line, in this order:
 
 1. header::
 
-     {"kind": "header", "format": "agentmesh-audit-bundle", "format_version": 2,
+     {"kind": "header", "format": "agentmesh-audit-bundle", "format_version": 3,
       "from": T1, "to": T2, "agent": DID | null,
       "ledger_public_key": PEM, "generated_at": RFC 3339}
 
@@ -42,15 +42,21 @@ A bundle is UTF-8 JSON Lines, one object per line, in this order:
 
 5. the manifest, last::
 
-     {"kind": "manifest", "format_version": 1, "from", "to", "agent",
+     {"kind": "manifest", "format_version": 3, "from", "to", "agent",
       "first_position", "last_position", "count", "stubs", "keys",
-      "head_hash", "start_hash", "checkpoint_position", "signer", "signature"}
+      "head_hash", "start_hash", "checkpoint_position", "signer", "signature",
+      "keys_digest"}
 
    ``count`` counts events, ``head_hash`` is the entry hash at
    ``last_position`` and ``start_hash`` the ``prev_hash`` of
-   ``first_position`` (all null in an empty bundle). ``signature`` is the
-   ledger's Ed25519 signature over the RFC 8785 form of the manifest object
-   without ``signature``, so neither end of the range can be cut off unseen.
+   ``first_position`` (all null in an empty bundle). ``keys_digest`` is the
+   SHA-256 (hex) of ``agentmesh-audit-keys\n`` followed by the 32-byte entry
+   hash of every key entry in the bundle's order: the key entries before the
+   range lie outside the signed tree's entries, and an entry hash covers every
+   field of its line, so this is what puts their times and positions under the
+   ledger's signature. ``signature`` is the ledger's Ed25519 signature over the
+   RFC 8785 form of the manifest object without ``signature``, so neither end
+   of the range can be cut off unseen.
 
    Between the header and the key entries, a bundle of a ledger that retention
    cut holds ``{"kind": "anchor", "position", "entry_hash", "cut_time",
@@ -69,7 +75,10 @@ A bundle is UTF-8 JSON Lines, one object per line, in this order:
    of the bundle, with the note, still proves itself to any RFC 9162 client.
 
    Version 1 bundles (before per-event proofs) still verify, by the range
-   proof alone; in version 2 an event without a proof is an error.
+   proof alone; in version 2 an event without a proof is an error; version 3
+   adds ``keys_digest``, which version 1 and 2 manifests lack (their key
+   entries' times and positions are not signed: only each key's own signature
+   and, for a registration, its DID, vouch for them).
 
 The CloudEvents flavour of the same lines is ``ledger.audit.cloudevents``.
 """
@@ -79,6 +88,7 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
+import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, Literal, TypeAlias
@@ -101,10 +111,13 @@ from ledger.signatures import SignatureJob, anchor_signed_bytes, verify_signatur
 from ledger.timefmt import format_time, parse_time
 
 FORMAT = "agentmesh-audit-bundle"
-FORMAT_VERSION = 2
-FORMAT_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+FORMAT_VERSIONS = (1, 2, 3)
 """Versions the verifier reads: 1 has no per-event inclusion proofs (the range proof
-only); 2 requires one on every event."""
+only); 2 requires one on every event; 3 also signs the key entries (the manifest's
+``keys_digest``), so none of their lines can be edited unseen."""
+KEYS_DIGEST_DOMAIN = b"agentmesh-audit-keys\n"
+"""Prefixed to the key entries' hashes in ``keys_digest`` (``KeyHistory.digest``)."""
 MEDIA_TYPE = "application/x-ndjson"
 Flavour = Literal["jsonl", "cloudevents"]
 FLAVOURS: tuple[Flavour, ...] = ("jsonl", "cloudevents")
@@ -263,9 +276,18 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag=
     checkpoint_position: int | None
     signer: str
     signature: str = ""
+    keys_digest: str | None = None
+    """Version 3 on: SHA-256 (hex) of ``KEYS_DIGEST_DOMAIN`` and the entry hashes of
+    the key entries, in the bundle's order (``KeyHistory.digest``). An entry hash
+    covers every field of its line, so the ledger's signature covers the key
+    section too: without it a key entry before the range (outside the signed
+    tree's entries) could have its time or position edited and its hash
+    recomputed unseen."""
 
     def signed_bytes(self) -> bytes:
-        """RFC 8785 form of the manifest without ``signature``.
+        """RFC 8785 form of the manifest without ``signature`` (and without
+        ``keys_digest`` when it is absent: the signed bytes of a version 1 or 2
+        manifest are what they were).
 
         ``"kind": "manifest"`` is part of it, so these bytes can never be taken
         for an event body (which needs ``type``) or a checkpoint.
@@ -273,6 +295,8 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag=
         content = msgspec.to_builtins(self)
         assert isinstance(content, dict)
         del content["signature"]
+        if content.get("keys_digest") is None:
+            content.pop("keys_digest", None)
         return canonical_bytes(content)
 
 
@@ -390,6 +414,11 @@ class KeyHistory:
         # Key entries' signatures, (line, job), checked together (check_signatures):
         # a bundle of tens of thousands of signers has as many key entries.
         self.unchecked: list[tuple[int, SignatureJob]] = []
+        self._digest = hashlib.sha256(KEYS_DIGEST_DOMAIN)
+
+    def digest(self) -> str:
+        """The manifest's ``keys_digest`` of the key entries added so far (hex)."""
+        return self._digest.hexdigest()
 
     def ledger_at(self, position: int) -> VerifyKey:
         """The ledger key in force at ``position`` (checkpoints and tree heads of that
@@ -459,6 +488,7 @@ class KeyHistory:
         problem = check_hash(item)
         if problem is not None:
             raise LineError(problem)
+        self._digest.update(bytes.fromhex(item.entry_hash))
         event = decode_event(item)
         if not isinstance(event, AgentRegistered | AgentKeyRotated):
             raise LineError(f"a key entry must be a registration or rotation, not {item.type}")
@@ -490,6 +520,7 @@ class KeyHistory:
         problem = check_hash(item)
         if problem is not None:
             raise LineError(problem)
+        self._digest.update(bytes.fromhex(item.entry_hash))
         self.hashes[item.position] = item.entry_hash
         self.count += 1
         self.rotations.append(

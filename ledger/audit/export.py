@@ -313,7 +313,7 @@ class BundleExport:
         # before the ledger key signs anything.
         signatures = asyncio.ensure_future(asyncio.to_thread(keys.check_signatures))
         try:
-            async for text in self._stream(keys.count, lines, progress, signatures):
+            async for text in self._stream(keys, lines, progress, signatures):
                 yield text
         finally:
             signatures.cancel()  # if the export stopped early: nothing is signed then
@@ -321,7 +321,7 @@ class BundleExport:
 
     async def _stream(
         self,
-        keys: int,
+        keys: KeyHistory,
         lines: list[bytes],
         progress: ExportProgress | None,
         signatures: asyncio.Future[None],
@@ -490,7 +490,7 @@ class BundleExport:
         )
         return self.encoder.line(stub)
 
-    async def _tail(self, state: _ExportState, keys: int) -> bytes:
+    async def _tail(self, state: _ExportState, keys: KeyHistory) -> bytes:
         lines = []
         checkpoint: Checkpoint | None = None
         if self.first is not None:
@@ -526,7 +526,8 @@ class BundleExport:
             last_position=self.last,
             count=state.events,
             stubs=state.stubs,
-            keys=keys,
+            keys=keys.count,
+            keys_digest=keys.digest(),
             head_hash=state.prev.hex() if state.prev is not None else None,
             start_hash=state.first_prev.hex() if state.first_prev is not None else None,
             checkpoint_position=checkpoint.position if checkpoint else None,

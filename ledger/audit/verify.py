@@ -634,6 +634,7 @@ class _BundleVerifier:
             (last[2] if last else None),
             (first[2] if first else None),
             (self.checkpoint.position if self.checkpoint and last else None),
+            self.keys.digest() if self.version >= 3 else None,
         )
         found = (
             item.first_position,
@@ -644,6 +645,7 @@ class _BundleVerifier:
             item.head_hash,
             item.start_hash,
             item.checkpoint_position,
+            item.keys_digest,
         )
         if found != expected:
             names = (
@@ -655,12 +657,20 @@ class _BundleVerifier:
                 "head_hash",
                 "start_hash",
                 "checkpoint_position",
+                "keys_digest",
             )
             wrong = [
                 f"{n} {f!r} (bundle: {e!r})"
                 for n, f, e in zip(names, found, expected, strict=True)
                 if f != e
             ]
+            if len(wrong) == 1 and wrong[0].startswith("keys_digest"):
+                raise BundleVerificationError(
+                    number,
+                    0,
+                    "the key entries are not the ones the manifest signs (keys_digest "
+                    "differs): a key line was edited",
+                )
             raise BundleVerificationError(
                 number, 0, "the manifest does not match the bundle: " + ", ".join(wrong)
             )

@@ -28,6 +28,10 @@ with one thing changed:
 ``swapped-proof.jsonl``
     the first event carries the inclusion proof of the second (a proof that the
     event is in the log at another position)
+``edited-key-time.jsonl``
+    the first key entry's ``recorded_at`` moved a year back and its entry hash
+    recomputed (it lies before the range, outside the signed tree's entries: the
+    manifest's signed ``keys_digest`` is what catches it)
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ import msgspec
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ledger.audit.bundle import AnchorLine, Flavour, Manifest
+from ledger.audit.bundle import AnchorLine, Flavour, KeyLine, Manifest, recomputed_hash
 from ledger.audit.export import export_bundle
 from ledger.chain import Checkpoint, RecordedEvent
 from ledger.events import AgentRegistered, Event, TrustSignal
@@ -258,6 +262,15 @@ def swapped_proof(lines: list[str]) -> list[str]:
     return [*lines[:first], _dump(item), *lines[first + 1 :]]
 
 
+def edited_key_time(lines: list[str]) -> list[str]:
+    """The first key entry recorded a year earlier, its entry hash recomputed."""
+    index = next(i for i, line in enumerate(lines) if json.loads(line)["kind"] == "key")
+    item = json.loads(lines[index])
+    item["recorded_at"] = format_time(T0 - timedelta(days=365))
+    item["entry_hash"] = recomputed_hash(msgspec.convert(item, KeyLine))
+    return [*lines[:index], _dump(item), *lines[index + 1 :]]
+
+
 def resigned_manifest(lines: list[str]) -> list[str]:
     """The manifest signed by ``OTHER_KEY`` (content unchanged, signer replaced)."""
     manifest = msgspec.json.decode(lines[-1], type=Manifest)
@@ -295,6 +308,7 @@ def build() -> dict[str, str]:
         "tampered-proof.jsonl": tampered_proof(lines),
         "dropped-proof.jsonl": dropped_proof(lines),
         "swapped-proof.jsonl": swapped_proof(lines),
+        "edited-key-time.jsonl": edited_key_time(lines),
     }
     return {name: "\n".join(content) + "\n" for name, content in files.items()}
 
