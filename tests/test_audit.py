@@ -545,6 +545,17 @@ def key_time_edited_and_rehashed(records: Records, _: SigningKey) -> Expected:
     return len(records), 0, "keys_digest differs"
 
 
+def key_time_runs_back(records: Records, _: SigningKey) -> Expected:
+    """An agent key entry recorded before the key entry ahead of it, hash recomputed:
+    named at its own line (key entries are in position order, so in time order)."""
+    keys = [i for i in indexes(records, "key") if records[i]["type"] != "ledger.key_rotated"]
+    before = parse_time(records[keys[0]]["recorded_at"])
+    i = keys[1]
+    records[i]["recorded_at"] = format_time(before - timedelta(microseconds=1))
+    rehash(records[i])
+    return i + 1, records[i]["position"], "the ledger's clock never runs back"
+
+
 def drop_key(records: Records, _: SigningKey) -> Expected:
     """Without the rotation, the events signed with the new key fail."""
     i = indexes(records, "key", "agent.key_rotated")[0]
@@ -644,6 +655,7 @@ TAMPERS: list[Tamper] = [
     swap_key_and_rehash,
     swap_rotated_key_and_rehash,
     key_time_edited_and_rehashed,
+    key_time_runs_back,
     drop_key,
     key_after_events,
     forge_checkpoint_signature,

@@ -406,6 +406,7 @@ class KeyHistory:
         self.hashes: dict[int, str] = {}
         self.last = 0
         self.count = 0
+        self.last_time = ""  # the previous agent key entry's recorded_at
         # The ledger's own key history: its ledger.key_rotated entries come first among
         # the key entries (every one, also after the range: they link the header's key
         # to the key in force at each position), then the agents' keys.
@@ -485,6 +486,7 @@ class KeyHistory:
         # 1. in position order, each entry's own hash recomputes
         if item.position <= self.last:
             raise LineError("key entries are not in position order")
+        self.last_time = _in_time_order(item, self.last_time, "key entry's")
         problem = check_hash(item)
         if problem is not None:
             raise LineError(problem)
@@ -517,6 +519,8 @@ class KeyHistory:
         to the header's key (``ledger.keyhistory.history``)."""
         if self.positions or self.last or (self.rotations and item.position <= self.last_rotation):
             raise LineError("the ledger's key rotations come first, in position order")
+        before = format_time(self.rotations[-1].recorded_at) if self.rotations else ""
+        _in_time_order(item, before, "key rotation's")
         problem = check_hash(item)
         if problem is not None:
             raise LineError(problem)
@@ -605,6 +609,20 @@ def signature_bytes(text: str) -> bytes:
         return b64decode(text, "signature")
     except LedgerError:
         return b""
+
+
+def _in_time_order(item: EntryLine, before: str, what: str) -> str:
+    """``item``'s recorded_at, if it is a ledger time not before ``before`` (the one of
+    the entry ahead of it in the same sequence, "" for none); else LineError."""
+    recorded_at = item.recorded_at
+    if not is_ledger_time(recorded_at):
+        raise LineError(f"recorded_at {recorded_at!r} is not a ledger time")
+    if recorded_at < before:
+        raise LineError(
+            f"recorded_at {recorded_at} is before the previous {what} {before}: the "
+            "ledger's clock never runs back"
+        )
+    return recorded_at
 
 
 def is_ledger_time(text: str) -> bool:
