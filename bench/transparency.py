@@ -183,7 +183,7 @@ def without_proofs(text: str, key: SigningKey) -> str:
         elif number == len(lines) - 1:
             manifest = msgspec.json.decode(line, type=Manifest)
             unsigned = msgspec.structs.replace(
-                manifest, format_version=1, signature="", keys_digest=None
+                manifest, format_version=1, signature="", keys_digest=None, generated_at=None
             )
             signed = msgspec.structs.replace(
                 unsigned, signature=b64encode(key.sign(unsigned.signed_bytes()))

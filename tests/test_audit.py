@@ -229,18 +229,28 @@ def _from_ce(ce: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def _to_ce(record: dict[str, Any], ledger_did: str) -> dict[str, Any]:
+def _to_ce(record: dict[str, Any], ledger_did: str, generated_at: str) -> dict[str, Any]:
+    """The record as the exporter writes it in CloudEvents (``id``, ``source`` and
+    ``time`` as ``cloudevents.Envelope`` says, which the verifier holds them to)."""
     kind = record["kind"]
     if kind != "event":
-        return {
+        ident, time = {
+            "key": (f"{ledger_did}/key/{record.get('position')}", record.get("recorded_at")),
+            "stub": (f"{ledger_did}/{record.get('position')}", None),
+            "checkpoint": (f"{ledger_did}/checkpoint/{record.get('position')}", record.get("time")),
+        }.get(kind, (f"{ledger_did}/bundle/{generated_at}/{kind}", generated_at))
+        ce = {
             "specversion": "1.0",
-            "id": f"{ledger_did}/tampered/{uuid.uuid4().hex}",
+            "id": ident,
             "source": ledger_did,
             "type": f"{CE_PREFIX}bundle.{kind}",
             "datacontenttype": "application/json",
             "data": record,
             "amkind": kind,
         }
+        if time is not None:
+            ce["time"] = time
+        return ce
     ce = {
         "specversion": "1.0",
         "id": f"{ledger_did}/{record['position']}",
@@ -265,7 +275,8 @@ def _to_ce(record: dict[str, Any], ledger_did: str) -> dict[str, Any]:
 
 
 def save(path: Path, records: Records, cloudevents: bool, ledger_did: str) -> None:
-    objects = [_to_ce(r, ledger_did) for r in records] if cloudevents else records
+    generated_at = next((r["generated_at"] for r in records if r["kind"] == "header"), "")
+    objects = [_to_ce(r, ledger_did, generated_at) for r in records] if cloudevents else records
     path.write_text("".join(json.dumps(o, separators=(",", ":")) + "\n" for o in objects))
 
 
@@ -685,6 +696,40 @@ def test_tampering_is_named_at_its_first_bad_line(
     assert reason in error.reason, str(error)
     assert isinstance(error, VerificationError)
     assert str(error).startswith(f"line {line}")
+
+
+@pytest.mark.parametrize(
+    ("which", "attribute", "value"),
+    [
+        ("event", "time", "2001-01-01T00:00:00.000000Z"),
+        ("event", "id", "did:key:z6MkSomeoneElse/1"),
+        ("key", "time", "2001-01-01T00:00:00.000000Z"),
+        ("checkpoint", "id", "elsewhere"),
+        ("manifest", "time", "2001-01-01T00:00:00.000000Z"),
+        ("header", "time", "2001-01-01T00:00:00.000000Z"),
+        ("header", "source", "did:key:z6MkSomeoneElse"),
+    ],
+)
+def test_cloudevents_attributes_must_say_what_the_line_says(
+    built: Built,
+    tmp_path: Path,
+    executor: ProcessPoolExecutor,
+    which: str,
+    attribute: str,
+    value: str,
+) -> None:
+    """What a SIEM indexes a CloudEvent by (``id``, ``source``, ``time``) is held to the
+    line's own content, which the ledger signed: edited, the line is named."""
+    lines = built.paths["cloudevents", False].read_text().splitlines()
+    objects = [json.loads(line) for line in lines]
+    i = next(n for n, ce in enumerate(objects) if ce["amkind"] == which)
+    objects[i][attribute] = value
+    path = tmp_path / "edited.jsonl"
+    path.write_text("".join(json.dumps(ce, separators=(",", ":")) + "\n" for ce in objects))
+    error = verify_both_ways(path, executor)
+    assert isinstance(error, BundleVerificationError), f"{which} {attribute} went unnoticed"
+    assert error.line == i + 1, str(error)
+    assert "id, source or time differs" in error.reason, str(error)
 
 
 def test_a_clock_running_back_is_caught_across_chunks(

@@ -88,7 +88,9 @@ def test_the_assets_are_what_the_script_writes() -> None:
 def _as_version_2(lines: list[str]) -> list[str]:
     """The same bundle as format version 2: no ``keys_digest``, the manifest re-signed."""
     manifest = msgspec.json.decode(lines[-1], type=Manifest)
-    unsigned = msgspec.structs.replace(manifest, format_version=2, signature="", keys_digest=None)
+    unsigned = msgspec.structs.replace(
+        manifest, format_version=2, signature="", keys_digest=None, generated_at=None
+    )
     signed = msgspec.structs.replace(
         unsigned, signature=b64encode(LEDGER_KEY.sign(unsigned.signed_bytes()))
     )

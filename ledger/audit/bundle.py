@@ -45,11 +45,12 @@ A bundle is UTF-8 JSON Lines, one object per line, in this order:
      {"kind": "manifest", "format_version": 3, "from", "to", "agent",
       "first_position", "last_position", "count", "stubs", "keys",
       "head_hash", "start_hash", "checkpoint_position", "signer", "signature",
-      "keys_digest"}
+      "generated_at", "keys_digest"}
 
    ``count`` counts events, ``head_hash`` is the entry hash at
    ``last_position`` and ``start_hash`` the ``prev_hash`` of
-   ``first_position`` (all null in an empty bundle). ``keys_digest`` is the
+   ``first_position`` (all null in an empty bundle). ``generated_at`` is the
+   header's. ``keys_digest`` is the
    SHA-256 (hex) of ``agentmesh-audit-keys\n`` followed by the 32-byte entry
    hash of every key entry in the bundle's order: the key entries before the
    range lie outside the signed tree's entries, and an entry hash covers every
@@ -76,9 +77,9 @@ A bundle is UTF-8 JSON Lines, one object per line, in this order:
 
    Version 1 bundles (before per-event proofs) still verify, by the range
    proof alone; in version 2 an event without a proof is an error; version 3
-   adds ``keys_digest``, which version 1 and 2 manifests lack (their key
-   entries' times and positions are not signed: only each key's own signature
-   and, for a registration, its DID, vouch for them).
+   adds ``generated_at`` and ``keys_digest``, which version 1 and 2 manifests
+   lack (their key entries' times and positions are not signed: only each
+   key's own signature and, for a registration, its DID, vouch for them).
 
 The CloudEvents flavour of the same lines is ``ledger.audit.cloudevents``.
 """
@@ -115,7 +116,7 @@ FORMAT_VERSION = 3
 FORMAT_VERSIONS = (1, 2, 3)
 """Versions the verifier reads: 1 has no per-event inclusion proofs (the range proof
 only); 2 requires one on every event; 3 also signs the key entries (the manifest's
-``keys_digest``), so none of their lines can be edited unseen."""
+``keys_digest``) and the header's ``generated_at``, so no line can be edited unseen."""
 KEYS_DIGEST_DOMAIN = b"agentmesh-audit-keys\n"
 """Prefixed to the key entries' hashes in ``keys_digest`` (``KeyHistory.digest``)."""
 MEDIA_TYPE = "application/x-ndjson"
@@ -276,6 +277,9 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag=
     checkpoint_position: int | None
     signer: str
     signature: str = ""
+    generated_at: str | None = None
+    """Version 3 on: the header's ``generated_at`` (when the bundle was exported),
+    signed with the rest."""
     keys_digest: str | None = None
     """Version 3 on: SHA-256 (hex) of ``KEYS_DIGEST_DOMAIN`` and the entry hashes of
     the key entries, in the bundle's order (``KeyHistory.digest``). An entry hash
@@ -295,8 +299,9 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag=
         content = msgspec.to_builtins(self)
         assert isinstance(content, dict)
         del content["signature"]
-        if content.get("keys_digest") is None:
-            content.pop("keys_digest", None)
+        for added in ("generated_at", "keys_digest"):  # in version 3
+            if content.get(added) is None:
+                content.pop(added, None)
         return canonical_bytes(content)
 
 

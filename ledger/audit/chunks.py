@@ -32,7 +32,7 @@ from ledger.audit.bundle import (
     raw_key,
     reason_of,
 )
-from ledger.audit.cloudevents import decode_ce_entry
+from ledger.audit.cloudevents import Envelope, decode_ce_entry
 from ledger.audit.proofs import RootMemo
 from ledger.errors import LedgerError, ProofError
 from ledger.events import AgentRegistered, subject_agents
@@ -104,6 +104,8 @@ class ChunkTask:
     keys: SignerKeys
     proofs: bool = True
     """Whether every event must carry an inclusion proof (format version 2)."""
+    envelope: Envelope | None = None
+    """What a CloudEvents line's id, source and time must say (``cloudevents.Envelope``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +192,12 @@ class _ChunkCheck:
         rest: list[tuple[int, bytes]] = []
         error: tuple[int, int, str] | None = None
         lines = _task_lines(self.task)
-        decode = decode_ce_entry if self.task.cloudevents else jsonl_decoder.decode
+        envelope = self.task.envelope
+        decode: Callable[[bytes], object] = (
+            (lambda raw: decode_ce_entry(raw, envelope))
+            if self.task.cloudevents
+            else jsonl_decoder.decode
+        )
         for offset, raw in enumerate(lines):
             if not raw or raw.isspace():
                 continue

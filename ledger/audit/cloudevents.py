@@ -16,6 +16,15 @@ verifier checks both.
 
 Stub lines carry no ``time``: they stand for an entry without showing it.
 
+The CloudEvents attributes a consumer shows (``id``, ``source``, ``time``) repeat
+what the line's content says, and the verifier holds them to it (``Envelope``):
+an event's ``time`` is its ``amrecordedat``, its ``id`` the header's ledger DID
+and its position, its ``source`` its actor; a key entry's ``time`` its
+``recorded_at``; a checkpoint's its ``time``; the other lines' the header's
+``generated_at``, which the version 3 manifest signs. So a SIEM that indexes
+the events by ``time`` and ``id`` sees what the ledger signed, or the bundle
+fails verification.
+
 ``decode_line`` reads a line of either flavour into a bundle line
 (``ledger.audit.bundle``); ``LineEncoder`` writes lines in one flavour.
 """
@@ -24,7 +33,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 import msgspec
 
@@ -74,17 +83,54 @@ class _CloudEvent(msgspec.Struct, kw_only=True):
 _ce_decoder = msgspec.json.Decoder(_CloudEvent)
 
 
-def decode_line(raw: bytes, cloudevents: bool) -> Line:
+class Envelope(NamedTuple):
+    """What the CloudEvents attributes of a bundle's lines must say: the header's
+    ledger DID and ``generated_at``."""
+
+    ledger_did: str
+    generated_at: str
+
+    def attributes(self, item: Line) -> tuple[str, str, str | None]:
+        """The ``id``, ``source`` and ``time`` the line ``item`` is written with."""
+        time: str | None
+        match item:
+            case EventLine():
+                return f"{self.ledger_did}/{item.position}", item.actor, item.recorded_at
+            case KeyLine():
+                ident, time = f"{self.ledger_did}/key/{item.position}", item.recorded_at
+            case StubLine():
+                ident, time = f"{self.ledger_did}/{item.position}", None
+            case CheckpointLine():
+                ident, time = f"{self.ledger_did}/checkpoint/{item.position}", item.time
+            case _:
+                kind = item.__struct_config__.tag
+                ident = f"{self.ledger_did}/bundle/{self.generated_at}/{kind}"
+                time = self.generated_at
+        return ident, self.ledger_did, time
+
+
+def decode_line(raw: bytes, cloudevents: bool, envelope: Envelope | None = None) -> Line:
+    """A line of either flavour; with ``envelope``, a CloudEvent's ``id``, ``source``
+    and ``time`` must be the ones its content gives (LineError otherwise)."""
     try:
         if not cloudevents:
             line: Line = jsonl_decoder.decode(raw)
             return line
-        return from_cloudevent(_ce_decoder.decode(raw))
+        return from_cloudevent(_ce_decoder.decode(raw), envelope)
     except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
         raise LineError(f"not a bundle line: {exc}") from exc
 
 
-def from_cloudevent(ce: _CloudEvent) -> Line:
+def from_cloudevent(ce: _CloudEvent, envelope: Envelope | None = None) -> Line:
+    line = _from_cloudevent(ce)
+    if envelope is not None and (ce.id, ce.source, ce.time) != envelope.attributes(line):
+        raise LineError(
+            "the CloudEvent's id, source or time differs from what the line itself says"
+        )
+    return line
+
+
+def _from_cloudevent(ce: _CloudEvent) -> Line:
     if ce.specversion != "1.0":
         raise LineError(f"specversion {ce.specversion!r} is not CloudEvents 1.0")
     if ce.datacontenttype != "application/json" or not ce.id or not ce.source:
@@ -138,8 +184,8 @@ def _inclusion(ce: _CloudEvent) -> Inclusion | None:
     return Inclusion(tree_size=ce.amtreesize, hashes=hashes)
 
 
-def decode_ce_entry(raw: bytes) -> Line:
-    return from_cloudevent(_ce_decoder.decode(raw))
+def decode_ce_entry(raw: bytes, envelope: Envelope | None = None) -> Line:
+    return from_cloudevent(_ce_decoder.decode(raw), envelope)
 
 
 def is_cloudevents(raw: bytes) -> bool:
@@ -158,6 +204,7 @@ class LineEncoder:
         self.cloudevents = flavour == "cloudevents"
         self.ledger_did = ledger_did
         self.generated_at = generated_at
+        self.envelope = Envelope(ledger_did, generated_at)
 
     def line(self, item: Line) -> bytes:
         if not self.cloudevents:
@@ -166,11 +213,11 @@ class LineEncoder:
             return self._event(item)
         kind = item.__struct_config__.tag
         assert isinstance(kind, str)
-        ident, time = self._id_and_time(item, kind)
+        ident, source, time = self.envelope.attributes(item)
         ce: dict[str, Any] = {
             "specversion": "1.0",
             "id": ident,
-            "source": self.ledger_did,
+            "source": source,
             "type": f"{CE_PREFIX}bundle.{kind}",
         }
         if time is not None:
@@ -180,23 +227,14 @@ class LineEncoder:
         ce["amkind"] = kind
         return json_encoder.encode(ce) + b"\n"
 
-    def _id_and_time(self, item: Line, kind: str) -> tuple[str, str | None]:
-        match item:
-            case KeyLine():
-                return f"{self.ledger_did}/key/{item.position}", item.recorded_at
-            case StubLine():
-                return f"{self.ledger_did}/{item.position}", None
-            case CheckpointLine():
-                return f"{self.ledger_did}/checkpoint/{item.position}", item.time
-        return f"{self.ledger_did}/bundle/{self.generated_at}/{kind}", self.generated_at
-
     def _event(self, item: EventLine) -> bytes:
+        ident, source, time = self.envelope.attributes(item)
         ce: dict[str, Any] = {
             "specversion": "1.0",
-            "id": f"{self.ledger_did}/{item.position}",
-            "source": item.actor,
+            "id": ident,
+            "source": source,
             "type": CE_PREFIX + item.type,
-            "time": item.recorded_at,
+            "time": time,
             "datacontenttype": "application/json",
             "data_base64": b64encode(item.body.encode()),
             "amkind": "event",

@@ -527,6 +527,7 @@ class BundleExport:
             count=state.events,
             stubs=state.stubs,
             keys=keys.count,
+            generated_at=self.encoder.generated_at,
             keys_digest=keys.digest(),
             head_hash=state.prev.hex() if state.prev is not None else None,
             start_hash=state.first_prev.hex() if state.first_prev is not None else None,

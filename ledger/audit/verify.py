@@ -49,7 +49,7 @@ from ledger.audit.bundle import (
     signature_bytes,
 )
 from ledger.audit.chunks import ChunkResult, ChunkTask, SignerKeys, check_chunk, clock_ran_back
-from ledger.audit.cloudevents import decode_line, is_cloudevents
+from ledger.audit.cloudevents import Envelope, decode_line, is_cloudevents
 from ledger.audit.report import BundleReport
 from ledger.chain import CHECKPOINT_ORIGIN, Checkpoint, verify_checkpoint
 from ledger.errors import LedgerError, VerificationError
@@ -143,6 +143,7 @@ class _BundleVerifier:
         self.own_executor: Executor | None = None
         self.chunk = chunk
         self.cloudevents = False
+        self.envelope: Envelope | None = None
         self.header: Header | None = None
         self.keys: KeyHistory | None = None
         self.signer_keys: SignerKeys | None = None
@@ -231,7 +232,7 @@ class _BundleVerifier:
 
     def _decode(self, number: int, raw: bytes) -> Line:
         try:
-            return decode_line(raw, self.cloudevents)
+            return decode_line(raw, self.cloudevents, self.envelope)
         except LineError as exc:
             if self.keys is not None and not self.sealed:
                 self.keys.check_signatures()  # a bad key entry before it is named first
@@ -264,6 +265,9 @@ class _BundleVerifier:
             )
         self.header = item
         self.keys = KeyHistory(key, self.signatures)
+        if self.cloudevents:  # from here on, every line's id, source and time are checked
+            self.envelope = Envelope(key.did, item.generated_at)
+            self._decode(number, raw)  # the header's own
 
     def _keys_read(self, number: int) -> None:
         """After the key entries: the ledger's key history ends at the header's key, and
@@ -386,6 +390,7 @@ class _BundleVerifier:
             agent=self.header.agent,
             ledger=self.keys.ledger_segments(),
             keys=self._signer_keys(),
+            envelope=self.envelope,
             proofs=self.version >= 2,
         )
 
@@ -602,11 +607,12 @@ class _BundleVerifier:
         assert self.header is not None
         assert self.keys is not None
         header, first, last = self.header, self.first, self.last
-        if (item.from_, item.to, item.agent, item.format_version) != (
+        if (item.from_, item.to, item.agent, item.format_version, item.generated_at) != (
             header.from_,
             header.to,
             header.agent,
             self.version,
+            header.generated_at if self.version >= 3 else None,
         ):
             raise BundleVerificationError(number, 0, "the manifest's range differs from the header")
         if first is not None and item.first_position != first[1]:
