@@ -290,8 +290,8 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag=
 
     def signed_bytes(self) -> bytes:
         """RFC 8785 form of the manifest without ``signature`` (and without
-        ``keys_digest`` when it is absent: the signed bytes of a version 1 or 2
-        manifest are what they were).
+        ``generated_at`` and ``keys_digest`` when they are absent: the signed bytes
+        of a version 1 or 2 manifest are what they were).
 
         ``"kind": "manifest"`` is part of it, so these bytes can never be taken
         for an event body (which needs ``type``) or a checkpoint.
@@ -623,11 +623,16 @@ def _in_time_order(item: EntryLine, before: str, what: str) -> str:
     if not is_ledger_time(recorded_at):
         raise LineError(f"recorded_at {recorded_at!r} is not a ledger time")
     if recorded_at < before:
-        raise LineError(
-            f"recorded_at {recorded_at} is before the previous {what} {before}: the "
-            "ledger's clock never runs back"
-        )
+        raise LineError(clock_ran_back(recorded_at, before, what))
     return recorded_at
+
+
+def clock_ran_back(recorded_at: str, before: str, what: str = "event's") -> str:
+    """The reason for an entry recorded before the one ahead of it (``what``: whose)."""
+    return (
+        f"recorded_at {recorded_at} is before the previous {what} {before}: the "
+        "ledger's clock never runs back"
+    )
 
 
 def is_ledger_time(text: str) -> bool:

@@ -24,6 +24,7 @@ from ledger.audit.bundle import (
     LineError,
     StubLine,
     check_hash,
+    clock_ran_back,
     decode_event,
     entry_signature,
     is_ledger_time,
@@ -338,14 +339,6 @@ class _ChunkCheck:
             return error
         index = next(i for i, job in enumerate(self.jobs) if job[0] == min(bad))
         return self.job_lines[index], min(bad), "signature does not verify"
-
-
-def clock_ran_back(recorded_at: str, before: str) -> str:
-    """The reason for an event recorded before the event ahead of it in the bundle."""
-    return (
-        f"recorded_at {recorded_at} is before the previous event's {before}: the "
-        "ledger's clock never runs back"
-    )
 
 
 def ledger_before(segments: tuple[tuple[int, str, bytes], ...], position: int) -> tuple[str, bytes]:

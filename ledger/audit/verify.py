@@ -44,11 +44,12 @@ from ledger.audit.bundle import (
     Manifest,
     StubLine,
     TreeLine,
+    clock_ran_back,
     is_ledger_time,
     raise_first_bad,
     signature_bytes,
 )
-from ledger.audit.chunks import ChunkResult, ChunkTask, SignerKeys, check_chunk, clock_ran_back
+from ledger.audit.chunks import ChunkResult, ChunkTask, SignerKeys, check_chunk
 from ledger.audit.cloudevents import Envelope, decode_line, is_cloudevents
 from ledger.audit.report import BundleReport
 from ledger.chain import CHECKPOINT_ORIGIN, Checkpoint, verify_checkpoint
