@@ -202,7 +202,6 @@ class LineEncoder:
 
     def __init__(self, flavour: Flavour, ledger_did: str, generated_at: str) -> None:
         self.cloudevents = flavour == "cloudevents"
-        self.ledger_did = ledger_did
         self.generated_at = generated_at
         self.envelope = Envelope(ledger_did, generated_at)
 

@@ -666,20 +666,19 @@ class _BundleVerifier:
                 "checkpoint_position",
                 "keys_digest",
             )
-            wrong = [
-                f"{n} {f!r} (bundle: {e!r})"
-                for n, f, e in zip(names, found, expected, strict=True)
-                if f != e
+            differing = [
+                (n, f, e) for n, f, e in zip(names, found, expected, strict=True) if f != e
             ]
-            if len(wrong) == 1 and wrong[0].startswith("keys_digest"):
+            if [n for n, _, _ in differing] == ["keys_digest"]:
                 raise BundleVerificationError(
                     number,
                     0,
                     "the key entries are not the ones the manifest signs (keys_digest "
                     "differs): a key line was edited",
                 )
+            wrong = ", ".join(f"{n} {f!r} (bundle: {e!r})" for n, f, e in differing)
             raise BundleVerificationError(
-                number, 0, "the manifest does not match the bundle: " + ", ".join(wrong)
+                number, 0, "the manifest does not match the bundle: " + wrong
             )
         key = self.keys.ledger_key
         if item.signer != key.did or not key.is_valid(
