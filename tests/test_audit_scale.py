@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import random
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from bench.ledger_gen import GeneratedLedger, generate_ledger
 from ledger import merkle
 from ledger.audit import BundleVerificationError, export_bundle, verify_bundle
 from ledger.audit import verify as verify_module
+from ledger.audit.bundle import clock_ran_back
 from ledger.audit.proofs import BatchProver, batch_proofs
 from ledger.errors import ProofError
 from ledger.events import AgentRegistered
@@ -196,34 +198,73 @@ async def test_a_bad_key_signature_is_named_at_its_line_among_many(
     fails_at(path, earlier_bad, keys[50], "entry_hash does not match the entry's content")
 
 
+async def rewrite_entry(conn: asyncpg.Connection, position: int, **changes: Any) -> None:
+    """Give the entry at ``position`` the ``changes`` (its ``signature`` as bytes, its
+    ``recorded_at`` as a datetime) and recompute its entry hash, as an attacker with the
+    database would: only the checks that do not trust the stored hash can tell."""
+    row = {**dict(await conn.fetchrow("SELECT * FROM events WHERE position = $1", position))}
+    row.update(changes)
+    record = {
+        "position": position,
+        "recorded_at": format_time(row["recorded_at"]),
+        "stream_id": row["stream_id"],
+        "stream_version": row["stream_version"],
+        "body": bytes(row["body"]).decode(),
+        "signature": b64encode(bytes(row["signature"])),
+        "prev_hash": bytes(row["prev_hash"]).hex(),
+    }
+    rehash(record)
+    await conn.execute(
+        "UPDATE events SET signature = $2, recorded_at = $3, entry_hash = $4 WHERE position = $1",
+        position,
+        bytes(row["signature"]),
+        row["recorded_at"],
+        bytes.fromhex(record["entry_hash"]),
+    )
+
+
+async def exporter_refuses(
+    url: str, ledger: GeneratedLedger, position: int, reason: str
+) -> None:
+    """The export of the entries after 300 stops at ``position`` for ``reason``, before
+    it signs anything (no manifest, no checkpoint written out)."""
+    out = io.StringIO()
+    with pytest.raises(BundleVerificationError) as caught:
+        await export_after(url, ledger, 300, out)
+    assert (caught.value.position, caught.value.reason) == (position, reason)
+    assert '"kind":"manifest"' not in out.getvalue()
+    assert '"kind":"checkpoint"' not in out.getvalue()
+
+
 async def test_the_exporter_signs_nothing_over_a_key_entry_whose_signature_fails(
     many_signers: tuple[str, GeneratedLedger],
 ) -> None:
     url, ledger = many_signers
     conn = await asyncpg.connect(url)
     try:  # a registration before the range given another's signature, its hash recomputed
-        row = await conn.fetchrow("SELECT * FROM events WHERE position = 100")
         other = await conn.fetchval("SELECT signature FROM events WHERE position = 101")
-        record = {
-            "position": 100,
-            "recorded_at": format_time(row["recorded_at"]),
-            "stream_id": row["stream_id"],
-            "stream_version": row["stream_version"],
-            "body": bytes(row["body"]).decode(),
-            "signature": b64encode(bytes(other)),
-            "prev_hash": bytes(row["prev_hash"]).hex(),
-        }
-        rehash(record)
-        await conn.execute(
-            "UPDATE events SET signature = $1, entry_hash = $2 WHERE position = 100",
-            other,
-            bytes.fromhex(record["entry_hash"]),
-        )
+        await rewrite_entry(conn, 100, signature=bytes(other))
     finally:
         await conn.close()
-    out = io.StringIO()
-    with pytest.raises(BundleVerificationError) as caught:
-        await export_after(url, ledger, 300, out)
-    assert (caught.value.position, caught.value.reason) == (100, "signature does not verify")
-    assert '"kind":"manifest"' not in out.getvalue()
-    assert '"kind":"checkpoint"' not in out.getvalue()
+    await exporter_refuses(url, ledger, 100, "signature does not verify")
+
+
+async def test_the_exporter_signs_nothing_over_key_entries_whose_clock_runs_back(
+    many_signers: tuple[str, GeneratedLedger],
+) -> None:
+    url, ledger = many_signers
+    conn = await asyncpg.connect(url)
+    try:  # a registration before the range moved 1 µs past the next one, rehashed
+        after = await conn.fetchval("SELECT recorded_at FROM events WHERE position = 101")
+        later = after + timedelta(microseconds=1)
+        await rewrite_entry(conn, 100, recorded_at=later)
+        stored = await conn.fetchval("SELECT recorded_at FROM events WHERE position = 100")
+        assert stored == later  # the edit held (the same day's partition)
+    finally:
+        await conn.close()
+    await exporter_refuses(
+        url,
+        ledger,
+        101,
+        clock_ran_back(format_time(after), format_time(later), "key entry's"),
+    )
