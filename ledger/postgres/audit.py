@@ -92,9 +92,13 @@ class PostgresAuditSource:
         latest = await self._fetch(
             "SELECT did, position FROM agent_keys WHERE did = ANY($1::text[])", list(dids)
         )
+        # The positions go in as a sub-select, not a constant array: the planner
+        # estimates a constant ``= ANY`` element by element in every day partition
+        # (38,000 positions over 91 partitions: 1.2 s of planning against 65 ms of
+        # execution); a sub-select's array is known only when it runs (3 ms to plan).
         rows = await self._fetch(
             f"SELECT {ENTRY_COLUMNS} FROM events "  # noqa: S608 -- a constant column list
-            "WHERE position = ANY($1::bigint[]) AND position <= $2",
+            "WHERE position = ANY(ARRAY(SELECT unnest($1::bigint[]))) AND position <= $2",
             sorted({row["position"] for row in latest}),
             last,
         )
