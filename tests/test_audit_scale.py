@@ -223,9 +223,7 @@ async def rewrite_entry(conn: asyncpg.Connection, position: int, **changes: Any)
     )
 
 
-async def exporter_refuses(
-    url: str, ledger: GeneratedLedger, position: int, reason: str
-) -> None:
+async def exporter_refuses(url: str, ledger: GeneratedLedger, position: int, reason: str) -> None:
     """The export of the entries after 300 stops at ``position`` for ``reason``, before
     it signs anything (no manifest, no checkpoint written out)."""
     out = io.StringIO()
