@@ -202,7 +202,7 @@ async def rewrite_entry(conn: asyncpg.Connection, position: int, **changes: Any)
     """Give the entry at ``position`` the ``changes`` (its ``signature`` as bytes, its
     ``recorded_at`` as a datetime) and recompute its entry hash, as an attacker with the
     database would: only the checks that do not trust the stored hash can tell."""
-    row = {**dict(await conn.fetchrow("SELECT * FROM events WHERE position = $1", position))}
+    row = dict(await conn.fetchrow("SELECT * FROM events WHERE position = $1", position))
     row.update(changes)
     record = {
         "position": position,
