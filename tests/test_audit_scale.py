@@ -226,9 +226,16 @@ async def rewrite_entry(conn: asyncpg.Connection, position: int, **changes: Any)
 async def exporter_refuses(url: str, ledger: GeneratedLedger, position: int, reason: str) -> None:
     """The export of the entries after 300 stops at ``position`` for ``reason``, before
     it signs anything (no manifest, no checkpoint written out)."""
-    out = io.StringIO()
-    with pytest.raises(BundleVerificationError) as caught:
-        await export_after(url, ledger, 300, out)
+    count = "SELECT count(*) FROM checkpoints"
+    conn = await asyncpg.connect(url)
+    try:
+        stored = await conn.fetchval(count)
+        out = io.StringIO()
+        with pytest.raises(BundleVerificationError) as caught:
+            await export_after(url, ledger, 300, out)
+        assert await conn.fetchval(count) == stored  # no checkpoint signed and stored either
+    finally:
+        await conn.close()
     assert (caught.value.position, caught.value.reason) == (position, reason)
     assert '"kind":"manifest"' not in out.getvalue()
     assert '"kind":"checkpoint"' not in out.getvalue()
