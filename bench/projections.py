@@ -560,8 +560,11 @@ async def bench(
     url, name = await fresh_database(server_url)
     prefix = f"bench{uuid.uuid4().hex[:8]}:"
     try:
-        print(f"cores: {os.cpu_count()}, ledger events: {args.events:,}, rounds: {args.repeat}")
-        ledger = await generate_ledger(url, events=args.events, agents=args.agents)
+        print(
+            f"cores: {os.cpu_count()}, ledger events: {args.events:,} over {args.days:g} days "
+            f"of recorded_at (a day partition each), rounds: {args.repeat}"
+        )
+        ledger = await generate_ledger(url, events=args.events, agents=args.agents, days=args.days)
         print(
             f"generated {ledger.head_position:,} events in {ledger.seconds:.1f} s "
             f"({ledger.head_position / ledger.seconds:,.0f} events/s; signed on "
@@ -604,6 +607,9 @@ if __name__ == "__main__":
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--agents", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--days", type=float, default=3.0, help="days of recorded_at (90: the retention window)"
+    )
     parser.add_argument("--lag-seconds", type=float, default=20.0)
     parser.add_argument("--lag-repeat", type=int, default=0, help="lag rounds (default: --repeat)")
     parser.add_argument("--profile", action="store_true", help="cProfile one rebuild into redis")

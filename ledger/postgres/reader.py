@@ -100,11 +100,17 @@ def partition_day(name: str) -> tuple[str, date] | None:
     return found.group(1), datetime.strptime(found.group(2), "%Y%m%d").date()
 
 
+_TIMES_KEPT = 256
+
+
 class PostgresLedgerReader:
     """Read access to the ledger: entries, head and checkpoints. Needs no key."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
+        # The time of the last entry of recent reads, by position: what lets the next
+        # read of a reader paging through the ledger name the day partitions it needs.
+        self._times: dict[int, datetime] = {}
 
     @classmethod
     async def connect(cls, url: str, pool_size: int = 4) -> PostgresLedgerReader:
@@ -154,25 +160,67 @@ class PostgresLedgerReader:
 
     async def read(self, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
         """Entries with position > ``after`` in position order, at most ``limit``."""
-        rows = await self._fetch(
-            f"SELECT {ENTRY_COLUMNS} FROM events WHERE position > $1 "  # noqa: S608 -- constant
-            "ORDER BY position LIMIT $2",
-            after,
-            limit,
-        )
+        rows = await self._read_rows(ENTRY_COLUMNS, after, limit)
         return [record_from_row(r) for r in rows]
 
     async def read_bodies(self, after: int = 0, limit: int = 1000) -> list[StoredBody]:
         """``ports.BodyReader``: position, time and body of the entries after ``after``
         (a quarter of a full read's CPU: no hashes, signature, subjects or dataclass)."""
-        rows = await self._fetch(
-            "SELECT position, recorded_at, body FROM events WHERE position > $1 "
-            "ORDER BY position LIMIT $2",
-            after,
-            limit,
-        )
+        rows = await self._read_rows("position, recorded_at, body", after, limit)
         make = tuple.__new__
         return [make(StoredBody, row) for row in rows]
+
+    async def _read_rows(self, columns: str, after: int, limit: int) -> list[asyncpg.Record]:
+        """``columns`` of the entries after ``after``, at most ``limit``, by position.
+
+        ``events`` is partitioned by day of ``recorded_at``, not by position: a read by
+        position alone plans and opens every day partition (91 in the 90-day window:
+        ~3.4 ms a read, against ~0.15 ms for one partition). When this reader has read
+        the entry at ``after`` (the last of an earlier read: a reader paging through
+        the ledger, the projector's tail), its time bounds the read — the ledger's
+        clock never runs back (the writer holds it to the head's, verification
+        refuses a ledger where it does) — so only the partitions from that day on are
+        read. The bounded read also returns the entry at ``after`` and keeps its rows
+        only if that entry still has the time remembered and the next one follows it
+        (positions have no gaps); otherwise, as for any position not remembered, the
+        read is by position alone."""
+        since = self._times.get(after)
+        rows: list[asyncpg.Record] | None = None
+        if since is not None:
+            bounded = await self._fetch(
+                f"SELECT {columns} FROM events "  # noqa: S608 -- constants only
+                "WHERE position >= $1 AND recorded_at >= $3 ORDER BY position LIMIT $2",
+                after,
+                limit + 1,
+                since,
+            )
+            if (
+                bounded
+                and bounded[0]["position"] == after
+                and bounded[0]["recorded_at"] == since
+                and (len(bounded) == 1 or bounded[1]["position"] == after + 1)
+            ):
+                rows = bounded[1:]
+            else:
+                self._times.pop(after, None)
+        if rows is None:
+            rows = await self._fetch(
+                f"SELECT {columns} FROM events WHERE position > $1 "  # noqa: S608 -- constants
+                "ORDER BY position LIMIT $2",
+                after,
+                limit,
+            )
+        if rows:
+            self._remember(rows[-1]["position"], rows[-1]["recorded_at"])
+        return rows
+
+    def _remember(self, position: int, recorded_at: datetime) -> None:
+        """Keep the time of the entry at ``position`` for a read after it (the newest
+        ``_TIMES_KEPT`` positions read up to: one per reader paging at once)."""
+        times = self._times
+        times[position] = recorded_at
+        if len(times) > _TIMES_KEPT:
+            del times[next(iter(times))]
 
     async def read_agent(self, did: str, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
         """Entries an agent signed or is the subject of, in position order."""

@@ -1,0 +1,119 @@
+"""A tail read of the ledger over its day partitions: after an entry the reader read
+before, and by position alone.
+
+``events`` is partitioned by day of ``recorded_at``; a read by position alone plans
+and opens every day partition. A ``PostgresLedgerReader`` that read the entry at
+``after`` (a projector's tail, a client paging, an export) bounds the next read by
+that entry's time, so only the partitions from its day on are read
+(``PostgresLedgerReader._read_rows``). For each ``--days`` (one ledger of
+``--events`` generated over that many days, a partition per day), this prints the
+read of the 3 newest entries through a one-connection reader, each way, rounds
+interleaved: wall time, this process's CPU and the PostgreSQL backend's CPU per read,
+medians of the rounds, and the ratio (the read by position alone is the baseline:
+every read was one before). The baseline clears the reader's remembered times
+before each read.
+
+Usage: .venv/bin/python bench/tail_read.py [--events 100000] [--days 5,90]
+       [--reads 1000] [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import drop_database, fresh_database, servers
+from bench.ledger_gen import generate_ledger
+from ledger.postgres import PostgresLedgerReader
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def backend_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a PostgreSQL backend on this machine."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+async def measure(url: str, days: float, reads: int, repeat: int) -> None:
+    reader = await PostgresLedgerReader.connect(url, pool_size=1)
+    try:
+        pid = await reader.pool.fetchval("SELECT pg_backend_pid()")
+        partitions = await reader.pool.fetchval(
+            "SELECT count(*) FROM pg_inherits WHERE inhparent = 'events'::regclass"
+        )
+        after = (await reader.head()).position - 3
+        found: dict[str, list[tuple[float, float, float]]] = {"alone": [], "after": []}
+        for _ in range(repeat):
+            for way in ("alone", "after"):
+                if way == "after":
+                    await reader.read(after - 3, 3)  # remembers the entry at `after`
+                cpu, wall, server = time.process_time(), time.perf_counter(), backend_cpu(pid)
+                for _ in range(reads):
+                    if way == "alone":
+                        reader._times.clear()  # the baseline: nothing known
+                    rows = await reader.read(after, 100)
+                    assert len(rows) == 3, rows
+                found[way].append(
+                    (
+                        (time.perf_counter() - wall) / reads * 1e6,
+                        (time.process_time() - cpu) / reads * 1e6,
+                        (backend_cpu(pid) - server) / reads * 1e6,
+                    )
+                )
+    finally:
+        await reader.close()
+    med = {
+        way: tuple(statistics.median(r[i] for r in rows) for i in range(3))
+        for way, rows in found.items()
+    }
+    print(
+        f"{days:g} days ({partitions} partitions): the 3 newest entries, medians of "
+        f"{repeat} rounds x {reads}"
+    )
+    labels = {"alone": "by position alone (baseline)", "after": "after an entry read before"}
+    for way in ("alone", "after"):
+        wall, cpu, server = med[way]
+        print(
+            f"  {labels[way]:30} {wall:7.0f} µs wall {cpu:6.0f} µs CPU here "
+            f"{server:6.0f} µs PostgreSQL"
+        )
+    (bw, bc, bs), (aw, ac, as_) = med["alone"], med["after"]
+    print(
+        f"  after / alone: wall {aw / bw:.2f}x, CPU here {ac / bc:.2f}x, PostgreSQL {as_ / bs:.2f}x"
+    )
+
+
+async def bench(server_url: str, args: argparse.Namespace) -> None:
+    for days in args.days:
+        url, name = await fresh_database(server_url)
+        try:
+            await generate_ledger(url, events=args.events, agents=1000, days=days)
+            await measure(url, days, args.reads, args.repeat)
+        finally:
+            await drop_database(server_url, name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument(
+        "--days", type=lambda text: [float(d) for d in text.split(",")], default=[5.0, 90.0]
+    )
+    parser.add_argument("--reads", type=int, default=1000)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as root, servers(Path(root)) as (url, _, _):
+        asyncio.run(bench(url, args))
+
+
+if __name__ == "__main__":
+    main()
