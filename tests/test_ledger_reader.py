@@ -1,7 +1,7 @@
 """The ledger reader against a real PostgreSQL: its pool's connections go back
 without asyncpg's reset query and leave nothing behind for the next acquirer; a
-reader paging through the ledger reads only the day partitions it needs, and what
-it reads is what a read by position alone reads, whatever the rows say."""
+reader reads only the day partitions it needs, and what it reads is what the table
+holds, whatever the rows say."""
 
 from __future__ import annotations
 
@@ -11,8 +11,15 @@ from datetime import timedelta
 import asyncpg
 import pytest
 
+from ledger.ports import StoredBody
 from ledger.postgres import PostgresEventStore, PostgresLedgerReader
-from ledger.postgres.reader import create_pool, partition_ddl, partition_name
+from ledger.postgres.reader import (
+    ENTRY_COLUMNS,
+    create_pool,
+    partition_ddl,
+    partition_name,
+    record_from_row,
+)
 from tests.support import ManualClock, random_history
 
 
@@ -87,43 +94,44 @@ async def _pages(reader: PostgresLedgerReader, size: int, bodies: bool) -> list[
 
 
 @pytest.mark.parametrize("bodies", [False, True])
-async def test_paging_reads_what_reads_by_position_alone_read(
+async def test_paging_reads_every_entry_as_the_table_holds_it(
     ledger: PostgresEventStore, database_url: str, clock: ManualClock, bodies: bool
 ) -> None:
     head = await _days_of_history(ledger, clock)
     reader = await PostgresLedgerReader.connect(database_url, pool_size=1)
     try:
         paged = await _pages(reader, 7, bodies)
-        # The same reads by position alone: a fresh reader for each page.
-        alone: list[object] = []
-        for after in range(0, head, 7):
-            fresh = await PostgresLedgerReader.connect(database_url, pool_size=1)
-            try:
-                if bodies:
-                    alone += await fresh.read_bodies(after, 7)
-                else:
-                    alone += await fresh.read(after, 7)
-            finally:
-                await fresh.close()
+        # The whole table in one statement, not through the reader.
+        conn = await asyncpg.connect(database_url)
+        try:
+            rows = await conn.fetch(f"SELECT {ENTRY_COLUMNS} FROM events ORDER BY position")  # noqa: S608
+        finally:
+            await conn.close()
+        alone: list[object] = [
+            StoredBody(r["position"], r["recorded_at"], bytes(r["body"]))
+            if bodies
+            else record_from_row(r)
+            for r in rows
+        ]
         assert paged == alone
         assert [e.position for e in paged] == list(range(1, head + 1))  # type: ignore[attr-defined]
     finally:
         await reader.close()
 
 
-async def test_a_read_after_an_entry_read_before_leaves_older_days_alone(
+async def test_reads_after_an_entry_leave_the_older_days_alone(
     ledger: PostgresEventStore, database_url: str, clock: ManualClock
 ) -> None:
     """With the oldest day partition locked by another session, a read after an
-    entry this reader read does not wait for it (it opens only the partitions from
-    that entry's day on); a read by position alone does."""
+    entry this reader read, or after one it did not read but whose day partition it
+    knows, does not wait for it (it opens only the partitions from that day on);
+    a read from the start does."""
     head = await _days_of_history(ledger, clock)
     reader = await PostgresLedgerReader.connect(database_url, pool_size=1)
-    fresh = await PostgresLedgerReader.connect(database_url, pool_size=1)
     locker = await asyncpg.connect(database_url)
     try:
         first = (await reader.read(0, 1))[0]
-        last = (await reader.read(head - 3, 3))[-1]  # read by position alone: remembered
+        last = (await reader.read(head - 3, 3))[-1]  # remembered
         assert last.position == head
         assert last.recorded_at.date() > first.recorded_at.date()
         await locker.execute("BEGIN")
@@ -135,28 +143,38 @@ async def test_a_read_after_an_entry_read_before_leaves_older_days_alone(
         assert new_head > head
         after_last = await asyncio.wait_for(reader.read(head, 100), 10)
         assert [e.position for e in after_last] == list(range(head + 1, new_head + 1))
-        with pytest.raises(TimeoutError):  # the lock is real: by position alone, it waits
-            await asyncio.wait_for(fresh.read(head, 100), 1)
+        # Not read before (the day partitions' first positions were read with the
+        # reader's first read): an entry, and a page after it.
+        entry = await asyncio.wait_for(reader.entry_at(head - 5), 10)
+        assert entry is not None
+        assert entry.position == head - 5
+        page = await asyncio.wait_for(reader.read_bodies(head - 8, 4), 10)
+        assert [b.position for b in page] == list(range(head - 7, head - 3))
+        with pytest.raises(TimeoutError):  # the lock is real: a read from the start waits
+            await asyncio.wait_for(reader.read(0, 100), 1)
     finally:
         await locker.close()
-        await fresh.close()
         await reader.close()
 
 
-@pytest.mark.parametrize("row", ["remembered", "next"])
+@pytest.mark.parametrize("known", ["its time", "its day"])
+@pytest.mark.parametrize("row", ["remembered", "next", "later"])
 async def test_a_time_that_runs_back_in_the_rows_still_reads_every_entry(
-    ledger: PostgresEventStore, database_url: str, clock: ManualClock, row: str
+    ledger: PostgresEventStore, database_url: str, clock: ManualClock, row: str, known: str
 ) -> None:
     """Rows whose times run back (a ledger written past the writer, which
-    verification refuses) are still read in full: the read after a remembered entry
-    falls back to the read by position alone when that entry's time changed, or
-    when the entries from its time on do not follow it."""
+    verification refuses) are still read in full: the read after an entry falls
+    back to the read by position alone when that entry is not where (or when) it
+    was, or when the entries from its time on do not follow it without a gap."""
     head = await _days_of_history(ledger, clock)
     reader = await PostgresLedgerReader.connect(database_url, pool_size=1)
     try:
         middle = head // 2
-        await reader.read(middle - 5, 5)  # remembers the entry at `middle`
-        moved = middle if row == "remembered" else middle + 1
+        if known == "its time":
+            await reader.read(middle - 5, 5)  # remembers the entry at `middle`
+        else:
+            await reader.read(head - 1, 1)  # reads the day partitions' first positions
+        moved = middle + {"remembered": 0, "next": 1, "later": 3}[row]
         conn = await asyncpg.connect(database_url)
         try:
             earlier = await conn.fetchval(

@@ -8,12 +8,16 @@ translated to ``StoreUnavailableError`` at this edge.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import hashlib
 import logging
+import math
 import re
+import time
 from collections.abc import AsyncIterator, Callable
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as dtime
 from typing import TYPE_CHECKING, TypeVar
 
 import asyncpg
@@ -101,6 +105,7 @@ def partition_day(name: str) -> tuple[str, date] | None:
 
 
 _TIMES_KEPT = 256
+_DAYS_FRESH = 60.0  # seconds a reader keeps the day partitions' first positions
 
 
 class PostgresLedgerReader:
@@ -111,6 +116,9 @@ class PostgresLedgerReader:
         # The time of the last entry of recent reads, by position: what lets the next
         # read of a reader paging through the ledger name the day partitions it needs.
         self._times: dict[int, datetime] = {}
+        # The first position of each day partition, by position, and when it was read.
+        self._days: tuple[list[int], list[datetime]] = ([], [])
+        self._days_read = -math.inf
 
     @classmethod
     async def connect(cls, url: str, pool_size: int = 4) -> PostgresLedgerReader:
@@ -175,16 +183,22 @@ class PostgresLedgerReader:
 
         ``events`` is partitioned by day of ``recorded_at``, not by position: a read by
         position alone plans and opens every day partition (91 in the 90-day window:
-        ~3.4 ms a read, against ~0.15 ms for one partition). When this reader has read
-        the entry at ``after`` (the last of an earlier read: a reader paging through
-        the ledger, the projector's tail), its time bounds the read — the ledger's
-        clock never runs back (the writer holds it to the head's, verification
-        refuses a ledger where it does) — so only the partitions from that day on are
-        read. The bounded read also returns the entry at ``after`` and keeps its rows
-        only if that entry still has the time remembered and the next one follows it
-        (positions have no gaps); otherwise, as for any position not remembered, the
-        read is by position alone."""
+        ~3.4 ms a read, against ~0.15 ms for one partition). So the read is bounded
+        below by a time the entry at ``after`` is known to have reached — its own
+        time when this reader read it before (the last of an earlier read: a reader
+        paging through the ledger, the projector's tail), else the start of the day
+        partition that held it (``_day_floor``) — and, the ledger's clock never running
+        back (the writer holds it to the head's, verification refuses a ledger where
+        it does), only the partitions from that day on are read. The bounded read
+        also returns the entry at ``after`` and keeps its rows only if that entry is
+        there (with the time remembered, if one was) and the rows follow it without a
+        gap (positions have none); otherwise the read is by position alone. (Rows
+        edited so that their times run back are then read all the same, once a later
+        entry shows the gap.)"""
         since = self._times.get(after)
+        exact = since is not None
+        if since is None and after > 0:
+            since = await self._day_floor(after)
         rows: list[asyncpg.Record] | None = None
         if since is not None:
             bounded = await self._fetch(
@@ -197,11 +211,12 @@ class PostgresLedgerReader:
             if (
                 bounded
                 and bounded[0]["position"] == after
-                and bounded[0]["recorded_at"] == since
-                and (len(bounded) == 1 or bounded[1]["position"] == after + 1)
+                and (not exact or bounded[0]["recorded_at"] == since)
+                # Positions are unique and in order: these are after, after + 1, …
+                and bounded[-1]["position"] == after + len(bounded) - 1
             ):
                 rows = bounded[1:]
-            else:
+            elif exact:
                 self._times.pop(after, None)
         if rows is None:
             rows = await self._fetch(
@@ -213,6 +228,50 @@ class PostgresLedgerReader:
         if rows:
             self._remember(rows[-1]["position"], rows[-1]["recorded_at"])
         return rows
+
+    async def _day_floor(self, position: int) -> datetime | None:
+        """The start of the day partition that held the entry at ``position`` when this
+        reader last read each day partition's first position (at most ``_DAYS_FRESH``
+        seconds ago; positions and times rise together, so a partition holds the
+        positions from its first to the next one's), or None if it held none. A map
+        read before a new day started still gives a lower bound (an older day)."""
+        if time.monotonic() - self._days_read > _DAYS_FRESH:
+            self._days_read = time.monotonic()
+            self._days = await self._first_positions()
+        firsts, days = self._days
+        index = bisect.bisect_right(firsts, position) - 1
+        return days[index] if index >= 0 else None
+
+    async def _first_positions(self) -> tuple[list[int], list[datetime]]:
+        """Each day partition of ``events`` holding entries: its first position and the
+        start of its day, by position (two round trips; an index probe a partition).
+        Empty if the catalog or a partition cannot be read (a retention run dropping
+        one meanwhile): reads are then by position alone until the next try."""
+        try:
+            names = await self._pool.fetch(
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                "WHERE i.inhparent = 'events'::regclass"
+            )
+            parts = [(r["relname"], partition_day(r["relname"])) for r in names]
+            # Names that match ``partition_day`` are safe to put in the statement.
+            days = [(name, found[1]) for name, found in parts if found and found[0] == "events"]
+            if not days:
+                return [], []
+            rows = await self._pool.fetch(
+                " UNION ALL ".join(
+                    f"SELECT {i} AS i, (SELECT min(position) FROM {name}) AS first"  # noqa: S608
+                    for i, (name, _) in enumerate(days)
+                )
+            )
+        except DRIVER_ERRORS as exc:
+            log.debug("day partitions' first positions not read: %s", exc)
+            return [], []
+        found = sorted(
+            (r["first"], datetime.combine(days[r["i"]][1], dtime(0), UTC))
+            for r in rows
+            if r["first"] is not None
+        )
+        return [first for first, _ in found], [day for _, day in found]
 
     def _remember(self, position: int, recorded_at: datetime) -> None:
         """Keep the time of the entry at ``position`` for a read after it (the newest
