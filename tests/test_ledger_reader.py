@@ -11,6 +11,7 @@ from datetime import timedelta
 import asyncpg
 import pytest
 
+from ledger import merkle, tlog
 from ledger.ports import StoredBody
 from ledger.postgres import PostgresEventStore, PostgresLedgerReader
 from ledger.postgres.reader import (
@@ -190,4 +191,62 @@ async def test_a_time_that_runs_back_in_the_rows_still_reads_every_entry(
         assert [e.position for e in rest] == list(range(middle + 1, head + 1))
         assert [e.position for e in await reader.read(middle, head)] == [e.position for e in rest]
     finally:
+        await reader.close()
+
+
+def _tree_hash(leaves: list[bytes]) -> bytes:
+    """RFC 9162 §2.1.1 MTH over leaf hashes, from its definition."""
+    if len(leaves) == 1:
+        return leaves[0]
+    split = 1 << ((len(leaves) - 1).bit_length() - 1)
+    return merkle.node_hash(_tree_hash(leaves[:split]), _tree_hash(leaves[split:]))
+
+
+@pytest.mark.parametrize("moved", [False, True])
+async def test_proofs_over_days_hold_and_read_only_their_leaves_days(
+    ledger: PostgresEventStore, database_url: str, clock: ManualClock, moved: bool
+) -> None:
+    """Inclusion proofs and roots over a ledger of several days match the tree of
+    every entry's hash; with the oldest day partition locked, a proof of a recent
+    entry does not wait for it; and a leaf whose time was moved back (past the
+    writer) is still found (the read by position alone)."""
+    head = await _days_of_history(ledger, clock)
+    conn = await asyncpg.connect(database_url)
+    try:
+        hashes = await conn.fetch("SELECT entry_hash, recorded_at FROM events ORDER BY position")
+        leaves = [tlog.entry_leaf(bytes(r["entry_hash"])) for r in hashes]
+        if moved:
+            earlier = hashes[0]["recorded_at"] - timedelta(days=1)
+            await conn.execute(partition_ddl("events", earlier.date()))
+            await conn.execute(
+                "UPDATE events SET recorded_at = $2 WHERE position = $1", head - 1, earlier
+            )
+    finally:
+        await conn.close()
+    root = _tree_hash(leaves)
+    reader = await PostgresLedgerReader.connect(database_url, pool_size=1)
+    locker = await asyncpg.connect(database_url)
+    try:
+        assert await reader.tree_root(head) == root
+        for position in (1, head // 2, head - 1, head):
+            proof = await reader.inclusion_proof(position, head)
+            merkle.verify_inclusion(leaves[position - 1], position - 1, head, proof, root)
+        if not moved:
+            # A reader whose statements are planned for their values (PostgreSQL plans
+            # a statement again for its values on its first runs; a generic plan,
+            # used later, locks every partition however few it reads).
+            fresh = await PostgresLedgerReader.connect(database_url, pool_size=1)
+            try:
+                oldest = (await fresh.read(0, 1))[0].recorded_at
+                await fresh.read(head - 2, 1)  # reads the day partitions' first positions
+                await locker.execute("BEGIN")
+                await locker.execute(
+                    f"LOCK TABLE {partition_name(oldest)} IN ACCESS EXCLUSIVE MODE"
+                )
+                proof = await asyncio.wait_for(fresh.inclusion_proof(head - 1, head), 10)
+                merkle.verify_inclusion(leaves[head - 2], head - 2, head, proof, root)
+            finally:
+                await fresh.close()
+    finally:
+        await locker.close()
         await reader.close()

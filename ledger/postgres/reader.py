@@ -105,6 +105,12 @@ def partition_day(name: str) -> tuple[str, date] | None:
 
 
 _TIMES_KEPT = 256
+_NODES_SQL = (
+    "SELECT level, idx, hash FROM merkle_nodes WHERE (level, idx) IN "
+    "(SELECT * FROM unnest($1::smallint[], $2::bigint[])) "
+    "UNION ALL SELECT -1, position - 1, entry_hash FROM events "
+    "WHERE position = ANY($3::bigint[])"
+)
 _DAYS_FRESH = 60.0  # seconds a reader keeps the day partitions' first positions
 
 
@@ -528,17 +534,22 @@ class PostgresLedgerReader:
             for index in range(ix << (lv - level), (ix + 1) << (lv - level))
         }
         keys = wanted | pieces
+        levels, indexes = [lv for lv, _ in keys], [ix for _, ix in keys]
+        leaves = sorted(i + 1 for lv, i in keys if lv == 0)
         # One round trip: the stored subtrees, and the entries under the small ones
-        # (level -1 marks an entry's hash; a stored leaf, kept at a cut, wins).
-        rows = await self._fetch(
-            "SELECT level, idx, hash FROM merkle_nodes WHERE (level, idx) IN "
-            "(SELECT * FROM unnest($1::smallint[], $2::bigint[])) "
-            "UNION ALL SELECT -1, position - 1, entry_hash FROM events "
-            "WHERE position = ANY($3::bigint[])",
-            [lv for lv, _ in keys],
-            [ix for _, ix in keys],
-            sorted(i + 1 for lv, i in keys if lv == 0),
-        )
+        # (level -1 marks an entry's hash; a stored leaf, kept at a cut, wins). The
+        # entries are read from the day partition of the first one on (see
+        # ``_read_rows``), and by position alone if that misses any of them.
+        since = await self._day_floor(leaves[0]) if leaves else None
+        if since is not None:
+            rows = await self._fetch(
+                _NODES_SQL + " AND recorded_at >= $4", levels, indexes, leaves, since
+            )
+            got = {r["idx"] + 1 for r in rows if r["level"] <= 0}
+            if not got.issuperset(leaves):
+                since = None
+        if since is None:
+            rows = await self._fetch(_NODES_SQL, levels, indexes, leaves)
         found = {(r["level"], r["idx"]): bytes(r["hash"]) for r in rows if r["level"] >= 0}
         for r in rows:
             if r["level"] < 0:
