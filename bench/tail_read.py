@@ -12,7 +12,9 @@ read of the 3 newest entries through a one-connection reader, each way, rounds
 interleaved: wall time, this process's CPU and the PostgreSQL backend's CPU per read,
 medians of the rounds, and the ratio to the read by position alone (the baseline:
 the statement every read was before, sent on the reader's pool). The day-map way
-clears the reader's remembered times before each read.
+clears the reader's remembered times before each read. Then ``entry_at`` and an
+inclusion proof (the tree built as a first open builds it) for positions among the
+newest 5,000, with the reader's day map off (by position alone) and on.
 
 Usage: .venv/bin/python bench/tail_read.py [--events 100000] [--days 5,90]
        [--reads 1000] [--repeat 5]
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import statistics
 import sys
@@ -33,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import drop_database, fresh_database, servers
 from bench.ledger_gen import generate_ledger
-from ledger.postgres import PostgresLedgerReader
+from ledger.postgres import PostgresEventStore, PostgresLedgerReader
 from ledger.postgres.reader import ENTRY_COLUMNS
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -101,12 +104,49 @@ async def measure(url: str, days: float, reads: int, repeat: int) -> None:
         )
 
 
+async def lookups(url: str, calls: int, repeat: int) -> None:
+    """``entry_at`` and an inclusion proof in the tree of the head, for positions among
+    the newest 5,000, with the reader's day map off (the baseline: by position alone)
+    and on, in alternation."""
+    reader = await PostgresLedgerReader.connect(url, pool_size=1)
+    try:
+        head = (await reader.head()).position
+        found: dict[tuple[str, bool], list[float]] = {}
+        for _ in range(repeat):
+            for what in ("entry_at", "inclusion proof"):
+                for on in (False, True):
+                    # Off: no map, and none read again (the reader's own fields).
+                    reader._days = ([], [])
+                    reader._days_read = -math.inf if on else math.inf
+                    started = time.perf_counter()
+                    for i in range(calls):
+                        position = head - 1 - (i * 37) % 5000
+                        if what == "entry_at":
+                            assert (await reader.entry_at(position)) is not None
+                        else:
+                            await reader.inclusion_proof(position, head)
+                    found.setdefault((what, on), []).append(
+                        (time.perf_counter() - started) / calls * 1e6
+                    )
+    finally:
+        await reader.close()
+    for what in ("entry_at", "inclusion proof"):
+        alone, mapped = (statistics.median(found[what, way]) for way in (False, True))
+        print(
+            f"  {what:16} by position alone (baseline) {alone:6.0f} µs wall, "
+            f"the day map {mapped:6.0f} µs: {mapped / alone:.2f}x"
+        )
+
+
 async def bench(server_url: str, args: argparse.Namespace) -> None:
     for days in args.days:
         url, name = await fresh_database(server_url)
         try:
-            await generate_ledger(url, events=args.events, agents=1000, days=days)
+            ledger = await generate_ledger(url, events=args.events, agents=1000, days=days)
             await measure(url, days, args.reads, args.repeat)
+            store = await PostgresEventStore.open(url, ledger.ledger_key)  # builds the tree
+            await store.close()
+            await lookups(url, args.reads // 3, args.repeat)
         finally:
             await drop_database(server_url, name)
 
