@@ -250,3 +250,18 @@ async def test_proofs_over_days_hold_and_read_only_their_leaves_days(
     finally:
         await locker.close()
         await reader.close()
+
+
+async def test_a_read_with_the_largest_limit_after_an_entry_read_before(
+    ledger: PostgresEventStore, database_url: str, clock: ManualClock
+) -> None:
+    """The bounded read asks for one row more than the limit: at the largest limit a
+    bigint holds, it still reads (the limit is not exceeded)."""
+    head = await _days_of_history(ledger, clock, days=1)
+    reader = await PostgresLedgerReader.connect(database_url, pool_size=1)
+    try:
+        await reader.read(0, 3)  # remembers the entry at 3
+        rows = await reader.read(3, 2**63 - 1)
+        assert [e.position for e in rows] == list(range(4, head + 1))
+    finally:
+        await reader.close()

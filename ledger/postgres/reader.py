@@ -105,6 +105,7 @@ def partition_day(name: str) -> tuple[str, date] | None:
 
 
 _TIMES_KEPT = 256
+_MAX_LIMIT = 2**63 - 1  # LIMIT is a bigint
 _NODES_SQL = (
     "SELECT level, idx, hash FROM merkle_nodes WHERE (level, idx) IN "
     "(SELECT * FROM unnest($1::smallint[], $2::bigint[])) "
@@ -211,7 +212,7 @@ class PostgresLedgerReader:
                 f"SELECT {columns} FROM events "  # noqa: S608 -- constants only
                 "WHERE position >= $1 AND recorded_at >= $3 ORDER BY position LIMIT $2",
                 after,
-                limit + 1,
+                min(limit, _MAX_LIMIT - 1) + 1,  # the entry at ``after`` too
                 since,
             )
             if (
