@@ -6,12 +6,14 @@ holds, whatever the rows say."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import timedelta
 
 import asyncpg
 import pytest
 
 from ledger import merkle, tlog
+from ledger.errors import StoreUnavailableError
 from ledger.ports import StoredBody
 from ledger.postgres import PostgresEventStore, PostgresLedgerReader
 from ledger.postgres.reader import (
@@ -265,3 +267,37 @@ async def test_a_read_with_the_largest_limit_after_an_entry_read_before(
         assert [e.position for e in rows] == list(range(4, head + 1))
     finally:
         await reader.close()
+
+
+async def test_a_role_allowed_to_read_events_alone_reads_by_day_too(
+    ledger: PostgresEventStore, database_url: str, clock: ManualClock
+) -> None:
+    """A role granted SELECT on ``events`` (not on its partitions, as a read-only role
+    for exports and replicas is) still finds each day partition's first position:
+    with the oldest day locked, its read after an entry it did not read does not
+    wait for that day."""
+    head = await _days_of_history(ledger, clock)
+    role = "reader_" + uuid.uuid4().hex[:10]
+    admin = await asyncpg.connect(database_url)
+    try:
+        await admin.execute(f"CREATE ROLE {role} LOGIN")
+        await admin.execute(f"GRANT SELECT ON events, ledger_head TO {role}")
+        oldest = await admin.fetchval("SELECT recorded_at FROM events WHERE position = 1")
+        url = database_url.replace("postgres@", f"{role}@", 1)
+        reader = await PostgresLedgerReader.connect(url, pool_size=1)
+        try:
+            with pytest.raises(StoreUnavailableError, match="permission denied"):
+                await reader._fetch(f"SELECT count(*) FROM {partition_name(oldest)}")  # noqa: S608
+            await reader.read(head - 1, 1)  # reads the day partitions' first positions
+            await admin.execute("BEGIN")
+            await admin.execute(f"LOCK TABLE {partition_name(oldest)} IN ACCESS EXCLUSIVE MODE")
+            entry = await asyncio.wait_for(reader.entry_at(head - 5), 10)
+            assert entry is not None
+            assert entry.position == head - 5
+            await admin.execute("ROLLBACK")
+        finally:
+            await reader.close()
+    finally:
+        await admin.execute(f"DROP OWNED BY {role}")
+        await admin.execute(f"DROP ROLE {role}")
+        await admin.close()

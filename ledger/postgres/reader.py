@@ -251,30 +251,35 @@ class PostgresLedgerReader:
 
     async def _first_positions(self) -> tuple[list[int], list[datetime]]:
         """Each day partition of ``events`` holding entries: its first position and the
-        start of its day, by position (two round trips; an index probe a partition).
-        Empty if the catalog or a partition cannot be read (a retention run dropping
-        one meanwhile): reads are then by position alone until the next try."""
+        start of its day, by position (two round trips: the partitions' names from the
+        catalog, then an index probe a day, through ``events`` itself — a role allowed
+        to read ``events`` needs no grant on its partitions). Empty if they cannot be
+        read: reads are then by position alone until the next try."""
         try:
             names = await self._pool.fetch(
                 "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
                 "WHERE i.inhparent = 'events'::regclass"
             )
-            parts = [(r["relname"], partition_day(r["relname"])) for r in names]
-            # Names that match ``partition_day`` are safe to put in the statement.
-            days = [(name, found[1]) for name, found in parts if found and found[0] == "events"]
+            parts = (partition_day(r["relname"]) for r in names)
+            days = sorted(found[1] for found in parts if found and found[0] == "events")
             if not days:
                 return [], []
+            # Each day's bounds are constants (dates formatted here), so each probe is
+            # planned for that day's partition alone.
             rows = await self._pool.fetch(
                 " UNION ALL ".join(
-                    f"SELECT {i} AS i, (SELECT min(position) FROM {name}) AS first"  # noqa: S608
-                    for i, (name, _) in enumerate(days)
+                    f"SELECT {i} AS i, (SELECT min(position) FROM events "  # noqa: S608
+                    f"WHERE recorded_at >= '{day.isoformat()}T00:00:00Z' "
+                    f"AND recorded_at < '{(day + timedelta(days=1)).isoformat()}T00:00:00Z') "
+                    "AS first"
+                    for i, day in enumerate(days)
                 )
             )
         except DRIVER_ERRORS as exc:
             log.debug("day partitions' first positions not read: %s", exc)
             return [], []
         found = sorted(
-            (r["first"], datetime.combine(days[r["i"]][1], dtime(0), UTC))
+            (r["first"], datetime.combine(days[r["i"]], dtime(0), UTC))
             for r in rows
             if r["first"] is not None
         )
