@@ -91,7 +91,6 @@ from agentmesh.settings import Settings
 from agentmesh.sidecar_main import parse_upstreams
 from agentmesh.wiring import open_projection_store, trust_config
 from bench.api import (
-    CLOCK_TICKS,
     HOST,
     HttpConnection,
     Service,
@@ -103,7 +102,7 @@ from bench.api import (
     settle,
     start_api,
 )
-from bench.common import positive
+from bench.common import cpu_seconds, positive
 from ledger.identity import SigningKey
 from ledger.timefmt import utc_now
 from projections.readstore import ProjectionReader
@@ -321,19 +320,6 @@ class McpConnection:
         self._writer.close()
         with contextlib.suppress(OSError):
             await self._writer.wait_closed()
-
-
-# -- process CPU ---------------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU seconds a process (all its threads) has used so far; 0 without /proc."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = text.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 # -- the stack -----------------------------------------------------------------------------

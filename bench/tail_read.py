@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import os
 import statistics
 import sys
 import tempfile
@@ -34,19 +33,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import drop_database, fresh_database, servers
+from bench.common import cpu_seconds, drop_database, fresh_database, servers
 from bench.ledger_gen import generate_ledger
 from ledger.postgres import PostgresEventStore, PostgresLedgerReader
 from ledger.postgres.reader import ENTRY_COLUMNS
 
-TICKS = os.sysconf("SC_CLK_TCK")
 ALONE = f"SELECT {ENTRY_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2"  # noqa: S608
-
-
-def backend_cpu(pid: int) -> float:
-    """CPU seconds (user + system) of a PostgreSQL backend on this machine."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 async def measure(url: str, days: float, reads: int, repeat: int) -> None:
@@ -63,7 +55,7 @@ async def measure(url: str, days: float, reads: int, repeat: int) -> None:
             for way in ways:
                 if way == "after":
                     await reader.read(after - 3, 3)  # remembers the entry at `after`
-                cpu, wall, server = time.process_time(), time.perf_counter(), backend_cpu(pid)
+                cpu, wall, server = time.process_time(), time.perf_counter(), cpu_seconds(pid)
                 for _ in range(reads):
                     if way == "alone":  # the statement every read was before
                         rows = await reader.pool.fetch(ALONE, after, 100)
@@ -76,7 +68,7 @@ async def measure(url: str, days: float, reads: int, repeat: int) -> None:
                     (
                         (time.perf_counter() - wall) / reads * 1e6,
                         (time.process_time() - cpu) / reads * 1e6,
-                        (backend_cpu(pid) - server) / reads * 1e6,
+                        (cpu_seconds(pid) - server) / reads * 1e6,
                     )
                 )
     finally:

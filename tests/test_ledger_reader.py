@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import asyncpg
 import pytest
@@ -80,6 +80,23 @@ async def _days_of_history(ledger: PostgresEventStore, clock: ManualClock, days:
     return (await ledger.head()).position
 
 
+async def _move_back(conn: asyncpg.Connection, position: int) -> None:
+    """Move the entry at ``position`` to the day before the first entry's (its own
+    new partition): a row edited past the writer, whose time runs back."""
+    earlier = await conn.fetchval("SELECT recorded_at FROM events WHERE position = 1") - timedelta(
+        days=1
+    )
+    await conn.execute(partition_ddl("events", earlier.date()))
+    await conn.execute("UPDATE events SET recorded_at = $2 WHERE position = $1", position, earlier)
+
+
+async def _lock_day(conn: asyncpg.Connection, day: datetime) -> None:
+    """Hold the day partition of ``day`` in ACCESS EXCLUSIVE mode on ``conn`` (until
+    its transaction ends): any statement that opens it waits."""
+    await conn.execute("BEGIN")
+    await conn.execute(f"LOCK TABLE {partition_name(day)} IN ACCESS EXCLUSIVE MODE")
+
+
 async def _pages(reader: PostgresLedgerReader, size: int, bodies: bool) -> list[object]:
     """Every entry, a page of ``size`` at a time from the last one read (as a
     projector's tail or a client paging does), as comparable tuples."""
@@ -137,10 +154,7 @@ async def test_reads_after_an_entry_leave_the_older_days_alone(
         last = (await reader.read(head - 3, 3))[-1]  # remembered
         assert last.position == head
         assert last.recorded_at.date() > first.recorded_at.date()
-        await locker.execute("BEGIN")
-        await locker.execute(
-            f"LOCK TABLE {partition_name(first.recorded_at)} IN ACCESS EXCLUSIVE MODE"
-        )
+        await _lock_day(locker, first.recorded_at)
         await random_history(ledger, clock, seed=7, steps=2)  # the writer waits for nothing
         new_head = (await ledger.head()).position
         assert new_head > head
@@ -180,13 +194,7 @@ async def test_a_time_that_runs_back_in_the_rows_still_reads_every_entry(
         moved = middle + {"remembered": 0, "next": 1, "later": 3}[row]
         conn = await asyncpg.connect(database_url)
         try:
-            earlier = await conn.fetchval(
-                "SELECT recorded_at FROM events WHERE position = 1"
-            ) - timedelta(days=1)
-            await conn.execute(partition_ddl("events", earlier.date()))
-            await conn.execute(
-                "UPDATE events SET recorded_at = $2 WHERE position = $1", moved, earlier
-            )
+            await _move_back(conn, moved)
         finally:
             await conn.close()
         rest = await reader.read(middle, head)
@@ -215,14 +223,10 @@ async def test_proofs_over_days_hold_and_read_only_their_leaves_days(
     head = await _days_of_history(ledger, clock)
     conn = await asyncpg.connect(database_url)
     try:
-        hashes = await conn.fetch("SELECT entry_hash, recorded_at FROM events ORDER BY position")
+        hashes = await conn.fetch("SELECT entry_hash FROM events ORDER BY position")
         leaves = [tlog.entry_leaf(bytes(r["entry_hash"])) for r in hashes]
         if moved:
-            earlier = hashes[0]["recorded_at"] - timedelta(days=1)
-            await conn.execute(partition_ddl("events", earlier.date()))
-            await conn.execute(
-                "UPDATE events SET recorded_at = $2 WHERE position = $1", head - 1, earlier
-            )
+            await _move_back(conn, head - 1)
     finally:
         await conn.close()
     root = _tree_hash(leaves)
@@ -241,10 +245,7 @@ async def test_proofs_over_days_hold_and_read_only_their_leaves_days(
             try:
                 oldest = (await fresh.read(0, 1))[0].recorded_at
                 await fresh.read(head - 2, 1)  # reads the day partitions' first positions
-                await locker.execute("BEGIN")
-                await locker.execute(
-                    f"LOCK TABLE {partition_name(oldest)} IN ACCESS EXCLUSIVE MODE"
-                )
+                await _lock_day(locker, oldest)
                 proof = await asyncio.wait_for(fresh.inclusion_proof(head - 1, head), 10)
                 merkle.verify_inclusion(leaves[head - 2], head - 2, head, proof, root)
             finally:
@@ -289,8 +290,7 @@ async def test_a_role_allowed_to_read_events_alone_reads_by_day_too(
             with pytest.raises(StoreUnavailableError, match="permission denied"):
                 await reader._fetch(f"SELECT count(*) FROM {partition_name(oldest)}")  # noqa: S608
             await reader.read(head - 1, 1)  # reads the day partitions' first positions
-            await admin.execute("BEGIN")
-            await admin.execute(f"LOCK TABLE {partition_name(oldest)} IN ACCESS EXCLUSIVE MODE")
+            await _lock_day(admin, oldest)
             entry = await asyncio.wait_for(reader.entry_at(head - 5), 10)
             assert entry is not None
             assert entry.position == head - 5

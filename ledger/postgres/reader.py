@@ -17,7 +17,6 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, date, datetime, timedelta
-from datetime import time as dtime
 from typing import TYPE_CHECKING, TypeVar
 
 import asyncpg
@@ -81,13 +80,18 @@ DAY_PARTITIONED = ("events", "event_ids", "idempotency_keys")
 _DAY_PARTITION = re.compile(r"^(events|event_ids|idempotency_keys)_p(\d{8})$")
 
 
+def _day_start(day: date) -> str:
+    """A UTC day's first instant as a SQL timestamptz literal (a day partition's bound)."""
+    return f"'{day.isoformat()}T00:00:00Z'"
+
+
 def partition_ddl(table: str, day: date) -> str:
     """``CREATE TABLE IF NOT EXISTS`` of ``table``'s partition for ``day``."""
     if table not in DAY_PARTITIONED:
         raise ValueError(f"{table} is not partitioned by day")
     low, high = day, day + timedelta(days=1)
     if table == "events":  # a timestamptz range; the others are ranges of dates
-        bounds = f"'{low.isoformat()}T00:00:00Z') TO ('{high.isoformat()}T00:00:00Z'"
+        bounds = f"{_day_start(low)}) TO ({_day_start(high)}"
     else:
         bounds = f"'{low.isoformat()}') TO ('{high.isoformat()}'"
     return (
@@ -113,6 +117,35 @@ _NODES_SQL = (
     "WHERE position = ANY($3::bigint[])"
 )
 _DAYS_FRESH = 60.0  # seconds a reader keeps the day partitions' first positions
+
+
+# The day tables of ``$1`` (``<table>_pYYYYMMDD``) in the ledger's schema: its
+# partitions, and any such table no longer attached to it (a retention run that died between
+# detaching and dropping).
+_DAY_TABLES = """
+SELECT c.relname
+  FROM pg_class c LEFT JOIN pg_inherits i ON i.inhrelid = c.oid
+ WHERE c.relkind = 'r' AND c.relnamespace = current_schema()::regnamespace
+   AND c.relname ~ ('^' || $1 || '_p[0-9]{8}$')
+   AND (i.inhparent IS NULL OR i.inhparent = $1::regclass)
+ ORDER BY 1
+"""
+
+
+async def day_tables(pool: asyncpg.Pool, table: str) -> list[tuple[str, date]]:
+    """``table``'s day tables (name, UTC day), oldest first: its partitions, and any
+    left detached by a retention run that died before dropping them."""
+    try:
+        rows = await pool.fetch(_DAY_TABLES, table)
+    except DRIVER_ERRORS as exc:
+        raise StoreUnavailableError(f"cannot list the ledger's partitions: {exc}") from exc
+    days = []
+    for (name,) in rows:
+        found = partition_day(name)
+        if found is None or found[0] != table:
+            raise StoreUnavailableError(f"unexpected partition {name!r} of {table}")
+        days.append((name, found[1]))
+    return days
 
 
 class PostgresLedgerReader:
@@ -256,30 +289,24 @@ class PostgresLedgerReader:
         to read ``events`` needs no grant on its partitions). Empty if they cannot be
         read: reads are then by position alone until the next try."""
         try:
-            names = await self._pool.fetch(
-                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-                "WHERE i.inhparent = 'events'::regclass"
-            )
-            parts = (partition_day(r["relname"]) for r in names)
-            days = sorted(found[1] for found in parts if found and found[0] == "events")
+            days = [day for _, day in await day_tables(self._pool, "events")]
             if not days:
                 return [], []
             # Each day's bounds are constants (dates formatted here), so each probe is
-            # planned for that day's partition alone.
+            # planned for that day's partition alone (a detached day finds nothing).
             rows = await self._pool.fetch(
                 " UNION ALL ".join(
                     f"SELECT {i} AS i, (SELECT min(position) FROM events "  # noqa: S608
-                    f"WHERE recorded_at >= '{day.isoformat()}T00:00:00Z' "
-                    f"AND recorded_at < '{(day + timedelta(days=1)).isoformat()}T00:00:00Z') "
-                    "AS first"
+                    f"WHERE recorded_at >= {_day_start(day)} "
+                    f"AND recorded_at < {_day_start(day + timedelta(days=1))}) AS first"
                     for i, day in enumerate(days)
                 )
             )
-        except DRIVER_ERRORS as exc:
+        except (StoreUnavailableError, *DRIVER_ERRORS) as exc:
             log.debug("day partitions' first positions not read: %s", exc)
             return [], []
         found = sorted(
-            (r["first"], datetime.combine(days[r["i"]], dtime(0), UTC))
+            (r["first"], datetime.combine(days[r["i"]], datetime.min.time(), UTC))
             for r in rows
             if r["first"] is not None
         )

@@ -20,24 +20,13 @@ from ledger.chain import Checkpoint
 from ledger.errors import StoreUnavailableError
 from ledger.merkle import Subtree
 from ledger.ports import StoredAnchor
-from ledger.postgres.reader import DRIVER_ERRORS, partition_day
+from ledger.postgres.reader import DRIVER_ERRORS, day_tables, partition_day
 from ledger.postgres.tree import store_subtrees
 
 log = logging.getLogger("agentmesh.retention")
 
 __all__ = ["PostgresRetentionStore"]
 
-# The day tables of ``$1`` (``<table>_pYYYYMMDD``) in the ledger's schema: its
-# partitions, and any such table no longer attached to it (a run that died between
-# detaching and dropping).
-_DAY_TABLES = """
-SELECT c.relname
-  FROM pg_class c LEFT JOIN pg_inherits i ON i.inhrelid = c.oid
- WHERE c.relkind = 'r' AND c.relnamespace = current_schema()::regnamespace
-   AND c.relname ~ ('^' || $1 || '_p[0-9]{8}$')
-   AND (i.inhparent IS NULL OR i.inhparent = $1::regclass)
- ORDER BY 1
-"""
 # Whether the table ``$1`` is still a partition, and whether a detach is pending.
 _PARTITION_STATE = """
 SELECT i.inhparent IS NOT NULL AS attached, coalesce(i.inhdetachpending, false) AS pending
@@ -136,17 +125,7 @@ class PostgresRetentionStore:
     async def _days(self, table: str) -> list[tuple[str, date]]:
         """``table``'s day partitions (name, UTC day), oldest first: attached, or left
         detached by a run that died before dropping them."""
-        try:
-            rows = await self._pool.fetch(_DAY_TABLES, table)
-        except DRIVER_ERRORS as exc:
-            raise StoreUnavailableError(f"cannot list the ledger's partitions: {exc}") from exc
-        days = []
-        for (name,) in rows:
-            found = partition_day(name)
-            if found is None or found[0] != table:
-                raise StoreUnavailableError(f"unexpected partition {name!r} of {table}")
-            days.append((name, found[1]))
-        return days
+        return await day_tables(self._pool, table)
 
     async def write_anchor(
         self,
