@@ -89,6 +89,9 @@ async def test_processes_take_turns_and_never_race_for_the_head(
         assert [s.turn_counts["missed"] for s in stores] == [0, 0]
         assert sum(s.turn_counts["waited"] for s in stores) > 0
         assert sum(s.turn_counts["caught_up"] for s in stores) > 0
+        # Under contention a holder hands the ledger over after a commit that leaves its
+        # queue empty, rather than keep it for the whole turn.
+        assert sum(s.turn_counts["handed"] for s in stores) > 0, [s.turn_counts for s in stores]
         # A process's first commit of the day takes the lock (it makes sure of the day's
         # partition); none other needs it.
         assert all(s.commit_paths["locked"] <= 1 for s in stores), [s.commit_paths for s in stores]
@@ -100,6 +103,21 @@ async def test_processes_take_turns_and_never_race_for_the_head(
     finally:
         for store in stores:
             await store.close()
+
+
+async def test_a_process_alone_never_offers_its_turn(store: PostgresEventStore) -> None:
+    """With no other process appending, a commit is one round trip: the hand-over
+    after a commit (one more) is asked only under contention."""
+    agents = [await register(store) for _ in range(8)]
+
+    async def appender(agent: Agent) -> None:
+        for _ in range(40):
+            await store.append([agent.violation(severity="low")])
+
+    await asyncio.gather(*(appender(agent) for agent in agents))
+    assert store.turn_counts["waited"] == 0
+    assert store.turn_counts["offered"] == 0, store.turn_counts
+    assert store.commit_paths["fast"] > 0
 
 
 def test_missing_and_malformed_signatures_are_rejected_on_the_wire() -> None:

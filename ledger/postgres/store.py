@@ -34,7 +34,12 @@ advisory lock on the writer connection (``pg_advisory_lock``) is held for up to
 waiting for it (``pg_advisory_unlock`` wakes the first waiter, which the lock
 manager grants at once, so the releaser's ``pg_try_advisory_lock`` in the same
 statement fails) or kept when none waits; a holder with nothing left to append
-lets go after ``TURN_IDLE_SECONDS`` (``_release_when_idle``). During its turn
+lets go after ``TURN_IDLE_SECONDS`` (``_release_when_idle``). Under contention
+(another process waited for a turn or appended within ``CONTENDED_SECONDS``) a
+holder hands the ledger over right after a commit when nothing verified waits in
+its queue (``_hand_over``): its next batch is still being verified, and the
+waiting process commits its ready batch meanwhile, so one process's commit
+overlaps the others' verification instead of waiting out the turn. During its turn
 a process is the only writer, so its batches stay on the one-round-trip path;
 taking the ledger back, it first reads the entries appended since its own last
 commit (``Known.catch_up``: stream versions taken, agents whose key or
@@ -122,6 +127,13 @@ TURN_LOCK = 0x414D4C454447  # "AMLEDG" in ASCII (the projector leader's is "AMPR
 TURN_SECONDS = 0.025
 # A process that has had nothing to append for this long lets the others have the ledger.
 TURN_IDLE_SECONDS = 0.005
+# After another process waited for the ledger or appended to it, for this long a holder
+# hands the ledger over after each commit that leaves nothing verified in its queue; a
+# process alone never does (no extra round trip).
+CONTENDED_SECONDS = 1.0
+# Give the turn up if another process waits for it (the lock manager grants the lock
+# to the first waiter at the unlock, so the try fails), else keep it.
+_HAND_OVER_SQL = "SELECT pg_advisory_unlock($1) AS released, pg_try_advisory_lock($1) AS kept"
 
 log = logging.getLogger("agentmesh.ledger")
 # A no-op unless the process configured an OpenTelemetry tracer provider.
@@ -174,6 +186,8 @@ class PostgresEventStore(PostgresLedgerReader):
         # then the guarded statement), "locked" (under the head lock).
         self.commit_paths: collections.Counter[str] = collections.Counter()
         # "waited": turns this process waited for (another process had the ledger);
+        # "offered"/"handed": hand-overs after a commit tried / taken by a waiting process;
+        # "caught_up": entries of other processes read on taking the ledger back;
         # "missed": guarded writes that found the head moved (a writer not taking turns).
         self.turn_counts: collections.Counter[str] = collections.Counter()
         self._frontier: tuple[bytes, Frontier] | None = None  # (head hash, edge) last commit
@@ -182,6 +196,8 @@ class PostgresEventStore(PostgresLedgerReader):
         self._ticker: asyncio.Task[None] | None = None
         self._turns = turns  # take turns with other processes (see "Turns")
         self._turn_ends: float | None = None  # when this process's turn ends; None: not its turn
+        self._contended_until = 0.0  # hand over after commits until then (see _hand_over)
+        self._handed = False  # the last turn went to a waiting process: it holds the lock
         self._idle_check: asyncio.TimerHandle | None = None
         self._last_flush = 0.0  # the loop's time when the last flush ended
         # Whether appends are traced, decided once (a tracer provider is configured
@@ -330,6 +346,7 @@ class PostgresEventStore(PostgresLedgerReader):
                 async with self._flush_lock:
                     try:
                         await self._flush_isolated([request])
+                        await self._hand_over()
                     except Exception as exc:  # as the flusher: never leave the caller hanging
                         log.exception("ledger_flusher_error")
                         self._fail([request], StoreUnavailableError(f"append not committed: {exc}"))
@@ -366,6 +383,7 @@ class PostgresEventStore(PostgresLedgerReader):
             try:
                 async with self._flush_lock:  # one flush at a time (see _submit)
                     await self._flush_isolated(batch, top_up=True)
+                    await self._hand_over()
             except Exception as exc:  # never let the flusher die with callers waiting
                 log.exception("ledger_flusher_error")
                 self._fail(batch, StoreUnavailableError(f"append not committed: {exc}"))
@@ -574,6 +592,7 @@ class PostgresEventStore(PostgresLedgerReader):
         return self._conn
 
     async def _drop_writer(self) -> None:
+        self._handed = False
         self._turn_ends = None  # a session lock ends with its session (asyncpg's reset
         conn, self._conn = self._conn, None  # query unlocks it on a pooled one)
         if conn is not None:
@@ -590,20 +609,21 @@ class PostgresEventStore(PostgresLedgerReader):
         if self._turn_ends is not None and now < self._turn_ends:
             return
         conn = await self._writer()
+        # Whether another process holds the ledger now: it was handed over to one.
+        taken, self._handed = self._handed, False
         if self._turn_ends is not None:
             # The turn is over: hand the ledger to a process waiting for it, if any.
-            row = await conn.fetchrow(
-                "SELECT pg_advisory_unlock($1) AS released, pg_try_advisory_lock($1) AS kept",
-                TURN_LOCK,
-            )
+            row = await conn.fetchrow(_HAND_OVER_SQL, TURN_LOCK)
             if row["released"] and row["kept"]:
                 self._turn_ends = now + TURN_SECONDS  # nobody was waiting: nothing to catch up
                 return
             self._turn_ends = None
-        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", TURN_LOCK):
+            taken = bool(row["released"])
+        if taken or not await conn.fetchval("SELECT pg_try_advisory_lock($1)", TURN_LOCK):
             # Another process's turn: wait for it to end.
             await conn.execute("SELECT pg_advisory_lock($1)", TURN_LOCK)
             self.turn_counts["waited"] += 1
+            self._contended_until = time.monotonic() + CONTENDED_SECONDS
         self._turn_ends = time.monotonic() + TURN_SECONDS
         # Others may have appended since this process last held the ledger.
         await self._catch_up(conn)
@@ -622,6 +642,8 @@ class PostgresEventStore(PostgresLedgerReader):
         if len(rows) > CATCH_UP_LIMIT:
             known.reset(None)
             return
+        if rows:
+            self._contended_until = time.monotonic() + CONTENDED_SECONDS
         new_head = known.catch_up(rows)
         if new_head is None:
             return
@@ -629,6 +651,32 @@ class PostgresEventStore(PostgresLedgerReader):
             frontier = edge[1].extend(tlog.entry_leaf(bytes(r["entry_hash"])) for r in rows)
             self._frontier = (new_head.entry_hash, frontier)
         self.turn_counts["caught_up"] += len(rows)
+
+    async def _hand_over(self) -> None:
+        """After a commit (under the flush lock), while other processes contend for the
+        ledger and nothing verified waits in this process's queue: give the turn to a
+        process waiting for it now, rather than hold it while this process verifies its
+        next batch. One round trip; kept when none waits. A process alone (no contention
+        within ``CONTENDED_SECONDS``) never asks."""
+        conn = self._conn
+        if (
+            self._turn_ends is None
+            or conn is None
+            or not self._queue.empty()
+            or time.monotonic() >= self._contended_until
+        ):
+            return
+        self.turn_counts["offered"] += 1
+        try:
+            row = await conn.fetchrow(_HAND_OVER_SQL, TURN_LOCK)
+        except _DRIVER_ERRORS as exc:
+            log.warning("ledger_turn_release_failed", extra={"error": str(exc)})
+            await self._drop_writer()
+            return
+        if not row["kept"]:
+            self._turn_ends = None
+            self._handed = bool(row["released"])
+            self.turn_counts["handed"] += 1
 
     def _release_when_idle(self) -> None:
         """After a flush: once this process has had nothing to append for
