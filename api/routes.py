@@ -626,8 +626,7 @@ async def _link_verified(ctx: ApiContext, grant: Any) -> bool:
     record = await ctx.ledger.entry_at(grant.granted_position)
     if record is None or record.event_type != "delegation.granted":
         return False
-    keys = await ctx.ledger.keys_before(grant.granted_position)
-    raw = keys.get(grant.delegator)
+    raw = await ctx.ledger.key_before(grant.delegator, grant.granted_position)
     return raw is not None and VerifyKey.from_raw(raw).is_valid(record.signature, record.body)
 
 

@@ -361,6 +361,9 @@ class MemoryLedger:
     async def keys_before(self, position: int) -> dict[str, bytes]:
         return self._fold_before(position).keys
 
+    async def key_before(self, did: str, position: int) -> bytes | None:
+        return self._fold_before(position).keys.get(did)
+
     async def suspended_before(self, position: int) -> set[str]:
         return self._fold_before(position).suspended_dids
 

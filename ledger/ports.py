@@ -152,6 +152,10 @@ class LedgerReader(Protocol):
     async def keys_before(self, position: int) -> dict[str, bytes]:
         """Every agent's raw key as of just before ``position``."""
 
+    async def key_before(self, did: str, position: int) -> bytes | None:
+        """One agent's raw key as of just before ``position`` (None: not registered
+        then); reads that agent's key entries, not every agent's."""
+
     async def suspended_before(self, position: int) -> set[str]:
         """The agents suspended as of just before ``position``."""
 

@@ -494,6 +494,23 @@ async def test_delegation_chains_and_their_rejections(api: Api) -> None:
     assert admin.status_code == 200
     is_problem(await api.client.delete("/v1/delegations/grant-0001"), 401)
     is_problem(await api.client.get("/v1/delegations/grant-none"), 404)
+    # Each link is checked against its delegator's key when it granted (not now): after
+    # mid rotates its key, grant-0003 (signed with mid's old key) still verifies.
+    new_key = SigningKey.generate()
+    rotation = AgentKeyRotated(
+        actor=mid.did,
+        occurred_at=format_time(api.clock.now),
+        did=mid.did,
+        public_key=new_key.public.pem(),
+    )
+    rotated = await api.client.post(
+        f"/v1/agents/{mid.did}/keys", json=signed_rotation(rotation, mid.key, new_key)
+    )
+    assert rotated.status_code == 200, rotated.text
+    await api.projected(mid.did, rotated.json()["position"])
+    after = (await api.client.get("/v1/delegations/grant-0004")).json()
+    assert after["valid"], after
+    assert all(link["signature_verified"] for link in after["chain"])
 
 
 # -- ledger ---------------------------------------------------------------------------------

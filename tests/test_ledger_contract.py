@@ -144,6 +144,30 @@ async def test_keys_before_follow_rotations(store: Ledger) -> None:
     assert await store.current_key(agent.did) == new.public
 
 
+async def test_one_agents_key_before_a_position(store: Ledger) -> None:
+    """``key_before`` answers as ``keys_before`` does for one agent: before its
+    registration nothing, then each key in force, whatever else names the agent."""
+    first_position = (await store.head()).position + 1
+    agent = await register(store)
+    other = await register(store)
+    await store.append([other.violation(subject=agent.did)])  # names the agent
+    new = SigningKey.generate()
+    rotation = AgentKeyRotated(
+        actor=agent.did, occurred_at=format_time(T0), did=agent.did, public_key=new.public.pem()
+    )
+    position = (await store.append([SignedEvent.rotation(rotation, agent.key, new)])).positions[0]
+    await store.append([other.violation(subject=agent.did)])
+    head = (await store.head()).position
+    for at in range(1, head + 2):
+        expected = (await store.keys_before(at)).get(agent.did)
+        assert await store.key_before(agent.did, at) == expected, at
+    assert await store.key_before(agent.did, first_position) is None
+    assert await store.key_before(agent.did, position) == agent.key.public.raw
+    assert await store.key_before(agent.did, position + 1) == new.public.raw
+    assert await store.key_before(other.did, head + 1) == other.key.public.raw
+    assert await store.key_before("did:mesh:" + "0" * 32, head + 1) is None
+
+
 async def test_checkpoints_sign_the_head(store: Ledger, ledger_key: SigningKey) -> None:
     agent = await register(store)
     await store.append([agent.violation()])

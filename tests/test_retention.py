@@ -258,6 +258,33 @@ def test_cli_retention_dry_run(database_url: str, ledger_key: SigningKey) -> Non
     assert result.stdout.startswith("dry run: retention: nothing before")
 
 
+async def test_one_agents_key_after_a_cut_comes_from_the_anchor(
+    ledger: PostgresEventStore,
+    database_url: str,
+    ledger_key: SigningKey,
+    clock: ManualClock,
+) -> None:
+    """Once retention removed an agent's registration, ``key_before`` finds its key in
+    the anchor below the position, as ``keys_before`` does."""
+    agents = await long_history(ledger, clock)
+    await run_retention(settings_for(database_url, ledger_key), dry_run=False, clock=clock)
+    first = await ledger.first_position()
+    assert first is not None
+    assert first > 1
+    head = (await ledger.head()).position
+    everyone = await ledger.keys_before(head + 1)
+    registered = {
+        entry.subjects[0]
+        for entry in await ledger.read(first - 1, head)
+        if entry.event_type == "agent.registered"
+    }
+    from_anchor = [a for a in agents if a.did not in registered]
+    assert from_anchor  # some registrations are gone
+    for agent in agents:
+        assert await ledger.key_before(agent.did, head + 1) == everyone.get(agent.did)
+        assert everyone.get(agent.did) is not None
+
+
 async def test_bundles_after_a_cut_carry_the_anchor_keys_and_verify(
     ledger: PostgresEventStore,
     database_url: str,

@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, date, datetime, timedelta
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 import msgspec
@@ -422,15 +422,43 @@ class PostgresLedgerReader:
         rows = await self.read(position - 1, 1)
         return rows[0] if rows and rows[0].position == position else None
 
-    async def keys_before(self, position: int) -> dict[str, bytes]:
-        """Every agent's key as of just before ``position``: the keys of the latest
-        retention anchor below it (whose history is gone), then the registrations
-        and rotations after that anchor."""
-        anchor = await self._fetchrow(
+    async def key_before(self, did: str, position: int) -> bytes | None:
+        """One agent's key as of just before ``position``: its last registration or
+        rotation below it (after the latest retention anchor below it), else that
+        anchor's key for it. Found through the ``subjects`` index: the agent's own
+        entries, not every registration of the ledger (``keys_before`` decodes all
+        of them: seconds at 100,000 agents)."""
+        anchor = await self._anchor_below(position)
+        start = 0 if anchor is None else anchor["position"]
+        rows = await self._fetch(
+            "SELECT body FROM events WHERE subjects @> ARRAY[$1]::text[] "
+            "AND event_type IN ('agent.registered', 'agent.key_rotated') "
+            "AND position < $2 AND position > $3 ORDER BY position DESC",
+            did,
+            position,
+            start,
+        )
+        for row in rows:
+            event = decode_body(bytes(row["body"]))
+            if isinstance(event, AgentRegistered | AgentKeyRotated) and event.did == did:
+                return VerifyKey.from_pem(event.public_key).raw
+        if anchor is None:
+            return None
+        raw = msgspec.json.decode(bytes(anchor["keys"])).get(did)
+        return None if raw is None else b64decode(raw, "key")
+
+    async def _anchor_below(self, position: int) -> Any:
+        return await self._fetchrow(
             "SELECT position, keys FROM retention_anchors WHERE position < $1 "
             "ORDER BY position DESC LIMIT 1",
             position,
         )
+
+    async def keys_before(self, position: int) -> dict[str, bytes]:
+        """Every agent's key as of just before ``position``: the keys of the latest
+        retention anchor below it (whose history is gone), then the registrations
+        and rotations after that anchor."""
+        anchor = await self._anchor_below(position)
         keys: dict[str, bytes] = {}
         start = 0
         if anchor is not None:
