@@ -34,6 +34,8 @@ class ApiContext:
     background: list[asyncio.Task[None]] = field(default_factory=list)
     # Reads that may lag (event listings, ?at=): a read replica when one is configured.
     history: LedgerReader | None = None
+    # One ``?at=`` fold at a time in this process (``api.routes._fold_slot``).
+    folds: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
 
     def now(self) -> datetime:
         return self.clock()

@@ -38,12 +38,21 @@ MEDIA_TYPE = "application/problem+json"
 class ProblemError(Exception):
     """An error that is answered as a problem document."""
 
-    def __init__(self, status: int, slug: str, title: str, detail: str, **extra: Any) -> None:
+    def __init__(
+        self,
+        status: int,
+        slug: str,
+        title: str,
+        detail: str,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.slug = slug
         self.title = title
         self.detail = detail
+        self.headers = headers
         self.extra = extra
 
 
@@ -111,7 +120,9 @@ def _ledger(exc: LedgerError) -> tuple[int, str, str]:
 def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
     path = request.url.path
     if isinstance(exc, ProblemError):
-        return problem(exc.status, exc.slug, exc.title, exc.detail, path, **exc.extra)
+        return problem(
+            exc.status, exc.slug, exc.title, exc.detail, path, headers=exc.headers, **exc.extra
+        )
     if isinstance(exc, LedgerError):
         status, slug, title = _ledger(exc)
         return problem(status, slug, title, str(exc), path)

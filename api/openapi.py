@@ -73,9 +73,10 @@ _TITLES = {
     "idempotency conflict (a problem document)",
     410: "Before the retention window (a problem document)",
     413: "Request body over 2 MiB (a problem document)",
-    422: "Signature or event rejected, or a delegation rule refused it (a problem "
-    "document with `reason`)",
-    503: "PostgreSQL or the read store unavailable (a problem document)",
+    422: "Signature or event rejected, a delegation rule refused it (a problem "
+    "document with `reason`), or a `?at=` moment too large to fold per request",
+    503: "PostgreSQL or the read store unavailable, or busy with another `?at=` fold "
+    "(a problem document; Retry-After)",
 }
 
 Auth = Literal["none", "admin", "either"]
@@ -142,7 +143,7 @@ def _statuses(method: str, path: str, operation: dict[str, Any]) -> set[int]:
     if _AUTH.get((method, path), "none") != "none":
         codes |= {401, 403}
     if path == "/v1/agents/{did}/trust":
-        codes.add(410)
+        codes |= {410, 422}  # before the retention window; ?at= too large to fold here
     return codes
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Annotated, Any
 
@@ -38,7 +41,7 @@ from ledger.signed import SignedEvent
 from ledger.timefmt import format_time, parse_time
 from projections.delegation import is_active, validate_grant, validate_revocation
 from projections.documents import agent_record, decode
-from projections.history import state_at
+from projections.history import FoldLimits, FoldTooLargeError, state_at
 from projections.start import Start, ledger_start
 
 Ctx = NamedDependency[ApiContext]
@@ -209,18 +212,59 @@ async def get_trust(ctx: Ctx, did: FromPath[str], at: FromQuery[str | None] = No
         return s.trust_out(decode_trust(raw).view(ctx.reader.config, now), format_time(now))
     moment = _time(at, ctx)
     start = await _retained_start(ctx, moment)
-    state = await state_at(
-        ctx.lagging_reads,
-        did,
-        moment,
-        ledger_did=ctx.ledger.ledger_did,
-        config=ctx.config,
-        start=start,
-    )
+    async with _fold_slot(ctx):
+        try:
+            state = await state_at(
+                ctx.lagging_reads,
+                did,
+                moment,
+                ledger_did=ctx.ledger.ledger_did,
+                config=ctx.config,
+                start=start,
+                limits=AT_LIMITS,
+            )
+        except FoldTooLargeError as exc:
+            raise ProblemError(
+                422,
+                "fold-too-large",
+                "Moment too large to fold here",
+                f"{exc}: ?at= folds at most {AT_LIMITS.events:,} ledger entries over "
+                f"{AT_LIMITS.agents:,} agents per request; replay the moment from the "
+                f"ledger instead: agentmesh replay agent {did} (or agentmesh replay state "
+                f"--at {format_time(moment)})",
+            ) from None
     view = state.trust_view(did, moment)
     if view is None:
         raise not_found(f"agent {did} was not registered at {at}")
     return s.trust_out(view, format_time(moment))
+
+
+# What one ``?at=`` may cost (anyone may ask, no credential): the fold reads each agent
+# of the closure with at least one query and every entry it reads is decoded and folded
+# (~35 µs an entry), so these bound a request to a few seconds of one connection. A
+# worker runs one such fold at a time; a second waits for it up to AT_WAIT_SECONDS.
+AT_LIMITS = FoldLimits(events=100_000, agents=250)
+AT_WAIT_SECONDS = 5.0
+
+
+@contextlib.asynccontextmanager
+async def _fold_slot(ctx: ApiContext) -> AsyncIterator[None]:
+    """This worker's one ``?at=`` fold at a time; 503 with Retry-After when it stays
+    busy for AT_WAIT_SECONDS."""
+    try:
+        await asyncio.wait_for(ctx.folds.acquire(), AT_WAIT_SECONDS)
+    except TimeoutError:
+        raise ProblemError(
+            503,
+            "busy",
+            "Busy",
+            "another ?at= fold is running in this API process; retry shortly",
+            headers={"Retry-After": str(max(1, math.ceil(AT_WAIT_SECONDS)))},
+        ) from None
+    try:
+        yield
+    finally:
+        ctx.folds.release()
 
 
 async def _retained_start(ctx: ApiContext, moment: Any) -> Start:

@@ -35,7 +35,8 @@ Exceptions::
     ├── SnapshotError     a snapshot is malformed or was folded under another config
     ├── ReadStoreError    (readstore) the read store failed or could not be reached
     ├── StaleWriteError   (readstore) the store moved past the (generation, position) expected
-    └── ReplayError       (replay) a question the source cannot answer truthfully
+    ├── ReplayError       (replay) a question the source cannot answer truthfully
+    └── FoldTooLargeError (history) a past moment's fold exceeds its limits
 """
 
 from projections.config import TrustConfig

@@ -7,9 +7,10 @@ Tree::
     ├── SnapshotError     a snapshot is malformed or was folded under another config
     ├── ReadStoreError    (projections.readstore) the read store failed or could not be reached
     ├── StaleWriteError   (projections.readstore) the store moved past the expected position
-    └── ReplayError       (projections.replay) a question the source cannot answer truthfully
+    ├── ReplayError       (projections.replay) a question the source cannot answer truthfully
+    └── FoldTooLargeError (projections.history) a past moment's fold exceeds its limits
 
-The three named with a module are defined beside the code that raises them.
+The four named with a module are defined beside the code that raises them.
 """
 
 from __future__ import annotations

@@ -13,15 +13,30 @@ reading only the part of the ledger that matters.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
 from projections.config import TrustConfig
+from projections.errors import ProjectionError
 from projections.start import Start
 from projections.state import MeshState
 
 PAGE = 1000
 _REPORTS = frozenset({"policy.violation", "trust.signal"})
+
+
+@dataclass(frozen=True)
+class FoldLimits:
+    """The most a fold may read: ledger entries (counted as read, an entry naming two
+    included agents twice) and agents in the closure (each one at least a query)."""
+
+    events: int
+    agents: int
+
+
+class FoldTooLargeError(ProjectionError):
+    """The moment's fold would read more than its ``FoldLimits``; nothing is folded."""
 
 
 class AgentHistory(Protocol):
@@ -38,22 +53,30 @@ async def state_at(
     ledger_did: str,
     config: TrustConfig,
     start: Start | None = None,
+    limits: FoldLimits | None = None,
 ) -> MeshState:
     """The fold of every event recorded up to ``moment`` that can move ``did``'s score.
 
     ``start`` is where the stored ledger starts (``projections.start.ledger_start``;
-    None: its beginning). Grants are left out (trust only).
+    None: its beginning). Grants are left out (trust only). With ``limits``, a
+    closure that would read more raises ``FoldTooLargeError`` as soon as it does.
     """
     start = Start() if start is None else start
     after = start.position
     records: dict[int, Any] = {}
     included: set[str] = set()
     frontier = [did]
+    budget = [limits.events] if limits is not None else None
     while frontier:
         peers: set[str] = set()
         for agent in frontier:
             included.add(agent)
-            for record in await _history(ledger, agent, after, moment):
+            if limits is not None and len(included) > limits.agents:
+                raise FoldTooLargeError(
+                    f"the moment's fold reaches more than {limits.agents:,} agents "
+                    "(the peers whose reports weigh on this agent, transitively)"
+                )
+            for record in await _history(ledger, agent, after, moment, budget):
                 records[record.position] = record
                 if record.event_type in _REPORTS and record.actor not in (ledger_did, agent):
                     peers.add(record.actor)
@@ -63,10 +86,20 @@ async def state_at(
     return state
 
 
-async def _history(ledger: AgentHistory, did: str, after: int, moment: datetime) -> list[Any]:
+async def _history(
+    ledger: AgentHistory, did: str, after: int, moment: datetime, budget: list[int] | None
+) -> list[Any]:
+    """The agent's entries up to ``moment``; ``budget`` (entries still allowed to be
+    read, shared by the whole fold) is charged per page read."""
     found: list[Any] = []
     while True:
         batch = await ledger.read_agent(did, after, PAGE)
+        if budget is not None:
+            budget[0] -= len(batch)
+            if budget[0] < 0:
+                raise FoldTooLargeError(
+                    "the moment's fold reads more ledger entries than one request may"
+                )
         for record in batch:
             if record.recorded_at > moment:
                 return found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -10,10 +11,12 @@ from typing import Any
 import pytest
 
 from agentmesh.embedded import EmbeddedRedis
+from api import routes
 from ledger.canonical import canonical_bytes
 from ledger.events import AgentKeyRotated, DelegationGranted, DelegationRevoked, PolicyViolation
 from ledger.identity import SigningKey, b64encode
 from ledger.timefmt import format_time
+from projections.history import FoldLimits, state_at
 from tests.api_support import (
     ADMIN,
     Api,
@@ -253,6 +256,79 @@ async def test_time_travel_answers_for_past_moments(api: Api) -> None:
     is_problem(
         await api.client.get(f"/v1/agents/{subject.did}/trust", params={"at": "yesterday"}), 400
     )
+
+
+async def _reported_by_four(api: Api) -> Agent:
+    """An agent four peers reported on: its ``?at=`` closure holds five agents."""
+    subject = await api.register()
+    position = 0
+    for _ in range(4):
+        reporter = await api.register()
+        event = PolicyViolation(
+            actor=reporter.did,
+            occurred_at=format_time(api.clock.now),
+            agent=subject.did,
+            severity="low",
+            rule="r",
+        )
+        answer = await api.client.post("/v1/violations", json=signed(event, reporter.key))
+        position = answer.json()["position"]
+    await api.projected(subject.did, position)
+    return subject
+
+
+async def test_time_travel_is_bounded_per_request(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Anyone may ask ``?at=``, and its fold reads the agent's reporters transitively
+    (a whole ledger, in a dense mesh): past the per-request limits it is refused with
+    a 422 naming the offline replay, before folding anything, and changes nothing."""
+    subject = await _reported_by_four(api)
+    at = {"at": format_time(api.clock.now)}
+    path = f"/v1/agents/{subject.did}/trust"
+    live = (await api.client.get(path)).json()
+    head = await api.head()
+    monkeypatch.setattr(routes, "AT_LIMITS", FoldLimits(events=10_000, agents=3))
+    too_wide = is_problem(await api.client.get(path, params=at), 422)
+    assert too_wide["type"].endswith("/fold-too-large")
+    assert "more than 3 agents" in too_wide["detail"]
+    assert f"agentmesh replay agent {subject.did}" in too_wide["detail"]
+    monkeypatch.setattr(routes, "AT_LIMITS", FoldLimits(events=4, agents=100))  # it has 5
+    too_long = is_problem(await api.client.get(path, params=at), 422)
+    assert "ledger entries" in too_long["detail"]
+    assert await api.head() == head
+    monkeypatch.setattr(routes, "AT_LIMITS", FoldLimits(events=100, agents=5))  # just enough
+    folded = await api.client.get(path, params=at)
+    assert folded.status_code == 200, folded.text
+    assert folded.json()["score"] == live["score"]
+
+
+async def test_one_time_travel_fold_at_a_time_per_process(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second ``?at=`` waits for the first fold; if it waits too long it gets a 503
+    with Retry-After, and the slot is free again once the first answers."""
+    subject = await _reported_by_four(api)
+    at = {"at": format_time(api.clock.now)}
+    path = f"/v1/agents/{subject.did}/trust"
+    entered, gate = asyncio.Event(), asyncio.Event()
+    fold = state_at  # the real fold, which the held one calls
+
+    async def held(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        await gate.wait()
+        return await fold(*args, **kwargs)
+
+    monkeypatch.setattr(routes, "state_at", held)
+    monkeypatch.setattr(routes, "AT_WAIT_SECONDS", 0.2)
+    first = asyncio.create_task(api.client.get(path, params=at))
+    await asyncio.wait_for(entered.wait(), 10)
+    busy = await api.client.get(path, params=at)
+    assert is_problem(busy, 503)["type"].endswith("/busy")
+    assert busy.headers["retry-after"] == "1"
+    gate.set()
+    assert (await first).status_code == 200
+    assert (await api.client.get(path, params=at)).status_code == 200
 
 
 async def test_suspend_reinstate_and_key_rotation(api: Api) -> None:
