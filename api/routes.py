@@ -243,7 +243,7 @@ async def get_trust(ctx: Ctx, did: FromPath[str], at: FromQuery[str | None] = No
 # of the closure with at least one query and every entry it reads is decoded and folded
 # (~35 µs an entry), so these bound a request to a few seconds of one connection. A
 # worker runs one such fold at a time; a second waits for it up to AT_WAIT_SECONDS.
-AT_LIMITS = FoldLimits(events=100_000, agents=250)
+AT_LIMITS = FoldLimits(events=50_000, agents=100)
 AT_WAIT_SECONDS = 5.0
 
 

@@ -18,10 +18,8 @@ Usage: .venv/bin/python bench/at_limits.py [--events 200000] [--agents 1000]
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,8 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from api.routes import AT_LIMITS
-from bench.common import drop_database, fresh_database, servers
-from bench.ledger_gen import generate_ledger
+from bench.common import generated, ledger_args, run_on_servers
 from ledger.postgres import PostgresLedgerReader
 from projections.config import TrustConfig
 from projections.history import FoldLimits, FoldTooLargeError, state_at
@@ -56,9 +53,7 @@ async def fold(
 
 
 async def bench(server_url: str, args: argparse.Namespace) -> None:
-    url, name = await fresh_database(server_url)
-    try:
-        ledger = await generate_ledger(url, events=args.events, agents=args.agents, days=args.days)
+    async with generated(server_url, args) as (url, ledger):
         reader = await PostgresLedgerReader.connect(url, pool_size=1)
         try:
             step = max(len(ledger.agents) // args.samples, 1)
@@ -86,21 +81,7 @@ async def bench(server_url: str, args: argparse.Namespace) -> None:
                 )
         finally:
             await reader.close()
-    finally:
-        await drop_database(server_url, name)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--events", type=int, default=200_000)
-    parser.add_argument("--agents", type=int, default=1000)
-    parser.add_argument("--days", type=float, default=90.0)
-    parser.add_argument("--samples", type=int, default=3)
-    parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as root, servers(Path(root)) as (url, _, _):
-        asyncio.run(bench(url, args))
 
 
 if __name__ == "__main__":
-    main()
+    run_on_servers(bench, ledger_args(__doc__, events=200_000, agents=1000, samples=3))

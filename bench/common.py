@@ -6,14 +6,17 @@ import argparse
 import asyncio
 import contextlib
 import os
+import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
 from agentmesh.embedded import EmbeddedPostgres, EmbeddedRedis
 from agentmesh.migrate import upgrade
+from bench.ledger_gen import GeneratedLedger, generate_ledger
 
 
 @contextlib.contextmanager
@@ -53,6 +56,45 @@ async def drop_database(server_url: str, name: str) -> None:
         await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
     finally:
         await conn.close()
+
+
+def ledger_args(doc: str | None, *, events: int, agents: int, **more: int) -> argparse.Namespace:
+    """The command line of a bench over one generated ledger: ``--events``,
+    ``--agents``, ``--days`` (90: the retention window), ``--repeat`` (3) and
+    ``more`` integer options with their defaults."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    parser.add_argument("--events", type=positive, default=events)
+    parser.add_argument("--agents", type=positive, default=agents)
+    parser.add_argument("--days", type=float, default=90.0)
+    parser.add_argument("--repeat", type=positive, default=3)
+    for name, default in more.items():
+        parser.add_argument(f"--{name}", type=positive, default=default)
+    return parser.parse_args()
+
+
+def run_on_servers(
+    bench: Callable[[str, argparse.Namespace], Coroutine[Any, Any, None]], args: argparse.Namespace
+) -> None:
+    """Run ``bench(server URL, args)`` on the servers of ``servers`` (then stopped)."""
+    with tempfile.TemporaryDirectory() as root, servers(Path(root)) as (url, _, _):
+        asyncio.run(bench(url, args))
+
+
+@contextlib.asynccontextmanager
+async def generated(
+    server_url: str, args: argparse.Namespace
+) -> AsyncIterator[tuple[str, GeneratedLedger]]:
+    """A fresh database holding a generated ledger of ``args.events`` events and
+    ``args.agents`` agents over ``args.days`` days: (its URL, the ``GeneratedLedger``);
+    dropped afterwards."""
+    url, name = await fresh_database(server_url)
+    try:
+        yield (
+            url,
+            await generate_ledger(url, events=args.events, agents=args.agents, days=args.days),
+        )
+    finally:
+        await drop_database(server_url, name)
 
 
 def positive(text: str) -> int:

@@ -18,17 +18,14 @@ Usage: .venv/bin/python bench/link_key.py [--events 200000] [--agents 100000]
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import drop_database, fresh_database, servers
-from bench.ledger_gen import generate_ledger
+from bench.common import generated, ledger_args, run_on_servers
 from ledger.events import DelegationGranted, decode_body
 from ledger.postgres import PostgresLedgerReader
 
@@ -73,31 +70,15 @@ async def measure(url: str, grants: int, repeat: int) -> None:
 
 
 async def bench(server_url: str, args: argparse.Namespace) -> None:
-    url, name = await fresh_database(server_url)
-    try:
-        started = time.perf_counter()
-        ledger = await generate_ledger(url, events=args.events, agents=args.agents, days=args.days)
+    started = time.perf_counter()
+    async with generated(server_url, args) as (url, ledger):
         print(
             f"generated {ledger.head_position:,} events, {args.agents:,} agents, "
             f"{ledger.grants:,} grants over {args.days:g} days in "
             f"{time.perf_counter() - started:.0f} s; medians of {args.repeat} rounds"
         )
         await measure(url, args.grants, args.repeat)
-    finally:
-        await drop_database(server_url, name)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--events", type=int, default=200_000)
-    parser.add_argument("--agents", type=int, default=100_000)
-    parser.add_argument("--days", type=float, default=90.0)
-    parser.add_argument("--grants", type=int, default=20)
-    parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as root, servers(Path(root)) as (url, _, _):
-        asyncio.run(bench(url, args))
 
 
 if __name__ == "__main__":
-    main()
+    run_on_servers(bench, ledger_args(__doc__, events=200_000, agents=100_000, grants=20))

@@ -264,13 +264,7 @@ async def _reported_by_four(api: Api) -> Agent:
     position = 0
     for _ in range(4):
         reporter = await api.register()
-        event = PolicyViolation(
-            actor=reporter.did,
-            occurred_at=format_time(api.clock.now),
-            agent=subject.did,
-            severity="low",
-            rule="r",
-        )
+        event = reporter.violation(subject.did, "low", at=api.clock.now).event
         answer = await api.client.post("/v1/violations", json=signed(event, reporter.key))
         position = answer.json()["position"]
     await api.projected(subject.did, position)
