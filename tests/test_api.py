@@ -40,6 +40,16 @@ async def api(
         yield running
 
 
+def rotation_to(api: Api, agent: Agent, new_key: SigningKey) -> AgentKeyRotated:
+    """The agent's key rotation to ``new_key``, now (unsigned)."""
+    return AgentKeyRotated(
+        actor=agent.did,
+        occurred_at=format_time(api.clock.now),
+        did=agent.did,
+        public_key=new_key.public.pem(),
+    )
+
+
 def is_problem(response: Any, status: int) -> dict[str, Any]:
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/problem+json")
@@ -336,12 +346,7 @@ async def test_suspend_reinstate_and_key_rotation(api: Api) -> None:
     back = await api.client.post(f"/v1/agents/{agent.did}/reinstate", headers=ADMIN, json={})
     assert (await api.projected(agent.did, back.json()["position"]))["tier"] == "trusted"
     new_key = SigningKey.generate()
-    rotation = AgentKeyRotated(
-        actor=agent.did,
-        occurred_at=format_time(api.clock.now),
-        did=agent.did,
-        public_key=new_key.public.pem(),
-    )
+    rotation = rotation_to(api, agent, new_key)
     forged = signed_rotation(rotation, new_key, new_key)  # not signed by the current key
     is_problem(await api.client.post(f"/v1/agents/{agent.did}/keys", json=forged), 422)
     unproven = signed(rotation, agent.key)  # no proof of the new key
@@ -567,12 +572,7 @@ async def test_delegation_chains_and_their_rejections(api: Api) -> None:
     # Each link is checked against its delegator's key when it granted (not now): after
     # mid rotates its key, grant-0003 (signed with mid's old key) still verifies.
     new_key = SigningKey.generate()
-    rotation = AgentKeyRotated(
-        actor=mid.did,
-        occurred_at=format_time(api.clock.now),
-        did=mid.did,
-        public_key=new_key.public.pem(),
-    )
+    rotation = rotation_to(api, mid, new_key)
     rotated = await api.client.post(
         f"/v1/agents/{mid.did}/keys", json=signed_rotation(rotation, mid.key, new_key)
     )
