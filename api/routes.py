@@ -230,8 +230,8 @@ async def get_trust(ctx: Ctx, did: FromPath[str], at: FromQuery[str | None] = No
                 "Moment too large to fold here",
                 f"{exc}: ?at= folds at most {AT_LIMITS.events:,} ledger entries over "
                 f"{AT_LIMITS.agents:,} agents per request; replay the moment from the "
-                f"ledger instead: agentmesh replay agent {did} (or agentmesh replay state "
-                f"--at {format_time(moment)})",
+                f"ledger instead: agentmesh replay agent {did} --to {format_time(moment)} "
+                f"(or agentmesh replay state --at {format_time(moment)})",
             ) from None
     view = state.trust_view(did, moment)
     if view is None:

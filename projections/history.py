@@ -66,16 +66,12 @@ async def state_at(
     records: dict[int, Any] = {}
     included: set[str] = set()
     frontier = [did]
-    budget = [limits.events] if limits is not None else None
+    budget = _Budget(limits)
     while frontier:
         peers: set[str] = set()
         for agent in frontier:
             included.add(agent)
-            if limits is not None and len(included) > limits.agents:
-                raise FoldTooLargeError(
-                    f"the moment's fold reaches more than {limits.agents:,} agents "
-                    "(the peers whose reports weigh on this agent, transitively)"
-                )
+            budget.take_agent()
             for record in await _history(ledger, agent, after, moment, budget):
                 records[record.position] = record
                 if record.event_type in _REPORTS and record.actor not in (ledger_did, agent):
@@ -86,20 +82,39 @@ async def state_at(
     return state
 
 
+class _Budget:
+    """What a fold may still read under its ``FoldLimits`` (None: everything),
+    charged as it reads: an agent before its first query, entries per page."""
+
+    def __init__(self, limits: FoldLimits | None) -> None:
+        self.limits = limits
+        self.agents = 0
+        self.events = 0
+
+    def take_agent(self) -> None:
+        self.agents += 1
+        if self.limits is not None and self.agents > self.limits.agents:
+            raise FoldTooLargeError(
+                f"the moment's fold reaches more than {self.limits.agents:,} agents "
+                "(the peers whose reports weigh on this agent, transitively)"
+            )
+
+    def take_entries(self, count: int) -> None:
+        self.events += count
+        if self.limits is not None and self.events > self.limits.events:
+            raise FoldTooLargeError(
+                "the moment's fold reads more ledger entries than one request may"
+            )
+
+
 async def _history(
-    ledger: AgentHistory, did: str, after: int, moment: datetime, budget: list[int] | None
+    ledger: AgentHistory, did: str, after: int, moment: datetime, budget: _Budget
 ) -> list[Any]:
-    """The agent's entries up to ``moment``; ``budget`` (entries still allowed to be
-    read, shared by the whole fold) is charged per page read."""
+    """The agent's entries up to ``moment``, each page charged to ``budget``."""
     found: list[Any] = []
     while True:
         batch = await ledger.read_agent(did, after, PAGE)
-        if budget is not None:
-            budget[0] -= len(batch)
-            if budget[0] < 0:
-                raise FoldTooLargeError(
-                    "the moment's fold reads more ledger entries than one request may"
-                )
+        budget.take_entries(len(batch))
         for record in batch:
             if record.recorded_at > moment:
                 return found
