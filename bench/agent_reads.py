@@ -24,19 +24,16 @@ import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import generated, ledger_args, run_on_servers
+from bench.common import generated, ledger_args, register, run_on_servers
 from bench.scale import hot_appends
-from ledger.events import AgentRegistered
 from ledger.identity import SigningKey
 from ledger.postgres import PostgresEventStore, PostgresLedgerReader
 from ledger.postgres.reader import ENTRY_COLUMNS, record_from_row
-from ledger.timefmt import format_time
 
 # The statements as they were planned before: per call (custom plans).
 PER_CALL_ENTRIES = (
@@ -60,13 +57,7 @@ async def add_hot_agent(url: str, ledger_key: SigningKey, events: int) -> str:
     store = await PostgresEventStore.open(url, ledger_key)
     try:
         hot = SigningKey.generate()
-        registered = AgentRegistered(
-            actor=store.ledger_did,
-            occurred_at=format_time(datetime.now(UTC)),
-            did=hot.did,
-            public_key=hot.public.pem(),
-        )
-        await store.append([store.sign_own(registered)])
+        await register(store, hot)
         await hot_appends(store, hot, events)
         return hot.did
     finally:

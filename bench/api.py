@@ -84,7 +84,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agentmesh.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from agentmesh.migrate import upgrade
-from bench.common import positive
+from bench.common import on_schedule, positive
 from ledger.canonical import canonical_bytes
 from ledger.events import AgentRegistered, PolicyViolation, body_of, new_event_id
 from ledger.identity import SigningKey, b64encode
@@ -382,16 +382,9 @@ async def open_loop(
         if status != ok:
             errors += 1
 
-    tasks = []
     with no_collector_pauses():
         start = clock() + 0.05
-        for index, request in enumerate(requests):
-            due = start + index / rate
-            wait = due - clock()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            tasks.append(asyncio.create_task(send(request, due)))
-        await asyncio.gather(*tasks)
+        await on_schedule(requests, rate, start, send, clock)
         elapsed = clock() - start
     while not conns.empty():
         await conns.get_nowait().close()

@@ -47,8 +47,8 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agentmesh.embedded import EmbeddedPostgres
-from bench.common import fresh_database
-from ledger.events import AgentRegistered, PolicyViolation
+from bench.common import fresh_database, register
+from ledger.events import PolicyViolation
 from ledger.identity import SigningKey
 from ledger.postgres import PostgresEventStore
 from ledger.signed import SignedEvent
@@ -175,14 +175,7 @@ async def ledger_appends(url: str, concurrency: int, count: int) -> float:
     try:
         agents = [SigningKey.generate() for _ in range(max(concurrency, 8))]
         for agent in agents:
-            await store.append_own(
-                AgentRegistered(
-                    actor=ledger_key.did,
-                    occurred_at=format_time(datetime.now(UTC)),
-                    did=agent.did,
-                    public_key=agent.public.pem(),
-                )
-            )
+            await register(store, agent)
         events = signed_events(agents, count)  # signing is the client's work: not timed
         queue = iter(events)
 
@@ -244,14 +237,7 @@ async def process_appends(url: str, processes: int, count: int, concurrency: int
     agents = [SigningKey.generate() for _ in range(concurrency * processes)]
     try:
         for agent in agents:
-            await store.append_own(
-                AgentRegistered(
-                    actor=ledger_key.did,
-                    occurred_at=format_time(datetime.now(UTC)),
-                    did=agent.did,
-                    public_key=agent.public.pem(),
-                )
-            )
+            await register(store, agent)
     finally:
         await store.close()
     children = []

@@ -7,16 +7,24 @@ import asyncio
 import contextlib
 import os
 import tempfile
+import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
 from agentmesh.embedded import EmbeddedPostgres, EmbeddedRedis
 from agentmesh.migrate import upgrade
 from bench.ledger_gen import GeneratedLedger, generate_ledger
+from ledger.events import AgentRegistered
+from ledger.identity import SigningKey
+from ledger.postgres import PostgresEventStore
+from ledger.timefmt import format_time
+
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -68,7 +76,7 @@ def ledger_args(doc: str | None, *, events: int, agents: int, **more: int) -> ar
     parser.add_argument("--days", type=float, default=90.0)
     parser.add_argument("--repeat", type=positive, default=3)
     for name, default in more.items():
-        parser.add_argument(f"--{name}", type=positive, default=default)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=positive, default=default)
     return parser.parse_args()
 
 
@@ -95,6 +103,37 @@ async def generated(
         )
     finally:
         await drop_database(server_url, name)
+
+
+async def register(store: PostgresEventStore, agent: SigningKey) -> None:
+    """Register ``agent``'s key, signed by the ledger (as the admin API does)."""
+    registered = AgentRegistered(
+        actor=store.ledger_did,
+        occurred_at=format_time(datetime.now(UTC)),
+        did=agent.did,
+        public_key=agent.public.pem(),
+    )
+    await store.append([store.sign_own(registered)])
+
+
+async def on_schedule(
+    items: Sequence[T],
+    rate: float,
+    start: float,
+    send: Callable[[T, float], Coroutine[Any, Any, None]],
+    clock: Callable[[], float] = time.perf_counter,
+) -> None:
+    """Open loop: ``send(item, due)`` for item ``i`` at ``due = start + i / rate`` on
+    ``clock``, each in its own task, whatever happened to the others (wrk2-style
+    constant rate); returns when every one is done."""
+    tasks = []
+    for index, item in enumerate(items):
+        due = start + index / rate
+        wait = due - clock()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        tasks.append(asyncio.create_task(send(item, due)))
+    await asyncio.gather(*tasks)
 
 
 def positive(text: str) -> int:

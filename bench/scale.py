@@ -112,11 +112,11 @@ from bench.api import (
     percentile,
     start_api,
 )
-from bench.common import drop_database, fresh_database, positive, servers
+from bench.common import drop_database, fresh_database, positive, register, servers
 from bench.ledger_gen import GeneratedLedger, generate_ledger, verify_sample
 from bench.retention import timed
 from ledger.audit import export_bundle, verify_bundle
-from ledger.events import AgentRegistered, PolicyViolation, body_of, new_event_id
+from ledger.events import PolicyViolation, body_of, new_event_id
 from ledger.identity import SigningKey, b64encode
 from ledger.postgres import PostgresEventStore, PostgresLedgerReader, partition_name
 from ledger.postgres.reader import partition_ddl
@@ -370,13 +370,7 @@ async def build(args: argparse.Namespace, server_url: str, size: Size) -> Built:
     try:
         say(f"  Merkle tree built at first open in {time.perf_counter() - step:,.1f} s")
         hot = SigningKey.generate()
-        registered = AgentRegistered(
-            actor=store.ledger_did,
-            occurred_at=format_time(datetime.now(UTC)),
-            did=hot.did,
-            public_key=hot.public.pem(),
-        )
-        await store.append([store.sign_own(registered)])
+        await register(store, hot)
         rate = await hot_appends(store, hot, args.hot_events)
         say(
             f"  hot agent: {args.hot_events:,} self-reports appended through "

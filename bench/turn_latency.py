@@ -33,11 +33,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agentmesh.embedded import EmbeddedPostgres
-from bench.common import fresh_database, positive
-from ledger.events import AgentRegistered
+from bench.common import fresh_database, positive, register
 from ledger.identity import SigningKey
 from ledger.postgres import PostgresEventStore
-from ledger.timefmt import format_time
 
 _ROOT = str(Path(__file__).resolve().parent.parent)
 AGENTS_PER_PROCESS = 32
@@ -46,6 +44,7 @@ _CHILD = """
 import asyncio, gc, json, sys, time
 sys.path.insert(0, sys.argv[1])
 from bench.append import signed_events
+from bench.common import on_schedule
 from ledger.identity import SigningKey
 from ledger.postgres import PostgresEventStore
 
@@ -69,14 +68,7 @@ async def main() -> None:
 
         gc.collect()
         gc.disable()  # the generator's own pauses would count as the store's
-        tasks = []
-        for index, event in enumerate(events):
-            due = start + index / rate
-            wait = due - clock()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            tasks.append(asyncio.create_task(one(event, due)))
-        await asyncio.gather(*tasks)
+        await on_schedule(events, rate, start, one, clock)
         print(json.dumps([latencies, store.turn_counts]), flush=True)
     finally:
         await store.close()
@@ -85,18 +77,11 @@ asyncio.run(main())
 """
 
 
-async def register(url: str, ledger_key: SigningKey, agents: list[SigningKey]) -> None:
+async def register_all(url: str, ledger_key: SigningKey, agents: list[SigningKey]) -> None:
     store = await PostgresEventStore.open(url, ledger_key)
     try:
         for agent in agents:
-            await store.append_own(
-                AgentRegistered(
-                    actor=ledger_key.did,
-                    occurred_at=format_time(datetime.now(UTC)),
-                    did=agent.did,
-                    public_key=agent.public.pem(),
-                )
-            )
+            await register(store, agent)
     finally:
         await store.close()
 
@@ -107,7 +92,7 @@ async def round_of(
     """Every timed append's latency (s) of ``processes`` processes, and their turns."""
     ledger_key = SigningKey.generate()
     agents = [SigningKey.generate() for _ in range(AGENTS_PER_PROCESS * processes)]
-    await register(url, ledger_key, agents)
+    await register_all(url, ledger_key, agents)
     children = []
     for index in range(processes):
         own = agents[index * AGENTS_PER_PROCESS : (index + 1) * AGENTS_PER_PROCESS]
