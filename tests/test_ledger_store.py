@@ -264,7 +264,8 @@ async def test_an_agents_reads_are_planned_once_across_day_partitions(
             days = await conn.fetchval("SELECT count(*) FROM pg_inherits")
         finally:
             await conn.close()
-        assert len(expected) == 9 and days >= 5
+        assert len(expected) == 9
+        assert days >= 5
         for _ in range(3):
             paged, after = [], 0
             while page := await reader.read_agent(agent.did, after, 4):
