@@ -8,9 +8,10 @@ events, ``--agents`` agents over ``--days`` days, plus one new agent with
 ``--hot-events`` self-reports appended through ``PostgresEventStore.append`` (in
 today's partition), this prints, per call on a one-connection reader, the
 statements as each call planned them before (the baseline: custom plans, what
-PostgreSQL chooses on its own) beside ``PostgresLedgerReader``'s (one generic
-plan per connection): the first page (1,000) of ``--samples`` agents, each one's
-key as of the head, and every page of the hot agent. Medians of ``--repeat``
+PostgreSQL chooses on its own) beside ``PostgresLedgerReader``'s (the first page and
+the key entries under one generic plan per connection, later pages planned per
+call): the first page (1,000) of ``--samples`` agents, each one's key as of the
+head, and every page of the hot agent. Medians of ``--repeat``
 rounds (each call's median within a round).
 
 Usage: .venv/bin/python bench/agent_reads.py [--events 200000] [--agents 1000]
@@ -123,7 +124,7 @@ async def bench(server_url: str, args: argparse.Namespace) -> None:
                 f"{args.hot_events:,} events, {args.days:g} days; ms per call, "
                 f"medians of {args.repeat} rounds ({len(dids)} agents a round)"
             )
-            print(f"{'read':40} {'per call (baseline)':>20} {'generic plan':>13} {'ratio':>7}")
+            print(f"{'read':40} {'per call (baseline)':>20} {'the reader':>13} {'ratio':>7}")
             for way, (per_call, generic) in found.items():
                 b, a = statistics.median(per_call), statistics.median(generic)
                 print(f"{way:40} {b:20.2f} {a:13.2f} {a / b:6.2f}x")

@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, date, datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import asyncpg
 import msgspec
@@ -45,6 +45,7 @@ log = logging.getLogger("agentmesh.ledger")
 T = TypeVar("T")
 
 NOTIFY_CHANNEL = "agentmesh_ledger"
+PlanMode = Literal["force_generic_plan", "force_custom_plan"]
 DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 
 ENTRY_COLUMNS = (
@@ -121,16 +122,27 @@ _DAYS_FRESH = 60.0  # seconds a reader keeps the day partitions' first positions
 # One agent's entries, through the ``subjects`` GIN index of every day partition.
 # Planned for each call (a custom plan, what PostgreSQL chooses for them on its own)
 # such a read costs its planning in every partition: over the 90-day window's 91,
-# ~13 ms of planning for ~3 ms of execution. They run under a generic plan instead
-# (``_fetch_generic``), whose subquery (``OFFSET 0``: nothing is pushed into it) is
-# the index's bitmap scan alone, with the bounds and one sort on top. Pushed down, a
-# generic plan's bounds by position walk or AND in each partition's primary key
-# (~130 ms for ``ORDER BY position LIMIT $3``, ~20 ms for a key entry).
-_GENERIC_PLAN = "SET LOCAL plan_cache_mode = force_generic_plan"
-_AGENT_ENTRIES = (
+# ~13 ms of planning for ~3 ms of execution. The first page of an agent (what most
+# reads are: most agents have less than a page) and an agent's key entries run under a
+# generic plan instead (``_fetch_planned``), whose subquery (``OFFSET 0``: nothing is
+# pushed into it) is the index's bitmap scans alone, with the bounds and one sort on
+# top. Pushed down, a generic plan's bounds by position walk or AND in each
+# partition's primary key (~130 ms for ``ORDER BY position LIMIT $2``, ~20 ms for a key
+# entry). A generic plan reads every entry of the agent, whatever the page; so the
+# pages after the first (an agent with more than a page) are planned per call, which
+# lets PostgreSQL walk an agent found in much of the ledger in position order and stop
+# at the page (~35 ms a page against ~73 for an agent in half of 200,000 entries,
+# growing with the agent's entries) — forced too: left to choose, PostgreSQL may
+# settle on that statement's generic plan, which walks every primary key.
+_GENERIC: PlanMode = "force_generic_plan"
+_CUSTOM: PlanMode = "force_custom_plan"
+_AGENT_FIRST_PAGE = (
     f"SELECT * FROM (SELECT {ENTRY_COLUMNS} FROM events "  # noqa: S608 -- constant
-    "WHERE subjects @> ARRAY[$1]::text[] OFFSET 0) AS e "
-    "WHERE position > $2 ORDER BY position LIMIT $3"
+    "WHERE subjects @> ARRAY[$1]::text[] OFFSET 0) AS e ORDER BY position LIMIT $2"
+)
+_AGENT_PAGE = (
+    f"SELECT {ENTRY_COLUMNS} FROM events "  # noqa: S608 -- constant
+    "WHERE subjects @> ARRAY[$1]::text[] AND position > $2 ORDER BY position LIMIT $3"
 )
 _AGENT_KEY_ENTRIES = (
     "SELECT body FROM (SELECT position, body FROM events "
@@ -342,8 +354,12 @@ class PostgresLedgerReader:
             del times[next(iter(times))]
 
     async def read_agent(self, did: str, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
-        """Entries an agent signed or is the subject of, in position order."""
-        rows = await self._fetch_generic(_AGENT_ENTRIES, did, after, limit)
+        """Entries an agent signed or is the subject of, in position order (the first
+        page under one generic plan, the next ones planned per call: ``_AGENT_PAGE``)."""
+        if after <= 0:
+            rows = await self._fetch_planned(_GENERIC, _AGENT_FIRST_PAGE, did, limit)
+        else:
+            rows = await self._fetch_planned(_CUSTOM, _AGENT_PAGE, did, after, limit)
         return [record_from_row(r) for r in rows]
 
     async def iter_entries(self, after: int = 0, batch: int = 2000) -> AsyncIterator[RecordedEvent]:
@@ -421,13 +437,15 @@ class PostgresLedgerReader:
         except DRIVER_ERRORS as exc:
             raise StoreUnavailableError(f"cannot read the ledger: {exc}") from exc
 
-    async def _fetch_generic(self, query: str, *args: object) -> list[asyncpg.Record]:
-        """``query``'s rows under a generic plan (``_AGENT_ENTRIES``): planned once per
-        connection and statement, not once per call, in a read-only transaction whose
-        ``SET LOCAL`` ends with it."""
+    async def _fetch_planned(
+        self, mode: PlanMode, query: str, *args: object
+    ) -> list[asyncpg.Record]:
+        """``query``'s rows planned as ``mode`` says — one generic plan per connection
+        and statement, or a plan per call — in a read-only transaction whose ``SET
+        LOCAL`` ends with it (see ``_AGENT_FIRST_PAGE``)."""
         try:
             async with self._pool.acquire() as conn, conn.transaction(readonly=True):
-                await conn.execute(_GENERIC_PLAN)
+                await conn.execute(f"SET LOCAL plan_cache_mode = {mode}")
                 return list(await conn.fetch(query, *args))
         except DRIVER_ERRORS as exc:
             raise StoreUnavailableError(f"cannot read the ledger: {exc}") from exc
@@ -456,7 +474,7 @@ class PostgresLedgerReader:
         of them: seconds at 100,000 agents)."""
         anchor = await self._anchor_below(position)
         start = 0 if anchor is None else anchor["position"]
-        rows = await self._fetch_generic(_AGENT_KEY_ENTRIES, did, position, start)
+        rows = await self._fetch_planned(_GENERIC, _AGENT_KEY_ENTRIES, did, position, start)
         for row in rows:
             event = decode_body(bytes(row["body"]))
             if isinstance(event, AgentRegistered | AgentKeyRotated) and event.did == did:
