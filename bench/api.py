@@ -59,7 +59,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import json
 import os
 import secrets
@@ -84,7 +83,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agentmesh.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from agentmesh.migrate import upgrade
-from bench.common import on_schedule, positive
+from bench.common import no_collector_pauses, on_schedule, percentile, positive
 from ledger.canonical import canonical_bytes
 from ledger.events import AgentRegistered, PolicyViolation, body_of, new_event_id
 from ledger.identity import SigningKey, b64encode
@@ -192,24 +191,6 @@ class Load:
     p99_ms: float
     errors: int  # answers other than 200, plus socket errors and timeouts
     requests: int = 0  # answered requests in the measure (wrk counts them)
-
-
-@contextlib.contextmanager
-def no_collector_pauses() -> Iterator[None]:
-    """This process's garbage collector off while it sends and times requests.
-
-    The Python clients run in this process, which holds every agent's key and the
-    signed bodies: a full collection over that heap stalled it 50-115 ms (seen with
-    ``gc.callbacks`` on a 100,000-agent run), and an open loop counts each latency
-    from when the request was due, so the client's own stall showed as the
-    server's (``GET /health`` at 1,000/s, p50 1.4 ms, had a p99 of 23-48 ms). One
-    collection before, none during (a measure lasts seconds: its garbage waits)."""
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 class PythonClient:
@@ -398,12 +379,6 @@ async def open_loop(
 
 
 Client = PythonClient | WrkClient
-
-
-def percentile(ordered: list[float], q: float) -> float:
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 # -- where the CPU goes ------------------------------------------------------------------

@@ -109,10 +109,9 @@ from bench.api import (
     Stack,
     WrkClient,
     http_request,
-    percentile,
     start_api,
 )
-from bench.common import drop_database, fresh_database, positive, register, servers
+from bench.common import drop_database, fresh_database, percentile, positive, register, servers
 from bench.ledger_gen import GeneratedLedger, generate_ledger, verify_sample
 from bench.retention import timed
 from ledger.audit import export_bundle, verify_bundle

@@ -98,11 +98,10 @@ from bench.api import (
     call,
     fresh_database,
     http_request,
-    percentile,
     settle,
     start_api,
 )
-from bench.common import cpu_seconds, positive
+from bench.common import cpu_seconds, percentile, positive
 from ledger.identity import SigningKey
 from ledger.timefmt import utc_now
 from projections.readstore import ProjectionReader

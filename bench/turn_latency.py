@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agentmesh.embedded import EmbeddedPostgres
-from bench.common import fresh_database, positive, register
+from bench.common import fresh_database, percentile, positive, register
 from ledger.identity import SigningKey
 from ledger.postgres import PostgresEventStore
 
@@ -41,10 +41,10 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 AGENTS_PER_PROCESS = 32
 
 _CHILD = """
-import asyncio, gc, json, sys, time
+import asyncio, json, sys, time
 sys.path.insert(0, sys.argv[1])
 from bench.append import signed_events
-from bench.common import on_schedule
+from bench.common import no_collector_pauses, on_schedule
 from ledger.identity import SigningKey
 from ledger.postgres import PostgresEventStore
 
@@ -66,9 +66,8 @@ async def main() -> None:
             if due - start >= warmup:
                 latencies.append(clock() - due)
 
-        gc.collect()
-        gc.disable()  # the generator's own pauses would count as the store's
-        await on_schedule(events, rate, start, one, clock)
+        with no_collector_pauses():  # the generator's pauses would count as the store's
+            await on_schedule(events, rate, start, one, clock)
         print(json.dumps([latencies, store.turn_counts]), flush=True)
     finally:
         await store.close()
@@ -133,10 +132,6 @@ async def round_of(
     return sorted(latencies), turns
 
 
-def percentile(ordered: list[float], q: float) -> float:
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
-
-
 async def bench(base_url: str, args: argparse.Namespace) -> None:
     counts = [int(p) for p in args.processes.split(",")]
     if 1 not in counts:
@@ -148,7 +143,7 @@ async def bench(base_url: str, args: argparse.Namespace) -> None:
             url, _ = await fresh_database(base_url)
             latencies, counted = await round_of(url, n, args)
             for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
-                found[n][name].append(percentile(latencies, q))
+                found[n][name].append(percentile(latencies, q) * 1000)
             turns[n].update(counted)
     print(
         f"single appends, open loop at {args.rate:,.0f}/s in all for {args.seconds:g} s "
