@@ -175,6 +175,44 @@ async def test_registry_listing_trust_and_events(api: Api) -> None:
     is_problem(await api.client.get("/v1/agents", params={"tier": "legendary"}), 400)
 
 
+async def test_an_agents_events_page_by_page_and_bad_pages(api: Api) -> None:
+    """``GET /v1/agents/{did}/events`` needs no credential: its first page and the next
+    ones (planned differently: ``ledger.postgres.reader``) give the agent's entries in
+    order, once each; a malformed DID or bound is a 400 and reads nothing."""
+    agent, other = await api.register(), await api.register()
+    for index in range(3):
+        for actor in (agent, other):
+            event = PolicyViolation(
+                actor=actor.did,
+                occurred_at=format_time(api.clock.now),
+                agent=actor.did,
+                severity="low",
+                rule=f"r-{index}",
+            )
+            response = await api.client.post(
+                "/v1/violations", json=signed(event, actor.key, f"e-{actor.did}-{index}")
+            )
+            assert response.status_code == 201, response.text
+    whole = (await api.client.get(f"/v1/agents/{agent.did}/events")).json()
+    assert [e["type"] for e in whole["items"]] == ["agent.registered"] + ["policy.violation"] * 3
+    assert whole["next_after"] is None
+    paged, after = [], 0
+    while after is not None:
+        page = (
+            await api.client.get(
+                f"/v1/agents/{agent.did}/events", params={"after": after, "limit": 2}
+            )
+        ).json()
+        paged += page["items"]
+        after = page["next_after"]
+    assert paged == whole["items"]
+    head = await api.head()
+    for params in ({"after": -1}, {"limit": 0}, {"limit": 1001}, {"after": "x"}):
+        is_problem(await api.client.get(f"/v1/agents/{agent.did}/events", params=params), 400)
+    is_problem(await api.client.get("/v1/agents/not-a-did/events"), 400)
+    assert await api.head() == head
+
+
 async def test_violations_lower_a_score_across_a_tier(api: Api) -> None:
     reporter, subject = await api.register(), await api.register()
     for index in range(2):  # reported by the agent's own sidecar: full weight
