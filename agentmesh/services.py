@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import tempfile
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 
 from litestar import Litestar
 from prometheus_client import start_http_server
@@ -169,16 +171,34 @@ def metrics_server(settings: Settings, clock: Callable[[], datetime] = utc_now) 
     return MetricsServer(settings.metrics_port, make_reader, clock)
 
 
+def wipe_metric_files(directory: str) -> None:
+    """Remove the metric files earlier processes left in a multiprocess directory.
+
+    prometheus-client sums every file in it, so it must be wiped before the workers
+    start: a container restarted in its pod keeps its emptyDir, and the counts of the
+    workers that died with it would be added to the new ones'. Only prometheus-client's
+    own files (``counter_<pid>.db`` …) are removed; the directory stays."""
+    for path in Path(directory).glob("*.db"):
+        if path.name.startswith(_METRIC_FILES):
+            path.unlink(missing_ok=True)
+
+
+_METRIC_FILES = ("counter_", "gauge_", "histogram_", "summary_")
+
+
 def serve_api(settings: Settings) -> int:
     """Run the API under uvicorn: metrics on their own port, graceful SIGTERM."""
     import uvicorn
 
     configure_logging(settings)
-    if settings.api_workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="agentmesh-prom-")
-    server = metrics_server(settings) if settings.metrics_port else None
-    if server is not None:
-        server.start()
+    made: str | None = None  # the workers' metric files, ours to remove when they stop
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        wipe_metric_files(given)
+    elif settings.api_workers > 1:
+        made = tempfile.mkdtemp(prefix="agentmesh-prom-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
+    server: MetricsServer | None = None
     workers = settings.api_workers
     if settings.storage_backend == "memory" and workers > 1:
         log.warning(
@@ -187,6 +207,9 @@ def serve_api(settings: Settings) -> int:
         )
         workers = 1
     try:
+        if settings.metrics_port:
+            server = metrics_server(settings)
+            server.start()
         if workers == 1:
             # In-process, so the metrics server can see a memory read store.
             app = api_app(settings, on_open=server.attach if server is not None else None)
@@ -213,4 +236,6 @@ def serve_api(settings: Settings) -> int:
     finally:
         if server is not None:
             server.stop()
+        if made is not None:  # a directory given by the operator is theirs to keep
+            shutil.rmtree(made, ignore_errors=True)
     return 0

@@ -73,10 +73,12 @@ def env(database_url: str, redis_server: EmbeddedRedis, ledger_key: SigningKey) 
     }
 
 
-def test_serve_api_with_two_workers_and_a_projector(env: dict[str, str]) -> None:
+def test_serve_api_with_two_workers_and_a_projector(env: dict[str, str], tmp_path: Path) -> None:
+    # The workers' metric files go to a directory of the process's own making, under
+    # TMPDIR; it is removed when the API stops (nothing accumulates across restarts).
     api = subprocess.Popen(
         [sys.executable, "-m", "agentmesh", "serve", "api", "--workers", "2"],
-        env=env,
+        env={**env, "TMPDIR": str(tmp_path)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -142,6 +144,8 @@ def test_serve_api_with_two_workers_and_a_projector(env: dict[str, str]) -> None
         assert agents[1].did not in text  # no per-agent labels
         # The guide's alert expressions select series that exist.
         assert "# TYPE agentmesh_policy_violation_count untyped" in text
+        (metric_files,) = tmp_path.glob("agentmesh-prom-*")
+        assert any(metric_files.iterdir())  # the workers' files, while they run
     finally:
         for process in (projector, api):
             process.send_signal(signal.SIGTERM)
@@ -149,6 +153,44 @@ def test_serve_api_with_two_workers_and_a_projector(env: dict[str, str]) -> None
         assert api.wait(timeout=60) == 0
         assert api.stderr is not None
         api.stderr.close()
+    assert list(tmp_path.glob("agentmesh-prom-*")) == []
+
+
+def test_serve_api_wipes_the_metric_files_a_restart_finds(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """A container restarted in its pod finds its emptyDir as it left it: the files of
+    workers that died with it are not summed into the new workers' counts."""
+    directory = tmp_path / "prometheus"  # the operator's, as the chart sets it
+    directory.mkdir()
+    env = {**env, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    stale = (
+        "from prometheus_client import Counter\n"
+        "Counter('agentmesh_handshake', '', ['outcome', 'reason', 'shadow'])"
+        ".labels('verified', '', 'false').inc(100)"
+    )
+    subprocess.run([sys.executable, "-c", stale], env=env, check=True)
+    (left,) = directory.glob("counter_*.db")
+    other = directory / "notes.txt"  # not prometheus-client's: kept
+    other.write_text("kept")
+    api = subprocess.Popen(
+        [sys.executable, "-m", "agentmesh", "serve", "api", "--workers", "2"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        base = f"http://127.0.0.1:{env['AGENTMESH_API_PORT']}"
+        assert wait_http(f"{base}/health").json() == {"status": "healthy"}
+        text = httpx.get(f"http://127.0.0.1:{env['AGENTMESH_METRICS_PORT']}/metrics").text
+        assert "agentmesh_api_request_duration_seconds" in text  # the workers' own files
+        assert sum(metric_values(text, "agentmesh_handshake_total").values()) == 0.0
+        assert not left.exists()
+    finally:
+        api.send_signal(signal.SIGTERM)
+        assert api.wait(timeout=60) == 0
+    assert other.read_text() == "kept"
+    assert directory.is_dir()  # the operator's directory stays
 
 
 def handshake(client: httpx.Client, initiator: SigningKey, responder: SigningKey) -> None:
