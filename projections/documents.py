@@ -220,7 +220,9 @@ class PartialContext:
     delegations: DelegationGraph = field(default_factory=DelegationGraph)
 
     def add_agent(self, doc: Mapping[str, Any]) -> None:
-        record = AgentRecord.from_dict(doc["registry"])
+        self.add_record(AgentRecord.from_dict(doc["registry"]))
+
+    def add_record(self, record: AgentRecord) -> None:
         self.agents[record.did] = record
 
     def add_grant(self, doc: Mapping[str, Any]) -> None:
@@ -297,11 +299,24 @@ class ListedAgent(msgspec.Struct, gc=False):
         )
 
 
+class StandingAgent(ListedAgent, gc=False):
+    """What a sidecar decides on: the record, the trust scalars and the grants to the
+    agent (its delegated capabilities) — the listing's fields and ``grants_in``; the
+    windows are skipped as the listing skips them."""
+
+    grants_in: list[str]
+
+
 _listed_decoder = msgspec.json.Decoder(ListedAgent)
+_standing_decoder = msgspec.json.Decoder(StandingAgent)
 
 
 def decode_listed(data: bytes) -> ListedAgent:
     return _listed_decoder.decode(data)
+
+
+def decode_standing(data: bytes) -> StandingAgent:
+    return _standing_decoder.decode(data)
 
 
 def stored_time(text: str) -> datetime:

@@ -25,6 +25,7 @@ from projections.documents import (
     agent_record,
     decode,
     decode_listed,
+    decode_standing,
     trust_state,
 )
 from projections.errors import ProjectionError
@@ -86,6 +87,16 @@ class AgentSummary:
 class AgentPage:
     agents: list[AgentSummary]
     next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Standing:
+    """An agent's trust, record and capabilities at one moment, from one read of its
+    document (``ProjectionReader.standing``)."""
+
+    view: TrustView
+    record: AgentRecord
+    capabilities: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,17 +175,38 @@ class ProjectionReader:
         doc = await self._agent_doc(did)
         if doc is None:
             return None
+        return await self._capabilities_of(did, agent_record(doc), doc["grants_in"], now)
+
+    async def standing(self, did: str, now: datetime) -> Standing | None:
+        """``trust``, ``agent`` and ``capabilities`` at ``now`` from one read of the
+        agent's document (what a sidecar decides on); None for an unknown agent.
+
+        One round trip instead of three, and the document decoded once without its
+        peer windows (as the listing decodes it), so the three answers also come from
+        the same version of the document."""
+        (raw,) = await self.store.agent_docs([did])
+        if raw is None:
+            return None
+        doc = decode_standing(raw)
+        record = doc.record()
+        view = trust_at(doc.trust_state(), self.config, now, suspended=doc.suspended)
+        capabilities = await self._capabilities_of(did, record, doc.grants_in, now)
+        return Standing(view, record, capabilities)
+
+    async def _capabilities_of(
+        self, did: str, record: AgentRecord, grants_in: Sequence[str], now: datetime
+    ) -> tuple[str, ...]:
         context = PartialContext(self.config)
-        context.add_agent(doc)
-        grant_docs = await self._grants(doc["grants_in"])
-        ancestors = {gid for g in grant_docs for gid in g["chain"]} - set(doc["grants_in"])
+        context.add_record(record)
+        grant_docs = await self._grants(grants_in)
+        ancestors = {gid for g in grant_docs for gid in g["chain"]} - set(grants_in)
         grant_docs += await self._grants(sorted(ancestors))
         for grant in grant_docs:
             context.add_grant(grant)
         delegators = sorted({g["delegator"] for g in grant_docs} - {did})
-        for raw in await self.store.agent_docs(delegators):
+        for raw in await self.store.agent_docs(delegators) if delegators else ():
             if raw is not None:
-                context.add_agent(decode(raw))
+                context.add_record(decode_listed(raw).record())
         return effective_capabilities(context, did, now)
 
     async def context(self, dids: Sequence[str], grant_ids: Sequence[str]) -> PartialContext:

@@ -119,18 +119,15 @@ class TrustSource:
                 self._valid = False
 
     async def _read(self) -> TrustInfo | None:
-        now = self.clock()
-        view = await self.reader.trust(self.did, now)
-        record = await self.reader.agent(self.did)
-        if view is None or record is None:
+        found = await self.reader.standing(self.did, self.clock())
+        if found is None:
             return None  # not registered (yet): decisions treat it as unavailable
-        capabilities = await self.reader.capabilities(self.did, now) or ()
         return TrustInfo(
             did=self.did,
-            score=view.score,
-            tier=view.tier,
-            status=record.status,
-            capabilities=frozenset(capabilities),
+            score=found.view.score,
+            tier=found.view.tier,
+            status=found.record.status,
+            capabilities=frozenset(found.capabilities),
             age_seconds=0.0,
         )
 

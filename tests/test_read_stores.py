@@ -8,23 +8,27 @@ byte; writes are exactly-once (compare-and-set); changes are published.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
 import msgspec
 import pytest
 
+from ledger.events import AgentSuspended
 from ledger.postgres import PostgresEventStore
+from ledger.timefmt import format_time
 from projections.config import TrustConfig
 from projections.delegation import delegation_chain, effective_capabilities
 from projections.documents import Batch, Meta
 from projections.errors import DelegationError
 from projections.projector import Projector
-from projections.readstore import ProjectionReader, ProjectionStore, StaleWriteError
+from projections.readstore import ProjectionReader, ProjectionStore, StaleWriteError, Standing
 from projections.state import MeshState, fold_recorded
 from projections.store_memory import MemoryProjectionStore
 from projections.store_postgres import PostgresProjectionStore
 from projections.store_redis import RedisProjectionStore
+from sidecar.trust import TrustSource
 from tests.support import ManualClock, random_history
 
 CONFIG = TrustConfig()
@@ -48,6 +52,14 @@ def expected_answers(
         answers[f"caps@{hours}"] = {
             did: effective_capabilities(state, did, now) for did in sorted(state.agents)
         }
+        answers[f"standing@{hours}"] = {
+            did: Standing(
+                state.trust_view(did, now),  # type: ignore[arg-type]
+                state.agents[did],
+                effective_capabilities(state, did, now),
+            )
+            for did in sorted(state.agents)
+        }
     answers["chains"] = {
         gid: delegation_chain(state, gid) for gid in sorted(state.delegations.grants)
     }
@@ -68,6 +80,7 @@ async def store_answers(
         answers[f"trust@{hours}"] = {did: await reader.trust(did, now) for did in dids}
         answers[f"tiers@{hours}"] = await reader.tier_counts(now)
         answers[f"caps@{hours}"] = {did: await reader.capabilities(did, now) for did in dids}
+        answers[f"standing@{hours}"] = {did: await reader.standing(did, now) for did in dids}
     answers["chains"] = {gid: await reader.delegation_chain(gid) for gid in grant_ids}
     listed: list[str] = []
     cursor = None
@@ -151,11 +164,55 @@ async def test_tier_filter_and_pagination(
         await reader.agents(clock.now, tier="legendary")
 
 
+async def test_a_sidecar_reads_an_agents_document_once_per_trust_miss(
+    ledger: PostgresEventStore, read_store: ProjectionStore, clock: ManualClock
+) -> None:
+    """A sidecar's trust-cache miss (``TrustSource``) reads the agent's document in one
+    round trip; only grants to the agent (and their delegators) add reads. Its answers
+    are the in-memory fold's, a suspended agent's included."""
+    await random_history(ledger, clock, seed=5)
+    state = await full_replay(ledger)
+    lone = [d for d in sorted(state.agents) if not state.delegations.by_delegatee.get(d)]
+    await ledger.append_own(
+        AgentSuspended(
+            actor=ledger.ledger_did, occurred_at=format_time(clock.now), did=lone[0], reason="test"
+        )
+    )
+    projector = Projector(ledger, read_store, CONFIG)
+    await projector.catch_up(await projector.load())
+    state = await full_replay(ledger)
+    assert state.agents[lone[0]].status == "suspended"
+    reader = ProjectionReader(read_store, CONFIG)
+    reads: list[list[str]] = []
+    agent_docs = read_store.agent_docs
+
+    async def counted(dids: Sequence[str]) -> list[bytes | None]:
+        reads.append(list(dids))
+        return await agent_docs(dids)
+
+    read_store.agent_docs = counted  # type: ignore[method-assign]
+    for did in lone:
+        reads.clear()
+        source = TrustSource(reader, did, lambda: clock.now)
+        found = await source.current()
+        assert found is not None
+        view = state.trust_view(did, clock.now)
+        assert view is not None
+        assert (found.score, found.tier, found.status) == (
+            view.score,
+            view.tier,
+            state.agents[did].status,
+        )
+        assert found.capabilities == frozenset(effective_capabilities(state, did, clock.now))
+        assert reads == [[did]]
+
+
 async def test_unknown_ids_answer_none(read_store: ProjectionStore) -> None:
     reader = ProjectionReader(read_store, CONFIG)
     did = "did:mesh:" + "0" * 32
     assert await reader.trust(did, ManualClock().now) is None
     assert await reader.capabilities(did, ManualClock().now) is None
+    assert await reader.standing(did, ManualClock().now) is None
     assert await reader.delegation_chain("nope-nope") is None
     assert await reader.registry_size() == 0
 

@@ -21,17 +21,15 @@ class SlowReader:
         self.score = 800
         self.gate: asyncio.Event | None = None
 
-    async def trust(self, did: str, now: datetime) -> Any:
+    async def standing(self, did: str, now: datetime) -> Any:
         score = self.score  # the value as of when the read started
         if self.gate is not None:
             await self.gate.wait()
-        return SimpleNamespace(score=score, tier="trusted")
-
-    async def agent(self, did: str) -> Any:
-        return SimpleNamespace(status="active")
-
-    async def capabilities(self, did: str, now: datetime) -> tuple[str, ...]:
-        return ()
+        return SimpleNamespace(
+            view=SimpleNamespace(score=score, tier="trusted"),
+            record=SimpleNamespace(status="active"),
+            capabilities=(),
+        )
 
 
 async def test_a_change_during_a_read_is_not_lost() -> None:
