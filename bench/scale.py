@@ -677,8 +677,9 @@ async def sidecar_figures(
                 misses.append(middle - started)
                 hits.append(time.perf_counter() - middle)
                 allowed += decision.allowed
-                # The baseline: the same answers as three reads of the document (how a
-                # miss read until 2026-12-01), then the same decision.
+                # The baseline: the same answers as three reads of the document (trust,
+                # record, capabilities: how a miss read until 2026-12-01), then the same
+                # decision.
                 started = time.perf_counter()
                 now = utc_now()
                 view = await reader.trust(did, now)

@@ -20,13 +20,13 @@ from projections.delegation import Grant, effective_capabilities
 from projections.documents import (
     Batch,
     Change,
+    ListedAgent,
     Meta,
     PartialContext,
-    agent_record,
+    StandingAgent,
     decode,
     decode_listed,
     decode_standing,
-    trust_state,
 )
 from projections.errors import ProjectionError
 from projections.registry import AgentRecord
@@ -115,22 +115,24 @@ class ProjectionReader:
         self.store = store
         self.config = config
 
-    async def _agent_doc(self, did: str) -> dict[str, Any] | None:
+    async def _agent_doc(self, did: str) -> StandingAgent | None:
+        """The agent's document as every single-agent read needs it: the record, the
+        trust scalars and the grants to it, decoded without the peer windows (which
+        only the fold reads: most of a busy agent's document)."""
         (raw,) = await self.store.agent_docs([did])
-        return None if raw is None else decode(raw)
+        return None if raw is None else decode_standing(raw)
 
     async def agent(self, did: str) -> AgentRecord | None:
         doc = await self._agent_doc(did)
-        return None if doc is None else agent_record(doc)
+        return None if doc is None else doc.record()
 
     async def trust(self, did: str, now: datetime) -> TrustView | None:
         """The agent's trust at ``now`` (decay applied), or None if unknown."""
         doc = await self._agent_doc(did)
         return None if doc is None else self._view(doc, now)
 
-    def _view(self, doc: dict[str, Any], now: datetime) -> TrustView:
-        suspended = doc["registry"]["status"] == "suspended"
-        return trust_at(trust_state(doc), self.config, now, suspended=suspended)
+    def _view(self, doc: ListedAgent, now: datetime) -> TrustView:
+        return trust_at(doc.trust_state(), self.config, now, suspended=doc.suspended)
 
     async def agents(
         self,
@@ -150,7 +152,7 @@ class ProjectionReader:
             for index, (did, raw) in enumerate(page):
                 cursor = did
                 doc = decode_listed(raw)
-                view = trust_at(doc.trust_state(), self.config, now, suspended=doc.suspended)
+                view = self._view(doc, now)
                 if tier is None or view.tier == tier:
                     found.append(AgentSummary(doc.record(), view))
                 if len(found) == limit:
@@ -167,7 +169,7 @@ class ProjectionReader:
     async def tier_counts(self, now: datetime) -> dict[str, int]:
         counts = dict.fromkeys(TIERS, 0)
         async for raw in self.store.all_agent_docs():
-            counts[self._view(decode(raw), now).tier] += 1
+            counts[self._view(decode_listed(raw), now).tier] += 1
         return counts
 
     async def capabilities(self, did: str, now: datetime) -> tuple[str, ...] | None:
@@ -175,21 +177,19 @@ class ProjectionReader:
         doc = await self._agent_doc(did)
         if doc is None:
             return None
-        return await self._capabilities_of(did, agent_record(doc), doc["grants_in"], now)
+        return await self._capabilities_of(did, doc.record(), doc.grants_in, now)
 
     async def standing(self, did: str, now: datetime) -> Standing | None:
         """``trust``, ``agent`` and ``capabilities`` at ``now`` from one read of the
         agent's document (what a sidecar decides on); None for an unknown agent.
 
-        One round trip instead of three, and the document decoded once without its
-        peer windows (as the listing decodes it), so the three answers also come from
-        the same version of the document."""
-        (raw,) = await self.store.agent_docs([did])
-        if raw is None:
+        One round trip and one decode instead of three, so the three answers also come
+        from the same version of the document."""
+        doc = await self._agent_doc(did)
+        if doc is None:
             return None
-        doc = decode_standing(raw)
         record = doc.record()
-        view = trust_at(doc.trust_state(), self.config, now, suspended=doc.suspended)
+        view = self._view(doc, now)
         capabilities = await self._capabilities_of(did, record, doc.grants_in, now)
         return Standing(view, record, capabilities)
 
