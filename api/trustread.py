@@ -1,12 +1,12 @@
 """The hot read: an agent document's trust, decoded with no more work than it needs.
 
-``ProjectionReader.trust`` decodes the whole agent document into dicts (the
-peer and partner windows included), then ``TrustState.from_dict`` parses its two
-times with the general RFC 3339 parser. For ``GET /v1/agents/{did}/trust`` and
-for the metrics refresh (every agent, every few seconds) that is most of the
-work after the round trip, so here the document is decoded straight into typed
-structs of the fields the view reads (msgspec skips the rest without building
-it), and a time in the projections' canonical form
+``ProjectionReader.trust`` decodes the agent document without its peer and
+partner windows (``projections.documents.StandingAgent``) but with the whole
+registry record and the grants to the agent, and builds a ``TrustState``. For
+``GET /v1/agents/{did}/trust`` and for the metrics refresh (every agent, every few
+seconds) that is still most of the work after the round trip, so here the document
+is decoded straight into typed structs of the fields the view reads (msgspec skips
+the rest without building it), and a time in the projections' canonical form
 (``YYYY-MM-DDTHH:MM:SS.ffffffZ``, what ``format_time`` writes) is read by the C
 ISO parser. The view itself is still ``projections.trust.trust_at`` over a
 ``TrustState``: the numbers are the same function's.
