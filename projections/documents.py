@@ -285,18 +285,40 @@ class ListedAgent(msgspec.Struct, gc=False):
 
     def trust_state(self) -> TrustState:
         """``trust_state`` of the document, without the windows (no view reads them)."""
-        t = self.trust
-        return TrustState(
-            did=t.did,
-            base_milli=t.base_milli,
-            base_at=to_micros(stored_time(t.base_at)),
-            decay_from=to_micros(stored_time(t.decay_from)),
-            violations={s: t.violations[s] for s in SEVERITIES},
-            positives=t.positives,
-            handshakes_completed=t.handshakes_completed,
-            handshakes_failed=t.handshakes_failed,
-            position=t.position,
-        )
+        return _state_of(self.trust)
+
+
+def _state_of(t: _ListedTrust) -> TrustState:
+    return TrustState(
+        did=t.did,
+        base_milli=t.base_milli,
+        base_at=to_micros(stored_time(t.base_at)),
+        decay_from=to_micros(stored_time(t.decay_from)),
+        violations={s: t.violations[s] for s in SEVERITIES},
+        positives=t.positives,
+        handshakes_completed=t.handshakes_completed,
+        handshakes_failed=t.handshakes_failed,
+        position=t.position,
+    )
+
+
+class _Status(msgspec.Struct, gc=False):
+    status: AgentStatus
+
+
+class TrustOnly(msgspec.Struct, gc=False):
+    """What a trust view reads of an agent document: the registry's status and the
+    trust scalars (``ProjectionReader.trust``, the tier counts)."""
+
+    registry: _Status
+    trust: _ListedTrust
+
+    @property
+    def suspended(self) -> bool:
+        return self.registry.status == "suspended"
+
+    def trust_state(self) -> TrustState:
+        return _state_of(self.trust)
 
 
 class StandingAgent(ListedAgent, gc=False):
@@ -309,6 +331,7 @@ class StandingAgent(ListedAgent, gc=False):
 
 _listed_decoder = msgspec.json.Decoder(ListedAgent)
 _standing_decoder = msgspec.json.Decoder(StandingAgent)
+_trust_only_decoder = msgspec.json.Decoder(TrustOnly)
 
 
 def decode_listed(data: bytes) -> ListedAgent:
@@ -317,6 +340,10 @@ def decode_listed(data: bytes) -> ListedAgent:
 
 def decode_standing(data: bytes) -> StandingAgent:
     return _standing_decoder.decode(data)
+
+
+def decode_trust_only(data: bytes) -> TrustOnly:
+    return _trust_only_decoder.decode(data)
 
 
 def stored_time(text: str) -> datetime:

@@ -24,9 +24,11 @@ from projections.documents import (
     Meta,
     PartialContext,
     StandingAgent,
+    TrustOnly,
     decode,
     decode_listed,
     decode_standing,
+    decode_trust_only,
 )
 from projections.errors import ProjectionError
 from projections.registry import AgentRecord
@@ -116,9 +118,9 @@ class ProjectionReader:
         self.config = config
 
     async def _agent_doc(self, did: str) -> StandingAgent | None:
-        """The agent's document as every single-agent read needs it: the record, the
-        trust scalars and the grants to it, decoded without the peer windows (which
-        only the fold reads: most of a busy agent's document)."""
+        """The agent's document as a record, trust or capabilities read needs it: the
+        record, the trust scalars and the grants to it, decoded without the peer
+        windows (which only the fold reads: most of a busy agent's document)."""
         (raw,) = await self.store.agent_docs([did])
         return None if raw is None else decode_standing(raw)
 
@@ -128,10 +130,10 @@ class ProjectionReader:
 
     async def trust(self, did: str, now: datetime) -> TrustView | None:
         """The agent's trust at ``now`` (decay applied), or None if unknown."""
-        doc = await self._agent_doc(did)
-        return None if doc is None else self._view(doc, now)
+        (raw,) = await self.store.agent_docs([did])
+        return None if raw is None else self._view(decode_trust_only(raw), now)
 
-    def _view(self, doc: ListedAgent, now: datetime) -> TrustView:
+    def _view(self, doc: ListedAgent | TrustOnly, now: datetime) -> TrustView:
         return trust_at(doc.trust_state(), self.config, now, suspended=doc.suspended)
 
     async def agents(
@@ -169,7 +171,7 @@ class ProjectionReader:
     async def tier_counts(self, now: datetime) -> dict[str, int]:
         counts = dict.fromkeys(TIERS, 0)
         async for raw in self.store.all_agent_docs():
-            counts[self._view(decode_listed(raw), now).tier] += 1
+            counts[self._view(decode_trust_only(raw), now).tier] += 1
         return counts
 
     async def capabilities(self, did: str, now: datetime) -> tuple[str, ...] | None:
