@@ -31,6 +31,7 @@ import asyncio
 import collections
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -360,9 +361,10 @@ async def median_of(repeat: int, run: Callable[[], Awaitable[float]]) -> float:
 
 async def main(args: argparse.Namespace) -> None:
     server = None
+    root = Path(tempfile.mkdtemp(prefix="agentmesh-bench-"))  # removed at the end
     base_url = os.environ.get("AGENTMESH_DATABASE_URL")
     if base_url is None:
-        server = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="agentmesh-bench-"))).start()
+        server = EmbeddedPostgres(root).start()
         base_url = server.url
     try:
         print(f"cores: {os.cpu_count()}, events per round: {args.events}, rounds: {args.repeat}")
@@ -473,6 +475,7 @@ async def main(args: argparse.Namespace) -> None:
     finally:
         if server is not None:
             server.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

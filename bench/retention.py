@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -89,9 +90,10 @@ async def one_round(server_url: str, per_day: int, days: int) -> dict[str, float
 
 async def main(args: argparse.Namespace) -> None:
     server = None
+    root = Path(tempfile.mkdtemp(prefix="agentmesh-bench-"))  # removed at the end
     base_url = os.environ.get("AGENTMESH_DATABASE_URL")
     if base_url is None:
-        server = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="agentmesh-bench-"))).start()
+        server = EmbeddedPostgres(root).start()
         base_url = server.url
     try:
         rounds = [await one_round(base_url, args.per_day, args.days) for _ in range(args.repeat)]
@@ -115,6 +117,7 @@ async def main(args: argparse.Namespace) -> None:
     finally:
         if server is not None:
             server.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

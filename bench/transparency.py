@@ -275,8 +275,10 @@ def quantile(values: list[float], q: float) -> float:
 
 async def main(args: argparse.Namespace) -> None:
     sizes = [int(x) for x in args.entries.split(",") if x]  # "" : the append ratio alone
-    directory = Path(tempfile.mkdtemp(prefix="agentmesh-bench-"))
-    with servers(directory) as (base_url, _, _):
+    with (
+        tempfile.TemporaryDirectory(prefix="agentmesh-bench-") as made,
+        servers(directory := Path(made)) as (base_url, _, _),
+    ):
         print(f"appends: {args.events} events x {args.repeat} rounds, 64 appenders")
         on, off = [], []
         for _ in range(args.repeat):  # interleaved, so noise hits both alike
