@@ -232,14 +232,17 @@ class PartialContext:
             self.delegations.add(grant)
 
 
-class _ListedRegistry(msgspec.Struct, gc=False):
+class _Status(msgspec.Struct, gc=False):
+    status: AgentStatus
+
+
+class _ListedRegistry(_Status, gc=False):
     did: str
     public_key: str
     sponsor: str | None
     capabilities: tuple[str, ...]
     metadata: dict[str, str]
     registered_at: str
-    status: AgentStatus
     status_reason: str
     position: int
 
@@ -256,17 +259,39 @@ class _ListedTrust(msgspec.Struct, gc=False):
     position: int
 
 
-class ListedAgent(msgspec.Struct, gc=False):
-    """What the registry listing reads of an agent document: the record and the trust
-    scalars. The peer and partner windows — most of a busy agent's document, and read
-    by the fold alone — are skipped by the decoder, never built."""
+class TrustOnly(msgspec.Struct, gc=False):
+    """What a trust view reads of an agent document: the registry's status and the
+    trust scalars (``ProjectionReader.trust``, the tier counts)."""
 
-    registry: _ListedRegistry
+    registry: _Status
     trust: _ListedTrust
 
     @property
     def suspended(self) -> bool:
         return self.registry.status == "suspended"
+
+    def trust_state(self) -> TrustState:
+        """``trust_state`` of the document, without the windows (no view reads them)."""
+        t = self.trust
+        return TrustState(
+            did=t.did,
+            base_milli=t.base_milli,
+            base_at=to_micros(stored_time(t.base_at)),
+            decay_from=to_micros(stored_time(t.decay_from)),
+            violations={s: t.violations[s] for s in SEVERITIES},
+            positives=t.positives,
+            handshakes_completed=t.handshakes_completed,
+            handshakes_failed=t.handshakes_failed,
+            position=t.position,
+        )
+
+
+class ListedAgent(TrustOnly, gc=False):
+    """What the registry listing reads of an agent document: the record and the trust
+    scalars. The peer and partner windows — most of a busy agent's document, and read
+    by the fold alone — are skipped by the decoder, never built."""
+
+    registry: _ListedRegistry  # the whole record, where TrustOnly reads its status
 
     def record(self) -> AgentRecord:
         """``agent_record`` of the document."""
@@ -282,43 +307,6 @@ class ListedAgent(msgspec.Struct, gc=False):
             status_reason=r.status_reason,
             position=r.position,
         )
-
-    def trust_state(self) -> TrustState:
-        """``trust_state`` of the document, without the windows (no view reads them)."""
-        return _state_of(self.trust)
-
-
-def _state_of(t: _ListedTrust) -> TrustState:
-    return TrustState(
-        did=t.did,
-        base_milli=t.base_milli,
-        base_at=to_micros(stored_time(t.base_at)),
-        decay_from=to_micros(stored_time(t.decay_from)),
-        violations={s: t.violations[s] for s in SEVERITIES},
-        positives=t.positives,
-        handshakes_completed=t.handshakes_completed,
-        handshakes_failed=t.handshakes_failed,
-        position=t.position,
-    )
-
-
-class _Status(msgspec.Struct, gc=False):
-    status: AgentStatus
-
-
-class TrustOnly(msgspec.Struct, gc=False):
-    """What a trust view reads of an agent document: the registry's status and the
-    trust scalars (``ProjectionReader.trust``, the tier counts)."""
-
-    registry: _Status
-    trust: _ListedTrust
-
-    @property
-    def suspended(self) -> bool:
-        return self.registry.status == "suspended"
-
-    def trust_state(self) -> TrustState:
-        return _state_of(self.trust)
 
 
 class StandingAgent(ListedAgent, gc=False):

@@ -20,7 +20,6 @@ from projections.delegation import Grant, effective_capabilities
 from projections.documents import (
     Batch,
     Change,
-    ListedAgent,
     Meta,
     PartialContext,
     StandingAgent,
@@ -133,7 +132,7 @@ class ProjectionReader:
         (raw,) = await self.store.agent_docs([did])
         return None if raw is None else self._view(decode_trust_only(raw), now)
 
-    def _view(self, doc: ListedAgent | TrustOnly, now: datetime) -> TrustView:
+    def _view(self, doc: TrustOnly, now: datetime) -> TrustView:
         return trust_at(doc.trust_state(), self.config, now, suspended=doc.suspended)
 
     async def agents(
