@@ -1,8 +1,8 @@
 """The hot read: an agent document's trust, decoded with no more work than it needs.
 
-``ProjectionReader.trust`` decodes the agent document without its peer and
-partner windows (``projections.documents.StandingAgent``) but with the whole
-registry record and the grants to the agent, and builds a ``TrustState``. For
+``ProjectionReader.trust`` decodes the agent document's registry status and trust
+scalars (``projections.documents.TrustOnly``, without the peer and partner
+windows) and builds a ``TrustState``. For
 ``GET /v1/agents/{did}/trust`` and for the metrics refresh (every agent, every few
 seconds) that is still most of the work after the round trip, so here the document
 is decoded straight into typed structs of the fields the view reads (msgspec skips

@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
@@ -124,11 +125,12 @@ from ledger.signatures import make_executor
 from ledger.signed import SignedEvent
 from ledger.timefmt import format_time, utc_now
 from projections.config import TrustConfig
+from projections.documents import decode_grants_in
 from projections.projector import Projector
-from projections.readstore import ProjectionReader
+from projections.readstore import Closure, ProjectionReader, read_closure
 from projections.start import state_at_position
 from projections.store_redis import RedisProjectionStore
-from sidecar.policy import Action, RateLimiter, TrustInfo, decide, parse_policy
+from sidecar.policy import Action, RateLimiter, decide, parse_policy
 from sidecar.trust import TrustSource
 
 CONFIG = TrustConfig()
@@ -179,7 +181,14 @@ MEASURES = (
     Measure("appends_health", "  … appends / health, same round", "x", True),
     Measure("decide_miss_p50", "sidecar decision, trust-cache miss p50", "µs", False),
     Measure("decide_miss_p99", "  … p99", "µs", False),
-    Measure("decide_three_p50", "  … as three reads (trust, agent, caps; baseline)", "µs", None),
+    Measure(
+        "decide_separate_p50",
+        "  … as separate reads (baseline)",
+        "µs",
+        None,
+    ),
+    Measure("decide_granted_p50", "  … p50 of the agents with grants to them", "µs", False),
+    Measure("decide_granted_separate_p50", "  … the same as separate reads (baseline)", "µs", None),
     Measure("decide_hit_p50", "sidecar decision, cache hit p50", "µs", False),
     Measure("list_p50", "GET /v1/agents deep full page p50", "ms", False),
     Measure("list_p99", "  … p99", "ms", False),
@@ -647,14 +656,31 @@ async def http_measures(
 # -- the sidecar's per-call trust lookup ----------------------------------------------------
 
 
+class _SeparateReads:
+    """The read store as a sidecar's miss read it before ``agent_closure`` (until
+    2026-12-01): the agent's document, then the grants to it, their ancestors and
+    their delegators' documents, each its own round trip."""
+
+    def __init__(self, store: RedisProjectionStore) -> None:
+        self.store = store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    async def agent_closure(self, did: str) -> Closure | None:
+        return await read_closure(did, self.store.agent_docs, self.store.grant_docs)
+
+
 async def sidecar_figures(
     args: argparse.Namespace, built: Built, host: str, port: int, prefix: str, size: Size
 ) -> None:
     """Per agent: a fresh ``TrustSource`` (what a sidecar holds) answers ``current()``
-    from Redis (a miss: trust, record, capabilities), then ``decide``; then the same
-    again from its cache (a hit)."""
+    from Redis (a miss: one read of the store, ``agent_closure``), then ``decide``;
+    then the same again from its cache (a hit); then the miss as separate reads (the
+    baseline). Agents with grants to them are also reported apart."""
     store = RedisProjectionStore.connect(host, port, prefix=prefix)
     reader = ProjectionReader(store, CONFIG)
+    separate = ProjectionReader(_SeparateReads(store), CONFIG)
     policy = parse_policy(POLICY, "bench", "standard", False)
     action = Action("tool", "search")
     rng = random.Random(11)
@@ -663,8 +689,10 @@ async def sidecar_figures(
         for number in range(1, args.repeat + 1):
             misses: list[float] = []
             hits: list[float] = []
-            three: list[float] = []
-            allowed = 0
+            apart: list[float] = []
+            granted: list[float] = []
+            granted_apart: list[float] = []
+            reasons: collections.Counter[str] = collections.Counter()
             for did in rng.sample(agents, min(args.samples, len(agents))):
                 limiter = RateLimiter()
                 source = TrustSource(reader, did, utc_now)
@@ -676,32 +704,36 @@ async def sidecar_figures(
                 decide(policy, action, trust, did, limiter, time.monotonic())
                 misses.append(middle - started)
                 hits.append(time.perf_counter() - middle)
-                allowed += decision.allowed
-                # The baseline: the same answers as three reads of the document (trust,
-                # record, capabilities: how a miss read until 2026-12-01), then the same
-                # decision.
+                reasons[decision.reason] += 1
+                # The baseline: the same miss and decision through separate reads.
+                source = TrustSource(separate, did, utc_now)
                 started = time.perf_counter()
-                now = utc_now()
-                view = await reader.trust(did, now)
-                record = await reader.agent(did)
-                caps = await reader.capabilities(did, now)
-                if view is None or record is None or caps is None:
-                    raise SystemExit(f"scale: {did} is not in the read store")
-                info = TrustInfo(did, view.score, view.tier, record.status, frozenset(caps), 0.0)
-                decide(policy, action, info, did, RateLimiter(), time.monotonic())
-                three.append(time.perf_counter() - started)
-            misses.sort()
-            hits.sort()
-            three.sort()
+                trust = await source.current()
+                baseline = decide(policy, action, trust, did, RateLimiter(), time.monotonic())
+                apart.append(time.perf_counter() - started)
+                if trust is None or baseline.allowed != decision.allowed:
+                    raise SystemExit(f"scale: {did}: the two reads decided differently")
+                (raw,) = await store.agent_docs([did])
+                if raw is not None and decode_grants_in(raw):
+                    granted.append(misses[-1])
+                    granted_apart.append(apart[-1])
+            for series in (misses, hits, apart, granted, granted_apart):
+                series.sort()
             size.add("decide_miss_p50", percentile(misses, 0.5) * 1e6)
             size.add("decide_miss_p99", percentile(misses, 0.99) * 1e6)
-            size.add("decide_three_p50", percentile(three, 0.5) * 1e6)
+            size.add("decide_separate_p50", percentile(apart, 0.5) * 1e6)
             size.add("decide_hit_p50", percentile(hits, 0.5) * 1e6)
+            if granted:
+                size.add("decide_granted_p50", percentile(granted, 0.5) * 1e6)
+                size.add("decide_granted_separate_p50", percentile(granted_apart, 0.5) * 1e6)
             say(
                 f"  round {number} sidecar decision: miss p50 {percentile(misses, 0.5) * 1e6:,.0f} "
-                f"µs p99 {percentile(misses, 0.99) * 1e6:,.0f} µs (as three reads: p50 "
-                f"{percentile(three, 0.5) * 1e6:,.0f} µs), hit p50 "
-                f"{percentile(hits, 0.5) * 1e6:,.1f} µs ({allowed} of {len(misses)} allowed)"
+                f"µs p99 {percentile(misses, 0.99) * 1e6:,.0f} µs (as separate reads: p50 "
+                f"{percentile(apart, 0.5) * 1e6:,.0f} µs); {len(granted)} agents with grants: "
+                f"p50 {percentile(granted, 0.5) * 1e6 if granted else 0:,.0f} µs (separate "
+                f"{percentile(granted_apart, 0.5) * 1e6 if granted else 0:,.0f} µs); hit p50 "
+                f"{percentile(hits, 0.5) * 1e6:,.1f} µs (decisions: "
+                f"{', '.join(f'{n} {r}' for r, n in reasons.most_common())})"
             )
     finally:
         await store.close()

@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 
 from projections.documents import Batch, Change, Meta
-from projections.readstore import ProjectionStore, ReadStoreError
+from projections.readstore import Closure, ProjectionStore, ReadStoreError, read_closure
 
 log = logging.getLogger("agentmesh.cache")
 
@@ -111,6 +111,25 @@ class CachedStore:
         if self.ttl <= 0:
             return await self.inner.grant_docs(grant_ids)
         return await self._cached(self._grants, grant_ids, self.inner.grant_docs)
+
+    async def agent_closure(self, did: str) -> Closure | None:
+        """From the cache when it holds the agent (its grants and delegators read
+        through it); otherwise the store's one read, whose documents are kept."""
+        if self.ttl <= 0:
+            return await self.inner.agent_closure(did)
+        now = self._clock()
+        entry = self._agents.get(did)
+        if entry is not None and now - entry[0] <= self.ttl:
+            return await read_closure(did, self.agent_docs, self.grant_docs)
+        self.misses += 1
+        epoch = self._epoch
+        closure = await self.inner.agent_closure(did)
+        if epoch == self._epoch:  # no invalidation raced the read (see _cached)
+            self._agents[did] = (now, None if closure is None else closure.agent)
+            if closure is not None:
+                self._grants.update((gid, (now, doc)) for gid, doc in closure.grants.items())
+                self._agents.update((d, (now, doc)) for d, doc in closure.delegators.items())
+        return closure
 
     # -- pass-through ------------------------------------------------------------
 

@@ -309,16 +309,21 @@ class ListedAgent(TrustOnly, gc=False):
         )
 
 
-class StandingAgent(ListedAgent, gc=False):
-    """What a sidecar decides on: the record, the trust scalars and the grants to the
-    agent (its delegated capabilities) — the listing's fields and ``grants_in``; the
-    windows are skipped as the listing skips them."""
-
+class _GrantsIn(msgspec.Struct, gc=False):
     grants_in: list[str]
 
 
+class GrantLinks(msgspec.Struct, gc=False):
+    """Of a grant's document, what leads to the rest of an agent's closure: its chain
+    (its id and every ancestor's) and its delegator."""
+
+    chain: list[str]
+    delegator: str
+
+
 _listed_decoder = msgspec.json.Decoder(ListedAgent)
-_standing_decoder = msgspec.json.Decoder(StandingAgent)
+_grants_in_decoder = msgspec.json.Decoder(_GrantsIn)
+_grant_links_decoder = msgspec.json.Decoder(GrantLinks)
 _trust_only_decoder = msgspec.json.Decoder(TrustOnly)
 
 
@@ -326,12 +331,17 @@ def decode_listed(data: bytes) -> ListedAgent:
     return _listed_decoder.decode(data)
 
 
-def decode_standing(data: bytes) -> StandingAgent:
-    return _standing_decoder.decode(data)
-
-
 def decode_trust_only(data: bytes) -> TrustOnly:
     return _trust_only_decoder.decode(data)
+
+
+def decode_grants_in(data: bytes) -> list[str]:
+    """An agent document's ``grants_in`` (the grants to the agent), nothing else."""
+    return _grants_in_decoder.decode(data).grants_in
+
+
+def decode_grant_links(data: bytes) -> GrantLinks:
+    return _grant_links_decoder.decode(data)
 
 
 def stored_time(text: str) -> datetime:

@@ -10,8 +10,8 @@ any of them with the projections' pure functions.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -22,11 +22,11 @@ from projections.documents import (
     Change,
     Meta,
     PartialContext,
-    StandingAgent,
     TrustOnly,
     decode,
+    decode_grant_links,
+    decode_grants_in,
     decode_listed,
-    decode_standing,
     decode_trust_only,
 )
 from projections.errors import ProjectionError
@@ -54,6 +54,10 @@ class ProjectionStore(Protocol):
 
     async def grant_docs(self, grant_ids: Sequence[str]) -> list[bytes | None]: ...
 
+    async def agent_closure(self, did: str) -> Closure | None:
+        """The agent's document with every document its capabilities depend on, from
+        one version of the store (``Closure``); None for an unknown agent."""
+
     async def agent_page(self, after: str | None, limit: int) -> list[tuple[str, bytes]]: ...
 
     def all_agent_docs(self) -> AsyncIterator[bytes]: ...
@@ -74,6 +78,49 @@ class ProjectionStore(Protocol):
     def changes(self) -> AsyncGenerator[Change, None]: ...
 
     async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Closure:
+    """An agent's document and what its effective capabilities are computed from:
+    the grants to it (``grants_in``) and every ancestor of them, by grant id, and the
+    documents of those grants' delegators other than the agent, by DID. A grant or
+    delegator the store does not hold is left out, as a read of it would answer None.
+    """
+
+    agent: bytes
+    grants: dict[str, bytes] = field(default_factory=dict)
+    delegators: dict[str, bytes] = field(default_factory=dict)
+
+
+Reads = Callable[[Sequence[str]], Awaitable[list[bytes | None]]]
+
+
+async def read_closure(did: str, agent_docs: Reads, grant_docs: Reads) -> Closure | None:
+    """``agent_closure`` as separate reads (the agent, the grants to it, their
+    ancestors, the delegators): for stores where a read costs no round trip."""
+    (raw,) = await agent_docs([did])
+    if raw is None:
+        return None
+    closure = Closure(raw)
+    grants_in = decode_grants_in(raw)
+    delegators: set[str] = set()
+    wanted = grants_in
+    for _ in range(2):  # the grants to the agent, then their ancestors (in their chains)
+        ancestors: set[str] = set()
+        for gid, doc in zip(wanted, await grant_docs(wanted) if wanted else (), strict=True):
+            if doc is not None:
+                closure.grants[gid] = doc
+                links = decode_grant_links(doc)
+                ancestors.update(links.chain)
+                delegators.add(links.delegator)
+        wanted = sorted(ancestors - set(grants_in) - closure.grants.keys())
+    delegators.discard(did)
+    ordered = sorted(delegators)
+    for delegator, doc in zip(ordered, await agent_docs(ordered) if ordered else (), strict=True):
+        if doc is not None:
+            closure.delegators[delegator] = doc
+    return closure
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,16 +163,11 @@ class ProjectionReader:
         self.store = store
         self.config = config
 
-    async def _agent_doc(self, did: str) -> StandingAgent | None:
-        """The agent's document as a record, trust or capabilities read needs it: the
-        record, the trust scalars and the grants to it, decoded without the peer
-        windows (which only the fold reads: most of a busy agent's document)."""
-        (raw,) = await self.store.agent_docs([did])
-        return None if raw is None else decode_standing(raw)
-
     async def agent(self, did: str) -> AgentRecord | None:
-        doc = await self._agent_doc(did)
-        return None if doc is None else doc.record()
+        """The agent's registry record (decoded without the peer windows, which only
+        the fold reads: most of a busy agent's document)."""
+        (raw,) = await self.store.agent_docs([did])
+        return None if raw is None else decode_listed(raw).record()
 
     async def trust(self, did: str, now: datetime) -> TrustView | None:
         """The agent's trust at ``now`` (decay applied), or None if unknown."""
@@ -175,39 +217,34 @@ class ProjectionReader:
 
     async def capabilities(self, did: str, now: datetime) -> tuple[str, ...] | None:
         """Registered plus delegated capabilities at ``now``; None for an unknown agent."""
-        doc = await self._agent_doc(did)
-        if doc is None:
+        closure = await self.store.agent_closure(did)
+        if closure is None:
             return None
-        return await self._capabilities_of(did, doc.record(), doc.grants_in, now)
+        return self._capabilities(did, decode_listed(closure.agent).record(), closure, now)
 
     async def standing(self, did: str, now: datetime) -> Standing | None:
-        """``trust``, ``agent`` and ``capabilities`` at ``now`` from one read of the
-        agent's document (what a sidecar decides on); None for an unknown agent.
+        """``trust``, ``agent`` and ``capabilities`` at ``now`` (what a sidecar decides
+        on); None for an unknown agent.
 
-        One round trip and one decode instead of three, so the three answers also come
-        from the same version of the document."""
-        doc = await self._agent_doc(did)
-        if doc is None:
+        One read of the store (``agent_closure``: the agent's document, the grants to it
+        with their ancestors, their delegators) instead of one for each, so the three
+        answers also come from one version of the store."""
+        closure = await self.store.agent_closure(did)
+        if closure is None:
             return None
+        doc = decode_listed(closure.agent)
         record = doc.record()
-        view = self._view(doc, now)
-        capabilities = await self._capabilities_of(did, record, doc.grants_in, now)
-        return Standing(view, record, capabilities)
+        return Standing(self._view(doc, now), record, self._capabilities(did, record, closure, now))
 
-    async def _capabilities_of(
-        self, did: str, record: AgentRecord, grants_in: Sequence[str], now: datetime
+    def _capabilities(
+        self, did: str, record: AgentRecord, closure: Closure, now: datetime
     ) -> tuple[str, ...]:
         context = PartialContext(self.config)
         context.add_record(record)
-        grant_docs = await self._grants(grants_in)
-        ancestors = {gid for g in grant_docs for gid in g["chain"]} - set(grants_in)
-        grant_docs += await self._grants(sorted(ancestors))
-        for grant in grant_docs:
-            context.add_grant(grant)
-        delegators = sorted({g["delegator"] for g in grant_docs} - {did})
-        for raw in await self.store.agent_docs(delegators) if delegators else ():
-            if raw is not None:
-                context.add_record(decode_listed(raw).record())
+        for raw in closure.grants.values():
+            context.add_grant(decode(raw))
+        for raw in closure.delegators.values():
+            context.add_record(decode_listed(raw).record())
         return effective_capabilities(context, did, now)
 
     async def context(self, dids: Sequence[str], grant_ids: Sequence[str]) -> PartialContext:

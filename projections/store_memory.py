@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from projections.documents import Batch, Change, Meta
-from projections.readstore import StaleWriteError
+from projections.readstore import Closure, StaleWriteError, read_closure
 
 
 @dataclass
@@ -36,6 +36,19 @@ class MemoryProjectionStore:
     async def grant_docs(self, grant_ids: Sequence[str]) -> list[bytes | None]:
         grants = {} if self._current is None else self._current.grants
         return [grants.get(gid) for gid in grant_ids]
+
+    async def agent_closure(self, did: str) -> Closure | None:
+        current = self._current
+        if current is None:
+            return None
+
+        async def agents(dids: Sequence[str]) -> list[bytes | None]:
+            return [current.agents.get(d) for d in dids]
+
+        async def grants(grant_ids: Sequence[str]) -> list[bytes | None]:
+            return [current.grants.get(g) for g in grant_ids]
+
+        return await read_closure(did, agents, grants)
 
     async def agent_page(self, after: str | None, limit: int) -> list[tuple[str, bytes]]:
         current = self._current

@@ -22,12 +22,42 @@ import asyncpg
 
 from ledger.postgres.dsn import connect_kwargs, pooler_of
 from projections.documents import Batch, Change, Meta, decode, encode
-from projections.readstore import ReadStoreError, StaleWriteError
+from projections.readstore import Closure, ReadStoreError, StaleWriteError
 
 _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 CHANNEL = "agentmesh_projection"
 # NOTIFY payloads are limited to 8000 bytes: beyond this, say "everything changed".
 _MAX_NOTIFY_AGENTS = 150
+
+
+# An agent's closure (``ProjectionStore.agent_closure``): its document ('a'), the grants
+# to it and their ancestors ('g'; a grant's chain holds every ancestor), the documents of
+# those grants' delegators other than the agent ('d').
+_CLOSURE = """
+WITH a AS (
+  SELECT doc FROM projection_docs
+   WHERE generation = projection_generation($1) AND kind = 'a' AND id = $2
+), direct AS (
+  SELECT d.id, d.doc, convert_from(d.doc, 'UTF8')::jsonb AS j FROM projection_docs d
+   WHERE d.generation = projection_generation($1) AND d.kind = 'g'
+     AND d.id IN (SELECT jsonb_array_elements_text(
+                    convert_from(a.doc, 'UTF8')::jsonb -> 'grants_in') FROM a)
+), inherited AS (
+  SELECT d.id, d.doc, convert_from(d.doc, 'UTF8')::jsonb AS j FROM projection_docs d
+   WHERE d.generation = projection_generation($1) AND d.kind = 'g'
+     AND d.id IN (SELECT jsonb_array_elements_text(direct.j -> 'chain') FROM direct)
+     AND d.id NOT IN (SELECT id FROM direct)
+), grants AS (
+  SELECT id, doc, j FROM direct UNION ALL SELECT id, doc, j FROM inherited
+)
+SELECT 'a' AS part, $2::text AS id, doc FROM a
+UNION ALL
+SELECT 'g', id, doc FROM grants
+UNION ALL
+SELECT 'd', d.id, d.doc FROM projection_docs d
+ WHERE d.generation = projection_generation($1) AND d.kind = 'a' AND d.id <> $2
+   AND d.id IN (SELECT j ->> 'delegator' FROM grants)
+"""
 
 
 class PostgresProjectionStore:
@@ -86,6 +116,20 @@ class PostgresProjectionStore:
 
     async def grant_docs(self, grant_ids: Sequence[str]) -> list[bytes | None]:
         return await self._docs("g", grant_ids)
+
+    async def agent_closure(self, did: str) -> Closure | None:
+        # One statement: one snapshot of the store, one round trip.
+        rows = await self._fetch(_CLOSURE, did)
+        agent = next((bytes(r["doc"]) for r in rows if r["part"] == "a"), None)
+        if agent is None:
+            return None
+        closure = Closure(agent)
+        for row in rows:
+            if row["part"] == "g":
+                closure.grants[row["id"]] = bytes(row["doc"])
+            elif row["part"] == "d":
+                closure.delegators[row["id"]] = bytes(row["doc"])
+        return closure
 
     async def agent_page(self, after: str | None, limit: int) -> list[tuple[str, bytes]]:
         rows = await self._fetch(

@@ -35,7 +35,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from projections.documents import Batch, Change, Meta, decode, encode
-from projections.readstore import ReadStoreError, StaleWriteError
+from projections.readstore import Closure, ReadStoreError, StaleWriteError
 
 _PENDING_TTL = 24 * 3600
 _CHUNK = 1000
@@ -50,6 +50,73 @@ _HMGET = """
 local gen = redis.call('GET', KEYS[1])
 if not gen then return {} end
 return redis.call('HMGET', ARGV[1] .. 'g:' .. gen .. ':' .. ARGV[2], unpack(ARGV, 3))
+"""
+
+# An agent's closure (``ProjectionStore.agent_closure``): its document, the grants to it
+# and their ancestors, the delegators' documents; as {doc, {id, doc, …}, {did, doc, …}}.
+# Agent documents are written with sorted keys, so one starts with its ``grants_in``
+# (grant ids are [A-Za-z0-9_-]): read without decoding the document, whose peer windows
+# are most of it; a grant document is small and decoded whole.
+_CLOSURE = """
+local gen = redis.call('GET', KEYS[1])
+if not gen then return {} end
+local base = ARGV[1] .. 'g:' .. gen .. ':'
+local doc = redis.call('HGET', base .. 'agents', ARGV[2])
+if not doc then return {} end
+local function hmget(key, ids)
+  local found = {}
+  for i = 1, #ids, 1000 do
+    local part = redis.call('HMGET', key, unpack(ids, i, math.min(i + 999, #ids)))
+    for j = 1, #part do found[#found + 1] = part[j] end
+  end
+  return found
+end
+local ids = {}
+local listed = string.match(doc, '^{"grants_in":%[([^%]]*)%]')
+if listed then
+  for id in string.gmatch(listed, '"([^"]*)"') do ids[#ids + 1] = id end
+else
+  ids = cjson.decode(doc)['grants_in'] or {}
+end
+local grants, delegators, seen, named = {}, {}, {}, {[ARGV[2]] = true}
+for _, id in ipairs(ids) do seen[id] = true end
+local wanted = ids
+for _ = 1, 2 do
+  local ancestors = {}
+  if #wanted > 0 then
+    local docs = hmget(base .. 'grants', wanted)
+    for i = 1, #wanted do
+      if docs[i] then
+        grants[#grants + 1] = wanted[i]
+        grants[#grants + 1] = docs[i]
+        local grant = cjson.decode(docs[i])
+        for _, id in ipairs(grant['chain']) do
+          if not seen[id] then
+            seen[id] = true
+            ancestors[#ancestors + 1] = id
+          end
+        end
+        local delegator = grant['delegator']
+        if not named[delegator] then
+          named[delegator] = true
+          delegators[#delegators + 1] = delegator
+        end
+      end
+    end
+  end
+  wanted = ancestors
+end
+local agents = {}
+if #delegators > 0 then
+  local docs = hmget(base .. 'agents', delegators)
+  for i = 1, #delegators do
+    if docs[i] then
+      agents[#agents + 1] = delegators[i]
+      agents[#agents + 1] = docs[i]
+    end
+  end
+end
+return {doc, grants, agents}
 """
 
 _PAGE = """
@@ -136,6 +203,7 @@ class RedisProjectionStore:
         self._current_key = prefix + "current"
         self._meta_script = client.register_script(_META)
         self._hmget_script = client.register_script(_HMGET)
+        self._closure_script = client.register_script(_CLOSURE)
         self._page_script = client.register_script(_PAGE)
         self._scan_script = client.register_script(_SCAN)
         self._commit_script = client.register_script(_COMMIT)
@@ -267,6 +335,13 @@ class RedisProjectionStore:
             return []
         values = await self._call(self._hmget_script, [kind, *ids])
         return list(values) if values else [None] * len(ids)
+
+    async def agent_closure(self, did: str) -> Closure | None:
+        found = await self._call(self._closure_script, [did])
+        if not found:
+            return None
+        doc, grants, agents = found
+        return Closure(bytes(doc), _by_id(grants), _by_id(agents))
 
     async def agent_page(self, after: str | None, limit: int) -> list[tuple[str, bytes]]:
         start = "-" if after is None else "(" + after
@@ -427,3 +502,8 @@ def tls_options(tls: bool, ca_file: str | None) -> dict[str, Any]:
     if not tls:
         return {}
     return {"ssl": True, "ssl_cert_reqs": "required", "ssl_ca_certs": ca_file}
+
+
+def _by_id(flat: Sequence[bytes]) -> dict[str, bytes]:
+    """A script's [id, doc, id, doc, …] reply as {id: doc}."""
+    return {bytes(flat[i]).decode(): bytes(flat[i + 1]) for i in range(0, len(flat), 2)}

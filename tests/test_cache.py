@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
+
+import msgspec
 
 from projections.cache import CachedStore
-from projections.documents import Change
-from projections.store_memory import MemoryProjectionStore
+from projections.documents import Change, Meta
+from projections.readstore import Closure
+from projections.store_memory import MemoryProjectionStore, _Generation
 
 
 class _SlowStore(MemoryProjectionStore):
@@ -62,3 +66,59 @@ async def test_sixty_concurrent_reads_with_invalidations_all_answer() -> None:
     results = await asyncio.gather(*(reader(i) for i in range(60)), invalidator())
     for index, answer in enumerate(results[:60]):
         assert answer == [f"v{(index + k) % 10}".encode() for k in range(3)]
+
+
+def _closure_store() -> tuple[MemoryProjectionStore, list[str], Closure, asyncio.Event]:
+    """A memory store holding an agent with a grant (from a delegator), counting the
+    reads that reach it; its closure reads wait while the event is clear."""
+    me, other = f"did:mesh:{1:032x}", f"did:mesh:{2:032x}"
+    agent = msgspec.json.encode({"grants_in": ["g-1"], "registry": {"did": me}})
+    grant = msgspec.json.encode({"chain": ["g-1"], "delegator": other, "grant_id": "g-1"})
+    delegator = msgspec.json.encode({"grants_in": [], "registry": {"did": other}})
+    meta = Meta("gen", 1, None, 2, "2026-01-01T00:00:00.000000Z", {})
+    store = MemoryProjectionStore()
+    store._current = _Generation(meta, {me: agent, other: delegator}, {"g-1": grant}, [me, other])
+    calls: list[str] = []
+    gate = asyncio.Event()
+    gate.set()
+    for name in ("agent_docs", "grant_docs", "agent_closure"):
+        method = getattr(store, name)
+
+        async def counted(arg: Any, _name: str = name, _method: Any = method) -> Any:
+            calls.append(_name)
+            await gate.wait()
+            return await _method(arg)
+
+        setattr(store, name, counted)
+    return store, calls, Closure(agent, {"g-1": grant}, {other: delegator}), gate
+
+
+async def test_an_agents_closure_is_one_read_then_cached() -> None:
+    inner, calls, expected, _ = _closure_store()
+    cache = CachedStore(inner, ttl=60)
+    me = f"did:mesh:{1:032x}"
+    assert await cache.agent_closure(me) == expected
+    assert calls == ["agent_closure"]  # one read of the store on a miss
+    calls.clear()
+    assert await cache.agent_closure(me) == expected
+    assert calls == []  # the agent, its grant and its delegator were all kept
+    cache.invalidate(Change(position=2, agents=frozenset({me})))
+    assert await cache.agent_closure(me) == expected
+    assert calls == ["agent_closure"]
+    assert await CachedStore(inner, ttl=0).agent_closure(me) == expected  # no cache
+
+
+async def test_a_closure_read_racing_an_invalidation_is_not_kept() -> None:
+    inner, calls, expected, gate = _closure_store()
+    me = f"did:mesh:{1:032x}"
+    cache = CachedStore(inner, ttl=60)
+    gate.clear()
+    read = asyncio.create_task(cache.agent_closure(me))
+    await asyncio.sleep(0)
+    assert calls == ["agent_closure"]  # in flight
+    cache.invalidate(Change(position=2, agents=None))  # before the read answers
+    gate.set()
+    assert await read == expected
+    calls.clear()
+    await cache.agent_closure(me)
+    assert calls == ["agent_closure"]  # nothing of the racing read was kept

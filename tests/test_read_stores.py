@@ -8,28 +8,34 @@ byte; writes are exactly-once (compare-and-set); changes are published.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
 import msgspec
 import pytest
 
-from ledger.events import AgentSuspended
+from ledger.events import AgentSuspended, DelegationGranted
 from ledger.postgres import PostgresEventStore
+from ledger.signed import SignedEvent
 from ledger.timefmt import format_time
 from projections.config import TrustConfig
 from projections.delegation import delegation_chain, effective_capabilities
 from projections.documents import Batch, Meta
 from projections.errors import DelegationError
 from projections.projector import Projector
-from projections.readstore import ProjectionReader, ProjectionStore, StaleWriteError, Standing
+from projections.readstore import (
+    Closure,
+    ProjectionReader,
+    ProjectionStore,
+    StaleWriteError,
+    Standing,
+)
 from projections.state import MeshState, fold_recorded
 from projections.store_memory import MemoryProjectionStore
 from projections.store_postgres import PostgresProjectionStore
 from projections.store_redis import RedisProjectionStore
 from sidecar.trust import TrustSource
-from tests.support import ManualClock, random_history
+from tests.support import ManualClock, random_history, register
 
 CONFIG = TrustConfig()
 
@@ -164,34 +170,65 @@ async def test_tier_filter_and_pagination(
         await reader.agents(clock.now, tier="legendary")
 
 
-async def test_a_sidecar_reads_an_agents_document_once_per_trust_miss(
+async def test_a_sidecar_reads_the_store_once_per_trust_miss(
     ledger: PostgresEventStore, read_store: ProjectionStore, clock: ManualClock
 ) -> None:
-    """A sidecar's trust-cache miss (``TrustSource``) reads the agent's document in one
-    round trip; only grants to the agent (and their delegators) add reads. Its answers
-    are the in-memory fold's, a suspended agent's included."""
+    """A sidecar's trust-cache miss (``TrustSource``) is one read of the store
+    (``agent_closure``), grants to the agent or not: no document is read apart. Its
+    answers are the in-memory fold's, with a suspended agent and a suspended delegator
+    (whose grants then give nothing) among them."""
     await random_history(ledger, clock, seed=5)
     state = await full_replay(ledger)
-    lone = [d for d in sorted(state.agents) if not state.delegations.by_delegatee.get(d)]
-    await ledger.append_own(
-        AgentSuspended(
-            actor=ledger.ledger_did, occurred_at=format_time(clock.now), did=lone[0], reason="test"
+    lone = next(x for x in sorted(state.agents) if not state.delegations.by_delegatee.get(x))
+    # Besides the random grants (most revoked or expired by the end): a live chain
+    # root -> child, whose delegatee holds the child's capability only through its
+    # ancestor and both delegators; and a grant whose delegator is then suspended.
+    a = await register(ledger, capabilities=("tools:*", "http:get"), at=clock.now)
+    b = await register(ledger, capabilities=("mcp:*",), at=clock.now)
+    c = await register(ledger, capabilities=("mcp:*",), at=clock.now)
+    d = await register(ledger, capabilities=("http:get",), at=clock.now)
+    e = await register(ledger, capabilities=("mcp:*",), at=clock.now)
+    now = format_time(clock.now)
+    for delegator, delegatee, grant_id, parent in (
+        (a, b, "closure-root", None),
+        (b, c, "closure-child", "closure-root"),
+        (d, e, "closure-lone", None),
+    ):
+        grant = DelegationGranted(
+            actor=delegator.did,
+            occurred_at=now,
+            grant_id=grant_id,
+            delegator=delegator.did,
+            delegatee=delegatee.did,
+            capabilities=("http:get",),
+            parent=parent,
         )
-    )
+        await ledger.append([SignedEvent.create(grant, delegator.key)])
+    for did in (lone, d.did):
+        await ledger.append_own(
+            AgentSuspended(actor=ledger.ledger_did, occurred_at=now, did=did, reason="t")
+        )
     projector = Projector(ledger, read_store, CONFIG)
     await projector.catch_up(await projector.load())
     state = await full_replay(ledger)
-    assert state.agents[lone[0]].status == "suspended"
+    assert state.agents[lone].status == "suspended"
+    assert "http:get" in effective_capabilities(state, c.did, clock.now)
+    assert "http:get" not in effective_capabilities(state, e.did, clock.now)
     reader = ProjectionReader(read_store, CONFIG)
-    reads: list[list[str]] = []
-    agent_docs = read_store.agent_docs
+    reads: list[tuple[str, list[str]]] = []
 
-    async def counted(dids: Sequence[str]) -> list[bytes | None]:
-        reads.append(list(dids))
-        return await agent_docs(dids)
+    def counted(name: str) -> Any:
+        method = getattr(read_store, name)
 
-    read_store.agent_docs = counted  # type: ignore[method-assign]
-    for did in lone:
+        async def read(ids: Any) -> Any:
+            reads.append((name, [ids] if isinstance(ids, str) else list(ids)))
+            return await method(ids)
+
+        return read
+
+    for name in ("agent_docs", "grant_docs", "agent_closure"):
+        setattr(read_store, name, counted(name))
+    for did in sorted(state.agents):
         reads.clear()
         source = TrustSource(reader, did, lambda: clock.now)
         found = await source.current()
@@ -204,7 +241,43 @@ async def test_a_sidecar_reads_an_agents_document_once_per_trust_miss(
             state.agents[did].status,
         )
         assert found.capabilities == frozenset(effective_capabilities(state, did, clock.now))
-        assert reads == [[did]]
+        assert reads == [("agent_closure", [did])]
+
+
+@pytest.mark.parametrize("registry_first", [False, True])
+async def test_an_agents_closure_holds_its_grants_their_ancestors_and_delegators(
+    read_store: ProjectionStore, registry_first: bool
+) -> None:
+    """``agent_closure`` reads the grants named in the agent's document (whatever the
+    order of its keys: the projector writes them sorted, ``grants_in`` first), each
+    grant's ancestors (its chain) and the delegators other than the agent; what the
+    store does not hold is left out."""
+    me, d0, d1 = (f"did:mesh:{n:032x}" for n in (1, 2, 3))
+    grants_in = ["g-child", "g-missing"]
+    if registry_first:
+        agent = msgspec.json.encode({"registry": {"did": me}, "grants_in": grants_in})
+    else:
+        agent = msgspec.json.encode({"grants_in": grants_in, "registry": {"did": me}})
+    child = msgspec.json.encode(
+        {"chain": ["g-child", "g-root", "g-gone"], "delegator": d1, "grant_id": "g-child"}
+    )
+    root = msgspec.json.encode({"chain": ["g-root"], "delegator": d0, "grant_id": "g-root"})
+    mine = msgspec.json.encode({"chain": ["g-mine"], "delegator": me, "grant_id": "g-mine"})
+    delegator = msgspec.json.encode({"grants_in": [], "registry": {"did": d1}})
+    meta = Meta(
+        generation="gen1",
+        position=5,
+        recorded_at=None,
+        registry_size=2,
+        updated_at="2026-01-01T00:00:00.000000Z",
+        config=CONFIG.as_dict(),
+    )
+    grants = {"g-child": child, "g-root": root, "g-mine": mine}
+    await read_store.replace_all(Batch({me: agent, d1: delegator}, grants, meta))
+    closure = await read_store.agent_closure(me)
+    assert closure == Closure(agent, {"g-child": child, "g-root": root}, {d1: delegator})
+    assert await read_store.agent_closure(d0) is None  # not held: no closure
+    assert await read_store.agent_closure(d1) == Closure(delegator)
 
 
 async def test_unknown_ids_answer_none(read_store: ProjectionStore) -> None:
