@@ -711,8 +711,10 @@ async def sidecar_figures(
                 trust = await source.current()
                 baseline = decide(policy, action, trust, did, RateLimiter(), time.monotonic())
                 apart.append(time.perf_counter() - started)
-                if trust is None or baseline.allowed != decision.allowed:
-                    raise SystemExit(f"scale: {did}: the two reads decided differently")
+                if trust is None:
+                    raise SystemExit(f"scale: {did} is not in the read store (--only rebuild,…)")
+                if baseline.reason != decision.reason:
+                    raise SystemExit(f"scale: {did}: the reads decided {decision} and {baseline}")
                 (raw,) = await store.agent_docs([did])
                 if raw is not None and decode_grants_in(raw):
                     granted.append(misses[-1])
