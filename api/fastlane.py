@@ -7,7 +7,7 @@ headers — cost more than the read itself. ``TrustReadLane`` is a middleware on
 every route that answers this one after routing (so the route template,
 ``TelemetryMiddleware``'s timing and span, and the exception handler all still
 apply) with the same document the handler answers: the same read
-(``store.agent_docs``), the same view (``api.trustread``), the same wire struct
+(``store.agent_docs``), the same view (``projections.documents.TrustOnly``), the same wire struct
 (``schemas.trust_out``) encoded by msgspec, the same headers.
 
 Anything else falls through to the handler unchanged: another route or method,
@@ -40,11 +40,11 @@ from api import schemas as s
 from api.context import MAX_BODY_BYTES, ApiContext
 from api.errors import MEDIA_TYPE, ledger_problem
 from api.routes import _signed  # the handler's own check
-from api.trustread import decode_trust
 from ledger.errors import LedgerError
 from ledger.events import PolicyViolation, TrustSignal
 from ledger.identity import is_did
 from ledger.timefmt import format_time
+from projections.documents import decode_trust_only
 from projections.readstore import ReadStoreError
 
 TRUST_TEMPLATE = "/v1/agents/{did}/trust"
@@ -83,7 +83,7 @@ class TrustReadLane:
             return None
         if raw is None:
             return None
-        view = decode_trust(raw).view(ctx.reader.config, now)
+        view = decode_trust_only(raw).view(ctx.reader.config, now)
         return _encoder.encode(s.trust_out(view, format_time(now)))
 
 

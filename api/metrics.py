@@ -42,7 +42,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from api.trustread import decode_trust
+from projections.documents import decode_trust_only
 from projections.readstore import ProjectionReader, ReadStoreError
 from projections.trust import TIERS, to_micros
 
@@ -96,7 +96,7 @@ async def read_stats(
         count += 1
         if yield_lock is not None and count % YIELD_EVERY == 0:
             yield_lock()
-        doc = decode_trust(raw)
+        doc = decode_trust_only(raw)
         score, tier = doc.score_and_tier(config, now_us)
         stats.tiers[tier] += 1
         if doc.active:

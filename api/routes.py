@@ -19,7 +19,6 @@ from api.context import ApiContext
 from api.errors import ProblemError, bad_request, not_found
 from api.handshakes import decode_signature
 from api.metrics import HANDSHAKES
-from api.trustread import decode_trust
 from ledger import tlog
 from ledger.canonical import canonical_bytes
 from ledger.chain import AppendResult
@@ -40,7 +39,7 @@ from ledger.identity import VerifyKey, b64encode, is_did
 from ledger.signed import SignedEvent
 from ledger.timefmt import format_time, parse_time
 from projections.delegation import is_active, validate_grant, validate_revocation
-from projections.documents import agent_record, decode
+from projections.documents import agent_record, decode, decode_trust_only
 from projections.history import FoldLimits, FoldTooLargeError, state_at
 from projections.start import Start, ledger_start
 
@@ -193,7 +192,7 @@ async def get_agent(ctx: Ctx, did: FromPath[str]) -> s.AgentWithTrust:
     (raw,) = await ctx.reader.store.agent_docs([_did(did)])  # one read: record and trust
     if raw is None:
         raise not_found(f"agent {did} is not registered")
-    view = decode_trust(raw).view(ctx.reader.config, now)
+    view = decode_trust_only(raw).view(ctx.reader.config, now)
     record = agent_record(decode(raw))
     return s.AgentWithTrust(agent=s.agent_out(record), trust=s.trust_out(view, format_time(now)))
 
@@ -209,7 +208,7 @@ async def get_trust(ctx: Ctx, did: FromPath[str], at: FromQuery[str | None] = No
         (raw,) = await ctx.reader.store.agent_docs([did])
         if raw is None:
             raise not_found(f"agent {did} is not registered")
-        return s.trust_out(decode_trust(raw).view(ctx.reader.config, now), format_time(now))
+        return s.trust_out(decode_trust_only(raw).view(ctx.reader.config, now), format_time(now))
     moment = _time(at, ctx)
     start = await _retained_start(ctx, moment)
     async with _fold_slot(ctx):

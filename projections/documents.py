@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -29,7 +29,16 @@ from projections.config import SEVERITIES, TrustConfig
 from projections.delegation import DelegationGraph, Grant
 from projections.registry import AgentRecord, AgentStatus
 from projections.state import SNAPSHOT_FORMAT, MeshState
-from projections.trust import TrustState, from_micros, to_micros
+from projections.trust import (
+    TrustState,
+    TrustView,
+    from_micros,
+    points,
+    score_milli_at,
+    tier_for,
+    to_micros,
+    trust_at,
+)
 
 _encoder = msgspec.json.Encoder(order="sorted")
 # Fields of a grant document that are derived from the graph, not part of the Grant.
@@ -261,7 +270,11 @@ class _ListedTrust(msgspec.Struct, gc=False):
 
 class TrustOnly(msgspec.Struct, gc=False):
     """What a trust view reads of an agent document: the registry's status and the
-    trust scalars (``ProjectionReader.trust``, the tier counts)."""
+    trust scalars (``ProjectionReader.trust``, the tier counts, ``GET
+    /v1/agents/{did}/trust``'s fast lane, the metrics refresh over every agent). The
+    rest is skipped by the decoder, never built; the view is still
+    ``projections.trust.trust_at`` over a ``TrustState``: the numbers are the same
+    function's."""
 
     registry: _Status
     trust: _ListedTrust
@@ -270,20 +283,39 @@ class TrustOnly(msgspec.Struct, gc=False):
     def suspended(self) -> bool:
         return self.registry.status == "suspended"
 
+    @property
+    def active(self) -> bool:
+        return self.registry.status == "active"
+
     def trust_state(self) -> TrustState:
         """``trust_state`` of the document, without the windows (no view reads them)."""
         t = self.trust
         return TrustState(
             did=t.did,
             base_milli=t.base_milli,
-            base_at=to_micros(stored_time(t.base_at)),
-            decay_from=to_micros(stored_time(t.decay_from)),
+            base_at=stored_micros(t.base_at),
+            decay_from=stored_micros(t.decay_from),
             violations={s: t.violations[s] for s in SEVERITIES},
             positives=t.positives,
             handshakes_completed=t.handshakes_completed,
             handshakes_failed=t.handshakes_failed,
             position=t.position,
         )
+
+    def view(self, config: TrustConfig, now: datetime) -> TrustView:
+        """``trust_at`` of this document at ``now``."""
+        return trust_at(self.trust_state(), config, now, suspended=self.suspended)
+
+    def score_and_tier(self, config: TrustConfig, now_us: int) -> tuple[int, str]:
+        """The view's score and tier alone (``trust_at``'s arithmetic, no view built:
+        what the metrics refresh computes for every agent)."""
+        t = self.trust
+        decaying = TrustState(
+            t.did, t.base_milli, stored_micros(t.base_at), stored_micros(t.decay_from)
+        )
+        milli = score_milli_at(decaying, config.decay_rate_milli, config.decay_floor_milli, now_us)
+        score = points(milli)
+        return score, tier_for(score, config, suspended=self.suspended)
 
 
 class ListedAgent(TrustOnly, gc=False):
@@ -322,6 +354,8 @@ class GrantLinks(msgspec.Struct, gc=False):
 
 
 _listed_decoder = msgspec.json.Decoder(ListedAgent)
+_NAIVE_EPOCH = datetime(1970, 1, 1)
+_MICROSECOND = timedelta(microseconds=1)
 _grants_in_decoder = msgspec.json.Decoder(_GrantsIn)
 _grant_links_decoder = msgspec.json.Decoder(GrantLinks)
 _trust_only_decoder = msgspec.json.Decoder(TrustOnly)
@@ -342,6 +376,17 @@ def decode_grants_in(data: bytes) -> list[str]:
 
 def decode_grant_links(data: bytes) -> GrantLinks:
     return _grant_links_decoder.decode(data)
+
+
+def stored_micros(text: str) -> int:
+    """Microseconds since the epoch of a stored time (``stored_time``'s, without
+    building an aware datetime)."""
+    if len(text) == 27 and text[26] == "Z" and text[10] == "T" and text[19] == ".":
+        try:
+            return (datetime.fromisoformat(text[:26]) - _NAIVE_EPOCH) // _MICROSECOND
+        except ValueError:
+            pass
+    return to_micros(parse_time(text))
 
 
 def stored_time(text: str) -> datetime:

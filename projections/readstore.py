@@ -31,7 +31,7 @@ from projections.documents import (
 )
 from projections.errors import ProjectionError
 from projections.registry import AgentRecord
-from projections.trust import TIERS, TrustView, trust_at
+from projections.trust import TIERS, TrustView
 
 
 class ReadStoreError(ProjectionError):
@@ -175,7 +175,7 @@ class ProjectionReader:
         return None if raw is None else self._view(decode_trust_only(raw), now)
 
     def _view(self, doc: TrustOnly, now: datetime) -> TrustView:
-        return trust_at(doc.trust_state(), self.config, now, suspended=doc.suspended)
+        return doc.view(self.config, now)
 
     async def agents(
         self,

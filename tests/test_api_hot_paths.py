@@ -1,7 +1,8 @@
 """The API's hot paths (issue 15): the same answers as the general paths they shortcut.
 
 * ``GET /v1/agents/{did}/trust`` is answered by ``api.fastlane.TrustReadLane``
-  below Litestar's handler machinery, from ``api.trustread``'s narrow decoding:
+  below Litestar's handler machinery, from ``projections.documents.TrustOnly``'s
+  narrow decoding:
   byte for byte what the routed handler answers and what
   ``ProjectionReader.trust`` computes, for fresh, penalised, decayed and
   suspended agents; everything else falls through to the handler.
@@ -34,12 +35,11 @@ from agentmesh.embedded import EmbeddedRedis, free_port
 from agentmesh.wiring import trust_config
 from api.metrics import REQUEST_DURATION, MetricsServer, read_stats
 from api.schemas import trust_out
-from api.trustread import decode_trust, micros
 from ledger.events import PolicyViolation, TrustSignal, new_event_id
 from ledger.identity import b64encode
 from ledger.timefmt import format_time, parse_time
 from projections.config import TrustConfig
-from projections.documents import Batch, Meta, encode
+from projections.documents import Batch, Meta, decode_trust_only, encode, stored_micros
 from projections.readstore import ProjectionReader, ReadStoreError
 from projections.store_redis import RedisProjectionStore
 from projections.trust import to_micros
@@ -126,7 +126,7 @@ def test_stored_times_are_read_as_the_ledger_parser_reads_them() -> None:
         "2026-11-30T10:25:21Z",  # not the canonical form: the general parser
         "2026-11-30T11:25:21.5+01:00",
     ):
-        assert micros(text) == to_micros(parse_time(text)), text
+        assert stored_micros(text) == to_micros(parse_time(text)), text
 
 
 def _doc(did: str, index: int, status: str = "active") -> bytes:
@@ -224,7 +224,7 @@ async def test_the_metrics_refresh_gives_the_readers_scores_and_tiers(
     assert stats.tiers == {tier: tiers.count(tier) for tier in stats.tiers}
     assert stats.tiers["suspended"] == 1
     assert stats.violations["low"] == sum(
-        decode_trust(d).trust.violations["low"] for d in docs.values()
+        decode_trust_only(d).trust.violations["low"] for d in docs.values()
     )
 
 
