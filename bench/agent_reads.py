@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import generated, ledger_args, register, run_on_servers
+from bench.common import end_on_sigterm, generated, ledger_args, register, run_on_servers
 from bench.scale import hot_appends
 from ledger.identity import SigningKey
 from ledger.postgres import PostgresEventStore, PostgresLedgerReader
@@ -133,6 +133,7 @@ async def bench(server_url: str, args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    end_on_sigterm()
     run_on_servers(
         bench,
         ledger_args(__doc__, events=200_000, agents=1000, samples=50, hot_events=10_000),

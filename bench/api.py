@@ -83,7 +83,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agentmesh.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from agentmesh.migrate import upgrade
-from bench.common import no_collector_pauses, on_schedule, percentile, positive
+from bench.common import end_on_sigterm, no_collector_pauses, on_schedule, percentile, positive
 from ledger.canonical import canonical_bytes
 from ledger.events import AgentRegistered, PolicyViolation, body_of, new_event_id
 from ledger.identity import SigningKey, b64encode
@@ -1169,6 +1169,7 @@ async def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    end_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=positive, default=3)
     parser.add_argument(

@@ -48,7 +48,7 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agentmesh.embedded import EmbeddedPostgres
-from bench.common import fresh_database, register
+from bench.common import end_on_sigterm, fresh_database, register
 from ledger.events import PolicyViolation
 from ledger.identity import SigningKey
 from ledger.postgres import PostgresEventStore
@@ -479,6 +479,7 @@ async def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    end_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=12_800)
     parser.add_argument("--repeat", type=int, default=3)

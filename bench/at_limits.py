@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from api.routes import AT_LIMITS
-from bench.common import generated, ledger_args, run_on_servers
+from bench.common import end_on_sigterm, generated, ledger_args, run_on_servers
 from ledger.postgres import PostgresLedgerReader
 from projections.config import TrustConfig
 from projections.history import FoldLimits, FoldTooLargeError, state_at
@@ -84,4 +84,5 @@ async def bench(server_url: str, args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    end_on_sigterm()
     run_on_servers(bench, ledger_args(__doc__, events=200_000, agents=1000, samples=3))

@@ -56,7 +56,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agentmesh.embedded import EmbeddedPostgres
-from bench.common import drop_database, fresh_database, positive
+from bench.common import drop_database, end_on_sigterm, fresh_database, positive
 from bench.ledger_gen import GeneratedLedger, generate_ledger
 from ledger.audit import Flavour, export_bundle, read_bundle, verify_bundle
 from ledger.audit.export import prepare_export
@@ -424,6 +424,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    end_on_sigterm()
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--agents", type=int, default=1000)

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import signal
 import tempfile
 import time
 import uuid
@@ -26,6 +27,18 @@ from ledger.postgres import PostgresEventStore
 from ledger.timefmt import format_time
 
 T = TypeVar("T")
+
+
+def end_on_sigterm() -> None:
+    """Make SIGTERM (a ``kill``, a job's timeout) end this benchmark as Ctrl-C does, so
+    its ``finally`` blocks still stop the servers it started and remove its temporary
+    directory; by default the signal killed the process and left them. Each
+    benchmark's ``__main__`` calls it first."""
+
+    def terminated(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, terminated)
 
 
 @contextlib.contextmanager

@@ -42,7 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agentmesh.embedded import free_port
-from bench.common import drop_database, fresh_database, servers
+from bench.common import drop_database, end_on_sigterm, fresh_database, servers
 from ledger.identity import SigningKey
 from ledger.postgres import PostgresEventStore
 from projections.config import TrustConfig
@@ -255,6 +255,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
+    end_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=200)
     parser.add_argument("--max-seconds", type=float, default=600.0)

@@ -38,7 +38,7 @@ from cryptography.x509.oid import NameOID
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agentmesh.injector import Injector, InjectorConfig, decide, running
-from bench.common import positive
+from bench.common import end_on_sigterm, positive
 
 
 def certificates(directory: Path) -> Path:
@@ -211,4 +211,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    end_on_sigterm()
     main()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import generated, ledger_args, run_on_servers
+from bench.common import end_on_sigterm, generated, ledger_args, run_on_servers
 from ledger.events import DelegationGranted, decode_body
 from ledger.postgres import PostgresLedgerReader
 
@@ -81,4 +81,5 @@ async def bench(server_url: str, args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    end_on_sigterm()
     run_on_servers(bench, ledger_args(__doc__, events=200_000, agents=100_000, grants=20))

@@ -63,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import msgspec
 
 import api.schemas as schemas
-from bench.common import drop_database, fresh_database, servers
+from bench.common import drop_database, end_on_sigterm, fresh_database, servers
 from bench.ledger_gen import GeneratedLedger, generate_ledger, verify_sample
 from ledger.events import PolicyViolation, TrustSignal
 from ledger.postgres import PostgresEventStore, PostgresLedgerReader
@@ -603,6 +603,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    end_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--agents", type=int, default=1000)

@@ -48,7 +48,7 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agentmesh.embedded import EmbeddedPostgres
-from bench.common import fresh_database
+from bench.common import end_on_sigterm, fresh_database
 from bench.ledger_gen import generate_ledger
 from ledger.chain import RecordedEvent
 from ledger.postgres import PostgresLedgerReader
@@ -174,6 +174,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    end_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--agents", type=int, default=1000)

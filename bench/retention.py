@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ledger.retention as retention
 from agentmesh.embedded import EmbeddedPostgres
-from bench.common import fresh_database
+from bench.common import end_on_sigterm, fresh_database
 from bench.ledger_gen import generate_ledger
 from ledger.postgres import PostgresEventStore
 from projections.config import TrustConfig
@@ -121,6 +121,7 @@ async def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    end_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-day", type=int, default=50_000)
     parser.add_argument("--days", type=int, default=4)

@@ -112,7 +112,15 @@ from bench.api import (
     http_request,
     start_api,
 )
-from bench.common import drop_database, fresh_database, percentile, positive, register, servers
+from bench.common import (
+    drop_database,
+    end_on_sigterm,
+    fresh_database,
+    percentile,
+    positive,
+    register,
+    servers,
+)
 from bench.ledger_gen import GeneratedLedger, generate_ledger, verify_sample
 from bench.retention import timed
 from ledger.audit import export_bundle, verify_bundle
@@ -1009,5 +1017,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
+    end_on_sigterm()
     with contextlib.suppress(KeyboardInterrupt):
         main(parser().parse_args())

@@ -101,7 +101,7 @@ from bench.api import (
     settle,
     start_api,
 )
-from bench.common import cpu_seconds, percentile, positive
+from bench.common import cpu_seconds, end_on_sigterm, percentile, positive
 from ledger.identity import SigningKey
 from ledger.timefmt import utc_now
 from projections.readstore import ProjectionReader
@@ -1441,6 +1441,7 @@ async def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    end_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=positive, default=3)
     parser.add_argument("--calls", type=positive, default=2000, help="per path and round")

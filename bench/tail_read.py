@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import cpu_seconds, drop_database, fresh_database, servers
+from bench.common import cpu_seconds, drop_database, end_on_sigterm, fresh_database, servers
 from bench.ledger_gen import generate_ledger
 from ledger.postgres import PostgresEventStore, PostgresLedgerReader
 from ledger.postgres.reader import ENTRY_COLUMNS
@@ -157,4 +157,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    end_on_sigterm()
     main()

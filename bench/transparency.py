@@ -47,7 +47,7 @@ import msgspec
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.append import ledger_appends
-from bench.common import drop_database, fresh_database, servers
+from bench.common import drop_database, end_on_sigterm, fresh_database, servers
 from bench.ledger_gen import generate_ledger
 from ledger import merkle, tlog
 from ledger.audit import export_bundle, verify_bundle
@@ -336,6 +336,7 @@ async def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    end_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=6400)
     parser.add_argument("--entries", default="1000000,10000000", help="ledger sizes, by commas")

@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agentmesh.embedded import EmbeddedPostgres
-from bench.common import fresh_database, percentile, positive, register
+from bench.common import end_on_sigterm, fresh_database, percentile, positive, register
 from ledger.identity import SigningKey
 from ledger.postgres import PostgresEventStore
 
@@ -180,4 +180,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    end_on_sigterm()
     main()
