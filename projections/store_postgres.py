@@ -32,16 +32,24 @@ _MAX_NOTIFY_AGENTS = 150
 
 # An agent's closure (``ProjectionStore.agent_closure``): its document ('a'), the grants
 # to it and their ancestors ('g'; a grant's chain holds every ancestor), the documents of
-# those grants' delegators other than the agent ('d').
+# those grants' delegators other than the agent ('d'). The projector writes an agent's
+# document with sorted keys, so it starts with its ``grants_in`` (grant ids hold no
+# ']'): that head alone is parsed, not the peer windows that are most of a busy agent's
+# document (a 134 kB document took 3.8 ms to parse whole); another document is parsed
+# whole.
 _CLOSURE = """
 WITH a AS (
-  SELECT doc FROM projection_docs
+  SELECT doc,
+         CASE WHEN substring(doc FROM 1 FOR 14) = '{"grants_in":['::bytea
+              THEN (convert_from(substring(doc FROM 1 FOR position('\\x5d'::bytea IN doc)),
+                                 'UTF8') || '}')::jsonb
+              ELSE convert_from(doc, 'UTF8')::jsonb END AS head
+    FROM projection_docs
    WHERE generation = projection_generation($1) AND kind = 'a' AND id = $2
 ), direct AS (
   SELECT d.id, d.doc, convert_from(d.doc, 'UTF8')::jsonb AS j FROM projection_docs d
    WHERE d.generation = projection_generation($1) AND d.kind = 'g'
-     AND d.id IN (SELECT jsonb_array_elements_text(
-                    convert_from(a.doc, 'UTF8')::jsonb -> 'grants_in') FROM a)
+     AND d.id IN (SELECT jsonb_array_elements_text(head -> 'grants_in') FROM a)
 ), inherited AS (
   SELECT d.id, d.doc, convert_from(d.doc, 'UTF8')::jsonb AS j FROM projection_docs d
    WHERE d.generation = projection_generation($1) AND d.kind = 'g'

@@ -40,6 +40,18 @@ from tests.support import ManualClock, random_history, register
 CONFIG = TrustConfig()
 
 
+def _meta(generation: str, position: int, registry_size: int = 0) -> Meta:
+    """A store's meta for hand-written documents."""
+    return Meta(
+        generation=generation,
+        position=position,
+        recorded_at=None,
+        registry_size=registry_size,
+        updated_at="2026-01-01T00:00:00.000000Z",
+        config=CONFIG.as_dict(),
+    )
+
+
 async def full_replay(ledger: PostgresEventStore) -> MeshState:
     return fold_recorded([r async for r in ledger.iter_entries()], CONFIG)
 
@@ -264,14 +276,7 @@ async def test_an_agents_closure_holds_its_grants_their_ancestors_and_delegators
     root = msgspec.json.encode({"chain": ["g-root"], "delegator": d0, "grant_id": "g-root"})
     mine = msgspec.json.encode({"chain": ["g-mine"], "delegator": me, "grant_id": "g-mine"})
     delegator = msgspec.json.encode({"grants_in": [], "registry": {"did": d1}})
-    meta = Meta(
-        generation="gen1",
-        position=5,
-        recorded_at=None,
-        registry_size=2,
-        updated_at="2026-01-01T00:00:00.000000Z",
-        config=CONFIG.as_dict(),
-    )
+    meta = _meta("gen1", 5, registry_size=2)
     grants = {"g-child": child, "g-root": root, "g-mine": mine}
     await read_store.replace_all(Batch({me: agent, d1: delegator}, grants, meta))
     closure = await read_store.agent_closure(me)
@@ -291,14 +296,7 @@ async def test_unknown_ids_answer_none(read_store: ProjectionStore) -> None:
 
 
 async def test_stale_writes_are_refused(read_store: ProjectionStore) -> None:
-    meta = Meta(
-        generation="gen1",
-        position=5,
-        recorded_at=None,
-        registry_size=0,
-        updated_at="2026-01-01T00:00:00.000000Z",
-        config=CONFIG.as_dict(),
-    )
+    meta = _meta("gen1", 5)
     await read_store.replace_all(Batch({}, {}, meta))
     later = Meta(**{**meta.to_dict(), "position": 6})
     await read_store.commit(Batch({}, {}, later), expected=("gen1", 5))
