@@ -122,6 +122,7 @@ async def main(args: argparse.Namespace) -> None:
         tempfile.TemporaryDirectory(prefix="agentmesh-bench-") as root,
         servers(Path(root)) as (server_url, host, port),
     ):
+        print(f"servers up: Redis at {host}:{port}, PostgreSQL", flush=True)
         redis = RedisProjectionStore.connect(host, port, prefix="bench-closure:")
         try:
             await measure(redis, args.reads, args.repeat)

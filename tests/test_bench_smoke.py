@@ -1,0 +1,91 @@
+"""Benchmarks as commands: ``bench/agent_closure.py`` end to end at a toy size, and a
+benchmark killed with SIGTERM stops the servers it started and removes its temporary
+directory (``bench.common.end_on_sigterm``). Smoke tests of the commands, not
+benchmarks: nothing here looks at the numbers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from agentmesh.embedded import EmbeddedPostgres, EmbeddedRedis
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("AGENTMESH_")}
+
+
+def _servers_running() -> set[int]:
+    """PIDs of the PostgreSQL postmasters and Redis servers running now."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        program = Path(argv[0].decode(errors="replace")).name
+        if (program == "postgres" and b"-D" in argv) or program.startswith("redis-server"):
+            found.add(int(entry.name))
+    return found
+
+
+def test_the_closure_bench_compares_both_stores(
+    postgres: EmbeddedPostgres, redis_server: EmbeddedRedis
+) -> None:
+    env = _clean_env() | {
+        "AGENTMESH_DATABASE_URL": postgres.url,
+        "AGENTMESH_REDIS_HOST": redis_server.host,
+        "AGENTMESH_REDIS_PORT": str(redis_server.port),
+    }
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "agent_closure.py"), "--reads", "5", "--repeat", "1"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ratios = [line for line in done.stdout.splitlines() if "one read / separate reads" in line]
+    assert [line.split()[0] for line in ratios] == ["redis", "redis", "postgres", "postgres"]
+
+
+def test_a_benchmark_killed_with_sigterm_stops_its_servers_and_removes_its_directory(
+    tmp_path: Path,
+) -> None:
+    before = _servers_running()
+    with subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "agent_closure.py"), "--reads", "20000"],
+        cwd=ROOT,
+        # Its own embedded servers, its temporary directory in tmp_path; lines as printed.
+        env=_clean_env() | {"TMPDIR": str(tmp_path), "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as bench:
+        try:
+            assert bench.stdout is not None
+            assert bench.stderr is not None
+            for line in bench.stdout:
+                if line.startswith("servers up"):
+                    break
+            else:
+                raise AssertionError(f"ended early: {bench.wait()} {bench.stderr.read()}")
+            started = _servers_running() - before
+            assert started, "the bench runs its own PostgreSQL and Redis"
+            assert list(tmp_path.glob("agentmesh-bench-*"))
+            bench.send_signal(signal.SIGTERM)
+            bench.wait(timeout=60)
+        finally:
+            if bench.poll() is None:
+                bench.kill()
+                bench.wait()
+    assert not started & _servers_running(), "servers left running after SIGTERM"
+    assert not list(tmp_path.glob("agentmesh-bench-*")), "its temporary directory was left"
