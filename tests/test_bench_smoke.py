@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from agentmesh.embedded import EmbeddedPostgres, EmbeddedRedis
@@ -36,6 +37,14 @@ def _servers_running() -> set[int]:
     return found
 
 
+def _cluster_homes() -> set[Path]:
+    """Where embedded PostgreSQL clusters live when the test's directory is not
+    reachable by their user (running as root): ``agentmesh-pg-*-data-*`` in /tmp."""
+    return set(Path(tempfile.gettempdir()).glob("agentmesh-pg-*-data-*")) | set(
+        Path("/tmp").glob("agentmesh-pg-*-data-*")
+    )
+
+
 def test_the_closure_bench_compares_both_stores(
     postgres: EmbeddedPostgres, redis_server: EmbeddedRedis
 ) -> None:
@@ -60,7 +69,7 @@ def test_the_closure_bench_compares_both_stores(
 def test_a_benchmark_killed_with_sigterm_stops_its_servers_and_removes_its_directory(
     tmp_path: Path,
 ) -> None:
-    before = _servers_running()
+    before, homes = _servers_running(), _cluster_homes()
     with subprocess.Popen(
         [sys.executable, str(ROOT / "bench" / "agent_closure.py"), "--reads", "20000"],
         cwd=ROOT,
@@ -89,3 +98,4 @@ def test_a_benchmark_killed_with_sigterm_stops_its_servers_and_removes_its_direc
                 bench.wait()
     assert not started & _servers_running(), "servers left running after SIGTERM"
     assert not list(tmp_path.glob("agentmesh-bench-*")), "its temporary directory was left"
+    assert not _cluster_homes() - homes, "its PostgreSQL cluster's directory was left"
