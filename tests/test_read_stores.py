@@ -263,24 +263,26 @@ async def test_an_agents_closure_holds_its_grants_their_ancestors_and_delegators
     """``agent_closure`` reads the grants named in the agent's document (whatever the
     order of its keys: the projector writes them sorted, ``grants_in`` first), each
     grant's ancestors (its chain) and the delegators other than the agent; what the
-    store does not hold is left out."""
+    store does not hold is left out, and a grant nothing names is not read."""
     me, d0, d1 = (f"did:mesh:{n:032x}" for n in (1, 2, 3))
     grants_in = ["g-child", "g-missing"]
     if registry_first:
         agent = msgspec.json.encode({"registry": {"did": me}, "grants_in": grants_in})
     else:
         agent = msgspec.json.encode({"grants_in": grants_in, "registry": {"did": me}})
-    child = msgspec.json.encode(
-        {"chain": ["g-child", "g-root", "g-gone"], "delegator": d1, "grant_id": "g-child"}
-    )
-    root = msgspec.json.encode({"chain": ["g-root"], "delegator": d0, "grant_id": "g-root"})
-    mine = msgspec.json.encode({"chain": ["g-mine"], "delegator": me, "grant_id": "g-mine"})
+    # child (from d1) <- mid (from the agent itself) <- root (from d0, not held) <- gone
+    chain = ["g-child", "g-mid", "g-root", "g-gone"]
+    child = msgspec.json.encode({"chain": chain, "delegator": d1, "grant_id": "g-child"})
+    mid = msgspec.json.encode({"chain": chain[1:], "delegator": me, "grant_id": "g-mid"})
+    root = msgspec.json.encode({"chain": chain[2:], "delegator": d0, "grant_id": "g-root"})
+    other = msgspec.json.encode({"chain": ["g-other"], "delegator": d1, "grant_id": "g-other"})
     delegator = msgspec.json.encode({"grants_in": [], "registry": {"did": d1}})
     meta = _meta("gen1", 5, registry_size=2)
-    grants = {"g-child": child, "g-root": root, "g-mine": mine}
+    grants = {"g-child": child, "g-mid": mid, "g-root": root, "g-other": other}
     await read_store.replace_all(Batch({me: agent, d1: delegator}, grants, meta))
     closure = await read_store.agent_closure(me)
-    assert closure == Closure(agent, {"g-child": child, "g-root": root}, {d1: delegator})
+    held = {"g-child": child, "g-mid": mid, "g-root": root}
+    assert closure == Closure(agent, held, {d1: delegator})  # not the agent's own document
     assert await read_store.agent_closure(d0) is None  # not held: no closure
     assert await read_store.agent_closure(d1) == Closure(delegator)
 
