@@ -378,26 +378,31 @@ def decode_grant_links(data: bytes) -> GrantLinks:
     return _grant_links_decoder.decode(data)
 
 
+def _canonical(text: str) -> datetime | None:
+    """A time in ``format_time``'s form (how the projections store every time), read
+    by the C ISO parser as a naive UTC datetime; None for any other form."""
+    if len(text) == 27 and text[26] == "Z" and text[10] == "T" and text[19] == ".":
+        try:
+            return datetime.fromisoformat(text[:26])
+        except ValueError:
+            return None
+    return None
+
+
 def stored_micros(text: str) -> int:
     """Microseconds since the epoch of a stored time (``stored_time``'s, without
     building an aware datetime)."""
-    if len(text) == 27 and text[26] == "Z" and text[10] == "T" and text[19] == ".":
-        try:
-            return (datetime.fromisoformat(text[:26]) - _NAIVE_EPOCH) // _MICROSECOND
-        except ValueError:
-            pass
-    return to_micros(parse_time(text))
+    naive = _canonical(text)
+    if naive is None:
+        return to_micros(parse_time(text))
+    return (naive - _NAIVE_EPOCH) // _MICROSECOND
 
 
 def stored_time(text: str) -> datetime:
     """A time as the projections store it (``format_time``'s form, read by the C ISO
     parser), or any RFC 3339 time (``parse_time``)."""
-    if len(text) == 27 and text[26] == "Z" and text[10] == "T" and text[19] == ".":
-        try:
-            return datetime.fromisoformat(text[:26]).replace(tzinfo=UTC)
-        except ValueError:
-            pass
-    return parse_time(text)
+    naive = _canonical(text)
+    return parse_time(text) if naive is None else naive.replace(tzinfo=UTC)
 
 
 def trust_state(doc: Mapping[str, Any]) -> TrustState:
