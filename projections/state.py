@@ -324,10 +324,12 @@ def _handshake_completed(
         if trust is None:
             continue
         trust.handshakes_completed += 1
-        last = trust.partners.get(partner)
+        partners = trust.partners
+        last = partners.get(partner)
         if last is None or at - last >= PAIR_WINDOW_US:
             reward(trust, config, config.reward_handshake, at)
-            trust.partners[partner] = at
+            _drop_over(partners, at)  # ``partner``'s own, if over, among them
+            partners[partner] = at
         trust.position = position
         agents[did].position = position
         changed += (did,)
@@ -416,6 +418,7 @@ def _peer_effect(
     peers = target.peers
     window = peers.get(reporter)
     if window is None or at - window[0] >= PAIR_WINDOW_US:  # 3.
+        _drop_over(peers, at)  # ``reporter``'s own, if over, among them
         window = peers[reporter] = [at, 0, 0]
     room = cap * score // MAX_SCORE - window[slot]
     effect = weighted if weighted < room else room
@@ -423,6 +426,29 @@ def _peer_effect(
         return 0
     window[slot] += effect
     return effect
+
+
+def _drop_over(windows: dict[str, Any], at: int) -> None:
+    """Forget the windows that are over at ``at`` (µs): a window over counts as no
+    window at all (the next report or handshake opens a new one), so dropping it
+    changes no score; without it an agent's document would keep every peer that
+    ever reported on it (about a hundred for each agent of a 10M-event ledger).
+
+    ``windows`` maps a peer to its window's start (``partners``) or to
+    ``[start, …]`` (``peers``) and is kept in order of start — a window opens at
+    the end of the dict, at the entry's ``recorded_at``, which never runs
+    backwards; one renewed was over, so it was dropped first; ``TrustState.from_dict``
+    restores the order — so the windows over are at its front. Called when a window opens;
+    what it drops depends only on the events folded, so every fold of the same
+    entries (live, rebuilt, from a snapshot, in any batches) keeps the same ones."""
+    over = []
+    for peer, window in windows.items():
+        start = window if type(window) is int else window[0]
+        if at - start < PAIR_WINDOW_US:
+            break
+        over.append(peer)
+    for peer in over:
+        del windows[peer]
 
 
 def _standing(state: MeshState, trust: TrustState, at: int) -> int | None:

@@ -61,9 +61,11 @@ class TrustState:
     position: int = 0
     peers: dict[str, list[int]] = field(default_factory=dict)
     """Per peer reporter, its current window: ``[start µs, penalty spent, reward given]``
-    (milli-points), so one peer's reports about this agent stay bounded."""
+    (milli-points), so one peer's reports about this agent stay bounded. In order of
+    start; windows over are dropped when a window opens (``state._drop_over``)."""
     partners: dict[str, int] = field(default_factory=dict)
-    """Per handshake partner, when a completed handshake with it last earned a reward (µs)."""
+    """Per handshake partner, when a completed handshake with it last earned a reward
+    (µs); in that order, those over dropped as ``peers``'s are."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-compatible form (ints and strings, sorted keys)."""
@@ -94,8 +96,16 @@ class TrustState:
             handshakes_completed=data["handshakes_completed"],
             handshakes_failed=data["handshakes_failed"],
             position=data["position"],
-            peers={did: list(window) for did, window in data.get("peers", {}).items()},
-            partners=dict(data.get("partners", {})),
+            # In order of start, as the fold keeps them (``state._drop_over``).
+            peers={
+                did: list(window)
+                for did, window in sorted(
+                    data.get("peers", {}).items(), key=lambda item: (item[1][0], item[0])
+                )
+            },
+            partners=dict(
+                sorted(data.get("partners", {}).items(), key=lambda item: (item[1], item[0]))
+            ),
         )
 
 

@@ -7,12 +7,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from unittest import mock
 
 import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import projections.state as state_module
 from ledger.chain import RecordedEvent
 from ledger.errors import EventValidationError
 from ledger.events import (
@@ -51,7 +53,7 @@ from projections.delegation import (
     validate_revocation,
 )
 from projections.errors import DelegationError, SnapshotError
-from projections.state import MeshState, _standing, fold
+from projections.state import PAIR_WINDOW_US, MeshState, _standing, fold
 from projections.trust import HOUR_US, tier_for, to_micros
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -977,3 +979,97 @@ def test_revoked_and_expired_subtrees_are_inactive(world: World, offset: int) ->
             assert caps == ()
         else:
             assert set(record.capabilities) <= set(caps)
+
+
+def _stretched(
+    items: list[tuple[AnyEvent, int, datetime]], stretch: int
+) -> list[tuple[AnyEvent, int, datetime]]:
+    """The history with every gap between entries ``stretch`` times as long."""
+    return [(event, position, T0 + (moment - T0) * stretch) for event, position, moment in items]
+
+
+def _without_windows(snapshot: dict[str, Any]) -> dict[str, Any]:
+    agents = {
+        did: {**entry, "trust": {**entry["trust"], "peers": None, "partners": None}}
+        for did, entry in snapshot["agents"].items()
+    }
+    return {**snapshot, "agents": agents}
+
+
+@settings(max_examples=150, deadline=None)
+@given(histories(), st.data(), st.sampled_from([1, 6, 20]))
+def test_windows_over_are_dropped_and_no_score_moves(
+    items: list[tuple[AnyEvent, int, datetime]], data: st.DataObject, stretch: int
+) -> None:
+    """A peer window (or a handshake pair's) that is over counts as none, so the fold
+    drops it when a window opens: every score and tier, at any later time, is what the
+    fold keeping every window gives; only windows over at the last entry are gone; and
+    a fold resumed from a snapshot (windows restored in order of start) keeps and drops
+    the same ones as a fold of everything."""
+    items = _stretched(_by_peers(items, data), stretch)
+    dropped = fold(items)
+    with mock.patch.object(state_module, "_drop_over", return_value=None):
+        kept = fold(items)
+    assert _without_windows(dropped.snapshot()) == _without_windows(kept.snapshot())
+    last = items[-1][2] if items else T0
+    for did, trust in dropped.trust.items():
+        for later in (0, 5 * HOUR_US, 30 * HOUR_US, 400 * HOUR_US):
+            moment = last + timedelta(microseconds=later)
+            assert dropped.trust_view(did, moment) == kept.trust_view(did, moment)
+        every = kept.trust[did]
+        assert trust.peers.items() <= every.peers.items()
+        assert trust.partners.items() <= every.partners.items()
+        for peer in every.peers.keys() - trust.peers.keys():
+            assert to_micros(last) - every.peers[peer][0] >= PAIR_WINDOW_US
+        for peer in every.partners.keys() - trust.partners.keys():
+            assert to_micros(last) - every.partners[peer] >= PAIR_WINDOW_US
+    cut = data.draw(st.integers(0, len(items)))
+    restored = MeshState.from_snapshot(json.loads(json.dumps(fold(items[:cut]).snapshot())))
+    restored.apply_all(items[cut:])
+    assert restored.snapshot() == dropped.snapshot()
+
+
+def test_a_window_over_is_dropped_when_another_opens() -> None:
+    """Boundaries and order: a window is over 24 h after it opened (not a microsecond
+    before); a renewed window moves behind the others; a state restored from its
+    snapshot drops what the state it came from drops."""
+    target, first, second, third = AGENTS[:4]
+    assert first < second < third  # restored windows are in order of start, not of DID
+    state = fold([(registered(did), n, T0) for n, did in enumerate(AGENTS[:4], start=1)])
+    position = 4
+
+    def report(reporter: str, hours: float, micros: int = 0) -> None:
+        nonlocal position
+        position += 1
+        moment = T0 + timedelta(hours=hours, microseconds=micros)
+        event = msgspec.structs.replace(violation(target, "low"), actor=reporter)
+        state.apply(event, position, moment)
+
+    def shake(partner: str, hours: float) -> None:
+        nonlocal position
+        position += 1
+        state.apply(completed(target, partner), position, T0 + timedelta(hours=hours))
+
+    report(second, 1)
+    report(first, 2)
+    report(third, 25, -1)  # second's window (1 h) has a microsecond left
+    assert list(state.trust[target].peers) == [second, first, third]
+    restored = MeshState.from_snapshot(json.loads(json.dumps(state.snapshot())))
+    assert list(restored.trust[target].peers) == [second, first, third]
+    report(first, 26)  # first's window (2 h) is over: renewed, to the end; second's dropped
+    assert list(state.trust[target].peers) == [third, first]
+    report(second, 49)  # third's (25 h) over; first's (26 h) not
+    assert list(state.trust[target].peers) == [first, second]
+    for n, (reporter, hours) in enumerate(((first, 26), (second, 49)), start=8):
+        restored.apply(
+            msgspec.structs.replace(violation(target, "low"), actor=reporter),
+            n,
+            T0 + timedelta(hours=hours),
+        )
+    assert restored.trust[target].peers == state.trust[target].peers
+    shake(second, 50)
+    shake(first, 51)
+    shake(second, 74)  # over at 74 h, renewed behind first's
+    assert list(state.trust[target].partners) == [first, second]
+    shake(third, 75)  # first's (51 h) over
+    assert list(state.trust[target].partners) == [second, third]
