@@ -23,7 +23,8 @@ real chain and a real Merkle tree, then measures on it:
     ``--hot-events`` events of its own (its sidecar's self-reports); median ms;
   * projection rebuild into Redis (``Projector.rebuild``) beside the raw read of
     the same events (``iter_entries``, batch 10,000) in the same rounds: events/s,
-    target >= 0.8x the raw read;
+    target >= 0.8x the raw read; and the bytes Redis then holds per agent document
+    (``MEMORY USAGE`` of the documents' hash over its fields);
   * audit export (``export_bundle``, jsonl, every event with its inclusion proof)
     of the newest ``--export-events`` generated events and offline verification
     of that bundle (``verify_bundle``, every signature, one worker per core):
@@ -98,6 +99,7 @@ from typing import Any
 
 import asyncpg
 import msgspec
+import redis.asyncio as redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -204,6 +206,7 @@ MEASURES = (
     Measure("raw_read", "raw read of the ledger (baseline)", "events/s", None),
     Measure("rebuild", "projection rebuild into redis", "events/s", True),
     Measure("rebuild_ratio", "  … rebuild / raw read (target >= 0.8)", "x", True),
+    Measure("document_bytes", "  … redis bytes per agent document", "B", False),
     Measure("export", "audit export (jsonl, with proofs)", "events/s", True),
     Measure("export_lines", "  … events + key entries written", "lines/s", True),
     Measure("verify", "offline verify (every signature)", "events/s", True),
@@ -420,7 +423,9 @@ async def raw_read(url: str, head: int) -> float:
     return count / elapsed
 
 
-async def rebuild(url: str, host: str, port: int, prefix: str, head: int) -> float:
+async def rebuild(url: str, host: str, port: int, prefix: str, head: int) -> tuple[float, float]:
+    """The rebuild's events/s, and the bytes Redis holds per agent document it wrote
+    (``MEMORY USAGE`` of the generation's document hash, every field counted)."""
     reader = await PostgresLedgerReader.connect(url)
     store = RedisProjectionStore.connect(host, port, prefix=prefix)
     try:
@@ -431,7 +436,15 @@ async def rebuild(url: str, host: str, port: int, prefix: str, head: int) -> flo
         await store.close()
         await reader.close()
     assert progress.state.position == head, progress.state.position
-    return head / elapsed
+    client = redis.Redis(host=host, port=port)
+    try:
+        documents = f"{prefix}g:{progress.generation}:agents"
+        held = await client.memory_usage(documents, samples=0)
+        count = await client.hlen(documents)
+    finally:
+        await client.aclose()
+    assert held is not None and count, f"no documents at {documents}"
+    return head / elapsed, held / count
 
 
 async def rebuild_figures(
@@ -442,13 +455,15 @@ async def rebuild_figures(
         size.notes.append(f"rebuild and raw read: {rounds} round(s)")
     for number in range(1, rounds + 1):
         read = await raw_read(built.url, built.head)
-        rate = await rebuild(built.url, host, port, prefix, built.head)
+        rate, per_agent = await rebuild(built.url, host, port, prefix, built.head)
         size.add("raw_read", read)
         size.add("rebuild", rate)
         size.add("rebuild_ratio", rate / read)
+        size.add("document_bytes", per_agent)
         say(
             f"  round {number}: raw read {read:,.0f} events/s, rebuild into redis "
-            f"{rate:,.0f} events/s ({rate / read:.2f}x)"
+            f"{rate:,.0f} events/s ({rate / read:.2f}x); {per_agent:,.0f} B of redis "
+            "per agent document"
         )
 
 

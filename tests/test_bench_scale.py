@@ -47,6 +47,7 @@ def test_scale_run_prints_every_figure_at_both_sizes(
         "GET /v1/agents deep full page",
         "?at=",
         "projection rebuild into redis",
+        "redis bytes per agent document",
         "audit export",
         "offline verify",
         "retention: one day's partition",
