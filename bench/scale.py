@@ -443,7 +443,8 @@ async def rebuild(url: str, host: str, port: int, prefix: str, head: int) -> tup
         count = await client.hlen(documents)
     finally:
         await client.aclose()
-    assert held is not None and count, f"no documents at {documents}"
+    assert held is not None, f"no documents at {documents}"
+    assert count, f"no documents at {documents}"
     return head / elapsed, held / count
 
 
