@@ -16,16 +16,19 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
+from nacl.bindings import crypto_core_ed25519_is_valid_point, crypto_sign_open
+from nacl.exceptions import BadSignatureError
 
 from ledger.errors import SignatureError
 
 DID_PREFIX = "did:mesh:"
+SIGNATURE_BYTES = 64
+PUBLIC_KEY_BYTES = 32
 DID_PATTERN = re.compile(r"^did:mesh:[0-9a-f]{32}$")
 
 
@@ -68,6 +71,14 @@ class VerifyKey:
         if not isinstance(key, Ed25519PublicKey):
             raise SignatureError("public key is not an Ed25519 key")
         raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        if not crypto_core_ed25519_is_valid_point(raw):
+            # A torsion point (or a non-canonical encoding) verifies a forged signature
+            # for every message under some verifiers: with it anyone could sign as the
+            # agent, and the agent could disown what it signed.
+            raise SignatureError(
+                "public key is a point of small order or not canonically encoded: "
+                "not a key anyone can hold alone"
+            )
         return cls(raw=raw, _key=key)
 
     @property
@@ -81,17 +92,28 @@ class VerifyKey:
 
     def verify(self, signature: bytes, message: bytes) -> None:
         """Return None if ``signature`` is valid for ``message``; raise SignatureError."""
-        try:
-            self._key.verify(signature, message)
-        except InvalidSignature as exc:
-            raise SignatureError(f"signature does not verify for {self.did}") from exc
+        if not self.is_valid(signature, message):
+            raise SignatureError(f"signature does not verify for {self.did}")
 
     def is_valid(self, signature: bytes, message: bytes) -> bool:
-        try:
-            self._key.verify(signature, message)
-        except InvalidSignature:
-            return False
-        return True
+        """Whether ``signature`` is this key's over ``message`` (``is_signature``)."""
+        return is_signature(self.raw, signature, message)
+
+
+def is_signature(raw_key: bytes, signature: bytes, message: bytes) -> bool:
+    """Whether ``signature`` is the Ed25519 signature of ``raw_key`` over ``message``:
+    libsodium's check (through PyNaCl), the one every verification in the ledger uses.
+    Besides RFC 8032's equation and ``S < L`` it refuses a key or an ``R`` of small
+    order and non-canonical encodings, which OpenSSL's check accepts (a key of small
+    order verifies a forged signature for every message: ``tests/test_signatures.py``);
+    and it takes about half OpenSSL's time (``bench/append.py`` prints both)."""
+    if len(signature) != SIGNATURE_BYTES or len(raw_key) != PUBLIC_KEY_BYTES:
+        return False
+    try:
+        crypto_sign_open(signature + message, raw_key)
+    except BadSignatureError:
+        return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,11 +18,8 @@ from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime
 from typing import Protocol
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from ledger.canonical import canonical_bytes
-from ledger.identity import VerifyKey
+from ledger.identity import VerifyKey, is_signature
 from ledger.timefmt import format_time
 
 __all__ = [
@@ -54,13 +51,11 @@ class Signer(Protocol):
 
 def verify_signature_chunk(jobs: list[SignatureJob]) -> list[int]:
     """Positions whose signature does not verify (runs in a worker process)."""
-    bad: list[int] = []
-    for position, raw_key, signature, body in jobs:
-        try:
-            Ed25519PublicKey.from_public_bytes(raw_key).verify(signature, body)
-        except (InvalidSignature, ValueError):
-            bad.append(position)
-    return bad
+    return [
+        position
+        for position, raw_key, signature, body in jobs
+        if not is_signature(raw_key, signature, body)
+    ]
 
 
 def make_executor(workers: int | None = None) -> ProcessPoolExecutor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -204,3 +205,33 @@ async def random_history(
                 )
             )
     return agents
+
+
+# Ed25519 public keys nobody should hold: the eight points of small order (the
+# curve's torsion), canonically encoded, and two non-canonical encodings of the
+# identity. Under a cofactorless check without a small-order rule (OpenSSL's) the
+# identity key verifies FORGERY for every message.
+SMALL_ORDER = [
+    bytes.fromhex(h)
+    for h in (
+        "0100000000000000000000000000000000000000000000000000000000000000",  # identity
+        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # order 2
+        "0000000000000000000000000000000000000000000000000000000000000000",  # order 4
+        "0000000000000000000000000000000000000000000000000000000000000080",
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",  # order 8
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85",
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa",
+        "0100000000000000000000000000000000000000000000000000000000000080",  # -0: identity
+        "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # p+1: identity
+    )
+]
+IDENTITY = SMALL_ORDER[0]
+# R = the identity, S = 0: [S]B == R + [k]A for A of small order whatever k is.
+FORGERY = IDENTITY + bytes(32)
+_ED25519_SPKI = bytes.fromhex("302a300506032b6570032100")  # DER prefix of an Ed25519 public key
+
+
+def pem_of(raw: bytes) -> str:
+    body = base64.b64encode(_ED25519_SPKI + raw).decode()
+    return f"-----BEGIN PUBLIC KEY-----\n{body}\n-----END PUBLIC KEY-----\n"

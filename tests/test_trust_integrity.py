@@ -27,7 +27,7 @@ from ledger.identity import b64encode
 from ledger.timefmt import _parse_general, format_time, parse_time
 from projections.store_redis import RedisProjectionStore
 from tests.api_support import ADMIN, Api, handshake_request, signed
-from tests.support import Agent
+from tests.support import FORGERY, IDENTITY, SMALL_ORDER, Agent, pem_of
 
 PROBLEM = "application/problem+json"
 
@@ -358,6 +358,28 @@ async def test_key_rotation_needs_proof_of_the_new_key(api: Api) -> None:
     forged_proof = b64encode(a.key.sign(b"anything"))
     with_forgery = msgspec.structs.replace(to_b, proof=forged_proof)
     refused(await api.client.post(path, json=signed(with_forgery, a.key)), 422, "proof")
+    assert await unchanged(api, a, b) == before
+
+
+async def test_a_key_anyone_could_sign_with_never_enters_the_ledger(api: Api) -> None:
+    """A public key of small order verifies one forged signature for every message
+    under OpenSSL's check: registered (by an admin, or as the first agent) or rotated
+    to, anyone could sign as that agent, and it could disown what it signed. Every
+    way in is refused, and nothing moves."""
+    a, b = await api.register(), await api.register()
+    before = await unchanged(api, a, b)
+    for raw in SMALL_ORDER[:3]:
+        body = {"public_key": pem_of(raw), "capabilities": ["tools:*"]}
+        refused(await api.client.post("/v1/agents", json=body, headers=ADMIN), 400, "small order")
+    rotation = AgentKeyRotated(
+        actor=a.did,
+        occurred_at=format_time(api.clock.now),
+        did=a.did,
+        public_key=pem_of(IDENTITY),
+        proof=b64encode(FORGERY),  # "signed" by the new key, as the forgery goes
+    )
+    path = f"/v1/agents/{a.did}/keys"
+    refused(await api.client.post(path, json=signed(rotation, a.key)), 422, "small order")
     assert await unchanged(api, a, b) == before
 
 
