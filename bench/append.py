@@ -15,7 +15,8 @@ Prints, from one run (medians of ``--repeat`` rounds, rounds interleaved):
     with 32 concurrent appenders, started together; the total events/s beside
     one process's in the same run, and how they shared the ledger (events per
     commit, commits by path, turns waited, entries caught up, guard misses),
-  * the 1-core Ed25519 verify ceiling.
+  * the 1-core Ed25519 verify ceiling (libsodium, the ledger's check) and the CPU of
+    each check the write path runs, OpenSSL's Ed25519 check beside it.
 Both stores commit durably (``synchronous_commit`` on, fsync on) before a call returns.
 
 Usage: .venv/bin/python bench/append.py [--events 12800] [--repeat 3] [--no-peer]
@@ -287,6 +288,8 @@ def check_costs(repeat: int) -> dict[str, float]:
     Ed25519 verification in the same run (best of ``repeat`` timings of 5,000)."""
     import timeit
 
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     from ledger import authority, tlog
     from ledger.chain import entry_hash, envelope_bytes
     from ledger.merkle import Frontier
@@ -326,8 +329,12 @@ def check_costs(repeat: int) -> dict[str, float]:
         )
         return entry_hash(bytes(32), body)
 
+    openssl = Ed25519PublicKey.from_public_bytes(key.public.raw)
     measures: dict[str, Callable[[], object]] = {
         "Ed25519 verify (baseline)": lambda: key.public.is_valid(signed.signature, signed.body),
+        "  … OpenSSL's (cryptography), not used": lambda: openssl.verify(
+            signed.signature, signed.body
+        ),
         "authority rules (ledger/authority.py)": lambda: authority.check(
             signed.event, signed.body, now, view
         ),
