@@ -197,6 +197,13 @@ async def test_the_tail_reads_once_per_new_commit_and_never_for_a_stale_notifica
     try:
         head = (await ledger.head()).position
         await reached(read_store, head)
+        # The store was empty: the projector rebuilt it, then reads once from there
+        # (finding nothing) — possibly after ``reached`` saw the rebuild's position.
+        for _ in range(500):
+            if counted.reads:
+                break
+            await asyncio.sleep(0.01)
+        assert counted.reads == 1
         for n in range(3):
             before = counted.reads
             wake.notify(str(head))  # the NOTIFY of a commit the last read already had
