@@ -46,7 +46,6 @@ class VerifyKey:
     """An Ed25519 public key with its DID."""
 
     raw: bytes
-    _key: Ed25519PublicKey = field(repr=False, compare=False)
     _did: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -55,11 +54,11 @@ class VerifyKey:
 
     @classmethod
     def from_raw(cls, raw: bytes) -> VerifyKey:
-        try:
-            key = Ed25519PublicKey.from_public_bytes(raw)
-        except ValueError as exc:
-            raise SignatureError("public key must be 32 raw Ed25519 bytes") from exc
-        return cls(raw=raw, _key=key)
+        # Only the bytes are kept: every check goes through ``is_signature``, and a
+        # key read back from storage entered through ``from_pem``.
+        if len(raw) != PUBLIC_KEY_BYTES:
+            raise SignatureError("public key must be 32 raw Ed25519 bytes")
+        return cls(raw=raw)
 
     @classmethod
     def from_pem(cls, pem: str | bytes) -> VerifyKey:
@@ -79,16 +78,20 @@ class VerifyKey:
                 "public key is a point of small order or not canonically encoded: "
                 "not a key anyone can hold alone"
             )
-        return cls(raw=raw, _key=key)
+        return cls(raw=raw)
 
     @property
     def did(self) -> str:
         return self._did
 
     def pem(self) -> str:
-        return self._key.public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        ).decode()
+        return (
+            Ed25519PublicKey.from_public_bytes(self.raw)
+            .public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            .decode()
+        )
 
     def verify(self, signature: bytes, message: bytes) -> None:
         """Return None if ``signature`` is valid for ``message``; raise SignatureError."""
