@@ -344,7 +344,7 @@ class AuthorityState:
             self.remember(event.actor, event.event_id, day)
         match event:
             case AgentRegistered() | AgentKeyRotated():
-                self.keys[event.did] = _pem_key(event.public_key).raw
+                self.keys[event.did] = VerifyKey.from_recorded_pem(event.public_key).raw
             case AgentSuspended():
                 self.suspended_dids.add(event.did)
             case AgentReinstated():

@@ -30,6 +30,10 @@ DID_PREFIX = "did:mesh:"
 SIGNATURE_BYTES = 64
 PUBLIC_KEY_BYTES = 32
 DID_PATTERN = re.compile(r"^did:mesh:[0-9a-f]{32}$")
+NOT_A_GROUP_ELEMENT = (
+    "public key is a point of small order or not canonically encoded: "
+    "not a key anyone can hold alone"
+)
 
 
 def did_for_raw_public_key(raw: bytes) -> str:
@@ -62,6 +66,25 @@ class VerifyKey:
 
     @classmethod
     def from_pem(cls, pem: str | bytes) -> VerifyKey:
+        """A public key entering the ledger (a registration, a rotation, a ledger key):
+        parsed, and refused unless it is a point of the prime-order group, canonically
+        encoded (``is_group_element``)."""
+        key = cls.from_recorded_pem(pem)
+        if not is_group_element(key.raw):
+            # A torsion point (or a non-canonical encoding) verifies a forged signature
+            # for every message under some verifiers: with it anyone could sign as the
+            # agent, and the agent could disown what it signed.
+            raise SignatureError(NOT_A_GROUP_ELEMENT)
+        return key
+
+    @classmethod
+    def from_recorded_pem(cls, pem: str | bytes) -> VerifyKey:
+        """A public key the ledger already recorded, read back (a stored registration or
+        rotation): parsed, without repeating ``from_pem``'s group check, which costs
+        ~85 µs a key (seconds over the tens of thousands of signers of a big export or
+        a retention cut). A key of small order verifies nothing anyway: ``is_signature``
+        refuses it. The audit bundle's verifier checks the group of every key a key
+        entry installs, off its main thread (``ledger.signatures``)."""
         data = pem.encode() if isinstance(pem, str) else pem
         try:
             key = serialization.load_pem_public_key(data)
@@ -69,16 +92,7 @@ class VerifyKey:
             raise SignatureError("public key is not a PEM SubjectPublicKeyInfo") from exc
         if not isinstance(key, Ed25519PublicKey):
             raise SignatureError("public key is not an Ed25519 key")
-        raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        if not crypto_core_ed25519_is_valid_point(raw):
-            # A torsion point (or a non-canonical encoding) verifies a forged signature
-            # for every message under some verifiers: with it anyone could sign as the
-            # agent, and the agent could disown what it signed.
-            raise SignatureError(
-                "public key is a point of small order or not canonically encoded: "
-                "not a key anyone can hold alone"
-            )
-        return cls(raw=raw)
+        return cls(raw=key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
 
     @property
     def did(self) -> str:
@@ -101,6 +115,13 @@ class VerifyKey:
     def is_valid(self, signature: bytes, message: bytes) -> bool:
         """Whether ``signature`` is this key's over ``message`` (``is_signature``)."""
         return is_signature(self.raw, signature, message)
+
+
+def is_group_element(raw: bytes) -> bool:
+    """Whether ``raw`` is the canonical encoding of a point of Ed25519's prime-order
+    group (libsodium's ``crypto_core_ed25519_is_valid_point``): what every public key
+    the ledger admits must be. ~85 µs: the point times the group's order."""
+    return len(raw) == PUBLIC_KEY_BYTES and crypto_core_ed25519_is_valid_point(raw)
 
 
 def is_signature(raw_key: bytes, signature: bytes, message: bytes) -> bool:

@@ -82,7 +82,7 @@ class _Overlay:
         if event.event_id is not None and day is not None:
             self.scratch.remember(event.actor, event.event_id, day)
         if isinstance(event, AgentRegistered | AgentKeyRotated):
-            self.scratch.keys[event.did] = VerifyKey.from_pem(event.public_key).raw
+            self.scratch.keys[event.did] = VerifyKey.from_recorded_pem(event.public_key).raw
         elif isinstance(event, AgentSuspended | AgentReinstated):
             self.suspended_changes[event.did] = isinstance(event, AgentSuspended)
         elif isinstance(event, LedgerKeyRotated):
@@ -215,7 +215,7 @@ class MemoryLedger:
         overlay.commit()
         for signed in events:
             if isinstance(signed.event, LedgerKeyRotated):
-                self._identity = VerifyKey.from_pem(signed.event.public_key)
+                self._identity = VerifyKey.from_recorded_pem(signed.event.public_key)
         positions = [
             self._record(signed, stream, version + index, now)
             for index, signed in enumerate(events, start=1)

@@ -19,14 +19,16 @@ from datetime import datetime
 from typing import Protocol
 
 from ledger.canonical import canonical_bytes
-from ledger.identity import VerifyKey, is_signature
+from ledger.identity import NOT_A_GROUP_ELEMENT, VerifyKey, is_group_element, is_signature
 from ledger.timefmt import format_time
 
 __all__ = [
     "ANCHOR_TYPE",
+    "KeyEntryJob",
     "SignatureJob",
     "Signer",
     "anchor_signed_bytes",
+    "check_key_entries",
     "make_executor",
     "verify_signature_chunk",
 ]
@@ -35,6 +37,8 @@ ANCHOR_TYPE = "agentmesh.retention.anchor"
 
 # (position, raw public key, signature, body)
 SignatureJob = tuple[int, bytes, bytes, bytes]
+# An audit bundle's key entry: its signature, and the raw key it installs.
+KeyEntryJob = tuple[SignatureJob, bytes]
 
 
 class Signer(Protocol):
@@ -56,6 +60,20 @@ def verify_signature_chunk(jobs: list[SignatureJob]) -> list[int]:
         for position, raw_key, signature, body in jobs
         if not is_signature(raw_key, signature, body)
     ]
+
+
+def check_key_entries(jobs: list[KeyEntryJob]) -> dict[int, str]:
+    """Why each failing key entry fails, by position: the key it installs is not a
+    point of the prime-order group (a ledger must never have admitted it), or its
+    signature does not verify. Both checks are libsodium's and release the GIL, so
+    this runs on threads or worker processes, off the reader's main thread."""
+    bad: dict[int, str] = {}
+    for (position, raw_key, signature, body), installed in jobs:
+        if not is_group_element(installed):
+            bad[position] = f"invalid public key: {NOT_A_GROUP_ELEMENT}"
+        elif not is_signature(raw_key, signature, body):
+            bad[position] = "signature does not verify"
+    return bad
 
 
 def make_executor(workers: int | None = None) -> ProcessPoolExecutor:

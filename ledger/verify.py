@@ -136,8 +136,10 @@ class KeyRing:
 
 
 def _raw_key(position: int, pem: str) -> bytes:
+    # The entry's key was admitted (group-checked) by ``check`` just before, through
+    # ``authority.check``'s ``VerifyKey.from_pem``: parsing it again is enough.
     try:
-        return VerifyKey.from_pem(pem).raw
+        return VerifyKey.from_recorded_pem(pem).raw
     except SignatureError as exc:
         raise VerificationError(position, f"invalid public key in event: {exc}") from exc
 

@@ -6,17 +6,21 @@ fail a bundle at the first bad line."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import random
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import msgspec
 import pytest
+from nacl import bindings
 
 from bench.ledger_gen import GeneratedLedger, generate_ledger
+from ledger import identity as identity_module
 from ledger import merkle
 from ledger.audit import BundleVerificationError, export_bundle, verify_bundle
 from ledger.audit import verify as verify_module
@@ -24,11 +28,12 @@ from ledger.audit.bundle import clock_ran_back
 from ledger.audit.proofs import BatchProver, batch_proofs
 from ledger.errors import ProofError
 from ledger.events import AgentRegistered
-from ledger.identity import SigningKey, b64encode
+from ledger.identity import NOT_A_GROUP_ELEMENT, SigningKey, b64encode, did_for_raw_public_key
 from ledger.postgres import PostgresEventStore, PostgresLedgerReader
 from ledger.postgres.audit import PostgresAuditSource
+from ledger.signed import SignedEvent
 from ledger.timefmt import format_time, parse_time
-from tests.support import Agent, ManualClock
+from tests.support import FORGERY, IDENTITY, Agent, ManualClock, pem_of
 from tests.test_audit import rehash, rotate, self_register
 from tests.test_audit_proofs import tree
 
@@ -273,3 +278,52 @@ async def test_the_exporter_signs_nothing_over_key_entries_whose_clock_runs_back
         101,
         clock_ran_back(format_time(after), format_time(later), "key entry's"),
     )
+
+
+# -- a key outside the prime-order group, recorded by a ledger that took it -----------------
+
+
+def accept_small_order_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the ledger did before its checks were libsodium's: OpenSSL's check took a
+    key of small order, and a forged signature by it over every message."""
+
+    def sign_open(signed_message: bytes, raw: bytes) -> bytes:
+        if signed_message[:64] == FORGERY:
+            return signed_message[64:]
+        return bindings.crypto_sign_open(signed_message, raw)
+
+    monkeypatch.setattr(identity_module, "crypto_core_ed25519_is_valid_point", lambda _: True)
+    monkeypatch.setattr(identity_module, "crypto_sign_open", sign_open)
+
+
+async def test_a_small_order_key_an_older_ledger_took_fails_export_and_offline_verify(
+    many_signers: tuple[str, GeneratedLedger], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key entries' group check runs beside their signatures, off the main thread
+    (``check_key_entries``), not where each line is read: it must still name the line."""
+    url, ledger = many_signers
+    did = did_for_raw_public_key(IDENTITY)
+    out = io.StringIO()
+    with monkeypatch.context() as older:
+        accept_small_order_keys(older)
+        store = await PostgresEventStore.open(url, ledger.ledger_key)
+        try:
+            now = format_time(datetime.now(UTC))
+            registration = AgentRegistered(
+                actor=store.ledger_did, occurred_at=now, did=did, public_key=pem_of(IDENTITY)
+            )
+            position = (await store.append([store.sign_own(registration)])).positions[0]
+            honest = Agent().violation(at=datetime.now(UTC))
+            claim = msgspec.structs.replace(honest.event, actor=did, agent=did)
+            forged = SignedEvent.create(claim, SigningKey.generate())
+            await store.append([dataclasses.replace(forged, signature=FORGERY)])
+        finally:
+            await store.close()
+        await export_after(url, ledger, 300, out)  # the older exporter signed it too
+    reason = f"invalid public key: {NOT_A_GROUP_ELEMENT}"
+    await exporter_refuses(url, ledger, position, reason)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    at = next(i for i, x in enumerate(lines) if x["kind"] == "key" and x["position"] == position)
+    fails_at(tmp_path / "bundle.jsonl", lines, at, reason)  # on threads
+    monkeypatch.setattr(verify_module, "_KEY_CHUNK", 64)
+    fails_at(tmp_path / "bundle.jsonl", lines, at, reason)  # on the pool, 64 at a time

@@ -13,14 +13,22 @@ from __future__ import annotations
 
 import pytest
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ledger.errors import SignatureError
-from ledger.identity import SigningKey, VerifyKey
-from ledger.signatures import verify_signature_chunk
+from ledger.identity import NOT_A_GROUP_ELEMENT, SigningKey, VerifyKey, is_group_element
+from ledger.signatures import check_key_entries, verify_signature_chunk
 from tests.support import FORGERY, IDENTITY, SMALL_ORDER, pem_of
+
+P256_PEM = (
+    ec.generate_private_key(ec.SECP256R1())
+    .public_key()
+    .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+)
 
 
 def openssl_accepts(raw: bytes, signature: bytes, message: bytes) -> bool:
@@ -51,6 +59,39 @@ def test_a_small_order_or_non_canonical_key_never_enters(raw: bytes) -> None:
 def test_an_honest_key_enters() -> None:
     key = SigningKey.generate()
     assert VerifyKey.from_pem(pem_of(key.public.raw)).did == key.did
+    assert is_group_element(key.public.raw)
+
+
+@pytest.mark.parametrize("raw", SMALL_ORDER, ids=lambda raw: raw.hex()[:8] + raw.hex()[-2:])
+def test_a_recorded_key_is_read_back_without_the_group_check_and_still_verifies_nothing(
+    raw: bytes,
+) -> None:
+    # Keys the ledger recorded are read back by from_recorded_pem (no 85 µs check each):
+    # one of small order that an older ledger took still verifies no forgery.
+    assert not is_group_element(raw)
+    recorded = VerifyKey.from_recorded_pem(pem_of(raw))
+    assert recorded.raw == raw
+    assert not recorded.is_valid(FORGERY, b"m")
+    with pytest.raises(SignatureError, match="not an Ed25519 key"):
+        VerifyKey.from_recorded_pem(P256_PEM)
+    with pytest.raises(SignatureError, match="not a PEM"):
+        VerifyKey.from_recorded_pem("-----BEGIN PUBLIC KEY-----\nnot a key\n")
+
+
+def test_a_key_entry_fails_on_the_key_it_installs_or_on_its_signature() -> None:
+    ledger, agent = SigningKey.generate(), SigningKey.generate()
+    body = b'{"type":"agent.registered"}'
+    signed = (1, ledger.public.raw, ledger.sign(body), body)
+    assert check_key_entries([(signed, agent.public.raw)]) == {}
+    assert check_key_entries([(signed, IDENTITY), ((2, *signed[1:]), SMALL_ORDER[3])]) == {
+        1: f"invalid public key: {NOT_A_GROUP_ELEMENT}",
+        2: f"invalid public key: {NOT_A_GROUP_ELEMENT}",
+    }
+    forged = (3, ledger.public.raw, bytes(64), body)
+    assert check_key_entries([(forged, agent.public.raw)]) == {3: "signature does not verify"}
+    assert check_key_entries([((4, IDENTITY, FORGERY, body), IDENTITY)]) == {
+        4: f"invalid public key: {NOT_A_GROUP_ELEMENT}"
+    }
 
 
 @settings(max_examples=200, deadline=None)

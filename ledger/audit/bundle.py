@@ -108,7 +108,7 @@ from ledger.events import (
     event_type,
 )
 from ledger.identity import VerifyKey, b64decode, b64encode
-from ledger.signatures import SignatureJob, anchor_signed_bytes, verify_signature_chunk
+from ledger.signatures import KeyEntryJob, anchor_signed_bytes, check_key_entries
 from ledger.timefmt import format_time, parse_time
 
 FORMAT = "agentmesh-audit-bundle"
@@ -393,8 +393,12 @@ def entry_signature(item: EntryLine) -> bytes:
     return raw
 
 
-def raw_key(pem: str) -> VerifyKey:
+def raw_key(pem: str, *, group_checked_later: bool = False) -> VerifyKey:
+    """The key of a registration or rotation line. Its group is checked here unless
+    the caller checks it later, off its thread (``check_key_entries``)."""
     try:
+        if group_checked_later:
+            return VerifyKey.from_recorded_pem(pem)
         return VerifyKey.from_pem(pem)
     except LedgerError as exc:
         raise LineError(f"invalid public key: {exc}") from exc
@@ -417,9 +421,10 @@ class KeyHistory:
         # to the key in force at each position), then the agents' keys.
         self.rotations: list[Entry] = []
         self.ledger = keyhistory.LedgerKeys(ledger_key)
-        # Key entries' signatures, (line, job), checked together (check_signatures):
-        # a bundle of tens of thousands of signers has as many key entries.
-        self.unchecked: list[tuple[int, SignatureJob]] = []
+        # Key entries' signatures and the keys they install, (line, job), checked
+        # together (check_signatures): a bundle of tens of thousands of signers has as
+        # many key entries, and a key's group check costs about a signature's.
+        self.unchecked: list[tuple[int, KeyEntryJob]] = []
         self._digest = hashlib.sha256(KEYS_DIGEST_DOMAIN)
 
     def digest(self) -> str:
@@ -446,25 +451,23 @@ class KeyHistory:
             raise BundleVerificationError(line, item.position, reason_of(exc)) from exc
 
     def check_signatures(self) -> None:
-        """Check the signatures of the key entries added so far, on one thread per core
-        (Ed25519 verification releases the GIL); BundleVerificationError names the
-        first line whose signature does not verify."""
+        """Check the key entries added so far — their signatures and the keys they
+        install — on one thread per core (libsodium releases the GIL);
+        BundleVerificationError names the first line that fails."""
         pending = self.take_unchecked()
         jobs = [job for _, job in pending]
         if len(jobs) < _THREADED_KEYS:
-            bad = set(verify_signature_chunk(jobs))
+            bad = check_key_entries(jobs)
         else:
             workers = os.cpu_count() or 1
             with ThreadPoolExecutor(max_workers=workers) as threads:
-                parts = threads.map(
-                    verify_signature_chunk, [jobs[i::workers] for i in range(workers)]
-                )
-                bad = {position for part in parts for position in part}
+                parts = threads.map(check_key_entries, [jobs[i::workers] for i in range(workers)])
+                bad = {position: why for part in parts for position, why in part.items()}
         raise_first_bad(pending, bad)
 
-    def take_unchecked(self) -> list[tuple[int, SignatureJob]]:
-        """The (line, signature job) of the key entries added since the last call; the
-        caller checks them (``verify_signature_chunk``, then ``raise_first_bad``)."""
+    def take_unchecked(self) -> list[tuple[int, KeyEntryJob]]:
+        """The (line, job) of the key entries added since the last call; the caller
+        checks them (``check_key_entries``, then ``raise_first_bad``)."""
         pending, self.unchecked = self.unchecked, []
         return pending
 
@@ -510,10 +513,11 @@ class KeyHistory:
             ledger = self.ledger_at(item.position - 1)
             signer = ledger if event.actor == ledger.did else key
         else:
-            key = raw_key(event.public_key)
+            key = raw_key(event.public_key, group_checked_later=True)
             signer = self._rotation(event, item.position)
         signature = entry_signature(item)
-        self.unchecked.append((line, (item.position, signer.raw, signature, item.body.encode())))
+        job = (item.position, signer.raw, signature, item.body.encode())
+        self.unchecked.append((line, (job, key.raw)))
         # 3. fold (a bad signature fails the bundle in check_signatures, before any entry)
         self.positions.setdefault(event.did, []).append(item.position)
         self.raws.setdefault(event.did, []).append(key.raw)
@@ -563,7 +567,7 @@ class KeyHistory:
             )
 
     def _registration(self, event: AgentRegistered, position: int) -> VerifyKey:
-        key = raw_key(event.public_key)
+        key = raw_key(event.public_key, group_checked_later=True)
         if key.did != event.did:
             raise LineError(f"the public key belongs to {key.did}, not {event.did}")
         if event.did in self.positions:
@@ -585,12 +589,12 @@ class KeyHistory:
         return key_before(self.positions, self.raws, did, position)
 
 
-def raise_first_bad(pending: list[tuple[int, SignatureJob]], bad: set[int]) -> None:
+def raise_first_bad(pending: list[tuple[int, KeyEntryJob]], bad: dict[int, str]) -> None:
     """BundleVerificationError at the first of ``pending`` (line, job) whose position is
-    in ``bad`` (the signatures that did not verify), if any."""
-    for line, job in pending:
+    in ``bad`` (why it failed: ``check_key_entries``), if any."""
+    for line, (job, _) in pending:
         if job[0] in bad:
-            raise BundleVerificationError(line, job[0], "signature does not verify")
+            raise BundleVerificationError(line, job[0], bad[job[0]])
 
 
 def key_before(

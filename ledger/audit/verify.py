@@ -58,7 +58,7 @@ from ledger.identity import VerifyKey, is_did
 from ledger.merkle import Frontier
 from ledger.note import Checkpoint as NoteCheckpoint
 from ledger.note import open_checkpoint
-from ledger.signatures import SignatureJob, make_executor, verify_signature_chunk
+from ledger.signatures import KeyEntryJob, check_key_entries, make_executor
 from ledger.verify import trusted_checkpoint
 
 Source: TypeAlias = str | os.PathLike[str] | Iterable[str | bytes]
@@ -148,9 +148,10 @@ class _BundleVerifier:
         self.header: Header | None = None
         self.keys: KeyHistory | None = None
         self.signer_keys: SignerKeys | None = None
-        # Key entries' signatures sent to the pool, (lines and jobs, futures): checked
-        # beside the entries, and looked at before any result or error after them.
-        self.key_checks: list[tuple[list[tuple[int, SignatureJob]], Future[list[int]]]] = []
+        # Key entries' checks (signatures, installed keys' group) sent to the pool,
+        # (lines and jobs, futures): checked beside the entries, and looked at before
+        # any result or error after them.
+        self.key_checks: list[tuple[list[tuple[int, KeyEntryJob]], Future[dict[int, str]]]] = []
         self.events = 0
         self.stubs = 0
         self.signatures_done = 0
@@ -396,21 +397,22 @@ class _BundleVerifier:
         )
 
     def _send_key_signatures(self) -> None:
-        """Check the key entries' signatures added so far on the pool, as the entries'
-        are: a bundle of the newest events of a large ledger has a key entry per signer
-        (39k of 50k events at 10M entries)."""
+        """Check the key entries added so far (their signatures and the keys they
+        install, ``check_key_entries``) on the pool, as the entries' signatures are: a
+        bundle of the newest events of a large ledger has a key entry per signer (39k
+        of 50k events at 10M entries)."""
         assert self.keys is not None
         pending = self.keys.take_unchecked()
         if pending:
             jobs = [job for _, job in pending]
-            self.key_checks.append((pending, self._pool().submit(verify_signature_chunk, jobs)))
+            self.key_checks.append((pending, self._pool().submit(check_key_entries, jobs)))
 
     def _key_signatures(self) -> None:
         """The results of the key entries' signatures sent to the pool; the first bad
         one named (key entries come before everything after them)."""
         checks, self.key_checks = self.key_checks, []
         for pending, future in checks:
-            raise_first_bad(pending, set(future.result()))
+            raise_first_bad(pending, future.result())
 
     def _pool(self) -> Executor:
         if self.executor is None:

@@ -293,7 +293,7 @@ class RequestView:
         if event.event_id is not None and day is not None:
             self.ids.add((self.id_key(event.actor, event.event_id), day))
         if isinstance(event, AgentRegistered | AgentKeyRotated):
-            self.keys[event.did] = VerifyKey.from_pem(event.public_key).raw
+            self.keys[event.did] = VerifyKey.from_recorded_pem(event.public_key).raw
         elif isinstance(event, AgentSuspended | AgentReinstated):
             self.suspended_dids[event.did] = isinstance(event, AgentSuspended)
         elif isinstance(event, LedgerKeyRotated):
@@ -798,13 +798,13 @@ def _stage_agent_row(state: BatchState, signed: SignedEvent, position: int) -> N
     """Key changes and suspensions update ``agent_keys`` in the same commit."""
     event = signed.event
     if isinstance(event, AgentRegistered | AgentKeyRotated):
-        raw = VerifyKey.from_pem(event.public_key).raw
+        raw = VerifyKey.from_recorded_pem(event.public_key).raw
         suspended = state.suspended_dids.get(event.did, False)
         state.keys[event.did] = raw
         state.key_positions[event.did] = position
         state.key_rows[event.did] = (raw, position, suspended)
     elif isinstance(event, LedgerKeyRotated):
-        state.identity_row = (event.did, VerifyKey.from_pem(event.public_key).raw)
+        state.identity_row = (event.did, VerifyKey.from_recorded_pem(event.public_key).raw)
     elif isinstance(event, AgentSuspended | AgentReinstated):
         suspended = isinstance(event, AgentSuspended)
         state.suspended_dids[event.did] = suspended

@@ -478,7 +478,7 @@ class PostgresLedgerReader:
         for row in rows:
             event = decode_body(bytes(row["body"]))
             if isinstance(event, AgentRegistered | AgentKeyRotated) and event.did == did:
-                return VerifyKey.from_pem(event.public_key).raw
+                return VerifyKey.from_recorded_pem(event.public_key).raw
         if anchor is None:
             return None
         raw = msgspec.json.decode(bytes(anchor["keys"])).get(did)
@@ -511,7 +511,7 @@ class PostgresLedgerReader:
         for row in rows:
             event = decode_body(bytes(row["body"]))
             if isinstance(event, AgentRegistered | AgentKeyRotated):
-                keys[event.did] = VerifyKey.from_pem(event.public_key).raw
+                keys[event.did] = VerifyKey.from_recorded_pem(event.public_key).raw
         return keys
 
     async def suspended_before(self, position: int) -> set[str]:
