@@ -242,6 +242,31 @@ def decode_body(data: bytes) -> AnyEvent:
     return event
 
 
+class KeyChange(msgspec.Struct, frozen=True):
+    """Whose key a stored ``agent.registered`` or ``agent.key_rotated`` body installs."""
+
+    type: str
+    did: str
+    public_key: str
+
+
+_key_change_decoder = msgspec.json.Decoder(KeyChange)
+_KEY_CHANGES = frozenset({"agent.registered", "agent.key_rotated"})
+
+
+def decode_key_change(data: bytes) -> KeyChange | None:
+    """``did`` and ``public_key`` of a stored body that registers or rotates an agent's
+    key, None for a body of another type: for readers folding every agent's key over
+    many entries (``keys_before``: 100k registrations), a third of ``decode_body``'s
+    cost. Only for bodies the ledger stored (already validated by ``decode_body``)."""
+    try:
+        change = _key_change_decoder.decode(data)
+    except msgspec.DecodeError:
+        decode_body(data)  # not an event at all: EventValidationError, as decode_body says
+        return None  # an event without a key (no did or public_key)
+    return change if change.type in _KEY_CHANGES else None
+
+
 def body_of(event: Event) -> dict[str, Any]:
     """The JSON object for an event this process creates (defaults omitted)."""
     raw = msgspec.to_builtins(event)

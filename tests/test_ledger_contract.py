@@ -35,8 +35,10 @@ from ledger.events import (
     AgentReinstated,
     AgentSuspended,
     PolicyViolation,
+    decode_body,
+    decode_key_change,
 )
-from ledger.identity import SigningKey
+from ledger.identity import SigningKey, VerifyKey
 from ledger.memory import MemoryLedger
 from ledger.merkle import Frontier
 from ledger.note import open_checkpoint
@@ -44,7 +46,7 @@ from ledger.ports import BodyReader, Ledger, StoredBody
 from ledger.postgres import PostgresEventStore
 from ledger.signed import SignedEvent
 from ledger.timefmt import format_time
-from tests.support import T0, Agent, ManualClock, register
+from tests.support import T0, Agent, ManualClock, random_history, register
 
 
 @pytest.fixture(params=["memory", "postgres"])
@@ -142,6 +144,13 @@ async def test_keys_before_follow_rotations(store: Ledger) -> None:
     assert (await store.keys_before(position))[agent.did] == agent.key.public.raw
     assert (await store.keys_before(position + 1))[agent.did] == new.public.raw
     assert await store.current_key(agent.did) == new.public
+
+
+def test_a_body_that_is_no_event_is_refused_by_the_key_change_reader() -> None:
+    with pytest.raises(EventValidationError):
+        decode_key_change(b'{"type":"agent.registered","did":1}')
+    with pytest.raises(EventValidationError):
+        decode_key_change(b"not json")
 
 
 async def test_one_agents_key_before_a_position(store: Ledger) -> None:
@@ -483,3 +492,36 @@ async def test_bodies_alone_are_the_entries_bodies(store: Ledger) -> None:
         bodies = await store.read_bodies(after, limit)
         assert bodies == [StoredBody(e.position, e.recorded_at, e.body) for e in entries]
         assert all(isinstance(b.body, bytes) for b in bodies)
+
+
+async def test_keys_before_are_the_keys_every_entry_installs(
+    clocked: Ledger, clock: ManualClock, ledger_key: SigningKey
+) -> None:
+    """``keys_before`` (which reads only the fields a key change needs,
+    ``decode_key_change``) gives, at every position of a varied history, the keys that
+    fully decoded registrations and rotations install."""
+    store = clocked
+    await random_history(store, clock, seed=7, steps=80)
+    agent = await register(store, at=clock())
+    new = SigningKey.generate()
+    rotation = AgentKeyRotated(
+        actor=agent.did,
+        occurred_at=format_time(clock()),
+        did=agent.did,
+        public_key=new.public.pem(),
+    )
+    await store.append([SignedEvent.rotation(rotation, agent.key, new)])
+    entries = await store.read(0, 10_000)
+    expected: dict[str, bytes] = {}
+    for entry in entries:
+        assert (await store.keys_before(entry.position)) == expected, entry.position
+        event = decode_body(entry.body)
+        change = decode_key_change(entry.body)
+        if isinstance(event, AgentRegistered | AgentKeyRotated):
+            assert change is not None
+            assert (change.did, change.public_key) == (event.did, event.public_key)
+            expected[event.did] = VerifyKey.from_pem(event.public_key).raw
+        else:
+            assert change is None, event
+    assert expected[agent.did] == new.public.raw
+    assert ledger_key.did not in expected  # the ledger's own rotations are not agents'

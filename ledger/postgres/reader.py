@@ -31,6 +31,7 @@ from ledger.events import (
     AgentReinstated,
     AgentSuspended,
     decode_body,
+    decode_key_change,
 )
 from ledger.identity import VerifyKey, b64decode
 from ledger.merkle import Frontier
@@ -509,9 +510,9 @@ class PostgresLedgerReader:
             start,
         )
         for row in rows:
-            event = decode_body(bytes(row["body"]))
-            if isinstance(event, AgentRegistered | AgentKeyRotated):
-                keys[event.did] = VerifyKey.from_recorded_pem(event.public_key).raw
+            change = decode_key_change(bytes(row["body"]))
+            if change is not None:
+                keys[change.did] = VerifyKey.from_recorded_pem(change.public_key).raw
         return keys
 
     async def suspended_before(self, position: int) -> set[str]:
