@@ -32,7 +32,6 @@ from ledger.authority import AuthorityState
 from ledger.chain import GENESIS_HASH, Checkpoint, Entry, check_link, verify_checkpoint
 from ledger.errors import EventValidationError, LedgerError, SignatureError, VerificationError
 from ledger.events import (
-    AgentKeyRotated,
     AgentRegistered,
     AnyEvent,
     LedgerKeyRotated,
@@ -128,8 +127,7 @@ class KeyRing:
         return raw
 
     def advance(self, position: int, event: AnyEvent) -> None:
-        if isinstance(event, AgentRegistered | AgentKeyRotated):
-            _raw_key(position, event.public_key)  # a malformed key names its position
+        # A malformed or weak key was refused at this position by ``check``, just before.
         if isinstance(event, LedgerKeyRotated):  # from here on, the new key is the ledger's
             self.ledger_key = VerifyKey.from_raw(_raw_key(position, event.public_key))
         self.authority.advance(event)
