@@ -464,7 +464,7 @@ async def main(args: argparse.Namespace) -> None:
                 print(
                     f"  {n} process{'es' if n > 1 else ''}: {c['events'] / max(commits, 1):.1f} "
                     f"events/commit; commits fast {c['fast']}, optimistic {c['optimistic']}, "
-                    f"locked {c['locked']}; turns waited {c['waited']}, handed over after a "
+                    f"locked {c['locked']}; turns waited {c['waited']}, handed over with a "
                     f"commit {c['handed']} of {c['offered']} offered, entries caught up "
                     f"{c['caught_up']}, guard misses {c['missed']} (all rounds)"
                 )

@@ -2,7 +2,7 @@
 
 Each entry's hash chains the one before it, and PostgreSQL shows a commit to other
 sessions only once its WAL is flushed: appends of separate processes cannot share a
-commit. They take turns on the ledger (an advisory lock, handed over after a commit
+commit. They take turns on the ledger (an advisory lock, handed over with a commit
 while another process waits: ``ledger.postgres.store``), and an append in one
 process may wait for the other's commit before its own. This prints, for
 ``--processes`` separate processes (each a ``PostgresEventStore``, as API workers or

@@ -105,6 +105,36 @@ async def test_processes_take_turns_and_never_race_for_the_head(
             await store.close()
 
 
+async def test_a_refused_write_that_was_to_hand_the_turn_over_lets_the_turn_go(
+    database_url: str, ledger_key: SigningKey
+) -> None:
+    """Under contention a holder hands the turn over inside its write; when that write
+    fails (a replayed body's single-use id: the unique key is checked after the
+    hand-over ran), the hand-over's answer is lost: the process lets the turn go
+    rather than guess, the replay is refused, the head stays, and both processes go
+    on appending without a lost race."""
+    first = await PostgresEventStore.open(database_url, ledger_key)
+    second = await PostgresEventStore.open(database_url, ledger_key)
+    try:
+        agent = await register(first)
+        original = agent.violation(severity="low")
+        await first.append([original])
+        await second.append([agent.violation(severity="low")])  # `first` will wait for it
+        head = await first.head()
+        with pytest.raises(ReplayError):
+            await first.append([original])  # its own turn, contended: the write hands over
+        assert first.turn_counts["dropped"] == 1, first.turn_counts
+        assert await first.head() == head
+        for store in (first, second, first):
+            await asyncio.wait_for(store.append([agent.violation(severity="low")]), 10)
+        assert [s.turn_counts["missed"] for s in (first, second)] == [0, 0]
+        total = (await first.head()).position
+        assert await positions(database_url) == list(range(1, total + 1))
+    finally:
+        await first.close()
+        await second.close()
+
+
 async def test_a_process_alone_never_offers_its_turn(store: PostgresEventStore) -> None:
     """With no other process appending, a commit is one round trip: the hand-over
     after a commit (one more) is asked only under contention."""

@@ -5,6 +5,7 @@ whole statement."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
@@ -14,6 +15,7 @@ import pytest
 from ledger.chain import Head
 from ledger.merkle import Frontier, Subtree
 from ledger.postgres.batch import (
+    TAKE_TURN_SQL,
     BatchState,
     CheckpointRow,
     WriteShape,
@@ -222,3 +224,64 @@ def _statement(
 ) -> tuple[str, ...]:
     sql, args = write_statement(expected, state, checkpoint)
     return (sql, *args)  # type: ignore[arg-type]
+
+
+TURN, COMMIT = 0x7E57_0001, 0x7E57_0002  # this test's own turn and commit locks
+
+
+async def _waiting(conn: asyncpg.Connection, pid: int, lock: int) -> None:
+    """Until the backend ``pid`` waits for the advisory lock ``lock``."""
+    for _ in range(500):
+        if await conn.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE pid = $1 AND locktype = 'advisory' "
+            "AND NOT granted AND ((classid::bigint << 32) | objid::bigint) = $2",
+            pid,
+            lock,
+        ):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"backend {pid} never waited for lock {lock}")
+
+
+async def test_a_write_hands_the_turn_over_and_the_next_holder_reads_it_committed(
+    conn: asyncpg.Connection, database_url: str
+) -> None:
+    """A holder hands its turn over inside its write, before that write commits: the
+    waiter gets the turn lock at once but ``ledger_take_turn`` reads nothing until the
+    write is committed, and then reads it (else its own write would find the head
+    moved). With nobody waiting, the holder keeps its turn."""
+    row = await conn.fetchrow("SELECT position, entry_hash, recorded_at FROM ledger_head")
+    base = Head(row[0], bytes(row[1]), row[2])
+    shape: WriteShape = (False, ("ev",))
+    waiter = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", TURN)
+        # Nobody waits: the turn is kept (released, then taken again).
+        state, _ = batch(shape, base, b"\x03")
+        sql, args = write_statement(base, state, None, (TURN, COMMIT))
+        [kept] = await conn.fetch(sql, *args)
+        assert (kept["released"], kept["kept"]) == (True, True)
+        head = state.head
+        # A waiter: it gets the turn at the hand-over, and the entries once committed.
+        turn = asyncio.ensure_future(
+            waiter.fetch(TAKE_TURN_SQL, TURN, COMMIT, head.position, head.recorded_at, 100)
+        )
+        await _waiting(conn, waiter.get_server_pid(), TURN)
+        state, _ = batch(shape, head, b"\x04")
+        sql, args = write_statement(head, state, None, (TURN, COMMIT))
+        async with conn.transaction():
+            [handed] = await conn.fetch(sql, *args)
+            assert (handed["released"], handed["kept"]) == (True, False)
+            await _waiting(conn, waiter.get_server_pid(), COMMIT)  # holds TURN, not done
+            assert not turn.done()
+        rows = await asyncio.wait_for(turn, 10)
+        assert rows[0]["waited"] is True
+        assert rows[0]["position"] is None
+        assert [r["position"] for r in rows[1:]] == [r[0] for r in state.rows]
+        assert [bytes(r["entry_hash"]) for r in rows[1:]] == [r[10] for r in state.rows]
+        # The waiter holds the turn now; the old holder does not.
+        assert not await conn.fetchval("SELECT pg_try_advisory_lock_shared($1)", TURN)
+        assert await waiter.fetchval("SELECT pg_advisory_unlock($1)", TURN)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock_all()")
+        await waiter.close()

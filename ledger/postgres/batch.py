@@ -221,7 +221,7 @@ class Known:
         return state
 
     def catch_up(self, rows: Sequence[Mapping[str, Any]]) -> Head | None:
-        """Absorb what other writers appended after ``head`` (``CATCH_UP_SQL``'s rows,
+        """Absorb what other writers appended after ``head`` (``TAKE_TURN_SQL``'s rows,
         in position order): stream versions are taken, agents whose key or suspension
         an event changed are forgotten (read again when next named). The new head, or
         None when the rows do not continue ``head`` gap-free (everything forgotten)."""
@@ -347,13 +347,13 @@ SELECT 'e', NULL, key, position, NULL, NULL, NULL, day::timestamp AT TIME ZONE '
 """
 )
 
-# What other writers appended after this process's last commit ($1, recorded at or
-# after $2: time never runs backwards in the ledger, so only the newest partitions
-# are read), for ``Known.catch_up``; at most $3 rows.
-CATCH_UP_SQL = """
-SELECT position, entry_hash, recorded_at, event_type, stream_id, stream_version, actor, subjects
-  FROM events WHERE position > $1 AND recorded_at >= $2 ORDER BY position LIMIT $3
-"""
+# This process's turn on the ledger, then what other writers appended after its last
+# commit, for ``Known.catch_up``: one round trip (migration 0009's function: $1 the
+# turn lock, $2 the lock a holder keeps until the commit it handed over in is visible,
+# $3 the position after which to read or NULL, $4 the time they are recorded at or
+# after — time never runs backwards in the ledger, so only the newest partitions are
+# read —, $5 at most that many rows). The first row says whether the turn was waited for.
+TAKE_TURN_SQL = "SELECT * FROM ledger_take_turn($1, $2, $3, $4, $5)"
 
 # The whole write of a batch in one statement, guarded by the head it was computed
 # from: ``h`` moves the head only if it is still ($1, $2) and sets the new one ($3-$5:
@@ -498,9 +498,19 @@ _WRITE_PARTS: dict[str, tuple[tuple[str, ...], str | None, str | None]] = {
 # The parts a batch may lack (``ev``, the entries, it always has), in statement order.
 OPTIONAL_PARTS = ("su", "si", "k", "i", "e", "n", "c", "li")
 _WRITE_TAIL = f"\nSELECT pg_notify('{NOTIFY_CHANNEL}', $3::text) FROM h\n"
+# The same, handing this process's turn over as it writes (``PostgresEventStore``'s
+# "Turns"): the commit lock taken until this statement's commit is visible (a waiter
+# that gets the turn lock waits for it in ``ledger_take_turn``), then the turn lock
+# released, and taken again at once if no process waited for it.
+_HAND_OVER_TAIL = (
+    f"\nSELECT pg_notify('{NOTIFY_CHANNEL}', $3::text), pg_advisory_xact_lock_shared({{commit}}), "
+    "pg_advisory_unlock({turn}) AS released, pg_try_advisory_lock({turn}) AS kept FROM h\n"
+)
+# (turn lock, commit lock) of a write that hands the turn over.
+HandOver = tuple[int, int]
 # A write's shape: whether its batch is one event (scalars), and the parts it has.
 WriteShape = tuple[bool, tuple[str, ...]]
-_write_texts: dict[WriteShape, str] = {}
+_write_texts: dict[tuple[WriteShape, HandOver | None], str] = {}
 
 
 def write_shapes() -> list[WriteShape]:
@@ -521,9 +531,10 @@ def _scalar(one: bool, part: str) -> bool:
     return arrays is None or (one and scalars is not None)
 
 
-def write_text(shape: WriteShape) -> str:
-    """The statement of a shape (made once, then kept)."""
-    text = _write_texts.get(shape)
+def write_text(shape: WriteShape, hand_over: HandOver | None = None) -> str:
+    """The statement of a shape (made once, then kept); with ``hand_over`` it also
+    hands the turn over (``_HAND_OVER_TAIL``)."""
+    text = _write_texts.get((shape, hand_over))
     if text is None:
         one, parts = shape
         number = 6
@@ -534,7 +545,12 @@ def write_text(shape: WriteShape) -> str:
             assert template is not None
             ctes.append(template.format(**{n: f"${number + i}" for i, n in enumerate(names)}))
             number += len(names)
-        text = _write_texts[shape] = ", ".join(ctes) + _WRITE_TAIL
+        tail = (
+            _WRITE_TAIL
+            if hand_over is None
+            else _HAND_OVER_TAIL.format(turn=int(hand_over[0]), commit=int(hand_over[1]))
+        )
+        text = _write_texts[shape, hand_over] = ", ".join(ctes) + tail
     return text
 
 
@@ -584,7 +600,10 @@ def write_rows(
 
 
 def write_statement(
-    expected: Head, state: BatchState, checkpoint: CheckpointRow | None
+    expected: Head,
+    state: BatchState,
+    checkpoint: CheckpointRow | None,
+    hand_over: HandOver | None = None,
 ) -> tuple[str, list[object]]:
     """The guarded write of a batch computed from head ``expected``: the statement of
     its shape and the parameters."""
@@ -603,7 +622,7 @@ def write_statement(
             args.extend(part_rows[0])
         else:
             args.extend([list(column) for column in zip(*part_rows, strict=True)])
-    return write_text(shape), args
+    return write_text(shape, hand_over), args
 
 
 def apply(request: Request, state: BatchState) -> None:

@@ -36,15 +36,23 @@ manager grants at once, so the releaser's ``pg_try_advisory_lock`` in the same
 statement fails) or kept when none waits; a holder with nothing left to append
 lets go after ``TURN_IDLE_SECONDS`` (``_release_when_idle``). Under contention
 (another process waited for a turn or appended within ``CONTENDED_SECONDS``) a
-holder hands the ledger over right after a commit when nothing verified waits in
-its queue (``_hand_over``): its next batch is still being verified, and the
-waiting process commits its ready batch meanwhile, so one process's commit
-overlaps the others' verification instead of waiting out the turn. During its turn
-a process is the only writer, so its batches stay on the one-round-trip path;
-taking the ledger back, it first reads the entries appended since its own last
-commit (``Known.catch_up``: stream versions taken, agents whose key or
-suspension changed forgotten, the tree's edge carried over them), one round trip
-per turn. Turns are an economy, never the guarantee: every
+holder hands the ledger over with a commit when nothing verified waits in its
+queue: its next batch is still being verified, and the waiting process commits
+its ready batch meanwhile, so one process's commit overlaps the others'
+verification instead of waiting out the turn. On the fast path the hand-over is
+part of the write statement itself (``write_statement(hand_over=…)``: no round
+trip of its own); since it then runs before that statement commits, the writer
+also holds ``COMMIT_LOCK`` (transaction-level, shared) until its commit is
+visible. Otherwise it follows the commit (``_hand_over``, one round trip).
+During its turn a process is the only writer, so its batches stay on the
+one-round-trip path. Taking the ledger back is one round trip
+(``ledger_take_turn``, migration 0009): the turn lock, then ``COMMIT_LOCK``
+(so the commit it was handed over in is visible; waiting for it writes
+nothing), then the entries appended since this process's own last commit
+(``Known.catch_up``: stream versions taken, agents whose key or suspension
+changed forgotten, the tree's edge carried over them). A write that was to hand
+over and fails on a unique key loses the hand-over's answer; the process lets
+the turn go (``_forget_turn``). Turns are an economy, never the guarantee: every
 commit is still the guarded statement, so a writer that does not take turns (one
 behind a transaction pooler, ``?pooler=transaction``, where session locks do not
 exist, and which therefore never takes them) only costs retries.
@@ -85,9 +93,9 @@ from ledger.identity import SigningKey, VerifyKey
 from ledger.merkle import Frontier
 from ledger.postgres.batch import (
     CATCH_UP_LIMIT,
-    CATCH_UP_SQL,
     LOOKUP_SQL,
     STATE_SQL,
+    TAKE_TURN_SQL,
     BatchState,
     Known,
     Partition,
@@ -125,6 +133,9 @@ _OPTIMISTIC_TRIES = 3  # event_key: the single-use index's key
 # and the longest a process keeps the ledger while another waits for it.
 TURN_LOCK = 0x414D4C454447  # "AMLEDG" in ASCII (the projector leader's is "AMPROJ")
 TURN_SECONDS = 0.025
+# Held (shared, to the end of its transaction) by a write that hands the turn over before
+# it commits; the next holder waits for it before reading (``ledger_take_turn``).
+COMMIT_LOCK = 0x414D4C454448  # "AMLEDH"
 # A process that has had nothing to append for this long lets the others have the ledger.
 TURN_IDLE_SECONDS = 0.005
 # After another process waited for the ledger or appended to it, for this long a holder
@@ -188,6 +199,7 @@ class PostgresEventStore(PostgresLedgerReader):
         # "waited": turns this process waited for (another process had the ledger);
         # "offered"/"handed": hand-overs after a commit tried / taken by a waiting process;
         # "caught_up": entries of other processes read on taking the ledger back;
+        # "dropped": turns let go after a write that was to hand over failed;
         # "missed": guarded writes that found the head moved (a writer not taking turns).
         self.turn_counts: collections.Counter[str] = collections.Counter()
         self._frontier: tuple[bytes, Frontier] | None = None  # (head hash, edge) last commit
@@ -475,15 +487,20 @@ class PostgresEventStore(PostgresLedgerReader):
             return None
         seal(state)
         checkpoint = self._checkpoints.for_batch(state)
+        hand_over = (TURN_LOCK, COMMIT_LOCK) if self._may_hand_over() else None
         try:
-            sql, args = write_statement(head, state, checkpoint)
+            sql, args = write_statement(head, state, checkpoint, hand_over)
             wrote = await conn.fetch(sql, *args)
         except asyncpg.UniqueViolationError:
+            if hand_over is not None:
+                await self._forget_turn(conn)
             return None  # a replay or a retry: the locked path answers it
         if not wrote:
             known.miss()  # another process appended: its changes are unknown here
             self.turn_counts["missed"] += 1
             return None
+        if hand_over is not None:
+            self._handed_over(wrote[0])
         state.checkpoint = checkpoint
         return state
 
@@ -609,8 +626,7 @@ class PostgresEventStore(PostgresLedgerReader):
         if self._turn_ends is not None and now < self._turn_ends:
             return
         conn = await self._writer()
-        # Whether another process holds the ledger now: it was handed over to one.
-        taken, self._handed = self._handed, False
+        self._handed = False
         if self._turn_ends is not None:
             # The turn is over: hand the ledger to a process waiting for it, if any.
             row = await conn.fetchrow(_HAND_OVER_SQL, TURN_LOCK)
@@ -618,27 +634,37 @@ class PostgresEventStore(PostgresLedgerReader):
                 self._turn_ends = now + TURN_SECONDS  # nobody was waiting: nothing to catch up
                 return
             self._turn_ends = None
-            taken = bool(row["released"])
-        if taken or not await conn.fetchval("SELECT pg_try_advisory_lock($1)", TURN_LOCK):
-            # Another process's turn: wait for it to end.
-            await conn.execute("SELECT pg_advisory_lock($1)", TURN_LOCK)
+        # Wait for the turn, then read what others appended meanwhile: one round trip
+        # (``ledger_take_turn``: the lock, the previous holder's commit, the entries).
+        known, edge = self._known, self._frontier
+        head = known.head
+        carry = head is not None and edge is not None and edge[0] == head.entry_hash
+        rows = await conn.fetch(
+            TAKE_TURN_SQL,
+            TURN_LOCK,
+            COMMIT_LOCK,
+            head.position if carry and head is not None else None,
+            head.recorded_at if carry and head is not None else None,
+            CATCH_UP_LIMIT + 1,
+        )
+        if rows[0]["waited"]:
             self.turn_counts["waited"] += 1
             self._contended_until = time.monotonic() + CONTENDED_SECONDS
         self._turn_ends = time.monotonic() + TURN_SECONDS
-        # Others may have appended since this process last held the ledger.
-        await self._catch_up(conn)
-
-    async def _catch_up(self, conn: asyncpg.Connection) -> None:
-        """Read the entries appended since this process's last commit (one round trip)
-        and carry ``Known`` and the tree's edge over them, so the turn's batches stay
-        on the one-round-trip path; the guarded write checks the result, as always.
-        When there is nothing to carry over, the first batch looks the tables up."""
-        known, edge = self._known, self._frontier
-        head = known.head
-        if head is None or edge is None or edge[0] != head.entry_hash:
+        if not carry:
             known.reset(None)
             return
-        rows = await conn.fetch(CATCH_UP_SQL, head.position, head.recorded_at, CATCH_UP_LIMIT + 1)
+        self._catch_up(rows[1:])
+
+    def _catch_up(self, rows: Sequence[asyncpg.Record]) -> None:
+        """Carry ``Known`` and the tree's edge over the entries appended since this
+        process's last commit, so the turn's batches stay on the one-round-trip path;
+        the guarded write checks the result, as always. When there is nothing to
+        carry over, the first batch looks the tables up."""
+        known, edge = self._known, self._frontier
+        head = known.head
+        assert head is not None
+        assert edge is not None
         if len(rows) > CATCH_UP_LIMIT:
             known.reset(None)
             return
@@ -651,6 +677,32 @@ class PostgresEventStore(PostgresLedgerReader):
             frontier = edge[1].extend(tlog.entry_leaf(bytes(r["entry_hash"])) for r in rows)
             self._frontier = (new_head.entry_hash, frontier)
         self.turn_counts["caught_up"] += len(rows)
+
+    def _may_hand_over(self) -> bool:
+        return (
+            self._turn_ends is not None
+            and self._queue.empty()
+            and time.monotonic() < self._contended_until
+        )
+
+    def _handed_over(self, row: asyncpg.Record) -> None:
+        self.turn_counts["offered"] += 1
+        if not row["kept"]:
+            self._turn_ends = None
+            self._handed = bool(row["released"])
+            self.turn_counts["handed"] += 1
+
+    async def _forget_turn(self, conn: asyncpg.Connection) -> None:
+        """A write that was to hand the turn over failed (a single-use id or key used
+        before): its hand-over ran, as the unique keys are checked after it, and its
+        answer is lost, so whether this process still holds the turn is unknown. Let go
+        of it: holding no lock is a state this process knows."""
+        self._turn_ends, self._handed = None, False
+        self.turn_counts["dropped"] += 1
+        try:
+            await conn.execute("SELECT pg_advisory_unlock_all()")
+        except _DRIVER_ERRORS:
+            await self._drop_writer()
 
     async def _hand_over(self) -> None:
         """After a commit (under the flush lock), while other processes contend for the
