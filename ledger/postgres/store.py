@@ -209,7 +209,7 @@ class PostgresEventStore(PostgresLedgerReader):
         self._turns = turns  # take turns with other processes (see "Turns")
         self._turn_ends: float | None = None  # when this process's turn ends; None: not its turn
         self._contended_until = 0.0  # hand over after commits until then (see _hand_over)
-        self._handed = False  # the last turn went to a waiting process: it holds the lock
+        self._offered = False  # the last write offered the turn (see _hand_over)
         self._idle_check: asyncio.TimerHandle | None = None
         self._last_flush = 0.0  # the loop's time when the last flush ended
         # Whether appends are traced, decided once (a tracer provider is configured
@@ -609,7 +609,6 @@ class PostgresEventStore(PostgresLedgerReader):
         return self._conn
 
     async def _drop_writer(self) -> None:
-        self._handed = False
         self._turn_ends = None  # a session lock ends with its session (asyncpg's reset
         conn, self._conn = self._conn, None  # query unlocks it on a pooled one)
         if conn is not None:
@@ -626,7 +625,6 @@ class PostgresEventStore(PostgresLedgerReader):
         if self._turn_ends is not None and now < self._turn_ends:
             return
         conn = await self._writer()
-        self._handed = False
         if self._turn_ends is not None:
             # The turn is over: hand the ledger to a process waiting for it, if any.
             row = await conn.fetchrow(_HAND_OVER_SQL, TURN_LOCK)
@@ -679,6 +677,8 @@ class PostgresEventStore(PostgresLedgerReader):
         self.turn_counts["caught_up"] += len(rows)
 
     def _may_hand_over(self) -> bool:
+        """Whether to offer the turn with this commit: this process holds it, others
+        contend for the ledger, and nothing verified waits in its queue."""
         return (
             self._turn_ends is not None
             and self._queue.empty()
@@ -686,10 +686,11 @@ class PostgresEventStore(PostgresLedgerReader):
         )
 
     def _handed_over(self, row: asyncpg.Record) -> None:
+        """The answer of a write that offered the turn (``_HAND_OVER_TAIL``)."""
+        self._offered = True  # no second offer after this commit (_hand_over)
         self.turn_counts["offered"] += 1
         if not row["kept"]:
             self._turn_ends = None
-            self._handed = bool(row["released"])
             self.turn_counts["handed"] += 1
 
     async def _forget_turn(self, conn: asyncpg.Connection) -> None:
@@ -697,7 +698,7 @@ class PostgresEventStore(PostgresLedgerReader):
         before): its hand-over ran, as the unique keys are checked after it, and its
         answer is lost, so whether this process still holds the turn is unknown. Let go
         of it: holding no lock is a state this process knows."""
-        self._turn_ends, self._handed = None, False
+        self._turn_ends = None
         self.turn_counts["dropped"] += 1
         try:
             await conn.execute("SELECT pg_advisory_unlock_all()")
@@ -705,18 +706,15 @@ class PostgresEventStore(PostgresLedgerReader):
             await self._drop_writer()
 
     async def _hand_over(self) -> None:
-        """After a commit (under the flush lock), while other processes contend for the
-        ledger and nothing verified waits in this process's queue: give the turn to a
-        process waiting for it now, rather than hold it while this process verifies its
-        next batch. One round trip; kept when none waits. A process alone (no contention
-        within ``CONTENDED_SECONDS``) never asks."""
+        """After a commit (under the flush lock) whose write did not offer the turn
+        itself (not the fast path, or the queue was not empty then): while other
+        processes contend for the ledger and nothing verified waits in this process's
+        queue, give the turn to a process waiting for it now, rather than hold it while
+        this process verifies its next batch. One round trip; kept when none waits. A
+        process alone (no contention within ``CONTENDED_SECONDS``) never asks."""
+        offered, self._offered = self._offered, False
         conn = self._conn
-        if (
-            self._turn_ends is None
-            or conn is None
-            or not self._queue.empty()
-            or time.monotonic() >= self._contended_until
-        ):
+        if offered or conn is None or not self._may_hand_over():
             return
         self.turn_counts["offered"] += 1
         try:
@@ -727,7 +725,6 @@ class PostgresEventStore(PostgresLedgerReader):
             return
         if not row["kept"]:
             self._turn_ends = None
-            self._handed = bool(row["released"])
             self.turn_counts["handed"] += 1
 
     def _release_when_idle(self) -> None:
