@@ -22,6 +22,7 @@ from ledger.events import (
 )
 from ledger.identity import SigningKey
 from ledger.postgres import PostgresEventStore, PostgresLedgerReader, partition_name
+from ledger.postgres.store import TURN_LOCK, TURN_WAIT_SECONDS
 from ledger.signed import SignedEvent
 from ledger.timefmt import format_time
 from tests.support import T0, Agent, ManualClock, register
@@ -133,6 +134,35 @@ async def test_a_refused_write_that_was_to_hand_the_turn_over_lets_the_turn_go(
     finally:
         await first.close()
         await second.close()
+
+
+async def test_a_holder_that_never_lets_go_does_not_stall_the_others(
+    database_url: str, ledger_key: SigningKey
+) -> None:
+    """A process that holds the turn lock and does nothing (frozen, or its node gone
+    with its connection left open): another's append waits at most TURN_WAIT_SECONDS
+    for a turn, then commits without one (its guarded write), and its next appends do
+    not wait again for a while."""
+    holder = await asyncpg.connect(database_url)
+    store = await PostgresEventStore.open(database_url, ledger_key)
+    try:
+        agent = await register(store)  # the first append: the turn is free
+        await store.close()
+        store = await PostgresEventStore.open(database_url, ledger_key)
+        await holder.execute("SELECT pg_advisory_lock($1)", TURN_LOCK)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.wait_for(store.append([agent.violation(severity="low")]), 30)
+        assert store.turn_counts["timed_out"] == 1, store.turn_counts
+        assert loop.time() - started >= TURN_WAIT_SECONDS  # it did wait for the turn first
+        for _ in range(3):
+            await asyncio.wait_for(store.append([agent.violation(severity="low")]), 30)
+        assert store.turn_counts["timed_out"] == 1  # turns off for a while: no second wait
+        total = (await store.head()).position
+        assert await positions(database_url) == list(range(1, total + 1))
+    finally:
+        await holder.close()
+        await store.close()
 
 
 async def test_a_process_alone_never_offers_its_turn(store: PostgresEventStore) -> None:

@@ -264,7 +264,7 @@ async def test_a_write_hands_the_turn_over_and_the_next_holder_reads_it_committe
         head = state.head
         # A waiter: it gets the turn at the hand-over, and the entries once committed.
         turn = asyncio.ensure_future(
-            waiter.fetch(TAKE_TURN_SQL, TURN, COMMIT, head.position, head.recorded_at, 100)
+            waiter.fetch(TAKE_TURN_SQL, TURN, COMMIT, 10_000, head.position, head.recorded_at, 100)
         )
         await _waiting(conn, waiter.get_server_pid(), TURN)
         state, _ = batch(shape, head, b"\x04")
@@ -276,12 +276,43 @@ async def test_a_write_hands_the_turn_over_and_the_next_holder_reads_it_committe
             assert not turn.done()
         rows = await asyncio.wait_for(turn, 10)
         assert rows[0]["waited"] is True
+        assert rows[0]["turn"] is True
         assert rows[0]["position"] is None
         assert [r["position"] for r in rows[1:]] == [r[0] for r in state.rows]
         assert [bytes(r["entry_hash"]) for r in rows[1:]] == [r[10] for r in state.rows]
         # The waiter holds the turn now; the old holder does not.
         assert not await conn.fetchval("SELECT pg_try_advisory_lock_shared($1)", TURN)
         assert await waiter.fetchval("SELECT pg_advisory_unlock($1)", TURN)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock_all()")
+        await waiter.close()
+
+
+async def test_a_wait_for_the_turn_ends_and_takes_nothing(
+    conn: asyncpg.Connection, database_url: str
+) -> None:
+    """A holder that keeps the turn past ``wait_ms`` (frozen, or its node gone with its
+    connection left open) does not stall a waiter: the call returns without the turn
+    and reads nothing, and the waiter's session keeps its own lock timeout."""
+    waiter = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", TURN)
+        rows = await asyncio.wait_for(
+            waiter.fetch(TAKE_TURN_SQL, TURN, COMMIT, 200, 0, NOW - timedelta(days=1), 100), 10
+        )
+        assert [(r["waited"], r["turn"]) for r in rows] == [(True, False)]
+        assert await waiter.fetchval("SHOW lock_timeout") == "0"
+        assert (
+            await waiter.fetchval(
+                "SELECT count(*) FROM pg_locks "
+                "WHERE pid = pg_backend_pid() AND locktype = 'advisory'"
+            )
+            == 0
+        )
+        # Free again: taken at once, no wait.
+        await conn.execute("SELECT pg_advisory_unlock($1)", TURN)
+        rows = await waiter.fetch(TAKE_TURN_SQL, TURN, COMMIT, 200, None, None, 100)
+        assert [(r["waited"], r["turn"]) for r in rows] == [(False, True)]
     finally:
         await conn.execute("SELECT pg_advisory_unlock_all()")
         await waiter.close()

@@ -350,10 +350,11 @@ SELECT 'e', NULL, key, position, NULL, NULL, NULL, day::timestamp AT TIME ZONE '
 # This process's turn on the ledger, then what other writers appended after its last
 # commit, for ``Known.catch_up``: one round trip (migration 0009's function: $1 the
 # turn lock, $2 the lock a holder keeps until the commit it handed over in is visible,
-# $3 the position after which to read or NULL, $4 the time they are recorded at or
-# after — time never runs backwards in the ledger, so only the newest partitions are
-# read —, $5 at most that many rows). The first row says whether the turn was waited for.
-TAKE_TURN_SQL = "SELECT * FROM ledger_take_turn($1, $2, $3, $4, $5)"
+# $3 the longest wait for the turn in ms, $4 the position after which to read or NULL,
+# $5 the time they are recorded at or after — time never runs backwards in the
+# ledger, so only the newest partitions are read —, $6 at most that many rows). The
+# first row says whether the turn was waited for and whether it is held.
+TAKE_TURN_SQL = "SELECT * FROM ledger_take_turn($1, $2, $3, $4, $5, $6)"
 
 # The whole write of a batch in one statement, guarded by the head it was computed
 # from: ``h`` moves the head only if it is still ($1, $2) and sets the new one ($3-$5:

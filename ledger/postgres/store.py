@@ -52,7 +52,11 @@ nothing), then the entries appended since this process's own last commit
 (``Known.catch_up``: stream versions taken, agents whose key or suspension
 changed forgotten, the tree's edge carried over them). A write that was to hand
 over and fails on a unique key loses the hand-over's answer; the process lets
-the turn go (``_forget_turn``). Turns are an economy, never the guarantee: every
+the turn go (``_forget_turn``). A wait for the turn ends after
+``TURN_WAIT_SECONDS`` (a holder that froze, or whose node went away with its
+connection left open, holds the lock until PostgreSQL notices: hours, with
+default TCP keepalives); the process then appends without turns for
+``TURNS_OFF_SECONDS``. Turns are an economy, never the guarantee: every
 commit is still the guarded statement, so a writer that does not take turns (one
 behind a transaction pooler, ``?pooler=transaction``, where session locks do not
 exist, and which therefore never takes them) only costs retries.
@@ -138,6 +142,11 @@ TURN_SECONDS = 0.025
 COMMIT_LOCK = 0x414D4C454448  # "AMLEDH"
 # A process that has had nothing to append for this long lets the others have the ledger.
 TURN_IDLE_SECONDS = 0.005
+# The longest a process waits for its turn; then it appends without turns (guarded
+# writes, still correct) for TURNS_OFF_SECONDS: a holder that froze, or whose node went
+# away leaving its TCP connection open, never stalls the other writers for long.
+TURN_WAIT_SECONDS = 1.0
+TURNS_OFF_SECONDS = 5.0
 # After another process waited for the ledger or appended to it, for this long a holder
 # hands the ledger over after each commit that leaves nothing verified in its queue; a
 # process alone never does (no extra round trip).
@@ -200,6 +209,7 @@ class PostgresEventStore(PostgresLedgerReader):
         # "offered"/"handed": hand-overs after a commit tried / taken by a waiting process;
         # "caught_up": entries of other processes read on taking the ledger back;
         # "dropped": turns let go after a write that was to hand over failed;
+        # "timed_out": waits for a turn given up (TURN_WAIT_SECONDS; see _take_turn);
         # "missed": guarded writes that found the head moved (a writer not taking turns).
         self.turn_counts: collections.Counter[str] = collections.Counter()
         self._frontier: tuple[bytes, Frontier] | None = None  # (head hash, edge) last commit
@@ -210,6 +220,7 @@ class PostgresEventStore(PostgresLedgerReader):
         self._turn_ends: float | None = None  # when this process's turn ends; None: not its turn
         self._contended_until = 0.0  # hand over after commits until then (see _hand_over)
         self._offered = False  # the last write offered the turn (see _hand_over)
+        self._turns_off_until = 0.0  # no turns until then: a wait for one timed out
         self._idle_check: asyncio.TimerHandle | None = None
         self._last_flush = 0.0  # the loop's time when the last flush ended
         # Whether appends are traced, decided once (a tracer provider is configured
@@ -622,7 +633,7 @@ class PostgresEventStore(PostgresLedgerReader):
         if not self._turns:
             return
         now = time.monotonic()
-        if self._turn_ends is not None and now < self._turn_ends:
+        if (self._turn_ends is not None and now < self._turn_ends) or now < self._turns_off_until:
             return
         conn = await self._writer()
         if self._turn_ends is not None:
@@ -641,6 +652,7 @@ class PostgresEventStore(PostgresLedgerReader):
             TAKE_TURN_SQL,
             TURN_LOCK,
             COMMIT_LOCK,
+            round(TURN_WAIT_SECONDS * 1000),
             head.position if carry and head is not None else None,
             head.recorded_at if carry and head is not None else None,
             CATCH_UP_LIMIT + 1,
@@ -648,6 +660,12 @@ class PostgresEventStore(PostgresLedgerReader):
         if rows[0]["waited"]:
             self.turn_counts["waited"] += 1
             self._contended_until = time.monotonic() + CONTENDED_SECONDS
+        if not rows[0]["turn"]:
+            # The holder kept the ledger past any turn: go on without turns for a while.
+            self.turn_counts["timed_out"] += 1
+            self._turns_off_until = time.monotonic() + TURNS_OFF_SECONDS
+            log.warning("ledger_turn_timed_out", extra={"waited_seconds": TURN_WAIT_SECONDS})
+            return
         self._turn_ends = time.monotonic() + TURN_SECONDS
         if not carry:
             known.reset(None)
