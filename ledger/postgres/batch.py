@@ -498,13 +498,14 @@ _WRITE_PARTS: dict[str, tuple[tuple[str, ...], str | None, str | None]] = {
 }
 # The parts a batch may lack (``ev``, the entries, it always has), in statement order.
 OPTIONAL_PARTS = ("su", "si", "k", "i", "e", "n", "c", "li")
-_WRITE_TAIL = f"\nSELECT pg_notify('{NOTIFY_CHANNEL}', $3::text) FROM h\n"
+_NOTIFY = f"pg_notify('{NOTIFY_CHANNEL}', $3::text)"
+_WRITE_TAIL = f"\nSELECT {_NOTIFY} FROM h\n"
 # The same, handing this process's turn over as it writes (``PostgresEventStore``'s
 # "Turns"): the commit lock taken until this statement's commit is visible (a waiter
 # that gets the turn lock waits for it in ``ledger_take_turn``), then the turn lock
 # released, and taken again at once if no process waited for it.
 _HAND_OVER_TAIL = (
-    f"\nSELECT pg_notify('{NOTIFY_CHANNEL}', $3::text), pg_advisory_xact_lock_shared({{commit}}), "
+    f"\nSELECT {_NOTIFY}, pg_advisory_xact_lock_shared({{commit}}), "
     "pg_advisory_unlock({turn}) AS released, pg_try_advisory_lock({turn}) AS kept FROM h\n"
 )
 # (turn lock, commit lock) of a write that hands the turn over.

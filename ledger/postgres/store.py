@@ -511,6 +511,7 @@ class PostgresEventStore(PostgresLedgerReader):
             self.turn_counts["missed"] += 1
             return None
         if hand_over is not None:
+            self._offered = True  # no second offer after this commit (_hand_over)
             self._handed_over(wrote[0])
         state.checkpoint = checkpoint
         return state
@@ -704,8 +705,7 @@ class PostgresEventStore(PostgresLedgerReader):
         )
 
     def _handed_over(self, row: asyncpg.Record) -> None:
-        """The answer of a write that offered the turn (``_HAND_OVER_TAIL``)."""
-        self._offered = True  # no second offer after this commit (_hand_over)
+        """The answer to an offer of the turn (``_HAND_OVER_TAIL`` or ``_HAND_OVER_SQL``)."""
         self.turn_counts["offered"] += 1
         if not row["kept"]:
             self._turn_ends = None
@@ -734,16 +734,14 @@ class PostgresEventStore(PostgresLedgerReader):
         conn = self._conn
         if offered or conn is None or not self._may_hand_over():
             return
-        self.turn_counts["offered"] += 1
         try:
             row = await conn.fetchrow(_HAND_OVER_SQL, TURN_LOCK)
         except _DRIVER_ERRORS as exc:
+            self.turn_counts["offered"] += 1
             log.warning("ledger_turn_release_failed", extra={"error": str(exc)})
             await self._drop_writer()
             return
-        if not row["kept"]:
-            self._turn_ends = None
-            self.turn_counts["handed"] += 1
+        self._handed_over(row)
 
     def _release_when_idle(self) -> None:
         """After a flush: once this process has had nothing to append for
