@@ -9,7 +9,10 @@ Prints, from one run (medians of ``--repeat`` rounds, rounds interleaved):
     call and one transaction per event, totally ordered notification ids like
     our positions) on the same PostgreSQL, storing the same signed bodies, with
     1 and with 64 threads — and the ledger's ratio to it,
-  * WAL bytes per event of each (``pg_current_wal_lsn()`` around the round),
+  * WAL bytes per event of each (``pg_current_wal_lsn()`` around the round), and,
+    with the embedded server, the 1-appender shapes' WAL by relation (``pg_waldump``
+    of the server's own version over an extra round of single appends: the events
+    row, each index, the chain head, the single-use ids, the commit records),
   * several processes appending to one ledger at once (``--processes 1,2,4``):
     each a separate ``PostgresEventStore`` (as separate API replicas or workers)
     with 32 concurrent appenders, started together; the total events/s beside
@@ -32,8 +35,10 @@ import asyncio
 import collections
 import json
 import os
+import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -122,6 +127,101 @@ async def wal_bytes_per_event(
         return rate, float(wal) / count
     finally:
         await conn.close()
+
+
+_WALDUMP_RECORD = re.compile(
+    r"rmgr: (\S+)\s+len \(rec/tot\):\s*\d+/\s*(\d+), tx:\s*\d+, lsn: ([0-9A-F]+/[0-9A-F]+),"
+    r".*?desc: (\S+)(.*)"
+)
+
+
+def _lsn(text: str) -> int:
+    high, low = text.split("/")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+async def insert_lsn(url: str) -> str:
+    conn = await asyncpg.connect(url)
+    try:
+        return str(await conn.fetchval("SELECT pg_current_wal_insert_lsn()::text"))
+    finally:
+        await conn.close()
+
+
+async def wal_by_relation(
+    server: EmbeddedPostgres, url: str, span: tuple[str, str], count: int
+) -> dict[str, float]:
+    """WAL bytes per event between the two LSNs of ``span``, by the relation each record
+    touched (``pg_waldump`` of the server's own version; a day partition is named as
+    ``<parent>_p*``), commit records as "commit", records that touched no relation of
+    this database (another database's, the server's own) as "other"."""
+    layout = server.layout
+    assert layout is not None
+    conn = await asyncpg.connect(url)
+    try:
+        database = await conn.fetchval(
+            "SELECT oid FROM pg_database WHERE datname = current_database()"
+        )
+        names = {
+            str(node): re.sub(r"_p\d{8}", "_p*", name)
+            for node, name in await conn.fetch(
+                "SELECT relfilenode, relname FROM pg_class WHERE relfilenode <> 0"
+            )
+        }
+    finally:
+        await conn.close()
+    start, end = span
+    dump = await asyncio.to_thread(
+        subprocess.run,
+        [str(layout.bindir / "pg_waldump"), "-p", str(layout.pgdata / "pg_wal"), "-s", start],
+        capture_output=True,
+        text=True,
+    )
+    totals: collections.Counter[str] = collections.Counter()
+    first, last = _lsn(start), _lsn(end)
+    for line in dump.stdout.splitlines():
+        match = _WALDUMP_RECORD.search(line)
+        if match is None or not first <= _lsn(match.group(3)) < last:
+            continue
+        rmgr, size, kind, rest = match.group(1), int(match.group(2)), match.group(4), match.group(5)
+        relation = re.search(rf"rel \d+/{database}/(\d+)", rest)
+        if rmgr == "Transaction" and kind == "COMMIT":
+            totals["commit"] += size
+        elif relation is not None and relation.group(1) in names:
+            totals[names[relation.group(1)]] += size
+        else:
+            totals["other"] += size
+    if not totals:
+        raise RuntimeError(f"pg_waldump read no record: {dump.stderr.strip()[:200]}")
+    return {name: size / count for name, size in totals.most_common()}
+
+
+async def ledger_wal_span(url: str, count: int, warm: int = 50) -> tuple[str, str]:
+    """One appender, one event per append (the 1-appender measure's shape), after
+    ``warm`` appends that open the day's partitions; the LSNs around the ``count``."""
+    store = await PostgresEventStore.open(url, SigningKey.generate())
+    try:
+        agents = [SigningKey.generate() for _ in range(8)]
+        for agent in agents:
+            await register(store, agent)
+        events = signed_events(agents, count + warm)
+        for event in events[:warm]:
+            await store.append([event])
+        start = await insert_lsn(url)
+        for event in events[warm:]:
+            await store.append([event])
+        return start, await insert_lsn(url)
+    finally:
+        await store.close()
+
+
+async def peer_wal_span(url: str, count: int, warm: int = 50) -> tuple[str, str]:
+    """The peer's 1-thread shape, after ``warm`` events that create its table."""
+    events = signed_events([SigningKey.generate() for _ in range(8)], count + warm)
+    await asyncio.to_thread(peer_appends, url, 1, events[:warm])
+    start = await insert_lsn(url)
+    await asyncio.to_thread(peer_appends, url, 1, events[warm:])
+    return start, await insert_lsn(url)
 
 
 def peer_appends(url: str, concurrency: int, events: list[SignedEvent]) -> float:
@@ -479,6 +579,21 @@ async def main(args: argparse.Namespace) -> None:
                     f"{ours[1] / peer[1]:.2f}x WAL bytes per event"
                     + (f" (target >= 1.0x events/s: {verdict})" if n == 1 else "")
                 )
+        if server is None:
+            print("WAL by relation: skipped (pg_waldump reads an embedded server's WAL only)")
+        else:
+            spans = {"ledger, 1 appender": ledger_wal_span}
+            if args.peer:
+                spans["eventsourcing, 1 appender (peer)"] = peer_wal_span
+            for name, span_of in spans.items():
+                url = (await fresh_database(base_url))[0]
+                parts = await wal_by_relation(server, url, await span_of(url, one_count), one_count)
+                print(
+                    f"WAL bytes per event by relation, {name} ({one_count} single appends, "
+                    f"pg_waldump): {sum(parts.values()):,.0f} in all"
+                )
+                for relation, size in parts.items():
+                    print(f"  {relation:40} {size:8,.1f}")
     finally:
         if server is not None:
             server.stop()

@@ -66,6 +66,21 @@ def test_the_closure_bench_compares_both_stores(
     assert [line.split()[0] for line in ratios] == ["redis", "redis", "postgres", "postgres"]
 
 
+async def test_the_append_bench_splits_the_wal_by_relation(
+    postgres: EmbeddedPostgres, database_url: str
+) -> None:
+    """``bench/append.py``'s WAL breakdown reads the server's own WAL with its own
+    ``pg_waldump``: every single append's row, key and commit are found, and the parts
+    add up to no more than the WAL written in the span."""
+    from bench.append import _lsn, ledger_wal_span, wal_by_relation
+
+    span = await ledger_wal_span(database_url, 40, warm=5)
+    parts = await wal_by_relation(postgres, database_url, span, 40)
+    for relation in ("events_p*", "events_p*_pkey", "ledger_head", "event_ids_p*", "commit"):
+        assert parts.get(relation, 0) > 0, parts
+    assert sum(parts.values()) <= (_lsn(span[1]) - _lsn(span[0])) / 40
+
+
 def test_a_benchmark_killed_with_sigterm_stops_its_servers_and_removes_its_directory(
     tmp_path: Path,
 ) -> None:
