@@ -21,7 +21,7 @@ from ledger.events import (
     PolicyViolation,
 )
 from ledger.identity import SigningKey
-from ledger.postgres import PostgresEventStore, PostgresLedgerReader, partition_name
+from ledger.postgres import PostgresEventStore, PostgresLedgerReader, partition_name, signers
 from ledger.postgres.store import TURN_LOCK, TURN_WAIT_SECONDS
 from ledger.signed import SignedEvent
 from ledger.timefmt import format_time
@@ -178,6 +178,32 @@ async def test_a_process_alone_never_offers_its_turn(store: PostgresEventStore) 
     assert store.turn_counts["waited"] == 0
     assert store.turn_counts["offered"] == 0, store.turn_counts
     assert store.commit_paths["fast"] > 0
+
+
+@pytest.mark.parametrize("inline", [0, 10_000], ids=["on-threads", "on-the-loop"])
+async def test_forged_signatures_among_concurrent_appends_are_refused_either_way(
+    store: PostgresEventStore, monkeypatch: pytest.MonkeyPatch, inline: int
+) -> None:
+    """Concurrent appends are verified as one batch, on worker threads or, below a
+    size, on the loop: whichever way, each forged signature fails its own append and
+    nothing else, and the head moves by the good ones only."""
+    monkeypatch.setattr(signers, "_VERIFY_INLINE", inline)
+    agents = [await register(store) for _ in range(4)]
+    head = await store.head()
+    batch = []
+    for index in range(80):
+        good = agents[index % 4].violation(severity="low")
+        if index % 10 == 3:  # forged: a signature over another body
+            batch.append(SignedEvent(body=good.body, signature=bytes(64), event=good.event))
+        else:
+            batch.append(good)
+    results = await asyncio.gather(
+        *(store.append([event]) for event in batch), return_exceptions=True
+    )
+    refused = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
+    assert refused == list(range(3, 80, 10))
+    assert all(isinstance(results[i], SignatureError) for i in refused)
+    assert (await store.head()).position == head.position + 72
 
 
 def test_missing_and_malformed_signatures_are_rejected_on_the_wire() -> None:

@@ -396,8 +396,6 @@ class PostgresEventStore(PostgresLedgerReader):
     def sign_own(self, event: Event) -> SignedEvent:
         return SignedEvent.create(event, self._ledger_key)
 
-    # -- the verifier: signatures of everything queued, on worker threads ------
-
     # -- the flusher: one transaction per batch ------------------------------
 
     async def _flush_loop(self) -> None:
