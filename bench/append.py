@@ -153,8 +153,9 @@ async def wal_by_relation(
 ) -> dict[str, float]:
     """WAL bytes per event between the two LSNs of ``span``, by the relation each record
     touched (``pg_waldump`` of the server's own version; a day partition is named as
-    ``<parent>_p*``), commit records as "commit", records that touched no relation of
-    this database (another database's, the server's own) as "other"."""
+    ``<parent>_p*``), commit records as "commit" (of any database: a commit record
+    does not name one), records that touched no relation of this database (another
+    database's autovacuum, the server's own) as "other"."""
     layout = server.layout
     assert layout is not None
     conn = await asyncpg.connect(url)
@@ -190,7 +191,7 @@ async def wal_by_relation(
         elif relation is not None and relation.group(1) in names:
             totals[names[relation.group(1)]] += size
         else:
-            totals["other"] += size
+            totals["other (the server, other databases)"] += size
     if not totals:
         raise RuntimeError(f"pg_waldump read no record: {dump.stderr.strip()[:200]}")
     return {name: size / count for name, size in totals.most_common()}
