@@ -22,6 +22,7 @@ from ledger.events import (
 )
 from ledger.identity import SigningKey
 from ledger.postgres import PostgresEventStore, PostgresLedgerReader, partition_name, signers
+from ledger.postgres import store as store_module
 from ledger.postgres.store import TURN_LOCK, TURN_WAIT_SECONDS
 from ledger.signed import SignedEvent
 from ledger.timefmt import format_time
@@ -162,6 +163,32 @@ async def test_a_holder_that_never_lets_go_does_not_stall_the_others(
         assert await positions(database_url) == list(range(1, total + 1))
     finally:
         await holder.close()
+        await store.close()
+
+
+async def test_a_holder_frozen_with_the_head_locked_does_not_stall_the_others(
+    database_url: str, ledger_key: SigningKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process frozen inside the locked path (the head row locked, its transaction
+    idle): PostgreSQL ends its session after HEAD_LOCK_IDLE_SECONDS, its transaction
+    rolls back, and another's append, waiting on the head row, commits."""
+    monkeypatch.setattr(store_module, "HEAD_LOCK_IDLE_SECONDS", 1.0)
+    store = await PostgresEventStore.open(database_url, ledger_key)
+    frozen = await asyncpg.connect(database_url)
+    try:
+        agent = await register(store)
+        head = await store.head()
+        await frozen.execute(store_module.lock_head_sql())  # then it never goes on
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        appended = await asyncio.wait_for(store.append([agent.violation(severity="low")]), 15)
+        assert loop.time() - started >= 0.9  # it did wait on the frozen holder's lock
+        assert appended.positions == (head.position + 1,)
+        with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError)):
+            await frozen.fetchval("SELECT 1")  # its session was ended
+        assert await positions(database_url) == list(range(1, head.position + 2))
+    finally:
+        await frozen.close()
         await store.close()
 
 

@@ -147,6 +147,25 @@ TURN_IDLE_SECONDS = 0.005
 # away leaving its TCP connection open, never stalls the other writers for long.
 TURN_WAIT_SECONDS = 1.0
 TURNS_OFF_SECONDS = 5.0
+# The locked path holds the head row's lock across round trips: if its process freezes
+# (SIGSTOP, a long pause) or its node goes away with the TCP connection left open, every
+# other writer's guarded statement waits on that row. PostgreSQL ends a session idle in
+# its transaction this long (its transaction rolls back: nothing it had was
+# acknowledged), so the others go on. Set for that transaction only (``SET LOCAL``: no
+# session setting to leak through a transaction pooler), in the message that takes the
+# lock. Far above a live holder's pauses (a lookup, the checks of one batch, a write).
+HEAD_LOCK_IDLE_SECONDS = 10.0
+
+
+def lock_head_sql() -> str:
+    """BEGIN, the idle bound, and the ledger's lock (the head row), in one message."""
+    idle_ms = round(HEAD_LOCK_IDLE_SECONDS * 1000)  # an int: SET takes no parameter
+    return (
+        f"BEGIN; SET LOCAL idle_in_transaction_session_timeout = {idle_ms}; "  # noqa: S608
+        "SELECT 1 FROM ledger_head WHERE id = 1 FOR UPDATE"
+    )
+
+
 # After another process waited for the ledger or appended to it, for this long a holder
 # hands the ledger over after each commit that leaves nothing verified in its queue; a
 # process alone never does (no extra round trip).
@@ -545,7 +564,7 @@ class PostgresEventStore(PostgresLedgerReader):
         # BEGIN and the ledger's lock (the head row: see the module docstring) in one
         # message; the lookup after it takes its snapshot once the lock is held, so it
         # sees everything the previous holder committed.
-        await conn.execute("BEGIN; SELECT 1 FROM ledger_head WHERE id = 1 FOR UPDATE")
+        await conn.execute(lock_head_sql())
         try:
             head, state = await self._decide(conn, batch, top_up=top_up)
             if state.rows:
