@@ -155,7 +155,7 @@ async def wal_by_relation(
     touched (``pg_waldump`` of the server's own version; a day partition is named as
     ``<parent>_p*``), commit records as "commit" (of any database: a commit record
     does not name one), records that touched no relation of this database (another
-    database's autovacuum, the server's own) as "other"."""
+    database's autovacuum, the server's own) as "other (the server, other databases)"."""
     layout = server.layout
     assert layout is not None
     conn = await asyncpg.connect(url)
