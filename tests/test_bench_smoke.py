@@ -81,6 +81,31 @@ async def test_the_append_bench_splits_the_wal_by_relation(
     assert sum(parts.values()) <= (_lsn(span[1]) - _lsn(span[0])) / 40
 
 
+def test_the_metrics_refresh_bench_times_the_loop_beside_each_refresh(
+    redis_server: EmbeddedRedis,
+) -> None:
+    env = _clean_env() | {
+        "AGENTMESH_REDIS_HOST": redis_server.host,
+        "AGENTMESH_REDIS_PORT": str(redis_server.port),
+    }
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "metrics_refresh.py"),
+            *("--agents", "300", "--rate", "200", "--seconds", "0.5", "--repeat", "1"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split("  ")[0].strip() for line in done.stdout.splitlines()}
+    assert {"no refresh", "every 64 documents", "api.metrics"} <= rows, done.stdout
+
+
 def test_a_benchmark_killed_with_sigterm_stops_its_servers_and_removes_its_directory(
     tmp_path: Path,
 ) -> None:
