@@ -120,8 +120,8 @@ def _release_lock() -> None:
     """Let a thread waiting for the interpreter lock (the API's event loop) take it,
     and stay off it four times as long as the read held it: beside a busy loop, a
     refresh that only handed the lock over still took every other turn of it for
-    its whole length (64 ms of CPU at 2,000 agents, 3 s at 100,000), and reports
-    queued behind the loop's halved pace."""
+    its whole length (~35 ms of CPU at 2,000 agents, ~1.6 s at 100,000:
+    ``bench/metrics_refresh.py``), and reports queued behind the loop's halved pace."""
     time.sleep(HOLD_SECONDS * (1 / REFRESH_SHARE - 1))
 
 

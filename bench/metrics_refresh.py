@@ -71,13 +71,14 @@ NOW = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
 WAYS = ("no refresh", "every 64 documents", "api.metrics")
 
 
-def agent_doc(did: str, index: int) -> bytes:
-    """An agent document as the projector writes it (a registry record and trust)."""
+def agent_doc(did: str, index: int, status: str = "active", detail: str = "") -> bytes:
+    """An agent document as the projector writes it (a registry record and trust),
+    its figures varied by ``index`` (the tests of the metrics read use it too)."""
     base_at = format_time(datetime(2026, 11, 1, 12, index % 60, tzinfo=UTC))
     return encode(
         {
             "grants_in": [],
-            "registry": {"did": did, "status": "active", "detail": ""},
+            "registry": {"did": did, "status": status, "detail": detail},
             "trust": {
                 "base_at": base_at,
                 "base_milli": 500_000 + index * 997 % 400_000,

@@ -35,11 +35,12 @@ from agentmesh.embedded import EmbeddedRedis, free_port
 from agentmesh.wiring import trust_config
 from api.metrics import HOLD_SECONDS, REQUEST_DURATION, MetricsServer, read_stats
 from api.schemas import trust_out
+from bench.metrics_refresh import agent_doc
 from ledger.events import PolicyViolation, TrustSignal, new_event_id
 from ledger.identity import b64encode
 from ledger.timefmt import format_time, parse_time
 from projections.config import TrustConfig
-from projections.documents import Batch, Meta, decode_trust_only, encode, stored_micros
+from projections.documents import Batch, Meta, decode_trust_only, stored_micros
 from projections.readstore import ProjectionReader, ReadStoreError
 from projections.store_redis import RedisProjectionStore
 from projections.trust import to_micros
@@ -130,26 +131,7 @@ def test_stored_times_are_read_as_the_ledger_parser_reads_them() -> None:
 
 
 def _doc(did: str, index: int, status: str = "active") -> bytes:
-    base_at = format_time(datetime(2026, 11, 1, 12, index % 60, tzinfo=UTC))
-    return encode(
-        {
-            "grants_in": [],
-            "registry": {"did": did, "status": status, "detail": "é" * (index % 7)},
-            "trust": {
-                "base_at": base_at,
-                "base_milli": 500_000 + index * 997 % 400_000,
-                "decay_from": base_at,
-                "did": did,
-                "handshakes_completed": index % 3,
-                "handshakes_failed": 0,
-                "partners": {},
-                "peers": {},
-                "position": index,
-                "positives": index % 5,
-                "violations": {"low": index % 2, "medium": 0, "high": 0, "critical": 0},
-            },
-        }
-    )
+    return agent_doc(did, index, status, detail="é" * (index % 7))
 
 
 @pytest.fixture
