@@ -4,8 +4,10 @@ nothing the stores hold.
 The tail folds a few events per wake-up, so each wake-up is one ledger read and one
 store write that also publishes the change; a read that returns less than a batch is
 the last; a notification of entries already read is not read again; the registry's
-size is counted again only for the events that change it. Each is held here against
-the rebuild (documents and meta byte for byte) and against a count of the reads, on
+size is counted again only for the events that change it; wake-ups sooner than
+``read_interval`` after a read wait out the rest of it and share one read. Each is
+held here against the
+rebuild (documents and meta byte for byte) and against a count of the reads, on
 real PostgreSQL and each read store.
 """
 
@@ -230,3 +232,66 @@ async def reached(store: ProjectionStore, position: int) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"the store never reached position {position}")
+
+
+async def test_wakeups_soon_after_a_read_gather_their_commits_into_one_read(
+    ledger: PostgresEventStore, read_store: ProjectionStore, clock: ManualClock
+) -> None:
+    """Under appends the tail reads at most once per ``read_interval``: a wake-up that
+    comes sooner waits out the rest of it (``pause``), and whatever committed meanwhile
+    is folded by one read. A wake-up after a quiet spell reads at once."""
+    agents = await random_history(ledger, clock, seed=25, steps=10)
+    counted = CountedLedger(ledger)
+    pauses: list[float] = []
+    wake, stop = Wakeup(), asyncio.Event()
+
+    async def commit(n: int) -> int:
+        actor, subject = agents[n % len(agents)], agents[(n + 1) % len(agents)]
+        await ledger.append([actor.violation(subject=subject.did)])
+        head = (await ledger.head()).position
+        wake.notify(str(head))
+        return head
+
+    async def pause(seconds: float) -> None:
+        # Two more commits land while the projector waits: its next read has all three.
+        pauses.append(seconds)
+        await commit(1)
+        await commit(2)
+
+    projector = Projector(
+        counted, read_store, CONFIG, poll_interval=3600, read_interval=3600, pause=pause
+    )
+
+    async def leader() -> bool:
+        return True
+
+    task = asyncio.create_task(projector.project(stop, leader, wake))
+    try:
+        await reached(read_store, (await ledger.head()).position)
+        for _ in range(500):  # the first read after the rebuild (it finds nothing)
+            if counted.reads:
+                break
+            await asyncio.sleep(0.01)
+        assert counted.reads == 1
+        assert pauses == []
+        first = await commit(0)  # woken within the interval of that read: it waits
+        await reached(read_store, first + 2)  # one event per commit
+        assert len(pauses) == 1
+        assert 0 < pauses[0] <= 3600
+        assert counted.reads == 2  # three commits, three notifications, one read
+        # After a quiet spell longer than the interval, a wake-up reads without waiting.
+        projector.read_interval = 0.05
+        await asyncio.sleep(0.2)
+        pauses.clear()
+        head = await commit(3)
+        await reached(read_store, head)
+        assert pauses == []
+        assert counted.reads == 3
+        state = fold_recorded([r async for r in ledger.iter_entries()], CONFIG)
+        dids = sorted(state.agents)
+        live = await read_store.agent_docs(dids)
+        await projector.rebuild()
+        assert await read_store.agent_docs(dids) == live
+    finally:
+        stop.set()
+        await task
