@@ -219,6 +219,43 @@ async def test_every_shape_writes_all_of_its_parts_or_nothing(conn: asyncpg.Conn
             await transaction.rollback()
 
 
+async def test_a_batch_updates_its_streams_through_the_primary_key(
+    conn: asyncpg.Connection,
+) -> None:
+    """The generic plan (the one a prepared write settles on) guesses ten rows for any
+    ``unnest`` of a parameter; against a fleet of a few thousand streams (2,000 here:
+    from ~5,000 on the guess alone picks the index) it hashed the batch and read every
+    stream, for each commit. The plan PostgreSQL runs, as auto_explain reports it to
+    this session, reads the streams by their primary key."""
+    row = await conn.fetchrow("SELECT position, entry_hash, recorded_at FROM ledger_head")
+    base = Head(row[0], bytes(row[1]), row[2])
+    state, checkpoint = batch((False, ("ev", "su")), base, b"\x03")
+    plans: list[str] = []
+    conn.add_log_listener(lambda _conn, message: plans.append(message.message))
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        await conn.execute(
+            "INSERT INTO streams (stream_id, version, last_position) "
+            "SELECT 'fleet-' || i, 1, 0 FROM generate_series(1, 2000) AS i"
+        )
+        await conn.execute("ANALYZE streams")
+        await conn.execute("LOAD 'auto_explain'")
+        for setting in (
+            "auto_explain.log_min_duration = 0",
+            "client_min_messages = log",
+            "plan_cache_mode = force_generic_plan",
+        ):
+            await conn.execute(f"SET LOCAL {setting}")
+        assert len(await conn.fetch(*_statement(base, state, checkpoint))) == 1
+        await written(conn, state, checkpoint)
+    finally:
+        await transaction.rollback()
+    (plan,) = [p for p in plans if "Update on streams" in p]
+    assert "streams_pkey" in plan
+    assert "Seq Scan on streams" not in plan
+
+
 def _statement(
     expected: Head, state: BatchState, checkpoint: CheckpointRow | None
 ) -> tuple[str, ...]:

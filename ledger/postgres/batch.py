@@ -407,10 +407,15 @@ _WRITE_PARTS: dict[str, tuple[tuple[str, ...], str | None, str | None]] = {
   UPDATE streams SET version = {v}::int, last_position = {p}::bigint
    WHERE stream_id = {s}::text AND EXISTS (SELECT 1 FROM h)
 )""",
+        # ``= ANY`` as well as the join: the generic plan guesses ten rows for any
+        # ``unnest`` of a parameter, and against up to ~5,000 streams it joined them by
+        # hashing after reading every stream (0.2-0.4 ms a commit at 2,000); ``= ANY``
+        # is answered from the primary key whatever the guess.
         """su AS (
   UPDATE streams SET version = u.v, last_position = u.p
     FROM unnest({s}::text[], {v}::int[], {p}::bigint[]) AS u(s, v, p)
-   WHERE streams.stream_id = u.s AND EXISTS (SELECT 1 FROM h)
+   WHERE streams.stream_id = ANY({s}::text[]) AND streams.stream_id = u.s
+     AND EXISTS (SELECT 1 FROM h)
 )""",
     ),
     "si": (
