@@ -214,14 +214,21 @@ async def test_the_tail_reads_once_per_new_commit_and_never_for_a_stale_notifica
             wake.notify(str(head))
             await reached(read_store, head)
             assert counted.reads == before + 1
-        state = fold_recorded([r async for r in ledger.iter_entries()], CONFIG)
-        dids = sorted(state.agents)
-        live = await read_store.agent_docs(dids)
-        await projector.rebuild()
-        assert await read_store.agent_docs(dids) == live
+        await equals_a_rebuild(ledger, read_store, projector)
     finally:
         stop.set()
         await task
+
+
+async def equals_a_rebuild(
+    ledger: PostgresEventStore, store: ProjectionStore, projector: Projector
+) -> None:
+    """The agents' documents the tail left are those a rebuild writes."""
+    state = fold_recorded([r async for r in ledger.iter_entries()], CONFIG)
+    dids = sorted(state.agents)
+    live = await store.agent_docs(dids)
+    await projector.rebuild()
+    assert await store.agent_docs(dids) == live
 
 
 async def reached(store: ProjectionStore, position: int) -> None:
@@ -287,11 +294,7 @@ async def test_wakeups_soon_after_a_read_gather_their_commits_into_one_read(
         await reached(read_store, head)
         assert pauses == []
         assert counted.reads == 3
-        state = fold_recorded([r async for r in ledger.iter_entries()], CONFIG)
-        dids = sorted(state.agents)
-        live = await read_store.agent_docs(dids)
-        await projector.rebuild()
-        assert await read_store.agent_docs(dids) == live
+        await equals_a_rebuild(ledger, read_store, projector)
     finally:
         stop.set()
         await task
