@@ -74,8 +74,8 @@ _RECOUNT = frozenset({AgentRegistered, AgentSuspended, AgentReinstated})
 # projector. A wake-up's fixed cost (a ledger read and a store write, their socket
 # writes and the event loop) is most of its CPU when each brings one commit: at 1,000
 # single-event commits a second, 5 ms of gathering cut the projector's CPU per event
-# by ~40 % for ~3 ms more lag at the median (bench/projections.py, README "The
-# projector's live tail"). A wake-up after a quiet spell longer than this reads at once.
+# by ~40 % for ~3 ms more lag at the median (bench/projections.py; README, "The read
+# interval"). A wake-up after a quiet spell longer than this reads at once.
 READ_INTERVAL = 0.005
 
 
