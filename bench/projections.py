@@ -73,7 +73,7 @@ from projections.config import TrustConfig
 from projections.documents import Batch
 from projections.leader_postgres import project_while_leader
 from projections.projector import Projector
-from projections.readstore import ProjectionReader, ProjectionStore
+from projections.readstore import SUBSCRIBED, ProjectionReader, ProjectionStore
 from projections.store_memory import MemoryProjectionStore
 from projections.store_postgres import PostgresProjectionStore
 from projections.store_redis import RedisProjectionStore
@@ -403,7 +403,8 @@ class ProjectorRunner:
 async def watch(store: ProjectionStore, seen: list[tuple[int, float]]) -> None:
     """Timestamp every change the read store announces (it publishes after writing)."""
     async for change in store.changes():
-        seen.append((change.position, time.perf_counter()))
+        if change != SUBSCRIBED:  # (the subscription in place, not an event)
+            seen.append((change.position, time.perf_counter()))
 
 
 async def wait_seen(seen: list[tuple[int, float]], position: int, seconds: float) -> bool:

@@ -75,9 +75,19 @@ class ProjectionStore(Protocol):
 
     async def publish(self, change: Change) -> None: ...
 
-    def changes(self) -> AsyncGenerator[Change, None]: ...
+    def changes(self) -> AsyncGenerator[Change, None]:
+        """The changes published from the moment the subscription is in place, which
+        the first one says: ``SUBSCRIBED`` (``Change(0, None)``: position unknown,
+        anything may have changed), yielded again whenever a broken subscription is
+        re-established. What was published before it reached no one, so a follower
+        drops on it whatever it read before (a cache filled while the API started,
+        or while Redis was away, would otherwise keep a stale document until its
+        TTL)."""
 
     async def close(self) -> None: ...
+
+
+SUBSCRIBED = Change(0, None)  # the first change of every subscription (``changes``)
 
 
 @dataclass(frozen=True, slots=True)

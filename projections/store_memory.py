@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from projections.documents import Batch, Change, Meta
-from projections.readstore import Closure, StaleWriteError, read_closure
+from projections.readstore import SUBSCRIBED, Closure, StaleWriteError, read_closure
 
 
 @dataclass
@@ -92,6 +92,7 @@ class MemoryProjectionStore:
         queue: asyncio.Queue[Change] = asyncio.Queue()
         self._subscribers.append(queue)
         try:
+            yield SUBSCRIBED
             while True:
                 yield await queue.get()
         finally:

@@ -22,7 +22,7 @@ import asyncpg
 
 from ledger.postgres.dsn import connect_kwargs, pooler_of
 from projections.documents import Batch, Change, Meta, decode, encode
-from projections.readstore import Closure, ReadStoreError, StaleWriteError
+from projections.readstore import SUBSCRIBED, Closure, ReadStoreError, StaleWriteError
 
 _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 CHANNEL = "agentmesh_projection"
@@ -271,7 +271,8 @@ class PostgresProjectionStore:
         except _DRIVER_ERRORS as exc:
             raise ReadStoreError(f"postgres read store: {exc}") from exc
         try:
-            await conn.add_listener(channel, on_notify)
+            await conn.add_listener(channel, on_notify)  # LISTEN: in place once it returns
+            yield SUBSCRIBED
             while True:
                 yield await queue.get()
         except _DRIVER_ERRORS as exc:

@@ -35,7 +35,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from projections.documents import Batch, Change, Meta, decode, encode
-from projections.readstore import Closure, ReadStoreError, StaleWriteError
+from projections.readstore import SUBSCRIBED, Closure, ReadStoreError, StaleWriteError
 
 _PENDING_TTL = 24 * 3600
 _CHUNK = 1000
@@ -465,22 +465,20 @@ class RedisProjectionStore:
             raise ReadStoreError(f"redis unavailable: {exc}") from exc
 
     async def changes(self) -> AsyncGenerator[Change, None]:
-        """Change notifications. redis-py reconnects a broken subscription by itself
-        (after a Sentinel failover, on the new master) and subscribes again; what was
-        published in between is lost, so a subscription confirmed again yields
-        ``Change(0, None)``: position unknown, anything may have changed."""
+        """Change notifications, from ``SUBSCRIBED`` when the server confirms the
+        subscription. redis-py reconnects a broken subscription by itself (after a
+        Sentinel failover, on the new master) and subscribes again; what was
+        published in between is lost, so the confirmation of that one yields
+        ``SUBSCRIBED`` too."""
         pubsub = self._redis.pubsub()
         try:
             await pubsub.subscribe(self._prefix + "changes")
-            confirmed = False
             async for message in pubsub.listen():
                 kind = message.get("type")
                 if kind == "message":
                     yield Change.decode(message["data"])
                 elif kind == "subscribe":
-                    if confirmed:
-                        yield Change(0, None)
-                    confirmed = True
+                    yield SUBSCRIBED
         except (RedisError, OSError) as exc:
             raise ReadStoreError(f"redis unavailable: {exc}") from exc
         finally:

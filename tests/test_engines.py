@@ -51,7 +51,7 @@ from projections.config import TrustConfig
 from projections.documents import Change
 from projections.leader_postgres import project_while_leader
 from projections.projector import Projector
-from projections.readstore import ProjectionStore, ReadStoreError
+from projections.readstore import SUBSCRIBED, ProjectionStore, ReadStoreError
 from projections.store_memory import MemoryProjectionStore
 from projections.store_postgres import PostgresProjectionStore
 from projections.store_redis import RedisProjectionStore
@@ -240,8 +240,8 @@ async def test_the_projector_writes_the_postgres_store_through_pgbouncer(
         assert await _docs(store) == await _memory_fold(ledger)
 
         # Change notifications come over the direct session's LISTEN.
+        assert await asyncio.wait_for(anext(changes), GUARD) == SUBSCRIBED
         first = asyncio.ensure_future(anext(changes))
-        await asyncio.sleep(0.2)  # subscribed
         await ledger.append([agents[0].violation(subject=agents[1].did)])
         await _until(caught_up, "the projector was woken by LISTEN and caught up")
         change: Change = await asyncio.wait_for(first, GUARD)
@@ -434,8 +434,8 @@ async def test_the_redis_store_with_a_password_over_tls(
         projector = Projector(store, read_store, CONFIG)
         progress = await projector.load()
         assert await _docs(read_store) == await _memory_fold(store)
-        first = asyncio.ensure_future(anext(changes))  # pub/sub over TLS too
-        await asyncio.sleep(0.2)
+        assert await asyncio.wait_for(anext(changes), GUARD) == SUBSCRIBED  # over TLS too
+        first = asyncio.ensure_future(anext(changes))
         await store.append([agents[0].violation(subject=agents[2].did)])
         await projector.catch_up(progress)
         change = await asyncio.wait_for(first, GUARD)
@@ -555,8 +555,8 @@ async def test_the_redis_store_follows_a_sentinel_failover(
         progress = await projector.load()
         assert await _docs(read_store) == await _memory_fold(store)
         changes = read_store.changes()  # what the API's cache and the sidecars follow
+        assert await asyncio.wait_for(anext(changes), GUARD) == SUBSCRIBED
         subscribed = asyncio.ensure_future(anext(changes))
-        await asyncio.sleep(0.2)
         await store.append([agents[2].signal(subject=agents[3].did)])
         await projector.catch_up(progress)
         assert (await asyncio.wait_for(subscribed, GUARD)).position == (await store.head()).position
@@ -592,11 +592,11 @@ async def test_the_redis_store_follows_a_sentinel_failover(
             assert written == str(meta.position)
 
         # The subscription follows too: on the old master until Sentinel demotes it and
-        # closes its clients, then again on the new one, saying anything may have changed.
-        # (A rebuild the loop made on the new master announces Change(27, None) there;
-        # this subscription is on the old master until the demotion.)
+        # closes its clients, then again on the new one, saying so (anything may have
+        # changed meanwhile). A rebuild the loop may have made on the new master was
+        # announced there while this subscription was still on the old one.
         async def resubscribed() -> None:
-            while await anext(changes) != Change(0, None):
+            while await anext(changes) != SUBSCRIBED:
                 pass
 
         await asyncio.wait_for(resubscribed(), GUARD)

@@ -25,7 +25,7 @@ from ledger.timefmt import format_time
 from projections.config import TrustConfig
 from projections.documents import Batch, Change, Meta
 from projections.projector import Projector, Wakeup
-from projections.readstore import ProjectionStore, StaleWriteError
+from projections.readstore import SUBSCRIBED, ProjectionStore, StaleWriteError
 from projections.state import fold_recorded
 from tests.support import Agent, ManualClock, random_history
 
@@ -139,20 +139,14 @@ async def test_a_commit_publishes_its_change_only_when_it_writes(
     )
     await read_store.replace_all(Batch({}, {}, meta))
     received: asyncio.Queue[Change] = asyncio.Queue()
-    subscribed = asyncio.Event()
 
     async def listen() -> None:
-        changes = read_store.changes()
-        first = asyncio.ensure_future(anext(changes))
-        await asyncio.sleep(0.2)  # the subscription is in place
-        subscribed.set()
-        await received.put(await first)
-        async for change in changes:
+        async for change in read_store.changes():
             await received.put(change)
 
     task = asyncio.create_task(listen())
     try:
-        await subscribed.wait()
+        assert await asyncio.wait_for(received.get(), 10) == SUBSCRIBED  # in place
         at6 = Meta(**{**meta.to_dict(), "position": 6})
         at7 = Meta(**{**meta.to_dict(), "position": 7})
         did = "did:mesh:" + "a" * 32

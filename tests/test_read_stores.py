@@ -18,12 +18,14 @@ from ledger.events import AgentSuspended, DelegationGranted
 from ledger.postgres import PostgresEventStore
 from ledger.signed import SignedEvent
 from ledger.timefmt import format_time
+from projections.cache import CachedStore
 from projections.config import TrustConfig
 from projections.delegation import delegation_chain, effective_capabilities
 from projections.documents import Batch, Meta
 from projections.errors import DelegationError
 from projections.projector import Projector
 from projections.readstore import (
+    SUBSCRIBED,
     Closure,
     ProjectionReader,
     ProjectionStore,
@@ -324,7 +326,8 @@ async def test_changes_are_published_after_each_batch(
 
     task = asyncio.create_task(listen())
     try:
-        await asyncio.sleep(0.2)  # subscribed
+        # The subscription says when it is in place: from then on nothing is missed.
+        assert await asyncio.wait_for(received.get(), 10) == SUBSCRIBED
         await ledger.append([agents[0].violation(subject=agents[1].did)])
         await projector.catch_up(progress)
         change = await asyncio.wait_for(received.get(), 5)
@@ -334,6 +337,37 @@ async def test_changes_are_published_after_each_batch(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_what_a_cache_read_before_its_subscription_was_in_place_is_dropped(
+    ledger: PostgresEventStore, read_store: ProjectionStore, clock: ManualClock
+) -> None:
+    """A change published while no subscription is in place (the API starting, a
+    subscription re-opened after Redis came back) reaches no one, and the cache would
+    keep what it read before for its whole TTL: a suspended agent still trusted.
+    Every subscription starts with ``SUBSCRIBED``; the cache drops everything on it."""
+    agents = await random_history(ledger, clock, seed=8, steps=10)
+    projector = Projector(ledger, read_store, CONFIG)
+    progress = await projector.load()
+    cache = CachedStore(read_store, ttl=300)
+    target = [agents[1].did]
+    before = await cache.agent_docs(target)  # read, and kept, before any subscription
+    await ledger.append([agents[0].violation(subject=agents[1].did)])
+    await projector.catch_up(progress)  # its change is published to no one
+    now = await read_store.agent_docs(target)
+    assert now != before
+    assert await cache.agent_docs(target) == before  # the TTL alone would keep it
+    watch = asyncio.create_task(cache.watch())
+    try:
+        for _ in range(400):  # until the subscription is in place (a hang guard)
+            if cache.last_change is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert cache.last_change is not None, "the subscription never said it was in place"
+        assert await cache.agent_docs(target) == now
+    finally:
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
 
 
 async def test_emptied_store_is_rebuilt_without_being_asked(
