@@ -13,7 +13,6 @@ subscriber that re-reads on a notification sees what it announces.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
@@ -26,6 +25,9 @@ from projections.readstore import SUBSCRIBED, Closure, ReadStoreError, StaleWrit
 
 _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 CHANNEL = "agentmesh_projection"
+# Seconds of silence after which the LISTEN session is asked a ``SELECT 1``, and then
+# given up when the answer does not come within as long again (see ``changes``).
+HEARTBEAT = 5.0
 # NOTIFY payloads are limited to 8000 bytes: beyond this, say "everything changed".
 _MAX_NOTIFY_AGENTS = 150
 
@@ -77,6 +79,7 @@ class PostgresProjectionStore:
         self._pool = pool
         self._name = store_name
         self._listen_url = listen_url
+        self.heartbeat = HEARTBEAT
 
     @classmethod
     async def connect(
@@ -270,21 +273,48 @@ class PostgresProjectionStore:
             conn = await asyncpg.connect(**connect_kwargs(self._listen_url))
         except _DRIVER_ERRORS as exc:
             raise ReadStoreError(f"postgres read store: {exc}") from exc
+        silent = False
         try:
             await conn.add_listener(channel, on_notify)  # LISTEN: in place once it returns
             yield SUBSCRIBED
             while True:
-                yield await queue.get()
+                try:
+                    change = await asyncio.wait_for(queue.get(), self.heartbeat)
+                except TimeoutError:
+                    # A session that only listens would wait forever on a server gone
+                    # without a reset, while every change passes it by: ask it.
+                    try:
+                        await asyncio.wait_for(conn.fetchval("SELECT 1"), self.heartbeat)
+                    except TimeoutError:
+                        silent = True
+                        raise ReadStoreError(
+                            "postgres read store: the change subscription went silent "
+                            "(no answer to SELECT 1)"
+                        ) from None
+                    continue
+                yield change
         except _DRIVER_ERRORS as exc:
             raise ReadStoreError(f"postgres read store: {exc}") from exc
         finally:
-            with contextlib.suppress(*_DRIVER_ERRORS):
-                await conn.remove_listener(channel, on_notify)
-            with contextlib.suppress(*_DRIVER_ERRORS):
-                await conn.close()
+            # Said goodbye to within a heartbeat; a link gone silent (noticed or not
+            # yet: a follower stopping) is cut, not waited on.
+            try:
+                if silent:
+                    raise TimeoutError
+                async with asyncio.timeout(self.heartbeat):
+                    await conn.remove_listener(channel, on_notify)
+                    await conn.close()
+            except (TimeoutError, *_DRIVER_ERRORS):
+                conn.terminate()
 
     async def clear_for_tests(self) -> None:
         await self._pool.execute("DELETE FROM projection_current WHERE name = $1", self._name)
 
     async def close(self) -> None:
-        await self._pool.close()
+        """Close the pool; connections that do not say goodbye within a heartbeat (a
+        server gone silent) are cut, so a stopping process is not held up."""
+        try:
+            async with asyncio.timeout(self.heartbeat):
+                await self._pool.close()
+        except TimeoutError:
+            self._pool.terminate()

@@ -38,6 +38,14 @@ from projections.documents import Batch, Change, Meta, decode, encode
 from projections.readstore import SUBSCRIBED, Closure, ReadStoreError, StaleWriteError
 
 _PENDING_TTL = 24 * 3600
+# Seconds a command's answer may take before the connection is taken for dead (a
+# server gone without a reset, as a rescheduled pod's old address): the command is
+# retried on a new connection, then fails, instead of hanging its request forever.
+# Far above anything a command here takes (a rebuild's pipeline answers as it goes).
+COMMAND_TIMEOUT = 10.0
+# Seconds of silence after which a change subscription is asked for a PING, and
+# then given up when the answer does not come within as long again.
+HEARTBEAT = 5.0
 _CHUNK = 1000
 
 _META = """
@@ -210,6 +218,7 @@ class RedisProjectionStore:
         self._swap_script = client.register_script(_SWAP)
         self._waiting: list[tuple[str, asyncio.Future[bytes | None]]] = []
         self._batches: set[asyncio.Future[None]] = set()
+        self.heartbeat = HEARTBEAT
 
     @classmethod
     def connect(
@@ -221,6 +230,7 @@ class RedisProjectionStore:
         *,
         tls: bool = False,
         tls_ca_file: str | None = None,
+        command_timeout: float = COMMAND_TIMEOUT,
     ) -> RedisProjectionStore:
         """One Redis server, with ``password`` (``requirepass``) and TLS when asked:
         the server's certificate is verified against ``tls_ca_file`` (default: the
@@ -230,6 +240,7 @@ class RedisProjectionStore:
             port=port,
             password=password,
             socket_connect_timeout=5,
+            socket_timeout=command_timeout,
             health_check_interval=30,
             **tls_options(tls, tls_ca_file),
         )
@@ -262,6 +273,7 @@ class RedisProjectionStore:
             },
             password=password,
             socket_connect_timeout=5,
+            socket_timeout=COMMAND_TIMEOUT,
             health_check_interval=30,
             retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=8),
             retry_on_error=[
@@ -469,16 +481,34 @@ class RedisProjectionStore:
         subscription. redis-py reconnects a broken subscription by itself (after a
         Sentinel failover, on the new master) and subscribes again; what was
         published in between is lost, so the confirmation of that one yields
-        ``SUBSCRIBED`` too."""
+        ``SUBSCRIBED`` too.
+
+        A subscription only listens, so a server gone without a reset (a pod
+        rescheduled elsewhere: its old address answers nothing) would leave it
+        waiting forever while every change passes it by. After ``heartbeat`` seconds
+        without a word it sends a PING; no answer within as long again raises
+        ``ReadStoreError``, and the follower subscribes anew."""
         pubsub = self._redis.pubsub()
+        loop = asyncio.get_running_loop()
         try:
             await pubsub.subscribe(self._prefix + "changes")
-            async for message in pubsub.listen():
-                kind = message.get("type")
-                if kind == "message":
-                    yield Change.decode(message["data"])
-                elif kind == "subscribe":
-                    yield SUBSCRIBED
+            heard, asked = loop.time(), False
+            while True:
+                message = await pubsub.get_message(timeout=self.heartbeat)
+                if message is not None:
+                    heard, asked = loop.time(), False
+                    kind = message.get("type")
+                    if kind == "message":
+                        yield Change.decode(message["data"])
+                    elif kind == "subscribe":
+                        yield SUBSCRIBED
+                elif loop.time() - heard >= self.heartbeat:
+                    if asked:
+                        raise ReadStoreError(
+                            "redis: the change subscription went silent (no answer to PING)"
+                        )
+                    await pubsub.ping()
+                    asked = True
         except (RedisError, OSError) as exc:
             raise ReadStoreError(f"redis unavailable: {exc}") from exc
         finally:
