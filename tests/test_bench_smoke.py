@@ -106,6 +106,31 @@ def test_the_metrics_refresh_bench_times_the_loop_beside_each_refresh(
     assert {"no refresh", "every 64 documents", "api.metrics"} <= rows, done.stdout
 
 
+def test_the_subscription_bench_compares_the_store_with_redis_py(
+    redis_server: EmbeddedRedis,
+) -> None:
+    env = _clean_env() | {
+        "AGENTMESH_REDIS_HOST": redis_server.host,
+        "AGENTMESH_REDIS_PORT": str(redis_server.port),
+    }
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "subscriptions.py"),
+            *("--messages", "300", "--repeat", "1"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split("  ")[0].strip() for line in done.stdout.splitlines()}
+    assert {"redis-py listen()", "store.changes()"} <= rows, done.stdout
+
+
 def test_a_benchmark_killed_with_sigterm_stops_its_servers_and_removes_its_directory(
     tmp_path: Path,
 ) -> None:
