@@ -50,13 +50,23 @@ def servers(root: Path) -> Iterator[tuple[str, str, int]]:
             postgres = EmbeddedPostgres(root / "pg").start()
             stack.callback(postgres.stop)
             base_url = postgres.url
-        host = os.environ.get("AGENTMESH_REDIS_HOST")
-        port = int(os.environ.get("AGENTMESH_REDIS_PORT", "6379"))
-        if host is None:
-            redis_server = EmbeddedRedis(root / "redis").start()
-            stack.callback(redis_server.stop)
-            host, port = redis_server.host, redis_server.port
+        host, port = stack.enter_context(redis_address(root))
         yield base_url, host, port
+
+
+@contextlib.contextmanager
+def redis_address(root: Path) -> Iterator[tuple[str, int]]:
+    """(Redis host, port): ``AGENTMESH_REDIS_HOST``/``_PORT`` when set, else an
+    embedded Redis under ``root``, stopped on exit."""
+    host = os.environ.get("AGENTMESH_REDIS_HOST")
+    if host is not None:
+        yield host, int(os.environ.get("AGENTMESH_REDIS_PORT", "6379"))
+        return
+    server = EmbeddedRedis(root / "redis").start()
+    try:
+        yield server.host, server.port
+    finally:
+        server.stop()
 
 
 async def fresh_database(server_url: str, prefix: str = "bench_") -> tuple[str, str]:

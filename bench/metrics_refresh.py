@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
-import os
 import socket
 import statistics
 import sys
@@ -57,9 +56,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import uvloop
 
-from agentmesh.embedded import EmbeddedRedis
 from api.metrics import _release_lock, read_stats
-from bench.common import end_on_sigterm, no_collector_pauses, percentile
+from bench.common import end_on_sigterm, no_collector_pauses, percentile, redis_address
 from ledger.timefmt import format_time
 from projections.config import TrustConfig
 from projections.documents import Batch, Meta, decode_trust_only, encode
@@ -301,18 +299,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    host = os.environ.get("AGENTMESH_REDIS_HOST")
-    port = int(os.environ.get("AGENTMESH_REDIS_PORT", "6379"))
-    with tempfile.TemporaryDirectory(prefix="agentmesh-bench-") as root:
-        server = None
-        if host is None:
-            server = EmbeddedRedis(Path(root) / "redis").start()
-            host, port = server.host, server.port
-        try:
-            uvloop.run(run(args, host, port))
-        finally:
-            if server is not None:
-                server.stop()
+    with (
+        tempfile.TemporaryDirectory(prefix="agentmesh-bench-") as root,
+        redis_address(Path(root)) as (host, port),
+    ):
+        uvloop.run(run(args, host, port))
 
 
 if __name__ == "__main__":

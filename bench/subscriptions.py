@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import tempfile
@@ -37,8 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import redis.asyncio as aioredis
 
-from agentmesh.embedded import EmbeddedRedis
-from bench.common import end_on_sigterm, positive
+from bench.common import end_on_sigterm, positive, redis_address
 from projections.documents import Change
 from projections.readstore import SUBSCRIBED
 from projections.store_redis import RedisProjectionStore
@@ -128,18 +126,11 @@ def main() -> None:
     parser.add_argument("--messages", type=positive, default=20000)
     parser.add_argument("--repeat", type=positive, default=5)
     args = parser.parse_args()
-    host = os.environ.get("AGENTMESH_REDIS_HOST")
-    port = int(os.environ.get("AGENTMESH_REDIS_PORT", "6379"))
-    with tempfile.TemporaryDirectory(prefix="agentmesh-bench-") as root:
-        server = None
-        if host is None:
-            server = EmbeddedRedis(Path(root) / "redis").start()
-            host, port = server.host, server.port
-        try:
-            asyncio.run(run(args, host, port))
-        finally:
-            if server is not None:
-                server.stop()
+    with (
+        tempfile.TemporaryDirectory(prefix="agentmesh-bench-") as root,
+        redis_address(Path(root)) as (host, port),
+    ):
+        asyncio.run(run(args, host, port))
 
 
 if __name__ == "__main__":

@@ -81,19 +81,14 @@ async def test_the_append_bench_splits_the_wal_by_relation(
     assert sum(parts.values()) <= (_lsn(span[1]) - _lsn(span[0])) / 40
 
 
-def test_the_metrics_refresh_bench_times_the_loop_beside_each_refresh(
-    redis_server: EmbeddedRedis,
-) -> None:
+def _rows_of_redis_bench(redis_server: EmbeddedRedis, script: str, *args: str) -> set[str]:
+    """Run ``bench/<script>`` on the test's Redis; the first column of what it printed."""
     env = _clean_env() | {
         "AGENTMESH_REDIS_HOST": redis_server.host,
         "AGENTMESH_REDIS_PORT": str(redis_server.port),
     }
     done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "metrics_refresh.py"),
-            *("--agents", "300", "--rate", "200", "--seconds", "0.5", "--repeat", "1"),
-        ],
+        [sys.executable, str(ROOT / "bench" / script), *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -102,33 +97,27 @@ def test_the_metrics_refresh_bench_times_the_loop_beside_each_refresh(
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = {line.split("  ")[0].strip() for line in done.stdout.splitlines()}
-    assert {"no refresh", "every 64 documents", "api.metrics"} <= rows, done.stdout
+    return {line.split("  ")[0].strip() for line in done.stdout.splitlines()}
+
+
+def test_the_metrics_refresh_bench_times_the_loop_beside_each_refresh(
+    redis_server: EmbeddedRedis,
+) -> None:
+    rows = _rows_of_redis_bench(
+        redis_server,
+        "metrics_refresh.py",
+        *("--agents", "300", "--rate", "200", "--seconds", "0.5", "--repeat", "1"),
+    )
+    assert {"no refresh", "every 64 documents", "api.metrics"} <= rows, rows
 
 
 def test_the_subscription_bench_compares_the_store_with_redis_py(
     redis_server: EmbeddedRedis,
 ) -> None:
-    env = _clean_env() | {
-        "AGENTMESH_REDIS_HOST": redis_server.host,
-        "AGENTMESH_REDIS_PORT": str(redis_server.port),
-    }
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "subscriptions.py"),
-            *("--messages", "300", "--repeat", "1"),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    rows = _rows_of_redis_bench(
+        redis_server, "subscriptions.py", *("--messages", "300", "--repeat", "1")
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = {line.split("  ")[0].strip() for line in done.stdout.splitlines()}
-    assert {"redis-py listen()", "store.changes()"} <= rows, done.stdout
+    assert {"redis-py listen()", "store.changes()"} <= rows, rows
 
 
 def test_a_benchmark_killed_with_sigterm_stops_its_servers_and_removes_its_directory(

@@ -12,6 +12,7 @@ whose open connections are silenced.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -46,36 +47,54 @@ class Relayed:
     relay: Relay
 
 
+@contextlib.asynccontextmanager
+async def _closing(each: Relayed) -> AsyncIterator[Relayed]:
+    """``each`` with the subscribers' heartbeat, all of it closed on exit."""
+    each.through.heartbeat = HEARTBEAT
+    try:
+        yield each
+    finally:
+        await each.through.close()
+        await each.direct.close()
+        await each.relay.close()
+
+
+@contextlib.asynccontextmanager
+async def _relayed_redis(redis_server: EmbeddedRedis) -> AsyncIterator[Relayed]:
+    relay = await Relay(redis_server.port).start()
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    through = RedisProjectionStore.connect(
+        relay.host, relay.port, prefix=prefix, command_timeout=1.0
+    )
+    direct = RedisProjectionStore.connect(redis_server.host, redis_server.port, prefix=prefix)
+    async with _closing(Relayed(through, direct, relay)) as each:
+        yield each
+
+
+@contextlib.asynccontextmanager
+async def _relayed_postgres(database_url: str) -> AsyncIterator[Relayed]:
+    server = urlsplit(database_url)
+    assert server.port is not None
+    relay = await Relay(server.port).start()
+    address = server.netloc.rpartition("@")[2]
+    url = database_url.replace(f"@{address}/", f"@{relay.host}:{relay.port}/")
+    name = uuid.uuid4().hex[:8]
+    through = await PostgresProjectionStore.connect(url, name)
+    direct = await PostgresProjectionStore.connect(database_url, name)
+    async with _closing(Relayed(through, direct, relay)) as each:
+        yield each
+
+
 @pytest.fixture(params=["redis", "postgres"])
 async def relayed(
     request: pytest.FixtureRequest, redis_server: EmbeddedRedis, database_url: str
 ) -> AsyncIterator[Relayed]:
-    through: RedisProjectionStore | PostgresProjectionStore
-    direct: ProjectionStore
     if request.param == "redis":
-        relay = await Relay(redis_server.port).start()
-        prefix = f"t{uuid.uuid4().hex[:8]}:"
-        through = RedisProjectionStore.connect(
-            relay.host, relay.port, prefix=prefix, command_timeout=1.0
-        )
-        direct = RedisProjectionStore.connect(redis_server.host, redis_server.port, prefix=prefix)
+        opened = _relayed_redis(redis_server)
     else:
-        server = urlsplit(database_url)
-        assert server.port is not None
-        relay = await Relay(server.port).start()
-        url = database_url.replace(
-            f"@{server.netloc.rpartition('@')[2]}/", f"@{relay.host}:{relay.port}/"
-        )
-        name = uuid.uuid4().hex[:8]
-        through = await PostgresProjectionStore.connect(url, name)
-        direct = await PostgresProjectionStore.connect(database_url, name)
-    through.heartbeat = HEARTBEAT
-    try:
-        yield Relayed(through, direct, relay)
-    finally:
-        await through.close()
-        await direct.close()
-        await relay.close()
+        opened = _relayed_postgres(database_url)
+    async with opened as each:
+        yield each
 
 
 async def test_a_subscription_whose_server_went_silent_is_given_up(relayed: Relayed) -> None:
@@ -138,58 +157,39 @@ async def test_the_cache_behind_a_silent_subscription_catches_up(
     went silent. The subscription is given up, the cache dropped and subscribed
     anew, and an agent registered meanwhile is found, not the cached "unknown" for
     300 s. Its reads, too, leave the silent connections for new ones."""
-    relay = await Relay(redis_server.port).start()
-    prefix = f"t{uuid.uuid4().hex[:8]}:"
-    through = RedisProjectionStore.connect(
-        relay.host, relay.port, prefix=prefix, command_timeout=1.0
-    )
-    through.heartbeat = HEARTBEAT
-    direct = RedisProjectionStore.connect(redis_server.host, redis_server.port, prefix=prefix)
-    cache = CachedStore(through, ttl=300)
-    await random_history(ledger, clock, seed=41, steps=10)
-    projector = Projector(ledger, direct, CONFIG)
-    progress = await projector.load()  # its change is published before anyone listens
-    watch = asyncio.create_task(cache.watch())
-    try:
-        newcomer = Agent()
-        target = [newcomer.did]
-        await _until(lambda: cache.last_change is not None, "subscribed")
-        subscribed = cache.last_change
-        assert await cache.agent_docs(target) == [None]  # unknown: kept for up to 300 s
-        relay.silence()
-        await register(ledger, newcomer)
-        await projector.catch_up(progress)  # published; the silent link never hears it
-        now = await direct.agent_docs(target)
-        assert now != [None]
-        await _until(lambda: cache.last_change != subscribed, "subscribed anew")
-        assert "change_subscription_lost" in caplog.messages  # given up, not woken
-        assert await cache.agent_docs(target) == now
-    finally:
-        watch.cancel()
-        await asyncio.gather(watch, return_exceptions=True)
-        await through.close()
-        await direct.close()
-        await relay.close()
+    async with _relayed_redis(redis_server) as each:
+        cache = CachedStore(each.through, ttl=300)
+        await random_history(ledger, clock, seed=41, steps=10)
+        projector = Projector(ledger, each.direct, CONFIG)
+        progress = await projector.load()  # its change is published before anyone listens
+        watch = asyncio.create_task(cache.watch())
+        try:
+            newcomer = Agent()
+            target = [newcomer.did]
+            await _until(lambda: cache.last_change is not None, "subscribed")
+            subscribed = cache.last_change
+            assert await cache.agent_docs(target) == [None]  # unknown: kept up to 300 s
+            each.relay.silence()
+            await register(ledger, newcomer)
+            await projector.catch_up(progress)  # published; the silent link never hears it
+            now = await each.direct.agent_docs(target)
+            assert now != [None]
+            await _until(lambda: cache.last_change != subscribed, "subscribed anew")
+            assert "change_subscription_lost" in caplog.messages  # given up, not woken
+            assert await cache.agent_docs(target) == now
+        finally:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
 
 
 async def test_a_redis_read_on_a_silent_connection_is_retried_on_a_new_one(
     redis_server: EmbeddedRedis,
 ) -> None:
-    relay = await Relay(redis_server.port).start()
-    prefix = f"t{uuid.uuid4().hex[:8]}:"
-    through = RedisProjectionStore.connect(
-        relay.host, relay.port, prefix=prefix, command_timeout=1.0
-    )
-    direct = RedisProjectionStore.connect(redis_server.host, redis_server.port, prefix=prefix)
-    try:
-        assert await through.meta() is None  # a pooled connection, through the relay
-        assert relay.silence() >= 1
+    async with _relayed_redis(redis_server) as each:
+        assert await each.through.meta() is None  # a pooled connection, through the relay
+        assert each.relay.silence() >= 1
         # The command times out on the silent connection and is sent again on a new one.
-        assert await asyncio.wait_for(through.meta(), GUARD) is None
-    finally:
-        await through.close()
-        await direct.close()
-        await relay.close()
+        assert await asyncio.wait_for(each.through.meta(), GUARD) is None
 
 
 async def _until(check: Callable[[], bool], what: str) -> None:
