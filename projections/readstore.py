@@ -10,6 +10,7 @@ any of them with the projections' pure functions.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -32,6 +33,8 @@ from projections.documents import (
 from projections.errors import ProjectionError
 from projections.registry import AgentRecord
 from projections.trust import TIERS, TrustView
+
+log = logging.getLogger("agentmesh.readstore")
 
 
 class ReadStoreError(ProjectionError):
@@ -88,6 +91,18 @@ class ProjectionStore(Protocol):
 
 
 SUBSCRIBED = Change(0, None)  # the first change of every subscription (``changes``)
+
+
+def read_change(data: bytes | str) -> Change:
+    """A change notification as published. One that cannot be read (anyone who may
+    publish on the channel can send anything) says anything may have changed,
+    ``Change(0, None)``: the follower drops everything rather than miss a change or
+    die on it."""
+    try:
+        return Change.decode(data)
+    except (ValueError, KeyError, TypeError) as exc:  # msgspec's DecodeError is a ValueError
+        log.warning("change_unreadable", extra={"error": str(exc)[:200]})
+        return Change(0, None)
 
 
 @dataclass(frozen=True, slots=True)

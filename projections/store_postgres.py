@@ -21,7 +21,13 @@ import asyncpg
 
 from ledger.postgres.dsn import connect_kwargs, pooler_of
 from projections.documents import Batch, Change, Meta, decode, encode
-from projections.readstore import SUBSCRIBED, Closure, ReadStoreError, StaleWriteError
+from projections.readstore import (
+    SUBSCRIBED,
+    Closure,
+    ReadStoreError,
+    StaleWriteError,
+    read_change,
+)
 
 _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 CHANNEL = "agentmesh_projection"
@@ -261,7 +267,7 @@ class PostgresProjectionStore:
         queue: asyncio.Queue[Change] = asyncio.Queue()
 
         def on_notify(_conn: object, _pid: int, _channel: str, payload: str) -> None:
-            queue.put_nowait(Change.decode(payload))
+            queue.put_nowait(read_change(payload))
 
         channel = f"{CHANNEL}_{self._name}"
         if self._listen_url is None:

@@ -35,7 +35,13 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from projections.documents import Batch, Change, Meta, decode, encode
-from projections.readstore import SUBSCRIBED, Closure, ReadStoreError, StaleWriteError
+from projections.readstore import (
+    SUBSCRIBED,
+    Closure,
+    ReadStoreError,
+    StaleWriteError,
+    read_change,
+)
 
 _PENDING_TTL = 24 * 3600
 # Seconds a command's answer may take before the connection is taken for dead (a
@@ -499,7 +505,7 @@ class RedisProjectionStore:
                     heard, asked = loop.time(), False
                     kind = message.get("type")
                     if kind == "message":
-                        yield Change.decode(message["data"])
+                        yield read_change(message["data"])
                     elif kind == "subscribe":
                         yield SUBSCRIBED
                 elif loop.time() - heard >= self.heartbeat:

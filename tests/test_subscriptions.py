@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import asyncpg
 import pytest
+import redis.asyncio as aioredis
 
 from agentmesh.embedded import EmbeddedRedis
 from ledger.postgres import PostgresEventStore
@@ -27,7 +29,7 @@ from projections.config import TrustConfig
 from projections.documents import Change
 from projections.projector import Projector
 from projections.readstore import SUBSCRIBED, ProjectionStore, ReadStoreError
-from projections.store_postgres import PostgresProjectionStore
+from projections.store_postgres import CHANNEL, PostgresProjectionStore
 from projections.store_redis import RedisProjectionStore
 from tests.relay_support import Relay
 from tests.support import Agent, ManualClock, random_history, register
@@ -45,6 +47,7 @@ class Relayed:
     through: RedisProjectionStore | PostgresProjectionStore
     direct: ProjectionStore
     relay: Relay
+    publish_raw: Callable[[bytes], Awaitable[object]]  # anything, on the store's channel
 
 
 @contextlib.asynccontextmanager
@@ -67,8 +70,16 @@ async def _relayed_redis(redis_server: EmbeddedRedis) -> AsyncIterator[Relayed]:
         relay.host, relay.port, prefix=prefix, command_timeout=1.0
     )
     direct = RedisProjectionStore.connect(redis_server.host, redis_server.port, prefix=prefix)
-    async with _closing(Relayed(through, direct, relay)) as each:
-        yield each
+    raw = aioredis.Redis(host=redis_server.host, port=redis_server.port)
+
+    async def publish_raw(data: bytes) -> object:
+        return await raw.publish(prefix + "changes", data)
+
+    try:
+        async with _closing(Relayed(through, direct, relay, publish_raw)) as each:
+            yield each
+    finally:
+        await raw.aclose()
 
 
 @contextlib.asynccontextmanager
@@ -81,7 +92,17 @@ async def _relayed_postgres(database_url: str) -> AsyncIterator[Relayed]:
     name = uuid.uuid4().hex[:8]
     through = await PostgresProjectionStore.connect(url, name)
     direct = await PostgresProjectionStore.connect(database_url, name)
-    async with _closing(Relayed(through, direct, relay)) as each:
+
+    async def publish_raw(data: bytes) -> object:
+        conn = await asyncpg.connect(database_url)
+        try:
+            return await conn.execute(
+                "SELECT pg_notify($1, $2)", f"{CHANNEL}_{name}", data.decode()
+            )
+        finally:
+            await conn.close()
+
+    async with _closing(Relayed(through, direct, relay, publish_raw)) as each:
         yield each
 
 
@@ -117,6 +138,24 @@ async def test_a_subscription_whose_server_went_silent_is_given_up(relayed: Rela
         assert await asyncio.wait_for(anext(again), GUARD) == Change(7, None)
     finally:
         await again.aclose()
+
+
+async def test_a_change_that_cannot_be_read_drops_everything_and_goes_on(
+    relayed: Relayed,
+) -> None:
+    """Anyone who may publish on the channel can send anything: what cannot be read
+    says anything may have changed (the cache drops everything) and the subscription
+    goes on; it neither ends the follower nor is passed over."""
+    changes = relayed.through.changes()
+    try:
+        assert await asyncio.wait_for(anext(changes), GUARD) == SUBSCRIBED
+        for junk in (b"not a change", b"[1, 2]", b'{"position": "x"}', b'{"agents": []}'):
+            await relayed.publish_raw(junk)
+            assert await asyncio.wait_for(anext(changes), GUARD) == Change(0, None)
+        await relayed.direct.publish(Change(8, frozenset({"did:mesh:b"})))
+        assert await asyncio.wait_for(anext(changes), GUARD) == Change(8, frozenset({"did:mesh:b"}))
+    finally:
+        await changes.aclose()
 
 
 async def test_a_follower_stopping_on_a_silent_link_is_not_held_up(relayed: Relayed) -> None:
