@@ -69,6 +69,8 @@ class CachedStore:
                             on_change(change)
             except ReadStoreError as exc:
                 log.warning("change_subscription_lost", extra={"error": str(exc)})
+            except Exception:  # a bug must not end invalidation for good: drop, go on
+                log.exception("change_watch_failed")
             self.clear()
             await asyncio.sleep(0.5)
 

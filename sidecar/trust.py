@@ -148,6 +148,8 @@ class TrustSource:
                             await self.refresh()  # again if a newer change raced the read
             except ReadStoreError as exc:
                 log.warning("change_subscription_lost", extra={"error": str(exc)})
+            except Exception:  # a bug must not end invalidation for good: drop, go on
+                log.exception("change_watch_failed")
             self.invalidate()
             await asyncio.sleep(0.5)
 

@@ -6,7 +6,7 @@ covered by the API tests (``AGENTMESH_CACHE_ENABLED``)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import msgspec
@@ -122,3 +122,36 @@ async def test_a_closure_read_racing_an_invalidation_is_not_kept() -> None:
     calls.clear()
     await cache.agent_closure(me)
     assert calls == ["agent_closure"]  # nothing of the racing read was kept
+
+
+class _BrokenOnceStore(MemoryProjectionStore):
+    """A memory store whose first subscription fails with an unexpected error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.subscriptions = 0
+
+    async def changes(self) -> AsyncGenerator[Change, None]:
+        self.subscriptions += 1
+        if self.subscriptions == 1:
+            raise RuntimeError("a bug in a subscription")
+        async for change in super().changes():
+            yield change
+
+
+async def test_an_unexpected_error_does_not_end_the_watch() -> None:
+    """Invalidation that stopped for good would keep every document for the TTL: the
+    watch drops what it holds and subscribes again, whatever the error."""
+    inner = _BrokenOnceStore()
+    cache = CachedStore(inner, ttl=60)
+    watch = asyncio.create_task(cache.watch())
+    try:
+        for _ in range(200):  # until the second subscription said it is in place
+            if cache.last_change is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert inner.subscriptions == 2
+        assert cache.last_change is not None
+    finally:
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncGenerator
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,6 +12,7 @@ from typing import Any
 import httpx
 
 from projections.documents import Change
+from projections.readstore import SUBSCRIBED
 from sidecar.trust import TrustSource
 
 
@@ -50,6 +52,41 @@ async def test_a_change_during_a_read_is_not_lost() -> None:
     current = await source.current()
     assert current is not None
     assert current.score == 790
+
+
+class _BrokenOnceChanges:
+    """A store whose first subscription fails with an unexpected error."""
+
+    def __init__(self) -> None:
+        self.subscriptions = 0
+        self.store = self
+
+    async def changes(self) -> AsyncGenerator[Change, None]:
+        self.subscriptions += 1
+        if self.subscriptions == 1:
+            raise RuntimeError("a bug in a subscription")
+        yield SUBSCRIBED
+        await asyncio.Event().wait()
+
+
+async def test_an_unexpected_error_does_not_end_the_sidecars_watch() -> None:
+    """Invalidation that stopped for good would leave decisions on the periodic re-read
+    alone: the watch marks its value stale and subscribes again, whatever the error."""
+    reader = SlowReader()
+    broken = _BrokenOnceChanges()
+    reader.store = broken  # type: ignore[attr-defined]
+    source = TrustSource(reader, "did:mesh:x", lambda: datetime.now(UTC))  # type: ignore[arg-type]
+    watch = asyncio.create_task(source.watch())
+    try:
+        for _ in range(200):  # until subscribed again
+            if broken.subscriptions == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert broken.subscriptions == 2
+        assert not watch.done()
+    finally:
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
 
 
 POLICY = """\
