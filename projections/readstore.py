@@ -91,6 +91,10 @@ class ProjectionStore(Protocol):
 
 
 SUBSCRIBED = Change(0, None)  # the first change of every subscription (``changes``)
+# Seconds of silence after which a store's change subscription asks its connection for
+# an answer (Redis: PING; PostgreSQL: SELECT 1 on the LISTEN session), and then gives
+# it up when none comes within as long again: a server gone without a reset is noticed.
+HEARTBEAT = 5.0
 
 
 def read_change(data: bytes | str) -> Change:

@@ -22,6 +22,7 @@ import asyncpg
 from ledger.postgres.dsn import connect_kwargs, pooler_of
 from projections.documents import Batch, Change, Meta, decode, encode
 from projections.readstore import (
+    HEARTBEAT,
     SUBSCRIBED,
     Closure,
     ReadStoreError,
@@ -31,9 +32,6 @@ from projections.readstore import (
 
 _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 CHANNEL = "agentmesh_projection"
-# Seconds of silence after which the LISTEN session is asked a ``SELECT 1``, and then
-# given up when the answer does not come within as long again (see ``changes``).
-HEARTBEAT = 5.0
 # NOTIFY payloads are limited to 8000 bytes: beyond this, say "everything changed".
 _MAX_NOTIFY_AGENTS = 150
 

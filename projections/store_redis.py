@@ -36,6 +36,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from projections.documents import Batch, Change, Meta, decode, encode
 from projections.readstore import (
+    HEARTBEAT,
     SUBSCRIBED,
     Closure,
     ReadStoreError,
@@ -49,9 +50,6 @@ _PENDING_TTL = 24 * 3600
 # retried on a new connection, then fails, instead of hanging its request forever.
 # Far above anything a command here takes (a rebuild's pipeline answers as it goes).
 COMMAND_TIMEOUT = 10.0
-# Seconds of silence after which a change subscription is asked for a PING, and
-# then given up when the answer does not come within as long again.
-HEARTBEAT = 5.0
 _CHUNK = 1000
 
 _META = """
